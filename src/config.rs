@@ -1,0 +1,277 @@
+//! Server settings: flags, `SMSFLOW_…` environment variables and an optional
+//! TOML file, merged into one validated [`Config`].
+//!
+//! Precedence: flag > environment > config file > built-in default. clap
+//! merges flags and environment; this module fills what is still unset from
+//! the file. The auth token is read once, here, from `TWILIO_AUTH_TOKEN`
+//! only (never a flag: flags show up in `ps`), and its `Debug` is redacted.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::store::Durability;
+
+/// The HMAC key, kept out of logs and `Debug` output.
+#[derive(Clone)]
+pub struct AuthToken(String);
+
+impl AuthToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        AuthToken(token.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthToken(<redacted>)")
+    }
+}
+
+/// How inbound requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// Verify `X-Twilio-Signature` with this token (production).
+    Verify(AuthToken),
+    /// Accept unsigned requests. Only with the explicit insecure flag.
+    Insecure,
+}
+
+/// Everything `App::build` needs; fully validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Scheme, host, optional port and optional path prefix Twilio was
+    /// configured with, without a trailing slash. Signatures are computed
+    /// over this joined with the raw request path and query.
+    pub public_url: String,
+    pub flows_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub auth: Auth,
+    pub cache_bytes: u64,
+    pub durability: Durability,
+    /// Largest accepted webhook body; Twilio's own bodies are a few KiB.
+    pub max_body_bytes: usize,
+    /// Per-request time limit, well under Twilio's 15 s.
+    pub request_timeout: Duration,
+    /// Whole-message keywords that end any running conversation.
+    pub interrupt_keywords: Vec<String>,
+    /// Watch the flows directory and reload on change.
+    pub watch: bool,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+
+impl Config {
+    /// Settings for tests and examples: port 0, the given dirs, a token.
+    pub fn for_test(flows_dir: &Path, data_dir: &Path, token: &str) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            public_url: "http://localhost".into(),
+            flows_dir: flows_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            auth: Auth::Verify(AuthToken::new(token)),
+            cache_bytes: 16 * 1024 * 1024,
+            durability: Durability::Flush,
+            max_body_bytes: DEFAULT_MAX_BODY,
+            request_timeout: Duration::from_secs(10),
+            interrupt_keywords: Vec::new(),
+            watch: false,
+        }
+    }
+}
+
+/// The optional TOML file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub flows: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub cache_mb: Option<u64>,
+    pub durability: Option<Durability>,
+    pub max_body_bytes: Option<usize>,
+    pub request_timeout_ms: Option<u64>,
+    pub interrupt_keywords: Option<Vec<String>>,
+    pub watch: Option<bool>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+/// Values from flags and environment (already merged by clap).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub flows: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub cache_mb: Option<u64>,
+    pub durability: Option<Durability>,
+    pub insecure: bool,
+    pub no_watch: bool,
+}
+
+/// Merge flags/env over the file over defaults, and validate.
+/// `token` is the value of `TWILIO_AUTH_TOKEN`, if set.
+pub fn resolve(o: Overrides, file: FileConfig, token: Option<String>) -> anyhow::Result<Config> {
+    let listen_s = o
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen: SocketAddr = listen_s
+        .parse()
+        .with_context(|| format!("--listen {listen_s:?} is not an address like 127.0.0.1:8080"))?;
+
+    let public_url = match o.public_url.or(file.public_url) {
+        Some(u) => normalise_public_url(&u)?,
+        None => {
+            let u = format!("http://{listen}");
+            tracing::warn!(
+                public_url = %u,
+                "no --public-url set: signatures are checked against the local address, \
+                 which only matches requests signed for it (set the URL Twilio calls)"
+            );
+            u
+        }
+    };
+
+    let token = token.filter(|t| !t.is_empty());
+    let auth = match (token, o.insecure) {
+        (Some(t), _) => Auth::Verify(AuthToken::new(t)),
+        (None, true) => Auth::Insecure,
+        (None, false) => bail!(
+            "TWILIO_AUTH_TOKEN is not set: smsflow verifies every webhook with your \
+             Twilio auth token (Console > Account > API keys & tokens). \
+             Export it, e.g. `export TWILIO_AUTH_TOKEN=...`, or for local experiments \
+             only pass --insecure-no-signature"
+        ),
+    };
+
+    let cache_mb = o.cache_mb.or(file.cache_mb).unwrap_or(32);
+    if cache_mb == 0 {
+        bail!("cache size must be at least 1 MiB");
+    }
+    let max_body_bytes = file.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+    if max_body_bytes < 1024 {
+        bail!("max_body_bytes must be at least 1024");
+    }
+    let timeout_ms = file.request_timeout_ms.unwrap_or(10_000);
+    if !(100..=14_000).contains(&timeout_ms) {
+        bail!("request_timeout_ms must be between 100 and 14000 (Twilio gives up at 15 s)");
+    }
+
+    Ok(Config {
+        listen,
+        public_url,
+        flows_dir: o.flows.or(file.flows).unwrap_or_else(|| PathBuf::from("flows")),
+        data_dir: o.data.or(file.data).unwrap_or_else(|| PathBuf::from("data")),
+        auth,
+        cache_bytes: cache_mb * 1024 * 1024,
+        durability: o.durability.or(file.durability).unwrap_or_default(),
+        max_body_bytes,
+        request_timeout: Duration::from_millis(timeout_ms),
+        interrupt_keywords: file.interrupt_keywords.unwrap_or_default(),
+        watch: !o.no_watch && file.watch.unwrap_or(true),
+    })
+}
+
+/// Accept `https://host[:port][/prefix]`; drop one trailing slash because
+/// the request path we append starts with `/`.
+fn normalise_public_url(u: &str) -> anyhow::Result<String> {
+    let trimmed = u.trim();
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"));
+    let Some(rest) = rest else {
+        bail!("--public-url {u:?} must start with https:// or http://");
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        bail!("--public-url {u:?} has no host");
+    }
+    if trimmed.contains('?') || trimmed.contains('#') {
+        bail!(
+            "--public-url {u:?} must not contain a query or fragment: \
+             give the base; the request's own path and query are appended"
+        );
+    }
+    Ok(trimmed.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file() {
+        let file = FileConfig {
+            listen: Some("127.0.0.1:9000".into()),
+            flows: Some("fileflows".into()),
+            ..Default::default()
+        };
+        let o = Overrides {
+            listen: Some("127.0.0.1:7000".into()),
+            ..Default::default()
+        };
+        let c = resolve(o, file, Some("t".into())).unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.flows_dir, PathBuf::from("fileflows"));
+    }
+
+    #[test]
+    fn missing_token_refuses_with_a_fix() {
+        let err = resolve(Overrides::default(), FileConfig::default(), None).unwrap_err();
+        assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"));
+        let c = resolve(
+            Overrides {
+                insecure: true,
+                ..Default::default()
+            },
+            FileConfig::default(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(c.auth, Auth::Insecure));
+    }
+
+    #[test]
+    fn public_url_is_validated_and_trimmed() {
+        assert_eq!(
+            normalise_public_url("https://bot.example.com/").unwrap(),
+            "https://bot.example.com"
+        );
+        assert_eq!(
+            normalise_public_url("https://example.com/prefix").unwrap(),
+            "https://example.com/prefix"
+        );
+        assert!(normalise_public_url("bot.example.com").is_err());
+        assert!(normalise_public_url("https://x.com/?a=1").is_err());
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t = AuthToken::new("secret123");
+        assert!(!format!("{t:?}").contains("secret123"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+        let f: FileConfig = toml::from_str("durability = \"relaxed\"\ncache_mb = 8").unwrap();
+        assert_eq!(f.durability, Some(Durability::Relaxed));
+    }
+}

@@ -1,0 +1,172 @@
+//! Process-wide counters and the Prometheus text exposition for `/metrics`.
+//!
+//! Hand-rolled on atomics: the set of series is small and fixed, and a
+//! metrics crate would cost more than this file. Labels with open-ended
+//! values (silence reasons) live in a mutex-protected map; everything on the
+//! hot path is a relaxed atomic add. Knows nothing of HTTP or sled.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the request latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds, so it fits an integer atomic.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{le}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Which endpoint a latency observation belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    Sms,
+    Status,
+}
+
+/// All counters exported on `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub messages_received: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub replies: AtomicU64,
+    pub rejected_signatures: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub status_callbacks: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub script_errors: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    silences: Mutex<BTreeMap<String, u64>>,
+    sms_latency: Histogram,
+    status_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn silence(&self, reason: &str) {
+        if let Ok(mut m) = self.silences.lock() {
+            *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn observe(&self, endpoint: Endpoint, d: Duration) {
+        match endpoint {
+            Endpoint::Sms => self.sms_latency.observe(d),
+            Endpoint::Status => self.status_latency.observe(d),
+        }
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            ("smsflow_messages_received_total", "Inbound messages accepted (signed and parsed).", &self.messages_received),
+            ("smsflow_duplicate_messages_total", "Inbound webhooks for an already processed MessageSid.", &self.duplicates),
+            ("smsflow_replies_total", "Message elements sent back in TwiML.", &self.replies),
+            ("smsflow_rejected_signatures_total", "Webhooks refused for a missing or bad X-Twilio-Signature.", &self.rejected_signatures),
+            ("smsflow_bad_requests_total", "Webhooks refused as malformed (4xx other than 403).", &self.bad_requests),
+            ("smsflow_status_callbacks_total", "Delivery status callbacks accepted.", &self.status_callbacks),
+            ("smsflow_store_errors_total", "Storage failures while handling a webhook.", &self.store_errors),
+            ("smsflow_script_errors_total", "Rhai script failures that fell back.", &self.script_errors),
+            ("smsflow_reloads_total", "Successful flow set reloads.", &self.reloads),
+            ("smsflow_reload_failures_total", "Flow set reloads refused because of errors.", &self.reload_failures),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let name = "smsflow_silences_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound messages answered with silence, by reason.\n# TYPE {name} counter"
+        );
+        if let Ok(m) = self.silences.lock() {
+            for (reason, n) in m.iter() {
+                let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", label_escape(reason));
+            }
+        }
+        let name = "smsflow_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Webhook handling time.\n# TYPE {name} histogram"
+        );
+        self.sms_latency
+            .render(&mut out, name, "endpoint=\"sms\"");
+        self.status_latency
+            .render(&mut out, name, "endpoint=\"status\"");
+        out
+    }
+}
+
+fn label_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let m = Metrics::default();
+        Metrics::inc(&m.messages_received);
+        m.silence("no_match");
+        m.observe(Endpoint::Sms, Duration::from_millis(3));
+        let text = m.render();
+        assert!(text.contains("smsflow_messages_received_total 1\n"));
+        assert!(text.contains("smsflow_silences_total{reason=\"no_match\"} 1\n"));
+        assert!(text.contains(
+            "smsflow_request_duration_seconds_bucket{endpoint=\"sms\",le=\"0.005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "smsflow_request_duration_seconds_bucket{endpoint=\"sms\",le=\"0.0025\"} 0\n"
+        ));
+        assert!(text.contains("smsflow_request_duration_seconds_count{endpoint=\"sms\"} 1\n"));
+    }
+}

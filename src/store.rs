@@ -1,0 +1,487 @@
+//! Persistent state: conversations, dedupe records and delivery statuses.
+//!
+//! This is the only module that knows sled. Everything above it talks to the
+//! [`Store`] trait in terms of opaque, already-serialised records, so another
+//! backend can be added without touching the pipeline. It knows nothing of
+//! HTTP, Rhai or the flow format.
+//!
+//! Layout: one sled tree with key prefixes, so that a conversation update and
+//! the dedupe record of the message that caused it go into one atomic batch:
+//!
+//! | prefix | key | value |
+//! | --- | --- | --- |
+//! | `c\0` | to `\0` from | conversation (JSON, owned by the caller) |
+//! | `d\0` | MessageSid | [`Processed`] (JSON) |
+//! | `s\0` | MessageSid | [`DeliveryStatus`] (JSON) |
+//!
+//! Durability: [`Store::commit`] writes the batch; [`Store::flush`] makes it
+//! durable. Flushes are grouped by [`GroupFlusher`]: while one fsync runs,
+//! every caller that arrives waits for the next one, so N concurrent webhooks
+//! cost about two fsyncs, not N.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Errors from the storage backend. Callers map these to a 503-style
+/// failure; they never carry user input.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    #[error("corrupt record under {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("storage flusher stopped")]
+    FlusherGone,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// The conversation key: one conversation per (our number, their number).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConvKey {
+    pub to: String,
+    pub from: String,
+}
+
+impl ConvKey {
+    pub fn new(to: impl Into<String>, from: impl Into<String>) -> Self {
+        ConvKey {
+            to: to.into(),
+            from: from.into(),
+        }
+    }
+
+    fn db_key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(3 + self.to.len() + self.from.len());
+        k.extend_from_slice(b"c\0");
+        k.extend_from_slice(self.to.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.from.as_bytes());
+        k
+    }
+}
+
+/// What we answered to one inbound MessageSid: replayed verbatim when Twilio
+/// retries the webhook, so a retry never runs the flow again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Processed {
+    /// The exact TwiML document we answered with.
+    pub twiml: String,
+    /// Short outcome label for logs ("reply", "silence:no_match", …).
+    pub outcome: String,
+    /// Unix seconds when it was processed.
+    pub at: i64,
+}
+
+/// The latest known delivery status of a message we sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryStatus {
+    pub status: String,
+    /// Rank of `status`; a callback only replaces a record of lower rank.
+    pub rank: u8,
+    pub error_code: Option<String>,
+    pub to: Option<String>,
+    pub from: Option<String>,
+    /// Unix seconds of the last accepted update.
+    pub updated_at: i64,
+}
+
+/// Result of offering a status callback to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusUpdate {
+    /// The callback advanced the status (or was the first one).
+    Applied,
+    /// An equal or later status was already stored; nothing changed.
+    Stale { current: String },
+}
+
+/// The storage interface the pipeline relies on.
+///
+/// Implementations must make [`Store::commit`] atomic: either both the
+/// conversation and the dedupe record are written, or neither.
+pub trait Store: Send + Sync + 'static {
+    /// The stored conversation for `key`, if any.
+    fn conversation(&self, key: &ConvKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The recorded outcome for an inbound MessageSid, if it was processed.
+    fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError>;
+    /// Atomically store the new conversation (or delete it when `None`) and
+    /// the dedupe record for `message_sid`. Not yet durable: see `flush`.
+    fn commit(
+        &self,
+        key: &ConvKey,
+        conversation: Option<&[u8]>,
+        message_sid: &str,
+        processed: &Processed,
+    ) -> Result<(), StoreError>;
+    /// Make everything committed so far durable. Concurrent callers share
+    /// one fsync.
+    fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// Offer a delivery status; applied only if it ranks above the stored one.
+    fn record_status(
+        &self,
+        message_sid: &str,
+        status: &DeliveryStatus,
+    ) -> Result<StatusUpdate, StoreError>;
+    /// The latest delivery status stored for a MessageSid.
+    fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError>;
+    /// Number of stored conversations (for status pages and tests).
+    fn conversation_count(&self) -> usize;
+}
+
+/// How hard a commit tries to reach the disk before we answer Twilio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every state change is fsynced (grouped) before the reply goes out.
+    #[default]
+    Flush,
+    /// sled flushes in the background every `flush_every_ms`; a crash can
+    /// lose the last few hundred milliseconds of conversation steps.
+    Relaxed,
+}
+
+/// Settings for opening the sled store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+    pub durability: Durability,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_bytes: 32 * 1024 * 1024,
+            durability: Durability::Flush,
+        }
+    }
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    durability: Durability,
+    /// Grouped fsyncs; `None` in relaxed mode, where sled's own background
+    /// flusher is the durability mechanism.
+    flusher: Option<GroupFlusher>,
+}
+
+impl SledStore {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
+        let flush_every = match config.durability {
+            Durability::Flush => None,
+            Durability::Relaxed => Some(200),
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.cache_bytes)
+            .flush_every_ms(flush_every)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let flusher = match config.durability {
+            Durability::Flush => Some(GroupFlusher::start(db.clone())),
+            Durability::Relaxed => None,
+        };
+        Ok(SledStore {
+            db,
+            durability: config.durability,
+            flusher,
+        })
+    }
+
+    /// Blocking flush of everything, used at shutdown whatever the mode.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+}
+
+fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest.as_bytes());
+    k
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl Store for SledStore {
+    fn conversation(&self, key: &ConvKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key.db_key())?.map(|v| v.to_vec()))
+    }
+
+    fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError> {
+        let key = prefixed(b"d\0", message_sid);
+        match self.db.get(&key)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn commit(
+        &self,
+        key: &ConvKey,
+        conversation: Option<&[u8]>,
+        message_sid: &str,
+        processed: &Processed,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        match conversation {
+            Some(bytes) => batch.insert(key.db_key(), bytes),
+            None => batch.remove(key.db_key()),
+        }
+        batch.insert(prefixed(b"d\0", message_sid), encode(processed));
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        match &self.flusher {
+            Some(f) => f.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    fn record_status(
+        &self,
+        message_sid: &str,
+        status: &DeliveryStatus,
+    ) -> Result<StatusUpdate, StoreError> {
+        let key = prefixed(b"s\0", message_sid);
+        let new = encode(status);
+        // Compare-and-swap loop: two callbacks for one message arriving at
+        // once must not let the lower-ranked one win.
+        loop {
+            let current = self.db.get(&key)?;
+            if let Some(bytes) = &current {
+                let old: DeliveryStatus = decode(&key, bytes)?;
+                if status.rank <= old.rank {
+                    return Ok(StatusUpdate::Stale {
+                        current: old.status,
+                    });
+                }
+            }
+            match self
+                .db
+                .compare_and_swap(&key, current.as_ref(), Some(new.as_slice()))?
+            {
+                Ok(()) => return Ok(StatusUpdate::Applied),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError> {
+        let key = prefixed(b"s\0", message_sid);
+        match self.db.get(&key)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn conversation_count(&self) -> usize {
+        self.db.scan_prefix(b"c\0").count()
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Whatever the durability mode, a clean shutdown loses nothing.
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+    }
+}
+
+type FlushReply = oneshot::Sender<Result<(), String>>;
+
+/// Group commit: one thread performs fsyncs; every request that arrives while
+/// a flush is running is answered by the next flush, so concurrent webhooks
+/// share disk syncs instead of queueing one each.
+struct GroupFlusher {
+    /// `None` once dropped, which ends the thread's receive loop.
+    tx: Option<mpsc::Sender<FlushReply>>,
+    /// Joined on drop so the thread's handle on the database is gone before
+    /// anyone reopens the same directory.
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl GroupFlusher {
+    fn start(db: sled::Db) -> Self {
+        let (tx, rx) = mpsc::channel::<FlushReply>();
+        let spawned = thread::Builder::new()
+            .name("smsflow-flusher".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            });
+        let thread = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // Without the thread every flush reports FlusherGone, which the
+                // pipeline turns into a 503: loud, and nothing is acknowledged.
+                tracing::error!(error = %e, "could not start the flusher thread");
+                None
+            }
+        };
+        GroupFlusher {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::FlusherGone)?
+            .send(reply)
+            .map_err(|_| StoreError::FlusherGone)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Backend(e)),
+            Err(_) => Err(StoreError::FlusherGone),
+        }
+    }
+}
+
+impl Drop for GroupFlusher {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        (dir, store)
+    }
+
+    fn status(s: &str, rank: u8) -> DeliveryStatus {
+        DeliveryStatus {
+            status: s.into(),
+            rank,
+            error_code: None,
+            to: None,
+            from: None,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_is_visible_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ConvKey::new("+1555", "+1666");
+        let rec = Processed {
+            twiml: "<Response/>".into(),
+            outcome: "silence".into(),
+            at: 1,
+        };
+        {
+            let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+            store.commit(&key, Some(b"{}"), "SM1", &rec).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.conversation(&key).unwrap().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(store.processed("SM1").unwrap(), Some(rec));
+        assert_eq!(store.conversation_count(), 1);
+    }
+
+    #[test]
+    fn keys_do_not_collide_across_numbers() {
+        let (_d, store) = open();
+        let rec = Processed {
+            twiml: String::new(),
+            outcome: String::new(),
+            at: 0,
+        };
+        store
+            .commit(&ConvKey::new("+1", "+23"), Some(b"a"), "SM1", &rec)
+            .unwrap();
+        store
+            .commit(&ConvKey::new("+12", "+3"), Some(b"b"), "SM2", &rec)
+            .unwrap();
+        assert_eq!(
+            store.conversation(&ConvKey::new("+1", "+23")).unwrap(),
+            Some(b"a".to_vec())
+        );
+        assert_eq!(
+            store.conversation(&ConvKey::new("+12", "+3")).unwrap(),
+            Some(b"b".to_vec())
+        );
+    }
+
+    #[test]
+    fn status_is_monotonic() {
+        let (_d, store) = open();
+        assert_eq!(
+            store.record_status("SM1", &status("sent", 3)).unwrap(),
+            StatusUpdate::Applied
+        );
+        assert_eq!(
+            store.record_status("SM1", &status("delivered", 5)).unwrap(),
+            StatusUpdate::Applied
+        );
+        assert_eq!(
+            store.record_status("SM1", &status("sent", 3)).unwrap(),
+            StatusUpdate::Stale {
+                current: "delivered".into()
+            }
+        );
+        assert_eq!(
+            store.delivery_status("SM1").unwrap().unwrap().status,
+            "delivered"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_flushes_all_complete() {
+        let (_d, store) = open();
+        let store = std::sync::Arc::new(store);
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move { s.flush().await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The Twilio wire format: everything smsflow needs to understand Twilio's
+//! webhook requests and to answer them.
+//!
+//! - [`form`] decodes `application/x-www-form-urlencoded` bodies exactly,
+//!   because the signature is computed over the decoded values and any
+//!   framework-side trimming or merging would break it.
+//! - [`signature`] checks `X-Twilio-Signature` the way the official helper
+//!   libraries do.
+//! - [`inbound`] and [`status`] turn decoded parameters into typed
+//!   incoming-message and status-callback values.
+//! - [`twiml`] renders the XML reply, enforcing Twilio's size limits.
+//!
+//! This module knows nothing of HTTP servers, storage or flows: it takes bytes
+//! and strings in and gives values and strings out. Which URL to validate
+//! against (the public one Twilio was configured with) is the caller's
+//! business; see `/work/shared/twilio-protocol.md` §3.4.
+
+pub mod form;
+pub mod inbound;
+pub mod signature;
+pub mod status;
+pub mod twiml;
+
+pub use form::{parse_form, FormError, Params};
+pub use inbound::{Geo, InboundMessage, Media, ParamError};
+pub use signature::RequestValidator;
+pub use status::{MessageStatus, StatusCallback};
+pub use twiml::{render, OutMessage, SILENCE};
