@@ -1,3 +1,5 @@
 //! smsflow: an SMS auto-responder behind a Twilio number.
 //!
 //! (architecture map written as the modules land)
+
+pub mod flow;
