@@ -44,7 +44,7 @@ fn collisions(set: &SetInner, diags: &mut Vec<Diagnostic>) {
         let earlier = seen.entry(rule.words.as_slice()).or_default();
         if let Some(&j) = earlier
             .iter()
-            .find(|&&j| set.keywords[j].scope.overlaps(&rule.scope))
+            .find(|&&j| set.keywords[j].scope.conflicts(&rule.scope))
         {
             let first = &set.keywords[j];
             err(
@@ -64,7 +64,7 @@ fn collisions(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     for (i, d) in set.defaults.iter().enumerate() {
         if let Some(first) = set.defaults[..i]
             .iter()
-            .find(|f| f.scope.overlaps(&d.scope))
+            .find(|f| f.scope.conflicts(&d.scope))
         {
             err(
                 diags,
@@ -80,7 +80,7 @@ fn collisions(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     for (i, c) in set.catch_alls.iter().enumerate() {
         if let Some(first) = set.catch_alls[..i]
             .iter()
-            .find(|f| f.scope.overlaps(&c.scope))
+            .find(|f| f.scope.conflicts(&c.scope))
         {
             err(
                 diags,

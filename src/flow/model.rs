@@ -147,9 +147,11 @@ impl Scope {
         }
     }
 
-    /// Could one message be in both scopes?
-    pub fn overlaps(&self, other: &Scope) -> bool {
-        self.0.is_empty() || other.0.is_empty() || self.0.iter().any(|n| other.0.contains(n))
+    /// Would two rules with these scopes compete at the same precedence?
+    /// Both unscoped, or both naming a common number. A scoped rule and an
+    /// unscoped one do not conflict: the scoped one wins for its numbers.
+    pub fn conflicts(&self, other: &Scope) -> bool {
+        (self.0.is_empty() && other.0.is_empty()) || self.0.iter().any(|n| other.0.contains(n))
     }
 }
 

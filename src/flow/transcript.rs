@@ -338,21 +338,22 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                 in_headers = false;
                 let cmd = strip_comment(rest_text).trim();
                 let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
-                let l =
-                    match verb {
-                        "wait" => Line::Wait(
-                            parse_duration(arg.trim())
-                                .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
-                        ),
-                        "load" if !arg.trim().is_empty() => Line::Load(PathBuf::from(arg.trim())),
-                        "reset" => Line::Reset,
-                        _ => return Err((
+                let l = match verb {
+                    "wait" => Line::Wait(
+                        parse_duration(arg.trim())
+                            .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
+                    ),
+                    "load" if !arg.trim().is_empty() => Line::Load(PathBuf::from(arg.trim())),
+                    "reset" => Line::Reset,
+                    _ => {
+                        return Err((
                             lno,
                             format!(
                                 "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR` or `@ reset`)"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 script.lines.push((lno, l));
             }
             "?" => {
