@@ -166,9 +166,16 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
                 continue;
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let Some(frame) = stack.pop() else {
+                let Some(mut frame) = stack.pop() else {
                     continue;
                 };
+                // The parser marks a block mapping at its first `:`; point
+                // at the first key instead, where a reader looks.
+                if let Kind::Map(entries) = &frame.node.kind {
+                    if let Some((k, _)) = entries.first() {
+                        frame.node.pos = frame.node.pos.min(k.pos);
+                    }
+                }
                 if frame.anchor > 0 {
                     anchors.insert(frame.anchor, (frame.node.clone(), frame.size, frame.height));
                 }
