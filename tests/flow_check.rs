@@ -154,10 +154,7 @@ fn hostile_files_fail_fast_with_located_errors() {
     let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..10 {
         let p = format!("*a{}", i - 1);
-        bomb.push_str(&format!(
-            "a{i}: &a{i} [{}]\n",
-            vec![p.as_str(); 10].join(", ")
-        ));
+        bomb.push_str(&format!("a{i}: &a{i} [{}]\n", [p.as_str(); 10].join(", ")));
     }
     write("bomb.yaml", bomb.as_bytes());
     write("deep_flow.yaml", "[".repeat(500_000).as_bytes());

@@ -239,7 +239,7 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
         }
         Matcher::Exact(list) => {
             let n = normalize(body);
-            plain(list.iter().any(|e| *e == n))
+            plain(list.contains(&n))
         }
         Matcher::Contains(needle) => plain(body.to_lowercase().contains(needle.as_str())),
         Matcher::StartsWith(prefix) => plain(

@@ -234,4 +234,21 @@ mod tests {
             Err(TemplateError::BadName(_))
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_and_render_never_panic(src in "(\\{\\{|\\}\\}|\\||contact\\.|match\\.|message\\.|[a-z0-9 ]|\\PC){0,40}") {
+            if let Ok(t) = Template::parse(&src) {
+                let _ = t.render(&Vars {
+                    run: None,
+                    contact: &BTreeMap::new(),
+                    body: "b",
+                    from: "f",
+                    to: "t",
+                    captures: &[],
+                });
+                let _ = t.literal_text();
+            }
+        }
+    }
 }
