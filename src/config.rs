@@ -178,8 +178,14 @@ pub fn resolve(o: Overrides, file: FileConfig, token: Option<String>) -> anyhow:
     Ok(Config {
         listen,
         public_url,
-        flows_dir: o.flows.or(file.flows).unwrap_or_else(|| PathBuf::from("flows")),
-        data_dir: o.data.or(file.data).unwrap_or_else(|| PathBuf::from("data")),
+        flows_dir: o
+            .flows
+            .or(file.flows)
+            .unwrap_or_else(|| PathBuf::from("flows")),
+        data_dir: o
+            .data
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from("data")),
         auth,
         cache_bytes: cache_mb * 1024 * 1024,
         durability: o.durability.or(file.durability).unwrap_or_default(),

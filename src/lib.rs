@@ -1,5 +1,54 @@
+//! smsflow: an SMS auto-responder behind a Twilio number.
+//!
+//! # Bird's-eye view
+//!
+//! Twilio posts every inbound text to `/twilio/sms`. We verify the
+//! signature, parse the form into an [`twilio::InboundMessage`], replay the
+//! recorded answer if the MessageSid was seen before, load the sender's
+//! conversation from the store, run the flow engine, persist the new
+//! conversation and the answer atomically, wait for the flush, and answer
+//! with TwiML (replies, or `<Response/>` for silence). Delivery callbacks on
+//! `/twilio/status` are recorded monotonically. Flow files are watched and
+//! swapped in whole when valid.
+//!
+//! ```text
+//! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► store ─► twilio::render
+//!                                      ▲
+//!                           reload ────┘ (ArcSwap<FlowSet>)
+//! ```
+//!
+//! # Code map (each module owns one outside world)
+//!
+//! - [`twilio`]: the wire format. Form decoding, `RequestValidator`,
+//!   TwiML rendering, status callbacks. Knows nothing of axum, sled, flows.
+//! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
+//!   step engine, templates, transcripts. No IO in the engine, no clock
+//!   reads (time is passed in), no Twilio types.
+//! - [`store`]: the only module that knows sled; the [`store::Store`] trait.
+//! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
+//!   Knows the store trait and the engine, not axum.
+//! - [`http`]: axum router, request checks, error-to-status mapping.
+//! - [`reload`]: watches the flows directory, validates, swaps atomically.
+//! - [`app`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
+//!
+//! # Invariants
+//!
+//! - A reply leaves only after the state change that produced it is flushed
+//!   (unless the operator chose relaxed durability).
+//! - One MessageSid is processed once; retries get the identical TwiML.
+//! - Messages of one (To, From) conversation are processed one at a time;
+//!   different conversations never wait on each other's lock.
+//! - Every request sees one whole flow set; a set with errors is never live.
+//! - User text reaches TwiML only through the escaper.
+
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod flow;
+pub mod http;
 pub mod metrics;
+pub mod pipeline;
+pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod twilio;

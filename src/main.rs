@@ -1,1 +1,128 @@
-fn main() {}
+//! The `smsflow` binary: a shell around the library. Parses the command
+//! line, runs the command, and maps errors to a message and an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use smsflow::cli::{Cli, Command};
+use smsflow::{app, config, flow, telemetry, twilio};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let file = match &args.config {
+                Some(path) => config::FileConfig::load(path)?,
+                None => config::FileConfig::default(),
+            };
+            let token = std::env::var("TWILIO_AUTH_TOKEN").ok();
+            let config = config::resolve(args.overrides(), file, token)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let app = app::App::build(config).await?;
+                app.run().await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign(args) => sign(args),
+        Command::Check { dir } => {
+            let diags = flow::check_dir(&dir);
+            let mut errors = 0;
+            for d in &diags {
+                eprintln!("{d}");
+                if d.severity == flow::Severity::Error {
+                    errors += 1;
+                }
+            }
+            let warnings = diags.len() - errors;
+            if errors > 0 {
+                eprintln!("{errors} error(s), {warnings} warning(s)");
+                Ok(ExitCode::FAILURE)
+            } else {
+                println!("{}: ok ({warnings} warning(s))", dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+/// `smsflow sign`: signature plus a curl command that reproduces the request.
+fn sign(args: smsflow::cli::SignArgs) -> anyhow::Result<ExitCode> {
+    let token = std::env::var("TWILIO_AUTH_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("TWILIO_AUTH_TOKEN is not set: export the token the server uses")
+        })?;
+    let params: twilio::Params = match &args.body {
+        Some(body) => twilio::parse_form(body.as_bytes())
+            .map_err(|e| anyhow::anyhow!("--body is not a valid form: {e}"))?,
+        None => args
+            .params
+            .iter()
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("--param {p:?} must look like NAME=VALUE"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let body = args
+        .body
+        .clone()
+        .unwrap_or_else(|| twilio::encode_form(&params));
+    let validator = twilio::RequestValidator::new(token);
+    let (signed_url, signature) = if args.get {
+        let sep = if args.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}{body}", args.url);
+        let sig = validator.compute(&url, &[]);
+        (url, sig)
+    } else {
+        let sig = validator.compute(&args.url, &params);
+        (args.url.clone(), sig)
+    };
+    let target = match &args.send_to {
+        Some(base) => replace_origin(&signed_url, base),
+        None => signed_url.clone(),
+    };
+    println!("X-Twilio-Signature: {signature}");
+    if args.get {
+        println!(
+            "curl -sS -H 'X-Twilio-Signature: {signature}' '{}'",
+            shell_quote(&target)
+        );
+    } else {
+        println!(
+            "curl -sS -H 'X-Twilio-Signature: {signature}' --data-raw '{}' '{}'",
+            shell_quote(&body),
+            shell_quote(&target)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Swap scheme://host[:port] of `url` for `base`, keeping path and query.
+fn replace_origin(url: &str, base: &str) -> String {
+    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = url[after_scheme..]
+        .find('/')
+        .map(|i| i + after_scheme)
+        .unwrap_or(url.len());
+    format!("{}{}", base.trim_end_matches('/'), &url[path_start..])
+}
+
+/// Escape for use inside single quotes in a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    s.replace('\'', "'\\''")
+}

@@ -104,16 +104,56 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &AtomicU64); 10] = [
-            ("smsflow_messages_received_total", "Inbound messages accepted (signed and parsed).", &self.messages_received),
-            ("smsflow_duplicate_messages_total", "Inbound webhooks for an already processed MessageSid.", &self.duplicates),
-            ("smsflow_replies_total", "Message elements sent back in TwiML.", &self.replies),
-            ("smsflow_rejected_signatures_total", "Webhooks refused for a missing or bad X-Twilio-Signature.", &self.rejected_signatures),
-            ("smsflow_bad_requests_total", "Webhooks refused as malformed (4xx other than 403).", &self.bad_requests),
-            ("smsflow_status_callbacks_total", "Delivery status callbacks accepted.", &self.status_callbacks),
-            ("smsflow_store_errors_total", "Storage failures while handling a webhook.", &self.store_errors),
-            ("smsflow_script_errors_total", "Rhai script failures that fell back.", &self.script_errors),
-            ("smsflow_reloads_total", "Successful flow set reloads.", &self.reloads),
-            ("smsflow_reload_failures_total", "Flow set reloads refused because of errors.", &self.reload_failures),
+            (
+                "smsflow_messages_received_total",
+                "Inbound messages accepted (signed and parsed).",
+                &self.messages_received,
+            ),
+            (
+                "smsflow_duplicate_messages_total",
+                "Inbound webhooks for an already processed MessageSid.",
+                &self.duplicates,
+            ),
+            (
+                "smsflow_replies_total",
+                "Message elements sent back in TwiML.",
+                &self.replies,
+            ),
+            (
+                "smsflow_rejected_signatures_total",
+                "Webhooks refused for a missing or bad X-Twilio-Signature.",
+                &self.rejected_signatures,
+            ),
+            (
+                "smsflow_bad_requests_total",
+                "Webhooks refused as malformed (4xx other than 403).",
+                &self.bad_requests,
+            ),
+            (
+                "smsflow_status_callbacks_total",
+                "Delivery status callbacks accepted.",
+                &self.status_callbacks,
+            ),
+            (
+                "smsflow_store_errors_total",
+                "Storage failures while handling a webhook.",
+                &self.store_errors,
+            ),
+            (
+                "smsflow_script_errors_total",
+                "Rhai script failures that fell back.",
+                &self.script_errors,
+            ),
+            (
+                "smsflow_reloads_total",
+                "Successful flow set reloads.",
+                &self.reloads,
+            ),
+            (
+                "smsflow_reload_failures_total",
+                "Flow set reloads refused because of errors.",
+                &self.reload_failures,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -134,8 +174,7 @@ impl Metrics {
             out,
             "# HELP {name} Webhook handling time.\n# TYPE {name} histogram"
         );
-        self.sms_latency
-            .render(&mut out, name, "endpoint=\"sms\"");
+        self.sms_latency.render(&mut out, name, "endpoint=\"sms\"");
         self.status_latency
             .render(&mut out, name, "endpoint=\"status\"");
         out

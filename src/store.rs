@@ -419,7 +419,10 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
-        assert_eq!(store.conversation(&key).unwrap().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(
+            store.conversation(&key).unwrap().as_deref(),
+            Some(&b"{}"[..])
+        );
         assert_eq!(store.processed("SM1").unwrap(), Some(rec));
         assert_eq!(store.conversation_count(), 1);
     }

@@ -1,0 +1,247 @@
+//! Process wiring: open the store, load the flows, build the router, bind.
+//!
+//! `App::build(config)` does everything that can fail before the first
+//! request and reports the bound address (port 0 in tests). `serve`, the
+//! integration tests and the examples all run this same code.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::config::{Auth, Config};
+use crate::flow::{self, EngineOptions, FlowSet};
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, SharedFlows};
+use crate::reload::Reloader;
+use crate::store::{SledStore, Store, StoreConfig};
+
+/// What `/healthz` and `/status` report about the active flow set.
+#[derive(Debug, Clone, Default)]
+pub struct FlowStatus {
+    pub version: String,
+    pub loaded_at: i64,
+    pub files: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// A bound, ready-to-run server.
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: axum::Router,
+    store: Arc<SledStore>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    config: Config,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Load and validate a flows directory; every problem in one error.
+pub fn load_flows(dir: &std::path::Path) -> anyhow::Result<flow::Loaded> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "flows directory {} not found (create it, or pass --flows DIR)",
+            dir.display()
+        );
+    }
+    flow::load_dir(dir).map_err(|diags| {
+        let list: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+        anyhow::anyhow!(
+            "the flows in {} have {} problem(s):\n{}",
+            dir.display(),
+            list.len(),
+            list.join("\n")
+        )
+    })
+}
+
+pub fn status_of(set: &FlowSet, loaded_at: i64) -> FlowStatus {
+    FlowStatus {
+        version: set.version().to_string(),
+        loaded_at,
+        files: set
+            .files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        last_error: None,
+    }
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        if matches!(config.auth, Auth::Insecure) {
+            tracing::warn!(
+                "INSECURE: webhook signatures are NOT verified; anyone who can reach \
+                 this port can drive your bot. Never run like this on a public address"
+            );
+        }
+        let loaded = load_flows(&config.flows_dir)?;
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        let flow_status = Arc::new(Mutex::new(status_of(&loaded.set, unix_now())));
+        let flows: SharedFlows = Arc::new(ArcSwap::from_pointee(loaded.set));
+
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = SledStore::open(
+            &config.data_dir,
+            &StoreConfig {
+                cache_bytes: config.cache_bytes,
+                durability: config.durability,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "opening the store in {} (is another smsflow using it?)",
+                config.data_dir.display()
+            )
+        })?;
+        let store = Arc::new(store);
+        let metrics = Arc::new(Metrics::default());
+        let pipeline = Arc::new(Pipeline::new(
+            store.clone(),
+            flows.clone(),
+            EngineOptions {
+                interrupt_keywords: config.interrupt_keywords.clone(),
+            },
+            metrics.clone(),
+        ));
+
+        let status_fn = {
+            let flow_status = flow_status.clone();
+            let store = store.clone();
+            Arc::new(move || {
+                let s = flow_status.lock().map(|s| s.clone()).unwrap_or_default();
+                serde_json::json!({
+                    "status": "ok",
+                    "flows": {
+                        "version": s.version,
+                        "loaded_at": s.loaded_at,
+                        "files": s.files,
+                        "last_error": s.last_error,
+                    },
+                    "conversations": store.conversation_count(),
+                })
+            })
+        };
+        let state = AppState::new(&config, pipeline, metrics.clone(), status_fn);
+        let router = http::router(state, config.max_body_bytes);
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let reloader = Arc::new(Reloader::new(
+            config.flows_dir.clone(),
+            flows,
+            flow_status,
+            metrics.clone(),
+        ));
+        Ok(App {
+            listener,
+            addr,
+            router,
+            store,
+            metrics,
+            reloader,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<SledStore> {
+        &self.store
+    }
+
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
+    /// Serve until `shutdown` resolves; in-flight requests finish, then the
+    /// store is flushed.
+    pub async fn run_until<F>(self, shutdown: F) -> anyhow::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        tracing::info!(
+            addr = %self.addr,
+            public_url = %self.config.public_url,
+            flows = %self.config.flows_dir.display(),
+            data = %self.config.data_dir.display(),
+            conversations = self.store.conversation_count(),
+            "smsflow listening"
+        );
+        // Kept alive for the life of the server; dropping it stops watching.
+        let _watcher = if self.config.watch {
+            Some(
+                self.reloader
+                    .watch()
+                    .context("watching the flows directory")?,
+            )
+        } else {
+            None
+        };
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")?;
+        self.store
+            .flush_blocking()
+            .context("flushing the store at shutdown")?;
+        tracing::info!("smsflow stopped; store flushed");
+        Ok(())
+    }
+
+    /// Serve until SIGINT or SIGTERM.
+    pub async fn run(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        self.reloader
+            .reload_on_sighup()
+            .context("installing the SIGHUP handler")?;
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

@@ -1,0 +1,115 @@
+//! Command-line interface: subcommands, flags and their environment
+//! fallbacks. Parsing only; the work is done by `app`, `flow` and friends.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Overrides;
+use crate::store::Durability;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smsflow",
+    version,
+    about = "SMS auto-responder behind a Twilio number"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the webhook server.
+    Serve(ServeArgs),
+    /// Validate a flows directory; prints every problem as file:line:column.
+    Check {
+        /// The flows directory.
+        #[arg(default_value = "flows")]
+        dir: PathBuf,
+    },
+    /// Compute the X-Twilio-Signature for a request and print a ready curl
+    /// command, to test a deployment without Twilio.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// The full URL Twilio would call, e.g. https://bot.example.com/twilio/sms
+    #[arg(long)]
+    pub url: String,
+    /// A form parameter (repeatable), e.g. --param Body=HOURS
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// A whole form body instead of --param, e.g. 'From=%2B1555&Body=HI'
+    #[arg(long, conflicts_with = "params")]
+    pub body: Option<String>,
+    /// Sign for a GET request: the parameters go into the URL's query.
+    #[arg(long)]
+    pub get: bool,
+    /// Where to send the curl request, if not the --url host (e.g. a local
+    /// server behind the public URL): http://127.0.0.1:8080
+    #[arg(long)]
+    pub send_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DurabilityArg {
+    /// fsync (grouped) before every reply
+    Flush,
+    /// background flush every 200 ms; a crash may lose the last steps
+    Relaxed,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Optional TOML config file (keys: listen, public_url, flows, data, cache_mb,
+    /// durability, max_body_bytes, request_timeout_ms, interrupt_keywords, watch).
+    #[arg(long, env = "SMSFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "SMSFLOW_LISTEN")]
+    pub listen: Option<String>,
+    /// The base URL Twilio calls, e.g. https://bot.example.com; signatures are
+    /// checked against it joined with the request path and query.
+    #[arg(long, env = "SMSFLOW_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Flows directory [default: ./flows].
+    #[arg(long, env = "SMSFLOW_FLOWS")]
+    pub flows: Option<PathBuf>,
+    /// Data directory for the embedded store [default: ./data].
+    #[arg(long, env = "SMSFLOW_DATA")]
+    pub data: Option<PathBuf>,
+    /// Store cache size in MiB [default: 32].
+    #[arg(long, env = "SMSFLOW_CACHE_MB")]
+    pub cache_mb: Option<u64>,
+    /// When state becomes durable [default: flush].
+    #[arg(long, env = "SMSFLOW_DURABILITY", value_enum)]
+    pub durability: Option<DurabilityArg>,
+    /// Accept webhooks without checking X-Twilio-Signature (local experiments
+    /// only; logs a loud warning). Needed when TWILIO_AUTH_TOKEN is unset.
+    #[arg(long, env = "SMSFLOW_INSECURE_NO_SIGNATURE")]
+    pub insecure_no_signature: bool,
+    /// Do not watch the flows directory for changes.
+    #[arg(long, env = "SMSFLOW_NO_WATCH")]
+    pub no_watch: bool,
+}
+
+impl ServeArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            public_url: self.public_url.clone(),
+            flows: self.flows.clone(),
+            data: self.data.clone(),
+            cache_mb: self.cache_mb,
+            durability: self.durability.map(|d| match d {
+                DurabilityArg::Flush => Durability::Flush,
+                DurabilityArg::Relaxed => Durability::Relaxed,
+            }),
+            insecure: self.insecure_no_signature,
+            no_watch: self.no_watch,
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Rules that need the whole flow set: targets exist, every step is
+//! reachable, waits can be left, no `goto` loop skips every wait, keywords
+//! and defaults do not collide, templates only name variables something
+//! sets.
+//!
+//! Works on the model `load` built (positions included) and only adds
+//! diagnostics; it does not know YAML or files on disk.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use super::model::{Diagnostic, Flow, Matcher, Message, Next, Pos, SetInner, Severity, Transition};
+use super::template::{Template, Var};
+
+fn err(diags: &mut Vec<Diagnostic>, file: &Path, pos: Pos, message: String) {
+    diags.push(Diagnostic {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        severity: Severity::Error,
+        message,
+    });
+}
+
+fn at(file: &Path, pos: Pos) -> String {
+    format!("{}:{}:{}", file.display(), pos.line, pos.column)
+}
+
+pub(crate) fn check(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    collisions(set, diags);
+    for flow in set.flows.values() {
+        targets(set, flow, diags);
+        reachability(flow, diags);
+        dead_waits(flow, diags);
+    }
+    goto_cycles(set, diags);
+    variables(set, diags);
+}
+
+/// Duplicate keywords, defaults and catch-alls whose numbers overlap.
+fn collisions(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<&[String], Vec<usize>> = HashMap::new();
+    for (i, rule) in set.keywords.iter().enumerate() {
+        let earlier = seen.entry(rule.words.as_slice()).or_default();
+        if let Some(&j) = earlier
+            .iter()
+            .find(|&&j| set.keywords[j].scope.conflicts(&rule.scope))
+        {
+            let first = &set.keywords[j];
+            err(
+                diags,
+                &rule.origin.file,
+                rule.origin.pos,
+                format!(
+                    "keyword `{}` is already used at {} (`{}`)",
+                    rule.display,
+                    at(&first.origin.file, first.origin.pos),
+                    first.display
+                ),
+            );
+        }
+        earlier.push(i);
+    }
+    for (i, d) in set.defaults.iter().enumerate() {
+        if let Some(first) = set.defaults[..i]
+            .iter()
+            .find(|f| f.scope.conflicts(&d.scope))
+        {
+            err(
+                diags,
+                &d.origin.file,
+                d.origin.pos,
+                format!(
+                    "more than one `default:` reply for the same numbers (first at {})",
+                    at(&first.origin.file, first.origin.pos)
+                ),
+            );
+        }
+    }
+    for (i, c) in set.catch_alls.iter().enumerate() {
+        if let Some(first) = set.catch_alls[..i]
+            .iter()
+            .find(|f| f.scope.conflicts(&c.scope))
+        {
+            err(
+                diags,
+                &c.origin.file,
+                c.origin.pos,
+                format!(
+                    "flow `{}` is a second catch_all for the same numbers (`{}` at {} already is)",
+                    c.flow,
+                    first.flow,
+                    at(&first.origin.file, first.origin.pos)
+                ),
+            );
+        }
+    }
+    for rule in set.keywords.iter().filter(|r| !r.first_word) {
+        if let Some(t) = &rule.flow {
+            if !set.flows.contains_key(&t.name) {
+                err(
+                    diags,
+                    &rule.origin.file,
+                    t.pos,
+                    format!("unknown flow `{}` (flow)", t.name),
+                );
+            }
+        }
+    }
+}
+
+fn targets(set: &SetInner, flow: &Flow, diags: &mut Vec<Diagnostic>) {
+    let file = &flow.file;
+    let check_t = |t: &Transition, diags: &mut Vec<Diagnostic>| match t {
+        Transition::Goto(s) if !flow.steps.contains_key(&s.name) => err(
+            diags,
+            file,
+            s.pos,
+            format!(
+                "unknown step `{}` (goto){}",
+                s.name,
+                suggest(&s.name, flow.steps.keys())
+            ),
+        ),
+        Transition::Flow(f) if !set.flows.contains_key(&f.name) => err(
+            diags,
+            file,
+            f.pos,
+            format!(
+                "unknown flow `{}` (flow){}",
+                f.name,
+                suggest(&f.name, set.flows.keys())
+            ),
+        ),
+        _ => {}
+    };
+    if !flow.steps.contains_key(&flow.start.name) {
+        err(
+            diags,
+            file,
+            flow.start.pos,
+            format!("unknown step `{}` (start)", flow.start.name),
+        );
+    }
+    for step in flow.steps.values() {
+        match &step.next {
+            Next::Go(t) => check_t(t, diags),
+            Next::Wait { routes, retry } => {
+                for r in routes {
+                    check_t(&r.then, diags);
+                }
+                if let Some(g) = &retry.give_up {
+                    if !flow.steps.contains_key(&g.name) {
+                        err(
+                            diags,
+                            file,
+                            g.pos,
+                            format!(
+                                "unknown step `{}` (give_up){}",
+                                g.name,
+                                suggest(&g.name, flow.steps.keys())
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// "; did you mean `age`?" when a name is one edit-ish away.
+fn suggest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
+    let lname = name.to_lowercase();
+    names
+        .filter(|n| {
+            let n = n.to_lowercase();
+            n.starts_with(&lname) || lname.starts_with(&n)
+        })
+        .min_by_key(|n| n.len())
+        .map(|n| format!("; did you mean `{n}`?"))
+        .unwrap_or_default()
+}
+
+/// Steps a step can lead to within its flow.
+fn successors(step: &super::model::Step) -> Vec<&str> {
+    let mut out = Vec::new();
+    match &step.next {
+        Next::Go(Transition::Goto(t)) => out.push(t.name.as_str()),
+        Next::Go(_) => {}
+        Next::Wait { routes, retry } => {
+            for r in routes {
+                if let Transition::Goto(t) = &r.then {
+                    out.push(t.name.as_str());
+                }
+            }
+            if let Some(g) = &retry.give_up {
+                out.push(g.name.as_str());
+            }
+        }
+    }
+    out
+}
+
+fn reachability(flow: &Flow, diags: &mut Vec<Diagnostic>) {
+    if !flow.steps.contains_key(&flow.start.name) {
+        return;
+    }
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![flow.start.name.as_str()];
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        if let Some(step) = flow.steps.get(name) {
+            todo.extend(successors(step));
+        }
+    }
+    for (name, step) in &flow.steps {
+        if !seen.contains(name.as_str()) {
+            err(
+                diags,
+                &flow.file,
+                step.pos,
+                format!(
+                    "step `{name}` is never reached from the start step `{}`",
+                    flow.start.name
+                ),
+            );
+        }
+    }
+}
+
+/// A waiting step whose every route comes back to it, and which can never
+/// give up (an `else` route always matches, or `give_up` is itself), holds
+/// the sender until the run expires.
+fn dead_waits(flow: &Flow, diags: &mut Vec<Diagnostic>) {
+    for (name, step) in &flow.steps {
+        let Next::Wait { routes, retry } = &step.next else {
+            continue;
+        };
+        if routes.is_empty() {
+            continue;
+        }
+        let all_loop = routes
+            .iter()
+            .all(|r| matches!(&r.then, Transition::Goto(t) if t.name == *name));
+        let never_gives_up = routes.iter().any(|r| matches!(r.matcher, Matcher::Else))
+            || retry.give_up.as_ref().is_some_and(|g| g.name == *name);
+        if all_loop && never_gives_up {
+            err(
+                diags,
+                &flow.file,
+                step.pos,
+                format!("step `{name}` can never be left: every route and the retry give-up come back to it"),
+            );
+        }
+    }
+}
+
+/// `goto`/`flow:` chains that come back without a `wait` would loop until
+/// the runtime step limit; find them statically.
+fn goto_cycles(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    type Key<'a> = (&'a str, &'a str);
+    let next = |(f, s): Key<'_>| -> Option<(Key<'_>, Pos)> {
+        let flow = set.flows.get(f)?;
+        let step = flow.steps.get(s)?;
+        match &step.next {
+            Next::Go(Transition::Goto(t)) => flow
+                .steps
+                .contains_key(&t.name)
+                .then_some(((flow.name.as_str(), t.name.as_str()), t.pos)),
+            Next::Go(Transition::Flow(t)) => {
+                let other = set.flows.get(&t.name)?;
+                other
+                    .steps
+                    .contains_key(&other.start.name)
+                    .then_some(((other.name.as_str(), other.start.name.as_str()), t.pos))
+            }
+            _ => None,
+        }
+    };
+    // 0 = unvisited, 1 = on the current path, 2 = finished.
+    let mut state: BTreeMap<Key<'_>, u8> = BTreeMap::new();
+    for flow in set.flows.values() {
+        for sname in flow.steps.keys() {
+            let start = (flow.name.as_str(), sname.as_str());
+            if state.get(&start).copied().unwrap_or(0) != 0 {
+                continue;
+            }
+            let mut path: Vec<(Key<'_>, Pos)> = Vec::new();
+            let mut cur = start;
+            loop {
+                match state.get(&cur).copied().unwrap_or(0) {
+                    0 => {}
+                    1 => {
+                        if let Some(i) = path.iter().position(|(k, _)| *k == cur) {
+                            report_cycle(set, &path[i..], diags);
+                        }
+                        break;
+                    }
+                    _ => break,
+                }
+                state.insert(cur, 1);
+                match next(cur) {
+                    Some((n, pos)) => {
+                        path.push((cur, pos));
+                        cur = n;
+                    }
+                    None => break,
+                }
+            }
+            for (k, _) in &path {
+                state.insert(*k, 2);
+            }
+            state.insert(cur, 2);
+        }
+    }
+}
+
+fn report_cycle(set: &SetInner, cycle: &[((&str, &str), Pos)], diags: &mut Vec<Diagnostic>) {
+    let Some(((f0, s0), pos)) = cycle.iter().min_by_key(|(k, _)| *k).copied() else {
+        return;
+    };
+    let one_flow = cycle.iter().all(|((f, _), _)| *f == f0);
+    let name = |(f, s): (&str, &str)| {
+        if one_flow {
+            s.to_owned()
+        } else {
+            format!("{f}/{s}")
+        }
+    };
+    // Start the printed loop at the reported step.
+    let i = cycle.iter().position(|(k, _)| *k == (f0, s0)).unwrap_or(0);
+    let mut names: Vec<String> = cycle[i..]
+        .iter()
+        .chain(&cycle[..i])
+        .map(|(k, _)| name(*k))
+        .collect();
+    names.push(name((f0, s0)));
+    if let Some(flow) = set.flows.get(f0) {
+        err(
+            diags,
+            &flow.file,
+            pos,
+            format!(
+                "steps loop without waiting for a reply: {}",
+                names.join(" -> ")
+            ),
+        );
+    }
+}
+
+/// Templates may only name run variables their flow sets, contact fields
+/// some flow sets, and the built-ins. A fallback (`{{x|friend}}`) does not
+/// exempt a name: a typo would otherwise silently always print the fallback.
+fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    let mut contact_fields: BTreeSet<&str> = BTreeSet::new();
+    for flow in set.flows.values() {
+        for step in flow.steps.values() {
+            for a in &step.set {
+                if let Var::Contact(c) = &a.target {
+                    contact_fields.insert(c);
+                }
+            }
+            if let Next::Wait { routes, .. } = &step.next {
+                for r in routes {
+                    contact_fields.extend(r.contact.as_deref());
+                    for a in &r.set {
+                        if let Var::Contact(c) = &a.target {
+                            contact_fields.insert(c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let check_template = |t: &Template,
+                          pos: Pos,
+                          file: &Path,
+                          run_vars: Option<(&str, &BTreeSet<String>)>,
+                          diags: &mut Vec<Diagnostic>| {
+        for var in t.vars() {
+            match var {
+                Var::Run(n) => match run_vars {
+                    Some((_, vars)) if vars.contains(n) => {}
+                    Some((flow, _)) => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{{n}}}}}` is never set in flow `{flow}` (use `save:` or `set:`)"),
+                    ),
+                    None => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{{n}}}}}`: keyword replies have no run variables (use `contact.` or `message.` fields)"),
+                    ),
+                },
+                Var::Contact(c) if !contact_fields.contains(c.as_str()) => err(
+                    diags,
+                    file,
+                    pos,
+                    format!("`{{{{contact.{c}}}}}` is never set by any flow (use `contact:` or `set: {{contact.{c}: ...}}`)"),
+                ),
+                _ => {}
+            }
+        }
+    };
+    let check_msgs = |msgs: &[Message],
+                      file: &Path,
+                      run_vars: Option<(&str, &BTreeSet<String>)>,
+                      diags: &mut Vec<Diagnostic>| {
+        for m in msgs {
+            check_template(&m.text, m.pos, file, run_vars, diags);
+        }
+    };
+
+    for rule in set.keywords.iter().filter(|r| !r.first_word) {
+        check_msgs(&rule.say, &rule.origin.file, None, diags);
+    }
+    for d in &set.defaults {
+        check_msgs(&d.say, &d.origin.file, None, diags);
+    }
+    for flow in set.flows.values() {
+        let mut vars: BTreeSet<String> = BTreeSet::new();
+        for step in flow.steps.values() {
+            for a in &step.set {
+                if let Var::Run(n) = &a.target {
+                    vars.insert(n.clone());
+                }
+            }
+            if let Next::Wait { routes, .. } = &step.next {
+                for r in routes {
+                    vars.extend(r.save.clone());
+                    for a in &r.set {
+                        if let Var::Run(n) = &a.target {
+                            vars.insert(n.clone());
+                        }
+                    }
+                    if let Matcher::Regex(re) = &r.matcher {
+                        vars.extend(re.capture_names().flatten().map(str::to_owned));
+                    }
+                }
+            }
+        }
+        let rv = Some((flow.name.as_str(), &vars));
+        let file = flow.file.as_path();
+        for step in flow.steps.values() {
+            for a in &step.set {
+                check_template(&a.value, a.pos, file, rv, diags);
+            }
+            check_msgs(&step.say, file, rv, diags);
+            if let Next::Wait { routes, retry } = &step.next {
+                for r in routes {
+                    for a in &r.set {
+                        check_template(&a.value, a.pos, file, rv, diags);
+                    }
+                    check_msgs(&r.say, file, rv, diags);
+                }
+                if let Some(say) = &retry.say {
+                    check_msgs(say, file, rv, diags);
+                }
+                check_msgs(&retry.give_up_say, file, rv, diags);
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Flows: the operator's keyword replies and scripted conversations.
+//!
+//! `load` turns a flows directory into a validated [`FlowSet`] (or every
+//! problem, located by file, line and column); [`handle`] is the pure step
+//! function the webhook calls for each inbound message; `transcript` runs
+//! `.chat` conversation tests against a set. The file format is documented
+//! in `flows/README.md`.
+//!
+//! This module knows nothing of HTTP, Twilio's wire format, the store or the
+//! clock: time comes in as unix seconds and state comes in and goes out as a
+//! [`Conversation`] value.
+
+mod check;
+mod engine;
+mod load;
+mod matcher;
+mod model;
+mod segments;
+mod template;
+mod transcript;
+mod yaml;
+
+pub use engine::{
+    handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
+    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS,
+};
+pub use load::{check_dir, load_dir, Loaded, MAX_FILE_BYTES};
+pub use matcher::normalize;
+pub use model::{Diagnostic, FlowSet, Severity};
+pub use segments::{count as count_segments, Encoding, Segments};
+pub use transcript::{run_transcript, TranscriptFailure};

@@ -1,0 +1,254 @@
+//! `{{var}}` templates in replies and `set:` values.
+//!
+//! Parsed once at load time (so a broken template is a load error, never a
+//! runtime surprise) and rendered against a [`Vars`] view. Rendering is
+//! total: a missing variable renders as its fallback or the empty string.
+//! This module does not know where variables come from or which exist.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A variable a template can name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Var {
+    /// `{{name}}`: a run variable.
+    Run(String),
+    /// `{{contact.name}}`: a contact field.
+    Contact(String),
+    /// `{{message.body}}`, `{{message.from}}`, `{{message.to}}`.
+    Message(MessageField),
+    /// `{{match.N}}`: a numbered regex capture from this message.
+    Match(usize),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MessageField {
+    Body,
+    From,
+    To,
+}
+
+impl fmt::Display for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Var::Run(n) => write!(f, "{n}"),
+            Var::Contact(n) => write!(f, "contact.{n}"),
+            Var::Message(MessageField::Body) => write!(f, "message.body"),
+            Var::Message(MessageField::From) => write!(f, "message.from"),
+            Var::Message(MessageField::To) => write!(f, "message.to"),
+            Var::Match(i) => write!(f, "match.{i}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Part {
+    Lit(String),
+    Var { var: Var, fallback: Option<String> },
+}
+
+/// A parsed template.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Template {
+    parts: Vec<Part>,
+}
+
+/// Why a template did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TemplateError {
+    #[error("unclosed `{{{{` in template (add `}}}}`)")]
+    Unclosed,
+    #[error("empty `{{{{}}}}` in template")]
+    Empty,
+    #[error("invalid variable name `{0}` in template (letters, digits and `_`, optionally `contact.`/`message.`/`match.` prefix)")]
+    BadName(String),
+}
+
+/// Is `s` a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`)?
+pub(crate) fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parse a variable reference as it appears in a template or a `set:` key.
+pub(crate) fn parse_var(name: &str) -> Option<Var> {
+    if let Some(rest) = name.strip_prefix("contact.") {
+        return is_ident(rest).then(|| Var::Contact(rest.to_owned()));
+    }
+    if let Some(rest) = name.strip_prefix("message.") {
+        return match rest {
+            "body" => Some(Var::Message(MessageField::Body)),
+            "from" => Some(Var::Message(MessageField::From)),
+            "to" => Some(Var::Message(MessageField::To)),
+            _ => None,
+        };
+    }
+    if let Some(rest) = name.strip_prefix("match.") {
+        return rest.parse::<usize>().ok().map(Var::Match);
+    }
+    is_ident(name).then(|| Var::Run(name.to_owned()))
+}
+
+impl Template {
+    pub(crate) fn parse(src: &str) -> Result<Template, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = src;
+        while let Some(open) = rest.find("{{") {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_owned()));
+            }
+            let after = &rest[open + 2..];
+            let close = after.find("}}").ok_or(TemplateError::Unclosed)?;
+            let inner = &after[..close];
+            let (name, fallback) = match inner.split_once('|') {
+                Some((n, f)) => (n.trim(), Some(f.trim().to_owned())),
+                None => (inner.trim(), None),
+            };
+            if name.is_empty() {
+                return Err(TemplateError::Empty);
+            }
+            let var = parse_var(name).ok_or_else(|| TemplateError::BadName(name.to_owned()))?;
+            parts.push(Part::Var { var, fallback });
+            rest = &after[close + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_owned()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// A template that is just this text.
+    pub(crate) fn literal(text: &str) -> Template {
+        Template {
+            parts: vec![Part::Lit(text.to_owned())],
+        }
+    }
+
+    /// The variables this template names.
+    pub(crate) fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Var { var, .. } => Some(var),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// The text with every variable replaced by its fallback (or nothing):
+    /// the shortest this reply can be, used for length checks at load time.
+    pub(crate) fn literal_text(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => s.as_str(),
+                Part::Var { fallback, .. } => fallback.as_deref().unwrap_or(""),
+            })
+            .collect()
+    }
+
+    pub(crate) fn render(&self, vars: &Vars<'_>) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var { var, fallback } => match vars.lookup(var) {
+                    Some(v) if !v.is_empty() => out.push_str(v),
+                    _ => out.push_str(fallback.as_deref().unwrap_or("")),
+                },
+            }
+        }
+        out
+    }
+}
+
+/// What a template can see while rendering.
+pub(crate) struct Vars<'a> {
+    pub run: Option<&'a BTreeMap<String, String>>,
+    pub contact: &'a BTreeMap<String, String>,
+    pub body: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    /// Numbered captures of the route regex that matched this message.
+    pub captures: &'a [String],
+}
+
+impl Vars<'_> {
+    fn lookup(&self, var: &Var) -> Option<&str> {
+        match var {
+            Var::Run(n) => self.run.and_then(|r| r.get(n)).map(String::as_str),
+            Var::Contact(n) => self.contact.get(n).map(String::as_str),
+            Var::Message(MessageField::Body) => Some(self.body),
+            Var::Message(MessageField::From) => Some(self.from),
+            Var::Message(MessageField::To) => Some(self.to),
+            Var::Match(i) => self.captures.get(*i).map(String::as_str),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(t: &str, run: &[(&str, &str)]) -> String {
+        let run: BTreeMap<String, String> = run
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let contact = BTreeMap::from([("name".to_owned(), "Ann".to_owned())]);
+        let caps = vec!["whole".to_owned(), "one".to_owned()];
+        let vars = Vars {
+            run: Some(&run),
+            contact: &contact,
+            body: "hi",
+            from: "+1",
+            to: "+2",
+            captures: &caps,
+        };
+        Template::parse(t).unwrap().render(&vars)
+    }
+
+    #[test]
+    fn renders_every_kind() {
+        assert_eq!(render("Hi {{ x }}!", &[("x", "Bo")]), "Hi Bo!");
+        assert_eq!(render("{{contact.name}}", &[]), "Ann");
+        assert_eq!(
+            render("{{message.body}}/{{message.from}}/{{message.to}}", &[]),
+            "hi/+1/+2"
+        );
+        assert_eq!(render("{{match.1}}{{match.9}}", &[]), "one");
+        assert_eq!(render("Hi {{missing}}.", &[]), "Hi .");
+        assert_eq!(render("Hi {{missing|friend}}.", &[]), "Hi friend.");
+        assert_eq!(render("Hi {{x|friend}}.", &[("x", "")]), "Hi friend.");
+        assert_eq!(render("a }} b { c", &[]), "a }} b { c");
+    }
+
+    #[test]
+    fn rejects_broken() {
+        assert_eq!(Template::parse("Hi {{name"), Err(TemplateError::Unclosed));
+        assert_eq!(Template::parse("{{ }}"), Err(TemplateError::Empty));
+        assert!(matches!(
+            Template::parse("{{a b}}"),
+            Err(TemplateError::BadName(_))
+        ));
+        assert!(matches!(
+            Template::parse("{{message.x}}"),
+            Err(TemplateError::BadName(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_and_render_never_panic(src in "(\\{\\{|\\}\\}|\\||contact\\.|match\\.|message\\.|[a-z0-9 ]|\\PC){0,40}") {
+            if let Ok(t) = Template::parse(&src) {
+                let _ = t.render(&Vars {
+                    run: None,
+                    contact: &BTreeMap::new(),
+                    body: "b",
+                    from: "f",
+                    to: "t",
+                    captures: &[],
+                });
+                let _ = t.literal_text();
+            }
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Transcript tests: `.chat` files that script a conversation and the
+//! replies expected, run against a flow set with a virtual clock.
+//!
+//! Used by the test suite and meant for a future `smsflow test`. Runs the
+//! real [`handle`] step function; reads the transcript (and, for `@ load`,
+//! another flows directory) from disk, but knows nothing of HTTP or the
+//! store. Format: see `flows/README.md`, "Transcript tests".
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::engine::{handle, Conversation, EngineOptions, Inbound, Outcome, Reply};
+use super::load::{load_dir, parse_duration};
+use super::model::FlowSet;
+
+/// Virtual time at which every transcript starts (unix seconds).
+pub const TRANSCRIPT_EPOCH: i64 = 1_700_000_000;
+
+/// Why a transcript did not pass: where, and what differed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TranscriptFailure {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for TranscriptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+impl std::error::Error for TranscriptFailure {}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Expect {
+    Reply(Reply),
+    Silence(Option<String>),
+}
+
+#[derive(Debug)]
+enum Line {
+    Send { body: String, media: Vec<String> },
+    Expect(Expect),
+    Wait(i64),
+    Load(PathBuf),
+    Reset,
+    Assert { what: String, value: String },
+}
+
+struct Script {
+    from: String,
+    to: String,
+    interrupt: Option<Vec<String>>,
+    start: i64,
+    lines: Vec<(usize, Line)>,
+}
+
+/// Run the transcript at `path` against `set`.
+pub fn run_transcript(
+    set: &FlowSet,
+    opts: &EngineOptions,
+    path: &Path,
+) -> Result<(), TranscriptFailure> {
+    let fail = |line: usize, message: String| TranscriptFailure {
+        file: path.to_path_buf(),
+        line,
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(0, format!("cannot read: {e}")))?;
+    let script = parse(&text).map_err(|(line, msg)| fail(line, msg))?;
+    let mut opts = opts.clone();
+    if let Some(words) = &script.interrupt {
+        opts.interrupt_keywords.clone_from(words);
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut set = set.clone();
+    let mut conv = Conversation::default();
+    let mut now = script.start;
+    let mut sent = 0u64;
+
+    let mut i = 0;
+    let lines = &script.lines;
+    while i < lines.len() {
+        let (lno, line) = &lines[i];
+        i += 1;
+        match line {
+            Line::Send { body, media } => {
+                now += 1;
+                sent += 1;
+                let sid = format!("SM{sent:032}");
+                let msg = Inbound {
+                    from: &script.from,
+                    to: &script.to,
+                    body,
+                    media,
+                    message_sid: &sid,
+                };
+                let handled = handle(&set, &opts, conv, &msg, now);
+                conv = handled.conversation;
+                let mut expected = Vec::new();
+                while let Some((_, Line::Expect(e))) = lines.get(i) {
+                    expected.push(e.clone());
+                    i += 1;
+                }
+                compare(&expected, &handled.outcome).map_err(|diff| {
+                    fail(
+                        *lno,
+                        format!("reply to `> {}` differs\n{diff}", escape(body)),
+                    )
+                })?;
+            }
+            Line::Expect(_) => {
+                return Err(fail(
+                    *lno,
+                    "`<` line without a `>` message before it".into(),
+                ))
+            }
+            Line::Wait(secs) => now += secs,
+            Line::Load(dir) => {
+                let dir = base.join(dir);
+                set = load_dir(&dir)
+                    .map_err(|diags| {
+                        let list: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                        fail(
+                            *lno,
+                            format!("cannot load {}:\n{}", dir.display(), list.join("\n")),
+                        )
+                    })?
+                    .set;
+            }
+            Line::Reset => conv = Conversation::default(),
+            Line::Assert { what, value } => {
+                let actual = state_value(&conv, what).ok_or_else(|| {
+                    fail(
+                        *lno,
+                        format!("unknown assertion `{what}` (use contact.x, var.x or step)"),
+                    )
+                })?;
+                if actual != *value {
+                    return Err(fail(
+                        *lno,
+                        format!("`{what}` is `{actual}`, expected `{value}`"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state_value(conv: &Conversation, what: &str) -> Option<String> {
+    let unset = || "(unset)".to_owned();
+    if let Some(field) = what.strip_prefix("contact.") {
+        return Some(conv.contact.get(field).cloned().unwrap_or_else(unset));
+    }
+    if let Some(var) = what.strip_prefix("var.") {
+        return Some(
+            conv.run
+                .as_ref()
+                .and_then(|r| r.vars.get(var).cloned())
+                .unwrap_or_else(unset),
+        );
+    }
+    if what == "step" {
+        return Some(match &conv.run {
+            Some(r) => format!("{}/{}", r.flow, r.step),
+            None => "(none)".to_owned(),
+        });
+    }
+    None
+}
+
+fn compare(expected: &[Expect], actual: &Outcome) -> Result<(), String> {
+    let actual_lines: Vec<Expect> = match actual {
+        Outcome::Reply(replies) => replies.iter().cloned().map(Expect::Reply).collect(),
+        Outcome::Silence(reason) => vec![Expect::Silence(Some(reason.as_str().to_owned()))],
+    };
+    let same = expected.len() == actual_lines.len()
+        && expected
+            .iter()
+            .zip(&actual_lines)
+            .all(|(e, a)| match (e, a) {
+                (Expect::Silence(None), Expect::Silence(_)) => true,
+                _ => e == a,
+            });
+    if same {
+        return Ok(());
+    }
+    let mut out = String::from("  expected:\n");
+    for e in expected {
+        out.push_str(&format!("    {}\n", render(e)));
+    }
+    if expected.is_empty() {
+        out.push_str("    (nothing)\n");
+    }
+    out.push_str("  actual:\n");
+    for a in &actual_lines {
+        out.push_str(&format!("    {}\n", render(a)));
+    }
+    Err(out.trim_end().to_owned())
+}
+
+fn render(e: &Expect) -> String {
+    match e {
+        Expect::Silence(None) => "< (silence)".to_owned(),
+        Expect::Silence(Some(r)) => format!("< (silence: {r})"),
+        Expect::Reply(r) => {
+            let mut s = format!("< {}", escape(&r.body));
+            if !r.media.is_empty() {
+                s.push_str(&format!(" [media: {}]", r.media.join(", ")));
+            }
+            s
+        }
+    }
+}
+
+/// Show control characters and newlines the way a transcript writes them.
+fn escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some('u') => {
+                let rest: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                let hex = rest
+                    .strip_prefix('{')
+                    .ok_or_else(|| "write `\\u{hex}`".to_owned())?;
+                let ch = u32::from_str_radix(hex, 16)
+                    .ok()
+                    .and_then(char::from_u32)
+                    .ok_or_else(|| format!("bad escape `\\u{{{hex}}}`"))?;
+                out.push(ch);
+            }
+            other => {
+                return Err(format!(
+                    "unknown escape `\\{}` (use \\n, \\t, \\\\ or \\u{{hex}})",
+                    other.map(String::from).unwrap_or_default()
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Strip a trailing ` # comment` from header, `@` and `?` lines.
+fn strip_comment(s: &str) -> &str {
+    match s.find(" #").or_else(|| s.find("\t#")) {
+        Some(i) => s[..i].trim_end(),
+        None => s.trim_end(),
+    }
+}
+
+/// Split `text [media: a, b]` into text and media URLs.
+fn split_media(s: &str) -> (&str, Vec<String>) {
+    if let Some(start) = s.rfind("[media:") {
+        if s.ends_with(']') {
+            let inner = &s[start + "[media:".len()..s.len() - 1];
+            let media = inner
+                .split([',', ' '])
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect();
+            return (s[..start].trim_end(), media);
+        }
+    }
+    (s, Vec::new())
+}
+
+fn parse(text: &str) -> Result<Script, (usize, String)> {
+    let mut script = Script {
+        from: "+15551230001".into(),
+        to: "+15550001111".into(),
+        interrupt: None,
+        start: TRANSCRIPT_EPOCH,
+        lines: Vec::new(),
+    };
+    let mut in_headers = true;
+    for (idx, raw) in text.lines().enumerate() {
+        let lno = idx + 1;
+        let line = raw.trim_end();
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let (sigil, rest) = match line.char_indices().nth(1) {
+            Some((i, _)) => (&line[..i], &line[i..]),
+            None => (line, ""),
+        };
+        // "> text": one space after the sigil is part of the syntax.
+        let rest_text = rest.strip_prefix(' ').unwrap_or(rest);
+        match sigil {
+            ">" => {
+                in_headers = false;
+                let (body, media) = split_media(rest_text);
+                let body = unescape(body).map_err(|e| (lno, e))?;
+                script.lines.push((lno, Line::Send { body, media }));
+            }
+            "<" => {
+                in_headers = false;
+                let e = match strip_comment(rest_text) {
+                    "(silence)" => Expect::Silence(None),
+                    s if s.starts_with("(silence:") && s.ends_with(')') => {
+                        Expect::Silence(Some(s["(silence:".len()..s.len() - 1].trim().to_owned()))
+                    }
+                    _ => {
+                        let (body, media) = split_media(rest_text);
+                        Expect::Reply(Reply {
+                            body: unescape(body).map_err(|e| (lno, e))?,
+                            media,
+                        })
+                    }
+                };
+                script.lines.push((lno, Line::Expect(e)));
+            }
+            "@" => {
+                in_headers = false;
+                let cmd = strip_comment(rest_text).trim();
+                let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                let l = match verb {
+                    "wait" => Line::Wait(
+                        parse_duration(arg.trim())
+                            .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
+                    ),
+                    "load" if !arg.trim().is_empty() => Line::Load(PathBuf::from(arg.trim())),
+                    "reset" => Line::Reset,
+                    _ => {
+                        return Err((
+                            lno,
+                            format!(
+                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR` or `@ reset`)"
+                            ),
+                        ))
+                    }
+                };
+                script.lines.push((lno, l));
+            }
+            "?" => {
+                in_headers = false;
+                let a = strip_comment(rest_text);
+                let (what, value) = a
+                    .split_once('=')
+                    .ok_or((lno, "write assertions as `? contact.name = Ann`".to_owned()))?;
+                script.lines.push((
+                    lno,
+                    Line::Assert {
+                        what: what.trim().to_owned(),
+                        value: value.trim().to_owned(),
+                    },
+                ));
+            }
+            _ if in_headers => {
+                let h = strip_comment(line);
+                let (key, value) = h.split_once(':').ok_or((
+                    lno,
+                    format!("expected a header like `from: +1555...`, got `{h}`"),
+                ))?;
+                let value = value.trim();
+                match key.trim() {
+                    "from" => script.from = value.to_owned(),
+                    "to" => script.to = value.to_owned(),
+                    "interrupt" => {
+                        script.interrupt = Some(
+                            value
+                                .split(',')
+                                .map(str::trim)
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
+                        )
+                    }
+                    "now" => {
+                        script.start = value.parse().map_err(|_| {
+                            (lno, format!("`now` must be unix seconds, got `{value}`"))
+                        })?
+                    }
+                    other => {
+                        return Err((
+                            lno,
+                            format!("unknown header `{other}` (from, to, interrupt, now)"),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err((
+                    lno,
+                    format!("expected `>`, `<`, `@`, `?` or `#` at the start of `{line}`"),
+                ))
+            }
+        }
+    }
+    // Every message needs its expected replies spelled out, even silence.
+    let lines = &script.lines;
+    for (i, (lno, l)) in lines.iter().enumerate() {
+        if matches!(l, Line::Send { .. }) && !matches!(lines.get(i + 1), Some((_, Line::Expect(_))))
+        {
+            return Err((
+                *lno,
+                "a `>` message needs `<` lines after it (or `< (silence)`)".into(),
+            ));
+        }
+    }
+    Ok(script)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_line_kind() {
+        let s = parse(
+            "# c\nfrom: +1 # me\ninterrupt: MENU, RESTART\n> hi [media: https://x/a.jpg]\n< Hello\\nthere [media: https://x/b.jpg, https://x/c.jpg]\n< (silence)   # none\n@ wait 3h\n? step = (none)\n",
+        )
+        .unwrap();
+        assert_eq!(s.from, "+1");
+        assert_eq!(
+            s.interrupt,
+            Some(vec!["MENU".to_owned(), "RESTART".to_owned()])
+        );
+        assert_eq!(s.lines.len(), 5);
+        match &s.lines[1].1 {
+            Line::Expect(Expect::Reply(r)) => {
+                assert_eq!(r.body, "Hello\nthere");
+                assert_eq!(r.media.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.lines[3].1, Line::Wait(10800)));
+    }
+
+    #[test]
+    fn rejects_unanswered_message() {
+        assert!(parse("> hi\n> again\n< x\n").is_err());
+        assert!(parse("> hi\n").is_err());
+        assert!(parse("nonsense\n> hi\n< x").is_err());
+    }
+
+    #[test]
+    fn escapes_round_trip() {
+        let s = "a\nb\t\\ \u{7}";
+        assert_eq!(unescape(&escape(s)).unwrap(), s);
+        assert!(unescape("\\q").is_err());
+    }
+}

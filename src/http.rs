@@ -1,0 +1,314 @@
+//! The HTTP edge: axum router, request checks, error-to-status mapping.
+//!
+//! Every webhook goes through the same gate, in this order: content type,
+//! body size (axum's limit → 413), form parsing (→ 400), signature over the
+//! configured public URL joined with the raw request target (→ 403), typed
+//! parameters (→ 400). Only then does the pipeline run. Client mistakes get
+//! a short plain-text reason and a log line; nothing here panics on input
+//! and no response body carries internals. This module knows no sled and no
+//! Rhai.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tracing::Instrument;
+
+use crate::config::{Auth, Config};
+use crate::metrics::{Endpoint, Metrics};
+use crate::pipeline::Pipeline;
+use crate::store::{SledStore, StatusUpdate};
+use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
+
+/// State shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub pipeline: Arc<Pipeline<SledStore>>,
+    pub metrics: Arc<Metrics>,
+    /// `None` only in the explicit insecure mode.
+    pub validator: Option<Arc<RequestValidator>>,
+    pub public_url: Arc<str>,
+    pub request_timeout: std::time::Duration,
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
+
+impl AppState {
+    pub fn new(
+        config: &Config,
+        pipeline: Arc<Pipeline<SledStore>>,
+        metrics: Arc<Metrics>,
+        status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    ) -> Self {
+        let validator = match &config.auth {
+            Auth::Verify(token) => Some(Arc::new(RequestValidator::new(token.expose()))),
+            Auth::Insecure => None,
+        };
+        AppState {
+            pipeline,
+            metrics,
+            validator,
+            public_url: config.public_url.as_str().into(),
+            request_timeout: config.request_timeout,
+            status,
+        }
+    }
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/twilio/sms", get(sms_get).post(sms_post))
+        .route("/twilio/status", axum::routing::post(status_post))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status_json))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// A refusal with a short, safe reason.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    reason: &'static str,
+    detail: Option<String>,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, reason: &'static str) -> Self {
+        HttpError {
+            status,
+            reason,
+            detail: None,
+        }
+    }
+    fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = match &self.detail {
+            // Details are our own parser messages about the client's input
+            // (e.g. "missing parameter From"), never internals.
+            Some(d) => format!("{}: {}\n", self.reason, d),
+            None => format!("{}\n", self.reason),
+        };
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+fn twiml_response(twiml: String) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/xml; charset=utf-8")],
+        twiml,
+    )
+        .into_response()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl AppState {
+    /// The URL Twilio signed: the configured public base joined with the raw
+    /// path and query exactly as received (never re-encoded).
+    fn signed_url(&self, uri: &Uri) -> String {
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        format!("{}{}", self.public_url, pq)
+    }
+
+    fn verify(&self, uri: &Uri, headers: &HeaderMap, params: &Params) -> Result<(), HttpError> {
+        let Some(validator) = &self.validator else {
+            return Ok(());
+        };
+        let signature = headers
+            .get("x-twilio-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if signature.is_empty() || !validator.validate(&self.signed_url(uri), params, signature) {
+            Metrics::inc(&self.metrics.rejected_signatures);
+            tracing::warn!(
+                path = uri.path(),
+                header_present = !signature.is_empty(),
+                "rejected webhook: signature missing or invalid"
+            );
+            return Err(HttpError::new(StatusCode::FORBIDDEN, "forbidden"));
+        }
+        Ok(())
+    }
+
+    fn bad_request(&self, reason: &'static str, detail: String) -> HttpError {
+        Metrics::inc(&self.metrics.bad_requests);
+        tracing::warn!(reason, detail = %detail, "rejected webhook: bad request");
+        HttpError::new(StatusCode::BAD_REQUEST, reason).with_detail(detail)
+    }
+}
+
+fn require_form(state: &AppState, headers: &HeaderMap) -> Result<(), HttpError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Ok(());
+    }
+    Metrics::inc(&state.metrics.bad_requests);
+    tracing::warn!(
+        content_type = ct,
+        "rejected webhook: unsupported content type"
+    );
+    Err(HttpError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "expected application/x-www-form-urlencoded",
+    ))
+}
+
+async fn sms_post(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    require_form(&state, &headers)?;
+    let params = twilio::parse_form(&body)
+        .map_err(|e| state.bad_request("malformed form body", e.to_string()))?;
+    state.verify(&uri, &headers, &params)?;
+    inbound(state, params).await
+}
+
+async fn sms_get(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    let query = uri.query().unwrap_or("");
+    let params = twilio::parse_form(query.as_bytes())
+        .map_err(|e| state.bad_request("malformed query string", e.to_string()))?;
+    // For GET, Twilio's parameters are part of the signed URL; no POST
+    // parameters are appended to the signed string.
+    state.verify(&uri, &headers, &Vec::new())?;
+    inbound(state, params).await
+}
+
+async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError> {
+    let started = Instant::now();
+    let msg = InboundMessage::from_params(params)
+        .map_err(|e| state.bad_request("invalid webhook parameters", e.to_string()))?;
+    Metrics::inc(&state.metrics.messages_received);
+    let span = tracing::info_span!("sms", message_sid = %msg.message_sid);
+    let result = async {
+        tracing::debug!(from = %msg.from, to = %msg.to, body = %msg.body, "inbound message");
+        tokio::time::timeout(
+            state.request_timeout,
+            state.pipeline.handle_inbound(&msg, unix_now()),
+        )
+        .await
+    }
+    .instrument(span)
+    .await;
+    state.metrics.observe(Endpoint::Sms, started.elapsed());
+    match result {
+        Ok(Ok(answer)) => Ok(twiml_response(answer.twiml)),
+        Ok(Err(e)) => {
+            Metrics::inc(&state.metrics.store_errors);
+            tracing::error!(message_sid = %msg.message_sid, error = %e, "store failure");
+            Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable",
+            ))
+        }
+        Err(_) => {
+            tracing::error!(message_sid = %msg.message_sid, "request time limit exceeded");
+            Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable",
+            ))
+        }
+    }
+}
+
+async fn status_post(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let started = Instant::now();
+    require_form(&state, &headers)?;
+    let params = twilio::parse_form(&body)
+        .map_err(|e| state.bad_request("malformed form body", e.to_string()))?;
+    state.verify(&uri, &headers, &params)?;
+    let cb = StatusCallback::from_params(params)
+        .map_err(|e| state.bad_request("invalid status callback", e.to_string()))?;
+    Metrics::inc(&state.metrics.status_callbacks);
+    let span = tracing::info_span!("status", message_sid = %cb.message_sid);
+    let result = state
+        .pipeline
+        .record_status(&cb, unix_now())
+        .instrument(span)
+        .await;
+    state.metrics.observe(Endpoint::Status, started.elapsed());
+    match result {
+        Ok(update) => {
+            match update {
+                StatusUpdate::Applied => tracing::info!(
+                    message_sid = %cb.message_sid,
+                    status = cb.status.as_str(),
+                    error_code = cb.error_code.as_deref().unwrap_or(""),
+                    "delivery status recorded"
+                ),
+                StatusUpdate::Stale { current } => tracing::info!(
+                    message_sid = %cb.message_sid,
+                    status = cb.status.as_str(),
+                    current = %current,
+                    "late status callback ignored"
+                ),
+            }
+            Ok(twiml_response(twilio::SILENCE.to_string()))
+        }
+        Err(e) => {
+            Metrics::inc(&state.metrics.store_errors);
+            tracing::error!(error = %e, "store failure recording status");
+            Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable",
+            ))
+        }
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let status = (state.status)();
+    (StatusCode::OK, axum::Json(status)).into_response()
+}
+
+async fn status_json(State(state): State<AppState>) -> Response {
+    let status = (state.status)();
+    (StatusCode::OK, axum::Json(status)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

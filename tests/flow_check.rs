@@ -1,0 +1,235 @@
+//! `check_dir` / `load_dir` on deliberately broken flow directories: every
+//! expected message at its exact line and column, nothing else, and hostile
+//! files rejected quickly with a located error.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use smsflow::flow::{check_dir, load_dir, Diagnostic, FlowSet};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/flows")
+        .join(name)
+}
+
+/// Diagnostics rendered with the file name only, so the expectations do not
+/// depend on where the repository is checked out.
+fn rendered(diags: &[Diagnostic]) -> Vec<String> {
+    diags
+        .iter()
+        .map(|d| {
+            let file = d.file.file_name().unwrap().to_string_lossy().into_owned();
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .to_string_lossy()
+                .into_owned()
+                + "/";
+            format!(
+                "{file}:{}:{}: {}: {}",
+                d.line,
+                d.column,
+                d.severity,
+                d.message.replace(&root, "")
+            )
+        })
+        .collect()
+}
+
+fn assert_diags(actual: &[Diagnostic], expected: &[&str]) {
+    let actual = rendered(actual);
+    let missing: Vec<&&str> = expected
+        .iter()
+        .filter(|e| !actual.iter().any(|a| a == **e))
+        .collect();
+    let extra: Vec<&String> = actual
+        .iter()
+        .filter(|a| !expected.contains(&a.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing:\n  {}\nunexpected:\n  {}",
+        missing
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        extra
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+}
+
+#[test]
+fn schema_problems_are_all_reported_with_positions() {
+    let diags = check_dir(&fixture("broken/schema"));
+    assert_diags(
+        &diags,
+        &[
+            "counts.yaml:3:15: error: invalid duration `2 hours` (use a number and s, m, h or d, like 30m or 2h; at most 365d)",
+            "counts.yaml:6:10: error: step `s` sends 11 messages; at most 10 are allowed",
+            "counts.yaml:7:12: error: media `ftp://example.com/x.jpg` must be an http(s) URL",
+            "graph.yaml:6:11: error: steps loop without waiting for a reply: a -> b -> a",
+            "graph.yaml:10:3: error: step `island` is never reached from the start step `a`",
+            "graph.yaml:12:3: error: step `trap` is never reached from the start step `a`",
+            "graph.yaml:12:3: error: step `trap` can never be left: every route and the retry give-up come back to it",
+            "lengths.yaml:2:9: error: reply is 1601 characters; SMS replies are limited to 1600",
+            "lengths.yaml:3:8: warning: reply needs 2 SMS segments (GSM-7, 161 units; one segment holds 160)",
+            "lengths.yaml:4:10: warning: reply needs 2 SMS segments (UCS-2, 80 units; one segment holds 70)",
+            "regex.yaml:2:10: error: invalid regex: unclosed group",
+            "regex.yaml:6:16: error: invalid regex: invalid repetition count range, the start must be <= the end",
+            "routes.yaml:7:5: error: step `s` waits for a reply, so its routes decide where to go; remove goto/flow/end/silence",
+            "routes.yaml:9:9: error: a route has one matcher; this one has `yes` and `no` (use two routes)",
+            "routes.yaml:10:9: error: a route needs one matcher: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else",
+            "routes.yaml:11:17: error: number range is empty: 20 is more than 10",
+            "routes.yaml:12:15: error: `else: false` means nothing; remove it",
+            "routes.yaml:13:3: error: step `t` is never reached from the start step `s`",
+            "routes.yaml:15:5: error: step `t` has both `say` and `silence`; silence sends nothing",
+            "routes.yaml:16:5: error: `retry` needs `wait` in step `t`",
+            "syntax.yaml:2:10: error: invalid YAML: invalid indentation in quoted scalar",
+            "targets.yaml:3:8: error: unknown step `begin` (start)",
+            "targets.yaml:9:15: error: unknown step `ag` (goto); did you mean `age`?",
+            "targets.yaml:11:15: error: unknown flow `nosuchflow` (flow)",
+            "targets.yaml:13:16: error: unknown step `nowhere` (give_up)",
+            "templates.yaml:6:9: error: unclosed `{{` in template (add `}}`)",
+            "templates.yaml:7:9: error: `{{nmae}}` is never set in flow `templates` (use `save:` or `set:`)",
+            "templates.yaml:7:9: error: `{{contact.nickname}}` is never set by any flow (use `contact:` or `set: {contact.nickname: ...}`)",
+            "templates.yaml:12:16: error: cannot set `bad key`: use a name or `contact.name`",
+            "types.yaml:1:11: error: expected a mapping for `keywords`, found a list",
+            "types.yaml:2:5: error: expected text for `to`, found a mapping",
+            "unknown_keys.yaml:3:3: error: unknown key `keyword` in `trigger` (expected one of: keywords, regex, catch_all, to)",
+            "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, description)",
+            "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, save, contact, set, say, media, goto, flow, end, silence, description)",
+        ],
+    );
+    // load_dir refuses the set and reports the same list.
+    let err = load_dir(&fixture("broken/schema")).unwrap_err();
+    assert_eq!(err, diags);
+}
+
+#[test]
+fn cross_file_collisions_name_the_first_definition() {
+    assert_diags(
+        &check_dir(&fixture("broken/dupes")),
+        &[
+            "b.yaml:2:3: error: keyword `hours!` is already used at tests/flows/broken/dupes/a.yaml:2:3 (`HOURS`)",
+            "b.yaml:3:17: error: unknown flow `missing` (flow)",
+            "b.yaml:4:1: error: more than one `default:` reply for the same numbers (first at tests/flows/broken/dupes/a.yaml:3:1)",
+            "c.yaml:3:14: error: keyword `Hours` is already used at tests/flows/broken/dupes/a.yaml:2:3 (`HOURS`)",
+            "d.yaml:1:7: error: flow `a_flow` is already defined in tests/flows/broken/dupes/c.yaml",
+            "e.yaml:2:14: error: keyword `new` is already used at tests/flows/broken/dupes/c.yaml:3:21 (`NEW`)",
+            "e.yaml:3:3: error: flow `e` is a second catch_all for the same numbers (`a_flow` at tests/flows/broken/dupes/c.yaml:4:3 already is)",
+        ],
+    );
+}
+
+#[test]
+fn shipped_and_construct_flows_are_clean() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("flows")];
+    for entry in std::fs::read_dir(root.join("tests/flows/constructs")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            dirs.push(p);
+        }
+    }
+    for dir in dirs {
+        let diags = check_dir(&dir);
+        assert!(
+            diags.is_empty(),
+            "{}: {:#?}",
+            dir.display(),
+            rendered(&diags)
+        );
+    }
+}
+
+#[test]
+fn hostile_files_fail_fast_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
+
+    write("big.yaml", &vec![b'#'; 1024 * 1024 + 1]);
+    let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        let p = format!("*a{}", i - 1);
+        bomb.push_str(&format!("a{i}: &a{i} [{}]\n", [p.as_str(); 10].join(", ")));
+    }
+    write("bomb.yaml", bomb.as_bytes());
+    write("deep_flow.yaml", "[".repeat(500_000).as_bytes());
+    let block: String = (0..200)
+        .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+        .collect();
+    write("deep_block.yaml", block.as_bytes());
+    write("binary.yaml", b"keywords:\n  A\xff: x\n");
+    write("empty.yaml", b"# nothing here\n");
+    write("scalar.yaml", b"just text\n");
+    write(
+        "two_docs.yaml",
+        b"keywords: {A: a}\n---\nkeywords: {B: b}\n",
+    );
+    write(".hidden.yaml", b"{{{{");
+    write("notes.txt", b"{{{{");
+
+    let started = Instant::now();
+    let diags = check_dir(dir.path());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_diags(
+        &diags,
+        &[
+            "big.yaml:1:1: error: file is 1048577 bytes; flow files are limited to 1048576 bytes (1 MiB)",
+            "binary.yaml:2:4: error: file is not valid UTF-8",
+            "bomb.yaml:5:45: error: document expands to more than 100000 values (too many aliases?)",
+            "deep_block.yaml:33:36: error: values nested more than 32 levels deep",
+            "deep_flow.yaml:1:256: error: values nested more than 32 levels deep",
+            "empty.yaml:1:1: warning: empty file",
+            "scalar.yaml:1:1: error: a flow file must be a mapping with `keywords:` or `steps:`, found text",
+            "two_docs.yaml:2:1: error: only one YAML document per file (remove the second `---`)",
+        ],
+    );
+}
+
+#[test]
+fn missing_directory_is_an_error() {
+    let diags = load_dir(Path::new("/nonexistent/flows")).unwrap_err();
+    assert_eq!(diags.len(), 1);
+    assert!(diags[0]
+        .to_string()
+        .starts_with("/nonexistent/flows: error: cannot read flows directory"));
+}
+
+#[test]
+fn version_tracks_contents_and_files_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k.yaml"), "keywords: {A: a}\n").unwrap();
+    std::fs::write(dir.path().join("t.chat"), "> a\n< a\n").unwrap();
+    let a = load_dir(dir.path()).unwrap();
+    let again = load_dir(dir.path()).unwrap();
+    assert_eq!(a.set.version(), again.set.version());
+    assert_eq!(a.set.version().len(), 64);
+    assert_eq!(a.set.files(), &[dir.path().join("k.yaml")]);
+    std::fs::write(dir.path().join("k.yaml"), "keywords: {A: b}\n").unwrap();
+    let b = load_dir(dir.path()).unwrap();
+    assert_ne!(a.set.version(), b.set.version());
+    assert_ne!(FlowSet::empty().version(), b.set.version());
+    assert!(FlowSet::empty().files().is_empty());
+
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<FlowSet>();
+}
+
+#[test]
+fn display_format_matches_compilers() {
+    let diags = check_dir(&fixture("broken/schema"));
+    let d = diags.iter().find(|d| d.message.contains("`ag`")).unwrap();
+    let shown = d.to_string();
+    assert!(
+        shown.ends_with("targets.yaml:9:15: error: unknown step `ag` (goto); did you mean `age`?"),
+        "{shown}"
+    );
+}
