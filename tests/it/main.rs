@@ -1,4 +1,5 @@
 //! One integration-test binary: the real server over real HTTP.
 
+mod conversation;
 mod helpers;
 mod webhook;
