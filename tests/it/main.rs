@@ -2,4 +2,6 @@
 
 mod conversation;
 mod helpers;
+mod process;
+mod reload;
 mod webhook;

@@ -1,0 +1,193 @@
+//! The real binary as a child process: signals (SIGHUP reload, SIGTERM
+//! graceful stop) and refusing to start without a token.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: String,
+    pub validator: smsflow::twilio::RequestValidator,
+    pub client: reqwest::Client,
+}
+
+/// Start `smsflow serve` on port 0 and read the bound address from its log.
+pub fn spawn_server(flows: &Path, data: &Path, extra: &[&str]) -> ChildServer {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-url",
+            "http://localhost",
+        ])
+        .arg("--flows")
+        .arg(flows)
+        .arg("--data")
+        .arg(data)
+        .args(extra)
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn smsflow");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(i) = line.find("addr=") {
+                    let addr: String = line[i + 5..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server printed its address");
+    ChildServer {
+        child,
+        addr,
+        validator: smsflow::twilio::RequestValidator::new(TOKEN),
+        client: reqwest::Client::new(),
+    }
+}
+
+impl ChildServer {
+    pub async fn send(&self, from: &str, body: &str, sid: &str) -> Result<String, reqwest::Error> {
+        let params = sms_params(from, body, sid);
+        let sig = self
+            .validator
+            .compute("http://localhost/twilio/sms", &params);
+        let r = self
+            .client
+            .post(format!("http://{}/twilio/sms", self.addr))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(encode_form(&params))
+            .send()
+            .await?;
+        r.error_for_status()?.text().await
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(started.elapsed() < limit, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_and_sigterm_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), "keywords:\n  HOURS: one\n").unwrap();
+    let mut server = spawn_server(&flows, &tmp.path().join("data"), &["--no-watch"]);
+    let r = server
+        .send("+15550000001", "hours", &new_sid())
+        .await
+        .unwrap();
+    assert_eq!(bodies(&r), vec!["one"]);
+
+    std::fs::write(flows.join("k.yaml"), "keywords:\n  HOURS: two\n").unwrap();
+    // Not watching: still the old reply until SIGHUP.
+    assert_eq!(
+        bodies(
+            &server
+                .send("+15550000001", "hours", &new_sid())
+                .await
+                .unwrap()
+        ),
+        vec!["one"]
+    );
+    server.signal("HUP");
+    let started = Instant::now();
+    loop {
+        let r = server
+            .send("+15550000001", "hours", &new_sid())
+            .await
+            .unwrap();
+        if bodies(&r) == vec!["two"] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no reload after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+        .arg(format!("{}/flows", env!("CARGO_MANIFEST_DIR")))
+        .arg("--data")
+        .arg(tmp.path())
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TWILIO_AUTH_TOKEN is not set"), "{err}");
+    assert!(err.contains("--insecure-no-signature"), "{err}");
+}
+
+#[test]
+fn check_exits_non_zero_with_located_errors() {
+    let bad = format!("{}/tests/flows/broken/dupes", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["check", &bad])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("b.yaml:2:3: error: keyword `hours!` is already used"),
+        "{err}"
+    );
+    let good = format!("{}/flows", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["check", &good])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

@@ -1,0 +1,189 @@
+//! Issue 5: hot reload through the front door — files edited on disk, the
+//! server watching, webhooks over HTTP.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+const V1: &str = "keywords:\n  HOURS: \"v1 hours\"\n";
+const V2: &str = "keywords:\n  HOURS: \"v2 hours\"\n";
+const BROKEN: &str = "keywords:\n  HOURS: \"broken {{\"\n";
+
+async fn spawn_watching(files: &[(&str, &str)]) -> (TestApp, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    for (name, text) in files {
+        std::fs::write(flows.join(name), text).unwrap();
+    }
+    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    config.watch = true;
+    (spawn_with(config).await, tmp)
+}
+
+/// Save like an editor does: write a temp file, rename it over the target.
+fn rename_save(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.swp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Send HOURS until the reply is `want` (or time runs out).
+async fn eventually_replies(app: &TestApp, body: &str, want: &[&str]) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = bodies(&app.send_sms("+15559990000", body).await.body);
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still {got:?} after 10 s, wanted {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn status(app: &TestApp) -> serde_json::Value {
+    let r = app.raw(app.client.get(app.url("/status"))).await;
+    serde_json::from_str(&r.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edit_break_fix_add_delete_rename() {
+    let (app, _tmp) = spawn_watching(&[("keywords.yaml", V1)]).await;
+    let file = app.flows_dir.join("keywords.yaml");
+    assert_eq!(
+        bodies(&app.send_sms("+15559990000", "hours").await.body),
+        vec!["v1 hours"]
+    );
+    let v1 = status(&app).await["flows"]["version"].clone();
+
+    // Edit in place.
+    std::fs::write(&file, V2).unwrap();
+    eventually_replies(&app, "hours", &["v2 hours"]).await;
+    let s = status(&app).await;
+    assert_ne!(s["flows"]["version"], v1);
+    assert!(s["flows"]["last_error"].is_null());
+
+    // A broken edit keeps the old set and shows the located error.
+    std::fs::write(&file, BROKEN).unwrap();
+    let started = Instant::now();
+    let err = loop {
+        let s = status(&app).await;
+        if let Some(e) = s["flows"]["last_error"].as_str() {
+            break e.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no error reported"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(err.contains("keywords.yaml:2:"), "{err}");
+    assert_eq!(
+        bodies(&app.send_sms("+15559990000", "hours").await.body),
+        vec!["v2 hours"]
+    );
+    let m = app.raw(app.client.get(app.url("/metrics"))).await.body;
+    assert!(m.contains("smsflow_reload_failures_total 1"), "{m}");
+
+    // Fixing it clears the error and serves the fix.
+    rename_save(&file, "keywords:\n  HOURS: \"v3 hours\"\n");
+    eventually_replies(&app, "hours", &["v3 hours"]).await;
+    assert!(status(&app).await["flows"]["last_error"].is_null());
+
+    // Add a file.
+    std::fs::write(app.flows_dir.join("more.yaml"), "keywords:\n  PING: pong\n").unwrap();
+    eventually_replies(&app, "ping", &["pong"]).await;
+    let files = status(&app).await["flows"]["files"].clone();
+    assert_eq!(files.as_array().unwrap().len(), 2, "{files}");
+
+    // Delete it.
+    std::fs::remove_file(app.flows_dir.join("more.yaml")).unwrap();
+    eventually_replies(&app, "ping", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_style_reload_reports_outcomes() {
+    use smsflow::reload::ReloadOutcome;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), V1).unwrap();
+    let config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    let app = smsflow::app::App::build(config).await.unwrap();
+    let reloader = app.reloader().clone();
+    assert_eq!(reloader.reload_now(), ReloadOutcome::Unchanged);
+    std::fs::write(flows.join("k.yaml"), BROKEN).unwrap();
+    assert!(matches!(
+        reloader.reload_now(),
+        ReloadOutcome::Refused { .. }
+    ));
+    std::fs::write(flows.join("k.yaml"), V2).unwrap();
+    assert!(matches!(
+        reloader.reload_now(),
+        ReloadOutcome::Swapped { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn continuous_traffic_during_rewrites_sees_whole_versions() {
+    // Two keywords whose replies always change together: a reply mixing
+    // versions (HOURS from one set, ADDRESS from another) would show up as
+    // a mismatched pair in one answer.
+    let version =
+        |n: usize| format!("keywords:\n  BOTH:\n    - \"hours v{n}\"\n    - \"address v{n}\"\n");
+    let (app, _tmp) = spawn_watching(&[("k.yaml", &version(0))]).await;
+    let app = std::sync::Arc::new(app);
+    let file = app.flows_dir.join("k.yaml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let (app, stop) = (app.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut seen = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = app.send_sms(&format!("+1555777{s:04}"), "both").await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                let b = bodies(&r.body);
+                assert_eq!(b.len(), 2, "{b:?}");
+                let v1 = b[0].strip_prefix("hours ").unwrap();
+                let v2 = b[1].strip_prefix("address ").unwrap();
+                assert_eq!(v1, v2, "one answer mixed two versions: {b:?}");
+                seen += 1;
+            }
+            seen
+        }));
+    }
+    let last_valid = 20;
+    for n in 1..=last_valid {
+        if n % 2 == 0 {
+            rename_save(&file, &version(n));
+        } else {
+            std::fs::write(&file, BROKEN).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // After the last valid edit only the new behaviour.
+    let want = [
+        format!("hours v{last_valid}"),
+        format!("address v{last_valid}"),
+    ];
+    let want: Vec<&str> = want.iter().map(|s| s.as_str()).collect();
+    eventually_replies(&app, "both", &want).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for s in senders {
+        total += s.await.unwrap();
+    }
+    assert!(total > 20, "only {total} requests went through");
+    for _ in 0..5 {
+        assert_eq!(
+            bodies(&app.send_sms("+15557770099", "both").await.body),
+            want
+        );
+    }
+}
