@@ -17,7 +17,7 @@ use crate::config::{Auth, Config};
 use crate::flow::{self, EngineOptions, FlowSet};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, SharedFlows};
+use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
 use crate::reload::Reloader;
 use crate::store::{SledStore, Store, StoreConfig};
 
@@ -115,8 +115,16 @@ impl App {
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
             flows.clone(),
-            EngineOptions {
-                interrupt_keywords: config.interrupt_keywords.clone(),
+            PipelineOptions {
+                engine: EngineOptions {
+                    interrupt_keywords: config.interrupt_keywords.clone(),
+                },
+                compliance: config.compliance.clone(),
+                loop_max_replies: config.loop_max_replies,
+                loop_window_secs: config.loop_window_secs,
+                status_callback_url: config
+                    .track_delivery
+                    .then(|| format!("{}/twilio/status", config.public_url)),
             },
             metrics.clone(),
         ));

@@ -65,6 +65,20 @@ pub struct Config {
     pub interrupt_keywords: Vec<String>,
     /// Watch the flows directory and reload on change.
     pub watch: bool,
+    /// Consent keywords and help text.
+    pub compliance: crate::compliance::ComplianceConfig,
+    /// Loop guard: at most this many replies per conversation per window
+    /// (0 disables it).
+    pub loop_max_replies: usize,
+    pub loop_window_secs: i64,
+    /// Put `action`/`statusCallback` on replies so their delivery is tracked.
+    pub track_delivery: bool,
+    /// Bearer token for `GET /messages`; the endpoint is off without it.
+    pub admin_token: Option<AuthToken>,
+    /// Age after which dedupe records, delivery records and ended
+    /// conversations are purged (0 keeps everything).
+    pub retention_days: u64,
+    pub purge_interval: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -85,6 +99,13 @@ impl Config {
             request_timeout: Duration::from_secs(10),
             interrupt_keywords: Vec::new(),
             watch: false,
+            compliance: Default::default(),
+            loop_max_replies: 0,
+            loop_window_secs: 60,
+            track_delivery: false,
+            admin_token: None,
+            retention_days: 0,
+            purge_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -103,6 +124,16 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub interrupt_keywords: Option<Vec<String>>,
     pub watch: Option<bool>,
+    pub stop_keywords: Option<Vec<String>>,
+    pub start_keywords: Option<Vec<String>>,
+    pub help_keywords: Option<Vec<String>>,
+    pub help_text: Option<String>,
+    pub loop_max_replies: Option<usize>,
+    pub loop_window_secs: Option<i64>,
+    pub track_delivery: Option<bool>,
+    pub admin_token: Option<String>,
+    pub retention_days: Option<u64>,
+    pub purge_interval_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -127,8 +158,14 @@ pub struct Overrides {
 }
 
 /// Merge flags/env over the file over defaults, and validate.
-/// `token` is the value of `TWILIO_AUTH_TOKEN`, if set.
-pub fn resolve(o: Overrides, file: FileConfig, token: Option<String>) -> anyhow::Result<Config> {
+/// `token` is the value of `TWILIO_AUTH_TOKEN`, if set; `admin_token` that
+/// of `SMSFLOW_ADMIN_TOKEN`.
+pub fn resolve(
+    o: Overrides,
+    file: FileConfig,
+    token: Option<String>,
+    admin_token: Option<String>,
+) -> anyhow::Result<Config> {
     let listen_s = o
         .listen
         .or(file.listen)
@@ -175,7 +212,34 @@ pub fn resolve(o: Overrides, file: FileConfig, token: Option<String>) -> anyhow:
         bail!("request_timeout_ms must be between 100 and 14000 (Twilio gives up at 15 s)");
     }
 
+    let defaults = crate::compliance::ComplianceConfig::default();
+    let compliance = crate::compliance::ComplianceConfig {
+        stop_keywords: file.stop_keywords.unwrap_or(defaults.stop_keywords),
+        start_keywords: file.start_keywords.unwrap_or(defaults.start_keywords),
+        help_keywords: file.help_keywords.unwrap_or(defaults.help_keywords),
+        help_text: file.help_text.filter(|t| !t.trim().is_empty()),
+    };
+    let admin_token = admin_token.or(file.admin_token).filter(|t| !t.is_empty());
+    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        bail!("the admin token must be at least 16 characters");
+    }
+    let loop_window_secs = file.loop_window_secs.unwrap_or(60);
+    if loop_window_secs < 1 {
+        bail!("loop_window_secs must be at least 1");
+    }
+    let purge_secs = file.purge_interval_secs.unwrap_or(3600);
+    if purge_secs < 1 {
+        bail!("purge_interval_secs must be at least 1");
+    }
+
     Ok(Config {
+        compliance,
+        loop_max_replies: file.loop_max_replies.unwrap_or(20),
+        loop_window_secs,
+        track_delivery: file.track_delivery.unwrap_or(false),
+        admin_token: admin_token.map(AuthToken::new),
+        retention_days: file.retention_days.unwrap_or(30),
+        purge_interval: Duration::from_secs(purge_secs),
         listen,
         public_url,
         flows_dir: o
@@ -233,14 +297,14 @@ mod tests {
             listen: Some("127.0.0.1:7000".into()),
             ..Default::default()
         };
-        let c = resolve(o, file, Some("t".into())).unwrap();
+        let c = resolve(o, file, Some("t".into()), None).unwrap();
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.flows_dir, PathBuf::from("fileflows"));
     }
 
     #[test]
     fn missing_token_refuses_with_a_fix() {
-        let err = resolve(Overrides::default(), FileConfig::default(), None).unwrap_err();
+        let err = resolve(Overrides::default(), FileConfig::default(), None, None).unwrap_err();
         assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"));
         let c = resolve(
             Overrides {
@@ -248,6 +312,7 @@ mod tests {
                 ..Default::default()
             },
             FileConfig::default(),
+            None,
             None,
         )
         .unwrap();

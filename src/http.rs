@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::{Auth, Config};
 use crate::metrics::{Endpoint, Metrics};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, ReplyLink};
 use crate::store::{SledStore, StatusUpdate};
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
@@ -259,9 +259,22 @@ async fn status_post(
         .map_err(|e| state.bad_request("invalid status callback", e.to_string()))?;
     Metrics::inc(&state.metrics.status_callbacks);
     let span = tracing::info_span!("status", message_sid = %cb.message_sid);
+    // The reply's origin, which we put in the callback URL's query.
+    let query = twilio::parse_form(uri.query().unwrap_or("").as_bytes()).unwrap_or_default();
+    let tag = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let link = ReplyLink {
+        inbound_sid: tag("inbound"),
+        flow: tag("flow"),
+        step: tag("step"),
+    };
     let result = state
         .pipeline
-        .record_status(&cb, unix_now())
+        .record_status(&cb, link, unix_now())
         .instrument(span)
         .await;
     state.metrics.observe(Endpoint::Status, started.elapsed());

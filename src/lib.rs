@@ -27,6 +27,8 @@
 //! - [`store`]: the only module that knows sled; the [`store::Store`] trait.
 //! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
 //!   Knows the store trait and the engine, not axum.
+//! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
+//!   guard, decided before any flow runs.
 //! - [`http`]: axum router, request checks, error-to-status mapping.
 //! - [`reload`]: watches the flows directory, validates, swaps atomically.
 //! - [`app`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
@@ -43,6 +45,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod compliance;
 pub mod config;
 pub mod flow;
 pub mod http;

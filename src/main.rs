@@ -27,7 +27,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => config::FileConfig::default(),
             };
             let token = std::env::var("TWILIO_AUTH_TOKEN").ok();
-            let config = config::resolve(args.overrides(), file, token)?;
+            let admin = std::env::var("SMSFLOW_ADMIN_TOKEN").ok();
+            let config = config::resolve(args.overrides(), file, token, admin)?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let app = app::App::build(config).await?;

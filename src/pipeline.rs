@@ -19,9 +19,13 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome};
+use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
+use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, Reply};
 use crate::metrics::Metrics;
-use crate::store::{ConvKey, DeliveryStatus, Processed, StatusUpdate, Store, StoreError};
+use crate::store::{
+    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, StatusUpdate,
+    Store, StoreError,
+};
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 /// What the HTTP layer sends back for one inbound webhook.
@@ -38,24 +42,57 @@ pub struct Answer {
 /// `load()` and uses it throughout, so a reload mid-request is invisible.
 pub type SharedFlows = Arc<ArcSwap<FlowSet>>;
 
+/// Behaviour settings of the pipeline (from the server config).
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    pub engine: EngineOptions,
+    pub compliance: ComplianceConfig,
+    /// At most this many replies per conversation within `loop_window_secs`
+    /// (0 disables the guard).
+    pub loop_max_replies: usize,
+    pub loop_window_secs: i64,
+    /// When set, replies carry `action` and `statusCallback` pointing at
+    /// this URL (our `/twilio/status`), tagged with the inbound MessageSid,
+    /// flow and step.
+    pub status_callback_url: Option<String>,
+}
+
+/// Where a delivery callback's reply came from (read from the callback
+/// URL's query, which we wrote onto the reply).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyLink {
+    pub inbound_sid: Option<String>,
+    pub flow: Option<String>,
+    pub step: Option<String>,
+}
+
 pub struct Pipeline<S: Store> {
     store: Arc<S>,
     flows: SharedFlows,
-    options: EngineOptions,
+    options: PipelineOptions,
     locks: KeyLocks,
+    loop_guard: LoopGuard,
     metrics: Arc<Metrics>,
+}
+
+/// What was decided before (or instead of) running a flow.
+enum Decision {
+    Silence(&'static str),
+    Help(String),
+    RunFlow,
 }
 
 impl<S: Store> Pipeline<S> {
     pub fn new(
         store: Arc<S>,
         flows: SharedFlows,
-        options: EngineOptions,
+        options: PipelineOptions,
         metrics: Arc<Metrics>,
     ) -> Self {
         Pipeline {
             store,
             flows,
+            loop_guard: LoopGuard::new(options.loop_max_replies, options.loop_window_secs),
             options,
             locks: KeyLocks::default(),
             metrics,
@@ -68,6 +105,10 @@ impl<S: Store> Pipeline<S> {
 
     pub fn flows(&self) -> &SharedFlows {
         &self.flows
+    }
+
+    pub fn loop_guard(&self) -> &LoopGuard {
+        &self.loop_guard
     }
 
     /// Handle one verified inbound message at time `now` (unix seconds).
@@ -87,65 +128,152 @@ impl<S: Store> Pipeline<S> {
             return Ok(self.duplicate(done));
         }
 
-        let conversation = match self.store.conversation(&key)? {
+        let mut conversation = match self.store.conversation(&key)? {
             Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "stored conversation unreadable; starting afresh");
                 Conversation::default()
             }),
             None => Conversation::default(),
         };
-        let flows = self.flows.load();
-        let media: Vec<String> = msg.media.iter().map(|m| m.url.clone()).collect();
-        let inbound = Inbound {
-            from: &msg.from,
-            to: &msg.to,
-            body: &msg.body,
-            media: &media,
-            message_sid: &msg.message_sid,
-        };
-        let handled = flow::handle(&flows, &self.options, conversation, &inbound, now);
-        for event in &handled.events {
-            tracing::info!(?event, "flow event");
-        }
 
-        let (twiml, outcome) = match &handled.outcome {
-            Outcome::Reply(replies) => {
+        // Consent first: no flow ever sees STOP/START/HELP, and nothing is
+        // sent to an opted-out sender.
+        let scope = consent_scope(msg.messaging_service_sid.as_deref(), &msg.to);
+        let opted_out = self
+            .store
+            .opt_out(scope, &msg.from)?
+            .is_some_and(|o| o.opted_out);
+        let mut consent = None;
+        let change = |opt_out: bool, cause: &str| ConsentChange {
+            scope: scope.to_string(),
+            number: msg.from.clone(),
+            state: OptOut {
+                opted_out: opt_out,
+                at: now,
+            },
+            audit: AuditRecord {
+                at: now,
+                scope: scope.to_string(),
+                number: msg.from.clone(),
+                action: if opt_out { "opt_out" } else { "opt_in" }.into(),
+                cause: cause.to_string(),
+                message_sid: msg.message_sid.clone(),
+            },
+        };
+        let compliance = &self.options.compliance;
+        let decision = match compliance.classify(&msg.body, msg.opt_out_type.as_deref()) {
+            Consent::Stop { cause } => {
+                // Twilio sends its own confirmation; the conversation ends.
+                conversation.run = None;
+                if !opted_out {
+                    consent = Some(change(true, &cause));
+                    tracing::info!(cause = %cause, "sender opted out");
+                }
+                Decision::Silence("opt_out")
+            }
+            Consent::Start { cause, .. } if opted_out => {
+                conversation.run = None;
+                consent = Some(change(false, &cause));
+                tracing::info!(cause = %cause, "sender opted back in");
+                Decision::Silence("opt_in")
+            }
+            Consent::Start {
+                only_if_opted_out: false,
+                ..
+            } => Decision::Silence("opt_in"),
+            _ if opted_out => Decision::Silence("opted_out"),
+            Consent::Help {
+                twilio_answered: true,
+            } => Decision::Silence("help_answered_by_twilio"),
+            Consent::Help {
+                twilio_answered: false,
+            } => match &compliance.help_text {
+                Some(text) => Decision::Help(text.clone()),
+                None => Decision::Silence("help"),
+            },
+            _ if self.loop_guard.exceeded(&key, now) => {
+                tracing::warn!("loop guard: too many replies to this sender; staying silent");
+                Decision::Silence("rate_limited")
+            }
+            _ => Decision::RunFlow,
+        };
+
+        let (outcome, flow_name, step) = match decision {
+            Decision::Silence(reason) => (Err(reason.to_string()), None, None),
+            Decision::Help(text) => (
+                Ok(vec![Reply {
+                    body: text,
+                    media: Vec::new(),
+                }]),
+                None,
+                None,
+            ),
+            Decision::RunFlow => {
+                let flows = self.flows.load();
+                let media: Vec<String> = msg.media.iter().map(|m| m.url.clone()).collect();
+                let inbound = Inbound {
+                    from: &msg.from,
+                    to: &msg.to,
+                    body: &msg.body,
+                    media: &media,
+                    message_sid: &msg.message_sid,
+                };
+                let handled =
+                    flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
+                for event in &handled.events {
+                    tracing::info!(?event, "flow event");
+                }
+                conversation = handled.conversation;
+                let outcome = match handled.outcome {
+                    Outcome::Reply(replies) => Ok(replies),
+                    Outcome::Silence(reason) => Err(reason.as_str().to_string()),
+                };
+                (outcome, handled.flow, handled.step)
+            }
+        };
+
+        let (twiml, label) = match outcome {
+            Ok(replies) => {
                 let out: Vec<OutMessage> = replies
-                    .iter()
-                    .map(|r| OutMessage {
-                        body: r.body.clone(),
-                        media: r.media.clone(),
-                        ..OutMessage::default()
-                    })
+                    .into_iter()
+                    .map(|r| self.out_message(r, &msg.message_sid, &flow_name, &step))
                     .collect();
                 let twiml = twilio::render(&out);
                 Metrics::add(
                     &self.metrics.replies,
                     twiml.matches("<Message").count() as u64,
                 );
+                self.loop_guard.record(&key, now);
                 (twiml, "reply".to_string())
             }
-            Outcome::Silence(reason) => {
-                self.metrics.silence(reason.as_str());
-                (
-                    twilio::SILENCE.to_string(),
-                    format!("silence:{}", reason.as_str()),
-                )
+            Err(reason) => {
+                self.metrics.silence(&reason);
+                (twilio::SILENCE.to_string(), format!("silence:{reason}"))
             }
         };
 
-        let stored = if handled.conversation == Conversation::default() {
+        let stored = if conversation == Conversation::default() {
             None
         } else {
-            Some(serde_json::to_vec(&handled.conversation).unwrap_or_default())
+            Some(serde_json::to_vec(&conversation).unwrap_or_default())
         };
         let processed = Processed {
             twiml,
-            outcome,
+            outcome: label,
             at: now,
+            from: msg.from.clone(),
+            to: msg.to.clone(),
+            flow: flow_name,
+            step,
         };
-        self.store
-            .commit(&key, stored.as_deref(), &msg.message_sid, &processed)?;
+        self.store.commit(Commit {
+            key: &key,
+            conversation: stored.as_deref(),
+            ended: conversation.run.is_none(),
+            message_sid: &msg.message_sid,
+            processed: &processed,
+            consent,
+        })?;
         // The next message of this conversation may read the new state now;
         // its own flush covers ours too, and neither is acknowledged before
         // a flush, so releasing before the fsync loses nothing.
@@ -153,8 +281,8 @@ impl<S: Store> Pipeline<S> {
         self.store.flush().await?;
         tracing::info!(
             outcome = %processed.outcome,
-            flow = handled.flow.as_deref().unwrap_or("-"),
-            step = handled.step.as_deref().unwrap_or("-"),
+            flow = processed.flow.as_deref().unwrap_or("-"),
+            step = processed.step.as_deref().unwrap_or("-"),
             "message handled"
         );
         Ok(Answer {
@@ -162,6 +290,34 @@ impl<S: Store> Pipeline<S> {
             outcome: processed.outcome,
             duplicate: false,
         })
+    }
+
+    fn out_message(
+        &self,
+        reply: Reply,
+        inbound_sid: &str,
+        flow: &Option<String>,
+        step: &Option<String>,
+    ) -> OutMessage {
+        let callback = self.options.status_callback_url.as_ref().map(|base| {
+            let mut tags = vec![("inbound".to_string(), inbound_sid.to_string())];
+            if let Some(f) = flow {
+                tags.push(("flow".into(), f.clone()));
+            }
+            if let Some(s) = step {
+                tags.push(("step".into(), s.clone()));
+            }
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}{}", twilio::encode_form(&tags))
+        });
+        OutMessage {
+            body: reply.body,
+            media: reply.media,
+            // Twilio recommends setting both to the same URL (D-MSG).
+            action: callback.clone(),
+            status_callback: callback,
+            ..OutMessage::default()
+        }
     }
 
     fn duplicate(&self, done: Processed) -> Answer {
@@ -175,10 +331,12 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// Record a delivery status callback, keeping the latest status
-    /// monotonic. Returns whether it advanced the stored status.
+    /// monotonic. Error 21610 (the recipient has opted out at Twilio) marks
+    /// the recipient opted out here too.
     pub async fn record_status(
         &self,
         cb: &StatusCallback,
+        link: ReplyLink,
         now: i64,
     ) -> Result<StatusUpdate, StoreError> {
         let status = DeliveryStatus {
@@ -188,10 +346,46 @@ impl<S: Store> Pipeline<S> {
             to: cb.to.clone(),
             from: cb.from.clone(),
             updated_at: now,
+            inbound_sid: link.inbound_sid,
+            flow: link.flow,
+            step: link.step,
         };
         let update = self.store.record_status(&cb.message_sid, &status)?;
+        if cb.error_code.as_deref() == Some("21610") {
+            if let (Some(to), Some(from)) = (&cb.to, &cb.from) {
+                let scope = consent_scope(cb.messaging_service_sid.as_deref(), from);
+                if !self.store.opt_out(scope, to)?.is_some_and(|o| o.opted_out) {
+                    tracing::info!("error 21610: recipient opted out at Twilio");
+                    self.store.record_consent(&ConsentChange {
+                        scope: scope.to_string(),
+                        number: to.clone(),
+                        state: OptOut {
+                            opted_out: true,
+                            at: now,
+                        },
+                        audit: AuditRecord {
+                            at: now,
+                            scope: scope.to_string(),
+                            number: to.clone(),
+                            action: "opt_out".into(),
+                            cause: "error 21610".into(),
+                            message_sid: cb.message_sid.clone(),
+                        },
+                    })?;
+                }
+            }
+        }
         self.store.flush().await?;
         Ok(update)
+    }
+}
+
+/// Twilio applies opt-outs per Messaging Service when the number is in one,
+/// otherwise per our number.
+fn consent_scope<'a>(messaging_service_sid: Option<&'a str>, our_number: &'a str) -> &'a str {
+    match messaging_service_sid {
+        Some(s) if !s.is_empty() => s,
+        _ => our_number,
     }
 }
 

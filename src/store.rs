@@ -10,9 +10,12 @@
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
-//! | `c\0` | to `\0` from | conversation (JSON, owned by the caller) |
-//! | `d\0` | MessageSid | [`Processed`] (JSON) |
-//! | `s\0` | MessageSid | [`DeliveryStatus`] (JSON) |
+//! | `c\0` | to `\0` from | 8-byte big-endian last activity, 1 flag byte (1 = ended), conversation JSON (owned by the caller) |
+//! | `d\0` | MessageSid | [`Processed`]: what we answered to an inbound message |
+//! | `s\0` | MessageSid | [`DeliveryStatus`]: latest status of a message we sent |
+//! | `l\0` | MessageSid `\0` id | [`StatusEvent`]: every status callback received |
+//! | `o\0` | scope `\0` number | [`OptOut`]: current consent state |
+//! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
 //!
 //! Durability: [`Store::commit`] writes the batch; [`Store::flush`] makes it
 //! durable. Flushes are grouped by [`GroupFlusher`]: while one fsync runs,
@@ -79,6 +82,16 @@ pub struct Processed {
     pub outcome: String,
     /// Unix seconds when it was processed.
     pub at: i64,
+    /// Sender and our number, for the message log.
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
+    /// The flow and step that produced the answer, if any.
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub step: Option<String>,
 }
 
 /// The latest known delivery status of a message we sent.
@@ -92,6 +105,74 @@ pub struct DeliveryStatus {
     pub from: Option<String>,
     /// Unix seconds of the last accepted update.
     pub updated_at: i64,
+    /// The inbound MessageSid this reply answered, and the flow and step
+    /// that produced it (from the callback URL we put on the reply).
+    #[serde(default)]
+    pub inbound_sid: Option<String>,
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub step: Option<String>,
+}
+
+/// One status callback as received (the delivery log keeps all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub status: String,
+    pub error_code: Option<String>,
+    pub at: i64,
+}
+
+/// Consent state of one number towards one of our numbers (or Messaging
+/// Service: the scope Twilio applies opt-outs to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptOut {
+    pub opted_out: bool,
+    pub at: i64,
+}
+
+/// One consent change, kept for audit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at: i64,
+    pub scope: String,
+    pub number: String,
+    /// "opt_out" or "opt_in".
+    pub action: String,
+    /// What caused it: the keyword, `OptOutType=STOP`, or `error 21610`.
+    pub cause: String,
+    pub message_sid: String,
+}
+
+/// A consent change to write with a commit or on its own.
+#[derive(Debug, Clone)]
+pub struct ConsentChange {
+    pub scope: String,
+    pub number: String,
+    pub state: OptOut,
+    pub audit: AuditRecord,
+}
+
+/// Everything one processed inbound message changes, written atomically.
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    pub key: &'a ConvKey,
+    /// The new conversation, or `None` to delete it.
+    pub conversation: Option<&'a [u8]>,
+    /// Whether the conversation has no running flow (purgeable when idle).
+    pub ended: bool,
+    pub message_sid: &'a str,
+    pub processed: &'a Processed,
+    pub consent: Option<ConsentChange>,
+}
+
+/// How many records a purge removed, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub processed: usize,
+    pub statuses: usize,
+    pub status_events: usize,
+    pub conversations: usize,
 }
 
 /// Result of offering a status callback to the store.
@@ -112,19 +193,16 @@ pub trait Store: Send + Sync + 'static {
     fn conversation(&self, key: &ConvKey) -> Result<Option<Vec<u8>>, StoreError>;
     /// The recorded outcome for an inbound MessageSid, if it was processed.
     fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError>;
-    /// Atomically store the new conversation (or delete it when `None`) and
-    /// the dedupe record for `message_sid`. Not yet durable: see `flush`.
-    fn commit(
-        &self,
-        key: &ConvKey,
-        conversation: Option<&[u8]>,
-        message_sid: &str,
-        processed: &Processed,
-    ) -> Result<(), StoreError>;
+    /// Atomically store the new conversation (or delete it), the dedupe
+    /// record and any consent change. Not yet durable: see `flush`.
+    fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError>;
+    /// Delete one conversation (local tools' reset).
+    fn delete_conversation(&self, key: &ConvKey) -> Result<(), StoreError>;
     /// Make everything committed so far durable. Concurrent callers share
     /// one fsync.
     fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
-    /// Offer a delivery status; applied only if it ranks above the stored one.
+    /// Offer a delivery status; applied only if it ranks above the stored
+    /// one. Every callback is appended to the delivery log either way.
     fn record_status(
         &self,
         message_sid: &str,
@@ -134,6 +212,21 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError>;
     /// Number of stored conversations (for status pages and tests).
     fn conversation_count(&self) -> usize;
+    /// The current consent state of `number` within `scope`.
+    fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError>;
+    /// Record a consent change outside a message commit (status callbacks).
+    fn record_consent(&self, change: &ConsentChange) -> Result<(), StoreError>;
+    /// Consent changes, oldest first.
+    fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Every status callback received for a message, in arrival order.
+    fn status_events(&self, message_sid: &str) -> Result<Vec<StatusEvent>, StoreError>;
+    /// Inbound messages we answered, newest first (MessageSid, record).
+    fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError>;
+    /// Outbound messages with a known status, newest first.
+    fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError>;
+    /// Remove dedupe records, delivery records and ended conversations last
+    /// touched before `cutoff` (unix seconds). Consent records are kept.
+    fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.
@@ -228,9 +321,67 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Conversation values carry their last activity and an ended flag in a
+/// 9-byte header, so purging needs no knowledge of the caller's format.
+fn conv_value(now: i64, ended: bool, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + payload.len());
+    v.extend_from_slice(&now.to_be_bytes());
+    v.push(u8::from(ended));
+    v.extend_from_slice(payload);
+    v
+}
+
+fn conv_header(v: &[u8]) -> Option<(i64, bool)> {
+    let at = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    Some((at, *v.get(8)? == 1))
+}
+
+fn two_part(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + a.len() + 1 + b.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+impl SledStore {
+    fn add_consent(
+        &self,
+        batch: &mut sled::Batch,
+        change: &ConsentChange,
+    ) -> Result<(), StoreError> {
+        batch.insert(
+            two_part(b"o\0", &change.scope, &change.number),
+            encode(&change.state),
+        );
+        let mut key = Vec::with_capacity(18);
+        key.extend_from_slice(b"a\0");
+        key.extend_from_slice(&change.audit.at.to_be_bytes());
+        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        batch.insert(key, encode(&change.audit));
+        Ok(())
+    }
+
+    fn scan<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+}
+
 impl Store for SledStore {
     fn conversation(&self, key: &ConvKey) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key.db_key())?.map(|v| v.to_vec()))
+        Ok(self
+            .db
+            .get(key.db_key())?
+            .map(|v| v.get(9..).unwrap_or_default().to_vec()))
     }
 
     fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError> {
@@ -241,20 +392,22 @@ impl Store for SledStore {
         }
     }
 
-    fn commit(
-        &self,
-        key: &ConvKey,
-        conversation: Option<&[u8]>,
-        message_sid: &str,
-        processed: &Processed,
-    ) -> Result<(), StoreError> {
+    fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        match conversation {
-            Some(bytes) => batch.insert(key.db_key(), bytes),
-            None => batch.remove(key.db_key()),
+        match c.conversation {
+            Some(bytes) => batch.insert(c.key.db_key(), conv_value(c.processed.at, c.ended, bytes)),
+            None => batch.remove(c.key.db_key()),
         }
-        batch.insert(prefixed(b"d\0", message_sid), encode(processed));
+        batch.insert(prefixed(b"d\0", c.message_sid), encode(c.processed));
+        if let Some(change) = &c.consent {
+            self.add_consent(&mut batch, change)?;
+        }
         self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn delete_conversation(&self, key: &ConvKey) -> Result<(), StoreError> {
+        self.db.remove(key.db_key())?;
         Ok(())
     }
 
@@ -270,12 +423,21 @@ impl Store for SledStore {
         message_sid: &str,
         status: &DeliveryStatus,
     ) -> Result<StatusUpdate, StoreError> {
+        let mut log_key = two_part(b"l\0", message_sid, "");
+        log_key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        let event = StatusEvent {
+            status: status.status.clone(),
+            error_code: status.error_code.clone(),
+            at: status.updated_at,
+        };
+        self.db.insert(log_key, encode(&event))?;
+
         let key = prefixed(b"s\0", message_sid);
-        let new = encode(status);
         // Compare-and-swap loop: two callbacks for one message arriving at
         // once must not let the lower-ranked one win.
         loop {
             let current = self.db.get(&key)?;
+            let mut next = status.clone();
             if let Some(bytes) = &current {
                 let old: DeliveryStatus = decode(&key, bytes)?;
                 if status.rank <= old.rank {
@@ -283,7 +445,12 @@ impl Store for SledStore {
                         current: old.status,
                     });
                 }
+                // Keep the link to the conversation if this callback lacks it.
+                next.inbound_sid = next.inbound_sid.or(old.inbound_sid);
+                next.flow = next.flow.or(old.flow);
+                next.step = next.step.or(old.step);
             }
+            let new = encode(&next);
             match self
                 .db
                 .compare_and_swap(&key, current.as_ref(), Some(new.as_slice()))?
@@ -304,6 +471,93 @@ impl Store for SledStore {
 
     fn conversation_count(&self) -> usize {
         self.db.scan_prefix(b"c\0").count()
+    }
+
+    fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError> {
+        let key = two_part(b"o\0", scope, number);
+        match self.db.get(&key)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn record_consent(&self, change: &ConsentChange) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        self.add_consent(&mut batch, change)?;
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(self.scan(b"a\0")?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    fn status_events(&self, message_sid: &str) -> Result<Vec<StatusEvent>, StoreError> {
+        let prefix = two_part(b"l\0", message_sid, "");
+        Ok(self.scan(&prefix)?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError> {
+        let mut out: Vec<(String, Processed)> = self
+            .scan::<Processed>(b"d\0")?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k[2..]).into_owned(), v))
+            .collect();
+        out.sort_by(|a, b| b.1.at.cmp(&a.1.at).then_with(|| b.0.cmp(&a.0)));
+        Ok(out)
+    }
+
+    fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError> {
+        let mut out: Vec<(String, DeliveryStatus)> = self
+            .scan::<DeliveryStatus>(b"s\0")?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k[2..]).into_owned(), v))
+            .collect();
+        out.sort_by(|a, b| {
+            b.1.updated_at
+                .cmp(&a.1.updated_at)
+                .then_with(|| b.0.cmp(&a.0))
+        });
+        Ok(out)
+    }
+
+    fn purge(&self, cutoff: i64) -> Result<Purged, StoreError> {
+        let mut purged = Purged::default();
+        for (k, v) in self.scan::<Processed>(b"d\0")? {
+            if v.at < cutoff {
+                self.db.remove(k)?;
+                purged.processed += 1;
+            }
+        }
+        for (k, v) in self.scan::<DeliveryStatus>(b"s\0")? {
+            if v.updated_at < cutoff {
+                self.db.remove(k)?;
+                purged.statuses += 1;
+            }
+        }
+        for (k, v) in self.scan::<StatusEvent>(b"l\0")? {
+            if v.at < cutoff {
+                self.db.remove(k)?;
+                purged.status_events += 1;
+            }
+        }
+        for item in self.db.scan_prefix(b"c\0") {
+            let (k, v) = item?;
+            if let Some((at, true)) = conv_header(&v) {
+                if at < cutoff {
+                    // Only if untouched since we read it: a message may have
+                    // restarted this conversation in the meantime.
+                    if self
+                        .db
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                        .is_ok()
+                    {
+                        purged.conversations += 1;
+                    }
+                }
+            }
+        }
+        Ok(purged)
     }
 }
 
@@ -401,21 +655,105 @@ mod tests {
             to: None,
             from: None,
             updated_at: 0,
+            inbound_sid: None,
+            flow: None,
+            step: None,
         }
+    }
+
+    fn processed(at: i64) -> Processed {
+        Processed {
+            twiml: "<Response/>".into(),
+            outcome: "silence".into(),
+            at,
+            from: "+1666".into(),
+            to: "+1555".into(),
+            flow: None,
+            step: None,
+        }
+    }
+
+    fn commit<'a>(
+        key: &'a ConvKey,
+        conversation: Option<&'a [u8]>,
+        sid: &'a str,
+        processed: &'a Processed,
+    ) -> Commit<'a> {
+        Commit {
+            key,
+            conversation,
+            ended: true,
+            message_sid: sid,
+            processed,
+            consent: None,
+        }
+    }
+
+    #[test]
+    fn purge_removes_old_records_and_ended_conversations_only() {
+        let (_d, store) = open();
+        let (old, new) = (processed(100), processed(1000));
+        let k_old = ConvKey::new("+1", "+old");
+        let k_run = ConvKey::new("+1", "+running");
+        let k_new = ConvKey::new("+1", "+new");
+        store
+            .commit(commit(&k_old, Some(b"{}"), "SM1", &old))
+            .unwrap();
+        let mut running = commit(&k_run, Some(b"{}"), "SM2", &old);
+        running.ended = false;
+        running.consent = Some(ConsentChange {
+            scope: "+1".into(),
+            number: "+running".into(),
+            state: OptOut {
+                opted_out: true,
+                at: 100,
+            },
+            audit: AuditRecord {
+                at: 100,
+                scope: "+1".into(),
+                number: "+running".into(),
+                action: "opt_out".into(),
+                cause: "STOP".into(),
+                message_sid: "SM2".into(),
+            },
+        });
+        store.commit(running).unwrap();
+        store
+            .commit(commit(&k_new, Some(b"{}"), "SM3", &new))
+            .unwrap();
+        let mut st = status("sent", 3);
+        st.updated_at = 100;
+        store.record_status("SMout", &st).unwrap();
+
+        let purged = store.purge(500).unwrap();
+        assert_eq!(
+            purged,
+            Purged {
+                processed: 2,
+                statuses: 1,
+                status_events: 1,
+                conversations: 1
+            }
+        );
+        assert!(store.conversation(&k_old).unwrap().is_none());
+        assert!(store.conversation(&k_run).unwrap().is_some());
+        assert!(store.conversation(&k_new).unwrap().is_some());
+        assert!(store.processed("SM3").unwrap().is_some());
+        // Consent is never purged.
+        assert!(store.opt_out("+1", "+running").unwrap().unwrap().opted_out);
+        assert_eq!(store.audit_log().unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn commit_is_visible_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let key = ConvKey::new("+1555", "+1666");
-        let rec = Processed {
-            twiml: "<Response/>".into(),
-            outcome: "silence".into(),
-            at: 1,
-        };
+        let rec = processed(1);
         {
             let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
-            store.commit(&key, Some(b"{}"), "SM1", &rec).unwrap();
+            store
+                .commit(commit(&key, Some(b"{}"), "SM1", &rec))
+                .unwrap();
             store.flush().await.unwrap();
         }
         let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
@@ -430,17 +768,10 @@ mod tests {
     #[test]
     fn keys_do_not_collide_across_numbers() {
         let (_d, store) = open();
-        let rec = Processed {
-            twiml: String::new(),
-            outcome: String::new(),
-            at: 0,
-        };
-        store
-            .commit(&ConvKey::new("+1", "+23"), Some(b"a"), "SM1", &rec)
-            .unwrap();
-        store
-            .commit(&ConvKey::new("+12", "+3"), Some(b"b"), "SM2", &rec)
-            .unwrap();
+        let rec = processed(0);
+        let (k1, k2) = (ConvKey::new("+1", "+23"), ConvKey::new("+12", "+3"));
+        store.commit(commit(&k1, Some(b"a"), "SM1", &rec)).unwrap();
+        store.commit(commit(&k2, Some(b"b"), "SM2", &rec)).unwrap();
         assert_eq!(
             store.conversation(&ConvKey::new("+1", "+23")).unwrap(),
             Some(b"a".to_vec())

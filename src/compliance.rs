@@ -1,0 +1,255 @@
+//! Consent keywords and the loop guard: the decisions taken before any flow
+//! runs.
+//!
+//! Pure logic: it classifies a message (STOP / START / HELP class, honouring
+//! Twilio's `OptOutType`) and counts replies per conversation in a sliding
+//! window. The pipeline applies the decisions to the store. Knows nothing of
+//! HTTP, sled or flows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use crate::flow::normalize;
+use crate::store::ConvKey;
+
+/// Keyword lists and help text; all configurable.
+#[derive(Debug, Clone)]
+pub struct ComplianceConfig {
+    /// Whole-message keywords that opt the sender out.
+    pub stop_keywords: Vec<String>,
+    /// Keywords that opt back in. `YES` only counts while opted out, since
+    /// it is also an ordinary answer to a yes/no question.
+    pub start_keywords: Vec<String>,
+    pub help_keywords: Vec<String>,
+    /// Reply to HELP-class keywords; `None` answers them with silence and
+    /// leaves the help reply to Twilio.
+    pub help_text: Option<String>,
+}
+
+impl Default for ComplianceConfig {
+    fn default() -> Self {
+        let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect();
+        ComplianceConfig {
+            stop_keywords: v(&[
+                "STOP",
+                "STOPALL",
+                "UNSUBSCRIBE",
+                "CANCEL",
+                "END",
+                "QUIT",
+                "REVOKE",
+                "OPTOUT",
+            ]),
+            start_keywords: v(&["START", "YES", "UNSTOP"]),
+            help_keywords: v(&["HELP", "INFO"]),
+            help_text: None,
+        }
+    }
+}
+
+/// What a message means for consent, before any flow sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consent {
+    /// Opt out; `cause` is the keyword or `OptOutType=STOP`.
+    Stop { cause: String },
+    /// Opt back in (or confirm being in).
+    Start {
+        cause: String,
+        only_if_opted_out: bool,
+    },
+    /// A request for help; `twilio_answered` when `OptOutType=HELP` says
+    /// Twilio already sent its help reply.
+    Help { twilio_answered: bool },
+    /// An ordinary message.
+    None,
+}
+
+impl ComplianceConfig {
+    pub fn classify(&self, body: &str, opt_out_type: Option<&str>) -> Consent {
+        match opt_out_type
+            .map(|t| t.trim().to_ascii_uppercase())
+            .as_deref()
+        {
+            Some("STOP") => {
+                return Consent::Stop {
+                    cause: "OptOutType=STOP".into(),
+                }
+            }
+            Some("START") => {
+                return Consent::Start {
+                    cause: "OptOutType=START".into(),
+                    only_if_opted_out: false,
+                }
+            }
+            Some("HELP") => {
+                return Consent::Help {
+                    twilio_answered: true,
+                }
+            }
+            _ => {}
+        }
+        let word = normalize(body);
+        fn find<'a>(list: &'a [String], word: &str) -> Option<&'a String> {
+            list.iter().find(|k| normalize(k) == word)
+        }
+        let is = |list| find(list, &word);
+        if word.is_empty() {
+            return Consent::None;
+        }
+        if let Some(k) = is(&self.stop_keywords) {
+            return Consent::Stop {
+                cause: k.to_ascii_uppercase(),
+            };
+        }
+        if let Some(k) = is(&self.start_keywords) {
+            return Consent::Start {
+                cause: k.to_ascii_uppercase(),
+                only_if_opted_out: k.eq_ignore_ascii_case("YES"),
+            };
+        }
+        if is(&self.help_keywords).is_some() {
+            return Consent::Help {
+                twilio_answered: false,
+            };
+        }
+        Consent::None
+    }
+}
+
+/// Counts the replies each conversation drew within a sliding window; a
+/// sender past the limit (typically another auto-responder bouncing our
+/// replies) gets silence until the window clears. In memory: a restart
+/// forgets the counts, which only delays the guard by one window.
+pub struct LoopGuard {
+    max_replies: usize,
+    window_secs: i64,
+    seen: Mutex<HashMap<ConvKey, VecDeque<i64>>>,
+}
+
+impl LoopGuard {
+    /// `max_replies == 0` disables the guard.
+    pub fn new(max_replies: usize, window_secs: i64) -> Self {
+        LoopGuard {
+            max_replies,
+            window_secs,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when `key` has already drawn `max_replies` within the window.
+    pub fn exceeded(&self, key: &ConvKey, now: i64) -> bool {
+        if self.max_replies == 0 {
+            return false;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(times) = seen.get_mut(key) else {
+            return false;
+        };
+        while times.front().is_some_and(|t| *t <= now - self.window_secs) {
+            times.pop_front();
+        }
+        if times.is_empty() {
+            seen.remove(key);
+            return false;
+        }
+        times.len() >= self.max_replies
+    }
+
+    /// Note that `key` was answered with a reply at `now`.
+    pub fn record(&self, key: &ConvKey, now: i64) {
+        if self.max_replies == 0 {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let times = seen.entry(key.clone()).or_default();
+        times.push_back(now);
+        while times.len() > self.max_replies {
+            times.pop_front();
+        }
+    }
+
+    /// Drop conversations whose window has passed (called periodically).
+    pub fn sweep(&self, now: i64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, t| t.back().is_some_and(|last| *last > now - self.window_secs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyword_classes() {
+        let c = ComplianceConfig::default();
+        for k in [
+            "STOP",
+            "stop",
+            " Stop. ",
+            "stopall",
+            "UNSUBSCRIBE",
+            "cancel",
+            "end",
+            "quit",
+            "revoke",
+            "optout",
+        ] {
+            assert!(matches!(c.classify(k, None), Consent::Stop { .. }), "{k}");
+        }
+        assert_eq!(c.classify("stop please", None), Consent::None);
+        assert!(matches!(
+            c.classify("start", None),
+            Consent::Start {
+                only_if_opted_out: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c.classify("Yes", None),
+            Consent::Start {
+                only_if_opted_out: true,
+                ..
+            }
+        ));
+        assert!(matches!(c.classify("unstop", None), Consent::Start { .. }));
+        assert_eq!(
+            c.classify("help", None),
+            Consent::Help {
+                twilio_answered: false
+            }
+        );
+        assert_eq!(
+            c.classify("INFO", None),
+            Consent::Help {
+                twilio_answered: false
+            }
+        );
+        assert_eq!(
+            c.classify("anything", Some("HELP")),
+            Consent::Help {
+                twilio_answered: true
+            }
+        );
+        assert!(matches!(
+            c.classify("arret", Some("STOP")),
+            Consent::Stop { .. }
+        ));
+        assert_eq!(c.classify("", None), Consent::None);
+    }
+
+    #[test]
+    fn loop_guard_window() {
+        let g = LoopGuard::new(3, 60);
+        let k = ConvKey::new("a", "b");
+        for t in 0..3 {
+            assert!(!g.exceeded(&k, t));
+            g.record(&k, t);
+        }
+        assert!(g.exceeded(&k, 10));
+        assert!(g.exceeded(&k, 59));
+        assert!(!g.exceeded(&k, 61));
+        g.sweep(1000);
+        assert!(g.seen.lock().unwrap().is_empty());
+        assert!(!LoopGuard::new(0, 60).exceeded(&k, 0));
+    }
+}
