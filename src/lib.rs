@@ -1,4 +1,5 @@
 pub mod config;
+pub mod flow;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;
