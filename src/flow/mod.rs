@@ -15,6 +15,7 @@ mod engine;
 mod load;
 mod matcher;
 mod model;
+pub mod script;
 mod segments;
 mod template;
 mod transcript;
