@@ -268,10 +268,8 @@ mod tests {
         let y = "[".repeat(200_000);
         let err = parse(&y).unwrap_err();
         assert!(err.message.contains("nested"), "{err:?}");
-        let y = "a:\n".to_owned()
-            + &(1..100)
-                .map(|i| format!("{}k:\n", " ".repeat(i)))
-                .collect::<String>();
+        let tail: String = (1..100).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        let y: String = format!("a:\n{tail}");
         assert!(parse(&y).unwrap_err().message.contains("nested"));
     }
 
