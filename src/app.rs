@@ -36,6 +36,7 @@ pub struct App {
     addr: SocketAddr,
     router: axum::Router,
     store: Arc<SledStore>,
+    pipeline: Arc<Pipeline<SledStore>>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     config: Config,
@@ -146,7 +147,7 @@ impl App {
                 })
             })
         };
-        let state = AppState::new(&config, pipeline, metrics.clone(), status_fn);
+        let state = AppState::new(&config, pipeline.clone(), metrics.clone(), status_fn);
         let router = http::router(state, config.max_body_bytes);
 
         let listener = TcpListener::bind(config.listen)
@@ -164,6 +165,7 @@ impl App {
             addr,
             router,
             store,
+            pipeline,
             metrics,
             reloader,
             config,
@@ -210,15 +212,51 @@ impl App {
         } else {
             None
         };
-        axum::serve(self.listener, self.router)
+        let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
-            .context("serving HTTP")?;
+            .context("serving HTTP");
+        if let Some(p) = purger {
+            p.abort();
+        }
+        served?;
         self.store
             .flush_blocking()
             .context("flushing the store at shutdown")?;
         tracing::info!("smsflow stopped; store flushed");
         Ok(())
+    }
+
+    /// Purge old records in the background, once per `purge_interval`.
+    fn spawn_purger(&self) -> tokio::task::JoinHandle<()> {
+        let pipeline = self.pipeline.clone();
+        let retention = self.config.retention_days as i64 * 86_400;
+        let every = self.config.purge_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let p = pipeline.clone();
+                let now = unix_now();
+                let result = tokio::task::spawn_blocking(move || {
+                    p.loop_guard().sweep(now);
+                    p.store().purge(now - retention)
+                })
+                .await;
+                match result {
+                    Ok(Ok(n)) => tracing::info!(
+                        processed = n.processed,
+                        statuses = n.statuses,
+                        status_events = n.status_events,
+                        conversations = n.conversations,
+                        "purged records older than the retention period"
+                    ),
+                    Ok(Err(e)) => tracing::error!(error = %e, "purge failed"),
+                    Err(e) => tracing::error!(error = %e, "purge task failed"),
+                }
+            }
+        })
     }
 
     /// Serve until SIGINT or SIGTERM.

@@ -32,6 +32,32 @@ pub enum Command {
     /// Compute the X-Twilio-Signature for a request and print a ready curl
     /// command, to test a deployment without Twilio.
     Sign(SignArgs),
+    /// List recent messages with direction, status, error code and the
+    /// conversation they belong to.
+    Messages(MessagesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MessagesArgs {
+    /// Read the store in this data directory (only while no server uses it).
+    #[arg(long, default_value = "data", conflicts_with = "server")]
+    pub data: PathBuf,
+    /// Ask a running server instead, e.g. http://127.0.0.1:8080; needs
+    /// SMSFLOW_ADMIN_TOKEN (the server's admin token) in the environment.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only messages from or to this number.
+    #[arg(long)]
+    pub number: Option<String>,
+    /// Only this status (delivered, failed, …) or inbound outcome (reply, silence).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// At most this many rows [default: 50].
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -35,6 +35,8 @@ pub struct AppState {
     pub public_url: Arc<str>,
     pub request_timeout: std::time::Duration,
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Bearer token for `/messages`; `None` turns the endpoint off.
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -55,6 +57,7 @@ impl AppState {
             public_url: config.public_url.as_str().into(),
             request_timeout: config.request_timeout,
             status,
+            admin_token: config.admin_token.as_ref().map(|t| t.expose().into()),
         }
     }
 }
@@ -66,6 +69,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status_json))
         .route("/metrics", get(metrics))
+        .route("/messages", get(messages))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -324,4 +328,47 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /messages?number=&status=&limit=`: the message log as JSON, behind
+/// `Authorization: Bearer <admin token>`.
+async fn messages(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(filter): axum::extract::Query<crate::messages::Filter>,
+) -> Result<Response, HttpError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not enabled (set SMSFLOW_ADMIN_TOKEN)",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        tracing::warn!(
+            header_present = !given.is_empty(),
+            "rejected /messages: bad token"
+        );
+        let mut r = HttpError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return Ok(r);
+    }
+    match crate::messages::list(state.pipeline.store().as_ref(), &filter) {
+        Ok(rows) => Ok(axum::Json(serde_json::json!({ "messages": rows })).into_response()),
+        Err(e) => {
+            tracing::error!(error = %e, "store failure listing messages");
+            Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily unavailable",
+            ))
+        }
+    }
 }

@@ -30,8 +30,10 @@
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - [`http`]: axum router, request checks, error-to-status mapping.
+//! - [`messages`]: the message log view behind `GET /messages` and
+//!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory, validates, swaps atomically.
-//! - [`app`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
+//! - [`app`], [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
 //!
 //! # Invariants
 //!
@@ -43,12 +45,14 @@
 //! - Every request sees one whole flow set; a set with errors is never live.
 //! - User text reaches TwiML only through the escaper.
 
+pub mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod flow;
 pub mod http;
+pub mod messages;
 pub mod metrics;
 pub mod pipeline;
 pub mod reload;

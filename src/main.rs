@@ -37,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign(args) => sign(args),
+        Command::Messages(args) => messages(args),
         Command::Check { dir } => {
             let diags = flow::check_dir(&dir);
             let mut errors = 0;
@@ -126,4 +127,61 @@ fn replace_origin(url: &str, base: &str) -> String {
 /// Escape for use inside single quotes in a POSIX shell.
 fn shell_quote(s: &str) -> String {
     s.replace('\'', "'\\''")
+}
+
+/// `smsflow messages`: from the store directly, or from a running server.
+fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::messages::{self, Filter, MessageView};
+    let filter = Filter {
+        number: args.number.clone(),
+        status: args.status.clone(),
+        limit: args.limit,
+    };
+    let rows: Vec<MessageView> = match &args.server {
+        Some(base) => {
+            let token = std::env::var("SMSFLOW_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "SMSFLOW_ADMIN_TOKEN is not set: export the server's admin token"
+                    )
+                })?;
+            let mut query = Vec::new();
+            if let Some(n) = &filter.number {
+                query.push(("number".to_string(), n.clone()));
+            }
+            if let Some(s) = &filter.status {
+                query.push(("status".to_string(), s.clone()));
+            }
+            if let Some(l) = filter.limit {
+                query.push(("limit".to_string(), l.to_string()));
+            }
+            let path = format!("/messages?{}", twilio::encode_form(&query));
+            let body = smsflow::admin_client::get(base, &path, &token)?;
+            #[derive(serde::Deserialize)]
+            struct Page {
+                messages: Vec<MessageView>,
+            }
+            let page: Page = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("unexpected answer from {base}: {e}"))?;
+            page.messages
+        }
+        None => {
+            let store = smsflow::store::SledStore::open(&args.data, &Default::default())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "opening the store in {}: {e} (if a server is running on it, use --server URL)",
+                        args.data.display()
+                    )
+                })?;
+            messages::list(&store, &filter)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", messages::render_table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }

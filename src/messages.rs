@@ -1,0 +1,125 @@
+//! The message log view: inbound messages we answered and outbound replies
+//! with their delivery status, newest first, filtered by number and status.
+//!
+//! Shared by `GET /messages` and `smsflow messages`. Reads through the
+//! [`Store`] trait; knows nothing of HTTP or sled.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// One row of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// "inbound" or "outbound".
+    pub direction: String,
+    pub sid: String,
+    /// Unix seconds: when we answered (inbound) or the last status update.
+    pub at: i64,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// Inbound: our outcome ("reply", "silence:<reason>"). Outbound: the
+    /// latest delivery status.
+    pub status: String,
+    pub error_code: Option<String>,
+    /// Outbound: the inbound message this reply answered.
+    pub inbound_sid: Option<String>,
+    pub flow: Option<String>,
+    pub step: Option<String>,
+}
+
+/// Which rows to return.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Filter {
+    /// Matches either side (from or to).
+    pub number: Option<String>,
+    /// Matches the status exactly, or the outcome prefix for inbound rows
+    /// (`silence` matches every `silence:<reason>`).
+    pub status: Option<String>,
+    pub limit: Option<usize>,
+}
+
+pub const DEFAULT_LIMIT: usize = 50;
+pub const MAX_LIMIT: usize = 1000;
+
+pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, StoreError> {
+    let mut rows: Vec<MessageView> = store
+        .inbound_log()?
+        .into_iter()
+        .map(|(sid, p)| MessageView {
+            direction: "inbound".into(),
+            sid,
+            at: p.at,
+            from: Some(p.from),
+            to: Some(p.to),
+            status: p.outcome,
+            error_code: None,
+            inbound_sid: None,
+            flow: p.flow,
+            step: p.step,
+        })
+        .collect();
+    rows.extend(
+        store
+            .outbound_log()?
+            .into_iter()
+            .map(|(sid, d)| MessageView {
+                direction: "outbound".into(),
+                sid,
+                at: d.updated_at,
+                from: d.from,
+                to: d.to,
+                status: d.status,
+                error_code: d.error_code,
+                inbound_sid: d.inbound_sid,
+                flow: d.flow,
+                step: d.step,
+            }),
+    );
+    rows.retain(|r| {
+        let number_ok = filter
+            .number
+            .as_deref()
+            .is_none_or(|n| r.from.as_deref() == Some(n) || r.to.as_deref() == Some(n));
+        let status_ok = filter
+            .status
+            .as_deref()
+            .is_none_or(|s| r.status == s || r.status.split(':').next() == Some(s));
+        number_ok && status_ok
+    });
+    rows.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| b.sid.cmp(&a.sid)));
+    rows.truncate(filter.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT));
+    Ok(rows)
+}
+
+/// Plain-text table for the terminal.
+pub fn render_table(rows: &[MessageView]) -> String {
+    let mut out = String::from("time        dir  sid                                  from             to               status                 error  linked\n");
+    for r in rows {
+        let linked = match (&r.inbound_sid, &r.flow, &r.step) {
+            (Some(i), f, s) => format!(
+                "reply to {i} ({}/{})",
+                f.as_deref().unwrap_or("-"),
+                s.as_deref().unwrap_or("-")
+            ),
+            (None, Some(f), s) => format!("{f}/{}", s.as_deref().unwrap_or("-")),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<11} {:<4} {:<36} {:<16} {:<16} {:<22} {:<6} {}\n",
+            r.at,
+            if r.direction == "inbound" {
+                "in"
+            } else {
+                "out"
+            },
+            r.sid,
+            r.from.as_deref().unwrap_or("-"),
+            r.to.as_deref().unwrap_or("-"),
+            r.status,
+            r.error_code.as_deref().unwrap_or("-"),
+            linked
+        ));
+    }
+    out
+}
