@@ -29,6 +29,9 @@
 //!   Knows the store trait and the engine, not axum.
 //! - [`http`]: axum router, request checks, error-to-status mapping.
 //! - [`reload`]: watches the flows directory, validates, swaps atomically.
+//! - [`author`]: `smsflow chat`, `test` and `graph` for flow authors: the
+//!   real pipeline and a throwaway store with a virtual clock, transcript
+//!   runs, Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
 //! - [`app`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
 //!
 //! # Invariants
@@ -42,6 +45,7 @@
 //! - User text reaches TwiML only through the escaper.
 
 pub mod app;
+pub mod author;
 pub mod cli;
 pub mod config;
 pub mod flow;

@@ -34,6 +34,16 @@ pub struct Answer {
     pub duplicate: bool,
 }
 
+/// An [`Answer`] together with what the engine decided, for tools that
+/// show more than the wire format (the local chat shows replies and the
+/// silence reason without parsing TwiML back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detailed {
+    pub answer: Answer,
+    /// `None` when the MessageSid was a duplicate: the engine did not run.
+    pub handled: Option<flow::Handled>,
+}
+
 /// The shared, swappable flow set. Every request takes one snapshot with
 /// `load()` and uses it throughout, so a reload mid-request is invisible.
 pub type SharedFlows = Arc<ArcSwap<FlowSet>>;
@@ -76,6 +86,17 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         now: i64,
     ) -> Result<Answer, StoreError> {
+        Ok(self.handle_inbound_detailed(msg, now).await?.answer)
+    }
+
+    /// [`Pipeline::handle_inbound`], also returning the engine's result
+    /// (outcome, new conversation, events). Same dedupe, locking, commit
+    /// and flush: the HTTP path and the local chat share every step.
+    pub async fn handle_inbound_detailed(
+        &self,
+        msg: &InboundMessage,
+        now: i64,
+    ) -> Result<Detailed, StoreError> {
         // Fast path for retries, without taking the conversation lock.
         if let Some(done) = self.store.processed(&msg.message_sid)? {
             return Ok(self.duplicate(done));
@@ -157,21 +178,39 @@ impl<S: Store> Pipeline<S> {
             step = handled.step.as_deref().unwrap_or("-"),
             "message handled"
         );
-        Ok(Answer {
-            twiml: processed.twiml,
-            outcome: processed.outcome,
-            duplicate: false,
+        Ok(Detailed {
+            answer: Answer {
+                twiml: processed.twiml,
+                outcome: processed.outcome,
+                duplicate: false,
+            },
+            handled: Some(handled),
         })
     }
 
-    fn duplicate(&self, done: Processed) -> Answer {
+    fn duplicate(&self, done: Processed) -> Detailed {
         Metrics::inc(&self.metrics.duplicates);
         tracing::info!(outcome = %done.outcome, "duplicate MessageSid: replaying the recorded answer");
-        Answer {
-            twiml: done.twiml,
-            outcome: done.outcome,
-            duplicate: true,
+        Detailed {
+            answer: Answer {
+                twiml: done.twiml,
+                outcome: done.outcome,
+                duplicate: true,
+            },
+            handled: None,
         }
+    }
+
+    /// Forget the conversation of `key` (contact fields and run), under the
+    /// same per-conversation lock as messages, and make that durable.
+    /// Returns whether there was one. For tools (`smsflow chat`'s `/reset`);
+    /// the webhook never deletes conversations this way.
+    pub async fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let guard = self.locks.lock(key).await;
+        let existed = self.store.delete_conversation(key)?;
+        drop(guard);
+        self.store.flush().await?;
+        Ok(existed)
     }
 
     /// Record a delivery status callback, keeping the latest status

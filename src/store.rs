@@ -134,6 +134,11 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError>;
     /// Number of stored conversations (for status pages and tests).
     fn conversation_count(&self) -> usize;
+    /// Delete the conversation for `key` (contact fields and run); returns
+    /// whether one was stored. Dedupe records stay, so a retried MessageSid
+    /// still gets its recorded answer. Not yet durable: see `flush`. Used by
+    /// authoring tools; the webhook path deletes through `commit`.
+    fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.
@@ -305,6 +310,10 @@ impl Store for SledStore {
     fn conversation_count(&self) -> usize {
         self.db.scan_prefix(b"c\0").count()
     }
+
+    fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        Ok(self.db.remove(key.db_key())?.is_some())
+    }
 }
 
 impl Drop for SledStore {
@@ -449,6 +458,26 @@ mod tests {
             store.conversation(&ConvKey::new("+12", "+3")).unwrap(),
             Some(b"b".to_vec())
         );
+    }
+
+    #[test]
+    fn delete_conversation_removes_only_that_key() {
+        let (_d, store) = open();
+        let rec = Processed {
+            twiml: String::new(),
+            outcome: String::new(),
+            at: 0,
+        };
+        let a = ConvKey::new("+1", "+2");
+        let b = ConvKey::new("+1", "+3");
+        store.commit(&a, Some(b"a"), "SM1", &rec).unwrap();
+        store.commit(&b, Some(b"b"), "SM2", &rec).unwrap();
+        assert!(store.delete_conversation(&a).unwrap());
+        assert!(!store.delete_conversation(&a).unwrap());
+        assert_eq!(store.conversation(&a).unwrap(), None);
+        assert_eq!(store.conversation(&b).unwrap(), Some(b"b".to_vec()));
+        // The dedupe record outlives the conversation.
+        assert!(store.processed("SM1").unwrap().is_some());
     }
 
     #[test]
