@@ -312,15 +312,24 @@ impl Session {
             }
         };
         match &conv.run {
-            Some(run) => writeln!(
-                out,
-                "? step = {}/{}   # {} retr{} here, idle {}s",
-                run.flow,
-                run.step,
-                run.retries,
-                if run.retries == 1 { "y" } else { "ies" },
-                self.now.saturating_sub(run.last_active)
-            )?,
+            Some(run) => {
+                let idle = self.now.saturating_sub(run.last_active);
+                // A reused `--data` store may hold a run from a session
+                // whose clock ran ahead of this one's.
+                let idle = if idle >= 0 {
+                    format!("idle {idle}s")
+                } else {
+                    format!("last active {}s after this clock (use /wait)", -idle)
+                };
+                writeln!(
+                    out,
+                    "? step = {}/{}   # {} retr{} here, {idle}",
+                    run.flow,
+                    run.step,
+                    run.retries,
+                    if run.retries == 1 { "y" } else { "ies" },
+                )?
+            }
             None => writeln!(out, "? step = (none)")?,
         }
         for (k, v) in &conv.contact {
