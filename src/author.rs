@@ -161,7 +161,7 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                 "help" | "?" => writeln!(out, "{CHAT_HELP}")?,
                 "wait" => match flow::parse_duration(arg) {
                     Some(secs) => {
-                        session.now += secs;
+                        session.now = session.now.saturating_add(secs);
                         writeln!(out, "@ wait {arg}   # clock now {}", session.now)?;
                     }
                     None => writeln!(
@@ -233,7 +233,7 @@ impl Session {
                 return Ok(());
             }
         };
-        self.now += 1;
+        self.now = self.now.saturating_add(1);
         self.sent += 1;
         let sid = format!("SM{:016x}{:016x}", self.sid_prefix, self.sent);
         let mut params = vec![
@@ -319,7 +319,10 @@ impl Session {
                 let idle = if idle >= 0 {
                     format!("idle {idle}s")
                 } else {
-                    format!("last active {}s after this clock (use /wait)", -idle)
+                    format!(
+                        "last active {}s after this clock (use /wait)",
+                        idle.unsigned_abs()
+                    )
                 };
                 writeln!(
                     out,
@@ -696,7 +699,7 @@ pub fn mermaid(set: &FlowSet, flow: &str) -> Result<String, UnknownFlow> {
 }
 
 /// Mermaid's quoted text ends at `"` and reads `#name;` as an entity, and
-/// labels are HTML: entity-encode the characters that would break out.
+/// labels are HTML (or Markdown): entity-encode what would break out.
 fn mermaid_escape(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
@@ -708,6 +711,10 @@ fn mermaid_escape(s: &str) -> String {
             '&' => out.push_str("#amp;"),
             // Ends an edge label even inside quotes in some Mermaid versions.
             '|' => out.push_str("#124;"),
+            // GitHub renders node text as Markdown: keep `*` and backticks
+            // literal (a regex like `\s*me\s*` would turn italic).
+            '*' => out.push_str("#42;"),
+            '`' => out.push_str("#96;"),
             c if c.is_control() => out.push(' '),
             c => out.push(c),
         }
@@ -786,8 +793,8 @@ mod tests {
     #[test]
     fn labels_cannot_break_out_of_quotes() {
         assert_eq!(
-            mermaid_escape("say \"hi\" <b>#1|2"),
-            "say #quot;hi#quot; #lt;b#gt;#35;1#124;2"
+            mermaid_escape("say \"hi\" <b>#1|2*`"),
+            "say #quot;hi#quot; #lt;b#gt;#35;1#124;2#42;#96;"
         );
         assert_eq!(dot_escape("a\"b\\c\nd"), "a\\\"b\\\\c d");
         assert_eq!(truncate("abcdef", 4), "abc…");

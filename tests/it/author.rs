@@ -249,7 +249,7 @@ fn graph_of_signup_has_its_steps_and_routes() {
     let lines: Vec<&str> = m.lines().collect();
     for expected in [
         "flowchart TD",
-        "    entry([\"keywords: JOIN, SIGNUP<br/>regex: (?i)^sign\\s*me\\s*up\"])",
+        "    entry([\"keywords: JOIN, SIGNUP<br/>regex: (?i)^sign\\s#42;me\\s#42;up\"])",
         "    step_ask_name(\"ask_name<br/>Hi! What's your name?\")",
         "    step_ask_age(\"ask_age<br/>Thanks {{name}}! How old are you?\")",
         "    step_no_age[\"no_age<br/>No problem, we'll skip that.\"]",
