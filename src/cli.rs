@@ -35,6 +35,18 @@ pub enum Command {
     /// List recent messages with direction, status, error code and the
     /// conversation they belong to.
     Messages(MessagesArgs),
+    /// Talk to your flows in the terminal: the real engine and store, a
+    /// virtual clock, no HTTP or Twilio. Type /help inside for commands.
+    Chat(ChatArgs),
+    /// Run the *.chat transcript tests in a directory (and below), each
+    /// against the flows beside it; exits non-zero when any fails.
+    Test {
+        /// The directory holding flows and their transcripts.
+        #[arg(default_value = "flows")]
+        dir: PathBuf,
+    },
+    /// Print a diagram of one flow's steps and routes.
+    Graph(GraphArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +70,51 @@ pub struct MessagesArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    /// Flows directory.
+    #[arg(long, default_value = "flows")]
+    pub flows: PathBuf,
+    /// The sender's number.
+    #[arg(long, default_value = "+15551230001")]
+    pub from: String,
+    /// Our number the sender texts (matters for `to:`-scoped rules).
+    #[arg(long, default_value = "+15550001111")]
+    pub to: String,
+    /// Keep conversations in this store directory (reused across chats)
+    /// instead of a temporary one. Do not point it at a running server's.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Start the virtual clock at this time (unix seconds) [default: now].
+    #[arg(long)]
+    pub now: Option<i64>,
+    /// An interrupt keyword that ends any active run (repeatable), as the
+    /// server's `interrupt_keywords` setting.
+    #[arg(long = "interrupt", value_name = "WORD")]
+    pub interrupt: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum GraphFormat {
+    /// Mermaid flowchart (renders in GitHub markdown)
+    #[default]
+    Mermaid,
+    /// Graphviz DOT (`| dot -Tsvg > flow.svg`)
+    Dot,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphArgs {
+    /// The flow's name (its file name without extension, or its `name:`).
+    pub flow: String,
+    /// Flows directory.
+    #[arg(long, default_value = "flows")]
+    pub flows: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
+    pub format: GraphFormat,
 }
 
 #[derive(Debug, clap::Args)]

@@ -33,6 +33,9 @@
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory, validates, swaps atomically.
+//! - [`author`]: `smsflow chat`, `test` and `graph` for flow authors: the
+//!   real pipeline and a throwaway store with a virtual clock, transcript
+//!   runs, Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
 //! - [`app`], [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
 //!
 //! # Invariants
@@ -47,6 +50,7 @@
 
 pub mod admin_client;
 pub mod app;
+pub mod author;
 pub mod cli;
 pub mod compliance;
 pub mod config;

@@ -3,13 +3,22 @@
 
 use std::process::ExitCode;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
-use smsflow::cli::{Cli, Command};
-use smsflow::{app, config, flow, telemetry, twilio};
+use smsflow::cli::{Cli, Command, GraphFormat};
+use smsflow::{app, author, config, flow, telemetry, twilio};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    match cli.command {
+        // The author tools print what happened themselves; per-message
+        // info logs would interleave with the conversation.
+        Command::Chat(_) | Command::Test { .. } | Command::Graph(_) => {
+            telemetry::init_with_default("warn")
+        }
+        _ => telemetry::init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -38,6 +47,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sign(args) => sign(args),
         Command::Messages(args) => messages(args),
+        Command::Chat(args) => {
+            let stdin = std::io::stdin();
+            let opts = author::ChatOptions {
+                flows_dir: args.flows,
+                from: args.from,
+                to: args.to,
+                data_dir: args.data,
+                now: args.now,
+                interrupt_keywords: args.interrupt,
+                // Piped input is echoed so the output reads as a transcript.
+                echo: !stdin.is_terminal(),
+            };
+            author::chat(&opts, stdin.lock(), std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { dir } => {
+            let summary = author::run_tests(&dir, &mut std::io::stdout().lock())?;
+            Ok(if summary.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Graph(args) => {
+            let set = app::load_flows(&args.flows)?.set;
+            let text = match args.format {
+                GraphFormat::Mermaid => author::mermaid(&set, &args.flow)?,
+                GraphFormat::Dot => author::dot(&set, &args.flow)?,
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { dir } => {
             let diags = flow::check_dir(&dir);
             let mut errors = 0;

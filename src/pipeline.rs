@@ -38,6 +38,22 @@ pub struct Answer {
     pub duplicate: bool,
 }
 
+/// An [`Answer`] together with what the engine decided, for tools that
+/// show more than the wire format (the local chat shows replies and the
+/// silence reason without parsing TwiML back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detailed {
+    pub answer: Answer,
+    /// The replies sent (empty for silence and for duplicates).
+    pub replies: Vec<Reply>,
+    /// Engine events (empty when no flow ran).
+    pub events: Vec<flow::Event>,
+    /// The silence reason label ("no_match", "opt_out", …), if silent.
+    pub silence: Option<String>,
+    /// The text a flow gave with an explicit `silence:`.
+    pub silence_note: Option<String>,
+}
+
 /// The shared, swappable flow set. Every request takes one snapshot with
 /// `load()` and uses it throughout, so a reload mid-request is invisible.
 pub type SharedFlows = Arc<ArcSwap<FlowSet>>;
@@ -117,6 +133,17 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         now: i64,
     ) -> Result<Answer, StoreError> {
+        Ok(self.handle_inbound_detailed(msg, now).await?.answer)
+    }
+
+    /// [`Pipeline::handle_inbound`], also returning the engine's result
+    /// (outcome, new conversation, events). Same dedupe, locking, commit
+    /// and flush: the HTTP path and the local chat share every step.
+    pub async fn handle_inbound_detailed(
+        &self,
+        msg: &InboundMessage,
+        now: i64,
+    ) -> Result<Detailed, StoreError> {
         // Fast path for retries, without taking the conversation lock.
         if let Some(done) = self.store.processed(&msg.message_sid)? {
             return Ok(self.duplicate(done));
@@ -198,6 +225,8 @@ impl<S: Store> Pipeline<S> {
             _ => Decision::RunFlow,
         };
 
+        let mut events = Vec::new();
+        let mut silence_note = None;
         let (outcome, flow_name, step) = match decision {
             Decision::Silence(reason) => (Err(reason.to_string()), None, None),
             Decision::Help(text) => (
@@ -224,14 +253,24 @@ impl<S: Store> Pipeline<S> {
                     tracing::info!(?event, "flow event");
                 }
                 conversation = handled.conversation;
+                events = handled.events;
                 let outcome = match handled.outcome {
                     Outcome::Reply(replies) => Ok(replies),
-                    Outcome::Silence(reason) => Err(reason.as_str().to_string()),
+                    Outcome::Silence(reason) => {
+                        if let flow::SilenceReason::FlowChose(text) = &reason {
+                            silence_note = Some(text.clone());
+                        }
+                        Err(reason.as_str().to_string())
+                    }
                 };
                 (outcome, handled.flow, handled.step)
             }
         };
 
+        let (sent, silence) = match &outcome {
+            Ok(replies) => (replies.clone(), None),
+            Err(reason) => (Vec::new(), Some(reason.clone())),
+        };
         let (twiml, label) = match outcome {
             Ok(replies) => {
                 let out: Vec<OutMessage> = replies
@@ -285,10 +324,16 @@ impl<S: Store> Pipeline<S> {
             step = processed.step.as_deref().unwrap_or("-"),
             "message handled"
         );
-        Ok(Answer {
-            twiml: processed.twiml,
-            outcome: processed.outcome,
-            duplicate: false,
+        Ok(Detailed {
+            answer: Answer {
+                twiml: processed.twiml,
+                outcome: processed.outcome,
+                duplicate: false,
+            },
+            replies: sent,
+            events,
+            silence,
+            silence_note,
         })
     }
 
@@ -320,14 +365,32 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    fn duplicate(&self, done: Processed) -> Answer {
+    fn duplicate(&self, done: Processed) -> Detailed {
         Metrics::inc(&self.metrics.duplicates);
         tracing::info!(outcome = %done.outcome, "duplicate MessageSid: replaying the recorded answer");
-        Answer {
-            twiml: done.twiml,
-            outcome: done.outcome,
-            duplicate: true,
+        Detailed {
+            answer: Answer {
+                twiml: done.twiml,
+                outcome: done.outcome,
+                duplicate: true,
+            },
+            replies: Vec::new(),
+            events: Vec::new(),
+            silence: None,
+            silence_note: None,
         }
+    }
+
+    /// Forget the conversation of `key` (contact fields and run), under the
+    /// same per-conversation lock as messages, and make that durable.
+    /// Returns whether there was one. For tools (`smsflow chat`'s `/reset`);
+    /// the webhook never deletes conversations this way.
+    pub async fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let guard = self.locks.lock(key).await;
+        let existed = self.store.delete_conversation(key)?;
+        drop(guard);
+        self.store.flush().await?;
+        Ok(existed)
     }
 
     /// Record a delivery status callback, keeping the latest status

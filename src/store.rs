@@ -196,8 +196,6 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically store the new conversation (or delete it), the dedupe
     /// record and any consent change. Not yet durable: see `flush`.
     fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError>;
-    /// Delete one conversation (local tools' reset).
-    fn delete_conversation(&self, key: &ConvKey) -> Result<(), StoreError>;
     /// Make everything committed so far durable. Concurrent callers share
     /// one fsync.
     fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
@@ -227,6 +225,11 @@ pub trait Store: Send + Sync + 'static {
     /// Remove dedupe records, delivery records and ended conversations last
     /// touched before `cutoff` (unix seconds). Consent records are kept.
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
+    /// Delete the conversation for `key` (contact fields and run); returns
+    /// whether one was stored. Dedupe records stay, so a retried MessageSid
+    /// still gets its recorded answer. Not yet durable: see `flush`. Used by
+    /// authoring tools; the webhook path deletes through `commit`.
+    fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.
@@ -406,11 +409,6 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn delete_conversation(&self, key: &ConvKey) -> Result<(), StoreError> {
-        self.db.remove(key.db_key())?;
-        Ok(())
-    }
-
     async fn flush(&self) -> Result<(), StoreError> {
         match &self.flusher {
             Some(f) => f.flush().await,
@@ -558,6 +556,10 @@ impl Store for SledStore {
             }
         }
         Ok(purged)
+    }
+
+    fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        Ok(self.db.remove(key.db_key())?.is_some())
     }
 }
 
@@ -780,6 +782,22 @@ mod tests {
             store.conversation(&ConvKey::new("+12", "+3")).unwrap(),
             Some(b"b".to_vec())
         );
+    }
+
+    #[test]
+    fn delete_conversation_removes_only_that_key() {
+        let (_d, store) = open();
+        let rec = processed(0);
+        let a = ConvKey::new("+1", "+2");
+        let b = ConvKey::new("+1", "+3");
+        store.commit(commit(&a, Some(b"a"), "SM1", &rec)).unwrap();
+        store.commit(commit(&b, Some(b"b"), "SM2", &rec)).unwrap();
+        assert!(store.delete_conversation(&a).unwrap());
+        assert!(!store.delete_conversation(&a).unwrap());
+        assert_eq!(store.conversation(&a).unwrap(), None);
+        assert_eq!(store.conversation(&b).unwrap(), Some(b"b".to_vec()));
+        // The dedupe record outlives the conversation.
+        assert!(store.processed("SM1").unwrap().is_some());
     }
 
     #[test]

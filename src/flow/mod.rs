@@ -3,7 +3,8 @@
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
 //! problem, located by file, line and column); [`handle`] is the pure step
 //! function the webhook calls for each inbound message; `transcript` runs
-//! `.chat` conversation tests against a set. The file format is documented
+//! `.chat` conversation tests against a set; `outline` describes one flow's
+//! steps and routes for diagrams. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
@@ -15,6 +16,7 @@ mod engine;
 mod load;
 mod matcher;
 mod model;
+mod outline;
 pub mod script;
 mod segments;
 mod template;
@@ -25,8 +27,11 @@ pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
     SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS,
 };
+pub(crate) use load::parse_duration;
 pub use load::{check_dir, load_dir, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
+pub use outline::{Edge, EdgeTarget, Outline, OutlineStep};
 pub use segments::{count as count_segments, Encoding, Segments};
-pub use transcript::{run_transcript, TranscriptFailure};
+pub(crate) use transcript::{escape, split_media, unescape};
+pub use transcript::{run_transcript, TranscriptFailure, TRANSCRIPT_EPOCH};

@@ -133,6 +133,25 @@ impl Template {
         })
     }
 
+    /// The template as an author would write it (`Thanks {{name}}!`), for
+    /// diagrams and tools that show a flow without running it.
+    pub(crate) fn source(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => s.clone(),
+                Part::Var {
+                    var,
+                    fallback: Some(f),
+                } => format!("{{{{{var}|{f}}}}}"),
+                Part::Var {
+                    var,
+                    fallback: None,
+                } => format!("{{{{{var}}}}}"),
+            })
+            .collect()
+    }
+
     /// The text with every variable replaced by its fallback (or nothing):
     /// the shortest this reply can be, used for length checks at load time.
     pub(crate) fn literal_text(&self) -> String {

@@ -1,17 +1,19 @@
 //! Transcript tests: `.chat` files that script a conversation and the
 //! replies expected, run against a flow set with a virtual clock.
 //!
-//! Used by the test suite and meant for a future `smsflow test`. Runs the
+//! Used by the test suite and `smsflow test`. Runs the
 //! real [`handle`] step function; reads the transcript (and, for `@ load`,
 //! another flows directory) from disk, but knows nothing of HTTP or the
 //! store. Format: see `flows/README.md`, "Transcript tests".
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::engine::{handle, Conversation, EngineOptions, Inbound, Outcome, Reply};
+use super::engine::{handle, Conversation, EngineOptions, Inbound, Outcome, Reply, Run};
 use super::load::{load_dir, parse_duration};
-use super::model::FlowSet;
+use super::model::{FlowSet, Next};
+use super::template::is_ident;
 
 /// Virtual time at which every transcript starts (unix seconds).
 pub const TRANSCRIPT_EPOCH: i64 = 1_700_000_000;
@@ -53,6 +55,12 @@ struct Script {
     to: String,
     interrupt: Option<Vec<String>>,
     start: i64,
+    /// Seeded contact fields (`contact.name: Ann` headers).
+    contact: BTreeMap<String, String>,
+    /// Seeded run variables (`var.x: y`); only with `step`.
+    vars: BTreeMap<String, String>,
+    /// `step: flow/step` header: the conversation starts parked there.
+    step: Option<(usize, String, String)>,
     lines: Vec<(usize, Line)>,
 }
 
@@ -75,8 +83,8 @@ pub fn run_transcript(
     }
     let base = path.parent().unwrap_or(Path::new("."));
     let mut set = set.clone();
-    let mut conv = Conversation::default();
     let mut now = script.start;
+    let mut conv = seed(&set, &script, now).map_err(|(line, msg)| fail(line, msg))?;
     let mut sent = 0u64;
 
     let mut i = 0;
@@ -149,6 +157,49 @@ pub fn run_transcript(
     Ok(())
 }
 
+/// The conversation a transcript starts from: seeded contact fields and,
+/// with a `step:` header, a run parked at that step as if its question had
+/// just been sent.
+fn seed(set: &FlowSet, script: &Script, now: i64) -> Result<Conversation, (usize, String)> {
+    let run = match &script.step {
+        None => None,
+        Some((lno, flow, step)) => {
+            let f = set.inner.flows.get(flow).ok_or_else(|| {
+                let known: Vec<&str> = set.flow_names().collect();
+                (
+                    *lno,
+                    format!(
+                        "`step:` names unknown flow `{flow}` (flows: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            let s = f
+                .steps
+                .get(step)
+                .ok_or_else(|| (*lno, format!("flow `{flow}` has no step `{step}`")))?;
+            if !matches!(s.next, Next::Wait { .. }) {
+                return Err((
+                    *lno,
+                    format!("step `{flow}/{step}` does not wait for a reply, so no conversation can be parked there"),
+                ));
+            }
+            Some(Run {
+                flow: flow.clone(),
+                step: step.clone(),
+                vars: script.vars.clone(),
+                retries: 0,
+                started_at: now,
+                last_active: now,
+            })
+        }
+    };
+    Ok(Conversation {
+        contact: script.contact.clone(),
+        run,
+    })
+}
+
 fn state_value(conv: &Conversation, what: &str) -> Option<String> {
     let unset = || "(unset)".to_owned();
     if let Some(field) = what.strip_prefix("contact.") {
@@ -176,29 +227,50 @@ fn compare(expected: &[Expect], actual: &Outcome) -> Result<(), String> {
         Outcome::Reply(replies) => replies.iter().cloned().map(Expect::Reply).collect(),
         Outcome::Silence(reason) => vec![Expect::Silence(Some(reason.as_str().to_owned()))],
     };
-    let same = expected.len() == actual_lines.len()
-        && expected
-            .iter()
-            .zip(&actual_lines)
-            .all(|(e, a)| match (e, a) {
-                (Expect::Silence(None), Expect::Silence(_)) => true,
-                _ => e == a,
-            });
-    if same {
+    let same = |e: &Expect, a: &Expect| match (e, a) {
+        (Expect::Silence(None), Expect::Silence(_)) => true,
+        _ => e == a,
+    };
+    if expected.len() == actual_lines.len()
+        && expected.iter().zip(&actual_lines).all(|(e, a)| same(e, a))
+    {
         return Ok(());
     }
-    let mut out = String::from("  expected:\n");
-    for e in expected {
-        out.push_str(&format!("    {}\n", render(e)));
+    Err(diff(expected, &actual_lines, same))
+}
+
+/// A line diff of expected against actual replies: `-` only expected, `+`
+/// only actual, two spaces for lines both have. Replies are at most ten per
+/// message, so a plain longest-common-subsequence table is cheap.
+fn diff(expected: &[Expect], actual: &[Expect], same: impl Fn(&Expect, &Expect) -> bool) -> String {
+    let (n, m) = (expected.len(), actual.len());
+    // lcs[i][j]: common length of expected[i..] and actual[j..].
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if same(&expected[i], &actual[j]) {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
     }
-    if expected.is_empty() {
-        out.push_str("    (nothing)\n");
+    let mut out = vec!["  (- expected, + actual)".to_owned()];
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && same(&expected[i], &actual[j]) {
+            out.push(format!("    {}", render(&actual[j])));
+            i += 1;
+            j += 1;
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            out.push(format!("  - {}", render(&expected[i])));
+            i += 1;
+        } else {
+            out.push(format!("  + {}", render(&actual[j])));
+            j += 1;
+        }
     }
-    out.push_str("  actual:\n");
-    for a in &actual_lines {
-        out.push_str(&format!("    {}\n", render(a)));
-    }
-    Err(out.trim_end().to_owned())
+    out.join("\n")
 }
 
 fn render(e: &Expect) -> String {
@@ -216,7 +288,7 @@ fn render(e: &Expect) -> String {
 }
 
 /// Show control characters and newlines the way a transcript writes them.
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         match c {
@@ -230,7 +302,7 @@ fn escape(s: &str) -> String {
     out
 }
 
-fn unescape(s: &str) -> Result<String, String> {
+pub(crate) fn unescape(s: &str) -> Result<String, String> {
     let mut out = String::new();
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -273,7 +345,7 @@ fn strip_comment(s: &str) -> &str {
 }
 
 /// Split `text [media: a, b]` into text and media URLs.
-fn split_media(s: &str) -> (&str, Vec<String>) {
+pub(crate) fn split_media(s: &str) -> (&str, Vec<String>) {
     if let Some(start) = s.rfind("[media:") {
         if s.ends_with(']') {
             let inner = &s[start + "[media:".len()..s.len() - 1];
@@ -294,8 +366,12 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
         to: "+15550001111".into(),
         interrupt: None,
         start: TRANSCRIPT_EPOCH,
+        contact: BTreeMap::new(),
+        vars: BTreeMap::new(),
+        step: None,
         lines: Vec::new(),
     };
+    let mut first_var = None;
     let mut in_headers = true;
     for (idx, raw) in text.lines().enumerate() {
         let lno = idx + 1;
@@ -395,11 +471,31 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                             (lno, format!("`now` must be unix seconds, got `{value}`"))
                         })?
                     }
-                    other => {
-                        return Err((
+                    "step" => {
+                        let (flow, step) = value.split_once('/').ok_or((
                             lno,
-                            format!("unknown header `{other}` (from, to, interrupt, now)"),
-                        ))
+                            format!("write the starting step as `step: flow/step`, got `{value}`"),
+                        ))?;
+                        script.step = Some((lno, flow.trim().to_owned(), step.trim().to_owned()));
+                    }
+                    other => {
+                        let (map, name) = if let Some(name) = other.strip_prefix("contact.") {
+                            (&mut script.contact, name)
+                        } else if let Some(name) = other.strip_prefix("var.") {
+                            first_var.get_or_insert(lno);
+                            (&mut script.vars, name)
+                        } else {
+                            return Err((
+                                lno,
+                                format!(
+                                    "unknown header `{other}` (from, to, interrupt, now, step, contact.x, var.x)"
+                                ),
+                            ));
+                        };
+                        if !is_ident(name) {
+                            return Err((lno, format!("`{other}`: `{name}` is not a valid name")));
+                        }
+                        map.insert(name.to_owned(), unescape(value).map_err(|e| (lno, e))?);
                     }
                 }
             }
@@ -410,6 +506,13 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                 ))
             }
         }
+    }
+    if let (Some(lno), None) = (first_var, &script.step) {
+        return Err((
+            lno,
+            "run variables live in a run: add a `step: flow/step` header to seed `var.` values"
+                .into(),
+        ));
     }
     // Every message needs its expected replies spelled out, even silence.
     let lines = &script.lines;
@@ -449,6 +552,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(s.lines[3].1, Line::Wait(10800)));
+    }
+
+    #[test]
+    fn parses_seed_headers() {
+        let s = parse(
+            "contact.name: Ann Lee # seeded\nvar.name: Ann\nstep: signup/ask_age\n> 34\n< ok\n",
+        )
+        .unwrap();
+        assert_eq!(s.contact.get("name").map(String::as_str), Some("Ann Lee"));
+        assert_eq!(s.vars.get("name").map(String::as_str), Some("Ann"));
+        assert_eq!(s.step, Some((3, "signup".to_owned(), "ask_age".to_owned())));
+        assert!(parse("var.x: 1\n> hi\n< x\n").is_err(), "var without step");
+        assert!(
+            parse("step: signup\n> hi\n< x\n").is_err(),
+            "step without flow/"
+        );
+        assert!(parse("contact.a b: 1\n> hi\n< x\n").is_err(), "bad name");
+    }
+
+    #[test]
+    fn diff_marks_only_the_differing_lines() {
+        let r = |b: &str| {
+            Expect::Reply(Reply {
+                body: b.into(),
+                media: vec![],
+            })
+        };
+        let out = diff(&[r("a"), r("b")], &[r("a"), r("c")], |x, y| x == y);
+        assert_eq!(out, "  (- expected, + actual)\n    < a\n  - < b\n  + < c");
     }
 
     #[test]

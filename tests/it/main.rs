@@ -1,5 +1,7 @@
-//! One integration-test binary: the real server over real HTTP.
+//! One integration-test binary: the real server over real HTTP, and the
+//! author tools (chat, test, graph) over the real pipeline and binary.
 
+mod author;
 mod conversation;
 mod helpers;
 mod process;
