@@ -269,7 +269,7 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
         }
         Matcher::Number { min, max } => {
             let (v, text) = first_number(body)?;
-            let ok = min.map_or(true, |m| v >= m) && max.map_or(true, |m| v <= m);
+            let ok = min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m);
             ok.then(|| RouteMatch {
                 value: text,
                 ..RouteMatch::default()
