@@ -90,6 +90,10 @@ impl App {
             );
         }
         let loaded = load_flows(&config.flows_dir)?;
+        if config.require_tests {
+            crate::author::transcripts_pass(&config.flows_dir, &loaded.set)
+                .map_err(|e| anyhow::anyhow!("the flows' transcripts fail:\n{e}"))?;
+        }
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
@@ -159,6 +163,7 @@ impl App {
             flows,
             flow_status,
             metrics.clone(),
+            config.require_tests,
         ));
         Ok(App {
             listener,

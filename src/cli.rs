@@ -177,6 +177,9 @@ pub struct ServeArgs {
     /// Do not watch the flows directory for changes.
     #[arg(long, env = "SMSFLOW_NO_WATCH")]
     pub no_watch: bool,
+    /// Refuse to start with, or reload to, flows whose *.chat transcripts fail.
+    #[arg(long, env = "SMSFLOW_REQUIRE_TESTS")]
+    pub require_tests: bool,
 }
 
 impl ServeArgs {
@@ -193,6 +196,7 @@ impl ServeArgs {
             }),
             insecure: self.insecure_no_signature,
             no_watch: self.no_watch,
+            require_tests: self.require_tests,
         }
     }
 }

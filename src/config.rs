@@ -65,6 +65,9 @@ pub struct Config {
     pub interrupt_keywords: Vec<String>,
     /// Watch the flows directory and reload on change.
     pub watch: bool,
+    /// Refuse (at startup and on reload) a flow set whose `*.chat`
+    /// transcripts fail.
+    pub require_tests: bool,
     /// Consent keywords and help text.
     pub compliance: crate::compliance::ComplianceConfig,
     /// Loop guard: at most this many replies per conversation per window
@@ -99,6 +102,7 @@ impl Config {
             request_timeout: Duration::from_secs(10),
             interrupt_keywords: Vec::new(),
             watch: false,
+            require_tests: false,
             compliance: Default::default(),
             loop_max_replies: 0,
             loop_window_secs: 60,
@@ -124,6 +128,7 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u64>,
     pub interrupt_keywords: Option<Vec<String>>,
     pub watch: Option<bool>,
+    pub require_tests: Option<bool>,
     pub stop_keywords: Option<Vec<String>>,
     pub start_keywords: Option<Vec<String>>,
     pub help_keywords: Option<Vec<String>>,
@@ -155,6 +160,7 @@ pub struct Overrides {
     pub durability: Option<Durability>,
     pub insecure: bool,
     pub no_watch: bool,
+    pub require_tests: bool,
 }
 
 /// Merge flags/env over the file over defaults, and validate.
@@ -257,6 +263,7 @@ pub fn resolve(
         request_timeout: Duration::from_millis(timeout_ms),
         interrupt_keywords: file.interrupt_keywords.unwrap_or_default(),
         watch: !o.no_watch && file.watch.unwrap_or(true),
+        require_tests: o.require_tests || file.require_tests.unwrap_or(false),
     })
 }
 

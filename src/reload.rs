@@ -41,6 +41,8 @@ pub struct Reloader {
     flows: SharedFlows,
     status: Arc<Mutex<FlowStatus>>,
     metrics: Arc<Metrics>,
+    /// Also require the set's `*.chat` transcripts to pass before a swap.
+    require_tests: bool,
     /// Serialises reloads: the watcher and SIGHUP may fire together, and two
     /// concurrent loads could otherwise swap in an older read last.
     busy: Mutex<()>,
@@ -59,12 +61,14 @@ impl Reloader {
         flows: SharedFlows,
         status: Arc<Mutex<FlowStatus>>,
         metrics: Arc<Metrics>,
+        require_tests: bool,
     ) -> Self {
         Reloader {
             dir,
             flows,
             status,
             metrics,
+            require_tests,
             busy: Mutex::new(()),
         }
     }
@@ -73,7 +77,14 @@ impl Reloader {
     /// Blocking: file IO and compilation; call from a blocking thread.
     pub fn reload_now(&self) -> ReloadOutcome {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        match load_flows(&self.dir) {
+        let loaded = load_flows(&self.dir).and_then(|loaded| {
+            if self.require_tests {
+                crate::author::transcripts_pass(&self.dir, &loaded.set)
+                    .map_err(|e| anyhow::anyhow!("transcripts fail:\n{e}"))?;
+            }
+            Ok(loaded)
+        });
+        match loaded {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     tracing::warn!("{w}");

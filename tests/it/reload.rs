@@ -187,3 +187,42 @@ async fn continuous_traffic_during_rewrites_sees_whole_versions() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_tests_refuses_a_set_whose_transcripts_fail() {
+    use smsflow::reload::ReloadOutcome;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), V1).unwrap();
+    std::fs::write(flows.join("k.chat"), "> hours\n< v1 hours\n").unwrap();
+    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    config.require_tests = true;
+    let app = smsflow::app::App::build(config).await.unwrap();
+    let reloader = app.reloader().clone();
+    // The flow changes but its transcript still expects v1: refused.
+    std::fs::write(flows.join("k.yaml"), V2).unwrap();
+    match reloader.reload_now() {
+        ReloadOutcome::Refused { errors } => {
+            assert!(errors.contains("k.chat"), "{errors}");
+            assert!(errors.contains("v2 hours"), "{errors}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Flow and transcript updated together: accepted.
+    std::fs::write(flows.join("k.chat"), "> hours\n< v2 hours\n").unwrap();
+    assert!(matches!(
+        reloader.reload_now(),
+        ReloadOutcome::Swapped { .. }
+    ));
+
+    // Startup refuses a failing set too.
+    std::fs::write(flows.join("k.chat"), "> hours\n< v9 hours\n").unwrap();
+    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data2"), TOKEN);
+    config.require_tests = true;
+    let err = smsflow::app::App::build(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("transcripts fail"), "{err:#}");
+}
