@@ -2,6 +2,7 @@
 //! author tools (chat, test, graph) over the real pipeline and binary.
 
 mod author;
+mod compliance;
 mod conversation;
 mod helpers;
 mod process;

@@ -17,6 +17,15 @@ pub struct ChildServer {
 
 /// Start `smsflow serve` on port 0 and read the bound address from its log.
 pub fn spawn_server(flows: &Path, data: &Path, extra: &[&str]) -> ChildServer {
+    spawn_server_env(flows, data, extra, &[])
+}
+
+pub fn spawn_server_env(
+    flows: &Path,
+    data: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> ChildServer {
     let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
         .args([
             "serve",
@@ -32,6 +41,7 @@ pub fn spawn_server(flows: &Path, data: &Path, extra: &[&str]) -> ChildServer {
         .args(extra)
         .env("TWILIO_AUTH_TOKEN", TOKEN)
         .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -190,4 +200,58 @@ fn check_exits_non_zero_with_located_errors() {
         .output()
         .unwrap();
     assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_command_reads_a_running_server_and_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), "keywords:\n  HOURS: open\n").unwrap();
+    let data = tmp.path().join("data");
+    let admin = "admin-token-for-tests-0001";
+    let mut server = spawn_server_env(&flows, &data, &[], &[("SMSFLOW_ADMIN_TOKEN", admin)]);
+    let sid = new_sid();
+    server.send("+15550000042", "hours", &sid).await.unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_smsflow");
+    let base = format!("http://{}", server.addr);
+    let out = Command::new(bin)
+        .args(["messages", "--server", &base, "--number", "+15550000042"])
+        .env("SMSFLOW_ADMIN_TOKEN", admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&sid), "{table}");
+    assert!(table.contains("reply"), "{table}");
+
+    let out = Command::new(bin)
+        .args(["messages", "--server", &base])
+        .env("SMSFLOW_ADMIN_TOKEN", "wrong-token-000000000000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    // After the server stops, the store can be read directly.
+    server.signal("TERM");
+    server.wait_exit(Duration::from_secs(10));
+    let out = Command::new(bin)
+        .args(["messages", "--json", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["sid"], sid.as_str());
+    assert_eq!(rows[0]["direction"], "inbound");
 }
