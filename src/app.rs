@@ -152,7 +152,13 @@ impl App {
             })
         };
         let state = AppState::new(&config, pipeline.clone(), metrics.clone(), status_fn);
-        let router = http::router(state, config.max_body_bytes);
+        let router = http::with_hygiene(
+            http::router(state, config.max_body_bytes),
+            http::Hygiene {
+                request_timeout: config.request_timeout,
+                max_header_bytes: http::MAX_HEADER_BYTES,
+            },
+        );
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -218,7 +224,8 @@ impl App {
             None
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
-        let served = axum::serve(self.listener, self.router)
+        let listener = http::LimitedListener::new(self.listener, self.config.max_connections);
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP");

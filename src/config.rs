@@ -61,6 +61,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Per-request time limit, well under Twilio's 15 s.
     pub request_timeout: Duration,
+    /// Most connections held open at once; more wait in the accept queue.
+    pub max_connections: usize,
     /// Whole-message keywords that end any running conversation.
     pub interrupt_keywords: Vec<String>,
     /// Watch the flows directory and reload on change.
@@ -100,6 +102,7 @@ impl Config {
             durability: Durability::Flush,
             max_body_bytes: DEFAULT_MAX_BODY,
             request_timeout: Duration::from_secs(10),
+            max_connections: 1024,
             interrupt_keywords: Vec::new(),
             watch: false,
             require_tests: false,
@@ -126,6 +129,7 @@ pub struct FileConfig {
     pub durability: Option<Durability>,
     pub max_body_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
     pub interrupt_keywords: Option<Vec<String>>,
     pub watch: Option<bool>,
     pub require_tests: Option<bool>,
@@ -261,6 +265,7 @@ pub fn resolve(
         durability: o.durability.or(file.durability).unwrap_or_default(),
         max_body_bytes,
         request_timeout: Duration::from_millis(timeout_ms),
+        max_connections: file.max_connections.unwrap_or(1024).max(1),
         interrupt_keywords: file.interrupt_keywords.unwrap_or_default(),
         watch: !o.no_watch && file.watch.unwrap_or(true),
         require_tests: o.require_tests || file.require_tests.unwrap_or(false),

@@ -33,7 +33,6 @@ pub struct AppState {
     /// `None` only in the explicit insecure mode.
     pub validator: Option<Arc<RequestValidator>>,
     pub public_url: Arc<str>,
-    pub request_timeout: std::time::Duration,
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Bearer token for `/messages`; `None` turns the endpoint off.
     pub admin_token: Option<Arc<str>>,
@@ -55,7 +54,6 @@ impl AppState {
             metrics,
             validator,
             public_url: config.public_url.as_str().into(),
-            request_timeout: config.request_timeout,
             status,
             admin_token: config.admin_token.as_ref().map(|t| t.expose().into()),
         }
@@ -219,27 +217,16 @@ async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError>
     let span = tracing::info_span!("sms", message_sid = %msg.message_sid);
     let result = async {
         tracing::debug!(from = %msg.from, to = %msg.to, body = %msg.body, "inbound message");
-        tokio::time::timeout(
-            state.request_timeout,
-            state.pipeline.handle_inbound(&msg, unix_now()),
-        )
-        .await
+        state.pipeline.handle_inbound(&msg, unix_now()).await
     }
     .instrument(span)
     .await;
     state.metrics.observe(Endpoint::Sms, started.elapsed());
     match result {
-        Ok(Ok(answer)) => Ok(twiml_response(answer.twiml)),
-        Ok(Err(e)) => {
+        Ok(answer) => Ok(twiml_response(answer.twiml)),
+        Err(e) => {
             Metrics::inc(&state.metrics.store_errors);
             tracing::error!(message_sid = %msg.message_sid, error = %e, "store failure");
-            Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily unavailable",
-            ))
-        }
-        Err(_) => {
-            tracing::error!(message_sid = %msg.message_sid, "request time limit exceeded");
             Err(HttpError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily unavailable",
@@ -370,5 +357,142 @@ async fn messages(
                 "temporarily unavailable",
             ))
         }
+    }
+}
+
+/// Bounds for slow or abusive clients, applied around every route.
+#[derive(Debug, Clone, Copy)]
+pub struct Hygiene {
+    /// Whole-request time limit (reading the body included), well under
+    /// Twilio's 15 s; past it the client gets 503 and the work is dropped
+    /// before anything is committed or answered.
+    pub request_timeout: std::time::Duration,
+    /// Largest total size of request headers; Twilio sends about 1 KiB.
+    pub max_header_bytes: usize,
+}
+
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Apply [`Hygiene`] to a router: 431 for oversized headers, 503 when the
+/// time limit passes.
+pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            let header_bytes: usize = req
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum();
+            if header_bytes > h.max_header_bytes {
+                tracing::warn!(header_bytes, "rejected request: headers too large");
+                return HttpError::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request headers too large",
+                )
+                .into_response();
+            }
+            match tokio::time::timeout(h.request_timeout, next.run(req)).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::error!("request time limit exceeded");
+                    HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable")
+                        .into_response()
+                }
+            }
+        },
+    ))
+}
+
+/// A TCP listener that holds at most `max` connections open at once: past
+/// that, new connections wait in the kernel's accept queue instead of
+/// taking memory and file descriptors here. Accepted sockets get
+/// `TCP_NODELAY`, since every TwiML answer is one small write.
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl LimitedListener {
+    pub fn new(inner: tokio::net::TcpListener, max: usize) -> Self {
+        LimitedListener {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+        }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // The semaphore is never closed, so acquiring cannot fail; if it
+        // ever did, serving without the limit beats refusing service.
+        let permit = self.permits.clone().acquire_owned().await.ok();
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let _ = stream.set_nodelay(true);
+        (
+            LimitedStream {
+                inner: stream,
+                _permit: permit,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection counted against [`LimitedListener`]'s limit until dropped.
+pub struct LimitedStream {
+    inner: tokio::net::TcpStream,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl tokio::io::AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }

@@ -5,6 +5,7 @@ mod author;
 mod compliance;
 mod conversation;
 mod helpers;
+mod hygiene;
 mod process;
 mod reload;
 mod webhook;
