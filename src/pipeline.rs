@@ -171,21 +171,8 @@ impl<S: Store> Pipeline<S> {
             .opt_out(scope, &msg.from)?
             .is_some_and(|o| o.opted_out);
         let mut consent = None;
-        let change = |opt_out: bool, cause: &str| ConsentChange {
-            scope: scope.to_string(),
-            number: msg.from.clone(),
-            state: OptOut {
-                opted_out: opt_out,
-                at: now,
-            },
-            audit: AuditRecord {
-                at: now,
-                scope: scope.to_string(),
-                number: msg.from.clone(),
-                action: if opt_out { "opt_out" } else { "opt_in" }.into(),
-                cause: cause.to_string(),
-                message_sid: msg.message_sid.clone(),
-            },
+        let change = |opt_out: bool, cause: &str| {
+            consent_change(scope, &msg.from, opt_out, cause, &msg.message_sid, now)
         };
         let compliance = &self.options.compliance;
         let decision = match compliance.classify(&msg.body, msg.opt_out_type.as_deref()) {
@@ -419,27 +406,43 @@ impl<S: Store> Pipeline<S> {
                 let scope = consent_scope(cb.messaging_service_sid.as_deref(), from);
                 if !self.store.opt_out(scope, to)?.is_some_and(|o| o.opted_out) {
                     tracing::info!("error 21610: recipient opted out at Twilio");
-                    self.store.record_consent(&ConsentChange {
-                        scope: scope.to_string(),
-                        number: to.clone(),
-                        state: OptOut {
-                            opted_out: true,
-                            at: now,
-                        },
-                        audit: AuditRecord {
-                            at: now,
-                            scope: scope.to_string(),
-                            number: to.clone(),
-                            action: "opt_out".into(),
-                            cause: "error 21610".into(),
-                            message_sid: cb.message_sid.clone(),
-                        },
-                    })?;
+                    self.store.record_consent(&consent_change(
+                        scope,
+                        to,
+                        true,
+                        "error 21610",
+                        &cb.message_sid,
+                        now,
+                    ))?;
                 }
             }
         }
         self.store.flush().await?;
         Ok(update)
+    }
+}
+
+/// A consent state change with its audit record.
+fn consent_change(
+    scope: &str,
+    number: &str,
+    opted_out: bool,
+    cause: &str,
+    message_sid: &str,
+    now: i64,
+) -> ConsentChange {
+    ConsentChange {
+        scope: scope.to_string(),
+        number: number.to_string(),
+        state: OptOut { opted_out, at: now },
+        audit: AuditRecord {
+            at: now,
+            scope: scope.to_string(),
+            number: number.to_string(),
+            action: if opted_out { "opt_out" } else { "opt_in" }.into(),
+            cause: cause.to_string(),
+            message_sid: message_sid.to_string(),
+        },
     }
 }
 
