@@ -363,3 +363,73 @@ async fn graceful_shutdown_keeps_the_dedupe_record() {
     );
     drop(tmp);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn arbitrary_bodies_never_get_a_5xx() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let app = std::sync::Arc::new(spawn_app(&[("keywords.yaml", KEYWORDS)]).await);
+    let handle = tokio::runtime::Handle::current();
+    let a = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut runner = TestRunner::new(Config {
+            cases: 128,
+            ..Config::default()
+        });
+        let bodies = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..512),
+            // Form-shaped bodies with Twilio's names and hostile values,
+            // signed correctly so they reach the flow engine.
+            proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("Body".to_string()),
+                        Just("NumMedia".to_string()),
+                        Just("MediaUrl0".to_string()),
+                        Just("OptOutType".to_string()),
+                        ".{0,8}"
+                    ],
+                    ".{0,64}"
+                ),
+                0..8
+            )
+            .prop_map(|extra| {
+                let mut p = sms_params("+15557654321", "x", &new_sid());
+                p.extend(extra);
+                encode_form(&p).into_bytes()
+            }),
+        ];
+        runner
+            .run(&bodies, |body| {
+                let status = handle.block_on(async {
+                    let params = smsflow::twilio::parse_form(&body).unwrap_or_default();
+                    let sig = a.validator.compute(&a.signed_url("/twilio/sms"), &params);
+                    a.client
+                        .post(a.url("/twilio/sms"))
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .header("x-twilio-signature", sig)
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("request")
+                        .status()
+                        .as_u16()
+                });
+                prop_assert!(
+                    status < 500,
+                    "status {} for {:?}",
+                    status,
+                    String::from_utf8_lossy(&body)
+                );
+                Ok(())
+            })
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    // Still up.
+    assert_eq!(
+        bodies(&app.send_sms("+15557654321", "HOURS").await.body),
+        vec!["We're open 9-5"]
+    );
+}
