@@ -81,7 +81,7 @@ fn schema_problems_are_all_reported_with_positions() {
             "regex.yaml:6:16: error: invalid regex: invalid repetition count range, the start must be <= the end",
             "routes.yaml:7:5: error: step `s` waits for a reply, so its routes decide where to go; remove goto/flow/end/silence",
             "routes.yaml:9:9: error: a route has one matcher; this one has `yes` and `no` (use two routes)",
-            "routes.yaml:10:9: error: a route needs one matcher: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else",
+            "routes.yaml:10:9: error: a route needs one matcher: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when",
             "routes.yaml:11:17: error: number range is empty: 20 is more than 10",
             "routes.yaml:12:15: error: `else: false` means nothing; remove it",
             "routes.yaml:13:3: error: step `t` is never reached from the start step `s`",
@@ -100,7 +100,7 @@ fn schema_problems_are_all_reported_with_positions() {
             "types.yaml:2:5: error: expected text for `to`, found a mapping",
             "unknown_keys.yaml:3:3: error: unknown key `keyword` in `trigger` (expected one of: keywords, regex, catch_all, to)",
             "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, description)",
-            "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, save, contact, set, say, media, goto, flow, end, silence, description)",
+            "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when, save, contact, set, say, media, goto, flow, end, silence, description)",
         ],
     );
     // load_dir refuses the set and reports the same list.

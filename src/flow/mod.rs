@@ -3,7 +3,8 @@
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
 //! problem, located by file, line and column); [`handle`] is the pure step
 //! function the webhook calls for each inbound message; `transcript` runs
-//! `.chat` conversation tests against a set. The file format is documented
+//! `.chat` conversation tests against a set; `script` is the Rhai sandbox
+//! that script flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
@@ -23,7 +24,7 @@ mod yaml;
 
 pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
-    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS,
+    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub use load::{check_dir, load_dir, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
