@@ -125,6 +125,57 @@ fn cross_file_collisions_name_the_first_definition() {
 }
 
 #[test]
+fn rhai_errors_are_located_in_the_rhai_or_yaml_file() {
+    let diags = check_dir(&fixture("broken/rhai"));
+    assert_diags(
+        &diags,
+        &[
+            // Expressions in YAML: positions inside quoted and block scalars.
+            "exprs.yaml:3:31: error: script is incomplete",
+            "exprs.yaml:5:30: error: script is incomplete",
+            "exprs.yaml:7:16: error: undefined variable: nosuch",
+            "exprs.yaml:12:30: error: script is incomplete",
+            "exprs.yaml:14:24: error: unknown operator: '++'",
+            "keywords.yaml:2:6: error: `{{= }}` expressions are only allowed in flow files, not in keyword replies",
+            "missing.yaml:1:9: error: script `nosuch.rhai` not found in the flows directory",
+            "missing.yaml:2:1: error: a script flow has no steps; remove `steps` or `script`",
+            "noentry.rhai:1:1: error: script must define fn on_message(msg, state)",
+            "noentry.yaml:2:11: error: a fallback cannot use `{{= }}`: it is what is sent when expressions fail",
+            "paths.yaml:1:9: error: `script` names a .rhai file in the flows directory, like quiz.rhai, not `../secret.rhai`",
+            // Scripts: positions in the .rhai file.
+            "syntax.rhai:2:23: error: unexpected ';'",
+            "typo.rhai:3:3: error: undefined variable: mgs",
+            "unused.rhai:0:0: warning: not used by any flow (name it with `script: unused.rhai` in a flow file; put modules in a subdirectory such as lib/)",
+        ],
+    );
+    assert_eq!(load_dir(&fixture("broken/rhai")).unwrap_err(), diags);
+}
+
+#[test]
+fn scripts_and_their_modules_are_part_of_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    write("s.yaml", "trigger: { keywords: [S] }\nscript: s.rhai\n");
+    write(
+        "s.rhai",
+        "import \"lib/m\" as m;\nfn on_message(msg, state) { m::hi() }\n",
+    );
+    write("lib/m.rhai", "fn hi() { \"hi\" }\n");
+    let first = load_dir(dir.path()).unwrap().set;
+    assert!(first.has_scripts());
+    assert!(first.files().iter().any(|f| f.ends_with("lib/m.rhai")));
+
+    write("lib/m.rhai", "fn hi() { \"hello\" }\n");
+    let second = load_dir(dir.path()).unwrap().set;
+    assert_ne!(first.version(), second.version());
+
+    // A set without Rhai has no sandbox, and no need to leave the runtime.
+    let plain = load_dir(&fixture("constructs/variables")).unwrap().set;
+    assert!(!plain.has_scripts());
+}
+
+#[test]
 fn shipped_and_construct_flows_are_clean() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut dirs = vec![root.join("flows")];

@@ -47,8 +47,14 @@ pub struct Loaded {
 
 /// Load and validate every flow file in `dir`. On any error, returns every
 /// diagnostic found (errors and warnings, sorted by file and position).
+/// Scripts run within the default [`Limits`].
 pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
-    let (set, diags) = build(dir);
+    load_dir_with(dir, Limits::default())
+}
+
+/// [`load_dir`], with scripts and expressions running within `limits`.
+pub fn load_dir_with(dir: &Path, limits: Limits) -> Result<Loaded, Vec<Diagnostic>> {
+    let (set, diags) = build(dir, limits);
     if diags.iter().any(|d| d.severity == Severity::Error) {
         Err(diags)
     } else {
@@ -61,7 +67,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
 
 /// Every error and warning for `dir`: what `smsflow check` prints.
 pub fn check_dir(dir: &Path) -> Vec<Diagnostic> {
-    build(dir).1
+    build(dir, Limits::default()).1
 }
 
 /// What compiling Rhai needs across the files of one load.
@@ -76,7 +82,7 @@ struct ScriptEnv {
     compiled: bool,
 }
 
-fn build(dir: &Path) -> (FlowSet, Vec<Diagnostic>) {
+fn build(dir: &Path, limits: Limits) -> (FlowSet, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut hasher = Sha256::new();
     let mut files = Vec::new();
@@ -90,7 +96,7 @@ fn build(dir: &Path) -> (FlowSet, Vec<Diagnostic>) {
         }
     }
     let mut env = ScriptEnv {
-        sandbox: Arc::new(Sandbox::new(Limits::default(), Some(dir))),
+        sandbox: Arc::new(Sandbox::new(limits, Some(dir))),
         sources: rhai
             .iter()
             .filter(|(path, _)| path.parent() == Some(dir))

@@ -26,7 +26,7 @@ pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
     SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
-pub use load::{check_dir, load_dir, Loaded, MAX_FILE_BYTES};
+pub use load::{check_dir, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub use segments::{count as count_segments, Encoding, Segments};
