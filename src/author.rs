@@ -379,6 +379,16 @@ fn describe(event: &Event) -> String {
             "{count} repl(ies) over the limit of {} dropped",
             flow::MAX_REPLIES
         ),
+        Event::ScriptError {
+            flow,
+            file,
+            line,
+            column,
+            message,
+        } => format!(
+            "script error in {flow} at {}:{line}:{column}: {message}; fallback sent, conversation unchanged",
+            file.display()
+        ),
     }
 }
 

@@ -23,7 +23,10 @@
 //!   TwiML rendering, status callbacks. Knows nothing of axum, sled, flows.
 //! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
 //!   step engine, templates, transcripts. No IO in the engine, no clock
-//!   reads (time is passed in), no Twilio types.
+//!   reads (time is passed in), no Twilio types. [`flow::script`] is the
+//!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
+//!   YAML expressions run there, and any script failure becomes the flow's
+//!   fallback with the conversation unchanged.
 //! - [`store`]: the only module that knows sled; the [`store::Store`] trait.
 //! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
 //!   Knows the store trait and the engine, not axum.
@@ -47,6 +50,9 @@
 //!   different conversations never wait on each other's lock.
 //! - Every request sees one whole flow set; a set with errors is never live.
 //! - User text reaches TwiML only through the escaper.
+//! - A script error never changes a conversation and never becomes a 5xx.
+//! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
+//!   sent to an opted-out sender.
 
 pub mod admin_client;
 pub mod app;

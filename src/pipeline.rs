@@ -234,10 +234,42 @@ impl<S: Store> Pipeline<S> {
                     media: &media,
                     message_sid: &msg.message_sid,
                 };
-                let handled =
-                    flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
+                let run =
+                    || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
+                // Rhai runs synchronously for up to its wall-clock budget.
+                // On the multi-thread runtime (the server's) `block_in_place`
+                // moves this worker's other tasks to another thread meanwhile,
+                // so a slow script never stalls unrelated requests. It panics
+                // on a current-thread runtime, where we simply run inline.
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                let handled = if flows.has_scripts() && multi_thread {
+                    tokio::task::block_in_place(run)
+                } else {
+                    run()
+                };
                 for event in &handled.events {
-                    tracing::info!(?event, "flow event");
+                    match event {
+                        flow::Event::ScriptError {
+                            flow,
+                            file,
+                            line,
+                            column,
+                            message,
+                        } => {
+                            Metrics::inc(&self.metrics.script_errors);
+                            tracing::error!(
+                                flow = %flow,
+                                file = %file.display(),
+                                line,
+                                column,
+                                error = %message,
+                                "script failed; answered with the flow's fallback"
+                            );
+                        }
+                        event => tracing::info!(?event, "flow event"),
+                    }
                 }
                 conversation = handled.conversation;
                 events = handled.events;

@@ -81,7 +81,7 @@ fn schema_problems_are_all_reported_with_positions() {
             "regex.yaml:6:16: error: invalid regex: invalid repetition count range, the start must be <= the end",
             "routes.yaml:7:5: error: step `s` waits for a reply, so its routes decide where to go; remove goto/flow/end/silence",
             "routes.yaml:9:9: error: a route has one matcher; this one has `yes` and `no` (use two routes)",
-            "routes.yaml:10:9: error: a route needs one matcher: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else",
+            "routes.yaml:10:9: error: a route needs one matcher: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when",
             "routes.yaml:11:17: error: number range is empty: 20 is more than 10",
             "routes.yaml:12:15: error: `else: false` means nothing; remove it",
             "routes.yaml:13:3: error: step `t` is never reached from the start step `s`",
@@ -100,7 +100,7 @@ fn schema_problems_are_all_reported_with_positions() {
             "types.yaml:2:5: error: expected text for `to`, found a mapping",
             "unknown_keys.yaml:3:3: error: unknown key `keyword` in `trigger` (expected one of: keywords, regex, catch_all, to)",
             "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, description)",
-            "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, save, contact, set, say, media, goto, flow, end, silence, description)",
+            "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when, save, contact, set, say, media, goto, flow, end, silence, description)",
         ],
     );
     // load_dir refuses the set and reports the same list.
@@ -122,6 +122,57 @@ fn cross_file_collisions_name_the_first_definition() {
             "e.yaml:3:3: error: flow `e` is a second catch_all for the same numbers (`a_flow` at tests/flows/broken/dupes/c.yaml:4:3 already is)",
         ],
     );
+}
+
+#[test]
+fn rhai_errors_are_located_in_the_rhai_or_yaml_file() {
+    let diags = check_dir(&fixture("broken/rhai"));
+    assert_diags(
+        &diags,
+        &[
+            // Expressions in YAML: positions inside quoted and block scalars.
+            "exprs.yaml:3:31: error: script is incomplete",
+            "exprs.yaml:5:30: error: script is incomplete",
+            "exprs.yaml:7:16: error: undefined variable: nosuch",
+            "exprs.yaml:12:30: error: script is incomplete",
+            "exprs.yaml:14:24: error: unknown operator: '++'",
+            "keywords.yaml:2:6: error: `{{= }}` expressions are only allowed in flow files, not in keyword replies",
+            "missing.yaml:1:9: error: script `nosuch.rhai` not found in the flows directory",
+            "missing.yaml:2:1: error: a script flow has no steps; remove `steps` or `script`",
+            "noentry.rhai:1:1: error: script must define fn on_message(msg, state)",
+            "noentry.yaml:2:11: error: a fallback cannot use `{{= }}`: it is what is sent when expressions fail",
+            "paths.yaml:1:9: error: `script` names a .rhai file in the flows directory, like quiz.rhai, not `../secret.rhai`",
+            // Scripts: positions in the .rhai file.
+            "syntax.rhai:2:23: error: unexpected ';'",
+            "typo.rhai:3:3: error: undefined variable: mgs",
+            "unused.rhai:0:0: warning: not used by any flow (name it with `script: unused.rhai` in a flow file; put modules in a subdirectory such as lib/)",
+        ],
+    );
+    assert_eq!(load_dir(&fixture("broken/rhai")).unwrap_err(), diags);
+}
+
+#[test]
+fn scripts_and_their_modules_are_part_of_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    write("s.yaml", "trigger: { keywords: [S] }\nscript: s.rhai\n");
+    write(
+        "s.rhai",
+        "import \"lib/m\" as m;\nfn on_message(msg, state) { m::hi() }\n",
+    );
+    write("lib/m.rhai", "fn hi() { \"hi\" }\n");
+    let first = load_dir(dir.path()).unwrap().set;
+    assert!(first.has_scripts());
+    assert!(first.files().iter().any(|f| f.ends_with("lib/m.rhai")));
+
+    write("lib/m.rhai", "fn hi() { \"hello\" }\n");
+    let second = load_dir(dir.path()).unwrap().set;
+    assert_ne!(first.version(), second.version());
+
+    // A set without Rhai has no sandbox, and no need to leave the runtime.
+    let plain = load_dir(&fixture("constructs/variables")).unwrap().set;
+    assert!(!plain.has_scripts());
 }
 
 #[test]

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use proptest::prelude::*;
+use smsflow::flow::script::Limits;
 use smsflow::flow::{
-    handle, load_dir, Conversation, EngineOptions, Event, FlowSet, Handled, Inbound, Outcome,
-    Reply, Run, SilenceReason,
+    handle, load_dir, load_dir_with, Conversation, EngineOptions, Event, FlowSet, Handled, Inbound,
+    Outcome, Reply, Run, SilenceReason,
 };
 
 fn load_yaml(files: &[(&str, &str)]) -> FlowSet {
@@ -256,16 +258,267 @@ fn conversations_round_trip_through_json() {
     assert_eq!(back, h.conversation);
 }
 
+// ---- Rhai: script flows and expressions through the engine ---------------
+
+/// A script flow `s` (keyword S) running `source`, with a fallback reply.
+fn script_flow(source: &str) -> FlowSet {
+    script_flow_with(source, Limits::default())
+}
+
+fn script_flow_with(source: &str, limits: Limits) -> FlowSet {
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        (
+            "s.yaml",
+            "trigger: {keywords: [S]}\nscript: s.rhai\nfallback: \"Sorry!\"\n",
+        ),
+        ("s.rhai", source),
+        ("k.yaml", "keywords: {HOURS: 9-5}\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    match load_dir_with(dir.path(), limits) {
+        Ok(l) => l.set,
+        Err(d) => panic!("{d:#?}"),
+    }
+}
+
+/// A script that starts a run on S, then does what the next message says.
+const COMMANDS: &str = r#"
+fn down(n) { down(n + 1) }
+fn on_message(msg, state) {
+    if state.n == () { state.n = 1; return "started"; }
+    state.n += 1;
+    set_contact("touched", "yes");
+    switch msg.body {
+        "loop" => loop {},
+        "recurse" => down(0),
+        "string" => "x".pad(20000, "y"),
+        "array" => { let a = []; loop { a.push(1); } },
+        "map" => { let m = #{}; for i in 0..1001 { m[`k${i}`] = i; } `${m.len()}` },
+        "throw" => throw "no",
+        _ => `n=${state.n}`,
+    }
+}
+"#;
+
+fn started(set: &FlowSet) -> Conversation {
+    let mut conv = Conversation::default();
+    conv.contact.insert("name".into(), "Al".into());
+    let h = send(set, conv, "s", 1_000);
+    assert_eq!(bodies(&h.outcome), ["started"]);
+    h.conversation
+}
+
+#[test]
+fn a_looping_script_gets_the_fallback_within_the_budget_and_changes_nothing() {
+    let set = script_flow(COMMANDS);
+    let conv = started(&set);
+    let began = std::time::Instant::now();
+    let h = send(&set, conv.clone(), "loop", 1_001);
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        began.elapsed()
+    );
+    assert_eq!(bodies(&h.outcome), ["Sorry!"]);
+    assert_eq!(h.conversation, conv, "the conversation must not change");
+    assert_eq!(h.flow.as_deref(), Some("s"));
+    let Some(Event::ScriptError {
+        flow,
+        file,
+        line,
+        message,
+        ..
+    }) = h.events.last()
+    else {
+        panic!("no script error event: {:?}", h.events);
+    };
+    assert_eq!(flow, "s");
+    assert!(file.ends_with("s.rhai"), "{file:?}");
+    assert!(*line > 0);
+    assert!(
+        message.contains("operations") || message.contains("time budget"),
+        "{message}"
+    );
+
+    // The run is still there: the next message carries on from before.
+    let h = send(&set, h.conversation, "hi", 1_002);
+    assert_eq!(bodies(&h.outcome), ["n=2"]);
+    assert_eq!(h.conversation.contact["touched"], "yes");
+}
+
+#[test]
+fn every_runtime_limit_becomes_the_fallback() {
+    // Without a wall clock, so that under load the other limits are what
+    // stops these; the time budget gets its own set below.
+    let patient = Limits {
+        wall_clock: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let impatient = Limits {
+        max_operations: u64::MAX,
+        ..Limits::default()
+    };
+    let (set, slow) = (
+        script_flow_with(COMMANDS, patient),
+        script_flow_with(COMMANDS, impatient),
+    );
+    let conv = started(&set);
+    let h = send(&slow, conv.clone(), "loop", 1_001);
+    assert_eq!(bodies(&h.outcome), ["Sorry!"]);
+    assert_eq!(h.conversation, conv);
+    assert!(
+        matches!(h.events.last(), Some(Event::ScriptError { message, .. }) if message.contains("time budget")),
+        "{:?}",
+        h.events
+    );
+    for (body, limit) in [
+        ("loop", "operations"),
+        ("recurse", "call depth"),
+        ("string", "string size"),
+        ("array", "array size"),
+        ("map", "map size"),
+        ("throw", "no"),
+    ] {
+        let h = send(&set, conv.clone(), body, 1_001);
+        assert_eq!(bodies(&h.outcome), ["Sorry!"], "{body}");
+        assert_eq!(h.conversation, conv, "{body}");
+        match h.events.last() {
+            Some(Event::ScriptError { message, .. }) => {
+                assert!(message.contains(limit), "{body}: {message}")
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn expression_depth_is_limited_when_the_flow_loads() {
+    let deep = format!("{}1{}", "(".repeat(100), ")".repeat(100));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("d.yaml"),
+        format!("steps:\n  a:\n    say: \"{{{{= {deep} }}}}\"\n"),
+    )
+    .unwrap();
+    let diags = load_dir(dir.path()).unwrap_err();
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    // Located where the nesting goes too deep, inside the expression.
+    assert_eq!(diags[0].line, 3, "{}", diags[0]);
+    assert!(diags[0].column > 15, "{}", diags[0]);
+    assert!(
+        diags[0].message.contains("expression depth"),
+        "{}",
+        diags[0]
+    );
+}
+
+#[test]
+fn a_failing_expression_with_a_silent_fallback_is_silence() {
+    let set = load_yaml(&[(
+        "e.yaml",
+        "trigger: {keywords: [E]}\nfallback: {silence: true}\nsteps:\n  a:\n    say: \"{{= 1 / 0 }}\"\n",
+    )]);
+    let h = send(&set, Conversation::default(), "e", 1);
+    assert_eq!(h.outcome, Outcome::Silence(SilenceReason::ScriptError));
+    assert_eq!(SilenceReason::ScriptError.as_str(), "script_error");
+    assert_eq!(h.conversation, Conversation::default());
+    assert!(matches!(
+        h.events.last(),
+        Some(Event::ScriptError { line: 5, .. })
+    ));
+}
+
+#[test]
+fn seeded_randomness_is_deterministic_per_message_sid() {
+    let set = script_flow(
+        r#"fn on_message(msg, state) { `${random_choice(["a", "b", "c", "d", "e", "f"])}${random_int(1, 1000)}` }"#,
+    );
+    let pick = |sid: &str| {
+        let msg = Inbound {
+            from: "+15551230001",
+            to: "+15550001111",
+            body: "s",
+            media: &[],
+            message_sid: sid,
+        };
+        bodies(
+            &handle(
+                &set,
+                &EngineOptions::default(),
+                Conversation::default(),
+                &msg,
+                1,
+            )
+            .outcome,
+        )
+    };
+    assert_eq!(pick("SMaaa"), pick("SMaaa"));
+    let distinct: std::collections::BTreeSet<Vec<String>> =
+        (0..20).map(|i| pick(&format!("SM{i:032}"))).collect();
+    assert!(distinct.len() > 10, "{distinct:?}");
+}
+
+#[test]
+fn script_state_survives_a_store_round_trip() {
+    let set = shipped();
+    let h = send(&set, Conversation::default(), "quiz", 1);
+    // What the store does between messages (and across restarts).
+    let stored = serde_json::to_vec(&h.conversation).unwrap();
+    let conv: Conversation = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(
+        conv.run.as_ref().unwrap().vars[smsflow::flow::SCRIPT_STATE_VAR],
+        r#"{"question":0,"score":0}"#
+    );
+    let h = send(&set, conv, "paris", 2);
+    assert_eq!(
+        bodies(&h.outcome)[1],
+        "Q2/3: How many legs does a spider have?"
+    );
+    assert_eq!(
+        h.conversation.run.as_ref().unwrap().vars["$state"],
+        r#"{"question":1,"score":1}"#
+    );
+}
+
 fn arb_conversation() -> impl Strategy<Value = Conversation> {
-    let names = prop::sample::select(vec!["signup", "survey", "appointment", "gone", ""]);
-    let steps = prop::sample::select(vec!["ask_name", "ask_age", "done", "q1", "q3", "ask", "x"]);
+    let names = prop::sample::select(vec![
+        "signup",
+        "survey",
+        "appointment",
+        "quiz",
+        "order",
+        "gone",
+        "",
+    ]);
+    let steps = prop::sample::select(vec![
+        "ask_name",
+        "ask_age",
+        "done",
+        "q1",
+        "q3",
+        "ask",
+        "on_message",
+        "confirm",
+        "x",
+    ]);
     let run = (
         names,
         steps,
         any::<u32>(),
         any::<i64>(),
         any::<i64>(),
-        prop::collection::btree_map(".{0,8}", ".{0,8}", 0..4),
+        prop::collection::btree_map(
+            prop_oneof![Just("$state".to_owned()), ".{0,8}"],
+            prop_oneof![
+                Just(r#"{"question":1,"score":0}"#.to_owned()),
+                Just(r#"{"question":"x"}"#.to_owned()),
+                ".{0,8}"
+            ],
+            0..4,
+        ),
     )
         .prop_map(|(flow, step, retries, started_at, last_active, vars)| Run {
             flow: flow.into(),
@@ -288,7 +541,7 @@ proptest! {
     #[test]
     fn handle_never_panics(
         conv in arb_conversation(),
-        body in prop_oneof![".{0,40}", "(join|yes|no|1|2|skip|hours|[0-9]{1,30}|\\PC{0,5}) ?.{0,5}"],
+        body in prop_oneof![".{0,40}", "(join|quiz|order|yes|no|1|2|skip|hours|[0-9]{1,30}|\\PC{0,5}) ?.{0,5}"],
         to in prop_oneof![Just("+15550001111".to_owned()), ".{0,12}"],
         now in any::<i64>(),
         interrupt in prop::collection::vec(".{0,6}", 0..3),

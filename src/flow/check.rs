@@ -134,7 +134,7 @@ fn targets(set: &SetInner, flow: &Flow, diags: &mut Vec<Diagnostic>) {
         ),
         _ => {}
     };
-    if !flow.steps.contains_key(&flow.start.name) {
+    if flow.script.is_none() && !flow.steps.contains_key(&flow.start.name) {
         err(
             diags,
             file,
@@ -355,7 +355,15 @@ fn report_cycle(set: &SetInner, cycle: &[((&str, &str), Pos)], diags: &mut Vec<D
 /// exempt a name: a typo would otherwise silently always print the fallback.
 fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     let mut contact_fields: BTreeSet<&str> = BTreeSet::new();
+    // A script that computes field names could set any of them.
+    let mut any_contact_field = false;
     for flow in set.flows.values() {
+        if let Some(script) = &flow.script {
+            match &script.contact_fields {
+                Some(fields) => contact_fields.extend(fields.iter().map(String::as_str)),
+                None => any_contact_field = true,
+            }
+        }
         for step in flow.steps.values() {
             for a in &step.set {
                 if let Var::Contact(c) = &a.target {
@@ -397,7 +405,7 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                         format!("`{{{{{n}}}}}`: keyword replies have no run variables (use `contact.` or `message.` fields)"),
                     ),
                 },
-                Var::Contact(c) if !contact_fields.contains(c.as_str()) => err(
+                Var::Contact(c) if !any_contact_field && !contact_fields.contains(c.as_str()) => err(
                     diags,
                     file,
                     pos,
@@ -446,6 +454,7 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
         }
         let rv = Some((flow.name.as_str(), &vars));
         let file = flow.file.as_path();
+        check_msgs(&flow.fallback, file, rv, diags);
         for step in flow.steps.values() {
             for a in &step.set {
                 check_template(&a.value, a.pos, file, rv, diags);

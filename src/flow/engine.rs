@@ -6,16 +6,32 @@
 //! opt-outs and the wire format; this module does not know Twilio, HTTP or
 //! the store. Because the function is pure, a caller can retry it in a
 //! compare-and-swap loop without side effects.
+//!
+//! Rhai (script flows, `when:`, `{{= }}`) runs synchronously through the
+//! set's sandbox, within one wall-clock budget per message (the sandbox's
+//! monotonic timer, not a clock the flow can see). Any script error turns
+//! the whole message into the failing flow's fallback: the conversation
+//! comes back exactly as it came in, and an [`Event::ScriptError`] says why.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::matcher::{normalize, route_match, starts_with_phrase, words};
+use super::matcher::{normalize, route_match, starts_with_phrase, words, RouteMatch};
 use super::model::{
-    Assign, Flow, FlowSet, KeywordRule, Message, Next, Scope, SetInner, Step, Transition,
+    Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Transition,
 };
-use super::template::{Var, Vars};
+use super::script::{
+    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
+};
+use super::template::{Template, Var, Vars};
+
+/// The run variable a script flow's `state` map is kept in, as JSON text.
+/// YAML flows cannot name it (`$` is not allowed in variable names), and
+/// keeping it in `vars` means stored conversations keep their shape.
+pub const SCRIPT_STATE_VAR: &str = "$state";
 
 /// At most this many replies per inbound message (Twilio's TwiML limit).
 pub const MAX_REPLIES: usize = 10;
@@ -60,6 +76,8 @@ pub enum SilenceReason {
     FlowChose(String),
     /// A step ran but produced no message (e.g. a step with only `wait`).
     EmptyReply,
+    /// A script or expression failed and the flow's fallback is silence.
+    ScriptError,
 }
 
 impl SilenceReason {
@@ -69,6 +87,7 @@ impl SilenceReason {
             SilenceReason::NoMatch => "no_match",
             SilenceReason::FlowChose(_) => "flow",
             SilenceReason::EmptyReply => "empty",
+            SilenceReason::ScriptError => "script_error",
         }
     }
 }
@@ -145,6 +164,17 @@ pub enum Event {
     GaveUp { flow: String, step: String },
     /// Replies beyond [`MAX_REPLIES`] were dropped.
     RepliesDropped { count: usize },
+    /// A script or Rhai expression failed (error, limit, time budget, or a
+    /// return value the engine cannot use): the flow's fallback answered
+    /// and the conversation was left as it was. `line` and `column` are 0
+    /// when the error has no position.
+    ScriptError {
+        flow: String,
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 /// Handle one inbound message. Pure and total.
@@ -155,8 +185,13 @@ pub fn handle(
     msg: &Inbound<'_>,
     now: i64,
 ) -> Handled {
+    // Handed back untouched if a script or expression fails.
+    let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec {
         set: &set.inner,
+        sandbox: set.inner.sandbox.as_deref(),
+        budget: None,
+        failed: None,
         msg,
         now,
         contact: conv.contact,
@@ -190,12 +225,22 @@ pub fn handle(
     if !consumed {
         ex.handle_new(&norm);
     }
-    ex.finish()
+    match original {
+        Some(original) => ex.finish_or_fall_back(original),
+        None => ex.finish(),
+    }
 }
 
 /// Mutable state of one `handle` call.
 struct Exec<'a> {
     set: &'a SetInner,
+    /// The set's Rhai sandbox, when it has scripts or expressions.
+    sandbox: Option<&'a Sandbox>,
+    /// Started by the first Rhai evaluation of this message.
+    budget: Option<MessageBudget>,
+    /// The first script error and the flow it happened in. Once set, no
+    /// more Rhai runs and the message gets that flow's fallback.
+    failed: Option<(String, ScriptError)>,
     msg: &'a Inbound<'a>,
     now: i64,
     contact: BTreeMap<String, String>,
@@ -219,6 +264,24 @@ impl<'a> Exec<'a> {
     /// without anything to say).
     fn resume(&mut self, mut run: Run) -> bool {
         let set = self.set;
+        let script_flow = set
+            .flows
+            .get(&run.flow)
+            .filter(|f| f.script.is_some() && run.step == ENTRY_POINT);
+        if let Some(flow) = script_flow {
+            if self.now.saturating_sub(run.last_active) > flow.expire_after {
+                self.events.push(Event::Expired { flow: run.flow });
+                return false;
+            }
+            // Unreadable state (a hand-edited store) starts the script over.
+            let state = run
+                .vars
+                .get(SCRIPT_STATE_VAR)
+                .and_then(|json| serde_json::from_str(json).ok())
+                .unwrap_or_default();
+            self.run_script(flow, &state, run.started_at);
+            return true;
+        }
         let found = set.flows.get(&run.flow).and_then(|flow| {
             let step = flow.steps.get(&run.step)?;
             match &step.next {
@@ -242,7 +305,14 @@ impl<'a> Exec<'a> {
         self.step = Some(run.step.clone());
         let has_media = !self.msg.media.is_empty();
         for route in routes {
-            let Some(m) = route_match(&route.matcher, self.msg.body, has_media) else {
+            let m = match &route.matcher {
+                Matcher::When(expr) => self.when(expr, &run.vars).then(|| RouteMatch {
+                    value: self.msg.body.trim().to_owned(),
+                    ..RouteMatch::default()
+                }),
+                matcher => route_match(matcher, self.msg.body, has_media),
+            };
+            let Some(m) = m else {
                 continue;
             };
             for (name, value) in &m.named {
@@ -365,6 +435,10 @@ impl<'a> Exec<'a> {
         self.events.push(Event::Triggered {
             flow: flow.name.clone(),
         });
+        if flow.script.is_some() {
+            self.run_script(flow, &BTreeMap::new(), self.now);
+            return;
+        }
         self.run = Some(Run {
             flow: flow.name.clone(),
             step: flow.start.name.clone(),
@@ -421,6 +495,10 @@ impl<'a> Exec<'a> {
                         self.run = None;
                         return;
                     };
+                    if next.script.is_some() {
+                        self.start_flow(&next.name);
+                        return;
+                    }
                     self.events.push(Event::Triggered {
                         flow: next.name.clone(),
                     });
@@ -459,9 +537,130 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// Runs a script flow's `on_message` for this message. The run lasts
+    /// while the script leaves something in `state`.
+    fn run_script(&mut self, flow: &'a Flow, state: &BTreeMap<String, Value>, started_at: i64) {
+        let Some(script) = &flow.script else {
+            return;
+        };
+        self.answered = true;
+        self.flow = Some(flow.name.clone());
+        self.step = Some(ENTRY_POINT.to_owned());
+        let input = ScriptInput {
+            body: self.msg.body.to_owned(),
+            from: self.msg.from.to_owned(),
+            to: self.msg.to.to_owned(),
+            media: self.msg.media.to_vec(),
+            message_sid: self.msg.message_sid.to_owned(),
+            received_at: self.now,
+            contact: self.contact.clone(),
+        };
+        let at = (script.script.file(), (1, 1));
+        let Some(out) = self.rhai(at, |sandbox| {
+            sandbox.run_script(&script.script, &input, state)
+        }) else {
+            self.run = None;
+            return;
+        };
+        self.contact = out.contact;
+        self.run = (!out.state.is_empty()).then(|| Run {
+            flow: flow.name.clone(),
+            step: ENTRY_POINT.to_owned(),
+            vars: BTreeMap::from([(
+                SCRIPT_STATE_VAR.to_owned(),
+                serde_json::to_string(&out.state).unwrap_or_default(),
+            )]),
+            retries: 0,
+            started_at,
+            last_active: self.now,
+        });
+        if out.silence && self.out.is_empty() {
+            self.silence = Some("script returned no reply".to_owned());
+        }
+        for reply in out.replies {
+            self.push(reply.body, reply.media);
+        }
+    }
+
+    /// Runs `f` in the sandbox, unless an earlier evaluation of this message
+    /// failed or the message's time budget is spent (then the error is
+    /// located at `at`). A failure is recorded and yields `None`.
+    fn rhai<T>(
+        &mut self,
+        at: (&Path, (usize, usize)),
+        f: impl FnOnce(&Sandbox) -> Result<T, ScriptError>,
+    ) -> Option<T> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let sandbox = self.sandbox?;
+        let budget = *self.budget.get_or_insert_with(|| sandbox.message_budget());
+        let result = if budget.exhausted() {
+            Err(over_budget(at.0, at.1))
+        } else {
+            f(sandbox)
+        };
+        result.map_err(|e| self.fail(e)).ok()
+    }
+
+    fn fail(&mut self, err: ScriptError) {
+        if self.failed.is_none() {
+            self.failed = Some((self.flow.clone().unwrap_or_default(), err));
+        }
+    }
+
+    fn expr_ctx(&self, vars: &BTreeMap<String, String>) -> ExprContext {
+        ExprContext {
+            body: self.msg.body.to_owned(),
+            from: self.msg.from.to_owned(),
+            to: self.msg.to.to_owned(),
+            message_sid: self.msg.message_sid.to_owned(),
+            now: self.now,
+            vars: vars.clone(),
+            contact: self.contact.clone(),
+        }
+    }
+
+    /// A `when:` condition, seeing the waiting run's variables.
+    fn when(&mut self, expr: &Expr, vars: &BTreeMap<String, String>) -> bool {
+        let ctx = self.expr_ctx(vars);
+        self.rhai((expr.file(), expr.line_column()), |sandbox| {
+            sandbox.eval_bool(expr, &ctx)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Renders a template, evaluating its `{{= }}` expressions.
+    fn render(&mut self, t: &Template) -> String {
+        let no_exprs = &mut |_: &Expr| Ok(String::new());
+        if !t.has_exprs() {
+            return t.try_render(&self.vars(), no_exprs).unwrap_or_default();
+        }
+        let (Some(sandbox), None) = (self.sandbox, &self.failed) else {
+            return String::new();
+        };
+        let budget = *self.budget.get_or_insert_with(|| sandbox.message_budget());
+        let vars = self
+            .run
+            .as_ref()
+            .map(|r| r.vars.clone())
+            .unwrap_or_default();
+        let ctx = self.expr_ctx(&vars);
+        let result = t.try_render(&self.vars(), &mut |expr| {
+            if budget.exhausted() {
+                return Err(over_budget(expr.file(), expr.line_column()));
+            }
+            sandbox.eval_string(expr, &ctx)
+        });
+        result.unwrap_or_else(|e| {
+            self.fail(e);
+            String::new()
+        })
+    }
+
     fn assign(&mut self, assigns: &[Assign]) {
         for a in assigns {
-            let value = a.value.render(&self.vars());
+            let value = self.render(&a.value);
             match &a.target {
                 Var::Contact(field) => {
                     self.contact.insert(field.clone(), value);
@@ -479,23 +678,81 @@ impl<'a> Exec<'a> {
 
     fn say(&mut self, messages: &[Message]) {
         for m in messages {
-            let mut body = m.text.render(&self.vars());
-            if let Some((cut, _)) = body.char_indices().nth(MAX_BODY_CHARS) {
-                body.truncate(cut);
-            }
-            if body.is_empty() && m.media.is_empty() {
-                // Twilio refuses an empty message; a template that rendered
-                // to nothing simply sends nothing.
-                continue;
-            }
-            if self.out.len() >= MAX_REPLIES {
-                self.dropped += 1;
-                continue;
-            }
-            self.out.push(Reply {
-                body,
-                media: m.media.clone(),
-            });
+            let body = self.render(&m.text);
+            self.push(body, m.media.clone());
+        }
+    }
+
+    fn push(&mut self, mut body: String, media: Vec<String>) {
+        clip(&mut body);
+        if body.is_empty() && media.is_empty() {
+            // Twilio refuses an empty message; a template that rendered
+            // to nothing simply sends nothing.
+            return;
+        }
+        if self.out.len() >= MAX_REPLIES {
+            self.dropped += 1;
+            return;
+        }
+        self.out.push(Reply { body, media });
+    }
+
+    /// Like [`Exec::finish`], unless a script failed: then the failing
+    /// flow's fallback answers and `original` is handed back unchanged.
+    fn finish_or_fall_back(mut self, original: Conversation) -> Handled {
+        let Some((flow, err)) = self.failed.take() else {
+            return self.finish();
+        };
+        let (line, column) = err.line_column().unwrap_or((0, 0));
+        self.events.push(Event::ScriptError {
+            flow: flow.clone(),
+            file: err.file().to_path_buf(),
+            line,
+            column,
+            message: err.message(),
+        });
+        let fallback = self
+            .set
+            .flows
+            .get(&flow)
+            .map(|f| f.fallback.as_slice())
+            .unwrap_or_default();
+        let vars = Vars {
+            run: original
+                .run
+                .as_ref()
+                .filter(|r| r.flow == flow)
+                .map(|r| &r.vars),
+            contact: &original.contact,
+            body: self.msg.body,
+            from: self.msg.from,
+            to: self.msg.to,
+            captures: &[],
+        };
+        let replies: Vec<Reply> = fallback
+            .iter()
+            .filter_map(|m| {
+                // Load refuses expressions in a fallback.
+                let mut body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
+                clip(&mut body);
+                (!body.is_empty() || !m.media.is_empty()).then(|| Reply {
+                    body,
+                    media: m.media.clone(),
+                })
+            })
+            .take(MAX_REPLIES)
+            .collect();
+        let outcome = if replies.is_empty() {
+            Outcome::Silence(SilenceReason::ScriptError)
+        } else {
+            Outcome::Reply(replies)
+        };
+        Handled {
+            outcome,
+            conversation: original,
+            flow: Some(flow),
+            step: self.step,
+            events: self.events,
         }
     }
 
@@ -527,6 +784,23 @@ impl<'a> Exec<'a> {
             step: self.step,
             events: self.events,
         }
+    }
+}
+
+/// Cuts a reply to [`MAX_BODY_CHARS`] characters.
+fn clip(body: &mut String) {
+    if let Some((cut, _)) = body.char_indices().nth(MAX_BODY_CHARS) {
+        body.truncate(cut);
+    }
+}
+
+/// The error for a message whose Rhai has used up its time budget.
+fn over_budget(file: &Path, (line, column): (usize, usize)) -> ScriptError {
+    ScriptError::Limit {
+        file: file.to_path_buf(),
+        line,
+        column,
+        which: "time budget",
     }
 }
 

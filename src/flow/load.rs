@@ -4,10 +4,15 @@
 //! turns each into model values while reporting schema problems at the exact
 //! key or value, then hands the whole set to `check` for cross-file rules.
 //! It never stops at the first problem: an author fixes a file in one pass.
-//! This module does not know the engine, HTTP or the store.
+//! Rhai is compiled here too, once per load, in one sandbox per set: the
+//! `*.rhai` files flows name with `script:`, `when:` conditions and `{{= }}`
+//! expressions (errors located in the YAML file). `*.rhai` files anywhere
+//! under the directory count towards the set's version, because scripts
+//! import them. This module does not know the engine, HTTP or the store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use regex::{Regex, RegexBuilder};
 use sha2::{Digest, Sha256};
@@ -16,9 +21,10 @@ use super::check;
 use super::matcher::{normalize, phrase_words};
 use super::model::{
     hex, Assign, DefaultReply, Diagnostic, Flow, FlowSet, KeywordRule, Matcher, Message, Next,
-    Origin, Pos, RegexTrigger, Retry, Route, Scope, ScopedFlow, SetInner, Severity, Step, Target,
-    Transition, DEFAULT_RETRY_LIMIT,
+    Origin, Pos, RegexTrigger, Retry, Route, Scope, ScopedFlow, ScriptFlow, SetInner, Severity,
+    Step, Target, Transition, DEFAULT_RETRY_LIMIT,
 };
+use super::script::{Expr, Limits, Sandbox, ScriptError, ENTRY_POINT};
 use super::segments;
 use super::template::{is_ident, parse_var, Template, Var};
 use super::yaml::{self, Kind, Node};
@@ -41,8 +47,14 @@ pub struct Loaded {
 
 /// Load and validate every flow file in `dir`. On any error, returns every
 /// diagnostic found (errors and warnings, sorted by file and position).
+/// Scripts run within the default [`Limits`].
 pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
-    let (set, diags) = build(dir);
+    load_dir_with(dir, Limits::default())
+}
+
+/// [`load_dir`], with scripts and expressions running within `limits`.
+pub fn load_dir_with(dir: &Path, limits: Limits) -> Result<Loaded, Vec<Diagnostic>> {
+    let (set, diags) = build(dir, limits);
     if diags.iter().any(|d| d.severity == Severity::Error) {
         Err(diags)
     } else {
@@ -55,14 +67,47 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
 
 /// Every error and warning for `dir`: what `smsflow check` prints.
 pub fn check_dir(dir: &Path) -> Vec<Diagnostic> {
-    build(dir).1
+    build(dir, Limits::default()).1
 }
 
-fn build(dir: &Path) -> (FlowSet, Vec<Diagnostic>) {
+/// What compiling Rhai needs across the files of one load.
+struct ScriptEnv {
+    /// The set's one sandbox; imports resolve inside the flows directory.
+    sandbox: Arc<Sandbox>,
+    /// Top-level `*.rhai` files by file name, with their text.
+    sources: BTreeMap<String, (PathBuf, String)>,
+    /// File names some flow's `script:` names.
+    used: BTreeSet<String>,
+    /// Something was compiled, so the set keeps the sandbox.
+    compiled: bool,
+}
+
+fn build(dir: &Path, limits: Limits) -> (FlowSet, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut hasher = Sha256::new();
     let mut files = Vec::new();
     let mut docs = Vec::new();
+    // Scripts are read first because flow files name them; they are hashed
+    // after the YAML files so that a set without scripts keeps its version.
+    let mut rhai = Vec::new();
+    for path in rhai_files(dir) {
+        if let Some(text) = read_file(&path, &mut diags) {
+            rhai.push((path, text));
+        }
+    }
+    let mut env = ScriptEnv {
+        sandbox: Arc::new(Sandbox::new(limits, Some(dir))),
+        sources: rhai
+            .iter()
+            .filter(|(path, _)| path.parent() == Some(dir))
+            .filter_map(|(path, text)| {
+                let name = path.file_name()?.to_string_lossy().into_owned();
+                Some((name, (path.clone(), text.clone())))
+            })
+            .collect(),
+        used: BTreeSet::new(),
+        compiled: false,
+    };
     for path in flow_files(dir, &mut diags) {
         let name = path
             .file_name()
@@ -80,6 +125,11 @@ fn build(dir: &Path) -> (FlowSet, Vec<Diagnostic>) {
         let mut cx = Cx {
             file: path.clone(),
             diags: &mut diags,
+            source: &text,
+            env: &mut env,
+            no_exprs: Some(
+                "`{{= }}` expressions are only allowed in flow files, not in keyword replies",
+            ),
         };
         match yaml::parse(&text) {
             Err(e) => cx.err(e.pos, e.message),
@@ -95,9 +145,24 @@ fn build(dir: &Path) -> (FlowSet, Vec<Diagnostic>) {
             }
         }
     }
+    for (path, text) in &rhai {
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned();
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((text.len() as u64).to_le_bytes());
+        hasher.update(text.as_bytes());
+        files.push(path.clone());
+    }
+    files.sort();
+    unused_scripts(&env, &mut diags);
     let mut inner = SetInner {
         version: hex(&hasher.finalize()),
         files,
+        sandbox: env.compiled.then(|| env.sandbox.clone()),
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
@@ -141,6 +206,120 @@ fn flow_files(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
         .collect();
     paths.sort();
     paths
+}
+
+/// Every `*.rhai` file under `dir` (scripts at the top level, modules in
+/// subdirectories), sorted. Dot-files and dot-directories are skipped, and
+/// the walk stops a few levels down.
+fn rhai_files(dir: &Path) -> Vec<PathBuf> {
+    const MAX_DEPTH: usize = 8;
+    let mut out = Vec::new();
+    let mut todo = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for p in entries.filter_map(Result::ok).map(|e| e.path()) {
+            let hidden = p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if p.is_dir() {
+                if depth < MAX_DEPTH {
+                    todo.push((p, depth + 1));
+                }
+            } else if p.extension().is_some_and(|e| e == "rhai") && p.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Warns about top-level scripts that no flow names and no used script
+/// imports: probably a forgotten `script:` line.
+fn unused_scripts(env: &ScriptEnv, diags: &mut Vec<Diagnostic>) {
+    static IMPORT: OnceLock<Option<Regex>> = OnceLock::new();
+    let import = IMPORT.get_or_init(|| Regex::new(r#"\bimport\s+"([^"]+)""#).ok());
+    let mut used = env.used.clone();
+    let mut todo: Vec<String> = used.iter().cloned().collect();
+    while let Some(name) = todo.pop() {
+        let Some((_, text)) = env.sources.get(&name) else {
+            continue;
+        };
+        for caps in import.iter().flat_map(|re| re.captures_iter(text)) {
+            let module = &caps[1];
+            let file = if module.ends_with(".rhai") {
+                module.to_owned()
+            } else {
+                format!("{module}.rhai")
+            };
+            if env.sources.contains_key(&file) && used.insert(file.clone()) {
+                todo.push(file);
+            }
+        }
+    }
+    for (name, (path, _)) in &env.sources {
+        if !used.contains(name) {
+            diags.push(Diagnostic {
+                file: path.clone(),
+                line: 0,
+                column: 0,
+                severity: Severity::Warning,
+                message: format!(
+                    "not used by any flow (name it with `script: {name}` in a flow file; \
+                     put modules in a subdirectory such as lib/)"
+                ),
+            });
+        }
+    }
+}
+
+/// Contact fields a script sets with a literal name, or `None` when it may
+/// set fields `check` cannot see (a computed name, or code it imports).
+fn script_contact_fields(source: &str) -> Option<Vec<String>> {
+    static LITERAL: OnceLock<Option<Regex>> = OnceLock::new();
+    static ANY: OnceLock<Option<Regex>> = OnceLock::new();
+    let literal = LITERAL
+        .get_or_init(|| Regex::new(r#"\bset_contact\s*\(\s*"([A-Za-z0-9_]+)"\s*,"#).ok())
+        .as_ref()?;
+    let any = ANY
+        .get_or_init(|| Regex::new(r"\bset_contact\b").ok())
+        .as_ref()?;
+    let fields: Vec<String> = literal
+        .captures_iter(source)
+        .map(|c| c[1].to_owned())
+        .collect();
+    let imports = source.contains("import");
+    (any.find_iter(source).count() == fields.len() && !imports).then_some(fields)
+}
+
+/// Byte offset of a 1-based line and (character) column in `source`.
+fn byte_offset(source: &str, pos: Pos) -> usize {
+    let mut start = 0;
+    for _ in 1..pos.line {
+        match source[start..].find('\n') {
+            Some(i) => start += i + 1,
+            None => return source.len(),
+        }
+    }
+    source[start..]
+        .char_indices()
+        .nth(pos.column.saturating_sub(1))
+        .map_or(source.len(), |(i, _)| start + i)
+}
+
+/// 1-based line and (character) column of a byte offset in `source`.
+fn pos_at(source: &str, at: usize) -> Pos {
+    let before = &source[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Pos {
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+    }
 }
 
 fn whole_file(path: &Path, message: String) -> Diagnostic {
@@ -208,7 +387,7 @@ pub(crate) enum Doc {
         default: Option<DefaultReply>,
     },
     Flow {
-        flow: Flow,
+        flow: Box<Flow>,
         name_pos: Pos,
         trigger: Trigger,
     },
@@ -283,16 +462,21 @@ fn assemble(inner: &mut SetInner, docs: Vec<Doc>, diags: &mut Vec<Diagnostic>) {
                         },
                     });
                 }
-                inner.flows.insert(flow.name.clone(), flow);
+                inner.flows.insert(flow.name.clone(), *flow);
             }
         }
     }
 }
 
-/// Per-file conversion context: where diagnostics go.
+/// Per-file conversion context: where diagnostics go, the file's text (to
+/// locate expressions inside YAML values) and the set's scripts.
 struct Cx<'d> {
     file: PathBuf,
     diags: &'d mut Vec<Diagnostic>,
+    source: &'d str,
+    env: &'d mut ScriptEnv,
+    /// Why `{{= }}` is refused here, or `None` where it is allowed.
+    no_exprs: Option<&'static str>,
 }
 
 const MATCHERS: &[&str] = &[
@@ -306,6 +490,7 @@ const MATCHERS: &[&str] = &[
     "no",
     "anything",
     "else",
+    "when",
 ];
 
 impl Cx<'_> {
@@ -473,13 +658,139 @@ impl Cx<'_> {
     }
 
     fn template(&mut self, text: &str, pos: Pos) -> Option<Template> {
-        match Template::parse(text) {
-            Ok(t) => Some(t),
+        let mut template = match Template::parse(text) {
+            Ok(t) => t,
             Err(e) => {
                 self.err(pos, e.to_string());
+                return None;
+            }
+        };
+        if template.has_exprs() {
+            if let Some(why) = self.no_exprs {
+                self.err(pos, why);
+                return None;
+            }
+            let mut cursor = byte_offset(self.source, pos);
+            let mut ok = true;
+            for (src, slot) in template.exprs_mut() {
+                *slot = self.expr(pos, src, &mut cursor);
+                ok &= slot.is_some();
+            }
+            if !ok {
+                return None;
+            }
+        }
+        Some(template)
+    }
+
+    /// Compiles a Rhai expression written in the YAML value at `pos`.
+    /// Errors point into this file: the expression text is looked up in the
+    /// file from `*cursor` on (advanced past it, so that two expressions in
+    /// one value get their own positions), which also gets quoted and block
+    /// scalars right; when it is not found verbatim (YAML escapes), the
+    /// value's own position is used.
+    fn expr(&mut self, pos: Pos, src: &str, cursor: &mut usize) -> Option<Expr> {
+        /// How far past the value's start an expression is looked for.
+        const WINDOW: usize = 64 * 1024;
+        let first_line = src.lines().next().unwrap_or("");
+        let from = (*cursor).min(self.source.len());
+        let window = &self.source[from..self.source.len().min(from + WINDOW + src.len())];
+        let at = match window.find(first_line) {
+            Some(i) if !first_line.trim().is_empty() => {
+                *cursor = from + i + first_line.len();
+                pos_at(self.source, from + i)
+            }
+            _ => pos,
+        };
+        match self
+            .env
+            .sandbox
+            .compile_expr(&self.file, at.line, at.column, src)
+        {
+            Ok(expr) => {
+                self.env.compiled = true;
+                Some(expr)
+            }
+            Err(e) => {
+                self.script_err(&e);
                 None
             }
         }
+    }
+
+    /// A compile error in Rhai, located in its own file (a `.rhai` file,
+    /// or this YAML file for an expression).
+    fn script_err(&mut self, e: &ScriptError) {
+        let (line, column) = e.line_column().unwrap_or((0, 0));
+        self.diags.push(Diagnostic {
+            file: e.file().to_path_buf(),
+            line,
+            column,
+            severity: Severity::Error,
+            message: e.message(),
+        });
+    }
+
+    /// `script: quiz.rhai`: compiles that top-level file of the flows
+    /// directory.
+    fn script(&mut self, node: &Node) -> Option<ScriptFlow> {
+        let name = self.text(node, "`script`")?;
+        let plain =
+            name.ends_with(".rhai") && !name.starts_with('.') && !name.contains(['/', '\\', ':']);
+        if !plain {
+            self.err(
+                node.pos,
+                format!("`script` names a .rhai file in the flows directory, like quiz.rhai, not `{name}`"),
+            );
+            return None;
+        }
+        self.env.used.insert(name.clone());
+        let Some((path, text)) = self.env.sources.get(&name) else {
+            self.err(
+                node.pos,
+                format!("script `{name}` not found in the flows directory"),
+            );
+            return None;
+        };
+        let compiled = self.env.sandbox.compile_script(path, text);
+        let contact_fields = script_contact_fields(text);
+        match compiled {
+            Ok(script) => {
+                self.env.compiled = true;
+                Some(ScriptFlow {
+                    script,
+                    contact_fields,
+                })
+            }
+            Err(e) => {
+                self.script_err(&e);
+                None
+            }
+        }
+    }
+
+    /// `fallback:` -- messages like `say:` (no expressions: the fallback is
+    /// what goes out when those fail), or `{ silence: true }`.
+    fn fallback(&mut self, node: &Node) -> Vec<Message> {
+        if let Kind::Map(entries) = &node.kind {
+            let silence = entries
+                .iter()
+                .any(|(k, _)| matches!(&k.kind, Kind::Scalar(s, _) if s == "silence"));
+            if silence {
+                if let Some(m) = self.map(node, "`fallback`", &["silence"]) {
+                    if let Some((_, v)) = m.get("silence") {
+                        self.must_be_true(v, "silence");
+                    }
+                }
+                return Vec::new();
+            }
+        }
+        let outer = self
+            .no_exprs
+            .replace("a fallback cannot use `{{= }}`: it is what is sent when expressions fail");
+        let msgs = self.messages(node, "`fallback`");
+        self.no_exprs = outer;
+        msgs
     }
 
     /// One reply message from text; checks its length.
@@ -681,14 +992,14 @@ impl Cx<'_> {
                 .iter()
                 .any(|(key, _)| matches!(&key.kind, Kind::Scalar(s, _) if s == k))
         };
-        if has("steps") {
+        if has("steps") || has("script") {
             self.flow_file(root, stem)
         } else if has("keywords") || has("default") {
             self.keyword_file(root)
         } else {
             self.err(
                 root.pos,
-                "expected `keywords:` (a keyword file) or `steps:` (a flow file)",
+                "expected `keywords:` (a keyword file), or `steps:` or `script:` (a flow file)",
             );
             None
         }
@@ -773,8 +1084,11 @@ impl Cx<'_> {
                 "expire_after",
                 "start",
                 "steps",
+                "script",
+                "fallback",
             ],
         )?;
+        self.no_exprs = None;
         let (name, name_pos) = match m.get("name") {
             Some((_, v)) => (self.text(v, "`name`")?, v.pos),
             None => (stem.to_owned(), Pos { line: 1, column: 1 }),
@@ -814,6 +1128,37 @@ impl Cx<'_> {
                 .unwrap_or(DEFAULT_EXPIRE_SECS),
             None => DEFAULT_EXPIRE_SECS,
         };
+        let fallback = m
+            .get("fallback")
+            .map(|(_, v)| self.fallback(v))
+            .unwrap_or_default();
+        if let Some((script_key, script_node)) = m.get("script") {
+            for key in ["steps", "start"] {
+                if let Some((k, _)) = m.get(key) {
+                    self.err(
+                        k.pos,
+                        format!("a script flow has no steps; remove `{key}` or `script`"),
+                    );
+                }
+            }
+            let script = self.script(script_node)?;
+            return Some(Doc::Flow {
+                flow: Box::new(Flow {
+                    name,
+                    file: self.file.clone(),
+                    expire_after,
+                    start: Target {
+                        name: ENTRY_POINT.to_owned(),
+                        pos: script_key.pos,
+                    },
+                    steps: BTreeMap::new(),
+                    script: Some(script),
+                    fallback,
+                }),
+                name_pos,
+                trigger,
+            });
+        }
         let (steps_key, steps_node) = *m.get("steps")?;
         let mut steps = BTreeMap::new();
         let mut first: Option<Target> = None;
@@ -854,13 +1199,15 @@ impl Cx<'_> {
             },
         };
         Some(Doc::Flow {
-            flow: Flow {
+            flow: Box::new(Flow {
                 name,
                 file: self.file.clone(),
                 expire_after,
                 start,
                 steps,
-            },
+                script: None,
+                fallback,
+            }),
             name_pos,
             trigger,
         })
@@ -1139,6 +1486,11 @@ impl Cx<'_> {
             "anything" => self
                 .must_be_true(v, "anything")
                 .then_some(Matcher::Anything)?,
+            "when" => {
+                let src = self.text(v, "`when` (a Rhai condition)")?;
+                let mut cursor = byte_offset(self.source, v.pos);
+                Matcher::When(self.expr(v.pos, &src, &mut cursor)?)
+            }
             _ => self.must_be_true(v, "else").then_some(Matcher::Else)?,
         })
     }

@@ -285,6 +285,8 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
         }),
         Matcher::Anything => plain(!normalize(body).is_empty() || has_media),
         Matcher::Else => plain(true),
+        // Rhai conditions need the sandbox; the engine evaluates them.
+        Matcher::When(_) => None,
     }
 }
 

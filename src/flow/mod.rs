@@ -4,7 +4,8 @@
 //! problem, located by file, line and column); [`handle`] is the pure step
 //! function the webhook calls for each inbound message; `transcript` runs
 //! `.chat` conversation tests against a set; `outline` describes one flow's
-//! steps and routes for diagrams. The file format is documented
+//! steps and routes for diagrams; `script` is the Rhai sandbox that script
+//! flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
@@ -25,10 +26,10 @@ mod yaml;
 
 pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
-    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS,
+    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub(crate) use load::parse_duration;
-pub use load::{check_dir, load_dir, Loaded, MAX_FILE_BYTES};
+pub use load::{check_dir, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub use outline::{Edge, EdgeTarget, Outline, OutlineStep};

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
+use super::script::{Expr, Sandbox, Script};
 use super::template::{Template, Var};
 
 /// A place in a flow file (1-based line and column).
@@ -95,6 +96,9 @@ pub(crate) struct SetInner {
     /// Catch-all flows, ordered by file name.
     pub catch_alls: Vec<ScopedFlow>,
     pub defaults: Vec<DefaultReply>,
+    /// The Rhai sandbox the set's scripts and expressions were compiled
+    /// with and run in; `None` when the set has neither.
+    pub sandbox: Option<Arc<Sandbox>>,
 }
 
 impl FlowSet {
@@ -118,6 +122,13 @@ impl FlowSet {
                 ..SetInner::default()
             }),
         }
+    }
+
+    /// Does any flow run Rhai (a script flow, or an expression in a YAML
+    /// flow)? Such a set can spend up to the sandbox's wall-clock budget per
+    /// message in [`handle`](super::handle).
+    pub fn has_scripts(&self) -> bool {
+        self.inner.sandbox.is_some()
     }
 
     /// Names of the multi-step flows in this set.
@@ -219,7 +230,22 @@ pub(crate) struct Flow {
     /// Idle seconds after which a run ends.
     pub expire_after: i64,
     pub start: Target,
+    /// Empty for a script flow.
     pub steps: BTreeMap<String, Step>,
+    /// `script:`: the whole flow is this Rhai script's `on_message`.
+    pub script: Option<ScriptFlow>,
+    /// What to answer when a script or expression of this flow fails;
+    /// empty means silence.
+    pub fallback: Vec<Message>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct ScriptFlow {
+    pub script: Script,
+    /// Contact fields the script sets with a literal name; `None` when it
+    /// may set others (a computed name, or an import), so `check` cannot
+    /// tell which fields exist.
+    pub contact_fields: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -294,4 +320,6 @@ pub(crate) enum Matcher {
     No,
     Anything,
     Else,
+    /// `when:`, a Rhai condition.
+    When(Expr),
 }

@@ -208,5 +208,6 @@ fn route_label(r: &Route) -> String {
         Matcher::No => "no".to_owned(),
         Matcher::Anything => "anything".to_owned(),
         Matcher::Else => "else".to_owned(),
+        Matcher::When(_) => "when (Rhai condition)".to_owned(),
     }
 }

@@ -198,6 +198,17 @@ impl ScriptError {
             _ => None,
         }
     }
+
+    /// What went wrong, without the file and position (for structured logs
+    /// that carry those as fields).
+    pub fn message(&self) -> String {
+        match self {
+            ScriptError::Compile { message, .. }
+            | ScriptError::Runtime { message, .. }
+            | ScriptError::BadReturn { message, .. } => message.clone(),
+            ScriptError::Limit { which, .. } => format!("script exceeded the {which} limit"),
+        }
+    }
 }
 
 /// A compiled script flow. Cheap to clone and shared across threads: compile
@@ -379,6 +390,17 @@ impl Sandbox {
     /// The limits this sandbox enforces.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Starts the wall-clock budget of one message. Each run or evaluation
+    /// is stopped by the budget on its own; a caller that runs several for
+    /// one message (a YAML flow with many expressions) checks this between
+    /// them, so the message as a whole stays within about one budget.
+    pub fn message_budget(&self) -> MessageBudget {
+        MessageBudget {
+            started: Instant::now(),
+            budget: self.limits.wall_clock,
+        }
     }
 
     /// Compiles a whole-flow `.rhai` file. Imports are resolved now (and
@@ -578,6 +600,21 @@ impl Sandbox {
                 err => Err(runtime_error(&expr.origin, err)),
             },
         }
+    }
+}
+
+/// The wall-clock budget of one message, shared by every script run and
+/// expression evaluated for it. See [`Sandbox::message_budget`].
+#[derive(Debug, Clone, Copy)]
+pub struct MessageBudget {
+    started: Instant,
+    budget: Duration,
+}
+
+impl MessageBudget {
+    /// True once the message has used up its budget.
+    pub fn exhausted(&self) -> bool {
+        self.started.elapsed() > self.budget
     }
 }
 

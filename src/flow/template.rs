@@ -1,12 +1,17 @@
-//! `{{var}}` templates in replies and `set:` values.
+//! `{{var}}` templates in replies and `set:` values, and `{{= expr }}`
+//! Rhai expressions inside them.
 //!
 //! Parsed once at load time (so a broken template is a load error, never a
-//! runtime surprise) and rendered against a [`Vars`] view. Rendering is
-//! total: a missing variable renders as its fallback or the empty string.
+//! runtime surprise) and rendered against a [`Vars`] view. Rendering
+//! variables is total: a missing variable renders as its fallback or the
+//! empty string. Expressions are compiled by `load` and evaluated through a
+//! callback the engine passes in, which is the only way rendering can fail.
 //! This module does not know where variables come from or which exist.
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+use super::script::{Expr, ScriptError};
 
 /// A variable a template can name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,10 +46,39 @@ impl fmt::Display for Var {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 enum Part {
     Lit(String),
-    Var { var: Var, fallback: Option<String> },
+    Var {
+        var: Var,
+        fallback: Option<String>,
+    },
+    /// `{{= src }}`; `expr` is filled in by `load` once compiled.
+    Expr {
+        src: String,
+        expr: Option<Expr>,
+    },
+}
+
+/// Compiled expressions compare by their source.
+impl PartialEq for Part {
+    fn eq(&self, other: &Part) -> bool {
+        match (self, other) {
+            (Part::Lit(a), Part::Lit(b)) => a == b,
+            (
+                Part::Var {
+                    var: a,
+                    fallback: fa,
+                },
+                Part::Var {
+                    var: b,
+                    fallback: fb,
+                },
+            ) => a == b && fa == fb,
+            (Part::Expr { src: a, .. }, Part::Expr { src: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A parsed template.
@@ -60,6 +94,8 @@ pub(crate) enum TemplateError {
     Unclosed,
     #[error("empty `{{{{}}}}` in template")]
     Empty,
+    #[error("empty `{{{{= }}}}` in template (write a Rhai expression after `=`)")]
+    EmptyExpr,
     #[error("invalid variable name `{0}` in template (letters, digits and `_`, optionally `contact.`/`message.`/`match.` prefix)")]
     BadName(String),
 }
@@ -101,6 +137,17 @@ impl Template {
             let after = &rest[open + 2..];
             let close = after.find("}}").ok_or(TemplateError::Unclosed)?;
             let inner = &after[..close];
+            rest = &after[close + 2..];
+            if let Some(src) = inner.trim_start().strip_prefix('=') {
+                if src.trim().is_empty() {
+                    return Err(TemplateError::EmptyExpr);
+                }
+                parts.push(Part::Expr {
+                    src: src.to_owned(),
+                    expr: None,
+                });
+                continue;
+            }
             let (name, fallback) = match inner.split_once('|') {
                 Some((n, f)) => (n.trim(), Some(f.trim().to_owned())),
                 None => (inner.trim(), None),
@@ -110,7 +157,6 @@ impl Template {
             }
             let var = parse_var(name).ok_or_else(|| TemplateError::BadName(name.to_owned()))?;
             parts.push(Part::Var { var, fallback });
-            rest = &after[close + 2..];
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_owned()));
@@ -125,11 +171,25 @@ impl Template {
         }
     }
 
+    /// The source of each `{{= }}` expression, in order, with the slot its
+    /// compiled form goes in.
+    pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = (&str, &mut Option<Expr>)> {
+        self.parts.iter_mut().filter_map(|p| match p {
+            Part::Expr { src, expr } => Some((src.as_str(), expr)),
+            _ => None,
+        })
+    }
+
+    /// Does this template contain a `{{= }}` expression?
+    pub(crate) fn has_exprs(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Expr { .. }))
+    }
+
     /// The variables this template names.
     pub(crate) fn vars(&self) -> impl Iterator<Item = &Var> {
         self.parts.iter().filter_map(|p| match p {
             Part::Var { var, .. } => Some(var),
-            Part::Lit(_) => None,
+            Part::Lit(_) | Part::Expr { .. } => None,
         })
     }
 
@@ -148,6 +208,7 @@ impl Template {
                     var,
                     fallback: None,
                 } => format!("{{{{{var}}}}}"),
+                Part::Expr { src, .. } => format!("{{{{= {src} }}}}"),
             })
             .collect()
     }
@@ -160,11 +221,27 @@ impl Template {
             .map(|p| match p {
                 Part::Lit(s) => s.as_str(),
                 Part::Var { fallback, .. } => fallback.as_deref().unwrap_or(""),
+                Part::Expr { .. } => "",
             })
             .collect()
     }
 
+    /// Renders a template without expressions (an expression renders as
+    /// nothing; `load` only allows them where [`Template::try_render`] is
+    /// used).
+    #[cfg(test)]
     pub(crate) fn render(&self, vars: &Vars<'_>) -> String {
+        self.try_render(vars, &mut |_| Ok(String::new()))
+            .unwrap_or_default()
+    }
+
+    /// Renders the template, evaluating each `{{= }}` with `eval`. The
+    /// first failing expression fails the whole render.
+    pub(crate) fn try_render(
+        &self,
+        vars: &Vars<'_>,
+        eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
+    ) -> Result<String, ScriptError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -173,9 +250,14 @@ impl Template {
                     Some(v) if !v.is_empty() => out.push_str(v),
                     _ => out.push_str(fallback.as_deref().unwrap_or("")),
                 },
+                Part::Expr { expr, .. } => {
+                    if let Some(expr) = expr {
+                        out.push_str(&eval(expr)?);
+                    }
+                }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -244,6 +326,7 @@ mod tests {
     fn rejects_broken() {
         assert_eq!(Template::parse("Hi {{name"), Err(TemplateError::Unclosed));
         assert_eq!(Template::parse("{{ }}"), Err(TemplateError::Empty));
+        assert_eq!(Template::parse("{{= }}"), Err(TemplateError::EmptyExpr));
         assert!(matches!(
             Template::parse("{{a b}}"),
             Err(TemplateError::BadName(_))
@@ -252,6 +335,17 @@ mod tests {
             Template::parse("{{message.x}}"),
             Err(TemplateError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn expressions_are_parts_of_their_own() {
+        let mut t = Template::parse("Total: {{= vars.a * 2 }} for {{name}}{{=1}}").unwrap();
+        assert!(t.has_exprs());
+        let srcs: Vec<String> = t.exprs_mut().map(|(s, _)| s.to_owned()).collect();
+        assert_eq!(srcs, [" vars.a * 2 ", "1"]);
+        assert_eq!(t.literal_text(), "Total:  for ");
+        assert_eq!(t.vars().count(), 1);
+        assert!(!Template::parse("{{x}}").unwrap().has_exprs());
     }
 
     proptest::proptest! {

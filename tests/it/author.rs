@@ -101,7 +101,7 @@ fn chat_output_with_shipped_flows_passes_as_a_transcript() {
         .unwrap()
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "rhai"))
         .map(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             (name, std::fs::read_to_string(&p).unwrap())
@@ -279,7 +279,7 @@ fn graph_of_signup_has_its_steps_and_routes() {
     let err = author::mermaid(&set, "signpu").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no flow named `signpu` (flows: appointment, signup, survey)"
+        "no flow named `signpu` (flows: appointment, order, quiz, signup, survey)"
     );
 }
 

@@ -123,7 +123,7 @@ async fn conversation_survives_a_restart() {
     // The contact field persists too.
     assert_eq!(
         bodies(&app.send_sms(me, "hi").await.body),
-        vec!["Hi Dee! Text HOURS, ADDRESS, MENU, JOIN, SURVEY or CONFIRM."]
+        vec!["Hi Dee! Text HOURS, ADDRESS, MENU, JOIN, SURVEY, CONFIRM, QUIZ or ORDER."]
     );
     drop(tmp);
 }
