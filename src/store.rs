@@ -277,12 +277,29 @@ impl SledStore {
             Durability::Flush => None,
             Durability::Relaxed => Some(200),
         };
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(dir)
             .cache_capacity(config.cache_bytes)
             .flush_every_ms(flush_every)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+            .mode(sled::Mode::HighThroughput);
+        // Reopening in the same process right after a store was dropped (a
+        // restart in tests, the chat's reload) can find the file lock still
+        // held for a moment by sled's background threads; wait briefly
+        // rather than fail. Another process holding it still fails, after
+        // about two seconds.
+        let mut attempts = 0;
+        let db = loop {
+            match sled_config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
+                {
+                    attempts += 1;
+                    thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let flusher = match config.durability {
             Durability::Flush => Some(GroupFlusher::start(db.clone())),
             Durability::Relaxed => None,

@@ -8,4 +8,5 @@ mod helpers;
 mod hygiene;
 mod process;
 mod reload;
+mod scripts;
 mod webhook;
