@@ -1,174 +1,280 @@
-//! Load generator: drives the real smsflow server over loopback HTTP with
-//! signed webhooks from many senders through a multi-step flow, then drives
-//! a bare axum handler (parse the form, answer fixed TwiML) the same way on
-//! the same machine, and prints both figures and their ratio.
+//! Load generator: drives the smsflow server over loopback HTTP with signed
+//! webhooks from many senders, then compares it with a bare axum handler
+//! (parse the form, answer fixed TwiML) measured the same way, on the same
+//! machine, in the same run: requests/s, p50/p99 latency, errors and each
+//! server's peak RSS (`VmHWM` from `/proc/<pid>/status`).
 //!
 //! ```sh
-//! cargo run --release --example loadgen -- --requests 20000 --senders 1000 --concurrency 32
+//! cargo build --release --examples --bins
+//! L=target/release/examples/loadgen
+//! $L --scenario multistep --durability flush --senders 1000 --requests 20000 --concurrency 32
+//! $L --scenario keyword
+//! $L --scenario multistep --durability relaxed
+//! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
+//! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
 //! ```
 //!
-//! Both servers run in this process on their own 2-thread runtime; the
-//! client runs on another. Only loopback traffic, bounded by `--requests`.
+//! Both servers run as child processes by default: smsflow is the `smsflow`
+//! binary next to this example's directory (`target/release/smsflow`, or
+//! `--server-bin PATH`), started as `smsflow serve --listen 127.0.0.1:0`
+//! with the token in `TWILIO_AUTH_TOKEN`; the bare handler is this program
+//! re-executed with `--bare-server`. Without the binary (or with
+//! `--in-process`) both run inside this process and no RSS is reported.
+//! Each server gets a warm-up (2,000 requests from other senders) before
+//! the measured run. The client signs every request before the clock starts
+//! and runs on its own 2-thread runtime. Only loopback traffic, bounded by
+//! `--requests` (and `--prefill`).
+//!
+//! `--prefill N` first drives senders 0..N one step each (not measured), so
+//! N conversations are stored; the measured run then continues those
+//! conversations. A scenario is a flow file in `examples/loadgen_flows/`
+//! plus one arm in [`scenario`].
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::header;
 use axum::response::IntoResponse;
+use clap::Parser;
 use smsflow::app::App;
+use smsflow::cli::DurabilityArg;
 use smsflow::config::Config;
 use smsflow::store::Durability;
 use smsflow::twilio::{encode_form, RequestValidator};
+use tokio::sync::oneshot;
 
 const TOKEN: &str = "loadgen-token";
 const OUR_NUMBER: &str = "+15550001111";
+const PUBLIC_URL: &str = "http://localhost";
+const WARM_UP: usize = 2_000;
 
-/// The conversation every simulated sender repeats.
-const FLOW: &str = r#"
-name: loadtest
-trigger:
-  keywords: [JOIN]
-steps:
-  ask_name:
-    say: "Hi! What's your name?"
-    wait:
-      - anything: true
-        save: name
-        goto: ask_age
-  ask_age:
-    say: "Thanks {{name}}! How old are you?"
-    wait:
-      - number: 1..120
-        save: age
-        goto: done
-    retry:
-      say: "Please send your age as a number."
-      limit: 2
-  done:
-    say: "All set, {{name}} ({{age}})."
-"#;
-
-const KEYWORDS: &str = "keywords:\n  HOURS: \"We're open 9-5\"\n";
-
+#[derive(Debug, Parser)]
+#[command(about = "Load generator for smsflow (commands: the doc comment of examples/loadgen.rs)")]
 struct Args {
+    /// What each sender texts: keyword | multistep.
+    #[arg(long, default_value = "multistep")]
+    scenario: String,
+    /// The server's durability setting.
+    #[arg(long, value_enum, default_value = "flush")]
+    durability: DurabilityArg,
+    /// Distinct phone numbers texting us.
+    #[arg(long, default_value_t = 1_000)]
+    senders: usize,
+    /// Measured requests per server.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Requests in flight at once (one connection each).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Conversations to store before measuring (senders 0..N, one step).
+    #[arg(long, default_value_t = 0)]
+    prefill: usize,
+    /// The smsflow binary [default: `smsflow` in the parent of this
+    /// example's directory, e.g. target/release/smsflow].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Run both servers inside this process (no RSS figures).
+    #[arg(long)]
+    in_process: bool,
+    /// Instead of a load: write this many flow files and time the server
+    /// from spawn to its first successful /healthz (median of 5 runs).
+    #[arg(long)]
+    startup_flows: Option<usize>,
+    /// Internal: serve the bare handler and print its address.
+    #[arg(long, hide = true)]
+    bare_server: bool,
+}
+
+/// One kind of traffic: the flow file the server loads and what senders
+/// text. Adding a scenario is a flow file plus one arm in [`scenario`].
+struct Scenario {
+    name: &'static str,
+    /// File name and contents of the flow loaded for this scenario.
+    flow: (&'static str, &'static str),
+    /// The body sender `sender` sends as its `round`-th message.
+    message: fn(sender: usize, round: usize) -> String,
+    /// Whether its first message stores a conversation (`--prefill` needs it).
+    stateful: bool,
+}
+
+fn scenario(name: &str) -> Option<Scenario> {
+    match name {
+        "keyword" => Some(Scenario {
+            name: "keyword",
+            flow: ("keyword.yaml", include_str!("loadgen_flows/keyword.yaml")),
+            message: |_, _| "HOURS".to_string(),
+            stateful: false,
+        }),
+        // JOIN -> name -> age -> done, and again.
+        "multistep" => Some(Scenario {
+            name: "multistep",
+            flow: (
+                "multistep.yaml",
+                include_str!("loadgen_flows/multistep.yaml"),
+            ),
+            message: |sender, round| match round % 3 {
+                0 => "JOIN".to_string(),
+                1 => format!("Person {sender}"),
+                _ => format!("{}", 20 + sender % 50),
+            },
+            stateful: true,
+        }),
+        _ => None,
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.bare_server {
+        serve_bare();
+        return;
+    }
+    let mode = Mode::from_args(&args);
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    match args.startup_flows {
+        Some(n) => startup(&client_rt, &mode, &args, n),
+        None => load(&client_rt, &mode, &args),
+    }
+}
+
+// ---------------------------------------------------------------- load
+
+fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
+    let Some(sc) = scenario(&args.scenario) else {
+        panic!("unknown --scenario {}: keyword | multistep", args.scenario);
+    };
+    assert!(
+        args.prefill == 0 || sc.stateful,
+        "--prefill needs a scenario that stores conversations, not {}",
+        sc.name
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).expect("flows dir");
+    std::fs::write(flows.join(sc.flow.0), sc.flow.1).expect("write flow");
+    let client = client(args.concurrency);
+
+    println!(
+        "scenario {} | durability {} | senders {} | prefill {} | requests {} | concurrency {}",
+        sc.name,
+        durability_name(args.durability),
+        args.senders,
+        args.prefill,
+        args.requests,
+        args.concurrency
+    );
+    println!("servers: {}", mode.describe());
+
+    let measured = Load {
+        phase: 1,
+        from_prefix: "+1555",
+        requests: args.requests,
+        senders: args.senders,
+        prefilled: args.prefill,
+    };
+    let warm_up = Load {
+        phase: 2,
+        from_prefix: "+1444",
+        requests: WARM_UP.min(args.requests),
+        senders: args.senders.min(WARM_UP),
+        prefilled: 0,
+    };
+
+    let bare = Server::bare(mode);
+    run(client_rt, &client, &bare, &sc, &warm_up, args.concurrency);
+    let bare_report = run(client_rt, &client, &bare, &sc, &measured, args.concurrency);
+    let bare_rss = bare.peak_rss();
+    bare.stop();
+
+    let ours = Server::smsflow(mode, &flows, &tmp.path().join("data"), args.durability);
+    if args.prefill > 0 {
+        let prefill = Load {
+            phase: 3,
+            from_prefix: "+1555",
+            requests: args.prefill,
+            senders: args.prefill,
+            prefilled: 0,
+        };
+        let rep = run(client_rt, &client, &ours, &sc, &prefill, args.concurrency);
+        println!(
+            "prefill  {} conversations in {:.1} s ({:.0} req/s, {} errors); RSS now {}, stored {}",
+            args.prefill,
+            rep.elapsed.as_secs_f64(),
+            rep.rps(),
+            rep.errors,
+            mib(ours.rss()),
+            conversations(client_rt, &client, ours.addr)
+        );
+    }
+    run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
+    let our_report = run(client_rt, &client, &ours, &sc, &measured, args.concurrency);
+    let our_rss = ours.peak_rss();
+    let stored = conversations(client_rt, &client, ours.addr);
+    ours.stop();
+
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>7} {:>7} {:>11}",
+        "", "req/s", "p50 ms", "p99 ms", "ok", "errors", "peak RSS"
+    );
+    println!("{}", bare_report.line("bare axum", bare_rss));
+    println!("{}", our_report.line("smsflow", our_rss));
+    println!(
+        "ratio      {:.1}% of the bare handler's requests/s; {} conversations stored at the end",
+        100.0 * our_report.rps() / bare_report.rps(),
+        stored
+    );
+    for (name, r) in [("bare axum", &bare_report), ("smsflow", &our_report)] {
+        if let Some(e) = &r.first_error {
+            println!("first error from {name}: {e}");
+        }
+    }
+}
+
+/// Which requests one phase sends.
+struct Load {
+    /// Keeps MessageSids unique across the phases of one server.
+    phase: u8,
+    /// Phone number prefix: warm-up senders never touch measured ones.
+    from_prefix: &'static str,
     requests: usize,
     senders: usize,
-    concurrency: usize,
-    durability: Durability,
-    scenario: String,
+    /// Senders below this already sent their first message (`--prefill`).
+    prefilled: usize,
 }
 
-fn parse_args() -> Args {
-    let mut a = Args {
-        requests: 20_000,
-        senders: 1_000,
-        concurrency: 32,
-        durability: Durability::Flush,
-        scenario: "multistep".into(),
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let val = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
-            "--requests" => a.requests = val.parse().expect("--requests N"),
-            "--senders" => a.senders = val.parse().expect("--senders N"),
-            "--concurrency" => a.concurrency = val.parse().expect("--concurrency N"),
-            "--durability" => {
-                a.durability = match val.as_str() {
-                    "relaxed" => Durability::Relaxed,
-                    _ => Durability::Flush,
-                }
-            }
-            "--scenario" => a.scenario = val,
-            other => panic!("unknown argument {other}; see the file's doc comment"),
-        }
-        i += 2;
-    }
-    a
-}
-
-#[derive(Default)]
-struct Report {
-    ok: usize,
-    errors: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Report {
-    fn rps(&self) -> f64 {
-        self.ok as f64 / self.elapsed.as_secs_f64()
-    }
-    fn pct(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let idx = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies[idx]
-    }
-    fn line(&self, name: &str) -> String {
-        format!(
-            "{name:<10} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ok {}  errors {}",
-            self.rps(),
-            self.pct(0.50).as_secs_f64() * 1e3,
-            self.pct(0.99).as_secs_f64() * 1e3,
-            self.ok,
-            self.errors
-        )
-    }
-}
-
-/// Sends `requests` signed webhooks to `addr` from `concurrency` workers.
-/// Sender `s` walks the conversation JOIN → name → age, and starts again.
-async fn drive(addr: SocketAddr, public_url: &str, args: &Args, keyword: bool) -> Report {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .build()
-        .expect("client");
-    let validator = Arc::new(RequestValidator::new(TOKEN));
-    let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("http://{addr}/twilio/sms");
-    let signed_url = format!("{public_url}/twilio/sms");
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (client, validator, next) = (client.clone(), validator.clone(), next.clone());
-        let (url, signed_url) = (url.clone(), signed_url.clone());
-        let (requests, senders) = (args.requests, args.senders);
-        tasks.push(tokio::spawn(async move {
-            let mut rep = Report::default();
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= requests {
-                    break;
-                }
-                // Consecutive messages of one sender are `senders` requests
-                // apart, so with senders >> concurrency they arrive in order,
-                // like a real phone's.
-                let sender = n % senders.max(1);
-                let round = n / senders.max(1);
-                let body = if keyword {
-                    "HOURS".to_string()
-                } else {
-                    match round % 3 {
-                        0 => "JOIN".to_string(),
-                        1 => format!("Person {sender}"),
-                        _ => format!("{}", 20 + sender % 50),
-                    }
-                };
-                let sid = format!("SM{n:032x}");
+impl Load {
+    /// Every request of the phase as (form body, signature), signed before
+    /// the clock starts. Request `n` comes from sender `n % senders`, so one
+    /// sender's consecutive messages are `senders` requests apart and, with
+    /// senders >> concurrency, arrive in order like a real phone's.
+    fn requests(&self, sc: &Scenario) -> Vec<(String, String)> {
+        let validator = RequestValidator::new(TOKEN);
+        let signed_url = format!("{PUBLIC_URL}/twilio/sms");
+        let senders = self.senders.max(1);
+        (0..self.requests)
+            .map(|n| {
+                let sender = n % senders;
+                let round = n / senders + usize::from(sender < self.prefilled);
+                let sid = format!("SM{:02x}{n:030x}", self.phase);
+                let from = format!("{}{sender:07}", self.from_prefix);
+                let body = (sc.message)(sender, round);
                 let params: Vec<(String, String)> = [
                     ("MessageSid", sid.as_str()),
                     ("SmsSid", sid.as_str()),
                     ("AccountSid", "AC00000000000000000000000000000000"),
-                    ("From", &format!("+1555{sender:07}")),
+                    ("From", from.as_str()),
                     ("To", OUR_NUMBER),
-                    ("Body", &body),
+                    ("Body", body.as_str()),
                     ("NumMedia", "0"),
                     ("NumSegments", "1"),
                     ("ApiVersion", "2010-04-01"),
@@ -177,42 +283,479 @@ async fn drive(addr: SocketAddr, public_url: &str, args: &Args, keyword: bool) -
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
                 let sig = validator.compute(&signed_url, &params);
-                let t = Instant::now();
-                let res = client
-                    .post(&url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("x-twilio-signature", sig)
-                    .body(encode_form(&params))
-                    .send()
-                    .await;
-                match res {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        rep.ok += 1;
-                        rep.latencies.push(t.elapsed());
-                    }
-                    _ => rep.errors += 1,
-                }
-            }
-            rep
-        }));
+                (encode_form(&params), sig)
+            })
+            .collect()
     }
-    let mut total = Report::default();
-    for t in tasks {
-        let r = t.await.expect("worker");
-        total.ok += r.ok;
-        total.errors += r.errors;
-        total.latencies.extend(r.latencies);
-    }
-    total.elapsed = started.elapsed();
-    total.latencies.sort();
-    total
 }
 
+#[derive(Default)]
+struct Report {
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let idx = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[idx]
+    }
+
+    fn line(&self, name: &str, rss: Option<u64>) -> String {
+        format!(
+            "{name:<10} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>7} {:>11}",
+            self.rps(),
+            self.pct(0.50).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3,
+            self.ok,
+            self.errors,
+            mib(rss)
+        )
+    }
+}
+
+fn client(concurrency: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Sends one phase to `server` from `concurrency` workers.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    server: &Server,
+    sc: &Scenario,
+    load: &Load,
+    concurrency: usize,
+) -> Report {
+    let requests = Arc::new(load.requests(sc));
+    let url = format!("http://{}/twilio/sms", server.addr);
+    rt.block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, requests, next, url) =
+                (client.clone(), requests.clone(), next.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rep = Report::default();
+                while let Some((body, sig)) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let t = Instant::now();
+                    let res = client
+                        .post(&url)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .header("x-twilio-signature", sig)
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    let failure = match res {
+                        Ok(r) if r.status().is_success() => match r.bytes().await {
+                            Ok(_) => None,
+                            Err(e) => Some(e.to_string()),
+                        },
+                        Ok(r) => Some(format!("status {}", r.status())),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    match failure {
+                        None => {
+                            rep.ok += 1;
+                            rep.latencies.push(t.elapsed());
+                        }
+                        Some(e) => {
+                            rep.errors += 1;
+                            rep.first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                rep
+            }));
+        }
+        let mut total = Report::default();
+        for t in tasks {
+            let r = t.await.expect("worker");
+            total.ok += r.ok;
+            total.errors += r.errors;
+            total.first_error = total.first_error.or(r.first_error);
+            total.latencies.extend(r.latencies);
+        }
+        total.elapsed = started.elapsed();
+        total.latencies.sort();
+        total
+    })
+}
+
+/// The stored conversation count from `/status`, or "?" if unavailable.
+fn conversations(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    addr: SocketAddr,
+) -> String {
+    rt.block_on(async {
+        let text = client
+            .get(format!("http://{addr}/status"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(v["conversations"].as_u64()?.to_string())
+    })
+    .unwrap_or_else(|| "?".into())
+}
+
+// ------------------------------------------------------------- startup
+
+fn startup(rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args, n: usize) {
+    const RUNS: usize = 5;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).expect("flows dir");
+    write_startup_flows(&flows, n);
+    // The same loader the server runs: a mistake here is reported plainly
+    // instead of as a server that never comes up.
+    smsflow::app::load_flows(&flows).expect("generated flows are valid");
+    let client = client(1);
+    println!("startup with {n} flow files; server: {}", mode.describe());
+    let mut times = Vec::new();
+    for run in 0..RUNS {
+        let started = Instant::now();
+        let server = Server::smsflow(
+            mode,
+            &flows,
+            &tmp.path().join(format!("data{run}")),
+            args.durability,
+        );
+        rt.block_on(wait_healthy(&client, server.addr));
+        let took = started.elapsed();
+        server.stop();
+        println!("run {}: {:.1} ms", run + 1, took.as_secs_f64() * 1e3);
+        times.push(took);
+    }
+    times.sort();
+    println!(
+        "median   {:.1} ms (spawn to first successful /healthz, {RUNS} runs)",
+        times[RUNS / 2].as_secs_f64() * 1e3
+    );
+}
+
+/// Half keyword files, half three-step flows, each with its own keywords.
+fn write_startup_flows(dir: &Path, n: usize) {
+    for i in 0..n {
+        let (name, text) = if i % 2 == 0 {
+            let mut text = format!(
+                "keywords:\n  K{i}A: \"Reply A number {i}.\"\n  K{i}B:\n    - \"First of two.\"\n    - \"Second of two.\"\n"
+            );
+            if i + 1 < n {
+                // The next file is a flow: start it from a keyword too.
+                text.push_str(&format!("  K{i}C: {{ flow: f{} }}\n", i + 1));
+            }
+            (format!("kw{i:03}.yaml"), text)
+        } else {
+            (
+                format!("f{i:03}.yaml"),
+                format!(
+                    r#"name: f{i}
+trigger:
+  keywords: [F{i}, START{i}]
+expire_after: 2h
+steps:
+  ask_name:
+    say: "Hi! What's your name?"
+    wait:
+      - anything: true
+        save: name
+        goto: ask_age
+  ask_age:
+    say: "Thanks {{{{name}}}}! How old are you?"
+    wait:
+      - number: 13..120
+        save: age
+        goto: done
+      - any_of: [skip, later]
+        goto: done
+    retry:
+      say: "Please send your age as a number."
+      limit: 2
+  done:
+    say: "All set, {{{{name}}}}."
+"#
+                ),
+            )
+        };
+        std::fs::write(dir.join(name), text).expect("write flow");
+    }
+}
+
+async fn wait_healthy(client: &reqwest::Client, addr: SocketAddr) {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no healthy /healthz at {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+// ------------------------------------------------------------- servers
+
+/// Where the servers run.
+enum Mode {
+    /// smsflow from this binary; the bare handler from this program.
+    Child(PathBuf),
+    InProcess,
+}
+
+impl Mode {
+    fn from_args(args: &Args) -> Mode {
+        if args.in_process {
+            return Mode::InProcess;
+        }
+        if let Some(bin) = &args.server_bin {
+            assert!(bin.is_file(), "--server-bin {} not found", bin.display());
+            return Mode::Child(bin.clone());
+        }
+        // target/<profile>/examples/loadgen -> target/<profile>/smsflow
+        let default = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join("smsflow")));
+        match default {
+            Some(bin) if bin.is_file() => Mode::Child(bin),
+            _ => Mode::InProcess,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Mode::Child(bin) => format!(
+                "child processes ({} serve; loadgen --bare-server)",
+                bin.display()
+            ),
+            Mode::InProcess => "in this process (no RSS figures)".into(),
+        }
+    }
+}
+
+/// A running server under test.
+struct Server {
+    addr: SocketAddr,
+    kind: Kind,
+}
+
+enum Kind {
+    Child(Child),
+    /// The runtime is kept so the server keeps running; dropping it stops it.
+    InProcess {
+        rt: tokio::runtime::Runtime,
+        stop: oneshot::Sender<()>,
+        done: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Server {
+    fn smsflow(mode: &Mode, flows: &Path, data: &Path, durability: DurabilityArg) -> Server {
+        match mode {
+            Mode::Child(bin) => {
+                let mut cmd = Command::new(bin);
+                cmd.args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--public-url",
+                    PUBLIC_URL,
+                ])
+                .arg("--flows")
+                .arg(flows)
+                .arg("--data")
+                .arg(data)
+                .args(["--durability", durability_name(durability)])
+                .env("TWILIO_AUTH_TOKEN", TOKEN)
+                .env("RUST_LOG", "info");
+                Server::child(cmd)
+            }
+            Mode::InProcess => {
+                let mut config = Config::for_test(flows, data, TOKEN);
+                config.public_url = PUBLIC_URL.into();
+                // What `serve` uses by default.
+                config.cache_bytes = 32 * 1024 * 1024;
+                config.watch = true;
+                config.durability = match durability {
+                    DurabilityArg::Flush => Durability::Flush,
+                    DurabilityArg::Relaxed => Durability::Relaxed,
+                };
+                let rt = tokio::runtime::Runtime::new().expect("server runtime");
+                let app = rt.block_on(App::build(config)).expect("app builds");
+                let addr = app.local_addr();
+                let (stop, rx) = oneshot::channel::<()>();
+                let done = rt.spawn(async move {
+                    let _ = app
+                        .run_until(async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+                Server {
+                    addr,
+                    kind: Kind::InProcess { rt, stop, done },
+                }
+            }
+        }
+    }
+
+    fn bare(mode: &Mode) -> Server {
+        match mode {
+            Mode::Child(_) => {
+                let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+                cmd.arg("--bare-server");
+                Server::child(cmd)
+            }
+            Mode::InProcess => {
+                let rt = tokio::runtime::Runtime::new().expect("server runtime");
+                let listener = rt
+                    .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                    .expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let (stop, rx) = oneshot::channel::<()>();
+                let done = rt.spawn(async move {
+                    let _ = axum::serve(listener, bare_router())
+                        .with_graceful_shutdown(async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+                Server {
+                    addr,
+                    kind: Kind::InProcess { rt, stop, done },
+                }
+            }
+        }
+    }
+
+    /// Spawn `cmd` and read `addr=` from the first log line that has it;
+    /// the rest of its log is drained (errors echoed) so it never blocks.
+    fn child(mut cmd: Command) -> Server {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("addr=") {
+                    if let Some(tx) = tx.take() {
+                        let addr: String = line[i + 5..]
+                            .chars()
+                            .take_while(|c| !c.is_whitespace())
+                            .collect();
+                        let _ = tx.send(addr);
+                    }
+                } else if line.contains("ERROR") || line.starts_with("error") {
+                    eprintln!("server: {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server printed its address");
+        Server {
+            addr: addr.parse().expect("a socket address"),
+            kind: Kind::Child(child),
+        }
+    }
+
+    /// Resident set high-water mark in bytes (child processes only).
+    fn peak_rss(&self) -> Option<u64> {
+        self.proc_status("VmHWM:")
+    }
+
+    fn rss(&self) -> Option<u64> {
+        self.proc_status("VmRSS:")
+    }
+
+    fn proc_status(&self, field: &str) -> Option<u64> {
+        let Kind::Child(child) = &self.kind else {
+            return None;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
+    /// Graceful stop (SIGTERM for a child: the store is flushed), bounded.
+    fn stop(self) {
+        match self.kind {
+            Kind::Child(mut child) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let started = Instant::now();
+                while child.try_wait().ok().flatten().is_none() {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        let _ = child.kill();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.wait();
+            }
+            Kind::InProcess { rt, stop, done } => {
+                let _ = stop.send(());
+                let _ = rt.block_on(done);
+            }
+        }
+    }
+}
+
+fn durability_name(d: DurabilityArg) -> &'static str {
+    match d {
+        DurabilityArg::Flush => "flush",
+        DurabilityArg::Relaxed => "relaxed",
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    match bytes {
+        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        None => "n/a".into(),
+    }
+}
+
+// --------------------------------------------------------- bare handler
+
+/// The ceiling: parse the form like the real server, answer fixed TwiML.
 async fn bare_handler(body: Bytes) -> impl IntoResponse {
-    // The ceiling: parse the form like the real server, fixed TwiML.
-    let ok = smsflow::twilio::parse_form(&body).is_ok();
-    let twiml = if ok {
+    let twiml = if smsflow::twilio::parse_form(&body).is_ok() {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Message><Body>ok</Body></Message></Response>"
     } else {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>"
@@ -220,72 +763,26 @@ async fn bare_handler(body: Bytes) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], twiml)
 }
 
-fn server_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+fn bare_router() -> axum::Router {
+    axum::Router::new().route("/twilio/sms", axum::routing::post(bare_handler))
 }
 
-fn main() {
-    let args = parse_args();
-    let keyword = args.scenario == "keyword";
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let flows = tmp.path().join("flows");
-    std::fs::create_dir(&flows).expect("flows dir");
-    write(&flows.join("loadtest.yaml"), FLOW);
-    write(&flows.join("keywords.yaml"), KEYWORDS);
-
-    let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    config.durability = args.durability;
-    let server_rt = server_runtime();
-    let app = server_rt.block_on(App::build(config)).expect("app builds");
-    let addr = app.local_addr();
-    server_rt.spawn(app.run_until(std::future::pending()));
-
-    let bare_rt = server_runtime();
-    let bare_addr = bare_rt.block_on(async {
+/// `--bare-server`: the bare handler on the same kind of runtime as
+/// `smsflow serve` (tokio's default multi-thread), until killed.
+fn serve_bare() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let router = axum::Router::new().route("/twilio/sms", axum::routing::post(bare_handler));
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        addr
+        eprintln!(
+            "bare handler listening addr={}",
+            listener.local_addr().expect("addr")
+        );
+        let serve = axum::serve(listener, bare_router());
+        tokio::select! {
+            _ = serve => {}
+            _ = smsflow::app::shutdown_signal() => {}
+        }
     });
-
-    let client_rt = server_runtime();
-    println!(
-        "scenario {}  requests {}  senders {}  concurrency {}  durability {:?}",
-        args.scenario, args.requests, args.senders, args.concurrency, args.durability
-    );
-    // Warm-up, then the measured runs.
-    let warm = Args {
-        requests: args.requests.min(2_000),
-        ..args_clone(&args)
-    };
-    client_rt.block_on(drive(bare_addr, "http://localhost", &warm, keyword));
-    let bare = client_rt.block_on(drive(bare_addr, "http://localhost", &args, keyword));
-    let ours = client_rt.block_on(drive(addr, "http://localhost", &args, keyword));
-    println!("{}", bare.line("bare axum"));
-    println!("{}", ours.line("smsflow"));
-    println!(
-        "ratio      {:.1}% of the bare handler's requests/s",
-        100.0 * ours.rps() / bare.rps()
-    );
-}
-
-fn args_clone(a: &Args) -> Args {
-    Args {
-        requests: a.requests,
-        senders: a.senders,
-        concurrency: a.concurrency,
-        durability: a.durability,
-        scenario: a.scenario.clone(),
-    }
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).expect("write flow");
 }

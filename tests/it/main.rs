@@ -4,6 +4,7 @@
 mod author;
 mod compliance;
 mod conversation;
+mod crash;
 mod helpers;
 mod hygiene;
 mod process;
