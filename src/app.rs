@@ -82,7 +82,16 @@ pub fn status_of(set: &FlowSet, loaded_at: i64) -> FlowStatus {
 }
 
 impl App {
-    pub async fn build(config: Config) -> anyhow::Result<App> {
+    pub async fn build(mut config: Config) -> anyhow::Result<App> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        // Without --public-url the signed URL defaults to the listen
+        // address; with port 0 that must be the port actually bound.
+        if config.listen.port() == 0 && config.public_url == format!("http://{}", config.listen) {
+            config.public_url = format!("http://{addr}");
+        }
         if matches!(config.auth, Auth::Insecure) {
             tracing::warn!(
                 "INSECURE: webhook signatures are NOT verified; anyone who can reach \
@@ -160,10 +169,6 @@ impl App {
             },
         );
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
         let reloader = Arc::new(Reloader::new(
             config.flows_dir.clone(),
             flows,

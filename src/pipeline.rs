@@ -23,8 +23,8 @@ use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
 use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, Reply};
 use crate::metrics::Metrics;
 use crate::store::{
-    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, StatusUpdate,
-    Store, StoreError,
+    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
+    StatusUpdate, Store, StoreError,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
@@ -144,18 +144,22 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         now: i64,
     ) -> Result<Detailed, StoreError> {
-        // Fast path for retries, without taking the conversation lock.
-        if let Some(done) = self.store.processed(&msg.message_sid)? {
-            return Ok(self.duplicate(done));
-        }
         let key = ConvKey::new(&msg.to, &msg.from);
         let guard = self.locks.lock(&key).await;
-        // A retry may have been processed while we waited for the lock.
-        if let Some(done) = self.store.processed(&msg.message_sid)? {
+        // The record holds both the state and the answers given recently,
+        // read once under the lock: a retry processed while we waited is
+        // seen here.
+        let record = self.store.load(&key)?;
+        if let Some(done) = record.answer_to(&msg.message_sid) {
+            let done = done.clone();
+            drop(guard);
+            // The original may still be waiting for its flush; the replay
+            // must not go out before the state it reflects is durable.
+            self.store.flush().await?;
             return Ok(self.duplicate(done));
         }
 
-        let mut conversation = match self.store.conversation(&key)? {
+        let mut conversation = match &record.conversation {
             Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "stored conversation unreadable; starting afresh");
                 Conversation::default()
@@ -326,6 +330,7 @@ impl<S: Store> Pipeline<S> {
         };
         self.store.commit(Commit {
             key: &key,
+            recent: &record.recent,
             conversation: stored.as_deref(),
             ended: conversation.run.is_none(),
             message_sid: &msg.message_sid,
@@ -384,7 +389,7 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    fn duplicate(&self, done: Processed) -> Detailed {
+    fn duplicate(&self, done: RecentAnswer) -> Detailed {
         Metrics::inc(&self.metrics.duplicates);
         tracing::info!(outcome = %done.outcome, "duplicate MessageSid: replaying the recorded answer");
         Detailed {
