@@ -160,7 +160,7 @@ impl<S: Store> Pipeline<S> {
         }
 
         let mut conversation = match &record.conversation {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            Some(bytes) => serde_json::from_slice(bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "stored conversation unreadable; starting afresh");
                 Conversation::default()
             }),
