@@ -100,7 +100,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `smsflow sign`: signature plus a curl command that reproduces the request.
+/// `smsflow sign`: signature plus a curl command that reproduces the request,
+/// printed so that `smsflow sign … | sh` sends it.
 fn sign(args: smsflow::cli::SignArgs) -> anyhow::Result<ExitCode> {
     let token = std::env::var("TWILIO_AUTH_TOKEN")
         .ok()
@@ -139,15 +140,17 @@ fn sign(args: smsflow::cli::SignArgs) -> anyhow::Result<ExitCode> {
         Some(base) => replace_origin(&signed_url, base),
         None => signed_url.clone(),
     };
-    println!("X-Twilio-Signature: {signature}");
+    // The signature line is a shell comment so the whole output can be
+    // piped to `sh`; `-w '\n'` ends the answer with a newline.
+    println!("# X-Twilio-Signature: {signature}");
     if args.get {
         println!(
-            "curl -sS -H 'X-Twilio-Signature: {signature}' '{}'",
+            "curl -sS -w '\\n' -H 'X-Twilio-Signature: {signature}' '{}'",
             shell_quote(&target)
         );
     } else {
         println!(
-            "curl -sS -H 'X-Twilio-Signature: {signature}' --data-raw '{}' '{}'",
+            "curl -sS -w '\\n' -H 'X-Twilio-Signature: {signature}' --data-raw '{}' '{}'",
             shell_quote(&body),
             shell_quote(&target)
         );
