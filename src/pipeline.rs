@@ -151,7 +151,6 @@ impl<S: Store> Pipeline<S> {
         // seen here.
         let record = self.store.load(&key)?;
         if let Some(done) = record.answer_to(&msg.message_sid) {
-            let done = done.clone();
             drop(guard);
             // The original may still be waiting for its flush; the replay
             // must not go out before the state it reflects is durable.
@@ -272,7 +271,15 @@ impl<S: Store> Pipeline<S> {
                                 "script failed; answered with the flow's fallback"
                             );
                         }
-                        event => tracing::info!(?event, "flow event"),
+                        // Ended runs are worth a line of their own; routine
+                        // events only at debug (the "message handled" line
+                        // counts them).
+                        event @ (flow::Event::StaleStep { .. }
+                        | flow::Event::Expired { .. }
+                        | flow::Event::StepLimit { .. }) => {
+                            tracing::info!(?event, "flow event")
+                        }
+                        event => tracing::debug!(?event, "flow event"),
                     }
                 }
                 conversation = handled.conversation;
@@ -346,6 +353,7 @@ impl<S: Store> Pipeline<S> {
             outcome = %processed.outcome,
             flow = processed.flow.as_deref().unwrap_or("-"),
             step = processed.step.as_deref().unwrap_or("-"),
+            events = events.len(),
             "message handled"
         );
         Ok(Detailed {

@@ -173,10 +173,12 @@ pub struct RecentAnswer {
 }
 
 /// How long, and for how many messages, a conversation remembers its
-/// answers for retries. Twilio retries within seconds (its whole budget is
-/// 15 s); a day and 32 messages leave a wide margin.
-pub const DEDUPE_WINDOW_SECS: i64 = 86_400;
-pub const DEDUPE_MAX_ANSWERS: usize = 32;
+/// answers for retries. Twilio's whole budget for a webhook, retries
+/// included, is 15 s (connection overrides cap `tt` at 15000 ms), so ten
+/// minutes and the last 8 messages leave a wide margin while keeping the
+/// record small: it is read and rewritten on every message.
+pub const DEDUPE_WINDOW_SECS: i64 = 600;
+pub const DEDUPE_MAX_ANSWERS: usize = 8;
 
 /// A conversation record as stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -184,13 +186,91 @@ pub struct StoredConversation {
     /// The caller's conversation bytes; `None` when there is no state (only
     /// recent answers).
     pub conversation: Option<Vec<u8>>,
-    pub recent: Vec<RecentAnswer>,
+    /// The recent answers, still encoded: they are read on every message
+    /// but decoded only for a retry, so they stay in a compact binary form
+    /// (per entry: 8-byte time, then sid, outcome and TwiML, each behind
+    /// its length) rather than JSON.
+    pub recent: RecentAnswers,
+}
+
+/// Encoded recent answers (see [`StoredConversation::recent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecentAnswers(Vec<u8>);
+
+/// One encoded entry: (time, sid, outcome, twiml, the entry's bytes).
+type RawAnswer<'a> = (i64, &'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+
+impl RecentAnswers {
+    fn entries(&self) -> impl Iterator<Item = RawAnswer<'_>> {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let whole = rest;
+            let at = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+            rest = &rest[8..];
+            let mut field = || -> Option<&[u8]> {
+                let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                let value = rest.get(4..4 + len)?;
+                rest = &rest[4 + len..];
+                Some(value)
+            };
+            let (sid, outcome, twiml) = (field()?, field()?, field()?);
+            let used = whole.len() - rest.len();
+            Some((at, sid, outcome, twiml, &whole[..used]))
+        })
+    }
+
+    fn push(buf: &mut Vec<u8>, a: &RecentAnswer) {
+        buf.extend_from_slice(&a.at.to_be_bytes());
+        for field in [a.sid.as_bytes(), a.outcome.as_bytes(), a.twiml.as_bytes()] {
+            buf.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            buf.extend_from_slice(field);
+        }
+    }
+
+    /// The recorded answer to `sid`, if there is one.
+    pub fn find(&self, sid: &str) -> Option<RecentAnswer> {
+        self.entries().find(|(_, s, ..)| *s == sid.as_bytes()).map(
+            |(at, sid, outcome, twiml, _)| RecentAnswer {
+                sid: String::from_utf8_lossy(sid).into_owned(),
+                outcome: String::from_utf8_lossy(outcome).into_owned(),
+                twiml: String::from_utf8_lossy(twiml).into_owned(),
+                at,
+            },
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// These answers plus `new`, within the age and count bounds.
+    fn keep_with(&self, new: &RecentAnswer) -> RecentAnswers {
+        let cutoff = new.at - DEDUPE_WINDOW_SECS;
+        let kept: Vec<&[u8]> = self
+            .entries()
+            .filter(|(at, sid, ..)| *at >= cutoff && *sid != new.sid.as_bytes())
+            .map(|(.., raw)| raw)
+            .collect();
+        let skip = (kept.len() + 1).saturating_sub(DEDUPE_MAX_ANSWERS);
+        let mut buf = Vec::with_capacity(
+            kept.iter().skip(skip).map(|r| r.len()).sum::<usize>() + 20 + new.twiml.len(),
+        );
+        for raw in kept.into_iter().skip(skip) {
+            buf.extend_from_slice(raw);
+        }
+        Self::push(&mut buf, new);
+        RecentAnswers(buf)
+    }
 }
 
 impl StoredConversation {
     /// The recorded answer to `sid`, if this conversation gave one.
-    pub fn answer_to(&self, sid: &str) -> Option<&RecentAnswer> {
-        self.recent.iter().find(|a| a.sid == sid)
+    pub fn answer_to(&self, sid: &str) -> Option<RecentAnswer> {
+        self.recent.find(sid)
     }
 }
 
@@ -204,7 +284,7 @@ pub struct Commit<'a> {
     pub ended: bool,
     /// The answers recorded before this message (from [`Store::load`],
     /// read under the conversation's lock); the new one is added to them.
-    pub recent: &'a [RecentAnswer],
+    pub recent: &'a RecentAnswers,
     pub message_sid: &'a str,
     pub processed: &'a Processed,
     pub consent: Option<ConsentChange>,
@@ -401,10 +481,10 @@ fn conv_value(
     now: i64,
     ended: bool,
     conversation: Option<&[u8]>,
-    recent: &[RecentAnswer],
+    recent: &RecentAnswers,
 ) -> Vec<u8> {
     let conv = conversation.unwrap_or_default();
-    let recent = encode(&recent);
+    let recent = &recent.0;
     let mut v = Vec::with_capacity(13 + conv.len() + recent.len());
     v.extend_from_slice(&now.to_be_bytes());
     let mut flags = 0;
@@ -417,7 +497,7 @@ fn conv_value(
     v.push(flags);
     v.extend_from_slice(&(conv.len() as u32).to_be_bytes());
     v.extend_from_slice(conv);
-    v.extend_from_slice(&recent);
+    v.extend_from_slice(recent);
     v
 }
 
@@ -439,25 +519,11 @@ fn decode_conv(key: &[u8], v: &[u8]) -> Result<StoredConversation, StoreError> {
         .map(u32::from_be_bytes)
         .ok_or_else(|| corrupt("short header"))? as usize;
     let conv = v.get(13..13 + len).ok_or_else(|| corrupt("truncated"))?;
-    let recent = decode(key, &v[13 + len..])?;
+    let recent = RecentAnswers(v[13 + len..].to_vec());
     Ok(StoredConversation {
         conversation: (flags & HAS_CONVERSATION != 0).then(|| conv.to_vec()),
         recent,
     })
-}
-
-/// The answers to keep after adding `new`: the window and count bounds.
-fn keep_recent(previous: &[RecentAnswer], new: RecentAnswer) -> Vec<RecentAnswer> {
-    let cutoff = new.at - DEDUPE_WINDOW_SECS;
-    let mut kept: Vec<RecentAnswer> = previous
-        .iter()
-        .filter(|a| a.at >= cutoff && a.sid != new.sid)
-        .cloned()
-        .collect();
-    kept.push(new);
-    let excess = kept.len().saturating_sub(DEDUPE_MAX_ANSWERS);
-    kept.drain(..excess);
-    kept
 }
 
 fn two_part(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
@@ -524,7 +590,7 @@ impl Store for SledStore {
             outcome: c.processed.outcome.clone(),
             at: c.processed.at,
         };
-        let recent = keep_recent(c.recent, answer);
+        let recent = c.recent.keep_with(&answer);
         let record = conv_value(c.processed.at, c.ended, c.conversation, &recent);
         match &c.consent {
             // Rare, and must be atomic with the message: a batch.
@@ -823,6 +889,8 @@ mod tests {
         }
     }
 
+    static EMPTY: RecentAnswers = RecentAnswers(Vec::new());
+
     fn commit<'a>(
         key: &'a ConvKey,
         conversation: Option<&'a [u8]>,
@@ -833,7 +901,7 @@ mod tests {
             key,
             conversation,
             ended: true,
-            recent: &[],
+            recent: &EMPTY,
             message_sid: sid,
             processed,
             consent: None,
@@ -871,14 +939,28 @@ mod tests {
             outcome: String::new(),
             at,
         };
-        let old = vec![answer("SMold", 0), answer("SMmid", DEDUPE_WINDOW_SECS)];
-        let kept = keep_recent(&old, answer("SMnew", DEDUPE_WINDOW_SECS + 10));
-        let sids: Vec<&str> = kept.iter().map(|a| a.sid.as_str()).collect();
+        let mut r = RecentAnswers::default();
+        for a in [answer("SMold", 0), answer("SMmid", DEDUPE_WINDOW_SECS)] {
+            r = r.keep_with(&a);
+        }
+        let kept = r.keep_with(&answer("SMnew", DEDUPE_WINDOW_SECS + 10));
+        let sids: Vec<String> = kept
+            .entries()
+            .map(|(_, sid, ..)| String::from_utf8_lossy(sid).into_owned())
+            .collect();
         assert_eq!(sids, vec!["SMmid", "SMnew"]);
-        let many: Vec<RecentAnswer> = (0..100).map(|i| answer(&format!("SM{i}"), 5)).collect();
-        let kept = keep_recent(&many, answer("SMlast", 6));
+        let mut r = RecentAnswers::default();
+        for i in 0..100 {
+            r = r.keep_with(&answer(&format!("SM{i}"), 5));
+        }
+        let kept = r.keep_with(&answer("SMlast", 6));
         assert_eq!(kept.len(), DEDUPE_MAX_ANSWERS);
-        assert_eq!(kept.last().unwrap().sid, "SMlast");
+        assert!(kept.find("SMlast").is_some());
+        assert!(kept.find("SM99").is_some());
+        assert!(kept.find("SM0").is_none());
+        // A retried sid replaces its entry rather than adding one.
+        let again = kept.keep_with(&answer("SMlast", 7));
+        assert_eq!(again.len(), DEDUPE_MAX_ANSWERS);
     }
 
     #[test]
