@@ -65,6 +65,21 @@ pub enum Consent {
 }
 
 impl ComplianceConfig {
+    /// The same lists with every keyword normalised once, so `classify`
+    /// compares strings instead of normalising each keyword per message.
+    pub fn normalized(&self) -> ComplianceConfig {
+        let norm = |l: &[String]| l.iter().map(|k| normalize(k)).collect();
+        ComplianceConfig {
+            stop_keywords: norm(&self.stop_keywords),
+            start_keywords: norm(&self.start_keywords),
+            help_keywords: norm(&self.help_keywords),
+            help_text: self.help_text.clone(),
+        }
+    }
+
+    /// Classify a message. The keyword lists must be normalised (as
+    /// [`normalized`](Self::normalized) gives them; the pipeline does this
+    /// once): the message is normalised once and compared as a string.
     pub fn classify(&self, body: &str, opt_out_type: Option<&str>) -> Consent {
         match opt_out_type
             .map(|t| t.trim().to_ascii_uppercase())
@@ -90,7 +105,7 @@ impl ComplianceConfig {
         }
         let word = normalize(body);
         fn find<'a>(list: &'a [String], word: &str) -> Option<&'a String> {
-            list.iter().find(|k| normalize(k) == word)
+            list.iter().find(|k| k.as_str() == word)
         }
         let is = |list| find(list, &word);
         if word.is_empty() {
@@ -181,7 +196,7 @@ mod tests {
 
     #[test]
     fn keyword_classes() {
-        let c = ComplianceConfig::default();
+        let c = ComplianceConfig::default().normalized();
         for k in [
             "STOP",
             "stop",
