@@ -164,7 +164,7 @@ pub struct ServeArgs {
     /// Data directory for the embedded store [default: ./data].
     #[arg(long, env = "SMSFLOW_DATA")]
     pub data: Option<PathBuf>,
-    /// Store cache size in MiB [default: 32].
+    /// Store cache size in MiB [default: 8].
     #[arg(long, env = "SMSFLOW_CACHE_MB")]
     pub cache_mb: Option<u64>,
     /// When state becomes durable [default: flush].

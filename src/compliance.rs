@@ -6,7 +6,7 @@
 //! window. The pipeline applies the decisions to the store. Knows nothing of
 //! HTTP, sled or flows.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::flow::normalize;
@@ -131,43 +131,57 @@ impl ComplianceConfig {
     }
 }
 
-/// Counts the replies each conversation drew within a sliding window; a
+/// Counts the replies each conversation drew within the current window; a
 /// sender past the limit (typically another auto-responder bouncing our
-/// replies) gets silence until the window clears. In memory: a restart
-/// forgets the counts, which only delays the guard by one window.
+/// replies) gets silence until the window ends. In memory, 16 bytes per
+/// recently answered conversation (a hash of the key, the window start and
+/// a count): with 100,000 senders answered in one window that is about
+/// 3 MiB. Windows are fixed (they start at a sender's first reply), so a
+/// burst straddling two windows can draw up to twice the limit before the
+/// guard closes. A restart forgets the counts, which only delays the guard
+/// by one window.
 pub struct LoopGuard {
-    max_replies: usize,
+    max_replies: u32,
     window_secs: i64,
-    seen: Mutex<HashMap<ConvKey, VecDeque<i64>>>,
+    state: Mutex<GuardState>,
+}
+
+#[derive(Default)]
+struct GuardState {
+    /// hash of (To, From) -> (window start, replies in it)
+    windows: HashMap<u64, (i64, u32)>,
+    last_sweep: i64,
+}
+
+fn key_hash(key: &ConvKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // The map lives in one process; a collision would only merge two
+    // senders' counts (64-bit: not in practice).
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 impl LoopGuard {
     /// `max_replies == 0` disables the guard.
     pub fn new(max_replies: usize, window_secs: i64) -> Self {
         LoopGuard {
-            max_replies,
-            window_secs,
-            seen: Mutex::new(HashMap::new()),
+            max_replies: max_replies.min(u32::MAX as usize) as u32,
+            window_secs: window_secs.max(1),
+            state: Mutex::new(GuardState::default()),
         }
     }
 
-    /// True when `key` has already drawn `max_replies` within the window.
+    /// True when `key` has already drawn `max_replies` in its window.
     pub fn exceeded(&self, key: &ConvKey, now: i64) -> bool {
         if self.max_replies == 0 {
             return false;
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(times) = seen.get_mut(key) else {
-            return false;
-        };
-        while times.front().is_some_and(|t| *t <= now - self.window_secs) {
-            times.pop_front();
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.windows.get(&key_hash(key)) {
+            Some((start, count)) => now < start + self.window_secs && *count >= self.max_replies,
+            None => false,
         }
-        if times.is_empty() {
-            seen.remove(key);
-            return false;
-        }
-        times.len() >= self.max_replies
     }
 
     /// Note that `key` was answered with a reply at `now`.
@@ -175,18 +189,35 @@ impl LoopGuard {
         if self.max_replies == 0 {
             return;
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let times = seen.entry(key.clone()).or_default();
-        times.push_back(now);
-        while times.len() > self.max_replies {
-            times.pop_front();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window_secs;
+        let entry = state.windows.entry(key_hash(key)).or_insert((now, 0));
+        if now >= entry.0 + window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        // Drop finished windows now and then, so the map holds only
+        // conversations answered within the last window or two.
+        if now >= state.last_sweep + window {
+            state.windows.retain(|_, (start, _)| now < *start + window);
+            state.last_sweep = now;
         }
     }
 
-    /// Drop conversations whose window has passed (called periodically).
+    /// Drop finished windows (also done as replies are recorded).
     pub fn sweep(&self, now: i64) {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, t| t.back().is_some_and(|last| *last > now - self.window_secs));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window_secs;
+        state.windows.retain(|_, (start, _)| now < *start + window);
+        state.last_sweep = now;
+    }
+
+    /// How many conversations the guard is tracking.
+    pub fn tracked(&self) -> usize {
+        self.state
+            .lock()
+            .map(|s| s.windows.len())
+            .unwrap_or_default()
     }
 }
 
@@ -263,8 +294,10 @@ mod tests {
         assert!(g.exceeded(&k, 10));
         assert!(g.exceeded(&k, 59));
         assert!(!g.exceeded(&k, 61));
+        // Another sender is counted apart.
+        assert!(!g.exceeded(&ConvKey::new("a", "c"), 10));
         g.sweep(1000);
-        assert!(g.seen.lock().unwrap().is_empty());
+        assert_eq!(g.tracked(), 0);
         assert!(!LoopGuard::new(0, 60).exceeded(&k, 0));
     }
 }

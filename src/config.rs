@@ -209,7 +209,7 @@ pub fn resolve(
         ),
     };
 
-    let cache_mb = o.cache_mb.or(file.cache_mb).unwrap_or(32);
+    let cache_mb = o.cache_mb.or(file.cache_mb).unwrap_or(8);
     if cache_mb == 0 {
         bail!("cache size must be at least 1 MiB");
     }
