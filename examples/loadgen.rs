@@ -9,6 +9,7 @@
 //! L=target/release/examples/loadgen
 //! $L --scenario multistep --durability flush --senders 1000 --requests 20000 --concurrency 32
 //! $L --scenario keyword
+//! $L --scenario rhai                                           # multistep as a Rhai script
 //! $L --scenario multistep --durability relaxed
 //! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
@@ -57,7 +58,7 @@ const WARM_UP: usize = 2_000;
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for smsflow (commands: the doc comment of examples/loadgen.rs)")]
 struct Args {
-    /// What each sender texts: keyword | multistep.
+    /// What each sender texts: keyword | multistep | rhai.
     #[arg(long, default_value = "multistep")]
     scenario: String,
     /// The server's durability setting.
@@ -95,8 +96,8 @@ struct Args {
 /// text. Adding a scenario is a flow file plus one arm in [`scenario`].
 struct Scenario {
     name: &'static str,
-    /// File name and contents of the flow loaded for this scenario.
-    flow: (&'static str, &'static str),
+    /// File names and contents of the flows loaded for this scenario.
+    flow: &'static [(&'static str, &'static str)],
     /// The body sender `sender` sends as its `round`-th message.
     message: fn(sender: usize, round: usize) -> String,
     /// Whether its first message stores a conversation (`--prefill` needs it).
@@ -107,17 +108,31 @@ fn scenario(name: &str) -> Option<Scenario> {
     match name {
         "keyword" => Some(Scenario {
             name: "keyword",
-            flow: ("keyword.yaml", include_str!("loadgen_flows/keyword.yaml")),
+            flow: &[("keyword.yaml", include_str!("loadgen_flows/keyword.yaml"))],
             message: |_, _| "HOURS".to_string(),
             stateful: false,
         }),
         // JOIN -> name -> age -> done, and again.
         "multistep" => Some(Scenario {
             name: "multistep",
-            flow: (
+            flow: &[(
                 "multistep.yaml",
                 include_str!("loadgen_flows/multistep.yaml"),
-            ),
+            )],
+            message: |sender, round| match round % 3 {
+                0 => "JOIN".to_string(),
+                1 => format!("Person {sender}"),
+                _ => format!("{}", 20 + sender % 50),
+            },
+            stateful: true,
+        }),
+        // The same conversation as a Rhai script.
+        "rhai" => Some(Scenario {
+            name: "rhai",
+            flow: &[
+                ("rhai.yaml", include_str!("loadgen_flows/rhai.yaml")),
+                ("rhai.rhai", include_str!("loadgen_flows/rhai.rhai")),
+            ],
             message: |sender, round| match round % 3 {
                 0 => "JOIN".to_string(),
                 1 => format!("Person {sender}"),
@@ -151,7 +166,10 @@ fn main() {
 
 fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let Some(sc) = scenario(&args.scenario) else {
-        panic!("unknown --scenario {}: keyword | multistep", args.scenario);
+        panic!(
+            "unknown --scenario {}: keyword | multistep | rhai",
+            args.scenario
+        );
     };
     assert!(
         args.prefill == 0 || sc.stateful,
@@ -161,7 +179,9 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let flows = tmp.path().join("flows");
     std::fs::create_dir(&flows).expect("flows dir");
-    std::fs::write(flows.join(sc.flow.0), sc.flow.1).expect("write flow");
+    for (name, text) in sc.flow {
+        std::fs::write(flows.join(name), text).expect("write flow");
+    }
     let client = client(args.concurrency);
 
     println!(
