@@ -26,22 +26,29 @@ pub struct ComplianceConfig {
     pub help_text: Option<String>,
 }
 
+/// Twilio's default opt-out keywords (Advanced Opt-Out docs, 2026).
+pub const STOP_KEYWORDS: &[&str] = &[
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "REVOKE",
+    "OPTOUT",
+];
+/// Twilio's default opt-in keywords.
+pub const START_KEYWORDS: &[&str] = &["START", "YES", "UNSTOP"];
+/// Twilio's default help keywords.
+pub const HELP_KEYWORDS: &[&str] = &["HELP", "INFO"];
+
 impl Default for ComplianceConfig {
     fn default() -> Self {
         let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect();
         ComplianceConfig {
-            stop_keywords: v(&[
-                "STOP",
-                "STOPALL",
-                "UNSUBSCRIBE",
-                "CANCEL",
-                "END",
-                "QUIT",
-                "REVOKE",
-                "OPTOUT",
-            ]),
-            start_keywords: v(&["START", "YES", "UNSTOP"]),
-            help_keywords: v(&["HELP", "INFO"]),
+            stop_keywords: v(STOP_KEYWORDS),
+            start_keywords: v(START_KEYWORDS),
+            help_keywords: v(HELP_KEYWORDS),
             help_text: None,
         }
     }

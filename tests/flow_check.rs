@@ -284,3 +284,47 @@ fn display_format_matches_compilers() {
         "{shown}"
     );
 }
+
+#[test]
+fn words_the_consent_handling_takes_first_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("k.yaml"),
+        "keywords:\n  QUIT: bye\n  HOURS: open\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("f.yaml"),
+        "trigger: {keywords: [GO]}\nsteps:\n  ask:\n    say: \"Continue?\"\n    wait:\n      - any_of: [help, yes, more]\n        say: \"ok\"\n",
+    )
+    .unwrap();
+    let diags = smsflow::flow::check_dir(dir.path());
+    let lines: Vec<String> = diags
+        .iter()
+        .map(|d| {
+            format!(
+                "{}:{}:{}: {}",
+                d.file.file_name().unwrap().to_string_lossy(),
+                d.line,
+                d.column,
+                d.message
+            )
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(diags
+        .iter()
+        .all(|d| d.severity == smsflow::flow::Severity::Warning));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("k.yaml:2:3: `QUIT` is an opt-out keyword")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("f.yaml:3:3: `help` is a help keyword")),
+        "{lines:#?}"
+    );
+}

@@ -28,6 +28,7 @@ fn at(file: &Path, pos: Pos) -> String {
 
 pub(crate) fn check(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     collisions(set, diags);
+    reserved_words(set, diags);
     for flow in set.flows.values() {
         targets(set, flow, diags);
         reachability(flow, diags);
@@ -35,6 +36,69 @@ pub(crate) fn check(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     }
     goto_cycles(set, diags);
     variables(set, diags);
+}
+
+/// Keywords and answers that the server's consent handling takes before
+/// any flow runs (Twilio's default STOP/START/HELP words; `YES` is left
+/// out: flows see it from senders who are not opted out). A flow waiting
+/// for `quit` would never get it. Warnings, since the lists are
+/// configurable.
+fn reserved_words(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    use crate::compliance::{HELP_KEYWORDS, START_KEYWORDS, STOP_KEYWORDS};
+    let reserved = |word: &str| -> Option<&'static str> {
+        let is = |list: &[&str]| list.iter().any(|k| k.eq_ignore_ascii_case(word));
+        if STOP_KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word)) {
+            Some("an opt-out keyword")
+        } else if is(START_KEYWORDS) && !word.eq_ignore_ascii_case("yes") {
+            Some("an opt-in keyword")
+        } else if is(HELP_KEYWORDS) {
+            Some("a help keyword")
+        } else {
+            None
+        }
+    };
+    let mut warn = |file: &Path, pos: Pos, word: &str, what: &str| {
+        diags.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: pos.line,
+            column: pos.column,
+            severity: Severity::Warning,
+            message: format!(
+                "`{word}` is {what}: the server answers it before any flow runs, \
+                 so this never sees it (the lists are configurable)"
+            ),
+        })
+    };
+    for rule in &set.keywords {
+        if let [word] = rule.words.as_slice() {
+            if let Some(what) = reserved(word) {
+                warn(&rule.origin.file, rule.origin.pos, &rule.display, what);
+            }
+        }
+    }
+    for flow in set.flows.values() {
+        for step in flow.steps.values() {
+            let Next::Wait { routes, .. } = &step.next else {
+                continue;
+            };
+            for route in routes {
+                let words: Vec<&str> = match &route.matcher {
+                    Matcher::AnyOf(phrases) => phrases
+                        .iter()
+                        .filter(|p| p.len() == 1)
+                        .map(|p| p[0].as_str())
+                        .collect(),
+                    Matcher::Exact(list) => list.iter().map(String::as_str).collect(),
+                    _ => Vec::new(),
+                };
+                for word in words {
+                    if let Some(what) = reserved(word) {
+                        warn(&flow.file, step.pos, word, what);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Duplicate keywords, defaults and catch-alls whose numbers overlap.
