@@ -81,6 +81,12 @@ pub struct HttpError {
 }
 
 impl HttpError {
+    /// 503 for our own failures (store, time limit): the client may retry;
+    /// nothing about the cause is revealed.
+    fn unavailable() -> Self {
+        HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable")
+    }
+
     fn new(status: StatusCode, reason: &'static str) -> Self {
         HttpError {
             status,
@@ -182,16 +188,28 @@ fn require_form(state: &AppState, headers: &HeaderMap) -> Result<(), HttpError> 
     ))
 }
 
+/// The gate every POST webhook passes: form content type, decodable body,
+/// valid signature over the public URL and the raw request target.
+fn signed_form(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Params, HttpError> {
+    require_form(state, headers)?;
+    let params = twilio::parse_form(body)
+        .map_err(|e| state.bad_request("malformed form body", e.to_string()))?;
+    state.verify(uri, headers, &params)?;
+    Ok(params)
+}
+
 async fn sms_post(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    require_form(&state, &headers)?;
-    let params = twilio::parse_form(&body)
-        .map_err(|e| state.bad_request("malformed form body", e.to_string()))?;
-    state.verify(&uri, &headers, &params)?;
+    let params = signed_form(&state, &uri, &headers, &body)?;
     inbound(state, params).await
 }
 
@@ -227,10 +245,7 @@ async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError>
         Err(e) => {
             Metrics::inc(&state.metrics.store_errors);
             tracing::error!(message_sid = %msg.message_sid, error = %e, "store failure");
-            Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily unavailable",
-            ))
+            Err(HttpError::unavailable())
         }
     }
 }
@@ -242,10 +257,7 @@ async fn status_post(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let started = Instant::now();
-    require_form(&state, &headers)?;
-    let params = twilio::parse_form(&body)
-        .map_err(|e| state.bad_request("malformed form body", e.to_string()))?;
-    state.verify(&uri, &headers, &params)?;
+    let params = signed_form(&state, &uri, &headers, &body)?;
     let cb = StatusCallback::from_params(params)
         .map_err(|e| state.bad_request("invalid status callback", e.to_string()))?;
     Metrics::inc(&state.metrics.status_callbacks);
@@ -290,10 +302,7 @@ async fn status_post(
         Err(e) => {
             Metrics::inc(&state.metrics.store_errors);
             tracing::error!(error = %e, "store failure recording status");
-            Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily unavailable",
-            ))
+            Err(HttpError::unavailable())
         }
     }
 }
@@ -352,10 +361,7 @@ async fn messages(
         Ok(rows) => Ok(axum::Json(serde_json::json!({ "messages": rows })).into_response()),
         Err(e) => {
             tracing::error!(error = %e, "store failure listing messages");
-            Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily unavailable",
-            ))
+            Err(HttpError::unavailable())
         }
     }
 }
@@ -395,8 +401,7 @@ pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
                 Ok(resp) => resp,
                 Err(_) => {
                     tracing::error!("request time limit exceeded");
-                    HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable")
-                        .into_response()
+                    HttpError::unavailable().into_response()
                 }
             }
         },
