@@ -317,8 +317,10 @@ fn a_looping_script_gets_the_fallback_within_the_budget_and_changes_nothing() {
     let conv = started(&set);
     let began = std::time::Instant::now();
     let h = send(&set, conv.clone(), "loop", 1_001);
+    // Guards against a hang only (the budget is 50 ms of script time); the
+    // machine is shared, so no tighter bound.
     assert!(
-        began.elapsed() < std::time::Duration::from_secs(1),
+        began.elapsed() < std::time::Duration::from_secs(10),
         "took {:?}",
         began.elapsed()
     );

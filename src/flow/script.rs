@@ -1899,7 +1899,9 @@ fn on_message(msg, state) {
         let took = started.elapsed();
         assert_eq!(err.limit(), Some("time budget"), "{err}");
         assert!(took >= budget, "stopped before the budget: {took:?}");
-        assert!(took < budget * 10, "budget overshot: {took:?}");
+        // Only guards against the budget not firing at all (a hang); the
+        // machine is shared, so no tighter bound on the time taken.
+        assert!(took < budget * 100, "budget overshot: {took:?}");
         // Limit errors raised in a function point at `fn on_message`.
         assert_eq!(err.line_column(), Some((1, 1)));
         assert_eq!(
