@@ -27,7 +27,10 @@
 //!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
 //!   YAML expressions run there, and any script failure becomes the flow's
 //!   fallback with the conversation unchanged.
-//! - [`store`]: the only module that knows sled; the [`store::Store`] trait.
+//! - [`store`]: the only module that knows sled; the [`store::Store`]
+//!   trait. A conversation and its recent answers (for retries) are one
+//!   record, written with one insert; the inbound message log is an
+//!   append-only file beside the database.
 //! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
 //!   Knows the store trait and the engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
