@@ -26,6 +26,10 @@
 //! and runs on its own 2-thread runtime. Only loopback traffic, bounded by
 //! `--requests` (and `--prefill`).
 //!
+//! The loop guard is off for smsflow (`loop_max_replies = 0`): simulated
+//! senders text far faster than people, and a long run would otherwise
+//! measure cheap `rate_limited` silences instead of the flow.
+//!
 //! `--prefill N` first drives senders 0..N one step each (not measured), so
 //! N conversations are stored; the measured run then continues those
 //! conversations. A scenario is a flow file in `examples/loadgen_flows/`
@@ -609,6 +613,10 @@ impl Server {
                 .arg("--data")
                 .arg(data)
                 .args(["--durability", durability_name(durability)])
+                // Simulated senders text far faster than people: with the
+                // loop guard on, a long run would measure cheap
+                // `rate_limited` silences instead of the flow.
+                .env("SMSFLOW_CONFIG", loop_guard_off(data))
                 .env("TWILIO_AUTH_TOKEN", TOKEN)
                 .env("RUST_LOG", "info");
                 Server::child(cmd)
@@ -617,7 +625,7 @@ impl Server {
                 let mut config = Config::for_test(flows, data, TOKEN);
                 config.public_url = PUBLIC_URL.into();
                 // What `serve` uses by default.
-                config.cache_bytes = 32 * 1024 * 1024;
+                config.cache_bytes = 8 * 1024 * 1024;
                 config.watch = true;
                 config.durability = match durability {
                     DurabilityArg::Flush => Durability::Flush,
@@ -755,6 +763,13 @@ impl Server {
             }
         }
     }
+}
+
+/// A config file turning the loop guard off, written beside the data dir.
+fn loop_guard_off(data: &Path) -> PathBuf {
+    let path = data.with_extension("toml");
+    std::fs::write(&path, "loop_max_replies = 0\n").expect("write loadgen config");
+    path
 }
 
 fn durability_name(d: DurabilityArg) -> &'static str {
