@@ -300,14 +300,10 @@ impl<S: Store> Pipeline<S> {
             }
         };
 
-        let (sent, silence) = match &outcome {
-            Ok(replies) => (replies.clone(), None),
-            Err(reason) => (Vec::new(), Some(reason.clone())),
-        };
-        let (twiml, label) = match outcome {
+        let (twiml, label, sent, silence) = match outcome {
             Ok(replies) => {
                 let out: Vec<OutMessage> = replies
-                    .into_iter()
+                    .iter()
                     .map(|r| self.out_message(r, &msg.message_sid, &flow_name, &step))
                     .collect();
                 let twiml = twilio::render(&out);
@@ -316,11 +312,12 @@ impl<S: Store> Pipeline<S> {
                     twiml.matches("<Message").count() as u64,
                 );
                 self.loop_guard.record(&key, now);
-                (twiml, "reply".to_string())
+                (twiml, "reply".to_string(), replies, None)
             }
             Err(reason) => {
                 self.metrics.silence(&reason);
-                (twilio::SILENCE.to_string(), format!("silence:{reason}"))
+                let label = format!("silence:{reason}");
+                (twilio::SILENCE.to_string(), label, Vec::new(), Some(reason))
             }
         };
 
@@ -377,7 +374,7 @@ impl<S: Store> Pipeline<S> {
 
     fn out_message(
         &self,
-        reply: Reply,
+        reply: &Reply,
         inbound_sid: &str,
         flow: &Option<String>,
         step: &Option<String>,
@@ -394,8 +391,8 @@ impl<S: Store> Pipeline<S> {
             format!("{base}{sep}{}", twilio::encode_form(&tags))
         });
         OutMessage {
-            body: reply.body,
-            media: reply.media,
+            body: reply.body.clone(),
+            media: reply.media.clone(),
             // Twilio recommends setting both to the same URL (D-MSG).
             action: callback.clone(),
             status_callback: callback,
