@@ -546,15 +546,15 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput);
         // Reopening in the same process right after a store was dropped (a
         // restart in tests, the chat's reload) can find the file lock still
-        // held for a moment by sled's background threads; wait briefly
-        // rather than fail. Another process holding it still fails, after
-        // about two seconds.
+        // held by sled's background threads finishing their writes, for
+        // seconds on a starved machine; wait rather than fail. Another
+        // process holding it still fails, after about ten seconds.
         let mut attempts = 0;
         let db = loop {
             match sled_config.open() {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 500 =>
                 {
                     attempts += 1;
                     thread::sleep(std::time::Duration::from_millis(20));
