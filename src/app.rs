@@ -42,7 +42,9 @@ pub struct App {
     config: Config,
 }
 
-fn unix_now() -> i64 {
+/// Wall-clock unix seconds: the one place the server reads the clock for
+/// messages, callbacks and reloads (the flow engine is given time).
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -9,7 +9,7 @@
 //! Rhai.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -19,6 +19,7 @@ use axum::routing::get;
 use axum::Router;
 use tracing::Instrument;
 
+use crate::app::unix_now;
 use crate::config::{Auth, Config};
 use crate::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Pipeline, ReplyLink};
@@ -124,13 +125,6 @@ fn twiml_response(twiml: String) -> Response {
         twiml,
     )
         .into_response()
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl AppState {

@@ -13,12 +13,12 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::app::{load_flows, status_of, FlowStatus};
+use crate::app::{load_flows, status_of, unix_now, FlowStatus};
 use crate::metrics::Metrics;
 use crate::pipeline::SharedFlows;
 
@@ -46,13 +46,6 @@ pub struct Reloader {
     /// Serialises reloads: the watcher and SIGHUP may fire together, and two
     /// concurrent loads could otherwise swap in an older read last.
     busy: Mutex<()>,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl Reloader {

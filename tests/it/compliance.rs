@@ -27,17 +27,9 @@ steps:
 
 const SILENCE: &str = r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#;
 
-async fn spawn_configured(
-    edit: impl FnOnce(&mut smsflow::config::Config),
-) -> (TestApp, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let flows = tmp.path().join("flows");
-    std::fs::create_dir(&flows).unwrap();
-    std::fs::write(flows.join("keywords.yaml"), FLOWS).unwrap();
-    std::fs::write(flows.join("signup.yaml"), SIGNUP).unwrap();
-    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    edit(&mut config);
-    (spawn_with(config).await, tmp)
+async fn spawn_configured(edit: impl FnOnce(&mut smsflow::config::Config)) -> TestApp {
+    crate::helpers::spawn_configured(&[("keywords.yaml", FLOWS), ("signup.yaml", SIGNUP)], edit)
+        .await
 }
 
 fn with_param(mut p: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, String)> {
@@ -47,7 +39,7 @@ fn with_param(mut p: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_stop_keyword_opts_out_and_start_opts_back_in() {
-    let (app, _tmp) = spawn_configured(|_| {}).await;
+    let app = spawn_configured(|_| {}).await;
     for (i, stop) in [
         "STOP",
         "stopall",
@@ -102,7 +94,7 @@ async fn every_stop_keyword_opts_out_and_start_opts_back_in() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_ends_the_running_conversation_and_yes_stays_an_answer() {
-    let (app, _tmp) = spawn_configured(|_| {}).await;
+    let app = spawn_configured(|_| {}).await;
     let me = "+15551110000";
     assert_eq!(bodies(&app.send_sms(me, "join").await.body), vec!["Name?"]);
     // YES while not opted out is an ordinary answer.
@@ -125,7 +117,7 @@ async fn stop_ends_the_running_conversation_and_yes_stays_an_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn opt_out_is_per_number_or_messaging_service() {
-    let (app, _tmp) = spawn_configured(|_| {}).await;
+    let app = spawn_configured(|_| {}).await;
     let me = "+15551120000";
     app.send_sms(me, "stop").await;
     // Another of our numbers is a different scope.
@@ -172,7 +164,7 @@ async fn opt_out_is_per_number_or_messaging_service() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn help_answers_configured_text_unless_twilio_already_did() {
-    let (app, _tmp) = spawn_configured(|c| {
+    let app = spawn_configured(|c| {
         c.compliance.help_text = Some(
             "Acme Bakery: text HOURS. Msg&data rates may apply. Reply STOP to opt out.".into(),
         );
@@ -212,7 +204,7 @@ async fn help_answers_configured_text_unless_twilio_already_did() {
     assert_eq!(causes, vec!["OptOutType=STOP", "OptOutType=START"]);
 
     // Without help text, HELP is silence (Twilio's own help reply stands).
-    let (app2, _t2) = spawn_configured(|_| {}).await;
+    let app2 = spawn_configured(|_| {}).await;
     assert_eq!(app2.send_sms(me, "help").await.body, SILENCE);
 }
 
@@ -238,7 +230,7 @@ fn callback(sid: &str, status: &str, to: &str, error: Option<&str>) -> Vec<(Stri
 
 #[tokio::test(flavor = "multi_thread")]
 async fn error_21610_marks_the_recipient_opted_out() {
-    let (app, _tmp) = spawn_configured(|_| {}).await;
+    let app = spawn_configured(|_| {}).await;
     let me = "+15551150000";
     let r = app
         .post_signed(
@@ -263,7 +255,7 @@ async fn error_21610_marks_the_recipient_opted_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_are_tracked_and_linked_to_their_conversation() {
-    let (app, _tmp) = spawn_configured(|c| c.track_delivery = true).await;
+    let app = spawn_configured(|c| c.track_delivery = true).await;
     let me = "+15551160000";
     let sid = new_sid();
     let r = app.send_sms_sid(me, "join", &sid).await;
@@ -303,7 +295,7 @@ async fn replies_are_tracked_and_linked_to_their_conversation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_endpoint_needs_the_bearer_token() {
     let token = "admin-token-0123456789";
-    let (app, _tmp) = spawn_configured(|c| {
+    let app = spawn_configured(|c| {
         c.admin_token = Some(smsflow::config::AuthToken::new(token));
         c.track_delivery = true;
     })
@@ -360,7 +352,7 @@ async fn messages_endpoint_needs_the_bearer_token() {
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
 
     // Without an admin token configured the endpoint does not exist.
-    let (plain, _t) = spawn_configured(|_| {}).await;
+    let plain = spawn_configured(|_| {}).await;
     let r = plain
         .raw(
             plain
@@ -374,7 +366,7 @@ async fn messages_endpoint_needs_the_bearer_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn loop_guard_silences_a_bouncing_sender() {
-    let (app, _tmp) = spawn_configured(|c| {
+    let app = spawn_configured(|c| {
         c.loop_max_replies = 3;
         c.loop_window_secs = 3600;
     })
@@ -403,7 +395,7 @@ async fn loop_guard_silences_a_bouncing_sender() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_removes_old_records_but_keeps_consent() {
-    let (app, _tmp) = spawn_configured(|_| {}).await;
+    let app = spawn_configured(|_| {}).await;
     let me = "+15551190000";
     let sid = new_sid();
     app.send_sms_sid(me, "hours", &sid).await;
@@ -429,7 +421,7 @@ async fn purge_removes_old_records_but_keeps_consent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn background_purge_runs_on_its_interval() {
-    let (app, _tmp) = spawn_configured(|c| {
+    let app = spawn_configured(|c| {
         c.retention_days = 1;
         c.purge_interval = std::time::Duration::from_millis(50);
     })

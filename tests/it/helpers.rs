@@ -45,17 +45,20 @@ pub fn flows_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 pub async fn spawn_app(files: &[(&str, &str)]) -> TestApp {
-    let tmp = flows_dir(files);
+    spawn_configured(files, |_| {}).await
+}
+
+/// The server on the given flow files, with the test config adjusted by
+/// `edit`; the temp dir lives as long as the returned app.
+pub async fn spawn_configured(files: &[(&str, &str)], edit: impl FnOnce(&mut Config)) -> TestApp {
+    let tmp = tempfile::tempdir().expect("tempdir");
     let flows = tmp.path().join("flows");
-    std::fs::create_dir(&flows).unwrap();
-    for entry in std::fs::read_dir(tmp.path()).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_file() {
-            std::fs::rename(&p, flows.join(p.file_name().unwrap())).unwrap();
-        }
+    std::fs::create_dir(&flows).expect("flows dir");
+    for (name, text) in files {
+        std::fs::write(flows.join(name), text).expect("write flow");
     }
-    let data = tmp.path().join("data");
-    let config = Config::for_test(&flows, &data, TOKEN);
+    let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    edit(&mut config);
     let mut app = spawn_with(config).await;
     app._tmp = Some(tmp);
     app

@@ -7,16 +7,17 @@ use std::time::Duration;
 
 use crate::helpers::*;
 
-async fn spawn_limited(
-    edit: impl FnOnce(&mut smsflow::config::Config),
-) -> (TestApp, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let flows = tmp.path().join("flows");
-    std::fs::create_dir(&flows).unwrap();
-    std::fs::write(flows.join("k.yaml"), "keywords:\n  HOURS: open\n").unwrap();
-    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    edit(&mut config);
-    (spawn_with(config).await, tmp)
+async fn spawn_limited(edit: impl FnOnce(&mut smsflow::config::Config)) -> TestApp {
+    spawn_configured(
+        &[(
+            "k.yaml",
+            "keywords:
+  HOURS: open
+",
+        )],
+        edit,
+    )
+    .await
 }
 
 fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
@@ -30,7 +31,7 @@ fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_headers_get_431() {
-    let (app, _tmp) = spawn_limited(|_| {}).await;
+    let app = spawn_limited(|_| {}).await;
     let r = app
         .raw(
             app.client
@@ -47,7 +48,7 @@ async fn oversized_headers_get_431() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_never_finishes_gets_503_at_the_time_limit() {
-    let (app, _tmp) = spawn_limited(|c| c.request_timeout = Duration::from_millis(300)).await;
+    let app = spawn_limited(|c| c.request_timeout = Duration::from_millis(300)).await;
     let addr = app.addr;
     let answer = tokio::task::spawn_blocking(move || {
         raw_exchange(
@@ -67,7 +68,7 @@ async fn a_body_that_never_finishes_gets_503_at_the_time_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_limit_wait_their_turn() {
-    let (app, _tmp) = spawn_limited(|c| c.max_connections = 2).await;
+    let app = spawn_limited(|c| c.max_connections = 2).await;
     // Two idle keep-alive connections take both places.
     let a = TcpStream::connect(app.addr).unwrap();
     let b = TcpStream::connect(app.addr).unwrap();

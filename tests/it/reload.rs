@@ -10,16 +10,8 @@ const V1: &str = "keywords:\n  HOURS: \"v1 hours\"\n";
 const V2: &str = "keywords:\n  HOURS: \"v2 hours\"\n";
 const BROKEN: &str = "keywords:\n  HOURS: \"broken {{\"\n";
 
-async fn spawn_watching(files: &[(&str, &str)]) -> (TestApp, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let flows = tmp.path().join("flows");
-    std::fs::create_dir(&flows).unwrap();
-    for (name, text) in files {
-        std::fs::write(flows.join(name), text).unwrap();
-    }
-    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    config.watch = true;
-    (spawn_with(config).await, tmp)
+async fn spawn_watching(files: &[(&str, &str)]) -> TestApp {
+    spawn_configured(files, |c| c.watch = true).await
 }
 
 /// Save like an editor does: write a temp file, rename it over the target.
@@ -52,7 +44,7 @@ async fn status(app: &TestApp) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn edit_break_fix_add_delete_rename() {
-    let (app, _tmp) = spawn_watching(&[("keywords.yaml", V1)]).await;
+    let app = spawn_watching(&[("keywords.yaml", V1)]).await;
     let file = app.flows_dir.join("keywords.yaml");
     assert_eq!(
         bodies(&app.send_sms("+15559990000", "hours").await.body),
@@ -135,7 +127,7 @@ async fn continuous_traffic_during_rewrites_sees_whole_versions() {
     // a mismatched pair in one answer.
     let version =
         |n: usize| format!("keywords:\n  BOTH:\n    - \"hours v{n}\"\n    - \"address v{n}\"\n");
-    let (app, _tmp) = spawn_watching(&[("k.yaml", &version(0))]).await;
+    let app = spawn_watching(&[("k.yaml", &version(0))]).await;
     let app = std::sync::Arc::new(app);
     let file = app.flows_dir.join("k.yaml");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
