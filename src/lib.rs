@@ -38,7 +38,8 @@
 //! - [`http`]: axum router, request checks, error-to-status mapping.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
-//! - [`reload`]: watches the flows directory, validates, swaps atomically.
+//! - [`reload`]: watches the flows directory (and its parent, to follow a
+//!   replaced directory), validates, swaps atomically.
 //! - [`author`]: `smsflow chat`, `test` and `graph` for flow authors: the
 //!   real pipeline and a throwaway store with a virtual clock, transcript
 //!   runs, Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
