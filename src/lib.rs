@@ -54,6 +54,7 @@
 //!   different conversations never wait on each other's lock.
 //! - Every request sees one whole flow set; a set with errors is never live.
 //! - User text reaches TwiML only through the escaper.
+//! - One log event is one line: [`telemetry`] escapes every field value.
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender.
