@@ -28,6 +28,10 @@ pub struct FlowStatus {
     pub loaded_at: i64,
     pub files: Vec<String>,
     pub last_error: Option<String>,
+    /// Whether edits to the flows directory are being picked up, and why
+    /// not when they are not (see [`crate::reload`]).
+    pub watching: bool,
+    pub watching_reason: Option<String>,
 }
 
 /// A bound, ready-to-run server.
@@ -80,6 +84,8 @@ pub fn status_of(set: &FlowSet, loaded_at: i64) -> FlowStatus {
             .map(|p| p.display().to_string())
             .collect(),
         last_error: None,
+        watching: false,
+        watching_reason: None,
     }
 }
 
@@ -157,6 +163,8 @@ impl App {
                         "loaded_at": s.loaded_at,
                         "files": s.files,
                         "last_error": s.last_error,
+                        "watching": s.watching,
+                        "watching_reason": s.watching_reason,
                     },
                     "conversations": store.conversation_count(),
                 })
@@ -222,12 +230,10 @@ impl App {
         );
         // Kept alive for the life of the server; dropping it stops watching.
         let _watcher = if self.config.watch {
-            Some(
-                self.reloader
-                    .watch()
-                    .context("watching the flows directory")?,
-            )
+            Some(self.reloader.watch())
         } else {
+            self.reloader
+                .not_watching("disabled (--no-watch or watch = false); SIGHUP reloads");
             None
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());

@@ -38,7 +38,8 @@
 //! - [`http`]: axum router, request checks, error-to-status mapping.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
-//! - [`reload`]: watches the flows directory, validates, swaps atomically.
+//! - [`reload`]: watches the flows directory (and its parent, to follow a
+//!   replaced directory), validates, swaps atomically.
 //! - [`author`]: `smsflow chat`, `test` and `graph` for flow authors: the
 //!   real pipeline and a throwaway store with a virtual clock, transcript
 //!   runs, Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
@@ -53,6 +54,7 @@
 //!   different conversations never wait on each other's lock.
 //! - Every request sees one whole flow set; a set with errors is never live.
 //! - User text reaches TwiML only through the escaper.
+//! - One log event is one line: [`telemetry`] escapes every field value.
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender.

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub script_errors: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// A gauge, 1 while flow edits are picked up (see `crate::reload`).
+    pub flows_watching: AtomicU64,
     silences: Mutex<BTreeMap<String, u64>>,
     sms_latency: Histogram,
     status_latency: Histogram,
@@ -159,6 +161,13 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        let name = "smsflow_flows_watching";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 while flow file edits are picked up, 0 when not (see /status).\n\
+             # TYPE {name} gauge\n{name} {}",
+            self.flows_watching.load(Ordering::Relaxed)
+        );
         let name = "smsflow_silences_total";
         let _ = writeln!(
             out,

@@ -7,6 +7,7 @@ mod conversation;
 mod crash;
 mod helpers;
 mod hygiene;
+mod logs;
 mod process;
 mod reload;
 mod scripts;

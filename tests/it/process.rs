@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
@@ -13,6 +14,9 @@ pub struct ChildServer {
     pub addr: String,
     pub validator: smsflow::twilio::RequestValidator,
     pub client: reqwest::Client,
+    /// Every line the server wrote to stderr so far (split on `\n` only,
+    /// as a log reader would).
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Start `smsflow serve` on port 0 and read the bound address from its log.
@@ -48,10 +52,14 @@ pub fn spawn_server_env(
         .expect("spawn smsflow");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
     std::thread::spawn(move || {
         let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
+        for line in BufReader::new(stderr).split(b'\n') {
             let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            kept.lock().unwrap().push(line.clone());
             if !sent {
                 if let Some(i) = line.find("addr=") {
                     let addr: String = line[i + 5..]
@@ -72,6 +80,7 @@ pub fn spawn_server_env(
         addr,
         validator: smsflow::twilio::RequestValidator::new(TOKEN),
         client: reqwest::Client::new(),
+        log,
     }
 }
 

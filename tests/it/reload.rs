@@ -1,5 +1,6 @@
 //! Issue 5: hot reload through the front door — files edited on disk, the
-//! server watching, webhooks over HTTP.
+//! server watching, webhooks over HTTP. Issue 11: the flows directory
+//! replaced whole, as deploy tools do, keeps being watched.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,6 +22,10 @@ fn rename_save(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// How long a test waits for a reload to show: generous, because the
+/// machine is shared and noisy; a working watcher takes well under a second.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 /// Send HOURS until the reply is `want` (or time runs out).
 async fn eventually_replies(app: &TestApp, body: &str, want: &[&str]) -> Duration {
     let started = Instant::now();
@@ -30,8 +35,8 @@ async fn eventually_replies(app: &TestApp, body: &str, want: &[&str]) -> Duratio
             return started.elapsed();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "still {got:?} after 10 s, wanted {want:?}"
+            started.elapsed() < PATIENCE,
+            "still {got:?} after {PATIENCE:?}, wanted {want:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -217,4 +222,151 @@ async fn require_tests_refuses_a_set_whose_transcripts_fail() {
         .err()
         .expect("refused");
     assert!(format!("{err:#}").contains("transcripts fail"), "{err:#}");
+}
+
+/// Poll `/status` until `flows.watching` is `want`; returns the reason given.
+async fn eventually_watching(app: &TestApp, want: bool) -> Option<String> {
+    let started = Instant::now();
+    loop {
+        let s = status(app).await;
+        if s["flows"]["watching"] == want {
+            return s["flows"]["watching_reason"].as_str().map(str::to_string);
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "flows.watching is still not {want} after {PATIENCE:?}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A complete flows directory written beside `flows` (as a deploy tool
+/// stages a release), ready to be swapped in.
+fn stage(flows: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let staged = flows.with_file_name(name);
+    std::fs::create_dir(&staged).unwrap();
+    std::fs::write(staged.join("keywords.yaml"), text).unwrap();
+    staged
+}
+
+fn hours(n: usize) -> String {
+    format!("keywords:\n  HOURS: \"hours v{n}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_removed_and_recreated_is_watched_again() {
+    let app = spawn_watching(&[("keywords.yaml", V1)]).await;
+    assert_eq!(eventually_watching(&app, true).await, None);
+    let m = app.raw(app.client.get(app.url("/metrics"))).await.body;
+    assert!(m.contains("smsflow_flows_watching 1"), "{m}");
+
+    // Gone: the last good set keeps serving, and /status says why edits
+    // are not being picked up.
+    std::fs::remove_dir_all(&app.flows_dir).unwrap();
+    let reason = eventually_watching(&app, false).await.expect("a reason");
+    assert!(reason.contains("missing"), "{reason}");
+    let m = app.raw(app.client.get(app.url("/metrics"))).await.body;
+    assert!(m.contains("smsflow_flows_watching 0"), "{m}");
+    assert_eq!(
+        bodies(&app.send_sms("+15559990000", "hours").await.body),
+        vec!["v1 hours"]
+    );
+
+    // Back (rm -rf flows && mkdir flows && write the new files).
+    std::fs::create_dir(&app.flows_dir).unwrap();
+    std::fs::write(app.flows_dir.join("keywords.yaml"), V2).unwrap();
+    eventually_replies(&app, "hours", &["v2 hours"]).await;
+    assert_eq!(eventually_watching(&app, true).await, None);
+
+    // And the new directory is the one watched: an edit in it shows.
+    std::fs::write(app.flows_dir.join("keywords.yaml"), hours(3)).unwrap();
+    eventually_replies(&app, "hours", &["hours v3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_swapped_in_with_mv_is_watched() {
+    let app = spawn_watching(&[("keywords.yaml", V1)]).await;
+    eventually_watching(&app, true).await;
+    let flows = app.flows_dir.clone();
+
+    // mv flows flows.old && mv flows.new flows
+    let staged = stage(&flows, "flows.new", V2);
+    std::fs::rename(&flows, flows.with_file_name("flows.old")).unwrap();
+    std::fs::rename(&staged, &flows).unwrap();
+    eventually_replies(&app, "hours", &["v2 hours"]).await;
+
+    // The watch moved to the new directory: an edit in it is served.
+    std::fs::write(flows.join("keywords.yaml"), hours(3)).unwrap();
+    eventually_replies(&app, "hours", &["hours v3"]).await;
+    assert_eq!(eventually_watching(&app, true).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watch_survives_many_replacements() {
+    let app = spawn_watching(&[("keywords.yaml", &hours(0))]).await;
+    eventually_watching(&app, true).await;
+    let flows = app.flows_dir.clone();
+    for n in 1..=6 {
+        if n % 2 == 0 {
+            let staged = stage(&flows, &format!("release{n}"), &hours(n));
+            let old = flows.with_file_name(format!("old{n}"));
+            std::fs::rename(&flows, &old).unwrap();
+            std::fs::rename(&staged, &flows).unwrap();
+            std::fs::remove_dir_all(&old).unwrap();
+        } else {
+            std::fs::remove_dir_all(&flows).unwrap();
+            std::fs::create_dir(&flows).unwrap();
+            std::fs::write(flows.join("keywords.yaml"), hours(n)).unwrap();
+        }
+        let want = format!("hours v{n}");
+        eventually_replies(&app, "hours", &[want.as_str()]).await;
+    }
+    // After all that, a plain edit is still seen.
+    rename_save(&flows.join("keywords.yaml"), &hours(99));
+    eventually_replies(&app, "hours", &["hours v99"]).await;
+    assert_eq!(eventually_watching(&app, true).await, None);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlink_swap_is_followed() {
+    // releases/v1, releases/v2, and `flows` a symlink to the live one,
+    // switched as `ln -sfn releases/v2 flows` does: a new link renamed
+    // over the old.
+    let tmp = tempfile::tempdir().unwrap();
+    let releases = tmp.path().join("releases");
+    std::fs::create_dir(&releases).unwrap();
+    for (v, text) in [("v1", V1), ("v2", V2)] {
+        std::fs::create_dir(releases.join(v)).unwrap();
+        std::fs::write(releases.join(v).join("keywords.yaml"), text).unwrap();
+    }
+    let flows = tmp.path().join("flows");
+    std::os::unix::fs::symlink("releases/v1", &flows).unwrap();
+    let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    config.watch = true;
+    let app = spawn_with(config).await;
+    eventually_watching(&app, true).await;
+    assert_eq!(
+        bodies(&app.send_sms("+15559990000", "hours").await.body),
+        vec!["v1 hours"]
+    );
+
+    let link = tmp.path().join("flows.tmp");
+    std::os::unix::fs::symlink("releases/v2", &link).unwrap();
+    std::fs::rename(&link, &flows).unwrap();
+    eventually_replies(&app, "hours", &["v2 hours"]).await;
+
+    // The watch moved to the release now live: an edit in it is served.
+    std::fs::write(releases.join("v2").join("keywords.yaml"), hours(3)).unwrap();
+    eventually_replies(&app, "hours", &["hours v3"]).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_says_when_watching_is_off() {
+    let app = spawn_app(&[("keywords.yaml", V1)]).await;
+    let s = status(&app).await;
+    assert_eq!(s["flows"]["watching"], false, "{s}");
+    let reason = s["flows"]["watching_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("--no-watch"), "{s}");
 }
