@@ -176,6 +176,7 @@ impl App {
             http::Hygiene {
                 request_timeout: config.request_timeout,
                 max_header_bytes: http::MAX_HEADER_BYTES,
+                max_body_bytes: config.max_body_bytes,
             },
         );
 
@@ -237,9 +238,12 @@ impl App {
             None
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
-        let listener = http::LimitedListener::new(self.listener, self.config.max_connections);
-        let served = axum::serve(listener, self.router)
-            .with_graceful_shutdown(shutdown)
+        let limits = http::ConnectionLimits {
+            max_connections: self.config.max_connections,
+            header_read_timeout: self.config.header_read_timeout,
+            idle_timeout: self.config.idle_timeout,
+        };
+        let served = http::serve(self.listener, self.router, limits, shutdown)
             .await
             .context("serving HTTP");
         if let Some(p) = purger {

@@ -61,8 +61,15 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Per-request time limit, well under Twilio's 15 s.
     pub request_timeout: Duration,
-    /// Most connections held open at once; more wait in the accept queue.
+    /// Most connections held open at once. When all are taken, the one
+    /// waiting or idle the longest is closed for a new one; only when every
+    /// one is serving a request do new ones wait in the accept queue.
     pub max_connections: usize,
+    /// How long a connection may take to send a complete request head,
+    /// from accept (or from its first byte after a keep-alive pause).
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
     /// Whole-message keywords that end any running conversation.
     pub interrupt_keywords: Vec<String>,
     /// Watch the flows directory and reload on change.
@@ -88,6 +95,12 @@ pub struct Config {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// Twilio sends its whole request at once; a few seconds is generous.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Longer than the 60 s idle timeout of common proxies and load balancers,
+/// so that they close a pooled connection first and never send a request
+/// on one we are closing.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
 
 impl Config {
     /// Settings for tests and examples: port 0, the given dirs, a token.
@@ -103,6 +116,8 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            header_read_timeout: Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS),
+            idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
             interrupt_keywords: Vec::new(),
             watch: false,
             require_tests: false,
@@ -130,6 +145,8 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub request_timeout_ms: Option<u64>,
     pub max_connections: Option<usize>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
     pub interrupt_keywords: Option<Vec<String>>,
     pub watch: Option<bool>,
     pub require_tests: Option<bool>,
@@ -221,6 +238,16 @@ pub fn resolve(
     if !(100..=14_000).contains(&timeout_ms) {
         bail!("request_timeout_ms must be between 100 and 14000 (Twilio gives up at 15 s)");
     }
+    let header_read_ms = file
+        .header_read_timeout_ms
+        .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS);
+    if !(100..=60_000).contains(&header_read_ms) {
+        bail!("header_read_timeout_ms must be between 100 and 60000");
+    }
+    let idle_ms = file.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS);
+    if !(100..=3_600_000).contains(&idle_ms) {
+        bail!("idle_timeout_ms must be between 100 and 3600000 (one hour)");
+    }
 
     let defaults = crate::compliance::ComplianceConfig::default();
     let compliance = crate::compliance::ComplianceConfig {
@@ -266,6 +293,8 @@ pub fn resolve(
         max_body_bytes,
         request_timeout: Duration::from_millis(timeout_ms),
         max_connections: file.max_connections.unwrap_or(1024).max(1),
+        header_read_timeout: Duration::from_millis(header_read_ms),
+        idle_timeout: Duration::from_millis(idle_ms),
         interrupt_keywords: file.interrupt_keywords.unwrap_or_default(),
         watch: !o.no_watch && file.watch.unwrap_or(true),
         require_tests: o.require_tests || file.require_tests.unwrap_or(false),
@@ -349,6 +378,22 @@ mod tests {
     fn token_debug_is_redacted() {
         let t = AuthToken::new("secret123");
         assert!(!format!("{t:?}").contains("secret123"));
+    }
+
+    #[test]
+    fn connection_timeouts_have_defaults_and_bounds() {
+        let token = || Some("t".to_string());
+        let c = resolve(Overrides::default(), FileConfig::default(), token(), None).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(75));
+        let f: FileConfig =
+            toml::from_str("header_read_timeout_ms = 2000\nidle_timeout_ms = 30000").unwrap();
+        let c = resolve(Overrides::default(), f, token(), None).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        let f: FileConfig = toml::from_str("header_read_timeout_ms = 0").unwrap();
+        let err = resolve(Overrides::default(), f, token(), None).unwrap_err();
+        assert!(err.to_string().contains("header_read_timeout_ms"), "{err}");
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The HTTP edge: axum router, request checks, error-to-status mapping.
 //!
-//! Every webhook goes through the same gate, in this order: content type,
-//! body size (axum's limit → 413), form parsing (→ 400), signature over the
-//! configured public URL joined with the raw request target (→ 403), typed
-//! parameters (→ 400). Only then does the pipeline run. Client mistakes get
-//! a short plain-text reason and a log line; nothing here panics on input
-//! and no response body carries internals. This module knows no sled and no
-//! Rhai.
+//! Every webhook goes through the same gate, in this order: header size
+//! (→ 431) and declared body size (→ 413, before the body is read), content
+//! type, body size (axum's limit → 413), form parsing and its parameter
+//! count (→ 400), signature over the configured public URL joined with the
+//! raw request target (→ 403), typed parameters (→ 400). Only then does the
+//! pipeline run. Client mistakes get a short plain-text reason and a log
+//! line; nothing here panics on input and no response body carries
+//! internals. Connections themselves (timeouts, the connection limit) are
+//! [`serve`]'s. This module knows no sled and no Rhai.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +27,9 @@ use crate::metrics::{Endpoint, Metrics};
 use crate::pipeline::{Pipeline, ReplyLink};
 use crate::store::{SledStore, StatusUpdate};
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
+
+mod serve;
+pub use serve::{serve, ConnectionLimits};
 
 /// State shared by all handlers.
 #[derive(Clone)]
@@ -63,7 +68,15 @@ impl AppState {
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/twilio/sms", get(sms_get).post(sms_post))
+        // axum would answer HEAD with the GET handler minus the body, which
+        // here means running a flow; HEAD and other methods get 405.
+        .route(
+            "/twilio/sms",
+            get(sms_get)
+                .post(sms_post)
+                .head(sms_other_method)
+                .fallback(sms_other_method),
+        )
         .route("/twilio/status", axum::routing::post(status_post))
         .route("/healthz", get(healthz))
         .route("/status", get(status_json))
@@ -221,6 +234,17 @@ async fn sms_get(
     inbound(state, params).await
 }
 
+/// 405 with the methods `/twilio/sms` does accept.
+async fn sms_other_method() -> Response {
+    let mut r =
+        HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed").into_response();
+    r.headers_mut().insert(
+        header::ALLOW,
+        axum::http::HeaderValue::from_static("GET, POST"),
+    );
+    r
+}
+
 async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError> {
     let started = Instant::now();
     let msg = InboundMessage::from_params(params)
@@ -369,12 +393,16 @@ pub struct Hygiene {
     pub request_timeout: std::time::Duration,
     /// Largest total size of request headers; Twilio sends about 1 KiB.
     pub max_header_bytes: usize,
+    /// Largest request body (the router's body limit enforces it as the
+    /// body arrives; a larger declared `Content-Length` is refused before).
+    pub max_body_bytes: usize,
 }
 
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Apply [`Hygiene`] to a router: 431 for oversized headers, 503 when the
-/// time limit passes.
+/// Apply [`Hygiene`] to a router: 431 for oversized headers, 413 for a
+/// declared body over the limit (without waiting for it), 503 when the time
+/// limit passes.
 pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
     router.layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| async move {
@@ -391,107 +419,30 @@ pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
                 )
                 .into_response();
             }
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > h.max_body_bytes as u64) {
+                tracing::warn!(
+                    content_length = declared,
+                    "rejected request: declared body too large"
+                );
+                return HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                    .into_response();
+            }
+            let method = req.method().clone();
+            let uri = req.uri().clone();
             match tokio::time::timeout(h.request_timeout, next.run(req)).await {
                 Ok(resp) => resp,
                 Err(_) => {
-                    tracing::error!("request time limit exceeded");
+                    // A slow or stalled client, not a fault of ours: one
+                    // warning each, never an error.
+                    tracing::warn!(%method, path = uri.path(), "request time limit exceeded");
                     HttpError::unavailable().into_response()
                 }
             }
         },
     ))
-}
-
-/// A TCP listener that holds at most `max` connections open at once: past
-/// that, new connections wait in the kernel's accept queue instead of
-/// taking memory and file descriptors here. Accepted sockets get
-/// `TCP_NODELAY`, since every TwiML answer is one small write.
-pub struct LimitedListener {
-    inner: tokio::net::TcpListener,
-    permits: Arc<tokio::sync::Semaphore>,
-}
-
-impl LimitedListener {
-    pub fn new(inner: tokio::net::TcpListener, max: usize) -> Self {
-        LimitedListener {
-            inner,
-            permits: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
-        }
-    }
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed, so acquiring cannot fail; if it
-        // ever did, serving without the limit beats refusing service.
-        let permit = self.permits.clone().acquire_owned().await.ok();
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        let _ = stream.set_nodelay(true);
-        (
-            LimitedStream {
-                inner: stream,
-                _permit: permit,
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection counted against [`LimitedListener`]'s limit until dropped.
-pub struct LimitedStream {
-    inner: tokio::net::TcpStream,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl tokio::io::AsyncRead for LimitedStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for LimitedStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }

@@ -35,7 +35,10 @@
 //!   Knows the store trait and the engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
-//! - [`http`]: axum router, request checks, error-to-status mapping.
+//! - [`http`]: axum router, request checks, error-to-status mapping. Its
+//!   `serve` (src/http/serve.rs) is the accept loop: header-read and idle
+//!   timeouts, and at most `max_connections`, closing the longest-idle
+//!   connection to make room for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
@@ -58,6 +61,8 @@
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender.
+//! - A connection that is not serving a request never holds a place a new
+//!   connection needs.
 
 pub mod admin_client;
 pub mod app;

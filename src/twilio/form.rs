@@ -16,6 +16,12 @@ use thiserror::Error;
 /// repeated name, and because order helps when logging a request.
 pub type Params = Vec<(String, String)>;
 
+/// Most parameters a form may carry. Twilio sends a few dozen (an MMS with
+/// ten media adds twenty); the bound keeps a forged request with thousands
+/// of them from costing a sort and an HMAC over all of them, and is checked
+/// before anything is decoded.
+pub const MAX_FORM_PARAMS: usize = 256;
+
 /// Why a form body could not be decoded.
 ///
 /// The messages are meant to be safe as a 400 response body: they name a
@@ -33,6 +39,9 @@ pub enum FormError {
     /// it is deliberately left out of the message.
     #[error("form field is not valid utf-8")]
     InvalidUtf8 { name: String },
+    /// More than [`MAX_FORM_PARAMS`] parameters.
+    #[error("more than {max} parameters")]
+    TooManyParams { max: usize },
 }
 
 /// Decodes a form body exactly.
@@ -41,9 +50,19 @@ pub enum FormError {
 /// `=` separates name from value, and a segment without `=` is a name with an
 /// empty value. `+` becomes a space and `%XX` is percent-decoded; the decoded
 /// bytes must be UTF-8. Nothing is trimmed, and control characters (even NUL)
-/// are kept: the TwiML renderer strips what XML cannot carry.
+/// are kept: the TwiML renderer strips what XML cannot carry. More than
+/// [`MAX_FORM_PARAMS`] non-empty pairs is an error, found before decoding.
 pub fn parse_form(raw: &[u8]) -> Result<Params, FormError> {
-    let mut params = Vec::new();
+    let pairs = raw
+        .split(|&b| b == b'&')
+        .filter(|segment| !segment.is_empty())
+        .count();
+    if pairs > MAX_FORM_PARAMS {
+        return Err(FormError::TooManyParams {
+            max: MAX_FORM_PARAMS,
+        });
+    }
+    let mut params = Vec::with_capacity(pairs);
     let mut start = 0;
     for segment in raw.split(|&b| b == b'&') {
         let offset = start;
@@ -271,6 +290,29 @@ mod tests {
             name: "<script>".into(),
         };
         assert_eq!(e.to_string(), "form field is not valid utf-8");
+    }
+
+    #[test]
+    fn bounds_the_number_of_parameters() {
+        let at_limit = vec!["a=1"; MAX_FORM_PARAMS].join("&");
+        assert_eq!(
+            parse_form(at_limit.as_bytes()).unwrap().len(),
+            MAX_FORM_PARAMS
+        );
+        // Empty segments do not count; one more real pair does.
+        let padded = format!("{at_limit}&&&");
+        assert!(parse_form(padded.as_bytes()).is_ok());
+        let over = format!("{at_limit}&b=2");
+        assert_eq!(
+            parse_form(over.as_bytes()),
+            Err(FormError::TooManyParams {
+                max: MAX_FORM_PARAMS
+            })
+        );
+        assert_eq!(
+            FormError::TooManyParams { max: 256 }.to_string(),
+            "more than 256 parameters"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod signature;
 pub mod status;
 pub mod twiml;
 
-pub use form::{encode_form, parse_form, FormError, Params};
+pub use form::{encode_form, parse_form, FormError, Params, MAX_FORM_PARAMS};
 pub use inbound::{Geo, InboundMessage, Media, ParamError};
 pub use signature::RequestValidator;
 pub use status::{MessageStatus, StatusCallback};

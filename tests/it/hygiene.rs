@@ -67,18 +67,33 @@ async fn a_body_that_never_finishes_gets_503_at_the_time_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn connections_past_the_limit_wait_their_turn() {
+async fn connections_past_the_limit_wait_while_every_place_serves_a_request() {
     let app = spawn_limited(|c| c.max_connections = 2).await;
-    // Two idle keep-alive connections take both places.
-    let a = TcpStream::connect(app.addr).unwrap();
-    let b = TcpStream::connect(app.addr).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two requests whose bodies are still arriving take both places (idle
+    // connections would be closed to make room; see hostile.rs).
+    let serving = || {
+        let mut s = TcpStream::connect(app.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+              Content-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+        // `100 Continue` once the handler reads the body: it is serving.
+        let mut continue_line = [0u8; 12];
+        s.read_exact(&mut continue_line).unwrap();
+        assert_eq!(&continue_line, b"HTTP/1.1 100");
+        s.write_all(b"Body=hi").unwrap();
+        s
+    };
+    let a = tokio::task::block_in_place(serving);
+    let b = tokio::task::block_in_place(serving);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
     assert!(
-        client.get(app.url("/healthz")).send().await.is_err(),
+        client.get(app.url("/metrics")).send().await.is_err(),
         "a third connection was served"
     );
     drop(a);
@@ -86,7 +101,7 @@ async fn connections_past_the_limit_wait_their_turn() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-        .get(app.url("/healthz"))
+        .get(app.url("/metrics"))
         .send()
         .await
         .unwrap();

@@ -6,6 +6,7 @@ mod compliance;
 mod conversation;
 mod crash;
 mod helpers;
+mod hostile;
 mod hygiene;
 mod logs;
 mod process;
