@@ -25,7 +25,7 @@ fn chat_opts(flows: &Path, data: Option<&Path>) -> ChatOptions {
         to: "+15550001111".into(),
         data_dir: data.map(Path::to_path_buf),
         now: Some(1_700_000_000),
-        interrupt_keywords: Vec::new(),
+        options: author::server_defaults(),
         echo: true,
     }
 }
@@ -121,7 +121,8 @@ fn chat_output_with_shipped_flows_passes_as_a_transcript() {
     assert!(session.contains("< Our menu: [media: https://example.com/menu.jpg]\n"));
     std::fs::write(dir.path().join("session.chat"), &session).unwrap();
     let set = flow::load_dir(dir.path()).unwrap().set;
-    author::transcripts_pass(dir.path(), &set).unwrap_or_else(|e| panic!("{e}\n{session}"));
+    author::transcripts_pass(dir.path(), &set, &author::server_defaults())
+        .unwrap_or_else(|e| panic!("{e}\n{session}"));
 }
 
 #[test]
@@ -143,7 +144,7 @@ fn chat_keeps_state_in_a_chosen_store_and_separates_senders() {
 ? step = signup/ask_age   # 0 retries here, idle 60s
 ? contact.name = Bo
 ? var.name = Bo
-# now texting from +15559990000
+@ from +15559990000
 ? step = (none)   # nothing stored for this sender
 # usage: /from +15551230001
 # bad duration `soon`: write it like 90s, 15m, 2h, 1d or 1h30m
@@ -221,17 +222,24 @@ fn seeded_transcripts_start_from_the_given_state() {
         ("no_flow.chat", "step: nope/x\n> hi\n< (silence)\n"),
     ]);
     let set = flow::load_dir(dir.path()).unwrap().set;
-    let opts = flow::EngineOptions::default();
-    flow::run_transcript(&set, &opts, &dir.path().join("seeded.chat")).unwrap();
+    let opts = author::server_defaults();
+    let run = author::run_transcript(&dir.path().join("seeded.chat"), &set, &opts);
+    assert!(run.passed(), "{:?}", run.failures);
 
-    let err = flow::run_transcript(&set, &opts, &dir.path().join("no_wait.chat")).unwrap_err();
+    let run = author::run_transcript(&dir.path().join("no_wait.chat"), &set, &opts);
+    let [err] = &run.failures[..] else {
+        panic!("{:?}", run.failures)
+    };
     assert_eq!(err.line, 1);
     assert!(err.message.contains("`signup/done` does not wait"), "{err}");
-    let err = flow::run_transcript(&set, &opts, &dir.path().join("no_flow.chat")).unwrap_err();
+    let run = author::run_transcript(&dir.path().join("no_flow.chat"), &set, &opts);
+    let [err] = &run.failures[..] else {
+        panic!("{:?}", run.failures)
+    };
     assert!(err.message.contains("unknown flow `nope`"), "{err}");
 
     // The reload hook reports both failures, with file and line.
-    let why = author::transcripts_pass(dir.path(), &set).unwrap_err();
+    let why = author::transcripts_pass(dir.path(), &set, &opts).unwrap_err();
     assert!(why.starts_with("2 of 3 transcript(s) failed:"), "{why}");
     assert!(why.contains("no_wait.chat:1:"), "{why}");
 }
@@ -239,7 +247,7 @@ fn seeded_transcripts_start_from_the_given_state() {
 #[test]
 fn transcripts_pass_accepts_the_shipped_set() {
     let set = flow::load_dir(&shipped_dir()).unwrap().set;
-    author::transcripts_pass(&shipped_dir(), &set).unwrap();
+    author::transcripts_pass(&shipped_dir(), &set, &author::server_defaults()).unwrap();
 }
 
 #[test]
