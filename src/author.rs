@@ -30,7 +30,7 @@ use crate::store::{ConvKey, SledStore, Store, StoreConfig, StoreError};
 use crate::twilio::{self, InboundMessage};
 
 pub use transcripts::{
-    run_tests, run_transcript, transcripts_pass, Exchange, TestSummary, TranscriptRun,
+    run_parsed, run_tests, run_transcript, transcripts_pass, Exchange, TestSummary, TranscriptRun,
 };
 
 // ---------------------------------------------------------------------------

@@ -54,19 +54,31 @@ impl TranscriptRun {
 /// The transcript's own `interrupt:` header replaces the configured
 /// interrupt keywords.
 pub fn run_transcript(path: &Path, set: &FlowSet, options: &PipelineOptions) -> TranscriptRun {
+    match Transcript::read(path) {
+        Ok(transcript) => run_parsed(&transcript, path, set, options),
+        Err(failure) => TranscriptRun {
+            file: path.to_path_buf(),
+            exchanges: Vec::new(),
+            failures: vec![failure],
+        },
+    }
+}
+
+/// [`run_transcript`] for a transcript already parsed from `path` (which
+/// names it in failures and anchors `@ load`), e.g. with its start time
+/// changed.
+pub fn run_parsed(
+    transcript: &Transcript,
+    path: &Path,
+    set: &FlowSet,
+    options: &PipelineOptions,
+) -> TranscriptRun {
     let mut run = TranscriptRun {
         file: path.to_path_buf(),
         exchanges: Vec::new(),
         failures: Vec::new(),
     };
-    let transcript = match Transcript::read(path) {
-        Ok(t) => t,
-        Err(failure) => {
-            run.failures.push(failure);
-            return run;
-        }
-    };
-    if let Err(e) = block_on(drive(&transcript, set, options, &mut run)) {
+    if let Err(e) = block_on(drive(transcript, set, options, &mut run)) {
         run.failures.push(TranscriptFailure {
             file: path.to_path_buf(),
             line: 0,
