@@ -27,9 +27,9 @@ pub enum Command {
     /// flow files, each as its own flow set; prints every problem as
     /// file:line:column.
     Check {
-        /// The flows directory.
-        #[arg(default_value = "flows")]
-        dir: PathBuf,
+        /// The flows directory [default: the config file's `flows`, else
+        /// ./flows].
+        dir: Option<PathBuf>,
         #[command(flatten)]
         config: ToolConfig,
     },
@@ -48,9 +48,9 @@ pub enum Command {
     /// keywords, loop guard, interrupt keywords); exits non-zero when any
     /// fails.
     Test {
-        /// The directory holding flows and their transcripts.
-        #[arg(default_value = "flows")]
-        dir: PathBuf,
+        /// The directory holding flows and their transcripts [default: the
+        /// config file's `flows`, else ./flows].
+        dir: Option<PathBuf>,
         #[command(flatten)]
         config: ToolConfig,
     },
@@ -94,9 +94,9 @@ pub struct MessagesArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Flows directory.
-    #[arg(long, default_value = "flows")]
-    pub flows: PathBuf,
+    /// Flows directory [default: the config file's `flows`, else ./flows].
+    #[arg(long)]
+    pub flows: Option<PathBuf>,
     /// The sender's number.
     #[arg(long, default_value = "+15551230001")]
     pub from: String,

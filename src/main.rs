@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 options.engine.interrupt_keywords = args.interrupt;
             }
             let opts = author::ChatOptions {
-                flows_dir: args.flows,
+                flows_dir: args.flows.unwrap_or(config.flows_dir),
                 from: args.from,
                 to: args.to,
                 data_dir: args.data,
@@ -74,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Test { dir, config } => {
             let config = author::config_for_tools(config.path.as_deref())?;
             let options = PipelineOptions::from_config(&config);
+            let dir = dir.unwrap_or(config.flows_dir);
             let summary = author::run_tests(&dir, &options, &mut std::io::stdout().lock())?;
             Ok(if summary.failed == 0 {
                 ExitCode::SUCCESS
@@ -94,7 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = author::config_for_tools(config.path.as_deref())?;
             let reserved = flow::ReservedWords::new(&config.compliance, &config.interrupt_keywords);
             let summary = author::check(
-                &dir,
+                &dir.unwrap_or(config.flows_dir),
                 &reserved,
                 &mut std::io::stdout().lock(),
                 &mut std::io::stderr().lock(),

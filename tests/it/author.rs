@@ -481,6 +481,17 @@ fn check_chat_and_test_take_the_servers_config_file() {
     assert!(!stderr.contains("`arret`"), "{stderr}");
     assert!(!stderr.contains("`menu`"), "{stderr}");
 
+    // Without DIR, the tools use the config file's flows directory.
+    let with_flows = conf_dir.path().join("with_flows.toml");
+    std::fs::write(
+        &with_flows,
+        format!("{OPERATOR_CONFIG}flows = {:?}\n", dir.path()),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = smsflow(&["test", "--config", with_flows.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("configured.chat"), "{stdout}");
+
     // A broken config file is an error for every tool, naming the file.
     std::fs::write(&conf, "stop_keyword = [\"STOP\"]\n").unwrap();
     for args in [
