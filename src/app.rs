@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::config::{Auth, Config};
-use crate::flow::{self, EngineOptions, FlowSet};
+use crate::flow::{self, FlowSet};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
@@ -107,8 +107,10 @@ impl App {
             );
         }
         let loaded = load_flows(&config.flows_dir)?;
+        // Transcripts required to pass run with the options served.
+        let options = PipelineOptions::from_config(&config);
         if config.require_tests {
-            crate::author::transcripts_pass(&config.flows_dir, &loaded.set)
+            crate::author::transcripts_pass(&config.flows_dir, &loaded.set, &options)
                 .map_err(|e| anyhow::anyhow!("the flows' transcripts fail:\n{e}"))?;
         }
         for w in &loaded.warnings {
@@ -137,17 +139,7 @@ impl App {
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
             flows.clone(),
-            PipelineOptions {
-                engine: EngineOptions {
-                    interrupt_keywords: config.interrupt_keywords.clone(),
-                },
-                compliance: config.compliance.clone(),
-                loop_max_replies: config.loop_max_replies,
-                loop_window_secs: config.loop_window_secs,
-                status_callback_url: config
-                    .track_delivery
-                    .then(|| format!("{}/twilio/status", config.public_url)),
-            },
+            options.clone(),
             metrics.clone(),
         ));
 
@@ -185,7 +177,7 @@ impl App {
             flows,
             flow_status,
             metrics.clone(),
-            config.require_tests,
+            config.require_tests.then_some(options),
         ));
         Ok(App {
             listener,

@@ -1,13 +1,17 @@
-//! Tools for flow authors, behind `smsflow chat`, `smsflow test` and
-//! `smsflow graph`: try a conversation in a terminal, run transcript tests,
-//! draw a flow.
+//! Tools for flow authors, behind `smsflow check`, `chat`, `test` and
+//! `graph`: validate flow sets, try a conversation in a terminal, run
+//! transcript tests, draw a flow.
 //!
 //! Everything here works on readers, writers and values, so the test suite
-//! drives it without a terminal; `main` only passes stdin and stdout. The
-//! chat goes through the real [`Pipeline`] and a real [`SledStore`], so what
-//! an author sees is what the webhook would do, minus HTTP and Twilio. This
-//! module knows no HTTP and no terminal; it knows the flow model only
-//! through [`FlowSet::outline`] and [`flow::run_transcript`].
+//! drives it without a terminal; `main` only passes stdin and stdout. Chat
+//! and transcripts go through the real [`Pipeline`] (consent keywords, loop
+//! guard, dedupe, engine, commit, flush) over a throwaway [`SledStore`],
+//! with the server's options ([`config_for_tools`]) and a virtual clock, so
+//! what an author sees is what the webhook would do, minus HTTP and Twilio.
+//! This module knows no HTTP and no terminal; it knows the flow model only
+//! through [`FlowSet::outline`] and [`flow::Transcript`].
+
+mod transcripts;
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -18,11 +22,207 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 
-use crate::flow::{self, Conversation, EdgeTarget, EngineOptions, Event, FlowSet, Outline};
+use crate::config::{self, Config, FileConfig, Overrides};
+use crate::flow::{self, Conversation, EdgeTarget, Event, FlowSet, Outline};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::store::{ConvKey, SledStore, Store, StoreConfig};
-use crate::twilio::InboundMessage;
+use crate::pipeline::{Detailed, Pipeline, PipelineOptions};
+use crate::store::{ConvKey, SledStore, Store, StoreConfig, StoreError};
+use crate::twilio::{self, InboundMessage};
+
+pub use transcripts::{
+    run_parsed, run_tests, run_transcript, transcripts_pass, Exchange, TestSummary, TranscriptRun,
+};
+
+// ---------------------------------------------------------------------------
+// configuration
+
+/// The server's configuration for the author tools (`check`, `chat`,
+/// `test`): the same TOML file as `serve --config`, resolved the same way
+/// (defaults, validation), so consent keywords, the help text, interrupt
+/// keywords and the loop guard behave as they will on the number. `None`
+/// gives the server's defaults. These tools take no webhooks, so no
+/// `TWILIO_AUTH_TOKEN` is needed.
+pub fn config_for_tools(path: Option<&Path>) -> anyhow::Result<Config> {
+    let file = match path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let overrides = Overrides {
+        // Nothing is verified: there are no requests to sign.
+        insecure: true,
+        // Only names the delivery callback URL; set so that resolving does
+        // not warn about signatures no request will carry.
+        public_url: Some(
+            file.public_url
+                .clone()
+                .unwrap_or_else(|| "http://localhost".to_owned()),
+        ),
+        ..Overrides::default()
+    };
+    let config = config::resolve(overrides, file, None, None);
+    match path {
+        Some(p) => config.with_context(|| format!("in config file {}", p.display())),
+        None => config,
+    }
+}
+
+/// The pipeline options `serve` runs with when no config file is given.
+pub fn server_defaults() -> PipelineOptions {
+    let config = config_for_tools(None).expect("the built-in defaults are valid");
+    PipelineOptions::from_config(&config)
+}
+
+// ---------------------------------------------------------------------------
+// the simulated phone shared by chat and transcripts
+
+/// One sender texting one of our numbers: the pipeline over its store, and
+/// the virtual clock.
+struct Session {
+    pipeline: Pipeline<SledStore>,
+    from: String,
+    to: String,
+    /// Virtual time (unix seconds): +1 per message, and `/wait` (`@ wait`)
+    /// jumps.
+    now: i64,
+    /// Makes MessageSids unique across sessions sharing a `--data` store, so
+    /// dedupe never replays an answer from an earlier session.
+    sid_prefix: u64,
+    sent: u64,
+    /// The temporary store directory; declared after `pipeline` so the
+    /// store is closed before its directory is removed.
+    tmp: Option<tempfile::TempDir>,
+}
+
+/// What happened to one message.
+enum Sent {
+    /// Twilio would not deliver it (a bad number, too much media).
+    Rejected(String),
+    Handled(Box<Detailed>),
+}
+
+impl Session {
+    /// A session over the store in `data_dir`, or a temporary one removed
+    /// when the session ends.
+    fn open(
+        set: FlowSet,
+        options: PipelineOptions,
+        data_dir: Option<&Path>,
+        from: &str,
+        to: &str,
+        now: i64,
+        sid_prefix: u64,
+    ) -> anyhow::Result<Session> {
+        let (dir, tmp) = match data_dir {
+            Some(dir) => (dir.to_path_buf(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("smsflow-chat-")
+                    .tempdir()
+                    .context("cannot create a temporary store directory")?;
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        let store = SledStore::open(&dir, &StoreConfig::default())
+            .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+        let pipeline = Pipeline::new(
+            Arc::new(store),
+            Arc::new(ArcSwap::from_pointee(set)),
+            options,
+            Arc::new(Metrics::default()),
+        );
+        Ok(Session {
+            pipeline,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            now,
+            sid_prefix,
+            sent: 0,
+            tmp,
+        })
+    }
+
+    fn key(&self) -> ConvKey {
+        ConvKey::new(&self.to, &self.from)
+    }
+
+    /// Send one message through the pipeline, as Twilio would post it,
+    /// with the next MessageSid (returned too: scripts seed their
+    /// randomness with it).
+    async fn send(&mut self, body: String, media: &[String]) -> Result<(String, Sent), StoreError> {
+        self.now = self.now.saturating_add(1);
+        self.sent += 1;
+        let sid = format!("SM{:016x}{:016x}", self.sid_prefix, self.sent);
+        let mut params = vec![
+            ("MessageSid".to_owned(), sid.clone()),
+            ("From".to_owned(), self.from.clone()),
+            ("To".to_owned(), self.to.clone()),
+            ("Body".to_owned(), body),
+            ("NumMedia".to_owned(), media.len().to_string()),
+        ];
+        for (i, url) in media.iter().enumerate() {
+            params.push((format!("MediaUrl{i}"), url.clone()));
+        }
+        let msg = match InboundMessage::from_params(params) {
+            Ok(m) => m,
+            Err(e) => return Ok((sid, Sent::Rejected(e.to_string()))),
+        };
+        let detailed = self
+            .pipeline
+            .handle_inbound_detailed(&msg, self.now)
+            .await?;
+        Ok((sid, Sent::Handled(Box::new(detailed))))
+    }
+
+    /// The stored conversation, as the pipeline would read it.
+    fn conversation(&self) -> anyhow::Result<Option<Conversation>> {
+        let Some(bytes) = self.pipeline.store().conversation(&self.key())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .context("the stored conversation is unreadable")
+    }
+
+    /// Start this sender's conversation from `conversation`.
+    async fn seed(&self, conversation: &Conversation) -> Result<(), StoreError> {
+        self.pipeline
+            .seed(&self.key(), conversation, self.now)
+            .await
+    }
+
+    /// Forget this sender's conversation; whether there was one.
+    async fn forget(&self) -> Result<bool, StoreError> {
+        self.pipeline.forget(&self.key()).await
+    }
+}
+
+/// What the phone receives for one message, as transcript lines: the
+/// messages of the TwiML answer (after Twilio's limits: long bodies split,
+/// empty messages left out, at most ten), or the silence and its reason.
+fn reply_lines(detailed: &Detailed) -> Vec<flow::ReplyLine> {
+    if let Some(reason) = &detailed.silence {
+        return vec![flow::ReplyLine::Silence(Some(reason.clone()))];
+    }
+    let sent: Vec<flow::Reply> = match twilio::messages_in(&detailed.answer.twiml) {
+        Ok(messages) => messages
+            .into_iter()
+            .map(|m| flow::Reply {
+                body: m.body,
+                media: m.media,
+            })
+            .collect(),
+        // Our own rendering always parses; the engine's replies are the
+        // next best account.
+        Err(_) => detailed.replies.clone(),
+    };
+    if sent.is_empty() {
+        // Replies with nothing in them: the phone gets nothing.
+        return vec![flow::ReplyLine::Silence(Some(
+            flow::SilenceReason::EmptyReply.as_str().to_owned(),
+        ))];
+    }
+    sent.into_iter().map(flow::ReplyLine::Reply).collect()
+}
 
 // ---------------------------------------------------------------------------
 // chat
@@ -40,7 +240,10 @@ pub struct ChatOptions {
     pub data_dir: Option<PathBuf>,
     /// Start of the virtual clock (unix seconds); `None` is the real time.
     pub now: Option<i64>,
-    pub interrupt_keywords: Vec<String>,
+    /// The server's pipeline settings (consent keywords, help text,
+    /// interrupt keywords, loop guard): [`server_defaults`], or from a
+    /// config file with [`PipelineOptions::from_config`].
+    pub options: PipelineOptions,
     /// Write each message back as `> text`, so the output reads as a whole
     /// transcript when input is piped rather than typed. When false, a `> `
     /// prompt is written before each read instead.
@@ -58,24 +261,6 @@ const CHAT_HELP: &str = "\
 #   /reload       re-read the flows directory, keeping conversations
 #   /help         this list; /quit ends (so does end of input)";
 
-/// One chat session: the pipeline over its store, and the virtual clock.
-struct Session {
-    pipeline: Pipeline<SledStore>,
-    flows_dir: PathBuf,
-    from: String,
-    to: String,
-    /// Virtual time (unix seconds): +1 per message, like transcripts, and
-    /// `/wait` jumps.
-    now: i64,
-    /// Makes MessageSids unique across sessions sharing a `--data` store, so
-    /// dedupe never replays an answer from an earlier session.
-    sid_prefix: u64,
-    sent: u64,
-    /// The temporary store directory; declared after `pipeline` so the
-    /// store is closed before its directory is removed.
-    _tmp: Option<tempfile::TempDir>,
-}
-
 /// Run an interactive chat: read lines from `input`, write the conversation
 /// to `out`, until `/quit` or end of input.
 ///
@@ -86,45 +271,19 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
     for w in &loaded.warnings {
         writeln!(out, "# {w}")?;
     }
-    let (dir, tmp) = match &opts.data_dir {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let tmp = tempfile::Builder::new()
-                .prefix("smsflow-chat-")
-                .tempdir()
-                .context("cannot create a temporary store directory")?;
-            (tmp.path().to_path_buf(), Some(tmp))
-        }
-    };
-    let store = SledStore::open(&dir, &StoreConfig::default())
-        .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let version = loaded.set.version().chars().take(12).collect::<String>();
-    let pipeline = Pipeline::new(
-        Arc::new(store),
-        Arc::new(ArcSwap::from_pointee(loaded.set)),
-        // The server's consent handling (STOP, START, HELP) applies here
-        // too, so a chat behaves like the real number.
-        PipelineOptions {
-            engine: EngineOptions {
-                interrupt_keywords: opts.interrupt_keywords.clone(),
-            },
-            ..PipelineOptions::default()
-        },
-        Arc::new(Metrics::default()),
-    );
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let mut session = Session {
-        pipeline,
-        flows_dir: opts.flows_dir.clone(),
-        from: opts.from.clone(),
-        to: opts.to.clone(),
-        now: opts.now.unwrap_or(wall.as_secs() as i64),
-        sid_prefix: (wall.as_nanos() as u64) ^ u64::from(std::process::id()),
-        sent: 0,
-        _tmp: tmp,
-    };
+    let mut session = Session::open(
+        loaded.set,
+        opts.options.clone(),
+        opts.data_dir.as_deref(),
+        &opts.from,
+        &opts.to,
+        opts.now.unwrap_or(wall.as_secs() as i64),
+        (wall.as_nanos() as u64) ^ u64::from(std::process::id()),
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .context("cannot start the async runtime")?;
@@ -133,9 +292,9 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
         out,
         "# smsflow chat: flows {} (version {version}), store {}",
         opts.flows_dir.display(),
-        match &session._tmp {
-            Some(_) => "temporary".to_owned(),
-            None => dir.display().to_string(),
+        match (&session.tmp, &opts.data_dir) {
+            (None, Some(dir)) => dir.display().to_string(),
+            _ => "temporary".to_owned(),
         }
     )?;
     writeln!(
@@ -172,9 +331,9 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                         "# bad duration `{arg}`: write it like 90s, 15m, 2h, 1d or 1h30m"
                     )?,
                 },
-                "state" => session.state(&mut out)?,
+                "state" => show_state(&session, &mut out)?,
                 "reset" => {
-                    let existed = runtime.block_on(session.pipeline.forget(&session.key()))?;
+                    let existed = runtime.block_on(session.forget())?;
                     let note = if existed {
                         ""
                     } else {
@@ -183,15 +342,17 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                     writeln!(out, "@ reset{note}")?;
                 }
                 "from" | "to" if arg.is_empty() => writeln!(out, "# usage: /{verb} +15551230001")?,
+                // Written as transcript lines, so a saved session switches
+                // sender or number where the chat did.
                 "from" => {
                     session.from = arg.to_owned();
-                    writeln!(out, "# now texting from {arg}")?;
+                    writeln!(out, "@ from {arg}")?;
                 }
                 "to" => {
                     session.to = arg.to_owned();
-                    writeln!(out, "# now texting to {arg}")?;
+                    writeln!(out, "@ to {arg}")?;
                 }
-                "reload" => match crate::app::load_flows(&session.flows_dir) {
+                "reload" => match crate::app::load_flows(&opts.flows_dir) {
                     Ok(loaded) => {
                         for w in &loaded.warnings {
                             writeln!(out, "# {w}")?;
@@ -216,140 +377,95 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
         if opts.echo {
             writeln!(out, "> {text}")?;
         }
-        runtime.block_on(session.send(text, &mut out))?;
-    }
-    Ok(())
-}
-
-impl Session {
-    fn key(&self) -> ConvKey {
-        ConvKey::new(&self.to, &self.from)
-    }
-
-    /// Send one message through the pipeline and print what came back.
-    async fn send(&mut self, text: &str, out: &mut impl Write) -> anyhow::Result<()> {
         let (body, media) = flow::split_media(text);
         let body = match flow::unescape(body) {
             Ok(b) => b,
             Err(e) => {
                 writeln!(out, "# not sent: {e} (write \\\\ for a backslash)")?;
-                return Ok(());
+                continue;
             }
         };
-        self.now = self.now.saturating_add(1);
-        self.sent += 1;
-        let sid = format!("SM{:016x}{:016x}", self.sid_prefix, self.sent);
-        let mut params = vec![
-            ("MessageSid".to_owned(), sid),
-            ("From".to_owned(), self.from.clone()),
-            ("To".to_owned(), self.to.clone()),
-            ("Body".to_owned(), body),
-            ("NumMedia".to_owned(), media.len().to_string()),
-        ];
-        for (i, url) in media.iter().enumerate() {
-            params.push((format!("MediaUrl{i}"), url.clone()));
+        match runtime.block_on(session.send(body, &media))?.1 {
+            Sent::Rejected(e) => writeln!(out, "# not sent: Twilio would not deliver this: {e}")?,
+            Sent::Handled(detailed) => show_answer(&detailed, &mut out)?,
         }
-        let msg = match InboundMessage::from_params(params) {
-            Ok(m) => m,
-            Err(e) => {
-                writeln!(out, "# not sent: Twilio would not deliver this: {e}")?;
-                return Ok(());
-            }
-        };
-        let detailed = self
-            .pipeline
-            .handle_inbound_detailed(&msg, self.now)
-            .await?;
-        if detailed.answer.duplicate {
-            writeln!(
-                out,
-                "# duplicate MessageSid: replayed {}",
-                detailed.answer.outcome
-            )?;
-            return Ok(());
-        }
-        for event in &detailed.events {
-            writeln!(out, "# {}", describe(event))?;
-        }
-        match &detailed.silence {
-            None => {
-                for r in &detailed.replies {
-                    let mut line = String::from("<");
-                    if !r.body.is_empty() {
-                        line.push(' ');
-                        line.push_str(&flow::escape(&r.body));
-                    }
-                    if !r.media.is_empty() {
-                        line.push_str(&format!(" [media: {}]", r.media.join(", ")));
-                    }
-                    writeln!(out, "{line}")?;
-                }
-            }
-            Some(reason) => {
-                let why = match &detailed.silence_note {
-                    Some(text) => format!("   # {text}"),
-                    None => String::new(),
-                };
-                writeln!(out, "< (silence: {reason}){why}")?;
-            }
-        }
-        Ok(())
     }
-
-    /// `/state`: the stored conversation, as transcript assertions.
-    fn state(&self, out: &mut impl Write) -> anyhow::Result<()> {
-        let key = self.key();
-        let Some(bytes) = self.pipeline.store().conversation(&key)? else {
-            writeln!(out, "? step = (none)   # nothing stored for this sender")?;
-            return Ok(());
-        };
-        let conv: Conversation = match serde_json::from_slice(&bytes) {
-            Ok(c) => c,
-            Err(e) => {
-                // The pipeline starts such a conversation afresh; say so.
-                writeln!(
-                    out,
-                    "# the stored conversation is unreadable ({e}); the next message starts afresh"
-                )?;
-                return Ok(());
-            }
-        };
-        match &conv.run {
-            Some(run) => {
-                let idle = self.now.saturating_sub(run.last_active);
-                // A reused `--data` store may hold a run from a session
-                // whose clock ran ahead of this one's.
-                let idle = if idle >= 0 {
-                    format!("idle {idle}s")
-                } else {
-                    format!(
-                        "last active {}s after this clock (use /wait)",
-                        idle.unsigned_abs()
-                    )
-                };
-                writeln!(
-                    out,
-                    "? step = {}/{}   # {} retr{} here, {idle}",
-                    run.flow,
-                    run.step,
-                    run.retries,
-                    if run.retries == 1 { "y" } else { "ies" },
-                )?
-            }
-            None => writeln!(out, "? step = (none)")?,
-        }
-        for (k, v) in &conv.contact {
-            writeln!(out, "? contact.{k} = {}", flow::escape(v))?;
-        }
-        if let Some(run) = &conv.run {
-            for (k, v) in &run.vars {
-                writeln!(out, "? var.{k} = {}", flow::escape(v))?;
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
+/// Print what came back for one message: engine events as comments, then
+/// the replies or the silence.
+fn show_answer(detailed: &Detailed, out: &mut impl Write) -> anyhow::Result<()> {
+    if detailed.answer.duplicate {
+        writeln!(
+            out,
+            "# duplicate MessageSid: replayed {}",
+            detailed.answer.outcome
+        )?;
+        return Ok(());
+    }
+    for event in &detailed.events {
+        writeln!(out, "# {}", describe(event))?;
+    }
+    for line in reply_lines(detailed) {
+        match (&line, &detailed.silence_note) {
+            (flow::ReplyLine::Silence(_), Some(text)) => {
+                writeln!(out, "{}   # {text}", line.render())?
+            }
+            _ => writeln!(out, "{}", line.render())?,
+        }
+    }
+    Ok(())
+}
+
+/// `/state`: the stored conversation, as transcript assertions.
+fn show_state(session: &Session, out: &mut impl Write) -> anyhow::Result<()> {
+    let conv = match session.conversation() {
+        Ok(Some(conv)) => conv,
+        Ok(None) => {
+            writeln!(out, "? step = (none)   # nothing stored for this sender")?;
+            return Ok(());
+        }
+        Err(e) => {
+            // The pipeline starts such a conversation afresh; say so.
+            writeln!(out, "# {e:#}; the next message starts afresh")?;
+            return Ok(());
+        }
+    };
+    match &conv.run {
+        Some(run) => {
+            let idle = session.now.saturating_sub(run.last_active);
+            // A reused `--data` store may hold a run from a session
+            // whose clock ran ahead of this one's.
+            let idle = if idle >= 0 {
+                format!("idle {idle}s")
+            } else {
+                format!(
+                    "last active {}s after this clock (use /wait)",
+                    idle.unsigned_abs()
+                )
+            };
+            writeln!(
+                out,
+                "? step = {}/{}   # {} retr{} here, {idle}",
+                run.flow,
+                run.step,
+                run.retries,
+                if run.retries == 1 { "y" } else { "ies" },
+            )?
+        }
+        None => writeln!(out, "? step = (none)")?,
+    }
+    for (k, v) in &conv.contact {
+        writeln!(out, "? contact.{k} = {}", flow::escape(v))?;
+    }
+    if let Some(run) = &conv.run {
+        for (k, v) in &run.vars {
+            writeln!(out, "? var.{k} = {}", flow::escape(v))?;
+        }
+    }
+    Ok(())
+}
 /// An engine event in words, for the chat.
 fn describe(event: &Event) -> String {
     match event {
@@ -393,140 +509,129 @@ fn describe(event: &Event) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// test
+// check
 
-/// What [`run_tests`] found.
+/// What [`check`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TestSummary {
-    pub passed: usize,
-    pub failed: usize,
+pub struct CheckSummary {
+    /// Flow sets (directories) checked.
+    pub sets: usize,
+    pub errors: usize,
+    pub warnings: usize,
 }
 
-/// `smsflow test DIR`: run every `*.chat` transcript under `dir`. Each runs
-/// against the flows of its own directory, so subdirectories can hold their
-/// own flow sets (as `tests/flows/` does). Writes `PASS`/`FAIL` lines, the
-/// failures' diffs and a summary to `out`.
+/// `smsflow check DIR`: validate every flow set in `dir` and below, the
+/// way the server loads one. A flow set is a directory holding `*.yaml`
+/// (or `*.yml`) files, so subdirectories can hold their own sets, the same
+/// rule by which `test` runs each directory's transcripts against its own
+/// flows (`*.rhai` modules in a subdirectory belong to the set above).
+/// `reserved` are the words the configured server takes before any flow
+/// sees them. Every diagnostic goes to `err`, with a summary line per set
+/// with errors; sets without errors get an `ok` line on `out`.
 ///
-/// Errors when `dir` cannot be read or holds no transcript at all: a test
-/// command that ran nothing most likely pointed at the wrong directory.
-pub fn run_tests(dir: &Path, out: &mut impl Write) -> anyhow::Result<TestSummary> {
+/// Errors when `dir` is not a directory or holds no flow file at all: a
+/// check that checked nothing most likely pointed at the wrong directory.
+pub fn check(
+    dir: &Path,
+    reserved: &flow::ReservedWords,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<CheckSummary> {
     if !dir.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
-    let mut dirs = Vec::new();
-    transcript_dirs(dir, 0, &mut dirs);
-    if dirs.is_empty() {
+    let sets: Vec<PathBuf> = dirs_under(dir)
+        .into_iter()
+        .filter(|d| !files_with(d, &["yaml", "yml"]).is_empty())
+        .collect();
+    if sets.is_empty() {
         anyhow::bail!(
-            "no *.chat transcripts in {} (see flows/README.md, \"Transcript tests\")",
+            "no flow files (*.yaml) in {} or below (see flows/README.md)",
             dir.display()
         );
     }
-    let mut summary = TestSummary {
-        passed: 0,
-        failed: 0,
+    let mut summary = CheckSummary {
+        sets: sets.len(),
+        errors: 0,
+        warnings: 0,
     };
-    for (flows_dir, chats) in dirs {
-        let set = flow::load_dir(&flows_dir).map(|l| l.set).map_err(|diags| {
-            let list: Vec<String> = diags.iter().map(ToString::to_string).collect();
-            format!(
-                "the flows in {} do not load:\n{}",
-                flows_dir.display(),
-                list.join("\n")
-            )
-        });
-        for chat in chats {
-            let result = match &set {
-                Ok(set) => flow::run_transcript(set, &EngineOptions::default(), &chat)
-                    .map_err(|f| f.to_string()),
-                Err(e) => Err(e.clone()),
-            };
-            match result {
-                Ok(()) => {
-                    summary.passed += 1;
-                    writeln!(out, "PASS {}", chat.display())?;
-                }
-                Err(why) => {
-                    summary.failed += 1;
-                    writeln!(out, "FAIL {}", chat.display())?;
-                    for l in why.lines() {
-                        writeln!(out, "  {l}")?;
-                    }
-                }
-            }
+    for set in &sets {
+        let diags = flow::check_dir_with(set, reserved);
+        let errors = diags
+            .iter()
+            .filter(|d| d.severity == flow::Severity::Error)
+            .count();
+        let warnings = diags.len() - errors;
+        for d in &diags {
+            writeln!(err, "{d}")?;
         }
+        if errors > 0 {
+            writeln!(
+                err,
+                "{}: {errors} error(s), {warnings} warning(s)",
+                set.display()
+            )?;
+        } else {
+            writeln!(out, "{}: ok ({warnings} warning(s))", set.display())?;
+        }
+        summary.errors += errors;
+        summary.warnings += warnings;
     }
-    writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
     Ok(summary)
 }
 
-/// For a reloader that refuses flow sets whose transcripts fail: run the
-/// `*.chat` files directly in `dir` (not in subdirectories, which are not
-/// part of the set) against `set`, the candidate set loaded from `dir`.
-/// Transcripts run with default engine options plus their own `interrupt:`
-/// header. `Ok` when every transcript passes, including when there are
-/// none; otherwise every failure with its diff, one after another.
-pub fn transcripts_pass(dir: &Path, set: &FlowSet) -> Result<(), String> {
-    let chats = chat_files(dir)
-        .map_err(|e| format!("cannot list transcripts in {}: {e}", dir.display()))?;
-    let failures: Vec<String> = chats
-        .iter()
-        .filter_map(|chat| {
-            flow::run_transcript(set, &EngineOptions::default(), chat)
-                .err()
-                .map(|f| f.to_string())
+/// The files directly in `dir` with one of `extensions`, sorted; dot-files
+/// are skipped.
+fn files_with(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            let hidden = p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            let wanted = p
+                .extension()
+                .is_some_and(|e| extensions.iter().any(|x| e == *x));
+            !hidden && wanted && p.is_file()
         })
         .collect();
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} of {} transcript(s) failed:\n{}",
-            failures.len(),
-            chats.len(),
-            failures.join("\n")
-        ))
-    }
+    files.sort();
+    files
 }
 
-/// The `*.chat` files directly in `dir`, sorted.
-fn chat_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut chats: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "chat"))
-        .collect();
-    chats.sort();
-    Ok(chats)
-}
-
-/// Deepest directory level searched for transcripts.
+/// Deepest directory level `check` and `test` search.
 const MAX_DEPTH: usize = 16;
 
-/// Every directory under `root` (itself included) holding `*.chat` files,
-/// with those files. Skips dot-directories and does not follow symlinked
-/// directories, so a link loop cannot recurse forever.
-fn transcript_dirs(root: &Path, depth: usize, out: &mut Vec<(PathBuf, Vec<PathBuf>)>) {
-    if let Ok(chats) = chat_files(root) {
-        if !chats.is_empty() {
-            out.push((root.to_path_buf(), chats));
+/// `root` and every directory below it, in depth-first name order. Skips
+/// dot-directories and does not follow symlinked directories, so a link
+/// loop cannot recurse forever.
+fn dirs_under(root: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        out.push(dir.to_path_buf());
+        if depth >= MAX_DEPTH {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut subdirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect();
+        subdirs.sort();
+        for d in subdirs {
+            walk(&d, depth + 1, out);
         }
     }
-    if depth >= MAX_DEPTH {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut subdirs: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .collect();
-    subdirs.sort();
-    for d in subdirs {
-        transcript_dirs(&d, depth + 1, out);
-    }
+    let mut out = Vec::new();
+    walk(root, 0, &mut out);
+    out
 }
 
 // ---------------------------------------------------------------------------

@@ -23,11 +23,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the webhook server.
     Serve(ServeArgs),
-    /// Validate a flows directory; prints every problem as file:line:column.
+    /// Validate a flows directory, and every directory below it holding
+    /// flow files, each as its own flow set; prints every problem as
+    /// file:line:column.
     Check {
-        /// The flows directory.
-        #[arg(default_value = "flows")]
-        dir: PathBuf,
+        /// The flows directory [default: the config file's `flows`, else
+        /// ./flows].
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ToolConfig,
     },
     /// Compute the X-Twilio-Signature for a request and print a ready curl
     /// command, to test a deployment without Twilio.
@@ -35,18 +39,34 @@ pub enum Command {
     /// List recent messages with direction, status, error code and the
     /// conversation they belong to.
     Messages(MessagesArgs),
-    /// Talk to your flows in the terminal: the real engine and store, a
-    /// virtual clock, no HTTP or Twilio. Type /help inside for commands.
+    /// Talk to your flows in the terminal: the server's pipeline and a real
+    /// store, a virtual clock, no HTTP or Twilio. Type /help inside for
+    /// commands.
     Chat(ChatArgs),
     /// Run the *.chat transcript tests in a directory (and below), each
-    /// against the flows beside it; exits non-zero when any fails.
+    /// against the flows beside it, through the server's pipeline (consent
+    /// keywords, loop guard, interrupt keywords); exits non-zero when any
+    /// fails.
     Test {
-        /// The directory holding flows and their transcripts.
-        #[arg(default_value = "flows")]
-        dir: PathBuf,
+        /// The directory holding flows and their transcripts [default: the
+        /// config file's `flows`, else ./flows].
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        config: ToolConfig,
     },
     /// Print a diagram of one flow's steps and routes.
     Graph(GraphArgs),
+}
+
+/// `--config` for the author tools: the server's TOML file, so consent
+/// keywords, help text, interrupt keywords and the loop guard apply as
+/// they will when served.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ToolConfig {
+    /// The server's TOML config file (as `serve --config`); without it the
+    /// server's defaults apply. TWILIO_AUTH_TOKEN is not needed.
+    #[arg(long = "config", env = "SMSFLOW_CONFIG", value_name = "FILE")]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,9 +94,9 @@ pub struct MessagesArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Flows directory.
-    #[arg(long, default_value = "flows")]
-    pub flows: PathBuf,
+    /// Flows directory [default: the config file's `flows`, else ./flows].
+    #[arg(long)]
+    pub flows: Option<PathBuf>,
     /// The sender's number.
     #[arg(long, default_value = "+15551230001")]
     pub from: String,
@@ -90,10 +110,12 @@ pub struct ChatArgs {
     /// Start the virtual clock at this time (unix seconds) [default: now].
     #[arg(long)]
     pub now: Option<i64>,
-    /// An interrupt keyword that ends any active run (repeatable), as the
-    /// server's `interrupt_keywords` setting.
+    /// An interrupt keyword that ends any active run (repeatable); replaces
+    /// the config file's `interrupt_keywords`.
     #[arg(long = "interrupt", value_name = "WORD")]
     pub interrupt: Vec<String>,
+    #[command(flatten)]
+    pub config: ToolConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]

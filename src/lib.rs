@@ -22,7 +22,7 @@
 //! - [`twilio`]: the wire format. Form decoding, `RequestValidator`,
 //!   TwiML rendering, status callbacks. Knows nothing of axum, sled, flows.
 //! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
-//!   step engine, templates, transcripts. No IO in the engine, no clock
+//!   step engine, templates, the transcript format. No IO in the engine, no clock
 //!   reads (time is passed in), no Twilio types. [`flow::script`] is the
 //!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
 //!   YAML expressions run there, and any script failure becomes the flow's
@@ -43,9 +43,10 @@
 //!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically.
-//! - [`author`]: `smsflow chat`, `test` and `graph` for flow authors: the
-//!   real pipeline and a throwaway store with a virtual clock, transcript
-//!   runs, Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
+//! - [`author`]: `smsflow check`, `chat`, `test` and `graph` for flow
+//!   authors: the real pipeline with the server's options and a throwaway
+//!   store with a virtual clock, for chats and transcript runs alike;
+//!   Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
 //! - [`app`], [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
 //!
 //! # Invariants
@@ -63,6 +64,9 @@
 //!   sent to an opted-out sender.
 //! - A connection that is not serving a request never holds a place a new
 //!   connection needs.
+//! - `chat`, `test` and `--require-tests` run messages through the same
+//!   [`pipeline::Pipeline`] and options as the webhook: a transcript that
+//!   passes is what a phone would see.
 
 pub mod admin_client;
 pub mod app;

@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use smsflow::cli::{Cli, Command, GraphFormat};
+use smsflow::pipeline::PipelineOptions;
 use smsflow::{app, author, config, flow, telemetry, twilio};
 
 fn main() -> ExitCode {
@@ -14,9 +15,12 @@ fn main() -> ExitCode {
     match cli.command {
         // The author tools print what happened themselves; per-message
         // info logs would interleave with the conversation.
-        Command::Chat(_) | Command::Test { .. } | Command::Graph(_) => {
+        Command::Chat(_) | Command::Graph(_) | Command::Check { .. } => {
             telemetry::init_with_default("warn")
         }
+        // A transcript's report shows every silence and its reason (the
+        // loop guard's too); only errors, such as a script's, add to it.
+        Command::Test { .. } => telemetry::init_with_default("error"),
         _ => telemetry::init(),
     }
     match run(cli) {
@@ -49,21 +53,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Messages(args) => messages(args),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
+            let config = author::config_for_tools(args.config.path.as_deref())?;
+            let mut options = PipelineOptions::from_config(&config);
+            if !args.interrupt.is_empty() {
+                options.engine.interrupt_keywords = args.interrupt;
+            }
             let opts = author::ChatOptions {
-                flows_dir: args.flows,
+                flows_dir: args.flows.unwrap_or(config.flows_dir),
                 from: args.from,
                 to: args.to,
                 data_dir: args.data,
                 now: args.now,
-                interrupt_keywords: args.interrupt,
+                options,
                 // Piped input is echoed so the output reads as a transcript.
                 echo: !stdin.is_terminal(),
             };
             author::chat(&opts, stdin.lock(), std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { dir } => {
-            let summary = author::run_tests(&dir, &mut std::io::stdout().lock())?;
+        Command::Test { dir, config } => {
+            let config = author::config_for_tools(config.path.as_deref())?;
+            let options = PipelineOptions::from_config(&config);
+            let dir = dir.unwrap_or(config.flows_dir);
+            let summary = author::run_tests(&dir, &options, &mut std::io::stdout().lock())?;
             Ok(if summary.failed == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -79,23 +91,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { dir } => {
-            let diags = flow::check_dir(&dir);
-            let mut errors = 0;
-            for d in &diags {
-                eprintln!("{d}");
-                if d.severity == flow::Severity::Error {
-                    errors += 1;
-                }
-            }
-            let warnings = diags.len() - errors;
-            if errors > 0 {
-                eprintln!("{errors} error(s), {warnings} warning(s)");
-                Ok(ExitCode::FAILURE)
+        Command::Check { dir, config } => {
+            let config = author::config_for_tools(config.path.as_deref())?;
+            let reserved = flow::ReservedWords::new(&config.compliance, &config.interrupt_keywords);
+            let summary = author::check(
+                &dir.unwrap_or(config.flows_dir),
+                &reserved,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )?;
+            Ok(if summary.errors == 0 {
+                ExitCode::SUCCESS
             } else {
-                println!("{}: ok ({warnings} warning(s))", dir.display());
-                Ok(ExitCode::SUCCESS)
-            }
+                ExitCode::FAILURE
+            })
         }
     }
 }

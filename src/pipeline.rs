@@ -39,8 +39,8 @@ pub struct Answer {
 }
 
 /// An [`Answer`] together with what the engine decided, for tools that
-/// show more than the wire format (the local chat shows replies and the
-/// silence reason without parsing TwiML back).
+/// show more than the wire format (the local chat shows the silence reason
+/// and the engine's events).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detailed {
     pub answer: Answer,
@@ -71,6 +71,25 @@ pub struct PipelineOptions {
     /// this URL (our `/twilio/status`), tagged with the inbound MessageSid,
     /// flow and step.
     pub status_callback_url: Option<String>,
+}
+
+impl PipelineOptions {
+    /// The options the server runs with under `config`: `serve` and the
+    /// author tools (`chat`, `test`, `--require-tests`) take them from here,
+    /// so a transcript runs with the settings the number will.
+    pub fn from_config(config: &crate::config::Config) -> PipelineOptions {
+        PipelineOptions {
+            engine: EngineOptions {
+                interrupt_keywords: config.interrupt_keywords.clone(),
+            },
+            compliance: config.compliance.clone(),
+            loop_max_replies: config.loop_max_replies,
+            loop_window_secs: config.loop_window_secs,
+            status_callback_url: config
+                .track_delivery
+                .then(|| format!("{}/twilio/status", config.public_url)),
+        }
+    }
 }
 
 /// Where a delivery callback's reply came from (read from the callback
@@ -426,6 +445,24 @@ impl<S: Store> Pipeline<S> {
         drop(guard);
         self.store.flush().await?;
         Ok(existed)
+    }
+
+    /// Store `conversation` as the state of `key` at time `now`, under the
+    /// same per-conversation lock as messages, and make that durable. For
+    /// tools (a transcript's seeded state); the webhook changes state only
+    /// by handling messages.
+    pub async fn seed(
+        &self,
+        key: &ConvKey,
+        conversation: &Conversation,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(conversation).unwrap_or_default();
+        let guard = self.locks.lock(key).await;
+        self.store
+            .put_conversation(key, &bytes, conversation.run.is_none(), now)?;
+        drop(guard);
+        self.store.flush().await
     }
 
     /// Record a delivery status callback, keeping the latest status

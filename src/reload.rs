@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::app::{load_flows, status_of, unix_now, FlowStatus};
 use crate::metrics::Metrics;
-use crate::pipeline::SharedFlows;
+use crate::pipeline::{PipelineOptions, SharedFlows};
 
 /// Quiet period after the last file event before a reload starts.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -53,8 +53,9 @@ pub struct Reloader {
     flows: SharedFlows,
     status: Arc<Mutex<FlowStatus>>,
     metrics: Arc<Metrics>,
-    /// Also require the set's `*.chat` transcripts to pass before a swap.
-    require_tests: bool,
+    /// Also require the set's `*.chat` transcripts to pass before a swap,
+    /// run with these (the served) pipeline options.
+    require_tests: Option<PipelineOptions>,
     /// Serialises reloads: the watcher and SIGHUP may fire together, and two
     /// concurrent loads could otherwise swap in an older read last.
     busy: Mutex<()>,
@@ -66,7 +67,7 @@ impl Reloader {
         flows: SharedFlows,
         status: Arc<Mutex<FlowStatus>>,
         metrics: Arc<Metrics>,
-        require_tests: bool,
+        require_tests: Option<PipelineOptions>,
     ) -> Self {
         Reloader {
             dir,
@@ -83,8 +84,8 @@ impl Reloader {
     pub fn reload_now(&self) -> ReloadOutcome {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let loaded = load_flows(&self.dir).and_then(|loaded| {
-            if self.require_tests {
-                crate::author::transcripts_pass(&self.dir, &loaded.set)
+            if let Some(options) = &self.require_tests {
+                crate::author::transcripts_pass(&self.dir, &loaded.set, options)
                     .map_err(|e| anyhow::anyhow!("transcripts fail:\n{e}"))?;
             }
             Ok(loaded)

@@ -364,6 +364,17 @@ pub trait Store: Send + Sync + 'static {
     /// MessageSid still gets its answer. Not yet durable: see `flush`. Used
     /// by authoring tools; the webhook path changes state through `commit`.
     fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError>;
+    /// Replace the conversation for `key` (`ended`: no flow running), keeping
+    /// its recorded answers; `at` is its last-touched time. Not yet durable:
+    /// see `flush`. Used by authoring tools (a transcript's seeded state);
+    /// the webhook path changes state through `commit`.
+    fn put_conversation(
+        &self,
+        key: &ConvKey,
+        conversation: &[u8],
+        ended: bool,
+        at: i64,
+    ) -> Result<(), StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.
@@ -918,6 +929,23 @@ impl Store for SledStore {
         self.db
             .insert(&k, conv_value(at, true, None, &stored.recent))?;
         Ok(stored.conversation.is_some())
+    }
+
+    fn put_conversation(
+        &self,
+        key: &ConvKey,
+        conversation: &[u8],
+        ended: bool,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let k = key.db_key();
+        let recent = match self.db.get(&k)? {
+            Some(v) => decode_conv(&k, &v)?.recent,
+            None => RecentAnswers::default(),
+        };
+        self.db
+            .insert(&k, conv_value(at, ended, Some(conversation), &recent))?;
+        Ok(())
     }
 }
 

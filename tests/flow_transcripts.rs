@@ -1,15 +1,16 @@
 //! Runs every `.chat` transcript in `flows/` and under `tests/flows/`
 //! against the flows in its own directory, with the same code as
-//! `smsflow test`. A failing transcript fails with its file, line and a
-//! diff of expected and actual replies.
+//! `smsflow test`: through the server's pipeline with its default settings.
+//! A failing transcript fails with its file, line and a diff of expected
+//! and actual replies.
 
 use std::path::Path;
 
-use smsflow::author::run_tests;
+use smsflow::author::{run_tests, server_defaults};
 
 fn assert_transcripts_pass(dir: &Path) {
     let mut out = Vec::new();
-    let summary = run_tests(dir, &mut out).unwrap_or_else(|e| panic!("{e:#}"));
+    let summary = run_tests(dir, &server_defaults(), &mut out).unwrap_or_else(|e| panic!("{e:#}"));
     let out = String::from_utf8_lossy(&out);
     assert!(
         summary.passed > 0,

@@ -26,9 +26,9 @@ fn at(file: &Path, pos: Pos) -> String {
     format!("{}:{}:{}", file.display(), pos.line, pos.column)
 }
 
-pub(crate) fn check(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+pub(crate) fn check(set: &SetInner, reserved: &ReservedWords, diags: &mut Vec<Diagnostic>) {
     collisions(set, diags);
-    reserved_words(set, diags);
+    reserved_words(set, reserved, diags);
     for flow in set.flows.values() {
         targets(set, flow, diags);
         reachability(flow, diags);
@@ -38,41 +38,84 @@ pub(crate) fn check(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     variables(set, diags);
 }
 
+/// Whole-message words the server acts on before a flow sees them: the
+/// consent keywords (STOP/START/HELP classes) and the interrupt keywords,
+/// as configured (`stop_keywords`, …, `interrupt_keywords`). `check` warns
+/// where a flow waits for one of them.
+#[derive(Debug, Clone)]
+pub struct ReservedWords {
+    pub stop: Vec<String>,
+    pub start: Vec<String>,
+    pub help: Vec<String>,
+    /// End a waiting run; the message is then handled as new, so keyword
+    /// replies still see them, but a route never does.
+    pub interrupt: Vec<String>,
+}
+
+impl Default for ReservedWords {
+    /// Twilio's default consent keywords and no interrupt keywords: the
+    /// server's defaults.
+    fn default() -> Self {
+        ReservedWords::new(&crate::compliance::ComplianceConfig::default(), &[])
+    }
+}
+
+impl ReservedWords {
+    pub fn new(consent: &crate::compliance::ComplianceConfig, interrupt: &[String]) -> Self {
+        ReservedWords {
+            stop: consent.stop_keywords.clone(),
+            start: consent.start_keywords.clone(),
+            help: consent.help_keywords.clone(),
+            interrupt: interrupt.to_vec(),
+        }
+    }
+}
+
 /// Keywords and answers that the server's consent handling takes before
-/// any flow runs (Twilio's default STOP/START/HELP words; `YES` is left
-/// out: flows see it from senders who are not opted out). A flow waiting
-/// for `quit` would never get it. Warnings, since the lists are
-/// configurable.
-fn reserved_words(set: &SetInner, diags: &mut Vec<Diagnostic>) {
-    use crate::compliance::{HELP_KEYWORDS, START_KEYWORDS, STOP_KEYWORDS};
-    let reserved = |word: &str| -> Option<&'static str> {
-        let is = |list: &[&str]| list.iter().any(|k| k.eq_ignore_ascii_case(word));
-        if STOP_KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word)) {
+/// any flow runs (`YES` is left out: flows see it from senders who are not
+/// opted out), and answers an interrupt keyword takes from a waiting run. A
+/// flow waiting for `quit` would never get it. Warnings, since the lists
+/// are configurable.
+fn reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec<Diagnostic>) {
+    use super::matcher::normalize;
+    let has = |list: &[String], word: &str| {
+        let word = normalize(word);
+        list.iter().any(|k| normalize(k) == word)
+    };
+    let consent = |word: &str| -> Option<&'static str> {
+        if has(&lists.stop, word) {
             Some("an opt-out keyword")
-        } else if is(START_KEYWORDS) && !word.eq_ignore_ascii_case("yes") {
+        } else if has(&lists.start, word) && normalize(word) != "yes" {
             Some("an opt-in keyword")
-        } else if is(HELP_KEYWORDS) {
+        } else if has(&lists.help, word) {
             Some("a help keyword")
         } else {
             None
         }
     };
-    let mut warn = |file: &Path, pos: Pos, word: &str, what: &str| {
+    let mut warn = |file: &Path, pos: Pos, message: String| {
         diags.push(Diagnostic {
             file: file.to_path_buf(),
             line: pos.line,
             column: pos.column,
             severity: Severity::Warning,
-            message: format!(
-                "`{word}` is {what}: the server answers it before any flow runs, \
-                 so this never sees it (the lists are configurable)"
-            ),
+            message,
         })
+    };
+    let taken = |word: &str, what: &str| {
+        format!(
+            "`{word}` is {what}: the server answers it before any flow runs, \
+             so this never sees it (the lists are configurable)"
+        )
     };
     for rule in &set.keywords {
         if let [word] = rule.words.as_slice() {
-            if let Some(what) = reserved(word) {
-                warn(&rule.origin.file, rule.origin.pos, &rule.display, what);
+            if let Some(what) = consent(word) {
+                warn(
+                    &rule.origin.file,
+                    rule.origin.pos,
+                    taken(&rule.display, what),
+                );
             }
         }
     }
@@ -92,8 +135,17 @@ fn reserved_words(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                     _ => Vec::new(),
                 };
                 for word in words {
-                    if let Some(what) = reserved(word) {
-                        warn(&flow.file, step.pos, word, what);
+                    if let Some(what) = consent(word) {
+                        warn(&flow.file, step.pos, taken(word, what));
+                    } else if has(&lists.interrupt, word) {
+                        warn(
+                            &flow.file,
+                            step.pos,
+                            format!(
+                                "`{word}` is an interrupt keyword: it ends the run before \
+                                 this route sees it (see `interrupt_keywords`)"
+                            ),
+                        );
                     }
                 }
             }

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use regex::{Regex, RegexBuilder};
 use sha2::{Digest, Sha256};
 
-use super::check;
+use super::check::{self, ReservedWords};
 use super::matcher::{normalize, phrase_words};
 use super::model::{
     hex, Assign, DefaultReply, Diagnostic, Flow, FlowSet, KeywordRule, Matcher, Message, Next,
@@ -54,7 +54,7 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<Diagnostic>> {
 
 /// [`load_dir`], with scripts and expressions running within `limits`.
 pub fn load_dir_with(dir: &Path, limits: Limits) -> Result<Loaded, Vec<Diagnostic>> {
-    let (set, diags) = build(dir, limits);
+    let (set, diags) = build(dir, limits, &ReservedWords::default());
     if diags.iter().any(|d| d.severity == Severity::Error) {
         Err(diags)
     } else {
@@ -67,7 +67,13 @@ pub fn load_dir_with(dir: &Path, limits: Limits) -> Result<Loaded, Vec<Diagnosti
 
 /// Every error and warning for `dir`: what `smsflow check` prints.
 pub fn check_dir(dir: &Path) -> Vec<Diagnostic> {
-    build(dir, Limits::default()).1
+    check_dir_with(dir, &ReservedWords::default())
+}
+
+/// [`check_dir`], warning about the words a configured server takes
+/// before flows see them (`smsflow check --config`).
+pub fn check_dir_with(dir: &Path, reserved: &ReservedWords) -> Vec<Diagnostic> {
+    build(dir, Limits::default(), reserved).1
 }
 
 /// What compiling Rhai needs across the files of one load.
@@ -82,7 +88,7 @@ struct ScriptEnv {
     compiled: bool,
 }
 
-fn build(dir: &Path, limits: Limits) -> (FlowSet, Vec<Diagnostic>) {
+fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut hasher = Sha256::new();
     let mut files = Vec::new();
@@ -166,7 +172,7 @@ fn build(dir: &Path, limits: Limits) -> (FlowSet, Vec<Diagnostic>) {
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
-    check::check(&inner, &mut diags);
+    check::check(&inner, reserved, &mut diags);
     diags.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.severity).cmp(&(&b.file, b.line, b.column, b.severity))
     });

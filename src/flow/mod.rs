@@ -2,8 +2,9 @@
 //!
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
 //! problem, located by file, line and column); [`handle`] is the pure step
-//! function the webhook calls for each inbound message; `transcript` runs
-//! `.chat` conversation tests against a set; `outline` describes one flow's
+//! function the webhook calls for each inbound message; `transcript` parses
+//! `.chat` conversation tests and compares replies (`author` runs them
+//! through the pipeline); `outline` describes one flow's
 //! steps and routes for diagrams; `script` is the Rhai sandbox that script
 //! flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
@@ -24,15 +25,19 @@ mod template;
 mod transcript;
 mod yaml;
 
+pub use check::ReservedWords;
 pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
     SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub(crate) use load::parse_duration;
-pub use load::{check_dir, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
+pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub use outline::{Edge, EdgeTarget, Outline, OutlineStep};
 pub use segments::{count as count_segments, Encoding, Segments};
+pub use transcript::{
+    assertion_value, compare_replies, Line, ReplyLine, Transcript, TranscriptFailure,
+    TRANSCRIPT_EPOCH,
+};
 pub(crate) use transcript::{escape, split_media, unescape};
-pub use transcript::{run_transcript, TranscriptFailure, TRANSCRIPT_EPOCH};

@@ -556,6 +556,26 @@ impl Sandbox {
         })
     }
 
+    /// Evaluates a Rhai map literal (`#{question: 1, score: 0}`) into a
+    /// script flow's `state`, within this sandbox's limits. For transcript
+    /// seeds (`state:` headers); the text is the test author's, not a
+    /// sender's.
+    pub fn state_literal(&self, source: &str) -> Result<BTreeMap<String, Value>, String> {
+        let ast = self
+            .engine
+            .compile_expression(source)
+            .map_err(|err| format!("syntax error: {}", lowercase_first(&err.to_string())))?;
+        let file: Arc<Path> = Arc::from(Path::new("state"));
+        let _run = RunGuard::enter(RunState::new(&self.limits, 0, "", file));
+        let value = catch_engine_panic(|| self.engine.eval_ast::<Dynamic>(&ast))
+            .map_err(|err| describe(*err))?;
+        let state = state_from(value.flatten())?;
+        match state_over_limits(&state, &self.limits) {
+            Some(which) => Err(format!("the state is over the {which} limit")),
+            None => Ok(state),
+        }
+    }
+
     /// Evaluates a branch condition. `()` (e.g. an unset `vars.x`) counts as
     /// false; any other non-bool is a runtime error.
     pub fn eval_bool(&self, expr: &Expr, ctx: &ExprContext) -> Result<bool, ScriptError> {

@@ -1,18 +1,24 @@
-//! Transcript tests: `.chat` files that script a conversation and the
-//! replies expected, run against a flow set with a virtual clock.
+//! Transcript tests: the `.chat` format. Parses a transcript (headers that
+//! seed the conversation, `>` messages with their expected `<` replies, `@`
+//! commands and `?` assertions), builds the seeded [`Conversation`], and
+//! compares expected replies with actual ones as a line diff.
 //!
-//! Used by the test suite and `smsflow test`. Runs the
-//! real [`handle`] step function; reads the transcript (and, for `@ load`,
-//! another flows directory) from disk, but knows nothing of HTTP or the
-//! store. Format: see `flows/README.md`, "Transcript tests".
+//! Pure: no IO except [`Transcript::read`], no clock, no store. Running a
+//! transcript is `author`'s job: it sends each message through the same
+//! pipeline as the webhook (consent, loop guard, dedupe, engine, store),
+//! so a transcript that passes behaves the same on a real number. Format:
+//! see `flows/README.md`, "Transcript tests".
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::engine::{handle, Conversation, EngineOptions, Inbound, Outcome, Reply, Run};
-use super::load::{load_dir, parse_duration};
+use serde_json::Value;
+
+use super::engine::{Conversation, Reply, Run, SCRIPT_STATE_VAR};
+use super::load::parse_duration;
 use super::model::{FlowSet, Next};
+use super::script::{Limits, Sandbox, ENTRY_POINT};
 use super::template::is_ident;
 
 /// Virtual time at which every transcript starts (unix seconds).
@@ -34,173 +40,224 @@ impl fmt::Display for TranscriptFailure {
 
 impl std::error::Error for TranscriptFailure {}
 
+/// One `<` line: a reply, or silence with (when checked or known) its
+/// reason.
 #[derive(Debug, Clone, PartialEq)]
-enum Expect {
+pub enum ReplyLine {
     Reply(Reply),
+    /// `None` in an expectation accepts any reason.
     Silence(Option<String>),
 }
 
-#[derive(Debug)]
-enum Line {
-    Send { body: String, media: Vec<String> },
-    Expect(Expect),
+impl ReplyLine {
+    /// The line as a transcript writes it.
+    pub fn render(&self) -> String {
+        match self {
+            ReplyLine::Silence(None) => "< (silence)".to_owned(),
+            ReplyLine::Silence(Some(r)) => format!("< (silence: {r})"),
+            ReplyLine::Reply(r) => {
+                let mut s = String::from("<");
+                if !r.body.is_empty() {
+                    s.push(' ');
+                    s.push_str(&escape(&r.body));
+                }
+                if !r.media.is_empty() {
+                    s.push_str(&format!(" [media: {}]", r.media.join(", ")));
+                }
+                s
+            }
+        }
+    }
+
+    /// Does this expected line accept `actual`?
+    fn accepts(&self, actual: &ReplyLine) -> bool {
+        match (self, actual) {
+            (ReplyLine::Silence(None), ReplyLine::Silence(_)) => true,
+            _ => self == actual,
+        }
+    }
+}
+
+/// One step of a transcript after its headers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// `> text`: the sender texts this; `expect` holds the `<` lines that
+    /// follow it (never empty).
+    Send {
+        body: String,
+        media: Vec<String>,
+        expect: Vec<ReplyLine>,
+    },
+    /// `@ wait 3h`: advance the virtual clock by this many seconds.
     Wait(i64),
+    /// `@ load DIR`: switch to the flows in DIR (relative to the file).
     Load(PathBuf),
+    /// `@ reset`: forget the conversation.
     Reset,
+    /// `@ from NUMBER`: later messages come from this sender.
+    From(String),
+    /// `@ to NUMBER`: later messages go to this one of our numbers.
+    To(String),
+    /// `? what = value`.
     Assert { what: String, value: String },
 }
 
-struct Script {
-    from: String,
-    to: String,
-    interrupt: Option<Vec<String>>,
-    start: i64,
+/// A parsed `.chat` file.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    pub from: String,
+    pub to: String,
+    /// `interrupt:` header: replaces the configured interrupt keywords.
+    pub interrupt: Option<Vec<String>>,
+    /// `now:` header: virtual start time (unix seconds).
+    pub start: i64,
     /// Seeded contact fields (`contact.name: Ann` headers).
-    contact: BTreeMap<String, String>,
+    pub contact: BTreeMap<String, String>,
     /// Seeded run variables (`var.x: y`); only with `step`.
     vars: BTreeMap<String, String>,
-    /// `step: flow/step` header: the conversation starts parked there.
+    first_var: Option<usize>,
+    /// `step: flow/step` header (with its line): the conversation starts
+    /// parked there.
     step: Option<(usize, String, String)>,
-    lines: Vec<(usize, Line)>,
+    /// `state: {...}` header (with its line): a script flow's state.
+    state: Option<(usize, String)>,
+    /// Everything after the headers, each with its line number.
+    pub lines: Vec<(usize, Line)>,
 }
 
-/// Run the transcript at `path` against `set`.
-pub fn run_transcript(
-    set: &FlowSet,
-    opts: &EngineOptions,
-    path: &Path,
-) -> Result<(), TranscriptFailure> {
-    let fail = |line: usize, message: String| TranscriptFailure {
-        file: path.to_path_buf(),
-        line,
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(0, format!("cannot read: {e}")))?;
-    let script = parse(&text).map_err(|(line, msg)| fail(line, msg))?;
-    let mut opts = opts.clone();
-    if let Some(words) = &script.interrupt {
-        opts.interrupt_keywords.clone_from(words);
+impl Transcript {
+    /// Read and parse the transcript at `path`.
+    pub fn read(path: &Path) -> Result<Transcript, TranscriptFailure> {
+        let fail = |line: usize, message: String| TranscriptFailure {
+            file: path.to_path_buf(),
+            line,
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(0, format!("cannot read: {e}")))?;
+        Transcript::parse(&text).map_err(|(line, msg)| fail(line, msg))
     }
-    let base = path.parent().unwrap_or(Path::new("."));
-    let mut set = set.clone();
-    let mut now = script.start;
-    let mut conv = seed(&set, &script, now).map_err(|(line, msg)| fail(line, msg))?;
-    let mut sent = 0u64;
 
-    let mut i = 0;
-    let lines = &script.lines;
-    while i < lines.len() {
-        let (lno, line) = &lines[i];
-        i += 1;
-        match line {
-            Line::Send { body, media } => {
-                now += 1;
-                sent += 1;
-                let sid = format!("SM{sent:032}");
-                let msg = Inbound {
-                    from: &script.from,
-                    to: &script.to,
-                    body,
-                    media,
-                    message_sid: &sid,
-                };
-                let handled = handle(&set, &opts, conv, &msg, now);
-                conv = handled.conversation;
-                let mut expected = Vec::new();
-                while let Some((_, Line::Expect(e))) = lines.get(i) {
-                    expected.push(e.clone());
-                    i += 1;
-                }
-                compare(&expected, &handled.outcome).map_err(|diff| {
-                    fail(
-                        *lno,
-                        format!("reply to `> {}` differs\n{diff}", escape(body)),
+    /// Parse transcript text; an error names the line (1-based).
+    pub fn parse(text: &str) -> Result<Transcript, (usize, String)> {
+        parse(text)
+    }
+
+    /// Does the transcript start from a seeded conversation?
+    pub fn is_seeded(&self) -> bool {
+        !self.contact.is_empty() || self.step.is_some()
+    }
+
+    /// The conversation the transcript starts from at time `now`: seeded
+    /// contact fields and, with a `step:` header, a run parked at that step
+    /// as if its question had just been sent (for a script flow, at
+    /// `on_message` with the `state:` given).
+    pub fn seed(&self, set: &FlowSet, now: i64) -> Result<Conversation, (usize, String)> {
+        let run = match &self.step {
+            None => None,
+            Some((lno, flow, step)) => {
+                let lno = *lno;
+                let f = set.inner.flows.get(flow).ok_or_else(|| {
+                    let known: Vec<&str> = set.flow_names().collect();
+                    (
+                        lno,
+                        format!(
+                            "`step:` names unknown flow `{flow}` (flows: {})",
+                            known.join(", ")
+                        ),
                     )
                 })?;
-            }
-            Line::Expect(_) => {
-                return Err(fail(
-                    *lno,
-                    "`<` line without a `>` message before it".into(),
-                ))
-            }
-            Line::Wait(secs) => now += secs,
-            Line::Load(dir) => {
-                let dir = base.join(dir);
-                set = load_dir(&dir)
-                    .map_err(|diags| {
-                        let list: Vec<String> = diags.iter().map(ToString::to_string).collect();
-                        fail(
-                            *lno,
-                            format!("cannot load {}:\n{}", dir.display(), list.join("\n")),
+                let vars = if f.script.is_some() {
+                    if step != ENTRY_POINT {
+                        return Err((
+                            lno,
+                            format!("`{flow}` is a script flow: its run waits at `{flow}/{ENTRY_POINT}`"),
+                        ));
+                    }
+                    if let Some(var_line) = self.first_var {
+                        return Err((
+                            var_line,
+                            format!("`{flow}` is a script flow: seed its state with a `state:` header, not `var.`"),
+                        ));
+                    }
+                    let (state_line, text) = self.state.as_ref().ok_or_else(|| {
+                        (
+                            lno,
+                            format!("a run of the script flow `{flow}` needs its state: add a `state: {{...}}` header"),
                         )
-                    })?
-                    .set;
+                    })?;
+                    let state = script_state(set, text).map_err(|e| (*state_line, e))?;
+                    if state.is_empty() {
+                        return Err((
+                            *state_line,
+                            "an empty state ends a script run: give it at least one field".into(),
+                        ));
+                    }
+                    let json = serde_json::to_string(&state).unwrap_or_default();
+                    BTreeMap::from([(SCRIPT_STATE_VAR.to_owned(), json)])
+                } else {
+                    if let Some((state_line, _)) = &self.state {
+                        return Err((
+                            *state_line,
+                            format!("`state:` seeds a script flow; `{flow}` is a YAML flow (seed `var.` values)"),
+                        ));
+                    }
+                    let s = f
+                        .steps
+                        .get(step)
+                        .ok_or_else(|| (lno, format!("flow `{flow}` has no step `{step}`")))?;
+                    if !matches!(s.next, Next::Wait { .. }) {
+                        return Err((
+                            lno,
+                            format!("step `{flow}/{step}` does not wait for a reply, so no conversation can be parked there"),
+                        ));
+                    }
+                    self.vars.clone()
+                };
+                Some(Run {
+                    flow: flow.clone(),
+                    step: step.clone(),
+                    vars,
+                    retries: 0,
+                    started_at: now,
+                    last_active: now,
+                })
             }
-            Line::Reset => conv = Conversation::default(),
-            Line::Assert { what, value } => {
-                let actual = state_value(&conv, what).ok_or_else(|| {
-                    fail(
-                        *lno,
-                        format!("unknown assertion `{what}` (use contact.x, var.x or step)"),
-                    )
-                })?;
-                if actual != *value {
-                    return Err(fail(
-                        *lno,
-                        format!("`{what}` is `{actual}`, expected `{value}`"),
-                    ));
-                }
-            }
-        }
+        };
+        Ok(Conversation {
+            contact: self.contact.clone(),
+            run,
+        })
     }
-    Ok(())
 }
 
-/// The conversation a transcript starts from: seeded contact fields and,
-/// with a `step:` header, a run parked at that step as if its question had
-/// just been sent.
-fn seed(set: &FlowSet, script: &Script, now: i64) -> Result<Conversation, (usize, String)> {
-    let run = match &script.step {
-        None => None,
-        Some((lno, flow, step)) => {
-            let f = set.inner.flows.get(flow).ok_or_else(|| {
-                let known: Vec<&str> = set.flow_names().collect();
-                (
-                    *lno,
-                    format!(
-                        "`step:` names unknown flow `{flow}` (flows: {})",
-                        known.join(", ")
-                    ),
-                )
-            })?;
-            let s = f
-                .steps
-                .get(step)
-                .ok_or_else(|| (*lno, format!("flow `{flow}` has no step `{step}`")))?;
-            if !matches!(s.next, Next::Wait { .. }) {
-                return Err((
-                    *lno,
-                    format!("step `{flow}/{step}` does not wait for a reply, so no conversation can be parked there"),
-                ));
+/// A `state:` header's value: a JSON object, or a Rhai map literal
+/// evaluated in the set's sandbox.
+fn script_state(set: &FlowSet, text: &str) -> Result<BTreeMap<String, Value>, String> {
+    let text = text.trim();
+    if text.starts_with('{') {
+        return serde_json::from_str(text)
+            .map_err(|e| format!("`state:` is not a JSON object: {e}"));
+    }
+    if text.starts_with("#{") {
+        let own;
+        let sandbox = match &set.inner.sandbox {
+            Some(s) => s.as_ref(),
+            None => {
+                own = Sandbox::new(Limits::default(), None);
+                &own
             }
-            Some(Run {
-                flow: flow.clone(),
-                step: step.clone(),
-                vars: script.vars.clone(),
-                retries: 0,
-                started_at: now,
-                last_active: now,
-            })
-        }
-    };
-    Ok(Conversation {
-        contact: script.contact.clone(),
-        run,
-    })
+        };
+        return sandbox
+            .state_literal(text)
+            .map_err(|e| format!("`state:` is not a Rhai map: {e}"));
+    }
+    Err("write `state:` as a JSON object (`{\"n\": 1}`) or a Rhai map (`#{n: 1}`)".into())
 }
 
-fn state_value(conv: &Conversation, what: &str) -> Option<String> {
+/// The value a `?` assertion reads from a conversation, as a transcript
+/// writes it; `None` for an unknown assertion.
+pub fn assertion_value(conv: &Conversation, what: &str) -> Option<String> {
     let unset = || "(unset)".to_owned();
     if let Some(field) = what.strip_prefix("contact.") {
         return Some(conv.contact.get(field).cloned().unwrap_or_else(unset));
@@ -222,33 +279,24 @@ fn state_value(conv: &Conversation, what: &str) -> Option<String> {
     None
 }
 
-fn compare(expected: &[Expect], actual: &Outcome) -> Result<(), String> {
-    let actual_lines: Vec<Expect> = match actual {
-        Outcome::Reply(replies) => replies.iter().cloned().map(Expect::Reply).collect(),
-        Outcome::Silence(reason) => vec![Expect::Silence(Some(reason.as_str().to_owned()))],
-    };
-    let same = |e: &Expect, a: &Expect| match (e, a) {
-        (Expect::Silence(None), Expect::Silence(_)) => true,
-        _ => e == a,
-    };
-    if expected.len() == actual_lines.len()
-        && expected.iter().zip(&actual_lines).all(|(e, a)| same(e, a))
-    {
+/// Check `actual` against `expected`; on a difference, the diff.
+pub fn compare_replies(expected: &[ReplyLine], actual: &[ReplyLine]) -> Result<(), String> {
+    if expected.len() == actual.len() && expected.iter().zip(actual).all(|(e, a)| e.accepts(a)) {
         return Ok(());
     }
-    Err(diff(expected, &actual_lines, same))
+    Err(diff(expected, actual))
 }
 
 /// A line diff of expected against actual replies: `-` only expected, `+`
 /// only actual, two spaces for lines both have. Replies are at most ten per
 /// message, so a plain longest-common-subsequence table is cheap.
-fn diff(expected: &[Expect], actual: &[Expect], same: impl Fn(&Expect, &Expect) -> bool) -> String {
+fn diff(expected: &[ReplyLine], actual: &[ReplyLine]) -> String {
     let (n, m) = (expected.len(), actual.len());
     // lcs[i][j]: common length of expected[i..] and actual[j..].
     let mut lcs = vec![vec![0usize; m + 1]; n + 1];
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[i][j] = if same(&expected[i], &actual[j]) {
+            lcs[i][j] = if expected[i].accepts(&actual[j]) {
                 lcs[i + 1][j + 1] + 1
             } else {
                 lcs[i + 1][j].max(lcs[i][j + 1])
@@ -258,33 +306,19 @@ fn diff(expected: &[Expect], actual: &[Expect], same: impl Fn(&Expect, &Expect) 
     let mut out = vec!["  (- expected, + actual)".to_owned()];
     let (mut i, mut j) = (0, 0);
     while i < n || j < m {
-        if i < n && j < m && same(&expected[i], &actual[j]) {
-            out.push(format!("    {}", render(&actual[j])));
+        if i < n && j < m && expected[i].accepts(&actual[j]) {
+            out.push(format!("    {}", actual[j].render()));
             i += 1;
             j += 1;
         } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
-            out.push(format!("  - {}", render(&expected[i])));
+            out.push(format!("  - {}", expected[i].render()));
             i += 1;
         } else {
-            out.push(format!("  + {}", render(&actual[j])));
+            out.push(format!("  + {}", actual[j].render()));
             j += 1;
         }
     }
     out.join("\n")
-}
-
-fn render(e: &Expect) -> String {
-    match e {
-        Expect::Silence(None) => "< (silence)".to_owned(),
-        Expect::Silence(Some(r)) => format!("< (silence: {r})"),
-        Expect::Reply(r) => {
-            let mut s = format!("< {}", escape(&r.body));
-            if !r.media.is_empty() {
-                s.push_str(&format!(" [media: {}]", r.media.join(", ")));
-            }
-            s
-        }
-    }
 }
 
 /// Show control characters and newlines the way a transcript writes them.
@@ -360,18 +394,35 @@ pub(crate) fn split_media(s: &str) -> (&str, Vec<String>) {
     (s, Vec::new())
 }
 
-fn parse(text: &str) -> Result<Script, (usize, String)> {
-    let mut script = Script {
+/// A `state:` header's value with an optional trailing ` # comment` after
+/// its closing brace (a Rhai map starts with `#{`, so the usual comment rule
+/// would cut it).
+fn state_header_text(value: &str) -> &str {
+    let value = value.trim();
+    match value.rfind('}') {
+        Some(end)
+            if value[end + 1..].trim_start().is_empty()
+                || value[end + 1..].trim_start().starts_with('#') =>
+        {
+            &value[..=end]
+        }
+        _ => value,
+    }
+}
+
+fn parse(text: &str) -> Result<Transcript, (usize, String)> {
+    let mut script = Transcript {
         from: "+15551230001".into(),
         to: "+15550001111".into(),
         interrupt: None,
         start: TRANSCRIPT_EPOCH,
         contact: BTreeMap::new(),
         vars: BTreeMap::new(),
+        first_var: None,
         step: None,
+        state: None,
         lines: Vec::new(),
     };
-    let mut first_var = None;
     let mut in_headers = true;
     for (idx, raw) in text.lines().enumerate() {
         let lno = idx + 1;
@@ -391,41 +442,54 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                 in_headers = false;
                 let (body, media) = split_media(rest_text);
                 let body = unescape(body).map_err(|e| (lno, e))?;
-                script.lines.push((lno, Line::Send { body, media }));
+                script.lines.push((
+                    lno,
+                    Line::Send {
+                        body,
+                        media,
+                        expect: Vec::new(),
+                    },
+                ));
             }
             "<" => {
                 in_headers = false;
                 let e = match strip_comment(rest_text) {
-                    "(silence)" => Expect::Silence(None),
-                    s if s.starts_with("(silence:") && s.ends_with(')') => {
-                        Expect::Silence(Some(s["(silence:".len()..s.len() - 1].trim().to_owned()))
-                    }
+                    "(silence)" => ReplyLine::Silence(None),
+                    s if s.starts_with("(silence:") && s.ends_with(')') => ReplyLine::Silence(
+                        Some(s["(silence:".len()..s.len() - 1].trim().to_owned()),
+                    ),
                     _ => {
                         let (body, media) = split_media(rest_text);
-                        Expect::Reply(Reply {
+                        ReplyLine::Reply(Reply {
                             body: unescape(body).map_err(|e| (lno, e))?,
                             media,
                         })
                     }
                 };
-                script.lines.push((lno, Line::Expect(e)));
+                match script.lines.last_mut() {
+                    Some((_, Line::Send { expect, .. })) => expect.push(e),
+                    _ => return Err((lno, "`<` line without a `>` message before it".into())),
+                }
             }
             "@" => {
                 in_headers = false;
                 let cmd = strip_comment(rest_text).trim();
                 let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                let arg = arg.trim();
                 let l = match verb {
                     "wait" => Line::Wait(
-                        parse_duration(arg.trim())
+                        parse_duration(arg)
                             .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
                     ),
-                    "load" if !arg.trim().is_empty() => Line::Load(PathBuf::from(arg.trim())),
+                    "load" if !arg.is_empty() => Line::Load(PathBuf::from(arg)),
                     "reset" => Line::Reset,
+                    "from" if !arg.is_empty() => Line::From(arg.to_owned()),
+                    "to" if !arg.is_empty() => Line::To(arg.to_owned()),
                     _ => {
                         return Err((
                             lno,
                             format!(
-                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR` or `@ reset`)"
+                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR`, `@ reset`, `@ from +1555…` or `@ to +1555…`)"
                             ),
                         ))
                     }
@@ -447,6 +511,10 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                 ));
             }
             _ if in_headers => {
+                if let Some(value) = trimmed.strip_prefix("state:") {
+                    script.state = Some((lno, state_header_text(value).to_owned()));
+                    continue;
+                }
                 let h = strip_comment(line);
                 let (key, value) = h.split_once(':').ok_or((
                     lno,
@@ -482,13 +550,13 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
                         let (map, name) = if let Some(name) = other.strip_prefix("contact.") {
                             (&mut script.contact, name)
                         } else if let Some(name) = other.strip_prefix("var.") {
-                            first_var.get_or_insert(lno);
+                            script.first_var.get_or_insert(lno);
                             (&mut script.vars, name)
                         } else {
                             return Err((
                                 lno,
                                 format!(
-                                    "unknown header `{other}` (from, to, interrupt, now, step, contact.x, var.x)"
+                                    "unknown header `{other}` (from, to, interrupt, now, step, state, contact.x, var.x)"
                                 ),
                             ));
                         };
@@ -507,18 +575,23 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
             }
         }
     }
-    if let (Some(lno), None) = (first_var, &script.step) {
+    if let (Some(lno), None) = (script.first_var, &script.step) {
         return Err((
             lno,
             "run variables live in a run: add a `step: flow/step` header to seed `var.` values"
                 .into(),
         ));
     }
+    if let (Some((lno, _)), None) = (&script.state, &script.step) {
+        return Err((
+            *lno,
+            "a script's state lives in a run: add a `step: flow/on_message` header to seed `state:`"
+                .into(),
+        ));
+    }
     // Every message needs its expected replies spelled out, even silence.
-    let lines = &script.lines;
-    for (i, (lno, l)) in lines.iter().enumerate() {
-        if matches!(l, Line::Send { .. }) && !matches!(lines.get(i + 1), Some((_, Line::Expect(_))))
-        {
+    for (lno, l) in &script.lines {
+        if matches!(l, Line::Send { expect, .. } if expect.is_empty()) {
             return Err((
                 *lno,
                 "a `>` message needs `<` lines after it (or `< (silence)`)".into(),
@@ -532,10 +605,17 @@ fn parse(text: &str) -> Result<Script, (usize, String)> {
 mod tests {
     use super::*;
 
+    fn reply(b: &str) -> ReplyLine {
+        ReplyLine::Reply(Reply {
+            body: b.into(),
+            media: vec![],
+        })
+    }
+
     #[test]
     fn parses_every_line_kind() {
         let s = parse(
-            "# c\nfrom: +1 # me\ninterrupt: MENU, RESTART\n> hi [media: https://x/a.jpg]\n< Hello\\nthere [media: https://x/b.jpg, https://x/c.jpg]\n< (silence)   # none\n@ wait 3h\n? step = (none)\n",
+            "# c\nfrom: +1 # me\ninterrupt: MENU, RESTART\n> hi [media: https://x/a.jpg]\n< Hello\\nthere [media: https://x/b.jpg, https://x/c.jpg]\n< (silence)   # none\n@ wait 3h\n@ from +15550000002 # another sender\n@ to +15550000003\n? step = (none)\n",
         )
         .unwrap();
         assert_eq!(s.from, "+1");
@@ -544,14 +624,28 @@ mod tests {
             Some(vec!["MENU".to_owned(), "RESTART".to_owned()])
         );
         assert_eq!(s.lines.len(), 5);
-        match &s.lines[1].1 {
-            Line::Expect(Expect::Reply(r)) => {
-                assert_eq!(r.body, "Hello\nthere");
-                assert_eq!(r.media.len(), 2);
+        match &s.lines[0].1 {
+            Line::Send {
+                body,
+                media,
+                expect,
+            } => {
+                assert_eq!(body, "hi");
+                assert_eq!(media, &["https://x/a.jpg"]);
+                match &expect[..] {
+                    [ReplyLine::Reply(r), ReplyLine::Silence(None)] => {
+                        assert_eq!(r.body, "Hello\nthere");
+                        assert_eq!(r.media.len(), 2);
+                    }
+                    other => panic!("{other:?}"),
+                }
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(s.lines[3].1, Line::Wait(10800)));
+        assert!(matches!(s.lines[1].1, Line::Wait(10800)));
+        assert_eq!(s.lines[2], (8, Line::From("+15550000002".into())));
+        assert_eq!(s.lines[3], (9, Line::To("+15550000003".into())));
+        assert!(parse("@ from\n").is_err(), "a number is needed");
     }
 
     #[test]
@@ -569,18 +663,36 @@ mod tests {
             "step without flow/"
         );
         assert!(parse("contact.a b: 1\n> hi\n< x\n").is_err(), "bad name");
+        assert!(
+            parse("state: {\"n\": 1}\n> hi\n< x\n").is_err(),
+            "state without step"
+        );
+    }
+
+    #[test]
+    fn state_headers_keep_rhai_maps_and_drop_trailing_comments() {
+        let s = parse("step: quiz/on_message\nstate: #{question: 1} # second question\n> a\n< b\n")
+            .unwrap();
+        assert_eq!(s.state, Some((2, "#{question: 1}".to_owned())));
+        let s = parse("step: quiz/on_message\nstate: {\"q\": \"a # b\"}\n> a\n< b\n").unwrap();
+        assert_eq!(s.state, Some((2, "{\"q\": \"a # b\"}".to_owned())));
     }
 
     #[test]
     fn diff_marks_only_the_differing_lines() {
-        let r = |b: &str| {
-            Expect::Reply(Reply {
-                body: b.into(),
-                media: vec![],
-            })
-        };
-        let out = diff(&[r("a"), r("b")], &[r("a"), r("c")], |x, y| x == y);
+        let out = diff(&[reply("a"), reply("b")], &[reply("a"), reply("c")]);
         assert_eq!(out, "  (- expected, + actual)\n    < a\n  - < b\n  + < c");
+        // An unqualified silence accepts any reason.
+        assert!(compare_replies(
+            &[ReplyLine::Silence(None)],
+            &[ReplyLine::Silence(Some("opt_out".into()))]
+        )
+        .is_ok());
+        assert!(compare_replies(
+            &[ReplyLine::Silence(Some("no_match".into()))],
+            &[ReplyLine::Silence(Some("opt_out".into()))]
+        )
+        .is_err());
     }
 
     #[test]
@@ -588,6 +700,11 @@ mod tests {
         assert!(parse("> hi\n> again\n< x\n").is_err());
         assert!(parse("> hi\n").is_err());
         assert!(parse("nonsense\n> hi\n< x").is_err());
+        assert_eq!(
+            parse("< x\n").unwrap_err().1,
+            "`<` line without a `>` message before it"
+        );
+        assert!(parse("> hi\n< x\n@ reset\n< y\n").is_err());
     }
 
     #[test]

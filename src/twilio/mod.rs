@@ -8,7 +8,8 @@
 //!   libraries do.
 //! - [`inbound`] and [`status`] turn decoded parameters into typed
 //!   incoming-message and status-callback values.
-//! - [`twiml`] renders the XML reply, enforcing Twilio's size limits.
+//! - [`twiml`] renders the XML reply, enforcing Twilio's size limits (and
+//!   reads it back for the author tools).
 //!
 //! This module knows nothing of HTTP servers, storage or flows: it takes bytes
 //! and strings in and gives values and strings out. Which URL to validate
@@ -25,4 +26,4 @@ pub use form::{encode_form, parse_form, FormError, Params, MAX_FORM_PARAMS};
 pub use inbound::{Geo, InboundMessage, Media, ParamError};
 pub use signature::RequestValidator;
 pub use status::{MessageStatus, StatusCallback};
-pub use twiml::{render, OutMessage, SILENCE};
+pub use twiml::{messages_in, render, OutMessage, SILENCE};

@@ -163,6 +163,49 @@ pub fn render_verbs(verbs: &[Verb]) -> String {
     format!("{DECLARATION}<Response>{inner}</Response>")
 }
 
+/// Reads back the messages of a TwiML document that [`render_verbs`]
+/// produced: the body and media of each `<Message>`, in order (attributes
+/// are not read). For tools that show exactly what a phone would receive
+/// (`smsflow chat` and `test`), after every limit above was applied.
+pub fn messages_in(twiml: &str) -> Result<Vec<OutMessage>, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(twiml);
+    let mut out: Vec<OutMessage> = Vec::new();
+    // The element whose text is being read: `Body` or `Media`.
+    let mut inside: Option<Vec<u8>> = None;
+    loop {
+        match reader.read_event().map_err(|e| e.to_string())? {
+            Event::Start(e) => match e.name().as_ref() {
+                b"Message" => out.push(OutMessage::default()),
+                b"Media" => {
+                    if let Some(m) = out.last_mut() {
+                        m.media.push(String::new());
+                    }
+                    inside = Some(b"Media".to_vec());
+                }
+                name => inside = Some(name.to_vec()),
+            },
+            Event::Empty(e) if e.name().as_ref() == b"Message" => out.push(OutMessage::default()),
+            Event::End(_) => inside = None,
+            Event::Text(t) => {
+                let text = t.unescape().map_err(|e| e.to_string())?;
+                match (inside.as_deref(), out.last_mut()) {
+                    (Some(b"Body"), Some(m)) => m.body.push_str(&text),
+                    (Some(b"Media"), Some(m)) => {
+                        if let Some(url) = m.media.last_mut() {
+                            url.push_str(&text);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Splits `text` into parts of at most `max_chars` characters (`char`s),
 /// preferring word boundaries.
 ///
@@ -609,5 +652,36 @@ mod tests {
                 assert_split_invariant(&want, &bodies, MAX_BODY_CHARS);
             }
         }
+    }
+
+    #[test]
+    fn messages_read_back_what_was_rendered() {
+        let long = format!("{} {}", "a".repeat(MAX_BODY_CHARS), "tail & <end>");
+        let twiml = render(&[
+            OutMessage {
+                media: vec!["https://x/a.jpg?a=1&b=2".into()],
+                action: Some("https://cb/?x=1&y=2".into()),
+                ..OutMessage::text("Fish & \"chips\" \r\n<3")
+            },
+            OutMessage::text(""),
+            OutMessage::text(long.clone()),
+        ]);
+        let back = messages_in(&twiml).unwrap();
+        let got: Vec<(&str, &[String])> = back
+            .iter()
+            .map(|m| (m.body.as_str(), m.media.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "Fish & \"chips\" \r\n<3",
+                    &["https://x/a.jpg?a=1&b=2".to_owned()][..]
+                ),
+                (&long[..MAX_BODY_CHARS], &[][..]),
+                ("tail & <end>", &[][..]),
+            ]
+        );
+        assert!(messages_in(SILENCE).unwrap().is_empty());
     }
 }

@@ -25,7 +25,7 @@ fn chat_opts(flows: &Path, data: Option<&Path>) -> ChatOptions {
         to: "+15550001111".into(),
         data_dir: data.map(Path::to_path_buf),
         now: Some(1_700_000_000),
-        interrupt_keywords: Vec::new(),
+        options: author::server_defaults(),
         echo: true,
     }
 }
@@ -46,15 +46,61 @@ fn run_chat(opts: &ChatOptions, input: &str) -> String {
 }
 
 fn smsflow(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+    smsflow_with_input(args, "")
+}
+
+/// Run the binary with `input` on stdin; without TWILIO_AUTH_TOKEN and
+/// SMSFLOW_CONFIG, which the author tools must not need.
+fn smsflow_with_input(args: &[&str], input: &str) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
         .args(args)
-        .output()
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env_remove("SMSFLOW_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("binary runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Every shipped `*.yaml` and `*.rhai` file, as (name, text).
+fn shipped_flows() -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(shipped_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "rhai"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A flows directory holding the shipped flows plus `extra` files.
+fn shipped_plus(extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let files = shipped_flows();
+    let mut refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    refs.extend_from_slice(extra);
+    flows_dir(&refs)
 }
 
 #[test]
@@ -97,21 +143,7 @@ fn chat_runs_signup_with_state_wait_expiry_and_reset() {
 fn chat_output_with_shipped_flows_passes_as_a_transcript() {
     // The echoed session is transcript syntax: saved as a .chat file next
     // to the same flows it must pass `smsflow test`.
-    let files: Vec<(String, String)> = std::fs::read_dir(shipped_dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "rhai"))
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read_to_string(&p).unwrap())
-        })
-        .collect();
-    let refs: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.as_str()))
-        .collect();
-    let dir = flows_dir(&refs);
+    let dir = shipped_plus(&[]);
     let mut opts = chat_opts(dir.path(), None);
     opts.now = Some(flow::TRANSCRIPT_EPOCH);
     let session = run_chat(
@@ -121,7 +153,8 @@ fn chat_output_with_shipped_flows_passes_as_a_transcript() {
     assert!(session.contains("< Our menu: [media: https://example.com/menu.jpg]\n"));
     std::fs::write(dir.path().join("session.chat"), &session).unwrap();
     let set = flow::load_dir(dir.path()).unwrap().set;
-    author::transcripts_pass(dir.path(), &set).unwrap_or_else(|e| panic!("{e}\n{session}"));
+    author::transcripts_pass(dir.path(), &set, &author::server_defaults())
+        .unwrap_or_else(|e| panic!("{e}\n{session}"));
 }
 
 #[test]
@@ -143,7 +176,7 @@ fn chat_keeps_state_in_a_chosen_store_and_separates_senders() {
 ? step = signup/ask_age   # 0 retries here, idle 60s
 ? contact.name = Bo
 ? var.name = Bo
-# now texting from +15559990000
+@ from +15559990000
 ? step = (none)   # nothing stored for this sender
 # usage: /from +15551230001
 # bad duration `soon`: write it like 90s, 15m, 2h, 1d or 1h30m
@@ -221,17 +254,24 @@ fn seeded_transcripts_start_from_the_given_state() {
         ("no_flow.chat", "step: nope/x\n> hi\n< (silence)\n"),
     ]);
     let set = flow::load_dir(dir.path()).unwrap().set;
-    let opts = flow::EngineOptions::default();
-    flow::run_transcript(&set, &opts, &dir.path().join("seeded.chat")).unwrap();
+    let opts = author::server_defaults();
+    let run = author::run_transcript(&dir.path().join("seeded.chat"), &set, &opts);
+    assert!(run.passed(), "{:?}", run.failures);
 
-    let err = flow::run_transcript(&set, &opts, &dir.path().join("no_wait.chat")).unwrap_err();
+    let run = author::run_transcript(&dir.path().join("no_wait.chat"), &set, &opts);
+    let [err] = &run.failures[..] else {
+        panic!("{:?}", run.failures)
+    };
     assert_eq!(err.line, 1);
     assert!(err.message.contains("`signup/done` does not wait"), "{err}");
-    let err = flow::run_transcript(&set, &opts, &dir.path().join("no_flow.chat")).unwrap_err();
+    let run = author::run_transcript(&dir.path().join("no_flow.chat"), &set, &opts);
+    let [err] = &run.failures[..] else {
+        panic!("{:?}", run.failures)
+    };
     assert!(err.message.contains("unknown flow `nope`"), "{err}");
 
     // The reload hook reports both failures, with file and line.
-    let why = author::transcripts_pass(dir.path(), &set).unwrap_err();
+    let why = author::transcripts_pass(dir.path(), &set, &opts).unwrap_err();
     assert!(why.starts_with("2 of 3 transcript(s) failed:"), "{why}");
     assert!(why.contains("no_wait.chat:1:"), "{why}");
 }
@@ -239,7 +279,7 @@ fn seeded_transcripts_start_from_the_given_state() {
 #[test]
 fn transcripts_pass_accepts_the_shipped_set() {
     let set = flow::load_dir(&shipped_dir()).unwrap().set;
-    author::transcripts_pass(&shipped_dir(), &set).unwrap();
+    author::transcripts_pass(&shipped_dir(), &set, &author::server_defaults()).unwrap();
 }
 
 #[test]
@@ -326,4 +366,328 @@ fn graph_shows_flow_jumps_silence_and_keyword_entries() {
     ]);
     assert_eq!(code, 0);
     assert!(stdout.starts_with("digraph \"b\" {"), "{stdout}");
+}
+
+#[test]
+fn test_applies_consent_words_as_the_server_does() {
+    // Issue 12: CANCEL at a confirmation opts the sender out on the real
+    // number; `smsflow test` used to hand it to the flow instead.
+    let dir = shipped_plus(&[(
+        "cancel.chat",
+        "> order\n\
+         < How many cupcakes would you like? $3 each, or $2 each for 12 or more.\n\
+         > 6\n\
+         < 6 cupcakes at $3 each come to $18. Confirm? (yes/no)\n\
+         > cancel\n\
+         < (silence: opt_out)\n\
+         ? step = (none)\n\
+         > hours\n\
+         < (silence: opted_out)\n\
+         > help\n\
+         < (silence: opted_out)\n\
+         > start\n\
+         < (silence: opt_in)\n\
+         > help\n\
+         < (silence: help)\n",
+    )]);
+    let (code, stdout, stderr) = smsflow(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.ends_with("1 passed, 0 failed\n"), "{stdout}");
+}
+
+/// A config file like an operator's: other consent words, a help text, an
+/// interrupt keyword and a tight loop guard.
+const OPERATOR_CONFIG: &str = r#"
+stop_keywords = ["STOP", "ARRET"]
+help_text = "Acme Bakery: text STOP to opt out."
+interrupt_keywords = ["MENU"]
+loop_max_replies = 3
+"#;
+
+const ASK_FLOW: &str = "\
+trigger:\n  keywords: [ASK]\nsteps:\n  q:\n    say: \"Continue? Reply GO, ARRET or MENU\"\n    wait:\n      - exact: [go]\n        say: \"Going\"\n      - exact: [arret]\n        say: \"Stopped\"\n      - exact: [menu]\n        say: \"Never seen\"\n";
+
+const ASK_KEYWORDS: &str = "keywords:\n  HOURS: \"Open 9-5\"\n  MENU: \"Menu: HOURS, ASK\"\n";
+
+/// Passes only with OPERATOR_CONFIG.
+const CONFIGURED_CHAT: &str = "\
+> help\n< Acme Bakery: text STOP to opt out.\n\
+> ask\n< Continue? Reply GO, ARRET or MENU\n\
+> menu\n< Menu: HOURS, ASK\n? step = (none)\n\
+# the fourth reply within a minute\n\
+> hours\n< (silence: rate_limited)\n\
+@ wait 1m\n\
+> ask\n< Continue? Reply GO, ARRET or MENU\n\
+> arret\n< (silence: opt_out)\n";
+
+#[test]
+fn check_chat_and_test_take_the_servers_config_file() {
+    let dir = flows_dir(&[
+        ("ask.yaml", ASK_FLOW),
+        ("keywords.yaml", ASK_KEYWORDS),
+        ("configured.chat", CONFIGURED_CHAT),
+    ]);
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("smsflow.toml");
+    std::fs::write(&conf, OPERATOR_CONFIG).unwrap();
+    let (d, c) = (dir.path().to_str().unwrap(), conf.to_str().unwrap());
+
+    // test: passes with the operator's settings (and no auth token) …
+    let (code, stdout, stderr) = smsflow(&["test", d, "--config", c]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // … and with the defaults shows what would differ.
+    let (code, stdout, _) = smsflow(&["test", d]);
+    assert_eq!(code, 1, "{stdout}");
+    for expected in [
+        "    - < Acme Bakery: text STOP to opt out.\n    + < (silence: help)\n",
+        "    - < Menu: HOURS, ASK\n    + < Never seen\n",
+        "    - < (silence: rate_limited)\n    + < Open 9-5\n",
+        "    - < (silence: opt_out)\n    + < Stopped\n",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
+    }
+
+    // chat: the same settings.
+    let (code, stdout, stderr) = smsflow_with_input(
+        &["chat", "--flows", d, "--config", c, "--now", "1700000000"],
+        "help\nask\nmenu\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("> help\n< Acme Bakery: text STOP to opt out.\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("> menu\n# interrupt keyword MENU ended the run\n"),
+        "{stdout}"
+    );
+
+    // check: warns about routes the configured server never lets through.
+    let (code, _, stderr) = smsflow(&["check", d, "--config", c]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning: `arret` is an opt-out keyword"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: `menu` is an interrupt keyword"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = smsflow(&["check", d]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("`arret`"), "{stderr}");
+    assert!(!stderr.contains("`menu`"), "{stderr}");
+
+    // Without DIR, the tools use the config file's flows directory.
+    let with_flows = conf_dir.path().join("with_flows.toml");
+    std::fs::write(
+        &with_flows,
+        format!("{OPERATOR_CONFIG}flows = {:?}\n", dir.path()),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = smsflow(&["test", "--config", with_flows.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("configured.chat"), "{stdout}");
+
+    // A broken config file is an error for every tool, naming the file.
+    std::fs::write(&conf, "stop_keyword = [\"STOP\"]\n").unwrap();
+    for args in [
+        vec!["test", d, "--config", c],
+        vec!["check", d, "--config", c],
+        vec!["chat", "--flows", d, "--config", c],
+    ] {
+        let (code, _, stderr) = smsflow(&args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(stderr.contains("smsflow.toml"), "{args:?}: {stderr}");
+        assert!(stderr.contains("stop_keyword"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn test_reports_every_mismatch_in_a_file() {
+    let dir = flows_dir(&[
+        ("signup.yaml", &shipped("signup.yaml")),
+        (
+            "three.chat",
+            "> join\n< Hi! What's your name?\n\
+             > Ann\n< Thanks Bob! How old are you?\n\
+             ? var.name = Bob\n\
+             > 34\n< You're signed up, Bob.\n\
+             ? step = (none)\n",
+        ),
+    ]);
+    let (code, stdout, _) = smsflow(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    let f = dir.path().join("three.chat");
+    // Each failure, in file order; the run went on with the actual state
+    // (Ann), so the last exchange shows Ann's reply.
+    let expected = format!(
+        "FAIL {f}\n\
+         \x20 {f}:3: reply to `> Ann` differs\n\
+         \x20   (- expected, + actual)\n\
+         \x20   - < Thanks Bob! How old are you?\n\
+         \x20   + < Thanks Ann! How old are you?\n\
+         \x20 {f}:5: `var.name` is `Ann`, expected `Bob`\n\
+         \x20 {f}:6: reply to `> 34` differs\n\
+         \x20   (- expected, + actual)\n\
+         \x20   - < You're signed up, Bob.\n\
+         \x20   + < You're signed up, Ann.\n\
+         0 passed, 1 failed\n",
+        f = f.display()
+    );
+    assert_eq!(stdout, expected);
+}
+
+#[test]
+fn chat_writes_from_and_to_as_transcript_lines() {
+    let dir = shipped_plus(&[]);
+    let mut opts = chat_opts(dir.path(), None);
+    opts.now = Some(flow::TRANSCRIPT_EPOCH);
+    // Two senders interleaved, then one of them texting another number.
+    let session = run_chat(
+        &opts,
+        "join\nAnn\n/from +15559990000\njoin\nBo\n/from +15551230001\n34\n/to +15550002222\nhi\n/state\n",
+    );
+    assert!(session.contains("\n@ from +15559990000\n"), "{session}");
+    assert!(session.contains("\n@ to +15550002222\n"), "{session}");
+    assert!(session.contains("< You're signed up, Ann.\n"), "{session}");
+    // Saved, it passes as a test: the switches are part of it.
+    std::fs::write(dir.path().join("session.chat"), &session).unwrap();
+    let set = flow::load_dir(dir.path()).unwrap().set;
+    author::transcripts_pass(dir.path(), &set, &author::server_defaults())
+        .unwrap_or_else(|e| panic!("{e}\n{session}"));
+}
+
+#[test]
+fn script_flows_can_be_seeded_with_their_state() {
+    let dir = shipped_plus(&[
+        (
+            "json.chat",
+            "step: quiz/on_message\n\
+             state: {\"question\": 1, \"score\": 1}\n\
+             contact.quiz_best: 1\n\
+             ? var.$state = {\"question\":1,\"score\":1}\n\
+             > eight\n\
+             < Correct!\n\
+             < Q3/3: Which planet is called the Red Planet?\n\
+             ? var.$state = {\"question\":2,\"score\":2}\n",
+        ),
+        (
+            "rhai.chat",
+            "step: quiz/on_message\n\
+             state: #{question: 2, score: 2}   # at the last question\n\
+             > mars\n\
+             < Correct!\n\
+             < You scored 3/3. Text QUIZ to play again.\n\
+             ? step = (none)\n\
+             ? contact.quiz_best = 3\n",
+        ),
+    ]);
+    let set = flow::load_dir(dir.path()).unwrap().set;
+    let opts = author::server_defaults();
+    for name in ["json.chat", "rhai.chat"] {
+        let run = author::run_transcript(&dir.path().join(name), &set, &opts);
+        assert!(run.passed(), "{name}: {:#?}", run.failures);
+    }
+
+    for (text, line, message) in [
+        (
+            "step: quiz/on_message\n> x\n< y\n",
+            1,
+            "needs its state: add a `state: {...}` header",
+        ),
+        (
+            "step: quiz/on_message\nstate: {}\n> x\n< y\n",
+            2,
+            "an empty state ends a script run",
+        ),
+        (
+            "step: quiz/on_message\nstate: #{question: }\n> x\n< y\n",
+            2,
+            "`state:` is not a Rhai map: syntax error",
+        ),
+        (
+            "step: quiz/on_message\nstate: [1]\n> x\n< y\n",
+            2,
+            "write `state:` as a JSON object",
+        ),
+        (
+            "step: quiz/ask\nstate: {\"question\": 1}\n> x\n< y\n",
+            1,
+            "`quiz` is a script flow: its run waits at `quiz/on_message`",
+        ),
+        (
+            "step: quiz/on_message\nvar.question: 1\nstate: {\"question\": 1}\n> x\n< y\n",
+            2,
+            "seed its state with a `state:` header, not `var.`",
+        ),
+        (
+            "step: signup/ask_age\nstate: {\"question\": 1}\n> x\n< y\n",
+            2,
+            "`state:` seeds a script flow; `signup` is a YAML flow",
+        ),
+        (
+            "state: {\"question\": 1}\n> x\n< y\n",
+            1,
+            "add a `step: flow/on_message` header",
+        ),
+    ] {
+        let path = dir.path().join("bad.chat");
+        std::fs::write(&path, text).unwrap();
+        let run = author::run_transcript(&path, &set, &opts);
+        let [failure] = &run.failures[..] else {
+            panic!("{text}: {:#?}", run.failures)
+        };
+        assert_eq!(failure.line, line, "{text}: {failure}");
+        assert!(failure.message.contains(message), "{text}: {failure}");
+        assert!(run.exchanges.is_empty(), "nothing is sent after a bad seed");
+    }
+}
+
+#[test]
+fn check_recurses_into_flow_sets_and_refuses_an_empty_directory() {
+    let top = flows_dir(&[("keywords.yaml", "keywords:\n  HOURS: \"Open\"\n")]);
+    let sub = top.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("bad.yaml"), "keywords:\n  HOURS: [\n").unwrap();
+    // A module directory (no YAML) is part of the set above, not a set.
+    std::fs::create_dir(top.path().join("lib")).unwrap();
+    std::fs::write(top.path().join("lib/util.rhai"), "fn twice(x) { x * 2 }\n").unwrap();
+    // Dot-directories are skipped, as `test` skips them.
+    std::fs::create_dir(top.path().join(".git")).unwrap();
+    std::fs::write(top.path().join(".git/x.yaml"), "nonsense: [\n").unwrap();
+
+    let (code, stdout, stderr) = smsflow(&["check", top.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!("{}: ok (0 warning(s))\n", top.path().display())
+    );
+    assert!(
+        stderr.contains(&format!("{}:", sub.join("bad.yaml").display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(&format!("{}: 1 error(s), 0 warning(s)\n", sub.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(".git"), "{stderr}");
+
+    // The construct tests are one set per directory; all valid.
+    let constructs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flows/constructs");
+    let (code, stdout, stderr) = smsflow(&["check", constructs.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("{}: ok (", constructs.join("stale/v2").display())),
+        "{stdout}"
+    );
+    assert!(stdout.lines().count() >= 12, "{stdout}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = smsflow(&["check", empty.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stderr.contains("no flow files (*.yaml)"), "{stderr}");
 }

@@ -1,5 +1,6 @@
 //! One integration-test binary: the real server over real HTTP, and the
-//! author tools (chat, test, graph) over the real pipeline and binary.
+//! author tools (chat, test, graph) over the real pipeline and binary, and
+//! every shipped transcript compared with the server over HTTP.
 
 mod author;
 mod compliance;
@@ -12,4 +13,5 @@ mod logs;
 mod process;
 mod reload;
 mod scripts;
+mod transcripts;
 mod webhook;
