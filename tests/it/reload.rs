@@ -38,8 +38,7 @@ async fn eventually_replies(app: &TestApp, body: &str, want: &[&str]) -> Duratio
 }
 
 async fn status(app: &TestApp) -> serde_json::Value {
-    let r = app.raw(app.client.get(app.url("/status"))).await;
-    serde_json::from_str(&r.body).unwrap()
+    app.admin_json("/status").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
