@@ -55,6 +55,8 @@ use smsflow::twilio::{encode_form, RequestValidator};
 use tokio::sync::oneshot;
 
 const TOKEN: &str = "loadgen-token";
+/// `/status` shows the conversation count only to the admin token.
+const ADMIN_TOKEN: &str = "loadgen-admin-token";
 const OUR_NUMBER: &str = "+15550001111";
 const PUBLIC_URL: &str = "http://localhost";
 const WARM_UP: usize = 2_000;
@@ -430,6 +432,7 @@ fn conversations(
     rt.block_on(async {
         let text = client
             .get(format!("http://{addr}/status"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .ok()?
@@ -618,12 +621,14 @@ impl Server {
                 // `rate_limited` silences instead of the flow.
                 .env("SMSFLOW_CONFIG", loop_guard_off(data))
                 .env("TWILIO_AUTH_TOKEN", TOKEN)
+                .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", "info");
                 Server::child(cmd)
             }
             Mode::InProcess => {
                 let mut config = Config::for_test(flows, data, TOKEN);
                 config.public_url = PUBLIC_URL.into();
+                config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
                 // What `serve` uses by default.
                 config.cache_bytes = 8 * 1024 * 1024;
                 config.watch = true;

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,6 +45,9 @@ pub struct App {
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     config: Config,
+    /// Set once shutdown begins, so `/readyz` answers 503 while in-flight
+    /// requests finish.
+    shutting_down: Arc<AtomicBool>,
 }
 
 /// Wall-clock unix seconds: the one place the server reads the clock for
@@ -119,21 +123,18 @@ impl App {
         let flow_status = Arc::new(Mutex::new(status_of(&loaded.set, unix_now())));
         let flows: SharedFlows = Arc::new(ArcSwap::from_pointee(loaded.set));
 
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        // The store creates the data directory (private) and says which
+        // of a held lock, a permission, a damaged or a truncated database
+        // keeps it from opening.
         let store = SledStore::open(
             &config.data_dir,
             &StoreConfig {
                 cache_bytes: config.cache_bytes,
                 durability: config.durability,
+                ..StoreConfig::default()
             },
         )
-        .with_context(|| {
-            format!(
-                "opening the store in {} (is another smsflow using it?)",
-                config.data_dir.display()
-            )
-        })?;
+        .context("opening the store")?;
         let store = Arc::new(store);
         let metrics = Arc::new(Metrics::default());
         let pipeline = Arc::new(Pipeline::new(
@@ -143,13 +144,20 @@ impl App {
             metrics.clone(),
         ));
 
+        // What `/status` (and `/healthz`) show: everything in constant
+        // time (the conversation count is maintained by the store, never
+        // counted here). Only admin-token holders see this detail.
         let status_fn = {
             let flow_status = flow_status.clone();
             let store = store.clone();
+            let data_dir = std::path::absolute(&config.data_dir)
+                .unwrap_or_else(|_| config.data_dir.clone())
+                .display()
+                .to_string();
             Arc::new(move || {
                 let s = flow_status.lock().map(|s| s.clone()).unwrap_or_default();
+                let health = store.health();
                 serde_json::json!({
-                    "status": "ok",
                     "flows": {
                         "version": s.version,
                         "loaded_at": s.loaded_at,
@@ -158,11 +166,28 @@ impl App {
                         "watching": s.watching,
                         "watching_reason": s.watching_reason,
                     },
-                    "conversations": store.conversation_count(),
+                    "conversations": health.conversations,
+                    "store": {
+                        "dir": data_dir,
+                        "durability": store.durability(),
+                        "writable": health.writable,
+                        "error": health.error,
+                        "failed_since": health.failed_since,
+                        "quarantined_records": health.quarantined,
+                        "reopens": health.reopens,
+                        "fsyncs": health.fsyncs,
+                    },
                 })
             })
         };
-        let state = AppState::new(&config, pipeline.clone(), metrics.clone(), status_fn);
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let state = AppState::new(
+            &config,
+            pipeline.clone(),
+            metrics.clone(),
+            status_fn,
+            shutting_down.clone(),
+        );
         let router = http::with_hygiene(
             http::router(state, config.max_body_bytes),
             http::Hygiene {
@@ -188,6 +213,7 @@ impl App {
             metrics,
             reloader,
             config,
+            shutting_down,
         })
     }
 
@@ -213,6 +239,14 @@ impl App {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        // Readiness turns 503 the moment shutdown begins.
+        let shutdown = {
+            let flag = self.shutting_down.clone();
+            async move {
+                shutdown.await;
+                flag.store(true, Ordering::SeqCst);
+            }
+        };
         tracing::info!(
             addr = %self.addr,
             public_url = %self.config.public_url,

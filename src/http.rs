@@ -10,6 +10,7 @@
 //! internals. Connections themselves (timeouts, the connection limit) are
 //! [`serve`]'s. This module knows no sled and no Rhai.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,9 +24,9 @@ use tracing::Instrument;
 
 use crate::app::unix_now;
 use crate::config::{Auth, Config};
-use crate::metrics::{Endpoint, Metrics};
+use crate::metrics::{Endpoint, Metrics, Sample};
 use crate::pipeline::{Pipeline, ReplyLink};
-use crate::store::{SledStore, StatusUpdate};
+use crate::store::{SledStore, StatusUpdate, StoreHealth};
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
 mod serve;
@@ -39,9 +40,13 @@ pub struct AppState {
     /// `None` only in the explicit insecure mode.
     pub validator: Option<Arc<RequestValidator>>,
     pub public_url: Arc<str>,
+    /// The detailed status (`/status` with the admin token).
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-    /// Bearer token for `/messages`; `None` turns the endpoint off.
+    /// Bearer token for `/messages` and `/status` detail; `None` turns
+    /// `/messages` off.
     pub admin_token: Option<Arc<str>>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    pub shutting_down: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -50,6 +55,7 @@ impl AppState {
         pipeline: Arc<Pipeline<SledStore>>,
         metrics: Arc<Metrics>,
         status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+        shutting_down: Arc<AtomicBool>,
     ) -> Self {
         let validator = match &config.auth {
             Auth::Verify(token) => Some(Arc::new(RequestValidator::new(token.expose()))),
@@ -62,6 +68,7 @@ impl AppState {
             public_url: config.public_url.as_str().into(),
             status,
             admin_token: config.admin_token.as_ref().map(|t| t.expose().into()),
+            shutting_down,
         }
     }
 }
@@ -78,7 +85,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
                 .fallback(sms_other_method),
         )
         .route("/twilio/status", axum::routing::post(status_post))
-        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(status_json))
         .route("/status", get(status_json))
         .route("/metrics", get(metrics))
         .route("/messages", get(messages))
@@ -325,23 +334,131 @@ async fn status_post(
     }
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
-    let status = (state.status)();
-    (StatusCode::OK, axum::Json(status)).into_response()
+/// `GET /livez`: the process is up and serving HTTP. Touches nothing.
+async fn livez() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-async fn status_json(State(state): State<AppState>) -> Response {
-    let status = (state.status)();
-    (StatusCode::OK, axum::Json(status)).into_response()
+/// Whether this server should be sent traffic, and why not; constant time
+/// (no store access beyond counters the store maintains).
+struct Readiness {
+    problems: Vec<&'static str>,
+    store: StoreHealth,
+}
+
+impl Readiness {
+    fn of(state: &AppState) -> Self {
+        let store = state.pipeline.store().health();
+        let mut problems = Vec::new();
+        if state.shutting_down.load(Ordering::SeqCst) {
+            problems.push("shutting_down");
+        }
+        if !store.writable {
+            problems.push("store_failed");
+        }
+        Readiness { problems, store }
+    }
+
+    fn code(&self) -> StatusCode {
+        if self.problems.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
+/// `GET /readyz`: 200 when a flow set is live and the store takes writes;
+/// 503 while shutting down or while the store is failing. Records kept
+/// aside because they did not decode are reported (they need an
+/// operator's look) without taking the server out of service.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let r = Readiness::of(&state);
+    let body = serde_json::json!({
+        "status": if r.problems.is_empty() { "ready" } else { "not_ready" },
+        "problems": r.problems,
+        "flows_loaded": true,
+        "store": {
+            "writable": r.store.writable,
+            "quarantined_records": r.store.quarantined,
+        },
+    });
+    (r.code(), axum::Json(body)).into_response()
+}
+
+/// `GET /status` and `GET /healthz`: ok or not, and the flow set version;
+/// with the admin token (`Authorization: Bearer`), the full detail (paths,
+/// reload errors, store state). Constant time either way.
+async fn status_json(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let r = Readiness::of(&state);
+    let status = if r.problems.is_empty() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    let admin = state
+        .admin_token
+        .as_deref()
+        .is_some_and(|expected| bearer_matches(expected, &headers));
+    let body = if admin {
+        let mut detail = (state.status)();
+        detail["status"] = status.into();
+        detail["problems"] = r.problems.clone().into();
+        detail
+    } else {
+        let version = state.pipeline.flows().load().version().to_string();
+        serde_json::json!({ "status": status, "flows": { "version": version } })
+    };
+    (r.code(), axum::Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let store = state.pipeline.store().health();
+    let samples = [
+        Sample::gauge(
+            "smsflow_store_writable",
+            "1 while the store takes writes; 0 after a failure, until it has reopened itself.",
+            u64::from(store.writable),
+        ),
+        Sample::gauge(
+            "smsflow_store_quarantined_records",
+            "Undecodable records kept aside in the data directory's quarantine/.",
+            store.quarantined,
+        ),
+        Sample::gauge(
+            "smsflow_conversations",
+            "Stored conversations holding state.",
+            store.conversations as u64,
+        ),
+        Sample::counter(
+            "smsflow_store_reopens_total",
+            "Times the store reopened itself after a failure.",
+            store.reopens,
+        ),
+        Sample::counter(
+            "smsflow_store_fsyncs_total",
+            "Grouped fsyncs of the store's files.",
+            store.fsyncs,
+        ),
+    ];
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.metrics.render(&samples),
     )
         .into_response()
+}
+
+/// Whether the request carries `Authorization: Bearer <expected>`
+/// (compared in constant time).
+fn bearer_matches(expected: &str, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// `GET /messages?number=&status=&limit=`: the message log as JSON, behind
@@ -357,15 +474,9 @@ async fn messages(
             "not enabled (set SMSFLOW_ADMIN_TOKEN)",
         ));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    use subtle::ConstantTimeEq;
-    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+    if !bearer_matches(expected, &headers) {
         tracing::warn!(
-            header_present = !given.is_empty(),
+            header_present = headers.contains_key(header::AUTHORIZATION),
             "rejected /messages: bad token"
         );
         let mut r = HttpError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();

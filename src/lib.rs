@@ -30,7 +30,10 @@
 //! - [`store`]: the only module that knows sled; the [`store::Store`]
 //!   trait. A conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
-//!   append-only file beside the database.
+//!   append-only file beside the database. Its own thread groups flushes
+//!   (each ending in a real `fdatasync`), writes checkpoints that expose a
+//!   database sled silently truncated, and reopens the store after a
+//!   failed write; undecodable records are kept aside in `quarantine/`.
 //! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
 //!   Knows the store trait and the engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
@@ -51,8 +54,10 @@
 //!
 //! # Invariants
 //!
-//! - A reply leaves only after the state change that produced it is flushed
-//!   (unless the operator chose relaxed durability).
+//! - A reply leaves only after the state change that produced it is
+//!   fsynced (unless the operator chose relaxed durability).
+//! - Nothing stored is replaced silently: a record that does not decode is
+//!   kept aside first; a database that lost checkpointed data is refused.
 //! - One MessageSid is processed once; retries get the identical TwiML.
 //! - Messages of one (To, From) conversation are processed one at a time;
 //!   different conversations never wait on each other's lock.

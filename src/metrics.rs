@@ -60,6 +60,37 @@ pub enum Endpoint {
     Status,
 }
 
+/// A value owned elsewhere (the store's health), rendered with the
+/// counters on `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub help: &'a str,
+    /// "gauge" or "counter".
+    pub kind: &'a str,
+    pub value: u64,
+}
+
+impl<'a> Sample<'a> {
+    pub fn gauge(name: &'a str, help: &'a str, value: u64) -> Self {
+        Sample {
+            name,
+            help,
+            kind: "gauge",
+            value,
+        }
+    }
+
+    pub fn counter(name: &'a str, help: &'a str, value: u64) -> Self {
+        Sample {
+            name,
+            help,
+            kind: "counter",
+            value,
+        }
+    }
+}
+
 /// All counters exported on `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
@@ -102,8 +133,9 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition format, version 0.0.4.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition format, version 0.0.4: these counters,
+    /// then `samples`.
+    pub fn render(&self, samples: &[Sample<'_>]) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &AtomicU64); 10] = [
             (
@@ -186,6 +218,16 @@ impl Metrics {
         self.sms_latency.render(&mut out, name, "endpoint=\"sms\"");
         self.status_latency
             .render(&mut out, name, "endpoint=\"status\"");
+        for s in samples {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}",
+                name = s.name,
+                help = s.help,
+                kind = s.kind,
+                value = s.value
+            );
+        }
         out
     }
 }
@@ -206,7 +248,7 @@ mod tests {
         Metrics::inc(&m.messages_received);
         m.silence("no_match");
         m.observe(Endpoint::Sms, Duration::from_millis(3));
-        let text = m.render();
+        let text = m.render(&[Sample::gauge("smsflow_store_writable", "Up.", 1)]);
         assert!(text.contains("smsflow_messages_received_total 1\n"));
         assert!(text.contains("smsflow_silences_total{reason=\"no_match\"} 1\n"));
         assert!(text.contains(
@@ -216,5 +258,6 @@ mod tests {
             "smsflow_request_duration_seconds_bucket{endpoint=\"sms\",le=\"0.0025\"} 0\n"
         ));
         assert!(text.contains("smsflow_request_duration_seconds_count{endpoint=\"sms\"} 1\n"));
+        assert!(text.contains("# TYPE smsflow_store_writable gauge\nsmsflow_store_writable 1\n"));
     }
 }

@@ -168,6 +168,10 @@ impl<S: Store> Pipeline<S> {
     ) -> Result<Detailed, StoreError> {
         let key = ConvKey::new(&msg.to, &msg.from);
         let guard = self.locks.lock(&key).await;
+        // Read before anything the answer depends on: if the store is
+        // reopened after a failure in between, the flush below fails
+        // rather than acknowledge what may be gone.
+        let epoch = self.store.epoch();
         // The record holds both the state and the answers given recently,
         // read once under the lock: a retry processed while we waited is
         // seen here.
@@ -176,15 +180,21 @@ impl<S: Store> Pipeline<S> {
             drop(guard);
             // The original may still be waiting for its flush; the replay
             // must not go out before the state it reflects is durable.
-            self.store.flush().await?;
+            self.store.flush(epoch).await?;
             return Ok(self.duplicate(done));
         }
 
         let mut conversation = match &record.conversation {
-            Some(bytes) => serde_json::from_slice(bytes).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "stored conversation unreadable; starting afresh");
-                Conversation::default()
-            }),
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(c) => c,
+                // Never reset silently: the record is kept aside (or, if
+                // that fails, nothing replaces it and the sender gets 503
+                // until it can be), then the conversation starts afresh.
+                Err(e) => {
+                    self.store.keep_aside(&key, &format!("conversation: {e}"))?;
+                    Conversation::default()
+                }
+            },
             None => Conversation::default(),
         };
 
@@ -367,7 +377,7 @@ impl<S: Store> Pipeline<S> {
         // its own flush covers ours too, and neither is acknowledged before
         // a flush, so releasing before the fsync loses nothing.
         drop(guard);
-        self.store.flush().await?;
+        self.store.flush(epoch).await?;
         // Per message only at debug: the message log (`smsflow messages`)
         // is the per-message record, and an info line per message cost
         // about 9% of the server's CPU under load.
@@ -441,9 +451,10 @@ impl<S: Store> Pipeline<S> {
     /// the webhook never deletes conversations this way.
     pub async fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
         let guard = self.locks.lock(key).await;
+        let epoch = self.store.epoch();
         let existed = self.store.delete_conversation(key)?;
         drop(guard);
-        self.store.flush().await?;
+        self.store.flush(epoch).await?;
         Ok(existed)
     }
 
@@ -459,10 +470,11 @@ impl<S: Store> Pipeline<S> {
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(conversation).unwrap_or_default();
         let guard = self.locks.lock(key).await;
+        let epoch = self.store.epoch();
         self.store
             .put_conversation(key, &bytes, conversation.run.is_none(), now)?;
         drop(guard);
-        self.store.flush().await
+        self.store.flush(epoch).await
     }
 
     /// Record a delivery status callback, keeping the latest status
@@ -485,6 +497,7 @@ impl<S: Store> Pipeline<S> {
             flow: link.flow,
             step: link.step,
         };
+        let epoch = self.store.epoch();
         let update = self.store.record_status(&cb.message_sid, &status)?;
         if cb.error_code.as_deref() == Some("21610") {
             if let (Some(to), Some(from)) = (&cb.to, &cb.from) {
@@ -502,7 +515,7 @@ impl<S: Store> Pipeline<S> {
                 }
             }
         }
-        self.store.flush().await?;
+        self.store.flush(epoch).await?;
         Ok(update)
     }
 }

@@ -14,6 +14,7 @@
 //! | `l\0` | MessageSid `\0` id | [`StatusEvent`]: every status callback received |
 //! | `o\0` | scope `\0` number | [`OptOut`]: current consent state |
 //! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
+//! | `m\0` | `marker` | the last flush marker, 8 bytes big-endian (see below) |
 //!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
@@ -32,16 +33,41 @@
 //! flow and step, not the TwiML.
 //!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
-//! durable. Flushes are grouped by [`GroupFlusher`]: while one fsync runs,
-//! every caller that arrives waits for the next one, so N concurrent webhooks
-//! cost about two fsyncs, not N.
+//! durable: sled's flush (which only `sync_file_range`s its log), then an
+//! `fdatasync` of sled's files ([`files`]). Flushes are grouped by the
+//! store's [`Worker`] thread: while one sync runs, every caller that arrives
+//! waits for the next one, so N concurrent webhooks cost about two syncs,
+//! not N.
+//!
+//! Faults, never silent: sled's recovery drops everything after the first
+//! damaged entry of its log without a word, so once a second (and at
+//! shutdown) the worker writes a flush marker into the database and, once
+//! it is on disk, its number into the `checkpoint` file; a database that
+//! opens with an older marker is refused. A record that does not decode is
+//! kept aside ([`quarantine`]) before anything replaces it. A write, flush
+//! or fsync that fails marks the store failed (nothing is acknowledged);
+//! sled then fails every later write, so the worker reopens the database
+//! once the filesystem takes writes again, and an [`Epoch`] makes sure
+//! nothing read or written before the reopen is acknowledged after it.
 
-use std::path::Path;
-use std::sync::{mpsc, Arc};
-use std::thread;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+
+use quarantine::{describe_key, Quarantine};
+
+mod files;
+mod open;
+mod quarantine;
+mod worker;
+
+pub use open::OpenError;
+use open::{check_marker, closed, open_db, read_marker, Open};
+use worker::Worker;
 
 /// Errors from the storage backend. Callers map these to a 503-style
 /// failure; they never carry user input.
@@ -49,15 +75,24 @@ use tokio::sync::oneshot;
 pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
-    #[error("corrupt record under {key}: {reason}")]
-    Corrupt { key: String, reason: String },
+    /// A read or write reached the disk and failed (a full disk, an I/O
+    /// error): the store is marked failed until it has reopened itself.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// The store failed and has not recovered yet, or was reopened since
+    /// the caller's writes (which may then be lost).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("storage flusher stopped")]
     FlusherGone,
 }
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e {
+            sled::Error::Io(e) => StoreError::Io(e.to_string()),
+            other => StoreError::Backend(other.to_string()),
+        }
     }
 }
 
@@ -248,6 +283,12 @@ impl RecentAnswers {
         self.entries().count()
     }
 
+    /// Whether the entries account for every byte (a damaged length field
+    /// would end the walk early and hide the rest).
+    fn is_well_formed(&self) -> bool {
+        self.entries().map(|e| e.4.len()).sum::<usize>() == self.0.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -318,8 +359,13 @@ pub enum StatusUpdate {
 /// Implementations must make [`Store::commit`] atomic: either both the
 /// conversation and the dedupe record are written, or neither.
 pub trait Store: Send + Sync + 'static {
-    /// The conversation record for `key` (empty if none).
+    /// The conversation record for `key` (empty if none). A record that
+    /// does not decode is kept aside first, then read as empty.
     fn load(&self, key: &ConvKey) -> Result<StoredConversation, StoreError>;
+    /// Keep the record stored for `key` aside (its conversation does not
+    /// decode), before a commit replaces it. Fails if it cannot be kept;
+    /// then nothing may replace it.
+    fn keep_aside(&self, key: &ConvKey, reason: &str) -> Result<(), StoreError>;
     /// The stored conversation bytes for `key`, if any.
     fn conversation(&self, key: &ConvKey) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.load(key)?.conversation)
@@ -330,9 +376,17 @@ pub trait Store: Send + Sync + 'static {
     /// (for retries) and any consent change; then the log entry. Not yet
     /// durable: see `flush`.
     fn commit(&self, commit: Commit<'_>) -> Result<(), StoreError>;
-    /// Make everything committed so far durable. Concurrent callers share
-    /// one fsync.
-    fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// The store's current incarnation; read it before the reads and
+    /// writes a [`Store::flush`] is to cover.
+    fn epoch(&self) -> Epoch;
+    /// Make everything committed so far durable (fsynced, in `flush`
+    /// durability). Concurrent callers share one fsync. Fails when the
+    /// store was reopened after a failure since `since` was read: what was
+    /// read or written before may be gone.
+    fn flush(
+        &self,
+        since: Epoch,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
     /// Offer a delivery status; applied only if it ranks above the stored
     /// one. Every callback is appended to the delivery log either way.
     fn record_status(
@@ -342,8 +396,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<StatusUpdate, StoreError>;
     /// The latest delivery status stored for a MessageSid.
     fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError>;
-    /// Number of stored conversations (for status pages and tests).
+    /// Number of stored conversations holding state, in constant time.
     fn conversation_count(&self) -> usize;
+    /// Writability, records kept aside and counts, in constant time.
+    fn health(&self) -> StoreHealth;
     /// The current consent state of `number` within `scope`.
     fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError>;
     /// Record a consent change outside a message commit (status callbacks).
@@ -384,8 +440,8 @@ pub enum Durability {
     /// Every state change is fsynced (grouped) before the reply goes out.
     #[default]
     Flush,
-    /// sled flushes in the background every `flush_every_ms`; a crash can
-    /// lose the last few hundred milliseconds of conversation steps.
+    /// sled flushes in the background every 200 ms (and the store fsyncs
+    /// once a second); a crash can lose the last steps answered.
     Relaxed,
 }
 
@@ -395,6 +451,9 @@ pub struct StoreConfig {
     /// sled page cache size in bytes.
     pub cache_bytes: u64,
     pub durability: Durability,
+    /// Opening gives up after this long (sled's recovery can spin over a
+    /// damaged file).
+    pub open_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -402,6 +461,7 @@ impl Default for StoreConfig {
         StoreConfig {
             cache_bytes: 8 * 1024 * 1024,
             durability: Durability::Flush,
+            open_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -444,12 +504,8 @@ struct MessageLog {
 }
 
 impl MessageLog {
-    fn open(path: std::path::PathBuf) -> Result<Self, StoreError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+    fn open(path: std::path::PathBuf) -> io::Result<Self> {
+        let file = files::open_append(&path)?;
         Ok(MessageLog {
             path,
             writer: std::sync::Mutex::new(std::io::BufWriter::with_capacity(64 * 1024, file)),
@@ -521,13 +577,8 @@ impl MessageLog {
         if dropped == 0 {
             return Ok(0);
         }
-        let tmp = self.path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, &kept).map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
+        files::write_durably(&self.path, &kept).map_err(io)?;
+        let file = files::open_append(&self.path).map_err(io)?;
         *writer = std::io::BufWriter::with_capacity(64 * 1024, file);
         Ok(dropped)
     }
@@ -535,66 +586,424 @@ impl MessageLog {
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
-    db: sled::Db,
-    log: Arc<MessageLog>,
-    durability: Durability,
-    /// Grouped fsyncs; `None` in relaxed mode, where sled's own background
-    /// flusher is the durability mechanism.
-    flusher: Option<GroupFlusher>,
+    shared: Arc<Shared>,
+    /// The store's own thread: grouped flushes, checkpoints, and reopening
+    /// after a failure. Joined on drop, so the database is closed (and
+    /// everything flushed) when a `SledStore` is gone.
+    worker: Worker,
+}
+
+/// What the store's callers and its worker thread share.
+struct Shared {
+    dir: PathBuf,
+    config: StoreConfig,
+    /// The open database; `None` only while it is reopened after a
+    /// failure. Operations hold the read lock for their duration, so a
+    /// reopen never pulls the database from under one.
+    db: RwLock<Option<Open>>,
+    /// Bumped whenever the database is closed for a reopen: writes not yet
+    /// flushed may be gone, so a flush for an older [`Epoch`] fails.
+    generation: AtomicU64,
+    log: MessageLog,
+    quarantine: Quarantine,
+    /// Conversations holding state: counted at open, then kept up to date
+    /// by every write, so health checks never scan the store.
+    conversations: AtomicI64,
+    /// Set when a write, flush or fsync fails; cleared by a successful
+    /// reopen. While set, nothing is acknowledged.
+    failed: AtomicBool,
+    failure: Mutex<Option<Failure>>,
+    /// Writes since the last checkpoint.
+    writes: AtomicU64,
+    /// The last flush marker written to the database (see `checkpoint`).
+    marker: AtomicU64,
+    /// One checkpoint at a time (the worker, and a shutdown's final one).
+    checkpointing: Mutex<()>,
+    fsyncs: AtomicU64,
+    reopens: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    error: String,
+    since: i64,
+}
+
+/// Names the store's current incarnation. After a failure the database is
+/// reopened from disk, and writes made before that were not necessarily
+/// flushed: a flush asked for with an older epoch fails, so nothing read
+/// or written before a reopen is acknowledged after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(u64);
+
+/// The store's state for health checks; every field is read in constant
+/// time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// False while writes fail (full disk, I/O errors): webhooks get 503
+    /// until the store has reopened itself.
+    pub writable: bool,
+    /// The failure, while there is one.
+    pub error: Option<String>,
+    /// Unix seconds when the current failure began.
+    pub failed_since: Option<i64>,
+    /// Undecodable records kept aside in `quarantine/`.
+    pub quarantined: u64,
+    /// Conversations holding state.
+    pub conversations: usize,
+    /// Times the store reopened itself after a failure.
+    pub reopens: u64,
+    /// Completed grouped fsyncs.
+    pub fsyncs: u64,
+}
+
+/// The meta key holding the last flush marker (see `Shared::checkpoint`).
+const MARKER_KEY: &[u8] = b"m\0marker";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl SledStore {
-    /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
-        let flush_every = match config.durability {
-            Durability::Flush => None,
-            Durability::Relaxed => Some(200),
-        };
-        let sled_config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(config.cache_bytes)
-            .flush_every_ms(flush_every)
-            .mode(sled::Mode::HighThroughput);
-        // Reopening in the same process right after a store was dropped (a
-        // restart in tests, the chat's reload) can find the file lock still
-        // held by sled's background threads finishing their writes, for
-        // seconds on a starved machine; wait rather than fail. Another
-        // process holding it still fails, after about ten seconds.
-        let mut attempts = 0;
-        let db = loop {
-            match sled_config.open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 500 =>
-                {
-                    attempts += 1;
-                    thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let log = Arc::new(MessageLog::open(dir.join("messages.jsonl"))?);
-        let flusher = match config.durability {
-            Durability::Flush => Some(GroupFlusher::start(db.clone(), log.clone())),
-            Durability::Relaxed => None,
-        };
-        Ok(SledStore {
-            db,
+    /// Open (or create) the store in `dir`, private to this user. Fails
+    /// with a cause an operator can act on; never starts on a database
+    /// that lost checkpointed data.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Self, OpenError> {
+        let created = files::create_private_dir(dir)
+            .map_err(|e| OpenError::io("creating the data directory", dir, e))?;
+        let expected = files::read_checkpoint(dir)
+            .map_err(|e| OpenError::io("reading the checkpoint in", dir, e))?;
+        let open = open_db(dir, config)?;
+        let recovered = read_marker(&open.db).map_err(|e| OpenError::from_sled(dir, e))?;
+        check_marker(dir, recovered, expected)?;
+        let log = MessageLog::open(dir.join("messages.jsonl"))
+            .map_err(|e| OpenError::io("opening the message log in", dir, e))?;
+        // sled creates its files with the process's umask.
+        match files::make_private(dir) {
+            Ok(n) if n == 0 || created => {}
+            Ok(n) => tracing::info!(
+                dir = %dir.display(),
+                entries = n,
+                "made the data directory private (0700 directories, 0600 files)"
+            ),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "could not make the data directory private"
+            ),
+        }
+        // The entries sled may just have created (db, conf, blobs).
+        files::sync_dir(dir).map_err(|e| OpenError::io("syncing", dir, e))?;
+        let quarantine = Quarantine::open(dir)
+            .map_err(|e| OpenError::io("reading the quarantine in", dir, e))?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            db: RwLock::new(None),
+            generation: AtomicU64::new(0),
             log,
-            durability: config.durability,
-            flusher,
-        })
+            quarantine,
+            conversations: AtomicI64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            writes: AtomicU64::new(0),
+            marker: AtomicU64::new(recovered),
+            checkpointing: Mutex::new(()),
+            fsyncs: AtomicU64::new(0),
+            reopens: AtomicU64::new(0),
+        });
+        let count = shared.scan_conversations(&open.db).map_err(|e| match e {
+            // Keeping an undecodable record aside failed (a full disk?).
+            StoreError::Io(detail) => OpenError::Io {
+                what: "reading the conversations in",
+                path: dir.to_path_buf(),
+                source: io::Error::other(detail),
+            },
+            other => OpenError::Damaged {
+                dir: dir.to_path_buf(),
+                detail: other.to_string(),
+            },
+        })?;
+        shared.conversations.store(count, Ordering::Relaxed);
+        *write(&shared.db) = Some(open);
+        let worker = Worker::start(shared.clone());
+        Ok(SledStore { shared, worker })
     }
 
-    /// Blocking flush of everything, used at shutdown whatever the mode.
+    /// Blocking flush of everything, used at shutdown whatever the mode:
+    /// synced to disk, then checkpointed.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.log.flush()?;
-        self.db.flush()?;
-        Ok(())
+        self.shared.sync()?;
+        self.shared.checkpoint()
     }
 
     pub fn durability(&self) -> Durability {
-        self.durability
+        self.shared.config.durability
+    }
+
+    /// The store's health, in constant time.
+    pub fn health(&self) -> StoreHealth {
+        let failure = lock(&self.shared.failure).clone();
+        StoreHealth {
+            writable: failure.is_none(),
+            error: failure.as_ref().map(|f| f.error.clone()),
+            failed_since: failure.map(|f| f.since),
+            quarantined: self.shared.quarantine.count(),
+            conversations: self.shared.conversations.load(Ordering::Relaxed).max(0) as usize,
+            reopens: self.shared.reopens.load(Ordering::Relaxed),
+            fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read(l: &RwLock<Option<Open>>) -> std::sync::RwLockReadGuard<'_, Option<Open>> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(l: &RwLock<Option<Open>>) -> std::sync::RwLockWriteGuard<'_, Option<Open>> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Run `f` on the open database. An I/O error marks the store failed
+    /// (the worker then reopens it once writes succeed again).
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = read(&self.db);
+        let open = guard.as_ref().ok_or_else(reopening)?;
+        let result = f(&open.db);
+        if let Err(StoreError::Io(e)) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
+    fn fail(&self, error: &str) {
+        let mut failure = lock(&self.failure);
+        if failure.is_none() {
+            tracing::error!(
+                dir = %self.dir.display(),
+                error,
+                "store failed: webhooks get 503 until writes succeed again (retried every second)"
+            );
+            *failure = Some(Failure {
+                error: error.to_string(),
+                since: unix_now(),
+            });
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// One grouped flush: sled's flush, then fsyncs of its files. Returns
+    /// the generation it made durable.
+    fn sync(&self) -> Result<u64, StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the store failed and is not reopened yet".into(),
+            ));
+        }
+        // The log lines of these messages go to the file too (buffered
+        // until now, not fsynced: informational).
+        if let Err(e) = self.log.flush() {
+            tracing::warn!(error = %e, "message log write failed");
+        }
+        let guard = read(&self.db);
+        let open = guard.as_ref().ok_or_else(reopening)?;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let synced = open.db.flush().map_err(StoreError::from).and_then(|_| {
+            lock(&open.files)
+                .sync()
+                .map_err(|e| StoreError::Io(format!("fsync: {e}")))
+        });
+        if let Err(e) = &synced {
+            self.fail(&e.to_string());
+        }
+        synced?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(generation)
+    }
+
+    /// Write the next flush marker into the database, make it durable,
+    /// then record it in the checkpoint file. On open, a database holding
+    /// an older marker than the file names has lost data that was on disk.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = lock(&self.checkpointing);
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the store failed".into()));
+        }
+        let writes = self.writes.swap(0, Ordering::Relaxed);
+        let seq = self.marker.load(Ordering::Relaxed) + 1;
+        let result = self
+            .with_db(|db| Ok(db.insert(MARKER_KEY, &seq.to_be_bytes())?))
+            .and_then(|_| self.sync())
+            .and_then(|_| {
+                files::write_checkpoint(&self.dir, seq)
+                    .map_err(|e| StoreError::Io(format!("writing the checkpoint: {e}")))
+            });
+        // sled creates snapshot files from time to time, with the
+        // process's umask; the directory is private anyway, its files too.
+        if let Err(e) = files::make_private(&self.dir) {
+            tracing::debug!(error = %e, "could not make the data directory private");
+        }
+        match result {
+            Ok(_) => {
+                self.marker.store(seq, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.writes.fetch_add(writes.max(1), Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reopen the database after a failure, once the filesystem takes
+    /// writes again. sled keeps the first I/O error it meets and fails
+    /// every later write with it, so only a reopen recovers; it rebuilds
+    /// the state from what is on disk, which is everything acknowledged.
+    fn heal(&self) -> Result<(), String> {
+        files::probe_writable(&self.dir).map_err(|e| format!("probe write: {e}"))?;
+        self.log.flush().map_err(|e| format!("message log: {e}"))?;
+        let old = write(&self.db).take();
+        if let Some(old) = old {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            drop(old);
+            closed(&self.dir);
+        }
+        let open = open_db(&self.dir, &self.config).map_err(|e| e.to_string())?;
+        let recovered = read_marker(&open.db).map_err(|e| e.to_string())?;
+        let expected = files::read_checkpoint(&self.dir).map_err(|e| e.to_string())?;
+        check_marker(&self.dir, recovered, expected).map_err(|e| e.to_string())?;
+        let count = self
+            .scan_conversations(&open.db)
+            .map_err(|e| e.to_string())?;
+        // Recovered only when a write reaches the disk.
+        let seq = recovered + 1;
+        open.db
+            .insert(MARKER_KEY, &seq.to_be_bytes())
+            .and_then(|_| open.db.flush())
+            .map_err(|e| e.to_string())?;
+        lock(&open.files).sync().map_err(|e| e.to_string())?;
+        self.marker.store(seq, Ordering::Relaxed);
+        self.conversations.store(count, Ordering::Relaxed);
+        *write(&self.db) = Some(open);
+        let was = lock(&self.failure).take();
+        self.failed.store(false, Ordering::SeqCst);
+        self.reopens.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            dir = %self.dir.display(),
+            failed_for_secs = was.map(|f| unix_now() - f.since).unwrap_or(0),
+            "store recovered: writes succeed again"
+        );
+        Ok(())
+    }
+
+    /// Count the conversations holding state and check every record's
+    /// layout; undecodable records are kept aside (they stay in place
+    /// until their conversation's next message replaces them).
+    fn scan_conversations(&self, db: &sled::Db) -> Result<i64, StoreError> {
+        let (mut count, mut damaged) = (0, 0);
+        for item in db.scan_prefix(b"c\0") {
+            let (k, v) = item?;
+            count += i64::from(has_conversation(&v));
+            if let Err(reason) = decode_conv(&v) {
+                damaged += 1;
+                self.keep_aside(&k, &v, reason, "the conversation starts afresh")?;
+            }
+        }
+        if damaged > 0 {
+            tracing::error!(
+                dir = %self.dir.display(),
+                damaged,
+                quarantined = self.quarantine.count(),
+                "undecodable conversation records found at open (kept aside in quarantine/)"
+            );
+        }
+        Ok(count)
+    }
+
+    /// Keep an undecodable record aside before anything replaces it; if
+    /// that fails, the caller must not replace it (the error says so).
+    fn keep_aside(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        reason: &str,
+        then: &str,
+    ) -> Result<(), StoreError> {
+        match self.quarantine.keep(key, value, reason) {
+            Ok((path, true)) => {
+                tracing::error!(
+                    record = %describe_key(key),
+                    reason,
+                    kept_in = %path.display(),
+                    then,
+                    "undecodable record kept aside"
+                );
+                Ok(())
+            }
+            Ok((_, false)) => Ok(()),
+            Err(e) => Err(StoreError::Io(format!(
+                "keeping an undecodable record ({}) aside: {e}",
+                describe_key(key)
+            ))),
+        }
+    }
+
+    fn count_change(&self, old: Option<&[u8]>, new: Option<&[u8]>) {
+        let delta = i64::from(new.is_some_and(has_conversation))
+            - i64::from(old.is_some_and(has_conversation));
+        if delta != 0 {
+            self.conversations.fetch_add(delta, Ordering::Relaxed);
+        }
+        self.wrote();
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A clean close: whatever the durability mode, nothing is lost.
+    fn close(&self) {
+        if self.failed.load(Ordering::SeqCst) {
+            let _ = self.log.flush();
+            tracing::error!(dir = %self.dir.display(), "store closed while failed");
+            return;
+        }
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "final store flush failed");
+        } else if self.writes.load(Ordering::Relaxed) > 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "final checkpoint failed");
+            }
+        }
+    }
+}
+
+fn reopening() -> StoreError {
+    StoreError::Unavailable("the store is being reopened after a failure".into())
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let open = self
+            .db
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(open) = open {
+            drop(open);
+            closed(&self.dir);
+        }
     }
 }
 
@@ -605,11 +1014,9 @@ fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
     k
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).replace('\0', "/"),
-        reason: e.to_string(),
-    })
+/// A JSON record, or why it does not decode.
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -654,23 +1061,32 @@ fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
     Some((at, *v.get(8)?))
 }
 
-fn decode_conv(key: &[u8], v: &[u8]) -> Result<StoredConversation, StoreError> {
-    let corrupt = |reason: &str| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).replace('\0', "/"),
-        reason: reason.to_string(),
-    };
-    let (_, flags) = conv_header(v).ok_or_else(|| corrupt("short header"))?;
+/// Decode a conversation record's layout, or say why it does not decode.
+/// (The conversation bytes inside are the caller's to decode.)
+fn decode_conv(v: &[u8]) -> Result<StoredConversation, &'static str> {
+    let (_, flags) = conv_header(v).ok_or("short header")?;
+    if flags & !(ENDED | HAS_CONVERSATION) != 0 {
+        return Err("unknown flags");
+    }
     let len = v
         .get(9..13)
         .and_then(|b| b.try_into().ok())
         .map(u32::from_be_bytes)
-        .ok_or_else(|| corrupt("short header"))? as usize;
-    let conv = v.get(13..13 + len).ok_or_else(|| corrupt("truncated"))?;
+        .ok_or("short header")? as usize;
+    let conv = v.get(13..13 + len).ok_or("truncated conversation")?;
     let recent = RecentAnswers(v[13 + len..].to_vec());
+    if !recent.is_well_formed() {
+        return Err("malformed recent answers");
+    }
     Ok(StoredConversation {
         conversation: (flags & HAS_CONVERSATION != 0).then(|| conv.to_vec()),
         recent,
     })
+}
+
+/// Whether a conversation record says it holds a conversation.
+fn has_conversation(v: &[u8]) -> bool {
+    conv_header(v).is_some_and(|(_, f)| f & HAS_CONVERSATION != 0)
 }
 
 fn two_part(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
@@ -683,47 +1099,82 @@ fn two_part(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
 }
 
 impl SledStore {
-    fn add_consent(
-        &self,
-        batch: &mut sled::Batch,
-        change: &ConsentChange,
-    ) -> Result<(), StoreError> {
-        batch.insert(
-            two_part(b"o\0", &change.scope, &change.number),
-            encode(&change.state),
-        );
-        let mut key = Vec::with_capacity(18);
-        key.extend_from_slice(b"a\0");
-        key.extend_from_slice(&change.audit.at.to_be_bytes());
-        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-        batch.insert(key, encode(&change.audit));
-        Ok(())
-    }
-
     fn scan<T: for<'de> Deserialize<'de>>(
         &self,
+        db: &sled::Db,
         prefix: &[u8],
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(prefix) {
+        for item in db.scan_prefix(prefix) {
             let (k, v) = item?;
-            out.push((k.to_vec(), decode(&k, &v)?));
+            match decode(&v) {
+                Ok(value) => out.push((k.to_vec(), value)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, &reason, "it is left out of listings")?
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// The entries a consent change writes: the state and its audit record.
+    fn consent_entries(db: &sled::Db, change: &ConsentChange) -> Result<[Entry; 2], StoreError> {
+        let mut audit_key = Vec::with_capacity(18);
+        audit_key.extend_from_slice(b"a\0");
+        audit_key.extend_from_slice(&change.audit.at.to_be_bytes());
+        audit_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+        Ok([
+            (
+                two_part(b"o\0", &change.scope, &change.number),
+                encode(&change.state),
+            ),
+            (audit_key, encode(&change.audit)),
+        ])
+    }
+}
+
+/// A raw key and value to write.
+type Entry = (Vec<u8>, Vec<u8>);
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Backend("transaction aborted".into())
+        }
     }
 }
 
 impl Store for SledStore {
     fn load(&self, key: &ConvKey) -> Result<StoredConversation, StoreError> {
         let k = key.db_key();
-        match self.db.get(&k)? {
-            Some(v) => decode_conv(&k, &v),
+        self.shared.with_db(|db| match db.get(&k)? {
+            Some(v) => match decode_conv(&v) {
+                Ok(stored) => Ok(stored),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, reason, "the conversation starts afresh")?;
+                    Ok(StoredConversation::default())
+                }
+            },
             None => Ok(StoredConversation::default()),
-        }
+        })
+    }
+
+    fn keep_aside(&self, key: &ConvKey, reason: &str) -> Result<(), StoreError> {
+        let k = key.db_key();
+        self.shared.with_db(|db| match db.get(&k)? {
+            Some(v) => self
+                .shared
+                .keep_aside(&k, &v, reason, "the conversation starts afresh"),
+            None => Ok(()),
+        })
     }
 
     fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError> {
         Ok(self
+            .shared
             .log
             .read()?
             .into_iter()
@@ -741,21 +1192,26 @@ impl Store for SledStore {
         };
         let recent = c.recent.keep_with(&answer);
         let record = conv_value(c.processed.at, c.ended, c.conversation, &recent);
-        match &c.consent {
-            // Rare, and must be atomic with the message: a batch.
+        let k = c.key.db_key();
+        let old = self.shared.with_db(|db| match &c.consent {
+            // Rare, and must be atomic with the message: a transaction
+            // (which also tells us what it replaced).
             Some(change) => {
-                let mut batch = sled::Batch::default();
-                batch.insert(c.key.db_key(), record);
-                self.add_consent(&mut batch, change)?;
-                self.db.apply_batch(batch)?;
+                let [state, audit] = Self::consent_entries(db, change)?;
+                db.transaction(|tx| {
+                    let old = tx.insert(k.as_slice(), record.as_slice())?;
+                    tx.insert(state.0.as_slice(), state.1.as_slice())?;
+                    tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
+                    Ok(old)
+                })
+                .map_err(transaction_error)
             }
             // The common case: one insert carries state and dedupe.
-            None => {
-                self.db.insert(c.key.db_key(), record)?;
-            }
-        }
+            None => Ok(db.insert(&k, record.as_slice())?),
+        })?;
+        self.shared.count_change(old.as_deref(), Some(&record));
         let p = c.processed;
-        self.log.append(&LogLine {
+        self.shared.log.append(&LogLine {
             sid: c.message_sid.to_string(),
             at: p.at,
             from: p.from.clone(),
@@ -767,10 +1223,21 @@ impl Store for SledStore {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
-        match &self.flusher {
-            Some(f) => f.flush().await,
-            None => Ok(()),
+    fn epoch(&self) -> Epoch {
+        Epoch(self.shared.generation.load(Ordering::SeqCst))
+    }
+
+    async fn flush(&self, since: Epoch) -> Result<(), StoreError> {
+        match self.shared.config.durability {
+            Durability::Flush => self.worker.flush(since).await,
+            // sled's own flusher writes in the background; only a reopen
+            // (which may have dropped unflushed writes) is reported.
+            Durability::Relaxed => {
+                if self.shared.failed.load(Ordering::SeqCst) || self.epoch() != since {
+                    return Err(reopened());
+                }
+                Ok(())
+            }
         }
     }
 
@@ -779,86 +1246,130 @@ impl Store for SledStore {
         message_sid: &str,
         status: &DeliveryStatus,
     ) -> Result<StatusUpdate, StoreError> {
-        let mut log_key = two_part(b"l\0", message_sid, "");
-        log_key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-        let event = StatusEvent {
-            status: status.status.clone(),
-            error_code: status.error_code.clone(),
-            at: status.updated_at,
-        };
-        self.db.insert(log_key, encode(&event))?;
+        self.shared.with_db(|db| {
+            let mut log_key = two_part(b"l\0", message_sid, "");
+            log_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+            let event = StatusEvent {
+                status: status.status.clone(),
+                error_code: status.error_code.clone(),
+                at: status.updated_at,
+            };
+            db.insert(log_key, encode(&event))?;
+            self.shared.wrote();
 
-        let key = prefixed(b"s\0", message_sid);
-        // Compare-and-swap loop: two callbacks for one message arriving at
-        // once must not let the lower-ranked one win.
-        loop {
-            let current = self.db.get(&key)?;
-            let mut next = status.clone();
-            if let Some(bytes) = &current {
-                let old: DeliveryStatus = decode(&key, bytes)?;
-                if status.rank <= old.rank {
-                    return Ok(StatusUpdate::Stale {
-                        current: old.status,
-                    });
+            let key = prefixed(b"s\0", message_sid);
+            // Compare-and-swap loop: two callbacks for one message arriving
+            // at once must not let the lower-ranked one win.
+            loop {
+                let current = db.get(&key)?;
+                let mut next = status.clone();
+                if let Some(bytes) = &current {
+                    match decode::<DeliveryStatus>(bytes) {
+                        Ok(old) => {
+                            if status.rank <= old.rank {
+                                return Ok(StatusUpdate::Stale {
+                                    current: old.status,
+                                });
+                            }
+                            // Keep the link to the conversation if this
+                            // callback lacks it.
+                            next.inbound_sid = next.inbound_sid.or(old.inbound_sid);
+                            next.flow = next.flow.or(old.flow);
+                            next.step = next.step.or(old.step);
+                        }
+                        Err(reason) => self.shared.keep_aside(
+                            &key,
+                            bytes,
+                            &reason,
+                            "this callback's status replaces it",
+                        )?,
+                    }
                 }
-                // Keep the link to the conversation if this callback lacks it.
-                next.inbound_sid = next.inbound_sid.or(old.inbound_sid);
-                next.flow = next.flow.or(old.flow);
-                next.step = next.step.or(old.step);
+                let new = encode(&next);
+                if db
+                    .compare_and_swap(&key, current.as_ref(), Some(new.as_slice()))?
+                    .is_ok()
+                {
+                    return Ok(StatusUpdate::Applied);
+                }
             }
-            let new = encode(&next);
-            match self
-                .db
-                .compare_and_swap(&key, current.as_ref(), Some(new.as_slice()))?
-            {
-                Ok(()) => return Ok(StatusUpdate::Applied),
-                Err(_) => continue,
-            }
-        }
+        })
     }
 
     fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError> {
         let key = prefixed(b"s\0", message_sid);
-        match self.db.get(&key)? {
-            Some(v) => Ok(Some(decode(&key, &v)?)),
+        self.shared.with_db(|db| match db.get(&key)? {
+            Some(v) => match decode(&v) {
+                Ok(status) => Ok(Some(status)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&key, &v, &reason, "it reads as unknown")?;
+                    Ok(None)
+                }
+            },
             None => Ok(None),
-        }
+        })
     }
 
     fn conversation_count(&self) -> usize {
-        self.db
-            .scan_prefix(b"c\0")
-            .filter_map(Result::ok)
-            .filter(|(_, v)| conv_header(v).is_some_and(|(_, f)| f & HAS_CONVERSATION != 0))
-            .count()
+        self.shared.conversations.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    fn health(&self) -> StoreHealth {
+        SledStore::health(self)
     }
 
     fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError> {
         let key = two_part(b"o\0", scope, number);
-        match self.db.get(&key)? {
-            Some(v) => Ok(Some(decode(&key, &v)?)),
+        self.shared.with_db(|db| match db.get(&key)? {
+            Some(v) => match decode(&v) {
+                Ok(state) => Ok(Some(state)),
+                // Never text someone who may have opted out: an unreadable
+                // consent record counts as an opt-out (START clears it).
+                Err(reason) => {
+                    self.shared.keep_aside(
+                        &key,
+                        &v,
+                        &reason,
+                        "the number is treated as opted out until it texts START",
+                    )?;
+                    Ok(Some(OptOut {
+                        opted_out: true,
+                        at: 0,
+                    }))
+                }
+            },
             None => Ok(None),
-        }
+        })
     }
 
     fn record_consent(&self, change: &ConsentChange) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        self.add_consent(&mut batch, change)?;
-        self.db.apply_batch(batch)?;
+        self.shared.with_db(|db| {
+            let mut batch = sled::Batch::default();
+            for (k, v) in Self::consent_entries(db, change)? {
+                batch.insert(k, v);
+            }
+            db.apply_batch(batch)?;
+            Ok(())
+        })?;
+        self.shared.wrote();
         Ok(())
     }
 
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
-        Ok(self.scan(b"a\0")?.into_iter().map(|(_, v)| v).collect())
+        let rows = self.shared.with_db(|db| self.scan(db, b"a\0"))?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
     fn status_events(&self, message_sid: &str) -> Result<Vec<StatusEvent>, StoreError> {
         let prefix = two_part(b"l\0", message_sid, "");
-        Ok(self.scan(&prefix)?.into_iter().map(|(_, v)| v).collect())
+        let rows = self.shared.with_db(|db| self.scan(db, &prefix))?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
     }
 
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError> {
         let mut out: Vec<(String, Processed)> = self
+            .shared
             .log
             .read()?
             .into_iter()
@@ -869,8 +1380,10 @@ impl Store for SledStore {
     }
 
     fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError> {
-        let mut out: Vec<(String, DeliveryStatus)> = self
-            .scan::<DeliveryStatus>(b"s\0")?
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<DeliveryStatus>(db, b"s\0"))?;
+        let mut out: Vec<(String, DeliveryStatus)> = rows
             .into_iter()
             .map(|(k, v)| (String::from_utf8_lossy(&k[2..]).into_owned(), v))
             .collect();
@@ -884,51 +1397,67 @@ impl Store for SledStore {
 
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError> {
         let mut purged = Purged {
-            processed: self.log.purge(cutoff)?,
+            processed: self.shared.log.purge(cutoff)?,
             ..Purged::default()
         };
-        for (k, v) in self.scan::<DeliveryStatus>(b"s\0")? {
-            if v.updated_at < cutoff {
-                self.db.remove(k)?;
-                purged.statuses += 1;
+        self.shared.with_db(|db| {
+            for (k, v) in self.scan::<DeliveryStatus>(db, b"s\0")? {
+                if v.updated_at < cutoff {
+                    db.remove(k)?;
+                    purged.statuses += 1;
+                }
             }
-        }
-        for (k, v) in self.scan::<StatusEvent>(b"l\0")? {
-            if v.at < cutoff {
-                self.db.remove(k)?;
-                purged.status_events += 1;
+            for (k, v) in self.scan::<StatusEvent>(db, b"l\0")? {
+                if v.at < cutoff {
+                    db.remove(k)?;
+                    purged.status_events += 1;
+                }
             }
-        }
-        for item in self.db.scan_prefix(b"c\0") {
-            let (k, v) = item?;
-            if let Some((at, flags)) = conv_header(&v) {
-                let idle = flags & ENDED != 0 || flags & HAS_CONVERSATION == 0;
-                if idle && at < cutoff {
-                    // Only if untouched since we read it: a message may have
-                    // restarted this conversation in the meantime.
-                    if self
-                        .db
-                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                        .is_ok()
+            for item in db.scan_prefix(b"c\0") {
+                let (k, v) = item?;
+                if let Some((at, flags)) = conv_header(&v) {
+                    let idle = flags & ENDED != 0 || flags & HAS_CONVERSATION == 0;
+                    // Only if untouched since we read it: a message may
+                    // have restarted this conversation in the meantime.
+                    if idle
+                        && at < cutoff
+                        && db
+                            .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                            .is_ok()
                     {
+                        self.shared.count_change(Some(&v), None);
                         purged.conversations += 1;
                     }
                 }
             }
+            Ok(())
+        })?;
+        if purged != Purged::default() {
+            self.shared.wrote();
         }
         Ok(purged)
     }
 
     fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError> {
         let k = key.db_key();
-        let Some(v) = self.db.get(&k)? else {
-            return Ok(false);
-        };
-        let (at, _) = conv_header(&v).unwrap_or_default();
-        let stored = decode_conv(&k, &v)?;
-        self.db
-            .insert(&k, conv_value(at, true, None, &stored.recent))?;
-        Ok(stored.conversation.is_some())
+        self.shared.with_db(|db| {
+            let Some(v) = db.get(&k)? else {
+                return Ok(false);
+            };
+            let (at, _) = conv_header(&v).unwrap_or_default();
+            let stored = match decode_conv(&v) {
+                Ok(stored) => stored,
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, reason, "the conversation is deleted")?;
+                    StoredConversation::default()
+                }
+            };
+            let new = conv_value(at, true, None, &stored.recent);
+            let old = db.insert(&k, new.as_slice())?;
+            self.shared.count_change(old.as_deref(), Some(&new));
+            Ok(stored.conversation.is_some())
+        })
     }
 
     fn put_conversation(
@@ -939,103 +1468,37 @@ impl Store for SledStore {
         at: i64,
     ) -> Result<(), StoreError> {
         let k = key.db_key();
-        let recent = match self.db.get(&k)? {
-            Some(v) => decode_conv(&k, &v)?.recent,
-            None => RecentAnswers::default(),
-        };
-        self.db
-            .insert(&k, conv_value(at, ended, Some(conversation), &recent))?;
-        Ok(())
-    }
-}
-
-impl Drop for SledStore {
-    fn drop(&mut self) {
-        // Whatever the durability mode, a clean shutdown loses nothing.
-        if let Err(e) = self.log.flush() {
-            tracing::error!(error = %e, "final message log flush failed");
-        }
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "final store flush failed");
-        }
-    }
-}
-
-type FlushReply = oneshot::Sender<Result<(), String>>;
-
-/// Group commit: one thread performs fsyncs; every request that arrives while
-/// a flush is running is answered by the next flush, so concurrent webhooks
-/// share disk syncs instead of queueing one each.
-struct GroupFlusher {
-    /// `None` once dropped, which ends the thread's receive loop.
-    tx: Option<mpsc::Sender<FlushReply>>,
-    /// Joined on drop so the thread's handle on the database is gone before
-    /// anyone reopens the same directory.
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl GroupFlusher {
-    fn start(db: sled::Db, log: Arc<MessageLog>) -> Self {
-        let (tx, rx) = mpsc::channel::<FlushReply>();
-        let spawned = thread::Builder::new()
-            .name("smsflow-flusher".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
-                    // The log lines of these messages go to the file too
-                    // (buffered until now, not fsynced: informational).
-                    if let Err(e) = log.flush() {
-                        tracing::warn!(error = %e, "message log write failed");
+        self.shared.with_db(|db| {
+            let recent = match db.get(&k)? {
+                Some(v) => match decode_conv(&v) {
+                    Ok(stored) => stored.recent,
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, reason, "the conversation is replaced")?;
+                        RecentAnswers::default()
                     }
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    for w in waiters {
-                        let _ = w.send(result.clone());
-                    }
-                }
-            });
-        let thread = match spawned {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                // Without the thread every flush reports FlusherGone, which the
-                // pipeline turns into a 503: loud, and nothing is acknowledged.
-                tracing::error!(error = %e, "could not start the flusher thread");
-                None
-            }
-        };
-        GroupFlusher {
-            tx: Some(tx),
-            thread,
-        }
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        let (reply, wait) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or(StoreError::FlusherGone)?
-            .send(reply)
-            .map_err(|_| StoreError::FlusherGone)?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Backend(e)),
-            Err(_) => Err(StoreError::FlusherGone),
-        }
+                },
+                None => RecentAnswers::default(),
+            };
+            let new = conv_value(at, ended, Some(conversation), &recent);
+            let old = db.insert(&k, new.as_slice())?;
+            self.shared.count_change(old.as_deref(), Some(&new));
+            Ok(())
+        })
     }
 }
 
-impl Drop for GroupFlusher {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+fn reopened() -> StoreError {
+    StoreError::Unavailable(
+        "the store was reopened after a failure; writes before it may be lost".into(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
+    use std::time::Instant;
 
     fn open() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -1208,7 +1671,7 @@ mod tests {
             store
                 .commit(commit(&key, Some(b"{}"), "SM1", &rec))
                 .unwrap();
-            store.flush().await.unwrap();
+            store.flush(store.epoch()).await.unwrap();
         }
         let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
         assert_eq!(
@@ -1292,10 +1755,242 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let s = store.clone();
-            tasks.push(tokio::spawn(async move { s.flush().await }));
+            tasks.push(tokio::spawn(async move { s.flush(s.epoch()).await }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
         }
+    }
+
+    /// Count conversations the slow way, for comparison.
+    fn recount(store: &SledStore) -> usize {
+        store
+            .shared
+            .with_db(|db| {
+                Ok(db
+                    .scan_prefix(b"c\0")
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| has_conversation(v))
+                    .count())
+            })
+            .unwrap()
+    }
+
+    fn opt_out_change(number: &str) -> ConsentChange {
+        ConsentChange {
+            scope: "+1".into(),
+            number: number.into(),
+            state: OptOut {
+                opted_out: true,
+                at: 1,
+            },
+            audit: AuditRecord {
+                at: 1,
+                scope: "+1".into(),
+                number: number.into(),
+                action: "opt_out".into(),
+                cause: "STOP".into(),
+                message_sid: "SMx".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_conversation_count_is_maintained_not_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        let (old, new) = (processed(100), processed(1000));
+        let keys: Vec<ConvKey> = (0..6)
+            .map(|i| ConvKey::new("+1", format!("+{i}")))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            let mut c = commit(k, Some(b"{}"), "SMa", if i < 3 { &old } else { &new });
+            c.ended = i % 2 == 0;
+            store.commit(c).unwrap();
+        }
+        assert_eq!(store.conversation_count(), 6);
+        // A commit without state, one with a consent change, a rewrite.
+        store.commit(commit(&keys[0], None, "SMb", &old)).unwrap();
+        let mut stop = commit(&keys[1], None, "SMc", &old);
+        stop.consent = Some(opt_out_change("+1"));
+        store.commit(stop).unwrap();
+        store
+            .commit(commit(&keys[3], Some(b"{}"), "SMd", &new))
+            .unwrap();
+        assert_eq!(store.conversation_count(), 4);
+        assert_eq!(store.conversation_count(), recount(&store));
+        assert!(store.delete_conversation(&keys[4]).unwrap());
+        assert_eq!(store.conversation_count(), 3);
+        store.purge(500).unwrap();
+        assert_eq!(store.conversation_count(), recount(&store));
+        assert_eq!(store.conversation_count(), 2);
+        drop(store);
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.conversation_count(), 2);
+        assert_eq!(store.health().conversations, 2);
+    }
+
+    /// Rewrite one raw record with sled itself, as a damaged disk or a
+    /// buggy older version would have left it.
+    fn damage(dir: &Path, key: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let db = (0..500)
+            .find_map(|_| match sled::Config::new().path(dir).open() {
+                Ok(db) => Some(db),
+                Err(_) => {
+                    thread::sleep(Duration::from_millis(20));
+                    None
+                }
+            })
+            .expect("sled reopens");
+        let mut v = db.get(key).unwrap().expect("record present").to_vec();
+        edit(&mut v);
+        db.insert(key, v.as_slice()).unwrap();
+        db.flush().unwrap();
+        v
+    }
+
+    #[test]
+    fn an_undecodable_record_is_kept_aside_before_it_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ConvKey::new("+1555", "+1666");
+        {
+            let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+            store
+                .commit(commit(
+                    &key,
+                    Some(b"{\"name\":\"Ada\"}"),
+                    "SM1",
+                    &processed(1),
+                ))
+                .unwrap();
+        }
+        // An unknown flag bit: the layout does not decode.
+        let damaged = damage(dir.path(), &key.db_key(), |v| v[8] |= 0x80);
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        // Found while counting at open, kept aside, still in place.
+        assert_eq!(store.health().quarantined, 1);
+        let kept = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>();
+        assert_eq!(kept.len(), 1);
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&kept[0]).unwrap()).unwrap();
+        use base64::Engine as _;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(record["value_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(value, damaged);
+        assert_eq!(record["reason"], "unknown flags");
+        // Reading it again keeps nothing twice; the conversation reads as
+        // empty only now that its bytes are safe.
+        assert_eq!(store.load(&key).unwrap(), StoredConversation::default());
+        assert_eq!(store.health().quarantined, 1);
+        store
+            .commit(commit(&key, Some(b"{}"), "SM2", &processed(2)))
+            .unwrap();
+        assert_eq!(
+            store.conversation(&key).unwrap().as_deref(),
+            Some(&b"{}"[..])
+        );
+    }
+
+    #[test]
+    fn an_unreadable_consent_record_counts_as_an_opt_out() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+            let mut change = opt_out_change("+1666");
+            change.state.opted_out = false;
+            store.record_consent(&change).unwrap();
+        }
+        damage(dir.path(), &two_part(b"o\0", "+1", "+1666"), |v| {
+            v.truncate(3)
+        });
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert!(store.opt_out("+1", "+1666").unwrap().unwrap().opted_out);
+        assert_eq!(store.health().quarantined, 1);
+    }
+
+    #[test]
+    fn a_database_that_lost_checkpointed_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+            for i in 0..300 {
+                let key = ConvKey::new("+1555", format!("+1{i:09}"));
+                store
+                    .commit(commit(&key, Some(b"{\"fields\":{}}"), "SM1", &processed(1)))
+                    .unwrap();
+            }
+        }
+        // sled's recovery stops at the first damaged entry and drops the
+        // rest without a word; the checkpoint notices.
+        let db = dir.path().join("db");
+        let len = std::fs::metadata(&db).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let err = SledStore::open(dir.path(), &StoreConfig::default())
+            .err()
+            .expect("a truncated store is refused");
+        assert!(
+            matches!(err, OpenError::LostData { .. } | OpenError::Damaged { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("restore the directory from a backup"),
+            "{err}"
+        );
+        // Refused again: nothing was reset by the first attempt.
+        assert!(SledStore::open(dir.path(), &StoreConfig::default()).is_err());
+    }
+
+    #[test]
+    fn open_failures_name_their_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        let started = Instant::now();
+        let err = SledStore::open(dir.path(), &StoreConfig::default())
+            .err()
+            .expect("a held store is refused");
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a lock held by someone else fails fast"
+        );
+        drop(first);
+
+        let denied = OpenError::from_sled(
+            dir.path(),
+            sled::Error::Io(io::Error::from(io::ErrorKind::PermissionDenied)),
+        );
+        assert!(
+            denied.to_string().starts_with("permission denied on"),
+            "{denied}"
+        );
+        let damaged = OpenError::from_sled(
+            dir.path(),
+            sled::Error::Corruption {
+                at: None,
+                bt: Default::default(),
+            },
+        );
+        assert!(damaged.to_string().contains("is damaged"), "{damaged}");
+
+        // A recovery that does not end is an error, not a hung start.
+        let config = StoreConfig {
+            open_timeout: Duration::ZERO,
+            ..StoreConfig::default()
+        };
+        let other = tempfile::tempdir().unwrap();
+        let err = SledStore::open(other.path(), &config)
+            .err()
+            .expect("times out");
+        assert!(matches!(err, OpenError::TimedOut { .. }), "{err}");
     }
 }

@@ -352,7 +352,7 @@ async fn messages_endpoint_needs_the_bearer_token() {
     assert_eq!(v["messages"].as_array().unwrap().len(), 1);
 
     // Without an admin token configured the endpoint does not exist.
-    let plain = spawn_configured(|_| {}).await;
+    let plain = spawn_configured(|c| c.admin_token = None).await;
     let r = plain
         .raw(
             plain

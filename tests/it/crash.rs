@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::helpers::*;
-use crate::process::{spawn_server, ChildServer};
+use crate::process::{spawn_server_env, ChildServer};
 
 const SENDERS: usize = 48;
 /// Most messages one sender sends in a round; the kill comes long before
@@ -158,7 +158,12 @@ async fn drive_sender(
 }
 
 fn start(flows: &std::path::Path, data: &std::path::Path) -> ChildServer {
-    let mut server = spawn_server(flows, data, &["--durability", "flush", "--no-watch"]);
+    let mut server = spawn_server_env(
+        flows,
+        data,
+        &["--durability", "flush", "--no-watch"],
+        &[("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)],
+    );
     // A liveness bound, not a performance assertion: a wedged server
     // fails the test instead of hanging it.
     server.client = reqwest::Client::builder()
@@ -211,7 +216,11 @@ async fn acknowledged_steps_survive_sigkill() {
         drop(old);
 
         server = Arc::new(start(&flows, &data));
-        let health = reqwest::get(format!("http://{}/status", server.addr))
+        let health = server
+            .client
+            .get(format!("http://{}/status", server.addr))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
             .await
             .expect("restarted server answers");
         assert_eq!(health.status(), 200, "round {round}: /status");

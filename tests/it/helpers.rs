@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 
 pub const TOKEN: &str = "test-auth-token-0123456789abcdef";
 pub const OUR_NUMBER: &str = "+15550001111";
+/// The admin token the test servers accept (`/status` detail, `/messages`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 static SID_COUNTER: AtomicU64 = AtomicU64::new(1);
 
@@ -58,6 +60,7 @@ pub async fn spawn_configured(files: &[(&str, &str)], edit: impl FnOnce(&mut Con
         std::fs::write(flows.join(name), text).expect("write flow");
     }
     let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
     edit(&mut config);
     let mut app = spawn_with(config).await;
     app._tmp = Some(tmp);
@@ -168,8 +171,23 @@ impl TestApp {
             .await
     }
 
+    /// GET `path` with the admin token, as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let r = self
+            .raw(self.client.get(self.url(path)).bearer_auth(ADMIN_TOKEN))
+            .await;
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body))
+    }
+
     pub async fn raw(&self, req: reqwest::RequestBuilder) -> Reply {
         into_reply(req.send().await.expect("request")).await
+    }
+
+    /// Signal shutdown without waiting for the server to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Stop the server gracefully and wait for it (store flushed).

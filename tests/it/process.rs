@@ -30,7 +30,28 @@ pub fn spawn_server_env(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> ChildServer {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+    spawn_server_under(&[], flows, data, extra, envs)
+}
+
+/// [`spawn_server_env`] with the binary run by `wrapper` (e.g. `strace`
+/// and its options); the wrapper must keep the server its direct child.
+pub fn spawn_server_under(
+    wrapper: &[&str],
+    flows: &Path,
+    data: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> ChildServer {
+    let bin = env!("CARGO_BIN_EXE_smsflow");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let mut child = command
         .args([
             "serve",
             "--listen",

@@ -43,8 +43,7 @@ async fn eventually_replies(app: &TestApp, body: &str, want: &[&str]) -> Duratio
 }
 
 async fn status(app: &TestApp) -> serde_json::Value {
-    let r = app.raw(app.client.get(app.url("/status"))).await;
-    serde_json::from_str(&r.body).unwrap()
+    app.admin_json("/status").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -344,6 +343,7 @@ async fn a_symlink_swap_is_followed() {
     std::os::unix::fs::symlink("releases/v1", &flows).unwrap();
     let mut config = smsflow::config::Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
     config.watch = true;
+    config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
     let app = spawn_with(config).await;
     eventually_watching(&app, true).await;
     assert_eq!(

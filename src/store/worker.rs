@@ -1,0 +1,122 @@
+//! The store's own thread: grouped flushes, checkpoints, and reopening
+//! the database after a failure.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{reopened, Epoch, Shared, StoreError};
+
+/// How often the worker wakes when idle, retries a failed store, and
+/// writes a checkpoint (if anything was written).
+const TICK: Duration = Duration::from_millis(250);
+const HEAL_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+type FlushReply = oneshot::Sender<Result<(), StoreError>>;
+
+/// The store's thread. Group commit: every flush request that arrives
+/// while a flush runs is answered by the next one, so concurrent webhooks
+/// share disk syncs instead of queueing one each. Between requests (and at
+/// least every [`TICK`]) it retries a failed store and writes checkpoints.
+pub(super) struct Worker {
+    /// `None` once dropped, which ends the thread's loop.
+    tx: Option<mpsc::Sender<(Epoch, FlushReply)>>,
+    /// Joined on drop: the thread's last act is a clean close.
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub(super) fn start(shared: Arc<Shared>) -> Self {
+        let (tx, rx) = mpsc::channel::<(Epoch, FlushReply)>();
+        let spawned = thread::Builder::new()
+            .name("smsflow-store".into())
+            .spawn(move || run_worker(&shared, &rx));
+        let thread = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // Without the thread every flush reports FlusherGone, which
+                // the pipeline turns into a 503: loud, and nothing is
+                // acknowledged.
+                tracing::error!(error = %e, "could not start the store's thread");
+                None
+            }
+        };
+        Worker {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    pub(super) async fn flush(&self, since: Epoch) -> Result<(), StoreError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::FlusherGone)?
+            .send((since, reply))
+            .map_err(|_| StoreError::FlusherGone)?;
+        wait.await.unwrap_or(Err(StoreError::FlusherGone))
+    }
+}
+
+fn run_worker(shared: &Shared, rx: &mpsc::Receiver<(Epoch, FlushReply)>) {
+    let mut last_heal: Option<Instant> = None;
+    let mut heal_failures = 0u64;
+    let mut last_checkpoint = Instant::now();
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(first) => {
+                let mut waiters = vec![first];
+                waiters.extend(rx.try_iter());
+                let synced = shared.sync();
+                for (epoch, reply) in waiters {
+                    let result = match &synced {
+                        Ok(generation) if *generation == epoch.0 => Ok(()),
+                        Ok(_) => Err(reopened()),
+                        Err(e) => Err(StoreError::Unavailable(e.to_string())),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if shared.failed.load(Ordering::SeqCst) {
+            if last_heal.is_none_or(|t| t.elapsed() >= HEAL_EVERY) {
+                last_heal = Some(Instant::now());
+                match shared.heal() {
+                    Ok(()) => heal_failures = 0,
+                    Err(e) => {
+                        heal_failures += 1;
+                        // Once at warn, then every minute or so.
+                        if heal_failures % 60 == 1 {
+                            tracing::warn!(error = %e, attempts = heal_failures, "store still failing");
+                        } else {
+                            tracing::debug!(error = %e, "store still failing");
+                        }
+                    }
+                }
+            }
+        } else if shared.writes.load(Ordering::Relaxed) > 0
+            && last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+        {
+            last_checkpoint = Instant::now();
+            if let Err(e) = shared.checkpoint() {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+        }
+    }
+    shared.close();
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
