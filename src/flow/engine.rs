@@ -3,8 +3,8 @@
 //!
 //! Pure and total: no IO, no clock (the caller passes `now` in unix
 //! seconds), no panics on any input. The caller owns persistence, dedupe,
-//! opt-outs and the wire format; this module does not know Twilio, HTTP or
-//! the store. Because the function is pure, a caller can retry it in a
+//! opt-outs and the wire format; this module does not know Twilio (beyond
+//! its message limits), HTTP or the store. Because the function is pure, a caller can retry it in a
 //! compare-and-swap loop without side effects.
 //!
 //! Rhai (script flows, `when:`, `{{= }}`) runs synchronously through the
@@ -27,19 +27,23 @@ use super::script::{
     Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
 };
 use super::template::{Template, Var, Vars};
+// Twilio's message limits, defined once where the TwiML is rendered.
+use crate::twilio::twiml;
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
 /// keeping it in `vars` means stored conversations keep their shape.
 pub const SCRIPT_STATE_VAR: &str = "$state";
 
-/// At most this many replies per inbound message (Twilio's TwiML limit).
-pub const MAX_REPLIES: usize = 10;
+/// At most this many replies per inbound message (Twilio's TwiML limit),
+/// the parts of a split reply included.
+pub const MAX_REPLIES: usize = twiml::MAX_MESSAGES;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
-/// Longest reply body, in characters (Twilio's limit); longer renders are cut.
-pub const MAX_BODY_CHARS: usize = 1600;
+/// Longest reply body, in characters (Twilio's limit); a longer reply is
+/// split at whitespace into several messages ([`twiml::split_body`]).
+pub const MAX_BODY_CHARS: usize = twiml::MAX_BODY_CHARS;
 
 /// One inbound message, as the caller parsed it.
 #[derive(Clone, Copy, Debug)]
@@ -683,18 +687,14 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn push(&mut self, mut body: String, media: Vec<String>) {
-        clip(&mut body);
-        if body.is_empty() && media.is_empty() {
-            // Twilio refuses an empty message; a template that rendered
-            // to nothing simply sends nothing.
-            return;
+    fn push(&mut self, body: String, media: Vec<String>) {
+        for reply in split_reply(body, media) {
+            if self.out.len() >= MAX_REPLIES {
+                self.dropped += 1;
+                continue;
+            }
+            self.out.push(reply);
         }
-        if self.out.len() >= MAX_REPLIES {
-            self.dropped += 1;
-            return;
-        }
-        self.out.push(Reply { body, media });
     }
 
     /// Like [`Exec::finish`], unless a script failed: then the failing
@@ -733,13 +733,10 @@ impl<'a> Exec<'a> {
             .iter()
             .filter_map(|m| {
                 // Load refuses expressions in a fallback.
-                let mut body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
-                clip(&mut body);
-                (!body.is_empty() || !m.media.is_empty()).then(|| Reply {
-                    body,
-                    media: m.media.clone(),
-                })
+                let body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
+                Some(split_reply(body, m.media.clone()))
             })
+            .flatten()
             .take(MAX_REPLIES)
             .collect();
         let outcome = if replies.is_empty() {
@@ -787,11 +784,28 @@ impl<'a> Exec<'a> {
     }
 }
 
-/// Cuts a reply to [`MAX_BODY_CHARS`] characters.
-fn clip(body: &mut String) {
-    if let Some((cut, _)) = body.char_indices().nth(MAX_BODY_CHARS) {
-        body.truncate(cut);
+/// The messages one reply goes out as: none when it has neither text nor
+/// media (Twilio refuses an empty message, so a template that rendered to
+/// nothing sends nothing); several when its text is longer than
+/// [`MAX_BODY_CHARS`], split at whitespace exactly as the TwiML renderer
+/// splits, with the media on the first. Splitting here rather than only
+/// in the renderer makes every part count toward [`MAX_REPLIES`] in the
+/// engine's own account (events, replies handed to the caller).
+fn split_reply(body: String, media: Vec<String>) -> Vec<Reply> {
+    if body.chars().count() <= MAX_BODY_CHARS {
+        if body.is_empty() && media.is_empty() {
+            return Vec::new();
+        }
+        return vec![Reply { body, media }];
     }
+    let mut media = Some(media);
+    twiml::split_body(&body, MAX_BODY_CHARS)
+        .into_iter()
+        .map(|part| Reply {
+            body: part,
+            media: media.take().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// The error for a message whose Rhai has used up its time budget.

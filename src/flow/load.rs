@@ -32,9 +32,10 @@ use super::yaml::{self, Kind, Node};
 /// Largest flow file we read.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// Most messages one step (or route, or keyword) may send.
-pub const MAX_MESSAGES: usize = 10;
-/// Longest literal reply, in characters.
-pub const MAX_REPLY_CHARS: usize = 1600;
+pub const MAX_MESSAGES: usize = super::engine::MAX_REPLIES;
+/// Longest literal reply, in characters (one SMS message's limit). Replies
+/// that only render longer, from templates or scripts, are split instead.
+pub const MAX_REPLY_CHARS: usize = super::engine::MAX_BODY_CHARS;
 /// Expiry when a flow does not say.
 pub const DEFAULT_EXPIRE_SECS: i64 = 24 * 3600;
 

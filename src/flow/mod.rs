@@ -11,7 +11,9 @@
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
 //! clock: time comes in as unix seconds and state comes in and goes out as a
-//! [`Conversation`] value.
+//! [`Conversation`] value. Only Twilio's message limits (characters per
+//! message, messages per answer, and how a long reply is split) come from
+//! `twilio::twiml`, where they are defined once.
 
 mod check;
 mod engine;

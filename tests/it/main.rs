@@ -12,6 +12,7 @@ mod hygiene;
 mod logs;
 mod process;
 mod reload;
+mod replies;
 mod scripts;
 mod transcripts;
 mod webhook;
