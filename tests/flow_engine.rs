@@ -567,3 +567,91 @@ proptest! {
         let _ = load_dir(dir.path());
     }
 }
+
+/// Tricky texts and the one normal form every comparison uses: Unicode
+/// punctuation (full-width, CJK, `‼`, guillemets), NBSP and other spaces,
+/// zero-width characters, emoji with modifiers, combining marks, Greek
+/// final sigma, punctuation inside and between words.
+const TRICKY: &[(&str, &str)] = &[
+    ("Paris，", "paris"),
+    ("「Paris」", "paris"),
+    ("¡PARIS!", "paris"),
+    ("Paris‼", "paris"),
+    ("«Paris»", "paris"),
+    ("“Paris”.", "paris"),
+    ("Paris\u{a0}", "paris"),
+    ("\u{202f}paris\u{3000}", "paris"),
+    ("pa\u{200b}ris", "pa ris"),
+    ("\u{feff}Paris\u{0}", "paris"),
+    ("Yes,  PLEASE!!", "yes please"),
+    ("yes… please", "yes please"),
+    ("Yes - please", "yes please"),
+    ("yes\u{a0}please。", "yes please"),
+    ("👍", "👍"),
+    ("👍🏽!", "👍🏽"),
+    ("👨\u{200d}👩\u{200d}👧", "👨\u{200d}👩\u{200d}👧"),
+    ("Café!", "café"),
+    ("CAFE\u{301}?", "cafe\u{301}"),
+    ("ΟΔΟΣ", "οδος"),
+    ("don't", "don't"),
+    ("1.5kg", "1.5kg"),
+    ("STOP，", "stop"),
+    ("\u{a0}stop\u{a0}", "stop"),
+    ("Stop‼", "stop"),
+];
+
+#[test]
+fn keywords_rhai_normalize_and_consent_agree_on_tricky_text() {
+    // The Rhai helper, through a script flow that answers with it.
+    let rhai = load_yaml(&[
+        (
+            "echo.yaml",
+            "trigger: {catch_all: true}\nscript: echo.rhai\n",
+        ),
+        (
+            "echo.rhai",
+            "fn on_message(msg, state) { `[${normalize(msg.body)}]` }\n",
+        ),
+    ]);
+    // Keywords, written in capitals; each answers with its own normal form.
+    let mut kw = String::from("keywords:\n");
+    let mut forms: Vec<&str> = TRICKY.iter().map(|(_, n)| *n).collect();
+    forms.sort();
+    forms.dedup();
+    for form in &forms {
+        if *form == "stop" {
+            continue; // a consent word: the pipeline takes it before flows
+        }
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        kw.push_str(&format!(
+            "  {}: {}\n",
+            quote(&form.to_uppercase()),
+            quote(form)
+        ));
+    }
+    let keywords = load_yaml(&[("keywords.yaml", &kw)]);
+    let consent = smsflow::compliance::ComplianceConfig::default().normalized();
+    for (text, form) in TRICKY {
+        assert_eq!(smsflow::flow::normalize(text), *form, "normalize({text:?})");
+        assert_eq!(
+            bodies(&send(&rhai, Conversation::default(), text, 1).outcome),
+            vec![format!("[{form}]")],
+            "Rhai normalize({text:?})"
+        );
+        if *form == "stop" {
+            assert!(
+                matches!(
+                    consent.classify(text, None),
+                    smsflow::compliance::Consent::Stop { .. }
+                ),
+                "{text:?} is an opt-out"
+            );
+        } else {
+            assert_eq!(
+                bodies(&send(&keywords, Conversation::default(), text, 1).outcome),
+                vec![form.to_string()],
+                "keyword for {text:?}"
+            );
+        }
+    }
+}
