@@ -328,3 +328,47 @@ fn words_the_consent_handling_takes_first_are_warned_about() {
         "{lines:#?}"
     );
 }
+
+/// A flows directory in a temp dir: (relative path, contents).
+fn temp_flows(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn contact_fields_set_in_imported_modules_are_known_and_typos_still_reported() {
+    let dir = temp_flows(&[
+        ("order.yaml", "trigger: {keywords: [ORDER]}\nscript: order.rhai\n"),
+        (
+            "order.rhai",
+            "import \"lib/orders\" as orders;\nfn on_message(msg, state) {\n    set_contact(\"name\", \"Ann\");\n    orders::remember(msg.body)\n}\n",
+        ),
+        (
+            "lib/orders.rhai",
+            "import \"lib/util\" as util;\nfn remember(text) { set_contact(\"last_order\", util::clean(text)); \"ok\" }\n",
+        ),
+        ("lib/util.rhai", "fn clean(t) { t.trim(); t }\n"),
+        (
+            "keywords.yaml",
+            "keywords:\n  LAST: \"{{contact.name}}: {{contact.last_order}}\"\n  TYPO: \"{{contact.last_ordr}}\"\n",
+        ),
+    ]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &["keywords.yaml:3:9: error: `{{contact.last_ordr}}` is never set by any flow (use `contact:` or `set: {contact.last_ordr: ...}`)"],
+    );
+
+    // A field name computed in a module: any field may exist, nothing is
+    // reported.
+    std::fs::write(
+        dir.path().join("lib/util.rhai"),
+        "fn clean(t) { set_contact(\"x\" + t, 1); t }\n",
+    )
+    .unwrap();
+    assert_diags(&check_dir(dir.path()), &[]);
+}

@@ -83,6 +83,9 @@ struct ScriptEnv {
     sandbox: Arc<Sandbox>,
     /// Top-level `*.rhai` files by file name, with their text.
     sources: BTreeMap<String, (PathBuf, String)>,
+    /// Every `*.rhai` file under the flows directory (modules included) by
+    /// its path relative to it, `/`-separated, as `import` names it.
+    modules: BTreeMap<String, String>,
     /// File names some flow's `script:` names.
     used: BTreeSet<String>,
     /// Something was compiled, so the set keeps the sandbox.
@@ -110,6 +113,14 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
             .filter_map(|(path, text)| {
                 let name = path.file_name()?.to_string_lossy().into_owned();
                 Some((name, (path.clone(), text.clone())))
+            })
+            .collect(),
+        modules: rhai
+            .iter()
+            .filter_map(|(path, text)| {
+                let rel = path.strip_prefix(dir).ok()?;
+                let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy()).collect();
+                Some((parts.join("/"), text.clone()))
             })
             .collect(),
         used: BTreeSet::new(),
@@ -285,23 +296,60 @@ fn unused_scripts(env: &ScriptEnv, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Contact fields a script sets with a literal name, or `None` when it may
-/// set fields `check` cannot see (a computed name, or code it imports).
-fn script_contact_fields(source: &str) -> Option<Vec<String>> {
+/// Contact fields a script sets with a literal name, following the modules
+/// it imports (and theirs), or `None` when it may set fields `check` cannot
+/// see: a computed field name, an import whose path is not a literal, or a
+/// module not found among `modules` (every `*.rhai` file of the flows
+/// directory by relative path). Reads the text only, so it answers for a
+/// script that does not compile too.
+fn script_contact_fields(source: &str, modules: &BTreeMap<String, String>) -> Option<Vec<String>> {
     static LITERAL: OnceLock<Option<Regex>> = OnceLock::new();
     static ANY: OnceLock<Option<Regex>> = OnceLock::new();
+    static IMPORT: OnceLock<Option<Regex>> = OnceLock::new();
+    static ANY_IMPORT: OnceLock<Option<Regex>> = OnceLock::new();
     let literal = LITERAL
         .get_or_init(|| Regex::new(r#"\bset_contact\s*\(\s*"([A-Za-z0-9_]+)"\s*,"#).ok())
         .as_ref()?;
     let any = ANY
         .get_or_init(|| Regex::new(r"\bset_contact\b").ok())
         .as_ref()?;
-    let fields: Vec<String> = literal
-        .captures_iter(source)
-        .map(|c| c[1].to_owned())
-        .collect();
-    let imports = source.contains("import");
-    (any.find_iter(source).count() == fields.len() && !imports).then_some(fields)
+    let import = IMPORT
+        .get_or_init(|| Regex::new(r#"\bimport\s+"([^"]+)""#).ok())
+        .as_ref()?;
+    let any_import = ANY_IMPORT
+        .get_or_init(|| Regex::new(r"\bimport\b").ok())
+        .as_ref()?;
+    let mut fields = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![source];
+    while let Some(text) = todo.pop() {
+        let found: Vec<String> = literal
+            .captures_iter(text)
+            .map(|c| c[1].to_owned())
+            .collect();
+        if any.find_iter(text).count() != found.len() {
+            return None;
+        }
+        fields.extend(found);
+        let imports: Vec<&str> = import
+            .captures_iter(text)
+            .filter_map(|c| c.get(1).map(|m| m.as_str()))
+            .collect();
+        if any_import.find_iter(text).count() != imports.len() {
+            return None;
+        }
+        for module in imports {
+            let file = if module.ends_with(".rhai") {
+                module.to_owned()
+            } else {
+                format!("{module}.rhai")
+            };
+            if seen.insert(file.clone()) {
+                todo.push(modules.get(&file)?);
+            }
+        }
+    }
+    Some(fields)
 }
 
 /// Byte offset of a 1-based line and (character) column in `source`.
@@ -760,7 +808,7 @@ impl Cx<'_> {
             return None;
         };
         let compiled = self.env.sandbox.compile_script(path, text);
-        let contact_fields = script_contact_fields(text);
+        let contact_fields = script_contact_fields(text, &self.env.modules);
         match compiled {
             Ok(script) => {
                 self.env.compiled = true;

@@ -242,9 +242,9 @@ pub(crate) struct Flow {
 #[derive(Clone, Debug)]
 pub(crate) struct ScriptFlow {
     pub script: Script,
-    /// Contact fields the script sets with a literal name; `None` when it
-    /// may set others (a computed name, or an import), so `check` cannot
-    /// tell which fields exist.
+    /// Contact fields the script (with the modules it imports) sets with a
+    /// literal name; `None` when it may set others (a computed name or
+    /// import), so `check` cannot tell which fields exist.
     pub contact_fields: Option<Vec<String>>,
 }
 
