@@ -372,3 +372,27 @@ fn contact_fields_set_in_imported_modules_are_known_and_typos_still_reported() {
     .unwrap();
     assert_diags(&check_dir(dir.path()), &[]);
 }
+
+#[test]
+fn a_script_that_does_not_compile_is_the_only_error_reported() {
+    let dir = temp_flows(&[
+        (
+            "quiz.yaml",
+            "trigger: {keywords: [QUIZ]}\nscript: quiz.rhai\n",
+        ),
+        (
+            "quiz.rhai",
+            "fn on_message(msg, state) {\n    set_contact(\"score\", 1)\n    let x = ;\n}\n",
+        ),
+        (
+            "keywords.yaml",
+            "keywords:\n  SCORE: \"Your score: {{contact.score}}\"\n  Q: { flow: quiz }\n",
+        ),
+    ]);
+    let diags = check_dir(dir.path());
+    assert_diags(
+        &diags,
+        &["quiz.rhai:3:5: error: expecting ';' to terminate this statement"],
+    );
+    assert_eq!(load_dir(dir.path()).unwrap_err(), diags);
+}

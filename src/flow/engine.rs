@@ -544,7 +544,9 @@ impl<'a> Exec<'a> {
     /// Runs a script flow's `on_message` for this message. The run lasts
     /// while the script leaves something in `state`.
     fn run_script(&mut self, flow: &'a Flow, state: &BTreeMap<String, Value>, started_at: i64) {
-        let Some(script) = &flow.script else {
+        // A set whose script did not compile has an error and is never
+        // served; nothing to run.
+        let Some(script) = flow.script.as_ref().and_then(|s| s.script.as_ref()) else {
             return;
         };
         self.answered = true;
@@ -559,10 +561,8 @@ impl<'a> Exec<'a> {
             received_at: self.now,
             contact: self.contact.clone(),
         };
-        let at = (script.script.file(), (1, 1));
-        let Some(out) = self.rhai(at, |sandbox| {
-            sandbox.run_script(&script.script, &input, state)
-        }) else {
+        let at = (script.file(), (1, 1));
+        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
             self.run = None;
             return;
         };

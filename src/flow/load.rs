@@ -787,7 +787,10 @@ impl Cx<'_> {
     }
 
     /// `script: quiz.rhai`: compiles that top-level file of the flows
-    /// directory.
+    /// directory. When that fails (the error is reported), the flow still
+    /// gets a script without code, so `check` reports only that error and
+    /// not, as well, "unknown flow" where the flow is named or "never set"
+    /// for the contact fields its script sets.
     fn script(&mut self, node: &Node) -> Option<ScriptFlow> {
         let name = self.text(node, "`script`")?;
         let plain =
@@ -797,7 +800,7 @@ impl Cx<'_> {
                 node.pos,
                 format!("`script` names a .rhai file in the flows directory, like quiz.rhai, not `{name}`"),
             );
-            return None;
+            return Some(ScriptFlow::broken(None));
         }
         self.env.used.insert(name.clone());
         let Some((path, text)) = self.env.sources.get(&name) else {
@@ -805,23 +808,27 @@ impl Cx<'_> {
                 node.pos,
                 format!("script `{name}` not found in the flows directory"),
             );
-            return None;
+            return Some(ScriptFlow::broken(None));
         };
         let compiled = self.env.sandbox.compile_script(path, text);
         let contact_fields = script_contact_fields(text, &self.env.modules);
-        match compiled {
+        let script = match compiled {
             Ok(script) => {
                 self.env.compiled = true;
-                Some(ScriptFlow {
-                    script,
-                    contact_fields,
-                })
+                Some(script)
             }
             Err(e) => {
                 self.script_err(&e);
                 None
             }
-        }
+        };
+        Some(match script {
+            Some(script) => ScriptFlow {
+                script: Some(script),
+                contact_fields,
+            },
+            None => ScriptFlow::broken(contact_fields),
+        })
     }
 
     /// `fallback:` -- messages like `say:` (no expressions: the fallback is
