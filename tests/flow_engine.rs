@@ -232,7 +232,8 @@ fn media_is_passed_through() {
         h.outcome,
         Outcome::Reply(vec![Reply {
             body: "Menu".into(),
-            media: vec!["https://e.com/a.jpg".into()]
+            media: vec!["https://e.com/a.jpg".into()],
+            origin: None,
         }])
     );
     let h = send(&set, Conversation::default(), "pic", 1);
@@ -240,7 +241,8 @@ fn media_is_passed_through() {
         h.outcome,
         Outcome::Reply(vec![Reply {
             body: String::new(),
-            media: vec!["https://e.com/b.jpg".into()]
+            media: vec!["https://e.com/b.jpg".into()],
+            origin: None,
         }])
     );
     let h = send(&FlowSet::empty(), Conversation::default(), "menu", 1);
@@ -654,4 +656,36 @@ fn keywords_rhai_normalize_and_consent_agree_on_tricky_text() {
             );
         }
     }
+}
+
+#[test]
+fn script_replies_and_fallbacks_name_their_flow_and_step() {
+    let set = load_yaml(&[
+        (
+            "keywords.yaml",
+            "keywords:\n  HI: { say: \"Hello\", flow: echo }\n",
+        ),
+        ("echo.yaml", "script: echo.rhai\nfallback: \"Sorry\"\n"),
+        (
+            "echo.rhai",
+            "fn on_message(msg, state) { if msg.body == \"boom\" { throw \"boom\" } \"echo\" }\n",
+        ),
+        (
+            "boom.yaml",
+            "trigger: {keywords: [BOOM]}\nscript: echo.rhai\nfallback: \"Sorry\"\n",
+        ),
+    ]);
+    let origins = |h: &Handled| match &h.outcome {
+        Outcome::Reply(r) => r
+            .iter()
+            .map(|r| r.origin.as_ref().map(|o| format!("{}/{}", o.flow, o.step)))
+            .collect::<Vec<_>>(),
+        Outcome::Silence(_) => Vec::new(),
+    };
+    let h = send(&set, Conversation::default(), "hi", 1);
+    assert_eq!(bodies(&h.outcome), ["Hello", "echo"]);
+    assert_eq!(origins(&h), [None, Some("echo/on_message".to_owned())]);
+    let h = send(&set, Conversation::default(), "boom", 1);
+    assert_eq!(bodies(&h.outcome), ["Sorry"]);
+    assert_eq!(origins(&h), [Some("boom/on_message".to_owned())]);
 }

@@ -56,10 +56,21 @@ pub struct Inbound<'a> {
 }
 
 /// One outgoing message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
     pub body: String,
     pub media: Vec<String>,
+    /// The flow step that said it; `None` for a keyword's or the
+    /// `default:` reply (and for a message read back from TwiML). One
+    /// answer can hold messages of several steps and flows.
+    pub origin: Option<StepRef>,
+}
+
+/// A step of a flow (`on_message` for a script flow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRef {
+    pub flow: String,
+    pub step: String,
 }
 
 /// What to answer.
@@ -196,6 +207,7 @@ pub fn handle(
         sandbox: set.inner.sandbox.as_deref(),
         budget: None,
         failed: None,
+        failed_at: None,
         msg,
         now,
         contact: conv.contact,
@@ -245,6 +257,8 @@ struct Exec<'a> {
     /// The first script error and the flow it happened in. Once set, no
     /// more Rhai runs and the message gets that flow's fallback.
     failed: Option<(String, ScriptError)>,
+    /// The step that was running when `failed` was set.
+    failed_at: Option<String>,
     msg: &'a Inbound<'a>,
     now: i64,
     contact: BTreeMap<String, String>,
@@ -610,6 +624,7 @@ impl<'a> Exec<'a> {
     fn fail(&mut self, err: ScriptError) {
         if self.failed.is_none() {
             self.failed = Some((self.flow.clone().unwrap_or_default(), err));
+            self.failed_at.clone_from(&self.step);
         }
     }
 
@@ -687,8 +702,11 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// Adds a message said by the current step (or by no flow, when none
+    /// runs: keywords and the default reply).
     fn push(&mut self, body: String, media: Vec<String>) {
-        for reply in split_reply(body, media) {
+        let origin = step_ref(&self.flow, &self.step);
+        for reply in split_reply(body, media, origin) {
             if self.out.len() >= MAX_REPLIES {
                 self.dropped += 1;
                 continue;
@@ -729,12 +747,13 @@ impl<'a> Exec<'a> {
             to: self.msg.to,
             captures: &[],
         };
+        let origin = step_ref(&Some(flow.clone()), &self.failed_at);
         let replies: Vec<Reply> = fallback
             .iter()
             .filter_map(|m| {
                 // Load refuses expressions in a fallback.
                 let body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
-                Some(split_reply(body, m.media.clone()))
+                Some(split_reply(body, m.media.clone(), origin.clone()))
             })
             .flatten()
             .take(MAX_REPLIES)
@@ -791,12 +810,16 @@ impl<'a> Exec<'a> {
 /// splits, with the media on the first. Splitting here rather than only
 /// in the renderer makes every part count toward [`MAX_REPLIES`] in the
 /// engine's own account (events, replies handed to the caller).
-fn split_reply(body: String, media: Vec<String>) -> Vec<Reply> {
+fn split_reply(body: String, media: Vec<String>, origin: Option<StepRef>) -> Vec<Reply> {
     if body.chars().count() <= MAX_BODY_CHARS {
         if body.is_empty() && media.is_empty() {
             return Vec::new();
         }
-        return vec![Reply { body, media }];
+        return vec![Reply {
+            body,
+            media,
+            origin,
+        }];
     }
     let mut media = Some(media);
     twiml::split_body(&body, MAX_BODY_CHARS)
@@ -804,8 +827,19 @@ fn split_reply(body: String, media: Vec<String>) -> Vec<Reply> {
         .map(|part| Reply {
             body: part,
             media: media.take().unwrap_or_default(),
+            origin: origin.clone(),
         })
         .collect()
+}
+
+fn step_ref(flow: &Option<String>, step: &Option<String>) -> Option<StepRef> {
+    match (flow, step) {
+        (Some(flow), Some(step)) => Some(StepRef {
+            flow: flow.clone(),
+            step: step.clone(),
+        }),
+        _ => None,
+    }
 }
 
 /// The error for a message whose Rhai has used up its time budget.

@@ -30,7 +30,7 @@ mod yaml;
 pub use check::ReservedWords;
 pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
-    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    SilenceReason, StepRef, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub(crate) use load::parse_duration;
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};

@@ -108,3 +108,73 @@ steps:
     assert_eq!(got[..8], ["1", "2", "3", "4", "5", "6", "7", "8"]);
     assert_split_at_whitespace(&got[8..], &format!("{body} {body}"));
 }
+
+/// The `statusCallback` of each `<Message>` in a TwiML document, in order.
+fn status_callbacks(twiml: &str) -> Vec<Option<String>> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(twiml);
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event().expect("TwiML parses") {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"Message" => {
+                out.push(
+                    e.attributes()
+                        .map(|a| a.expect("attribute"))
+                        .find(|a| a.key.as_ref() == b"statusCallback")
+                        .map(|a| a.unescape_value().expect("value").into_owned()),
+                );
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_tracked_message_names_the_flow_and_step_that_produced_it() {
+    let keywords = "keywords:\n  HELLO: { say: \"Hi!\", flow: intro }\n";
+    let intro = "steps:\n  welcome:\n    say: \"Welcome.\"\n    goto: more\n  more:\n    say: \"Let's sign you up.\"\n    flow: signup\n";
+    let signup = "steps:\n  ask:\n    say: \"Your name?\"\n    wait:\n      - anything: true\n        say: \"Thanks.\"\n        goto: bye\n  bye:\n    say: \"Bye.\"\n";
+    let app = spawn_configured(
+        &[
+            ("keywords.yaml", keywords),
+            ("intro.yaml", intro),
+            ("signup.yaml", signup),
+        ],
+        |c| c.track_delivery = true,
+    )
+    .await;
+    let me = "+15551200004";
+    let sid = new_sid();
+    let r = app.send_sms_sid(me, "hello", &sid).await;
+    assert_eq!(
+        bodies(&r.body),
+        ["Hi!", "Welcome.", "Let's sign you up.", "Your name?"]
+    );
+    let base = "http://localhost/twilio/status";
+    let tagged =
+        |flow: &str, step: &str| Some(format!("{base}?inbound={sid}&flow={flow}&step={step}"));
+    assert_eq!(
+        status_callbacks(&r.body),
+        [
+            // A keyword's own reply belongs to no flow.
+            Some(format!("{base}?inbound={sid}")),
+            tagged("intro", "welcome"),
+            tagged("intro", "more"),
+            tagged("signup", "ask"),
+        ]
+    );
+
+    // A route's reply belongs to the waiting step, the next step's to that.
+    let sid2 = new_sid();
+    let r = app.send_sms_sid(me, "Ann", &sid2).await;
+    assert_eq!(bodies(&r.body), ["Thanks.", "Bye."]);
+    assert_eq!(
+        status_callbacks(&r.body),
+        [
+            Some(format!("{base}?inbound={sid2}&flow=signup&step=ask")),
+            Some(format!("{base}?inbound={sid2}&flow=signup&step=bye")),
+        ]
+    );
+}
