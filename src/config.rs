@@ -94,6 +94,9 @@ pub struct Config {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// A shorter admin token is refused: it guards every message of every
+/// sender, and a guessable one would give them away.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// Twilio sends its whole request at once; a few seconds is generous.
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
@@ -266,8 +269,15 @@ pub fn resolve(
         help_text: file.help_text.filter(|t| !t.trim().is_empty()),
     };
     let admin_token = admin_token.or(file.admin_token).filter(|t| !t.is_empty());
-    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-        bail!("the admin token must be at least 16 characters");
+    if let Some(t) = admin_token
+        .as_ref()
+        .filter(|t| t.chars().count() < MIN_ADMIN_TOKEN_CHARS)
+    {
+        bail!(
+            "the admin token (SMSFLOW_ADMIN_TOKEN or admin_token) must be at least \
+             {MIN_ADMIN_TOKEN_CHARS} characters; this one has {}",
+            t.chars().count()
+        );
     }
     let loop_window_secs = file.loop_window_secs.unwrap_or(60);
     if loop_window_secs < 1 {
@@ -580,6 +590,25 @@ mod tests {
         assert_eq!(back.durability, Some(Durability::Flush));
         assert_eq!(back.stop_keywords, Some(c.compliance.stop_keywords.clone()));
         assert_eq!(back.idle_timeout_ms, Some(DEFAULT_IDLE_TIMEOUT_MS));
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused() {
+        let token = || Some("t".to_string());
+        let with = |admin: &str| {
+            resolve(
+                Overrides::default(),
+                FileConfig::default(),
+                token(),
+                Some(admin.to_string()),
+            )
+        };
+        let err = with("fifteen-chars-x").unwrap_err().to_string();
+        assert!(
+            err.contains("at least 16 characters; this one has 15"),
+            "{err}"
+        );
+        assert!(with("sixteen-chars-xx").unwrap().admin_token.is_some());
     }
 
     #[test]
