@@ -396,3 +396,86 @@ fn a_script_that_does_not_compile_is_the_only_error_reported() {
     );
     assert_eq!(load_dir(dir.path()).unwrap_err(), diags);
 }
+
+#[test]
+fn replies_inviting_a_consent_word_as_an_answer_are_warned_about() {
+    let dir = temp_flows(&[
+        (
+            "booking.yaml",
+            r#"trigger: {keywords: [BOOK]}
+steps:
+  confirm:
+    say: "Your table for 2 is booked. Reply YES or CANCEL."
+    wait:
+      - yes: true
+        say: "See you! To stop these reminders, reply STOP."
+        goto: cancel
+      - else: true
+        say: "Reply YES to confirm, NO to move it, or STOP to opt out."
+    retry:
+      say: "Text START to begin again, or HELP for help."
+  cancel:
+    say: "Reply CANCEL to cancel your booking."
+"#,
+        ),
+        (
+            "keywords.yaml",
+            "keywords:\n  HOURS: \"9-5. Text INFO for your order status, or END to finish.\"\ndefault: \"Text STOP to unsubscribe, HELP for help.\"\n",
+        ),
+    ]);
+    let diags = check_dir(dir.path());
+    let warning = |file: &str, at: &str, word: &str, what: &str, does: &str| {
+        format!(
+            "{file}:{at}: warning: this reply invites `{word}` as an answer, but it is {what}: \
+             a sender who sends it {does} (offer another word, or say what it does, like \
+             \"Reply STOP to unsubscribe\")"
+        )
+    };
+    let stop = "is opted out, and this flow never sees the answer";
+    let start = "gets silence, and this flow never sees the answer";
+    let help = "gets the help text, and this flow never sees the answer";
+    assert_diags(
+        &diags,
+        &[
+            &warning("booking.yaml", "4:10", "CANCEL", "an opt-out keyword", stop),
+            &warning("booking.yaml", "12:12", "START", "an opt-in keyword", start),
+            &warning(
+                "booking.yaml",
+                "14:10",
+                "CANCEL",
+                "an opt-out keyword",
+                stop,
+            ),
+            &warning("keywords.yaml", "2:10", "INFO", "a help keyword", help),
+            &warning("keywords.yaml", "2:10", "END", "an opt-out keyword", stop),
+        ],
+    );
+
+    // `check --config`: the configured lists decide.
+    let compliance = smsflow::compliance::ComplianceConfig {
+        stop_keywords: vec!["STOP".into(), "FINISH".into()],
+        ..Default::default()
+    };
+    std::fs::write(
+        dir.path().join("keywords.yaml"),
+        "keywords:\n  HOURS: \"9-5. Reply FINISH or CANCEL.\"\n",
+    )
+    .unwrap();
+    let diags = smsflow::flow::check_dir_with(
+        dir.path(),
+        &smsflow::flow::ReservedWords::new(&compliance, &[]),
+    );
+    assert_diags(
+        &diags,
+        &[
+            &warning("booking.yaml", "12:12", "START", "an opt-in keyword", start),
+            &warning(
+                "keywords.yaml",
+                "2:10",
+                "FINISH",
+                "an opt-out keyword",
+                stop,
+            ),
+        ],
+    );
+}

@@ -5,8 +5,9 @@
 //! function the webhook calls for each inbound message; `transcript` parses
 //! `.chat` conversation tests and compares replies (`author` runs them
 //! through the pipeline); `outline` describes one flow's
-//! steps and routes for diagrams; `script` is the Rhai sandbox that script
-//! flows and expressions run in. The file format is documented
+//! steps and routes for diagrams; `invitations` reads which answers a
+//! reply asks for (`check` warns when one is a consent word); `script` is
+//! the Rhai sandbox that script flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
@@ -17,6 +18,7 @@
 
 mod check;
 mod engine;
+mod invitations;
 mod load;
 mod matcher;
 mod model;
