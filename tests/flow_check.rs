@@ -479,3 +479,34 @@ steps:
         ],
     );
 }
+
+#[test]
+fn whole_number_matchers_are_validated() {
+    let dir = temp_flows(&[(
+        "f.yaml",
+        r#"trigger: {keywords: [GO]}
+steps:
+  a:
+    say: "How many?"
+    wait:
+      - number: { min: 1.5, integer: true }
+        say: x
+      - number: { max: 3, integer: yes }
+        say: y
+      - number: whole
+        say: z
+      - number: { min: 1, max: 10, integer: true }
+        say: ok
+      - number: integer
+        say: ok
+"#,
+    )]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &[
+            "f.yaml:6:24: error: `min` must be a whole number with `integer: true`, got 1.5",
+            "f.yaml:8:36: error: expected true or false for `integer`",
+            "f.yaml:10:17: error: `number` is true, integer, a range like 13..120, or {min: 13, max: 120, integer: true}",
+        ],
+    );
+}

@@ -1558,10 +1558,10 @@ impl Cx<'_> {
     }
 
     fn number(&mut self, v: &Node) -> Option<Matcher> {
-        let bad = "`number` is true, a range like 13..120, or {min: 13, max: 120}";
+        let bad = "`number` is true, integer, a range like 13..120, or {min: 13, max: 120, integer: true}";
         match &v.kind {
             Kind::Map(_) => {
-                let m = self.map(v, "`number`", &["min", "max"])?;
+                let m = self.map(v, "`number`", &["min", "max", "integer"])?;
                 let mut bound = |key: &str| -> Option<Option<f64>> {
                     match m.get(key) {
                         None => Some(None),
@@ -1578,11 +1578,34 @@ impl Cx<'_> {
                     }
                 };
                 let (min, max) = (bound("min")?, bound("max")?);
-                self.range(min, max, v.pos)
+                let integer = match m.get("integer") {
+                    None => false,
+                    Some((_, n)) => self.flag(n, "`integer`")?,
+                };
+                if integer {
+                    for (key, b) in [("min", min), ("max", max)] {
+                        if let (Some(x), Some((_, n))) = (b, m.get(key)) {
+                            if x.fract() != 0.0 {
+                                self.err(
+                                    n.pos,
+                                    format!("`{key}` must be a whole number with `integer: true`, got {x}"),
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                }
+                self.range(min, max, integer, v.pos)
             }
             Kind::Scalar(s, _) if s == "true" || s == "True" => Some(Matcher::Number {
                 min: None,
                 max: None,
+                integer: false,
+            }),
+            Kind::Scalar(s, _) if s == "integer" => Some(Matcher::Number {
+                min: None,
+                max: None,
+                integer: true,
             }),
             Kind::Scalar(s, _) => {
                 let Some((a, b)) = s.split_once("..") else {
@@ -1601,7 +1624,7 @@ impl Cx<'_> {
                         .ok_or(())
                 };
                 match (parse(a), parse(b)) {
-                    (Ok(min), Ok(max)) => self.range(min, max, v.pos),
+                    (Ok(min), Ok(max)) => self.range(min, max, false, v.pos),
                     _ => {
                         self.err(v.pos, format!("invalid number range `{s}`; {bad}"));
                         None
@@ -1615,14 +1638,20 @@ impl Cx<'_> {
         }
     }
 
-    fn range(&mut self, min: Option<f64>, max: Option<f64>, pos: Pos) -> Option<Matcher> {
+    fn range(
+        &mut self,
+        min: Option<f64>,
+        max: Option<f64>,
+        integer: bool,
+        pos: Pos,
+    ) -> Option<Matcher> {
         if let (Some(a), Some(b)) = (min, max) {
             if a > b {
                 self.err(pos, format!("number range is empty: {a} is more than {b}"));
                 return None;
             }
         }
-        Some(Matcher::Number { min, max })
+        Some(Matcher::Number { min, max, integer })
     }
 
     fn retry(&mut self, node: &Node) -> Option<Retry> {

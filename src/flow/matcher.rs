@@ -270,9 +270,11 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
                 named,
             })
         }
-        Matcher::Number { min, max } => {
+        Matcher::Number { min, max, integer } => {
             let (v, text) = first_number(body)?;
-            let ok = min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m);
+            let ok = min.is_none_or(|m| v >= m)
+                && max.is_none_or(|m| v <= m)
+                && (!integer || v.fract() == 0.0);
             ok.then(|| RouteMatch {
                 value: text,
                 ..RouteMatch::default()

@@ -328,6 +328,8 @@ pub(crate) enum Matcher {
     Number {
         min: Option<f64>,
         max: Option<f64>,
+        /// Only a whole number counts (`3`, `3.0`; not `3.5`).
+        integer: bool,
     },
     Yes,
     No,

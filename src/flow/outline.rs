@@ -234,14 +234,17 @@ fn route_label(r: &Route) -> String {
         Matcher::Contains(s) => format!("contains: {s}"),
         Matcher::StartsWith(s) => format!("starts_with: {s}"),
         Matcher::Regex(re) => format!("regex: {}", re.as_str()),
-        Matcher::Number { min, max } => match (min, max) {
-            (None, None) => "number".to_owned(),
-            (min, max) => format!(
-                "number {}..{}",
-                min.map(|n| n.to_string()).unwrap_or_default(),
-                max.map(|n| n.to_string()).unwrap_or_default()
-            ),
-        },
+        Matcher::Number { min, max, integer } => {
+            let what = if *integer { "whole number" } else { "number" };
+            match (min, max) {
+                (None, None) => what.to_owned(),
+                (min, max) => format!(
+                    "{what} {}..{}",
+                    min.map(|n| n.to_string()).unwrap_or_default(),
+                    max.map(|n| n.to_string()).unwrap_or_default()
+                ),
+            }
+        }
         Matcher::Yes => "yes".to_owned(),
         Matcher::No => "no".to_owned(),
         Matcher::Anything => "anything".to_owned(),
