@@ -183,8 +183,12 @@ fn invited_reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec
         "subscription",
     ];
     let problem = |word: &str, purpose: &str| -> Option<String> {
-        let purpose_words: Vec<&str> = purpose.split(' ').collect();
-        let alone = |verbs: &[&str]| matches!(purpose_words.as_slice(), [to, v] if *to == "to" && verbs.contains(v));
+        // "to stop", "to unsubscribe": the word's own meaning, nothing else.
+        let alone = |verbs: &[&str]| {
+            purpose
+                .strip_prefix("to ")
+                .is_some_and(|verb| verbs.contains(&verb))
+        };
         let (what, fits, does) = if has(&lists.stop, word) {
             let fits = any_of(purpose, &["unsubscribe", "opt out", "optout", "opt-out"])
                 || any_of(purpose, MESSAGES)

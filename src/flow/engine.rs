@@ -4,8 +4,8 @@
 //! Pure and total: no IO, no clock (the caller passes `now` in unix
 //! seconds), no panics on any input. The caller owns persistence, dedupe,
 //! opt-outs and the wire format; this module does not know Twilio (beyond
-//! its message limits), HTTP or the store. Because the function is pure, a caller can retry it in a
-//! compare-and-swap loop without side effects.
+//! its message limits), HTTP or the store. Because the function is pure, a
+//! caller can retry it in a compare-and-swap loop without side effects.
 //!
 //! Rhai (script flows, `when:`, `{{= }}`) runs synchronously through the
 //! set's sandbox, within one wall-clock budget per message (the sandbox's

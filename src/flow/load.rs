@@ -822,12 +822,9 @@ impl Cx<'_> {
                 None
             }
         };
-        Some(match script {
-            Some(script) => ScriptFlow {
-                script: Some(script),
-                contact_fields,
-            },
-            None => ScriptFlow::broken(contact_fields),
+        Some(ScriptFlow {
+            script,
+            contact_fields,
         })
     }
 
