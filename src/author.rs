@@ -209,11 +209,19 @@ fn reply_lines(detailed: &Detailed) -> Vec<flow::ReplyLine> {
             .map(|m| flow::Reply {
                 body: m.body,
                 media: m.media,
+                origin: None,
             })
             .collect(),
         // Our own rendering always parses; the engine's replies are the
-        // next best account.
-        Err(_) => detailed.replies.clone(),
+        // next best account (what the phone sees: no origin).
+        Err(_) => detailed
+            .replies
+            .iter()
+            .map(|r| flow::Reply {
+                origin: None,
+                ..r.clone()
+            })
+            .collect(),
     };
     if sent.is_empty() {
         // Replies with nothing in them: the phone gets nothing.

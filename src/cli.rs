@@ -56,6 +56,10 @@ pub enum Command {
     },
     /// Print a diagram of one flow's steps and routes.
     Graph(GraphArgs),
+    /// Print the configuration `serve` would run with, flags, environment,
+    /// config file and defaults merged: every config file key with its
+    /// value, as TOML. Secrets are not shown.
+    Config(ServeArgs),
 }
 
 /// `--config` for the author tools: the server's TOML file, so consent
@@ -169,9 +173,7 @@ pub enum DurabilityArg {
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Optional TOML config file (keys: listen, public_url, flows, data, cache_mb,
-    /// durability, max_body_bytes, request_timeout_ms, interrupt_keywords, watch).
-    #[arg(long, env = "SMSFLOW_CONFIG")]
+    #[arg(long, env = "SMSFLOW_CONFIG", help = crate::config::CONFIG_FLAG_HELP)]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "SMSFLOW_LISTEN")]

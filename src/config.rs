@@ -94,6 +94,9 @@ pub struct Config {
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// A shorter admin token is refused: it guards every message of every
+/// sender, and a guessable one would give them away.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// Twilio sends its whole request at once; a few seconds is generous.
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
@@ -131,6 +134,15 @@ impl Config {
         }
     }
 }
+
+/// Every key of the TOML file, as `serve --help` lists them (a test keeps
+/// this in step with [`FileConfig`] and [`describe`]).
+pub const CONFIG_FLAG_HELP: &str = "Optional TOML config file. Keys: listen, public_url, flows, \
+data, cache_mb, durability, watch, require_tests, max_body_bytes, request_timeout_ms, \
+header_read_timeout_ms, idle_timeout_ms, max_connections, interrupt_keywords, stop_keywords, \
+start_keywords, help_keywords, help_text, loop_max_replies, loop_window_secs, track_delivery, \
+admin_token, retention_days, purge_interval_secs (README.md, \"Running it\"). \
+`smsflow config` prints every one with the value in effect";
 
 /// The optional TOML file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -257,8 +269,15 @@ pub fn resolve(
         help_text: file.help_text.filter(|t| !t.trim().is_empty()),
     };
     let admin_token = admin_token.or(file.admin_token).filter(|t| !t.is_empty());
-    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-        bail!("the admin token must be at least 16 characters");
+    if let Some(t) = admin_token
+        .as_ref()
+        .filter(|t| t.chars().count() < MIN_ADMIN_TOKEN_CHARS)
+    {
+        bail!(
+            "the admin token (SMSFLOW_ADMIN_TOKEN or admin_token) must be at least \
+             {MIN_ADMIN_TOKEN_CHARS} characters; this one has {}",
+            t.chars().count()
+        );
     }
     let loop_window_secs = file.loop_window_secs.unwrap_or(60);
     if loop_window_secs < 1 {
@@ -299,6 +318,125 @@ pub fn resolve(
         watch: !o.no_watch && file.watch.unwrap_or(true),
         require_tests: o.require_tests || file.require_tests.unwrap_or(false),
     })
+}
+
+/// The configuration in effect, as the TOML file would write it: every key
+/// of [`FileConfig`] with its value after flags, environment, file and
+/// defaults were merged (`smsflow config`). Secrets are never printed:
+/// `admin_token` shows as `"<redacted>"`, and the Twilio auth token only
+/// as a comment saying whether it is set. `auth_token_missing` says that
+/// `TWILIO_AUTH_TOKEN` is unset while signatures are required (`serve`
+/// would refuse to start); `config.auth` is then `Insecure` only so the
+/// rest could be resolved.
+pub fn describe(config: &Config, auth_token_missing: bool) -> String {
+    use toml::Value;
+    let text = |s: &str| Value::String(s.to_owned());
+    let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+    let list = |l: &[String]| Value::Array(l.iter().map(|w| text(w)).collect());
+    let millis = |d: Duration| int(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let path = |p: &Path| text(&p.to_string_lossy());
+    let durability = match config.durability {
+        Durability::Flush => "flush",
+        Durability::Relaxed => "relaxed",
+    };
+    let c = &config.compliance;
+    let keys: Vec<(&str, Option<Value>, &str)> = vec![
+        ("listen", Some(text(&config.listen.to_string())), ""),
+        ("public_url", Some(text(&config.public_url)), ""),
+        ("flows", Some(path(&config.flows_dir)), ""),
+        ("data", Some(path(&config.data_dir)), ""),
+        (
+            "cache_mb",
+            Some(int(config.cache_bytes / (1024 * 1024))),
+            "",
+        ),
+        ("durability", Some(text(durability)), ""),
+        ("watch", Some(Value::Boolean(config.watch)), ""),
+        (
+            "require_tests",
+            Some(Value::Boolean(config.require_tests)),
+            "",
+        ),
+        (
+            "max_body_bytes",
+            Some(int(config.max_body_bytes as u64)),
+            "",
+        ),
+        (
+            "request_timeout_ms",
+            Some(millis(config.request_timeout)),
+            "",
+        ),
+        (
+            "header_read_timeout_ms",
+            Some(millis(config.header_read_timeout)),
+            "",
+        ),
+        ("idle_timeout_ms", Some(millis(config.idle_timeout)), ""),
+        (
+            "max_connections",
+            Some(int(config.max_connections as u64)),
+            "",
+        ),
+        (
+            "interrupt_keywords",
+            Some(list(&config.interrupt_keywords)),
+            "",
+        ),
+        ("stop_keywords", Some(list(&c.stop_keywords)), ""),
+        ("start_keywords", Some(list(&c.start_keywords)), ""),
+        ("help_keywords", Some(list(&c.help_keywords)), ""),
+        (
+            "help_text",
+            c.help_text.as_deref().map(text),
+            "not set: HELP is answered with silence",
+        ),
+        (
+            "loop_max_replies",
+            Some(int(config.loop_max_replies as u64)),
+            "",
+        ),
+        (
+            "loop_window_secs",
+            Some(Value::Integer(config.loop_window_secs)),
+            "",
+        ),
+        (
+            "track_delivery",
+            Some(Value::Boolean(config.track_delivery)),
+            "",
+        ),
+        (
+            "admin_token",
+            config.admin_token.as_ref().map(|_| text("<redacted>")),
+            "not set: GET /messages is off",
+        ),
+        ("retention_days", Some(int(config.retention_days)), ""),
+        (
+            "purge_interval_secs",
+            Some(int(config.purge_interval.as_secs())),
+            "",
+        ),
+    ];
+    let mut out = String::from(
+        "# smsflow: the configuration in effect (flags > environment > config file > defaults)\n",
+    );
+    for (key, value, unset) in keys {
+        match value {
+            Some(v) => out.push_str(&format!("{key} = {v}\n")),
+            None => out.push_str(&format!("# {key}: {unset}\n")),
+        }
+    }
+    out.push_str(match (&config.auth, auth_token_missing) {
+        (_, true) => {
+            "# TWILIO_AUTH_TOKEN: not set: serve refuses to start (export it, or pass --insecure-no-signature)\n"
+        }
+        (Auth::Verify(_), false) => "# TWILIO_AUTH_TOKEN: set (not shown)\n",
+        (Auth::Insecure, false) => {
+            "# signatures: NOT checked (--insecure-no-signature)\n"
+        }
+    });
+    out
 }
 
 /// Accept `https://host[:port][/prefix]`; drop one trailing slash because
@@ -394,6 +532,83 @@ mod tests {
         let f: FileConfig = toml::from_str("header_read_timeout_ms = 0").unwrap();
         let err = resolve(Overrides::default(), f, token(), None).unwrap_err();
         assert!(err.to_string().contains("header_read_timeout_ms"), "{err}");
+    }
+
+    /// The keys serde accepts in the file, from its own error message for
+    /// an unknown key ("expected one of `listen`, `public_url`, …").
+    fn file_keys() -> Vec<String> {
+        let err = toml::from_str::<FileConfig>("no_such_key = 1")
+            .unwrap_err()
+            .to_string();
+        let list = &err[err.find("expected one of").expect("serde lists the keys")..];
+        let keys: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        assert!(keys.len() > 20, "{err}");
+        keys
+    }
+
+    #[test]
+    fn every_file_key_is_in_the_help_and_in_describe() {
+        let token = Some("twilio-secret-token".to_string());
+        let admin = Some("admin-secret-token-0123".to_string());
+        let c = resolve(Overrides::default(), FileConfig::default(), token, admin).unwrap();
+        let described = describe(&c, false);
+        let mut help_keys: Vec<&str> = CONFIG_FLAG_HELP
+            ["Optional TOML config file. Keys: ".len()..]
+            .split(" (")
+            .next()
+            .unwrap()
+            .split(", ")
+            .collect();
+        help_keys.sort_unstable();
+        let mut keys = file_keys();
+        keys.sort();
+        assert_eq!(
+            help_keys, keys,
+            "serve --help lists exactly the file's keys"
+        );
+        for key in &keys {
+            assert!(
+                described
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{key} = "))
+                        || l.starts_with(&format!("# {key}: "))),
+                "describe lacks `{key}`:\n{described}"
+            );
+        }
+        assert!(!described.contains("secret"), "{described}");
+        assert!(
+            described.contains("admin_token = \"<redacted>\""),
+            "{described}"
+        );
+        // What it prints is a config file that gives the same settings.
+        let back: FileConfig = toml::from_str(&described).unwrap();
+        assert_eq!(back.durability, Some(Durability::Flush));
+        assert_eq!(back.stop_keywords, Some(c.compliance.stop_keywords.clone()));
+        assert_eq!(back.idle_timeout_ms, Some(DEFAULT_IDLE_TIMEOUT_MS));
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused() {
+        let token = || Some("t".to_string());
+        let with = |admin: &str| {
+            resolve(
+                Overrides::default(),
+                FileConfig::default(),
+                token(),
+                Some(admin.to_string()),
+            )
+        };
+        let err = with("fifteen-chars-x").unwrap_err().to_string();
+        assert!(
+            err.contains("at least 16 characters; this one has 15"),
+            "{err}"
+        );
+        assert!(with("sixteen-chars-xx").unwrap().admin_token.is_some());
     }
 
     #[test]

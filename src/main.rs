@@ -49,6 +49,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Config(args) => {
+            let file = match &args.config {
+                Some(path) => config::FileConfig::load(path)?,
+                None => config::FileConfig::default(),
+            };
+            let token = std::env::var("TWILIO_AUTH_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            let admin = std::env::var("SMSFLOW_ADMIN_TOKEN").ok();
+            let mut overrides = args.overrides();
+            // Without the token `serve` refuses to start; show the rest
+            // anyway, and say so.
+            let token_missing = token.is_none() && !overrides.insecure;
+            overrides.insecure |= token_missing;
+            let config = config::resolve(overrides, file, token, admin)?;
+            print!("{}", config::describe(&config, token_missing));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sign(args) => sign(args),
         Command::Messages(args) => messages(args),
         Command::Chat(args) => {

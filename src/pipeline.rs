@@ -68,8 +68,8 @@ pub struct PipelineOptions {
     pub loop_max_replies: usize,
     pub loop_window_secs: i64,
     /// When set, replies carry `action` and `statusCallback` pointing at
-    /// this URL (our `/twilio/status`), tagged with the inbound MessageSid,
-    /// flow and step.
+    /// this URL (our `/twilio/status`), tagged with the inbound MessageSid
+    /// and the flow and step that produced each.
     pub status_callback_url: Option<String>,
 }
 
@@ -254,7 +254,7 @@ impl<S: Store> Pipeline<S> {
             Decision::Help(text) => (
                 Ok(vec![Reply {
                     body: text,
-                    media: Vec::new(),
+                    ..Reply::default()
                 }]),
                 None,
                 None,
@@ -333,7 +333,7 @@ impl<S: Store> Pipeline<S> {
             Ok(replies) => {
                 let out: Vec<OutMessage> = replies
                     .iter()
-                    .map(|r| self.out_message(r, &msg.message_sid, &flow_name, &step))
+                    .map(|r| self.out_message(r, &msg.message_sid))
                     .collect();
                 let twiml = twilio::render(&out);
                 Metrics::add(
@@ -401,20 +401,15 @@ impl<S: Store> Pipeline<S> {
         })
     }
 
-    fn out_message(
-        &self,
-        reply: &Reply,
-        inbound_sid: &str,
-        flow: &Option<String>,
-        step: &Option<String>,
-    ) -> OutMessage {
+    /// The TwiML message for `reply`; with delivery tracking, its callback
+    /// URL names the inbound MessageSid and the flow and step that said it
+    /// (each message its own: one answer can span several steps and flows).
+    fn out_message(&self, reply: &Reply, inbound_sid: &str) -> OutMessage {
         let callback = self.options.status_callback_url.as_ref().map(|base| {
             let mut tags = vec![("inbound".to_string(), inbound_sid.to_string())];
-            if let Some(f) = flow {
-                tags.push(("flow".into(), f.clone()));
-            }
-            if let Some(s) = step {
-                tags.push(("step".into(), s.clone()));
+            if let Some(origin) = &reply.origin {
+                tags.push(("flow".into(), origin.flow.clone()));
+                tags.push(("step".into(), origin.step.clone()));
             }
             let sep = if base.contains('?') { '&' } else { '?' };
             format!("{base}{sep}{}", twilio::encode_form(&tags))

@@ -328,3 +328,185 @@ fn words_the_consent_handling_takes_first_are_warned_about() {
         "{lines:#?}"
     );
 }
+
+/// A flows directory in a temp dir: (relative path, contents).
+fn temp_flows(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn contact_fields_set_in_imported_modules_are_known_and_typos_still_reported() {
+    let dir = temp_flows(&[
+        ("order.yaml", "trigger: {keywords: [ORDER]}\nscript: order.rhai\n"),
+        (
+            "order.rhai",
+            "import \"lib/orders\" as orders;\nfn on_message(msg, state) {\n    set_contact(\"name\", \"Ann\");\n    orders::remember(msg.body)\n}\n",
+        ),
+        (
+            "lib/orders.rhai",
+            "import \"lib/util\" as util;\nfn remember(text) { set_contact(\"last_order\", util::clean(text)); \"ok\" }\n",
+        ),
+        ("lib/util.rhai", "fn clean(t) { t.trim(); t }\n"),
+        (
+            "keywords.yaml",
+            "keywords:\n  LAST: \"{{contact.name}}: {{contact.last_order}}\"\n  TYPO: \"{{contact.last_ordr}}\"\n",
+        ),
+    ]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &["keywords.yaml:3:9: error: `{{contact.last_ordr}}` is never set by any flow (use `contact:` or `set: {contact.last_ordr: ...}`)"],
+    );
+
+    // A field name computed in a module: any field may exist, nothing is
+    // reported.
+    std::fs::write(
+        dir.path().join("lib/util.rhai"),
+        "fn clean(t) { set_contact(\"x\" + t, 1); t }\n",
+    )
+    .unwrap();
+    assert_diags(&check_dir(dir.path()), &[]);
+}
+
+#[test]
+fn a_script_that_does_not_compile_is_the_only_error_reported() {
+    let dir = temp_flows(&[
+        (
+            "quiz.yaml",
+            "trigger: {keywords: [QUIZ]}\nscript: quiz.rhai\n",
+        ),
+        (
+            "quiz.rhai",
+            "fn on_message(msg, state) {\n    set_contact(\"score\", 1)\n    let x = ;\n}\n",
+        ),
+        (
+            "keywords.yaml",
+            "keywords:\n  SCORE: \"Your score: {{contact.score}}\"\n  Q: { flow: quiz }\n",
+        ),
+    ]);
+    let diags = check_dir(dir.path());
+    assert_diags(
+        &diags,
+        &["quiz.rhai:3:5: error: expecting ';' to terminate this statement"],
+    );
+    assert_eq!(load_dir(dir.path()).unwrap_err(), diags);
+}
+
+#[test]
+fn replies_inviting_a_consent_word_as_an_answer_are_warned_about() {
+    let dir = temp_flows(&[
+        (
+            "booking.yaml",
+            r#"trigger: {keywords: [BOOK]}
+steps:
+  confirm:
+    say: "Your table for 2 is booked. Reply YES or CANCEL."
+    wait:
+      - yes: true
+        say: "See you! To stop these reminders, reply STOP."
+        goto: cancel
+      - else: true
+        say: "Reply YES to confirm, NO to move it, or STOP to opt out."
+    retry:
+      say: "Text START to begin again, or HELP for help."
+  cancel:
+    say: "Reply CANCEL to cancel your booking."
+"#,
+        ),
+        (
+            "keywords.yaml",
+            "keywords:\n  HOURS: \"9-5. Text INFO for your order status, or END to finish.\"\ndefault: \"Text STOP to unsubscribe, HELP for help.\"\n",
+        ),
+    ]);
+    let diags = check_dir(dir.path());
+    let warning = |file: &str, at: &str, word: &str, what: &str, does: &str| {
+        format!(
+            "{file}:{at}: warning: this reply invites `{word}` as an answer, but it is {what}: \
+             a sender who sends it {does} (offer another word, or say what it does, like \
+             \"Reply STOP to unsubscribe\")"
+        )
+    };
+    let stop = "is opted out, and this flow never sees the answer";
+    let start = "gets silence, and this flow never sees the answer";
+    let help = "gets the help text, and this flow never sees the answer";
+    assert_diags(
+        &diags,
+        &[
+            &warning("booking.yaml", "4:10", "CANCEL", "an opt-out keyword", stop),
+            &warning("booking.yaml", "12:12", "START", "an opt-in keyword", start),
+            &warning(
+                "booking.yaml",
+                "14:10",
+                "CANCEL",
+                "an opt-out keyword",
+                stop,
+            ),
+            &warning("keywords.yaml", "2:10", "INFO", "a help keyword", help),
+            &warning("keywords.yaml", "2:10", "END", "an opt-out keyword", stop),
+        ],
+    );
+
+    // `check --config`: the configured lists decide.
+    let compliance = smsflow::compliance::ComplianceConfig {
+        stop_keywords: vec!["STOP".into(), "FINISH".into()],
+        ..Default::default()
+    };
+    std::fs::write(
+        dir.path().join("keywords.yaml"),
+        "keywords:\n  HOURS: \"9-5. Reply FINISH or CANCEL.\"\n",
+    )
+    .unwrap();
+    let diags = smsflow::flow::check_dir_with(
+        dir.path(),
+        &smsflow::flow::ReservedWords::new(&compliance, &[]),
+    );
+    assert_diags(
+        &diags,
+        &[
+            &warning("booking.yaml", "12:12", "START", "an opt-in keyword", start),
+            &warning(
+                "keywords.yaml",
+                "2:10",
+                "FINISH",
+                "an opt-out keyword",
+                stop,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn whole_number_matchers_are_validated() {
+    let dir = temp_flows(&[(
+        "f.yaml",
+        r#"trigger: {keywords: [GO]}
+steps:
+  a:
+    say: "How many?"
+    wait:
+      - number: { min: 1.5, integer: true }
+        say: x
+      - number: { max: 3, integer: yes }
+        say: y
+      - number: whole
+        say: z
+      - number: { min: 1, max: 10, integer: true }
+        say: ok
+      - number: integer
+        say: ok
+"#,
+    )]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &[
+            "f.yaml:6:24: error: `min` must be a whole number with `integer: true`, got 1.5",
+            "f.yaml:8:36: error: expected true or false for `integer`",
+            "f.yaml:10:17: error: `number` is true, integer, a range like 13..120, or {min: 13, max: 120, integer: true}",
+        ],
+    );
+}

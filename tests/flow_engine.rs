@@ -206,13 +206,13 @@ fn huge_and_odd_bodies_are_handled() {
     )]);
     let emoji = "😀".repeat(1600);
     let h = send(&set, Conversation::default(), &emoji, 1);
-    let out = bodies(&h.outcome);
+    // 1,610 characters: split at the last whitespace within the limit,
+    // nothing cut off.
     assert_eq!(
-        out[0].chars().count(),
-        1600,
-        "reply is cut to 1600 characters"
+        bodies(&h.outcome),
+        vec!["You said:".to_owned(), emoji.clone()],
+        "a long reply is split at whitespace"
     );
-    assert!(out[0].starts_with("You said: 😀"));
 
     let h = send(&set, Conversation::default(), "\u{0}\u{1b}[2J\r\n\u{7f}", 1);
     assert_eq!(
@@ -232,7 +232,8 @@ fn media_is_passed_through() {
         h.outcome,
         Outcome::Reply(vec![Reply {
             body: "Menu".into(),
-            media: vec!["https://e.com/a.jpg".into()]
+            media: vec!["https://e.com/a.jpg".into()],
+            origin: None,
         }])
     );
     let h = send(&set, Conversation::default(), "pic", 1);
@@ -240,7 +241,8 @@ fn media_is_passed_through() {
         h.outcome,
         Outcome::Reply(vec![Reply {
             body: String::new(),
-            media: vec!["https://e.com/b.jpg".into()]
+            media: vec!["https://e.com/b.jpg".into()],
+            origin: None,
         }])
     );
     let h = send(&FlowSet::empty(), Conversation::default(), "menu", 1);
@@ -566,4 +568,124 @@ proptest! {
         std::fs::write(dir.path().join("f.yaml"), &text).unwrap();
         let _ = load_dir(dir.path());
     }
+}
+
+/// Tricky texts and the one normal form every comparison uses: Unicode
+/// punctuation (full-width, CJK, `‼`, guillemets), NBSP and other spaces,
+/// zero-width characters, emoji with modifiers, combining marks, Greek
+/// final sigma, punctuation inside and between words.
+const TRICKY: &[(&str, &str)] = &[
+    ("Paris，", "paris"),
+    ("「Paris」", "paris"),
+    ("¡PARIS!", "paris"),
+    ("Paris‼", "paris"),
+    ("«Paris»", "paris"),
+    ("“Paris”.", "paris"),
+    ("Paris\u{a0}", "paris"),
+    ("\u{202f}paris\u{3000}", "paris"),
+    ("pa\u{200b}ris", "pa ris"),
+    ("\u{feff}Paris\u{0}", "paris"),
+    ("Yes,  PLEASE!!", "yes please"),
+    ("yes… please", "yes please"),
+    ("Yes - please", "yes please"),
+    ("yes\u{a0}please。", "yes please"),
+    ("👍", "👍"),
+    ("👍🏽!", "👍🏽"),
+    ("👨\u{200d}👩\u{200d}👧", "👨\u{200d}👩\u{200d}👧"),
+    ("Café!", "café"),
+    ("CAFE\u{301}?", "cafe\u{301}"),
+    ("ΟΔΟΣ", "οδος"),
+    ("don't", "don't"),
+    ("1.5kg", "1.5kg"),
+    ("STOP，", "stop"),
+    ("\u{a0}stop\u{a0}", "stop"),
+    ("Stop‼", "stop"),
+];
+
+#[test]
+fn keywords_rhai_normalize_and_consent_agree_on_tricky_text() {
+    // The Rhai helper, through a script flow that answers with it.
+    let rhai = load_yaml(&[
+        (
+            "echo.yaml",
+            "trigger: {catch_all: true}\nscript: echo.rhai\n",
+        ),
+        (
+            "echo.rhai",
+            "fn on_message(msg, state) { `[${normalize(msg.body)}]` }\n",
+        ),
+    ]);
+    // Keywords, written in capitals; each answers with its own normal form.
+    let mut kw = String::from("keywords:\n");
+    let mut forms: Vec<&str> = TRICKY.iter().map(|(_, n)| *n).collect();
+    forms.sort();
+    forms.dedup();
+    for form in &forms {
+        if *form == "stop" {
+            continue; // a consent word: the pipeline takes it before flows
+        }
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        kw.push_str(&format!(
+            "  {}: {}\n",
+            quote(&form.to_uppercase()),
+            quote(form)
+        ));
+    }
+    let keywords = load_yaml(&[("keywords.yaml", &kw)]);
+    let consent = smsflow::compliance::ComplianceConfig::default().normalized();
+    for (text, form) in TRICKY {
+        assert_eq!(smsflow::flow::normalize(text), *form, "normalize({text:?})");
+        assert_eq!(
+            bodies(&send(&rhai, Conversation::default(), text, 1).outcome),
+            vec![format!("[{form}]")],
+            "Rhai normalize({text:?})"
+        );
+        if *form == "stop" {
+            assert!(
+                matches!(
+                    consent.classify(text, None),
+                    smsflow::compliance::Consent::Stop { .. }
+                ),
+                "{text:?} is an opt-out"
+            );
+        } else {
+            assert_eq!(
+                bodies(&send(&keywords, Conversation::default(), text, 1).outcome),
+                vec![form.to_string()],
+                "keyword for {text:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn script_replies_and_fallbacks_name_their_flow_and_step() {
+    let set = load_yaml(&[
+        (
+            "keywords.yaml",
+            "keywords:\n  HI: { say: \"Hello\", flow: echo }\n",
+        ),
+        ("echo.yaml", "script: echo.rhai\nfallback: \"Sorry\"\n"),
+        (
+            "echo.rhai",
+            "fn on_message(msg, state) { if msg.body == \"boom\" { throw \"boom\" } \"echo\" }\n",
+        ),
+        (
+            "boom.yaml",
+            "trigger: {keywords: [BOOM]}\nscript: echo.rhai\nfallback: \"Sorry\"\n",
+        ),
+    ]);
+    let origins = |h: &Handled| match &h.outcome {
+        Outcome::Reply(r) => r
+            .iter()
+            .map(|r| r.origin.as_ref().map(|o| format!("{}/{}", o.flow, o.step)))
+            .collect::<Vec<_>>(),
+        Outcome::Silence(_) => Vec::new(),
+    };
+    let h = send(&set, Conversation::default(), "hi", 1);
+    assert_eq!(bodies(&h.outcome), ["Hello", "echo"]);
+    assert_eq!(origins(&h), [None, Some("echo/on_message".to_owned())]);
+    let h = send(&set, Conversation::default(), "boom", 1);
+    assert_eq!(bodies(&h.outcome), ["Sorry"]);
+    assert_eq!(origins(&h), [Some("boom/on_message".to_owned())]);
 }

@@ -29,6 +29,7 @@ fn at(file: &Path, pos: Pos) -> String {
 pub(crate) fn check(set: &SetInner, reserved: &ReservedWords, diags: &mut Vec<Diagnostic>) {
     collisions(set, diags);
     reserved_words(set, reserved, diags);
+    invited_reserved_words(set, reserved, diags);
     for flow in set.flows.values() {
         targets(set, flow, diags);
         reachability(flow, diags);
@@ -148,6 +149,139 @@ fn reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec<Diagnos
                         );
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Replies that invite a consent word as an answer: "Reply YES or CANCEL"
+/// opts out every customer who follows it, and the flow never hears back.
+/// Offering the word for what the server does with it is fine ("Reply STOP
+/// to unsubscribe", "Text HELP for help"); the answer's purpose (`to …`,
+/// `for …`, or its sentence when it is the only answer) must say so.
+/// Warnings, like [`reserved_words`].
+fn invited_reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec<Diagnostic>) {
+    use super::invitations::invitations;
+    use super::matcher::normalize;
+    let has = |list: &[String], word: &str| list.iter().any(|k| normalize(k) == word);
+    let any_of = |purpose: &str, words: &[&str]| {
+        let padded = format!(" {purpose} ");
+        words.iter().any(|w| padded.contains(&format!(" {w} ")))
+    };
+    // Words that say the answer is about the messages themselves.
+    const MESSAGES: &[&str] = &[
+        "message",
+        "messages",
+        "text",
+        "texts",
+        "sms",
+        "alerts",
+        "notifications",
+        "reminders",
+        "updates",
+        "receiving",
+        "subscription",
+    ];
+    let problem = |word: &str, purpose: &str| -> Option<String> {
+        // "to stop", "to unsubscribe": the word's own meaning, nothing else.
+        let alone = |verbs: &[&str]| {
+            purpose
+                .strip_prefix("to ")
+                .is_some_and(|verb| verbs.contains(&verb))
+        };
+        let (what, fits, does) = if has(&lists.stop, word) {
+            let fits = any_of(purpose, &["unsubscribe", "opt out", "optout", "opt-out"])
+                || any_of(purpose, MESSAGES)
+                || alone(&["stop", "end", "cancel", "quit", "unsubscribe"]);
+            (
+                "an opt-out keyword",
+                fits,
+                "is opted out, and this flow never sees the answer",
+            )
+        } else if has(&lists.start, word) && word != "yes" {
+            let fits = any_of(
+                purpose,
+                &[
+                    "subscribe",
+                    "resubscribe",
+                    "opt in",
+                    "optin",
+                    "opt-in",
+                    "unstop",
+                ],
+            ) || any_of(purpose, MESSAGES);
+            (
+                "an opt-in keyword",
+                fits,
+                "gets silence, and this flow never sees the answer",
+            )
+        } else if has(&lists.help, word) {
+            let fits = any_of(
+                purpose,
+                &[
+                    "help",
+                    "info",
+                    "information",
+                    "assistance",
+                    "support",
+                    "options",
+                    "more",
+                ],
+            );
+            (
+                "a help keyword",
+                fits,
+                "gets the help text, and this flow never sees the answer",
+            )
+        } else {
+            return None;
+        };
+        (!fits).then(|| {
+            format!(
+                "this reply invites `{}` as an answer, but it is {what}: a sender who sends it {does} \
+                 (offer another word, or say what it does, like \"Reply STOP to unsubscribe\")",
+                word.to_uppercase()
+            )
+        })
+    };
+    let mut check = |msgs: &[Message], file: &Path| {
+        for m in msgs {
+            let mut warned: Vec<String> = Vec::new();
+            for inv in invitations(&m.text.source()) {
+                if warned.contains(&inv.word) {
+                    continue;
+                }
+                if let Some(message) = problem(&inv.word, &inv.purpose) {
+                    warned.push(inv.word);
+                    diags.push(Diagnostic {
+                        file: file.to_path_buf(),
+                        line: m.pos.line,
+                        column: m.pos.column,
+                        severity: Severity::Warning,
+                        message,
+                    });
+                }
+            }
+        }
+    };
+    for rule in &set.keywords {
+        check(&rule.say, &rule.origin.file);
+    }
+    for d in &set.defaults {
+        check(&d.say, &d.origin.file);
+    }
+    for flow in set.flows.values() {
+        check(&flow.fallback, &flow.file);
+        for step in flow.steps.values() {
+            check(&step.say, &flow.file);
+            if let Next::Wait { routes, retry } = &step.next {
+                for r in routes {
+                    check(&r.say, &flow.file);
+                }
+                if let Some(say) = &retry.say {
+                    check(say, &flow.file);
+                }
+                check(&retry.give_up_say, &flow.file);
             }
         }
     }

@@ -3,9 +3,9 @@
 //!
 //! Pure and total: no IO, no clock (the caller passes `now` in unix
 //! seconds), no panics on any input. The caller owns persistence, dedupe,
-//! opt-outs and the wire format; this module does not know Twilio, HTTP or
-//! the store. Because the function is pure, a caller can retry it in a
-//! compare-and-swap loop without side effects.
+//! opt-outs and the wire format; this module does not know Twilio (beyond
+//! its message limits), HTTP or the store. Because the function is pure, a
+//! caller can retry it in a compare-and-swap loop without side effects.
 //!
 //! Rhai (script flows, `when:`, `{{= }}`) runs synchronously through the
 //! set's sandbox, within one wall-clock budget per message (the sandbox's
@@ -27,19 +27,23 @@ use super::script::{
     Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
 };
 use super::template::{Template, Var, Vars};
+// Twilio's message limits, defined once where the TwiML is rendered.
+use crate::twilio::twiml;
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
 /// keeping it in `vars` means stored conversations keep their shape.
 pub const SCRIPT_STATE_VAR: &str = "$state";
 
-/// At most this many replies per inbound message (Twilio's TwiML limit).
-pub const MAX_REPLIES: usize = 10;
+/// At most this many replies per inbound message (Twilio's TwiML limit),
+/// the parts of a split reply included.
+pub const MAX_REPLIES: usize = twiml::MAX_MESSAGES;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
-/// Longest reply body, in characters (Twilio's limit); longer renders are cut.
-pub const MAX_BODY_CHARS: usize = 1600;
+/// Longest reply body, in characters (Twilio's limit); a longer reply is
+/// split at whitespace into several messages ([`twiml::split_body`]).
+pub const MAX_BODY_CHARS: usize = twiml::MAX_BODY_CHARS;
 
 /// One inbound message, as the caller parsed it.
 #[derive(Clone, Copy, Debug)]
@@ -52,10 +56,21 @@ pub struct Inbound<'a> {
 }
 
 /// One outgoing message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
     pub body: String,
     pub media: Vec<String>,
+    /// The flow step that said it; `None` for a keyword's or the
+    /// `default:` reply (and for a message read back from TwiML). One
+    /// answer can hold messages of several steps and flows.
+    pub origin: Option<StepRef>,
+}
+
+/// A step of a flow (`on_message` for a script flow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRef {
+    pub flow: String,
+    pub step: String,
 }
 
 /// What to answer.
@@ -192,6 +207,7 @@ pub fn handle(
         sandbox: set.inner.sandbox.as_deref(),
         budget: None,
         failed: None,
+        failed_at: None,
         msg,
         now,
         contact: conv.contact,
@@ -241,6 +257,8 @@ struct Exec<'a> {
     /// The first script error and the flow it happened in. Once set, no
     /// more Rhai runs and the message gets that flow's fallback.
     failed: Option<(String, ScriptError)>,
+    /// The step that was running when `failed` was set.
+    failed_at: Option<String>,
     msg: &'a Inbound<'a>,
     now: i64,
     contact: BTreeMap<String, String>,
@@ -540,7 +558,9 @@ impl<'a> Exec<'a> {
     /// Runs a script flow's `on_message` for this message. The run lasts
     /// while the script leaves something in `state`.
     fn run_script(&mut self, flow: &'a Flow, state: &BTreeMap<String, Value>, started_at: i64) {
-        let Some(script) = &flow.script else {
+        // A set whose script did not compile has an error and is never
+        // served; nothing to run.
+        let Some(script) = flow.script.as_ref().and_then(|s| s.script.as_ref()) else {
             return;
         };
         self.answered = true;
@@ -555,10 +575,8 @@ impl<'a> Exec<'a> {
             received_at: self.now,
             contact: self.contact.clone(),
         };
-        let at = (script.script.file(), (1, 1));
-        let Some(out) = self.rhai(at, |sandbox| {
-            sandbox.run_script(&script.script, &input, state)
-        }) else {
+        let at = (script.file(), (1, 1));
+        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
             self.run = None;
             return;
         };
@@ -606,6 +624,7 @@ impl<'a> Exec<'a> {
     fn fail(&mut self, err: ScriptError) {
         if self.failed.is_none() {
             self.failed = Some((self.flow.clone().unwrap_or_default(), err));
+            self.failed_at.clone_from(&self.step);
         }
     }
 
@@ -683,18 +702,17 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn push(&mut self, mut body: String, media: Vec<String>) {
-        clip(&mut body);
-        if body.is_empty() && media.is_empty() {
-            // Twilio refuses an empty message; a template that rendered
-            // to nothing simply sends nothing.
-            return;
+    /// Adds a message said by the current step (or by no flow, when none
+    /// runs: keywords and the default reply).
+    fn push(&mut self, body: String, media: Vec<String>) {
+        let origin = step_ref(&self.flow, &self.step);
+        for reply in split_reply(body, media, origin) {
+            if self.out.len() >= MAX_REPLIES {
+                self.dropped += 1;
+                continue;
+            }
+            self.out.push(reply);
         }
-        if self.out.len() >= MAX_REPLIES {
-            self.dropped += 1;
-            return;
-        }
-        self.out.push(Reply { body, media });
     }
 
     /// Like [`Exec::finish`], unless a script failed: then the failing
@@ -729,17 +747,15 @@ impl<'a> Exec<'a> {
             to: self.msg.to,
             captures: &[],
         };
+        let origin = step_ref(&Some(flow.clone()), &self.failed_at);
         let replies: Vec<Reply> = fallback
             .iter()
             .filter_map(|m| {
                 // Load refuses expressions in a fallback.
-                let mut body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
-                clip(&mut body);
-                (!body.is_empty() || !m.media.is_empty()).then(|| Reply {
-                    body,
-                    media: m.media.clone(),
-                })
+                let body = m.text.try_render(&vars, &mut |_| Ok(String::new())).ok()?;
+                Some(split_reply(body, m.media.clone(), origin.clone()))
             })
+            .flatten()
             .take(MAX_REPLIES)
             .collect();
         let outcome = if replies.is_empty() {
@@ -787,10 +803,42 @@ impl<'a> Exec<'a> {
     }
 }
 
-/// Cuts a reply to [`MAX_BODY_CHARS`] characters.
-fn clip(body: &mut String) {
-    if let Some((cut, _)) = body.char_indices().nth(MAX_BODY_CHARS) {
-        body.truncate(cut);
+/// The messages one reply goes out as: none when it has neither text nor
+/// media (Twilio refuses an empty message, so a template that rendered to
+/// nothing sends nothing); several when its text is longer than
+/// [`MAX_BODY_CHARS`], split at whitespace exactly as the TwiML renderer
+/// splits, with the media on the first. Splitting here rather than only
+/// in the renderer makes every part count toward [`MAX_REPLIES`] in the
+/// engine's own account (events, replies handed to the caller).
+fn split_reply(body: String, media: Vec<String>, origin: Option<StepRef>) -> Vec<Reply> {
+    if body.chars().count() <= MAX_BODY_CHARS {
+        if body.is_empty() && media.is_empty() {
+            return Vec::new();
+        }
+        return vec![Reply {
+            body,
+            media,
+            origin,
+        }];
+    }
+    let mut media = Some(media);
+    twiml::split_body(&body, MAX_BODY_CHARS)
+        .into_iter()
+        .map(|part| Reply {
+            body: part,
+            media: media.take().unwrap_or_default(),
+            origin: origin.clone(),
+        })
+        .collect()
+}
+
+fn step_ref(flow: &Option<String>, step: &Option<String>) -> Option<StepRef> {
+    match (flow, step) {
+        (Some(flow), Some(step)) => Some(StepRef {
+            flow: flow.clone(),
+            step: step.clone(),
+        }),
+        _ => None,
     }
 }
 

@@ -32,9 +32,10 @@ use super::yaml::{self, Kind, Node};
 /// Largest flow file we read.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// Most messages one step (or route, or keyword) may send.
-pub const MAX_MESSAGES: usize = 10;
-/// Longest literal reply, in characters.
-pub const MAX_REPLY_CHARS: usize = 1600;
+pub const MAX_MESSAGES: usize = super::engine::MAX_REPLIES;
+/// Longest literal reply, in characters (one SMS message's limit). Replies
+/// that only render longer, from templates or scripts, are split instead.
+pub const MAX_REPLY_CHARS: usize = super::engine::MAX_BODY_CHARS;
 /// Expiry when a flow does not say.
 pub const DEFAULT_EXPIRE_SECS: i64 = 24 * 3600;
 
@@ -82,6 +83,9 @@ struct ScriptEnv {
     sandbox: Arc<Sandbox>,
     /// Top-level `*.rhai` files by file name, with their text.
     sources: BTreeMap<String, (PathBuf, String)>,
+    /// Every `*.rhai` file under the flows directory (modules included) by
+    /// its path relative to it, `/`-separated, as `import` names it.
+    modules: BTreeMap<String, String>,
     /// File names some flow's `script:` names.
     used: BTreeSet<String>,
     /// Something was compiled, so the set keeps the sandbox.
@@ -109,6 +113,14 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
             .filter_map(|(path, text)| {
                 let name = path.file_name()?.to_string_lossy().into_owned();
                 Some((name, (path.clone(), text.clone())))
+            })
+            .collect(),
+        modules: rhai
+            .iter()
+            .filter_map(|(path, text)| {
+                let rel = path.strip_prefix(dir).ok()?;
+                let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy()).collect();
+                Some((parts.join("/"), text.clone()))
             })
             .collect(),
         used: BTreeSet::new(),
@@ -284,23 +296,60 @@ fn unused_scripts(env: &ScriptEnv, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Contact fields a script sets with a literal name, or `None` when it may
-/// set fields `check` cannot see (a computed name, or code it imports).
-fn script_contact_fields(source: &str) -> Option<Vec<String>> {
+/// Contact fields a script sets with a literal name, following the modules
+/// it imports (and theirs), or `None` when it may set fields `check` cannot
+/// see: a computed field name, an import whose path is not a literal, or a
+/// module not found among `modules` (every `*.rhai` file of the flows
+/// directory by relative path). Reads the text only, so it answers for a
+/// script that does not compile too.
+fn script_contact_fields(source: &str, modules: &BTreeMap<String, String>) -> Option<Vec<String>> {
     static LITERAL: OnceLock<Option<Regex>> = OnceLock::new();
     static ANY: OnceLock<Option<Regex>> = OnceLock::new();
+    static IMPORT: OnceLock<Option<Regex>> = OnceLock::new();
+    static ANY_IMPORT: OnceLock<Option<Regex>> = OnceLock::new();
     let literal = LITERAL
         .get_or_init(|| Regex::new(r#"\bset_contact\s*\(\s*"([A-Za-z0-9_]+)"\s*,"#).ok())
         .as_ref()?;
     let any = ANY
         .get_or_init(|| Regex::new(r"\bset_contact\b").ok())
         .as_ref()?;
-    let fields: Vec<String> = literal
-        .captures_iter(source)
-        .map(|c| c[1].to_owned())
-        .collect();
-    let imports = source.contains("import");
-    (any.find_iter(source).count() == fields.len() && !imports).then_some(fields)
+    let import = IMPORT
+        .get_or_init(|| Regex::new(r#"\bimport\s+"([^"]+)""#).ok())
+        .as_ref()?;
+    let any_import = ANY_IMPORT
+        .get_or_init(|| Regex::new(r"\bimport\b").ok())
+        .as_ref()?;
+    let mut fields = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![source];
+    while let Some(text) = todo.pop() {
+        let found: Vec<String> = literal
+            .captures_iter(text)
+            .map(|c| c[1].to_owned())
+            .collect();
+        if any.find_iter(text).count() != found.len() {
+            return None;
+        }
+        fields.extend(found);
+        let imports: Vec<&str> = import
+            .captures_iter(text)
+            .filter_map(|c| c.get(1).map(|m| m.as_str()))
+            .collect();
+        if any_import.find_iter(text).count() != imports.len() {
+            return None;
+        }
+        for module in imports {
+            let file = if module.ends_with(".rhai") {
+                module.to_owned()
+            } else {
+                format!("{module}.rhai")
+            };
+            if seen.insert(file.clone()) {
+                todo.push(modules.get(&file)?);
+            }
+        }
+    }
+    Some(fields)
 }
 
 /// Byte offset of a 1-based line and (character) column in `source`.
@@ -738,7 +787,10 @@ impl Cx<'_> {
     }
 
     /// `script: quiz.rhai`: compiles that top-level file of the flows
-    /// directory.
+    /// directory. When that fails (the error is reported), the flow still
+    /// gets a script without code, so `check` reports only that error and
+    /// not, as well, "unknown flow" where the flow is named or "never set"
+    /// for the contact fields its script sets.
     fn script(&mut self, node: &Node) -> Option<ScriptFlow> {
         let name = self.text(node, "`script`")?;
         let plain =
@@ -748,7 +800,7 @@ impl Cx<'_> {
                 node.pos,
                 format!("`script` names a .rhai file in the flows directory, like quiz.rhai, not `{name}`"),
             );
-            return None;
+            return Some(ScriptFlow::broken(None));
         }
         self.env.used.insert(name.clone());
         let Some((path, text)) = self.env.sources.get(&name) else {
@@ -756,23 +808,24 @@ impl Cx<'_> {
                 node.pos,
                 format!("script `{name}` not found in the flows directory"),
             );
-            return None;
+            return Some(ScriptFlow::broken(None));
         };
         let compiled = self.env.sandbox.compile_script(path, text);
-        let contact_fields = script_contact_fields(text);
-        match compiled {
+        let contact_fields = script_contact_fields(text, &self.env.modules);
+        let script = match compiled {
             Ok(script) => {
                 self.env.compiled = true;
-                Some(ScriptFlow {
-                    script,
-                    contact_fields,
-                })
+                Some(script)
             }
             Err(e) => {
                 self.script_err(&e);
                 None
             }
-        }
+        };
+        Some(ScriptFlow {
+            script,
+            contact_fields,
+        })
     }
 
     /// `fallback:` -- messages like `say:` (no expressions: the fallback is
@@ -1502,10 +1555,10 @@ impl Cx<'_> {
     }
 
     fn number(&mut self, v: &Node) -> Option<Matcher> {
-        let bad = "`number` is true, a range like 13..120, or {min: 13, max: 120}";
+        let bad = "`number` is true, integer, a range like 13..120, or {min: 13, max: 120, integer: true}";
         match &v.kind {
             Kind::Map(_) => {
-                let m = self.map(v, "`number`", &["min", "max"])?;
+                let m = self.map(v, "`number`", &["min", "max", "integer"])?;
                 let mut bound = |key: &str| -> Option<Option<f64>> {
                     match m.get(key) {
                         None => Some(None),
@@ -1522,11 +1575,34 @@ impl Cx<'_> {
                     }
                 };
                 let (min, max) = (bound("min")?, bound("max")?);
-                self.range(min, max, v.pos)
+                let integer = match m.get("integer") {
+                    None => false,
+                    Some((_, n)) => self.flag(n, "`integer`")?,
+                };
+                if integer {
+                    for (key, b) in [("min", min), ("max", max)] {
+                        if let (Some(x), Some((_, n))) = (b, m.get(key)) {
+                            if x.fract() != 0.0 {
+                                self.err(
+                                    n.pos,
+                                    format!("`{key}` must be a whole number with `integer: true`, got {x}"),
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                }
+                self.range(min, max, integer, v.pos)
             }
             Kind::Scalar(s, _) if s == "true" || s == "True" => Some(Matcher::Number {
                 min: None,
                 max: None,
+                integer: false,
+            }),
+            Kind::Scalar(s, _) if s == "integer" => Some(Matcher::Number {
+                min: None,
+                max: None,
+                integer: true,
             }),
             Kind::Scalar(s, _) => {
                 let Some((a, b)) = s.split_once("..") else {
@@ -1545,7 +1621,7 @@ impl Cx<'_> {
                         .ok_or(())
                 };
                 match (parse(a), parse(b)) {
-                    (Ok(min), Ok(max)) => self.range(min, max, v.pos),
+                    (Ok(min), Ok(max)) => self.range(min, max, false, v.pos),
                     _ => {
                         self.err(v.pos, format!("invalid number range `{s}`; {bad}"));
                         None
@@ -1559,14 +1635,20 @@ impl Cx<'_> {
         }
     }
 
-    fn range(&mut self, min: Option<f64>, max: Option<f64>, pos: Pos) -> Option<Matcher> {
+    fn range(
+        &mut self,
+        min: Option<f64>,
+        max: Option<f64>,
+        integer: bool,
+        pos: Pos,
+    ) -> Option<Matcher> {
         if let (Some(a), Some(b)) = (min, max) {
             if a > b {
                 self.err(pos, format!("number range is empty: {a} is more than {b}"));
                 return None;
             }
         }
-        Some(Matcher::Number { min, max })
+        Some(Matcher::Number { min, max, integer })
     }
 
     fn retry(&mut self, node: &Node) -> Option<Retry> {

@@ -5,58 +5,61 @@
 //! know about steps, runs or flow files; the engine decides what a match
 //! means.
 
+use std::sync::OnceLock;
+
+use regex::Regex;
+
 use super::model::Matcher;
 
-/// Punctuation we strip from the ends of a message and of each word.
+/// Punctuation we strip from the ends of every word.
 ///
-/// ASCII punctuation plus the marks phones commonly insert (curly quotes,
-/// inverted marks, full-width forms). Emoji are deliberately *not*
+/// ASCII punctuation and symbols (`!`, `$`, `+`, `~`, …) plus every
+/// non-ASCII character of Unicode's punctuation categories: the marks phones
+/// insert (curly quotes, `¿`, `…`, dashes), full-width and CJK forms (`，`,
+/// `。`, `「」`), `‼`. Emoji and other symbols are deliberately *not*
 /// punctuation: "👍" is a meaningful answer.
 pub(crate) fn is_punct(c: char) -> bool {
-    c.is_ascii_punctuation()
-        || matches!(
-            c,
-            '¡' | '¿'
-                | '…'
-                | '“'
-                | '”'
-                | '‘'
-                | '’'
-                | '«'
-                | '»'
-                | '。'
-                | '、'
-                | '！'
-                | '？'
-                | '，'
-                | '．'
-                | '–'
-                | '—'
-                | '·'
-        )
+    if c.is_ascii() {
+        return c.is_ascii_punctuation();
+    }
+    static PUNCT: OnceLock<Option<Regex>> = OnceLock::new();
+    let Some(punct) = PUNCT.get_or_init(|| Regex::new(r"\A\p{P}\z").ok()) else {
+        return false;
+    };
+    let mut buf = [0u8; 4];
+    punct.is_match(c.encode_utf8(&mut buf))
 }
 
 /// Control characters behave like whitespace: nobody types them on purpose,
 /// and a stray NUL or zero-width mark must not stop "HOURS" from matching.
+/// (The zero-width *joiner* is not one: it holds emoji sequences together.)
 fn is_space(c: char) -> bool {
-    c.is_whitespace() || c.is_control() || matches!(c, '\u{200b}' | '\u{feff}')
+    c.is_whitespace() || c.is_control() || matches!(c, '\u{200b}' | '\u{2060}' | '\u{feff}')
 }
 
-/// Normalise a message or keyword for comparison: trim whitespace and
-/// punctuation at both ends, collapse inner whitespace to one space and
-/// lowercase (Unicode).
+/// The one normal form smsflow compares text in: keywords, trigger
+/// keywords, `any_of`/`exact` answers, consent and interrupt keywords, and
+/// the Rhai helper `normalize()` all use this function, so a script and a
+/// keyword never disagree on a message.
+///
+/// The text is split into words at whitespace (Unicode, NBSP included)
+/// and control characters; punctuation is trimmed from both ends of every
+/// word, words left empty are dropped, and the rest are lowercased
+/// (Unicode, final sigma included) and joined with one space:
+/// `"  Yes,  PLEASE!! "` -> `"yes please"`, `"Paris，"` -> `"paris"`.
+/// Punctuation inside a word stays (`don't`, `1.5`, `e-mail`). There is no
+/// Unicode normalisation: `é` and `e` + a combining accent stay different.
 pub fn normalize(text: &str) -> String {
-    let trimmed = text.trim_matches(|c: char| is_space(c) || is_punct(c));
-    let mut out = String::with_capacity(trimmed.len());
-    for (i, word) in trimmed
+    let mut out = String::with_capacity(text.len());
+    for word in text
         .split(is_space)
+        .map(|w| w.trim_matches(is_punct))
         .filter(|w| !w.is_empty())
-        .enumerate()
     {
-        if i > 0 {
+        if !out.is_empty() {
             out.push(' ');
         }
-        out.extend(word.chars().flat_map(char::to_lowercase));
+        out.push_str(&word.to_lowercase());
     }
     out
 }
@@ -267,9 +270,11 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
                 named,
             })
         }
-        Matcher::Number { min, max } => {
+        Matcher::Number { min, max, integer } => {
             let (v, text) = first_number(body)?;
-            let ok = min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m);
+            let ok = min.is_none_or(|m| v >= m)
+                && max.is_none_or(|m| v <= m)
+                && (!integer || v.fract() == 0.0);
             ok.then(|| RouteMatch {
                 value: text,
                 ..RouteMatch::default()

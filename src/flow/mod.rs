@@ -5,16 +5,20 @@
 //! function the webhook calls for each inbound message; `transcript` parses
 //! `.chat` conversation tests and compares replies (`author` runs them
 //! through the pipeline); `outline` describes one flow's
-//! steps and routes for diagrams; `script` is the Rhai sandbox that script
-//! flows and expressions run in. The file format is documented
+//! steps and routes for diagrams; `invitations` reads which answers a
+//! reply asks for (`check` warns when one is a consent word); `script` is
+//! the Rhai sandbox that script flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
 //! clock: time comes in as unix seconds and state comes in and goes out as a
-//! [`Conversation`] value.
+//! [`Conversation`] value. Only Twilio's message limits (characters per
+//! message, messages per answer, and how a long reply is split) come from
+//! `twilio::twiml`, where they are defined once.
 
 mod check;
 mod engine;
+mod invitations;
 mod load;
 mod matcher;
 mod model;
@@ -28,7 +32,7 @@ mod yaml;
 pub use check::ReservedWords;
 pub use engine::{
     handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
-    SilenceReason, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    SilenceReason, StepRef, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub(crate) use load::parse_duration;
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};

@@ -241,11 +241,24 @@ pub(crate) struct Flow {
 
 #[derive(Clone, Debug)]
 pub(crate) struct ScriptFlow {
-    pub script: Script,
-    /// Contact fields the script sets with a literal name; `None` when it
-    /// may set others (a computed name, or an import), so `check` cannot
-    /// tell which fields exist.
+    /// `None` when the script is missing or does not compile: the set then
+    /// has an error and is never served; the flow is kept so that `check`
+    /// still knows it exists and what it sets.
+    pub script: Option<Script>,
+    /// Contact fields the script (with the modules it imports) sets with a
+    /// literal name; `None` when it may set others (a computed name or
+    /// import), so `check` cannot tell which fields exist.
     pub contact_fields: Option<Vec<String>>,
+}
+
+impl ScriptFlow {
+    /// A script flow whose script could not be compiled.
+    pub fn broken(contact_fields: Option<Vec<String>>) -> ScriptFlow {
+        ScriptFlow {
+            script: None,
+            contact_fields,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -315,6 +328,8 @@ pub(crate) enum Matcher {
     Number {
         min: Option<f64>,
         max: Option<f64>,
+        /// Only a whole number counts (`3`, `3.0`; not `3.5`).
+        integer: bool,
     },
     Yes,
     No,

@@ -6,7 +6,8 @@
 //! of them that other modules get. It knows nothing of any output format
 //! (Mermaid, DOT): the `author` module renders outlines.
 
-use super::model::{FlowSet, Matcher, Message, Next, Route, Transition};
+use super::model::{FlowSet, Matcher, Message, Next, Route, ScriptFlow, Transition};
+use super::script::ENTRY_POINT;
 
 /// One flow, described for a diagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +108,15 @@ impl FlowSet {
             }
         }
 
+        if let Some(script) = &flow.script {
+            return Some(Outline {
+                flow: flow.name.clone(),
+                start: flow.start.name.clone(),
+                entries,
+                steps: vec![script_step(script)],
+            });
+        }
+
         let mut steps: Vec<_> = flow.steps.iter().collect();
         steps.sort_by_key(|(_, s)| s.pos);
         let steps = steps
@@ -165,6 +175,34 @@ impl FlowSet {
     }
 }
 
+/// A script flow is one step, `on_message`, run for every message of the
+/// run; the run goes on while the script leaves something in `state`.
+fn script_step(script: &ScriptFlow) -> OutlineStep {
+    let file = script
+        .script
+        .as_ref()
+        .and_then(|s| s.file().file_name())
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    OutlineStep {
+        name: ENTRY_POINT.to_owned(),
+        say: Some(format!("Rhai script {file}")),
+        waits: true,
+        edges: vec![
+            Edge {
+                label: "state not empty: next message".to_owned(),
+                to: EdgeTarget::Step(ENTRY_POINT.to_owned()),
+                retry: false,
+            },
+            Edge {
+                label: "state empty".to_owned(),
+                to: EdgeTarget::End,
+                retry: false,
+            },
+        ],
+    }
+}
+
 fn first_say(say: &[Message]) -> Option<String> {
     let m = say.first()?;
     let text = m.text.source();
@@ -196,14 +234,17 @@ fn route_label(r: &Route) -> String {
         Matcher::Contains(s) => format!("contains: {s}"),
         Matcher::StartsWith(s) => format!("starts_with: {s}"),
         Matcher::Regex(re) => format!("regex: {}", re.as_str()),
-        Matcher::Number { min, max } => match (min, max) {
-            (None, None) => "number".to_owned(),
-            (min, max) => format!(
-                "number {}..{}",
-                min.map(|n| n.to_string()).unwrap_or_default(),
-                max.map(|n| n.to_string()).unwrap_or_default()
-            ),
-        },
+        Matcher::Number { min, max, integer } => {
+            let what = if *integer { "whole number" } else { "number" };
+            match (min, max) {
+                (None, None) => what.to_owned(),
+                (min, max) => format!(
+                    "{what} {}..{}",
+                    min.map(|n| n.to_string()).unwrap_or_default(),
+                    max.map(|n| n.to_string()).unwrap_or_default()
+                ),
+            }
+        }
         Matcher::Yes => "yes".to_owned(),
         Matcher::No => "no".to_owned(),
         Matcher::Anything => "anything".to_owned(),

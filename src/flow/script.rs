@@ -64,6 +64,10 @@ use rhai::{
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+// The helper `normalize()` is the matcher's own normal form: a script and a
+// keyword must never disagree on a message.
+use super::matcher::normalize;
+
 /// The function every script flow must define.
 pub const ENTRY_POINT: &str = "on_message";
 
@@ -1494,21 +1498,6 @@ fn runtime(message: &str) -> Box<EvalAltResult> {
     Box::new(EvalAltResult::ErrorRuntime(message.into(), Position::NONE))
 }
 
-/// Lowercases, trims whitespace and punctuation from both ends and collapses
-/// inner whitespace: "  Hello,   World!! " -> "hello, world".
-pub fn normalize(text: &str) -> String {
-    const EXTRA_PUNCTUATION: &[char] = &[
-        '¿', '¡', '…', '“', '”', '‘', '’', '«', '»', '–', '—', '。', '、', '！', '？',
-    ];
-    text.trim_matches(|c: char| {
-        c.is_whitespace() || c.is_ascii_punctuation() || EXTRA_PUNCTUATION.contains(&c)
-    })
-    .split_whitespace()
-    .collect::<Vec<_>>()
-    .join(" ")
-    .to_lowercase()
-}
-
 /// The first number in `text` ("I'm 42" -> 42, "1.5 kg" -> 1.5), or `()`.
 fn parse_number(text: &str) -> Dynamic {
     static NUMBER: OnceLock<Option<Regex>> = OnceLock::new();
@@ -2258,7 +2247,7 @@ fn on_message(msg, state) {
 
     #[test]
     fn helpers() {
-        assert_eq!(normalize("  ¡Hola,   Mundo!! "), "hola, mundo");
+        assert_eq!(normalize("  ¡Hola,   Mundo!! "), "hola mundo");
         assert_eq!(normalize("\t...STOP...\n"), "stop");
         assert_eq!(normalize(""), "");
         assert!(parse_number("no digits").is_unit());

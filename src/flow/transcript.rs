@@ -463,6 +463,7 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                         ReplyLine::Reply(Reply {
                             body: unescape(body).map_err(|e| (lno, e))?,
                             media,
+                            origin: None,
                         })
                     }
                 };
@@ -608,7 +609,7 @@ mod tests {
     fn reply(b: &str) -> ReplyLine {
         ReplyLine::Reply(Reply {
             body: b.into(),
-            media: vec![],
+            ..Reply::default()
         })
     }
 

@@ -369,6 +369,29 @@ fn graph_shows_flow_jumps_silence_and_keyword_entries() {
 }
 
 #[test]
+fn graph_of_a_script_flow_labels_its_on_message_step() {
+    let set = flow::load_dir(&shipped_dir()).unwrap().set;
+    let m = author::mermaid(&set, "quiz").unwrap();
+    assert_eq!(
+        m,
+        "---\ntitle: quiz\n---\nflowchart TD\n\
+         \x20   entry([\"keywords: QUIZ\"])\n\
+         \x20   step_on_message(\"on_message<br/>Rhai script quiz.rhai\")\n\
+         \x20   finish((\"End\"))\n\
+         \x20   entry --> step_on_message\n\
+         \x20   step_on_message -->|\"state not empty: next message\"| step_on_message\n\
+         \x20   step_on_message -->|\"state empty\"| finish\n"
+    );
+    let d = author::dot(&set, "quiz").unwrap();
+    assert!(
+        d.contains(
+            "    step_on_message [style=rounded, label=\"on_message\\nRhai script quiz.rhai\"];\n"
+        ),
+        "{d}"
+    );
+}
+
+#[test]
 fn test_applies_consent_words_as_the_server_does() {
     // Issue 12: CANCEL at a confirmation opts the sender out on the real
     // number; `smsflow test` used to hand it to the flow instead.

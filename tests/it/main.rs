@@ -13,6 +13,7 @@ mod hygiene;
 mod logs;
 mod process;
 mod reload;
+mod replies;
 mod scripts;
 mod store;
 mod transcripts;

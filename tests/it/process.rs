@@ -212,6 +212,97 @@ fn serve_refuses_to_start_without_a_token() {
 }
 
 #[test]
+fn serve_help_lists_every_config_key_and_config_prints_them_all() {
+    let bin = env!("CARGO_BIN_EXE_smsflow");
+    let tmp = tempfile::tempdir().unwrap();
+    // The keys the file accepts, as the binary's own error for an unknown
+    // key lists them.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "no_such_key = 1\n").unwrap();
+    let out = Command::new(bin)
+        .args(["config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let list = &err[err.find("expected one of").expect("keys listed")..];
+    let keys: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
+    assert!(keys.len() >= 24, "{err}");
+
+    let help = Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for key in &keys {
+        assert!(help.contains(key), "serve --help lacks `{key}`:\n{help}");
+    }
+    assert!(help.contains("smsflow config"), "{help}");
+
+    // `config`: flags over environment over the file over defaults, every
+    // key, and no secret.
+    let file = tmp.path().join("smsflow.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:7000\"\ncache_mb = 4\ntrack_delivery = true\nadmin_token = \"file-admin-token-0123456\"\nhelp_text = \"Call 555-0100\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .args(["config", "--config"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:9000"])
+        .env("SMSFLOW_CACHE_MB", "16")
+        .env("TWILIO_AUTH_TOKEN", "twilio-secret-value")
+        .env_remove("SMSFLOW_ADMIN_TOKEN")
+        .env_remove("SMSFLOW_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for key in &keys {
+        assert!(
+            printed.lines().any(
+                |l| l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key}: "))
+            ),
+            "config lacks `{key}`:\n{printed}"
+        );
+    }
+    for line in [
+        "listen = \"127.0.0.1:9000\"",
+        "cache_mb = 16",
+        "track_delivery = true",
+        "help_text = \"Call 555-0100\"",
+        "admin_token = \"<redacted>\"",
+        "retention_days = 30",
+        "# TWILIO_AUTH_TOKEN: set (not shown)",
+    ] {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "no {line:?} in\n{printed}"
+        );
+    }
+    assert!(!printed.contains("secret-value"), "{printed}");
+    assert!(!printed.contains("file-admin-token"), "{printed}");
+
+    // Without the auth token it still prints, and says serve would refuse.
+    let out = Command::new(bin)
+        .arg("config")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env_remove("SMSFLOW_ADMIN_TOKEN")
+        .env_remove("SMSFLOW_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("# TWILIO_AUTH_TOKEN: not set: serve refuses to start"),
+        "{printed}"
+    );
+    assert!(printed.contains("# admin_token: not set"), "{printed}");
+}
+
+#[test]
 fn check_exits_non_zero_with_located_errors() {
     let bad = format!("{}/tests/flows/broken/dupes", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))

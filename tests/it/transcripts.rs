@@ -48,10 +48,7 @@ fn wire_lines(twiml: &str) -> Vec<ReplyLine> {
             Event::Start(e) => {
                 element = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
                 match element.as_str() {
-                    "Message" => out.push(flow::Reply {
-                        body: String::new(),
-                        media: Vec::new(),
-                    }),
+                    "Message" => out.push(flow::Reply::default()),
                     "Media" => out.last_mut().unwrap().media.push(String::new()),
                     _ => {}
                 }
