@@ -220,6 +220,19 @@ fn hostile_files_fail_fast_with_located_errors() {
         "two_docs.yaml",
         b"keywords: {A: a}\n---\nkeywords: {B: b}\n",
     );
+    // Aliases of long text: few values, but megabytes each once expanded.
+    let fan = format!(
+        "keywords:\n  A: &long \"{}\"\n  B: [{}]\n",
+        "x".repeat(100_000),
+        vec!["*long"; 100].join(", ")
+    );
+    write("fan.yaml", fan.as_bytes());
+    let mut laughs = format!("l0: &l0 \"{}\"\n", "y".repeat(1_000));
+    for i in 1..8 {
+        let p = format!("*l{}", i - 1);
+        laughs.push_str(&format!("l{i}: &l{i} [{}]\n", vec![p.as_str(); 10].join(", ")));
+    }
+    write("laughs.yaml", laughs.as_bytes());
     write(".hidden.yaml", b"{{{{");
     write("notes.txt", b"{{{{");
 
@@ -239,9 +252,43 @@ fn hostile_files_fail_fast_with_located_errors() {
             "deep_block.yaml:33:36: error: values nested more than 32 levels deep",
             "deep_flow.yaml:1:256: error: values nested more than 32 levels deep",
             "empty.yaml:1:1: warning: empty file",
+            "fan.yaml:3:581: error: document expands to more than 8 MiB (too many aliases?)",
+            "laughs.yaml:5:40: error: document expands to more than 8 MiB (too many aliases?)",
             "scalar.yaml:1:1: error: a flow file must be a mapping with `keywords:` or `steps:`, found text",
             "two_docs.yaml:2:1: error: only one YAML document per file (remove the second `---`)",
         ],
+    );
+}
+
+/// The file from issue 11: 300 KB of text anchored once and aliased 5,900
+/// times, 309 KB on disk and 1.77 GB once expanded. `smsflow check` must
+/// refuse it at the alias that crosses the budget, and do so inside a
+/// 256 MiB address space (the loader used to abort on the first failed
+/// allocation there).
+#[cfg(target_os = "linux")]
+#[test]
+fn check_refuses_an_alias_bomb_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = format!(
+        "keywords:\n  A: &a \"{}\"\n  B: [{}]\n",
+        "x".repeat(300_000),
+        vec!["*a"; 5_900].join(",")
+    );
+    std::fs::write(dir.path().join("bomb.yaml"), &bomb).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -v 262144 && exec \"$0\" check \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_smsflow"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    // The 27th alias crosses 8 MiB: column 7 + 3 * 26.
+    assert!(
+        printed.contains(
+            "bomb.yaml:3:85: error: document expands to more than 8 MiB (too many aliases?)"
+        ),
+        "{printed}"
     );
 }
 
