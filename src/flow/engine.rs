@@ -24,7 +24,7 @@ use super::model::{
     Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Transition,
 };
 use super::script::{
-    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
+    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT, MAX_MEDIA,
 };
 use super::template::{Template, Var, Vars};
 
@@ -38,7 +38,9 @@ pub const MAX_REPLIES: usize = 10;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
-/// Longest reply body, in characters (Twilio's limit); longer renders are cut.
+/// Longest message body, in characters (Twilio's limit), both ways: longer
+/// replies are cut, and an inbound body longer than this (only a forged
+/// request can carry one) is cut to it before any flow or script sees it.
 pub const MAX_BODY_CHARS: usize = 1600;
 
 /// One inbound message, as the caller parsed it.
@@ -185,6 +187,14 @@ pub fn handle(
     msg: &Inbound<'_>,
     now: i64,
 ) -> Handled {
+    // Twilio sends at most 1,600 characters and 10 media URLs; more can only
+    // be forged, and is cut here so that no matcher, variable or script
+    // ever holds more than a real message.
+    let msg = &Inbound {
+        body: prefix_chars(msg.body, MAX_BODY_CHARS),
+        media: &msg.media[..msg.media.len().min(MAX_MEDIA)],
+        ..*msg
+    };
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec {
@@ -784,6 +794,14 @@ impl<'a> Exec<'a> {
             step: self.step,
             events: self.events,
         }
+    }
+}
+
+/// The first `n` characters of `text`.
+fn prefix_chars(text: &str, n: usize) -> &str {
+    match text.char_indices().nth(n) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
     }
 }
 

@@ -219,17 +219,6 @@ async fn require_tests_refuses_a_set_whose_transcripts_fail() {
     assert!(format!("{err:#}").contains("transcripts fail"), "{err:#}");
 }
 
-/// Peak resident memory of a process, from `/proc` (Linux).
-#[cfg(target_os = "linux")]
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM in /proc/<pid>/status");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Issue 11: a small file whose aliases expand to gigabytes, saved into a
 /// running server's flows directory, used to take the whole process down
 /// while reloading. Now the reload is refused at the alias, the server
@@ -280,6 +269,6 @@ async fn an_alias_bomb_is_refused_and_the_server_keeps_serving() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(hours().await, vec!["v1 hours"]);
-    let peak = peak_rss_kib(server.child.id());
+    let peak = server.peak_rss_kib();
     assert!(peak < 160 * 1024, "peak memory {peak} KiB");
 }
