@@ -230,7 +230,10 @@ fn hostile_files_fail_fast_with_located_errors() {
     let mut laughs = format!("l0: &l0 \"{}\"\n", "y".repeat(1_000));
     for i in 1..8 {
         let p = format!("*l{}", i - 1);
-        laughs.push_str(&format!("l{i}: &l{i} [{}]\n", vec![p.as_str(); 10].join(", ")));
+        laughs.push_str(&format!(
+            "l{i}: &l{i} [{}]\n",
+            [p.as_str(); 10].join(", ")
+        ));
     }
     write("laughs.yaml", laughs.as_bytes());
     write(".hidden.yaml", b"{{{{");
@@ -373,5 +376,94 @@ fn words_the_consent_handling_takes_first_are_warned_about() {
             .iter()
             .any(|l| l.starts_with("f.yaml:3:3: `help` is a help keyword")),
         "{lines:#?}"
+    );
+}
+
+/// Issue 11: a flow, script or module that is a symlink leading outside the
+/// flows directory is refused where it is, as an import leading outside
+/// already was; one leading inside is read.
+#[cfg(unix)]
+#[test]
+fn symlinks_leading_outside_the_flows_directory_are_refused() {
+    use std::os::unix::fs::symlink;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(
+        outside.path().join("secret.yaml"),
+        "keywords: {SECRET: s}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        outside.path().join("secret.rhai"),
+        "fn on_message(msg, state) { \"s\" }\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path();
+    std::fs::write(flows.join("k.yaml"), "keywords: {A: a}\n").unwrap();
+    std::fs::create_dir_all(flows.join("lib")).unwrap();
+    std::fs::create_dir_all(flows.join("drafts")).unwrap();
+    std::fs::write(flows.join("drafts/b.yaml"), "keywords: {B: b}\n").unwrap();
+    symlink(
+        outside.path().join("secret.yaml"),
+        flows.join("linked.yaml"),
+    )
+    .unwrap();
+    symlink(
+        outside.path().join("secret.rhai"),
+        flows.join("linked.rhai"),
+    )
+    .unwrap();
+    symlink(outside.path().join("secret.rhai"), flows.join("lib/m.rhai")).unwrap();
+    symlink(flows.join("missing.yaml"), flows.join("dangling.yaml")).unwrap();
+    symlink(flows.join("drafts/b.yaml"), flows.join("b.yaml")).unwrap();
+
+    let diags = check_dir(flows);
+    let shown = rendered(&diags);
+    for file in ["linked.yaml", "linked.rhai", "m.rhai"] {
+        assert!(
+            shown.iter().any(|d| d
+                .starts_with(&format!("{file}:1:1: error: this file is a symlink to "))
+                && d.ends_with(
+                    "outside the flows directory; flows, scripts and modules must be inside it"
+                )),
+            "{file}: {shown:#?}"
+        );
+    }
+    assert!(
+        shown.iter().any(|d| d.starts_with(
+            "dangling.yaml:1:1: error: this file is a symlink that cannot be followed"
+        )),
+        "{shown:#?}"
+    );
+    assert_eq!(shown.len(), 4, "{shown:#?}");
+
+    // Without them, the set loads, the link inside included.
+    for file in ["linked.yaml", "linked.rhai", "lib/m.rhai", "dangling.yaml"] {
+        std::fs::remove_file(flows.join(file)).unwrap();
+    }
+    let loaded = load_dir(flows).unwrap_or_else(|d| panic!("{:#?}", rendered(&d)));
+    assert_eq!(
+        loaded.set.files(),
+        &[flows.join("b.yaml"), flows.join("k.yaml")]
+    );
+}
+
+/// Issue 11: a directory symlink that leads back up is not walked (it was
+/// followed eight levels deep, a module counted once per way to reach it).
+#[cfg(unix)]
+#[test]
+fn directory_symlink_loops_are_not_walked() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path();
+    std::fs::write(flows.join("k.yaml"), "keywords: {A: a}\n").unwrap();
+    std::fs::create_dir_all(flows.join("lib")).unwrap();
+    std::fs::write(flows.join("lib/m.rhai"), "fn x() { 1 }\n").unwrap();
+    symlink(flows, flows.join("lib/up")).unwrap();
+    symlink(flows.join("lib"), flows.join("lib/again")).unwrap();
+    let loaded = load_dir(flows).unwrap_or_else(|d| panic!("{:#?}", rendered(&d)));
+    assert_eq!(
+        loaded.set.files(),
+        &[flows.join("k.yaml"), flows.join("lib/m.rhai")]
     );
 }
