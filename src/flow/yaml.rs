@@ -332,7 +332,13 @@ mod tests {
         assert!(err.message.contains("more than 8 MiB"), "{err:?}");
         assert!(err.message.contains("aliases"), "{err:?}");
         // At the alias that crossed the budget: the 27th, at 2:5 + 4 * 26.
-        assert_eq!(err.pos, Pos { line: 2, column: 109 });
+        assert_eq!(
+            err.pos,
+            Pos {
+                line: 2,
+                column: 109
+            }
+        );
 
         // The same text aliased a few times is fine.
         let y = format!("a: &a \"{long}\"\nb: [*a, *a, *a]\n");
@@ -346,7 +352,7 @@ mod tests {
         let mut y = format!("l0: &l0 \"{}\"\n", "y".repeat(10_000));
         for i in 1..6 {
             let p = format!("*l{}", i - 1);
-            y.push_str(&format!("l{i}: &l{i} [{}]\n", vec![p.as_str(); 10].join(", ")));
+            y.push_str(&format!("l{i}: &l{i} [{}]\n", [p.as_str(); 10].join(", ")));
         }
         let err = parse(&y).unwrap_err();
         assert!(err.message.contains("more than 8 MiB"), "{err:?}");
