@@ -198,3 +198,58 @@ async fn a_forged_long_body_reaches_scripts_cut_to_1600_characters() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(bodies(&r.body), vec!["1600"]);
 }
+
+/// Issue 11: `map`, `zip`, `for_each` and a map's `map` collected up to
+/// 1,000 closure results of 16 KB each (16 MB per message) before Rhai
+/// measured the collection. Now each result is added to a running size and
+/// the second one is refused: many such messages at once stay small.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closures_building_collections_stop_at_the_limit_in_bounded_memory() {
+    use crate::process::spawn_server;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    let builds = [
+        ("map", "let a = []; a.pad(1000, 0); a.map(|v| s + v);"),
+        ("zip", "let a = []; a.pad(1000, 0); a.zip(a, |x, y| s + x);"),
+        ("each", "let a = []; a.pad(1000, 0); a.for_each(|| this = s + this);"),
+        (
+            "entries",
+            "let m = #{}; for i in 0..1000 { m[`${i}`] = i; } m.map(|k, v| s + v);",
+        ),
+    ];
+    for (name, build) in builds {
+        std::fs::write(
+            flows.join(format!("{name}.yaml")),
+            format!(
+                "trigger: {{keywords: [{name}]}}\nscript: {name}.rhai\nfallback: \"Sorry!\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            flows.join(format!("{name}.rhai")),
+            format!(
+                "fn on_message(msg, state) {{\n  let s = msg.body;\n  s.pad(16000, \"x\");\n  {build}\n  \"kept\"\n}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let server = std::sync::Arc::new(spawn_server(&flows, &tmp.path().join("data"), &[]));
+    let mut senders = Vec::new();
+    for i in 0..32 {
+        let server = server.clone();
+        let (word, _) = builds[i % builds.len()];
+        senders.push(tokio::spawn(async move {
+            server
+                .send(&format!("+1555320{i:04}"), word, &new_sid())
+                .await
+        }));
+    }
+    for s in senders {
+        let body = s.await.unwrap().expect("the server answers");
+        assert_eq!(bodies(&body), vec!["Sorry!"]);
+    }
+    let peak = server.peak_rss_kib();
+    assert!(peak < 150 * 1024, "peak memory {peak} KiB");
+}
