@@ -230,10 +230,7 @@ fn hostile_files_fail_fast_with_located_errors() {
     let mut laughs = format!("l0: &l0 \"{}\"\n", "y".repeat(1_000));
     for i in 1..8 {
         let p = format!("*l{}", i - 1);
-        laughs.push_str(&format!(
-            "l{i}: &l{i} [{}]\n",
-            [p.as_str(); 10].join(", ")
-        ));
+        laughs.push_str(&format!("l{i}: &l{i} [{}]\n", [p.as_str(); 10].join(", ")));
     }
     write("laughs.yaml", laughs.as_bytes());
     write(".hidden.yaml", b"{{{{");

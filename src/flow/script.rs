@@ -4,8 +4,10 @@
 //! YAML flows (branch conditions, computed values). Both run here, inside a
 //! single [`Sandbox`] whose engine is configured once, in [`Sandbox::new`], with
 //! every limit the product promises: operations, call depth, expression depth,
-//! string/array/map sizes, a wall-clock budget per message, no `eval`, no
-//! `sleep`, no real clock, and imports only from the flows directory.
+//! string/array/map sizes (map keys included, and checked before a value is
+//! built wherever Rhai would only check after), a wall-clock budget per
+//! message, no `eval`, no `sleep`, no real clock, and imports only from the
+//! flows directory, by paths written in the script.
 //!
 //! Values cross the boundary as plain Rust data ([`ScriptInput`],
 //! [`ExprContext`], JSON state in, [`ScriptOutput`] out), so callers never see

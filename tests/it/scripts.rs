@@ -213,7 +213,10 @@ async fn closures_building_collections_stop_at_the_limit_in_bounded_memory() {
     let builds = [
         ("map", "let a = []; a.pad(1000, 0); a.map(|v| s + v);"),
         ("zip", "let a = []; a.pad(1000, 0); a.zip(a, |x, y| s + x);"),
-        ("each", "let a = []; a.pad(1000, 0); a.for_each(|| this = s + this);"),
+        (
+            "each",
+            "let a = []; a.pad(1000, 0); a.for_each(|| this = s + this);",
+        ),
         (
             "entries",
             "let m = #{}; for i in 0..1000 { m[`${i}`] = i; } m.map(|k, v| s + v);",
@@ -222,9 +225,7 @@ async fn closures_building_collections_stop_at_the_limit_in_bounded_memory() {
     for (name, build) in builds {
         std::fs::write(
             flows.join(format!("{name}.yaml")),
-            format!(
-                "trigger: {{keywords: [{name}]}}\nscript: {name}.rhai\nfallback: \"Sorry!\"\n"
-            ),
+            format!("trigger: {{keywords: [{name}]}}\nscript: {name}.rhai\nfallback: \"Sorry!\"\n"),
         )
         .unwrap();
         std::fs::write(
