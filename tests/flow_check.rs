@@ -220,6 +220,19 @@ fn hostile_files_fail_fast_with_located_errors() {
         "two_docs.yaml",
         b"keywords: {A: a}\n---\nkeywords: {B: b}\n",
     );
+    // Aliases of long text: few values, but megabytes each once expanded.
+    let fan = format!(
+        "keywords:\n  A: &long \"{}\"\n  B: [{}]\n",
+        "x".repeat(100_000),
+        vec!["*long"; 100].join(", ")
+    );
+    write("fan.yaml", fan.as_bytes());
+    let mut laughs = format!("l0: &l0 \"{}\"\n", "y".repeat(1_000));
+    for i in 1..8 {
+        let p = format!("*l{}", i - 1);
+        laughs.push_str(&format!("l{i}: &l{i} [{}]\n", [p.as_str(); 10].join(", ")));
+    }
+    write("laughs.yaml", laughs.as_bytes());
     write(".hidden.yaml", b"{{{{");
     write("notes.txt", b"{{{{");
 
@@ -239,9 +252,43 @@ fn hostile_files_fail_fast_with_located_errors() {
             "deep_block.yaml:33:36: error: values nested more than 32 levels deep",
             "deep_flow.yaml:1:256: error: values nested more than 32 levels deep",
             "empty.yaml:1:1: warning: empty file",
+            "fan.yaml:3:581: error: document expands to more than 8 MiB (too many aliases?)",
+            "laughs.yaml:5:40: error: document expands to more than 8 MiB (too many aliases?)",
             "scalar.yaml:1:1: error: a flow file must be a mapping with `keywords:` or `steps:`, found text",
             "two_docs.yaml:2:1: error: only one YAML document per file (remove the second `---`)",
         ],
+    );
+}
+
+/// The file from issue 11: 300 KB of text anchored once and aliased 5,900
+/// times, 309 KB on disk and 1.77 GB once expanded. `smsflow check` must
+/// refuse it at the alias that crosses the budget, and do so inside a
+/// 256 MiB address space (the loader used to abort on the first failed
+/// allocation there).
+#[cfg(target_os = "linux")]
+#[test]
+fn check_refuses_an_alias_bomb_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = format!(
+        "keywords:\n  A: &a \"{}\"\n  B: [{}]\n",
+        "x".repeat(300_000),
+        vec!["*a"; 5_900].join(",")
+    );
+    std::fs::write(dir.path().join("bomb.yaml"), &bomb).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -v 262144 && exec \"$0\" check \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_smsflow"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    // The 27th alias crosses 8 MiB: column 7 + 3 * 26.
+    assert!(
+        printed.contains(
+            "bomb.yaml:3:85: error: document expands to more than 8 MiB (too many aliases?)"
+        ),
+        "{printed}"
     );
 }
 
@@ -508,5 +555,94 @@ steps:
             "f.yaml:8:36: error: expected true or false for `integer`",
             "f.yaml:10:17: error: `number` is true, integer, a range like 13..120, or {min: 13, max: 120, integer: true}",
         ],
+    );
+}
+
+/// Issue 11: a flow, script or module that is a symlink leading outside the
+/// flows directory is refused where it is, as an import leading outside
+/// already was; one leading inside is read.
+#[cfg(unix)]
+#[test]
+fn symlinks_leading_outside_the_flows_directory_are_refused() {
+    use std::os::unix::fs::symlink;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(
+        outside.path().join("secret.yaml"),
+        "keywords: {SECRET: s}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        outside.path().join("secret.rhai"),
+        "fn on_message(msg, state) { \"s\" }\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path();
+    std::fs::write(flows.join("k.yaml"), "keywords: {A: a}\n").unwrap();
+    std::fs::create_dir_all(flows.join("lib")).unwrap();
+    std::fs::create_dir_all(flows.join("drafts")).unwrap();
+    std::fs::write(flows.join("drafts/b.yaml"), "keywords: {B: b}\n").unwrap();
+    symlink(
+        outside.path().join("secret.yaml"),
+        flows.join("linked.yaml"),
+    )
+    .unwrap();
+    symlink(
+        outside.path().join("secret.rhai"),
+        flows.join("linked.rhai"),
+    )
+    .unwrap();
+    symlink(outside.path().join("secret.rhai"), flows.join("lib/m.rhai")).unwrap();
+    symlink(flows.join("missing.yaml"), flows.join("dangling.yaml")).unwrap();
+    symlink(flows.join("drafts/b.yaml"), flows.join("b.yaml")).unwrap();
+
+    let diags = check_dir(flows);
+    let shown = rendered(&diags);
+    for file in ["linked.yaml", "linked.rhai", "m.rhai"] {
+        assert!(
+            shown.iter().any(|d| d
+                .starts_with(&format!("{file}:1:1: error: this file is a symlink to "))
+                && d.ends_with(
+                    "outside the flows directory; flows, scripts and modules must be inside it"
+                )),
+            "{file}: {shown:#?}"
+        );
+    }
+    assert!(
+        shown.iter().any(|d| d.starts_with(
+            "dangling.yaml:1:1: error: this file is a symlink that cannot be followed"
+        )),
+        "{shown:#?}"
+    );
+    assert_eq!(shown.len(), 4, "{shown:#?}");
+
+    // Without them, the set loads, the link inside included.
+    for file in ["linked.yaml", "linked.rhai", "lib/m.rhai", "dangling.yaml"] {
+        std::fs::remove_file(flows.join(file)).unwrap();
+    }
+    let loaded = load_dir(flows).unwrap_or_else(|d| panic!("{:#?}", rendered(&d)));
+    assert_eq!(
+        loaded.set.files(),
+        &[flows.join("b.yaml"), flows.join("k.yaml")]
+    );
+}
+
+/// Issue 11: a directory symlink that leads back up is not walked (it was
+/// followed eight levels deep, a module counted once per way to reach it).
+#[cfg(unix)]
+#[test]
+fn directory_symlink_loops_are_not_walked() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path();
+    std::fs::write(flows.join("k.yaml"), "keywords: {A: a}\n").unwrap();
+    std::fs::create_dir_all(flows.join("lib")).unwrap();
+    std::fs::write(flows.join("lib/m.rhai"), "fn x() { 1 }\n").unwrap();
+    symlink(flows, flows.join("lib/up")).unwrap();
+    symlink(flows.join("lib"), flows.join("lib/again")).unwrap();
+    let loaded = load_dir(flows).unwrap_or_else(|d| panic!("{:#?}", rendered(&d)));
+    assert_eq!(
+        loaded.set.files(),
+        &[flows.join("k.yaml"), flows.join("lib/m.rhai")]
     );
 }

@@ -221,6 +221,41 @@ fn huge_and_odd_bodies_are_handled() {
     );
 }
 
+/// Issue 11: Twilio sends at most 1,600 characters; a forged 64 KB body is
+/// cut to that before any matcher, variable, expression or script sees it.
+#[test]
+fn forged_long_bodies_are_cut_before_any_flow_sees_them() {
+    let script = script_flow(
+        "fn on_message(msg, state) {\n  if state.n == () { state.n = 1; return \"go\"; }\n  `${msg.body.len()} ${msg.media.len()}`\n}\n",
+    );
+    let conv = started_plain(&script);
+    let forged = "é".repeat(64 * 1024);
+    let media: Vec<String> = (0..50).map(|i| format!("https://e.com/{i}.jpg")).collect();
+    let msg = Inbound {
+        from: "+15551230001",
+        to: "+15550001111",
+        body: &forged,
+        media: &media,
+        message_sid: "SM2",
+    };
+    let h = handle(&script, &EngineOptions::default(), conv, &msg, 2);
+    assert_eq!(bodies(&h.outcome), ["1600 10"], "{:?}", h.events);
+
+    let yaml = load_yaml(&[(
+        "save.yaml",
+        "trigger: {keywords: [SAVE]}\nsteps:\n  ask:\n    say: Go\n    wait:\n      - anything: true\n        save: text\n        say: \"{{= vars.text.len() }}\"\n",
+    )]);
+    let h = send(&yaml, Conversation::default(), "save", 1);
+    let h = send(&yaml, h.conversation, &"x".repeat(64 * 1024), 2);
+    assert_eq!(bodies(&h.outcome), ["1600"]);
+}
+
+fn started_plain(set: &FlowSet) -> Conversation {
+    let h = send(set, Conversation::default(), "s", 1);
+    assert_eq!(bodies(&h.outcome), ["go"]);
+    h.conversation
+}
+
 #[test]
 fn media_is_passed_through() {
     let set = load_yaml(&[(
@@ -299,6 +334,8 @@ fn on_message(msg, state) {
         "string" => "x".pad(20000, "y"),
         "array" => { let a = []; loop { a.push(1); } },
         "map" => { let m = #{}; for i in 0..1001 { m[`k${i}`] = i; } `${m.len()}` },
+        "replace" => { let s = "x"; s.pad(16000, "x"); s.replace("x", s); s },
+        "key" => { let k = "k"; k.pad(300, "k"); state[k] = 1; "kept" },
         "throw" => throw "no",
         _ => `n=${state.n}`,
     }
@@ -384,6 +421,8 @@ fn every_runtime_limit_becomes_the_fallback() {
         ("string", "string size"),
         ("array", "array size"),
         ("map", "map size"),
+        ("replace", "string size"),
+        ("key", "map key size"),
         ("throw", "no"),
     ] {
         let h = send(&set, conv.clone(), body, 1_001);

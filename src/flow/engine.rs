@@ -24,7 +24,7 @@ use super::model::{
     Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Transition,
 };
 use super::script::{
-    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
+    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT, MAX_MEDIA,
 };
 use super::template::{Template, Var, Vars};
 // Twilio's message limits, defined once where the TwiML is rendered.
@@ -41,8 +41,11 @@ pub const MAX_REPLIES: usize = twiml::MAX_MESSAGES;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
-/// Longest reply body, in characters (Twilio's limit); a longer reply is
-/// split at whitespace into several messages ([`twiml::split_body`]).
+/// Longest message body, in characters (Twilio's limit), both ways: a
+/// longer reply is split at whitespace into several messages
+/// ([`twiml::split_body`]), and an inbound body longer than this (only a
+/// forged request can carry one) is cut to it before any flow or script
+/// sees it.
 pub const MAX_BODY_CHARS: usize = twiml::MAX_BODY_CHARS;
 
 /// One inbound message, as the caller parsed it.
@@ -200,6 +203,14 @@ pub fn handle(
     msg: &Inbound<'_>,
     now: i64,
 ) -> Handled {
+    // Twilio sends at most 1,600 characters and 10 media URLs; more can only
+    // be forged, and is cut here so that no matcher, variable or script
+    // ever holds more than a real message.
+    let msg = &Inbound {
+        body: prefix_chars(msg.body, MAX_BODY_CHARS),
+        media: &msg.media[..msg.media.len().min(MAX_MEDIA)],
+        ..*msg
+    };
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec {
@@ -839,6 +850,14 @@ fn step_ref(flow: &Option<String>, step: &Option<String>) -> Option<StepRef> {
             step: step.clone(),
         }),
         _ => None,
+    }
+}
+
+/// The first `n` characters of `text`.
+fn prefix_chars(text: &str, n: usize) -> &str {
+    match text.char_indices().nth(n) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
     }
 }
 

@@ -8,9 +8,11 @@
 //! `*.rhai` files flows name with `script:`, `when:` conditions and `{{= }}`
 //! expressions (errors located in the YAML file). `*.rhai` files anywhere
 //! under the directory count towards the set's version, because scripts
-//! import them. This module does not know the engine, HTTP or the store.
+//! import them. A file may be a symlink only to a file inside the
+//! directory; symlinked directories are not walked. This module does not
+//! know the engine, HTTP or the store.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -100,7 +102,7 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
     // Scripts are read first because flow files name them; they are hashed
     // after the YAML files so that a set without scripts keeps its version.
     let mut rhai = Vec::new();
-    for path in rhai_files(dir) {
+    for path in rhai_files(dir, &mut diags) {
         if let Some(text) = read_file(&path, &mut diags) {
             rhai.push((path, text));
         }
@@ -148,6 +150,7 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
             no_exprs: Some(
                 "`{{= }}` expressions are only allowed in flow files, not in keyword replies",
             ),
+            compiled: Compiled::default(),
         };
         match yaml::parse(&text) {
             Err(e) => cx.err(e.pos, e.message),
@@ -198,7 +201,8 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
 }
 
 /// The flow files of `dir`, sorted by name. Dot-files, other extensions
-/// (`.chat` transcripts, `.rhai`, `.md`) and subdirectories are skipped.
+/// (`.chat` transcripts, `.rhai`, `.md`) and subdirectories are skipped; a
+/// flow file that is a symlink leading outside `dir` is refused.
 fn flow_files(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -207,49 +211,50 @@ fn flow_files(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
             return Vec::new();
         }
     };
+    let root = real_root(dir);
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default();
-            let ext = p
-                .extension()
-                .map(|e| e.to_string_lossy())
-                .unwrap_or_default();
-            !name.starts_with('.') && (ext == "yaml" || ext == "yml") && p.is_file()
+        .filter(|e| {
+            let path = e.path();
+            let ext = path.extension().unwrap_or_default();
+            !is_hidden(&path) && (ext == "yaml" || ext == "yml") && is_file_inside(e, &root, diags)
         })
+        .map(|e| e.path())
         .collect();
     paths.sort();
     paths
 }
 
 /// Every `*.rhai` file under `dir` (scripts at the top level, modules in
-/// subdirectories), sorted. Dot-files and dot-directories are skipped, and
-/// the walk stops a few levels down.
-fn rhai_files(dir: &Path) -> Vec<PathBuf> {
+/// subdirectories), sorted. Dot-files and dot-directories are skipped, the
+/// walk stops a few levels down, and it does not follow symlinks to
+/// directories (a directory that links back to its parent would be walked
+/// forever; one that leads elsewhere in the flows directory is walked where
+/// it really is). A file that is a symlink leading outside `dir` is refused.
+fn rhai_files(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
     const MAX_DEPTH: usize = 8;
+    let root = real_root(dir);
     let mut out = Vec::new();
     let mut todo = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = todo.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
-        for p in entries.filter_map(Result::ok).map(|e| e.path()) {
-            let hidden = p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if hidden {
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if is_hidden(&path) {
                 continue;
             }
-            if p.is_dir() {
+            // The entry itself, not what a symlink points to.
+            let real_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if real_dir {
                 if depth < MAX_DEPTH {
-                    todo.push((p, depth + 1));
+                    todo.push((path, depth + 1));
                 }
-            } else if p.extension().is_some_and(|e| e == "rhai") && p.is_file() {
-                out.push(p);
+            } else if path.extension().is_some_and(|e| e == "rhai")
+                && is_file_inside(&entry, &root, diags)
+            {
+                out.push(path);
             }
         }
     }
@@ -257,6 +262,49 @@ fn rhai_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The flows directory as the file system resolves it (it may itself be a
+/// symlink, as deploy tools make it), to tell where a symlink leads.
+fn real_root(dir: &Path) -> PathBuf {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// True for a file to read: a plain file, or a symlink to a file inside the
+/// flows directory (`root`, resolved). A symlink leading outside it, or to
+/// nothing, is reported at the file; a directory is skipped.
+fn is_file_inside(entry: &std::fs::DirEntry, root: &Path, diags: &mut Vec<Diagnostic>) -> bool {
+    let path = entry.path();
+    let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+    if !is_link {
+        return entry.file_type().is_ok_and(|t| t.is_file());
+    }
+    match path.canonicalize() {
+        Ok(real) if !real.is_file() => false,
+        Ok(real) if real.starts_with(root) => true,
+        Ok(real) => {
+            diags.push(at_file_start(
+                &path,
+                format!(
+                    "this file is a symlink to {}, outside the flows directory; \
+                     flows, scripts and modules must be inside it",
+                    real.display()
+                ),
+            ));
+            false
+        }
+        Err(e) => {
+            diags.push(at_file_start(
+                &path,
+                format!("this file is a symlink that cannot be followed: {e}"),
+            ));
+            false
+        }
+    }
+}
 /// Warns about top-level scripts that no flow names and no used script
 /// imports: probably a forgotten `script:` line.
 fn unused_scripts(env: &ScriptEnv, diags: &mut Vec<Diagnostic>) {
@@ -387,14 +435,19 @@ fn whole_file(path: &Path, message: String) -> Diagnostic {
     }
 }
 
-fn read_file(path: &Path, diags: &mut Vec<Diagnostic>) -> Option<String> {
-    let at_start = |message: String| Diagnostic {
+/// An error about a whole file, shown at its start (1:1).
+fn at_file_start(path: &Path, message: String) -> Diagnostic {
+    Diagnostic {
         file: path.to_path_buf(),
         line: 1,
         column: 1,
         severity: Severity::Error,
         message,
-    };
+    }
+}
+
+fn read_file(path: &Path, diags: &mut Vec<Diagnostic>) -> Option<String> {
+    let at_start = |message: String| at_file_start(path, message);
     match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_FILE_BYTES => {
             diags.push(at_start(format!(
@@ -532,6 +585,42 @@ struct Cx<'d> {
     env: &'d mut ScriptEnv,
     /// Why `{{= }}` is refused here, or `None` where it is allowed.
     no_exprs: Option<&'static str>,
+    /// What this file compiled so far, by source text.
+    compiled: Compiled,
+}
+
+/// Rhai expressions and regexes one file compiled, by their text. A YAML
+/// alias repeats a value without repeating its text, and a compiled
+/// expression or regex can be many times larger and slower to build than
+/// its source; reusing the first compilation keeps a file's cost to what
+/// its distinct text costs, however often it is aliased.
+#[derive(Default)]
+struct Compiled {
+    exprs: HashMap<String, Expr>,
+    /// Failures too: a pattern that is too big fails only after the work.
+    regexes: HashMap<String, Result<Regex, String>>,
+}
+
+/// A flow's `regex:`, or why it is refused.
+fn compile_regex(src: &str) -> Result<Regex, String> {
+    // Bounded so a pathological pattern cannot eat memory at load time;
+    // matching itself is linear in Rust's regex engine.
+    RegexBuilder::new(src)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build()
+        .map_err(|e| {
+            let text = e.to_string();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches("error: ")
+                .to_owned();
+            format!("invalid regex: {last}")
+        })
 }
 
 const MATCHERS: &[&str] = &[
@@ -757,6 +846,9 @@ impl Cx<'_> {
             }
             _ => pos,
         };
+        if let Some(expr) = self.compiled.exprs.get(src) {
+            return Some(expr.relocated(at.line, at.column));
+        }
         match self
             .env
             .sandbox
@@ -764,6 +856,7 @@ impl Cx<'_> {
         {
             Ok(expr) => {
                 self.env.compiled = true;
+                self.compiled.exprs.insert(src.to_owned(), expr.clone());
                 Some(expr)
             }
             Err(e) => {
@@ -1009,28 +1102,15 @@ impl Cx<'_> {
 
     fn regex(&mut self, node: &Node) -> Option<Regex> {
         let src = self.text(node, "`regex`")?;
-        // Bounded so a pathological pattern cannot eat memory at load time;
-        // matching itself is linear in Rust's regex engine.
-        match RegexBuilder::new(&src)
-            .size_limit(1 << 20)
-            .dfa_size_limit(1 << 20)
-            .build()
-        {
-            Ok(r) => Some(r),
-            Err(e) => {
-                let text = e.to_string();
-                let last = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim()
-                    .trim_start_matches("error: ")
-                    .to_owned();
-                self.err(node.pos, format!("invalid regex: {last}"));
-                None
+        let compiled = match self.compiled.regexes.get(&src) {
+            Some(done) => done.clone(),
+            None => {
+                let done = compile_regex(&src);
+                self.compiled.regexes.insert(src, done.clone());
+                done
             }
-        }
+        };
+        compiled.map_err(|e| self.err(node.pos, e)).ok()
     }
 
     // ---- whole files -------------------------------------------------

@@ -4,8 +4,10 @@
 //! YAML flows (branch conditions, computed values). Both run here, inside a
 //! single [`Sandbox`] whose engine is configured once, in [`Sandbox::new`], with
 //! every limit the product promises: operations, call depth, expression depth,
-//! string/array/map sizes, a wall-clock budget per message, no `eval`, no
-//! `sleep`, no real clock, and imports only from the flows directory.
+//! string/array/map sizes (map keys included, and checked before a value is
+//! built wherever Rhai would only check after), a wall-clock budget per
+//! message, no `eval`, no `sleep`, no real clock, and imports only from the
+//! flows directory, by paths written in the script.
 //!
 //! Values cross the boundary as plain Rust data ([`ScriptInput`],
 //! [`ExprContext`], JSON state in, [`ScriptOutput`] out), so callers never see
@@ -58,8 +60,9 @@ use rhai::packages::{
     LogicPackage, MoreStringPackage, Package,
 };
 use rhai::{
-    Array, CallFnOptions, Dynamic, Engine, EvalAltResult, Map, ModuleResolver, ParseError,
-    ParseErrorType, Position, Scope, AST, FLOAT, INT,
+    Array, CallFnOptions, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, ImmutableString,
+    Map, ModuleResolver, NativeCallContext, ParseError, ParseErrorType, Position, Scope, AST,
+    FLOAT, INT,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -97,6 +100,13 @@ const MAX_PATTERN_LEN: usize = 1_024;
 /// Compiled-size ceiling for one regex, so a pattern like `a{1000}{1000}`
 /// fails to compile instead of eating memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Longest map key a script may create, in bytes. Rhai does not count keys
+/// against any limit, and every copy of a map copies its keys: keys are
+/// names, and this keeps a map of 1,000 of them small however often it is
+/// copied. All keys of one value together are also held to the string
+/// size limit (counted apart from the strings themselves).
+pub const MAX_MAP_KEY_BYTES: usize = 256;
 
 /// Distinct patterns kept compiled. Scripts use a handful of literal
 /// patterns; the bound only matters if one builds patterns from input.
@@ -160,7 +170,7 @@ pub enum ScriptError {
     },
     /// The script hit one of the sandbox [`Limits`]. `which` is one of
     /// "operations", "call depth", "expression depth", "string size",
-    /// "array size", "map size", "time budget".
+    /// "array size", "map size", "map key size", "time budget".
     #[error("{}:{line}:{column}: error: script exceeded the {which} limit", file.display())]
     Limit {
         file: PathBuf,
@@ -257,6 +267,22 @@ impl Expr {
     /// Where the expression starts in that file (1-based line, column).
     pub fn line_column(&self) -> (usize, usize) {
         (self.origin.line, self.origin.column)
+    }
+
+    /// The same compiled expression, written again at `line`:`column` of
+    /// the same file (a YAML alias of it): it shares the compiled code, and
+    /// its errors point at the new place.
+    pub fn relocated(&self, line: usize, column: usize) -> Expr {
+        let (line, column) = (line.max(1), column.max(1));
+        Expr {
+            ast: self.ast.clone(),
+            origin: Origin {
+                file: self.origin.file.clone(),
+                line,
+                column,
+                fallback: (line, column),
+            },
+        }
     }
 }
 
@@ -386,6 +412,7 @@ impl Sandbox {
         });
         engine.set_module_resolver(FlowsDirResolver::new(module_dir));
 
+        bound_builtins(&mut engine, &limits);
         register_helpers(&mut engine);
 
         Sandbox { engine, limits }
@@ -416,12 +443,23 @@ impl Sandbox {
         let mut ast = {
             // Imported modules run their top-level code while compiling; keep
             // that inside the same budget as a message.
-            let _run = RunGuard::enter(RunState::new(&self.limits, 0, "", file.clone()));
+            let mut run = RunState::new(&self.limits, 0, "", file.clone());
+            run.loading = true;
+            let _run = RunGuard::enter(run);
             self.engine
                 .compile_into_self_contained(&Scope::new(), source)
                 .map_err(|err| compile_error(&origin, source, *err))?
         };
         ast.set_source(file.to_string_lossy().as_ref());
+        if let Some(pos) = computed_import(&ast) {
+            let (line, column) = origin.translate(pos);
+            return Err(ScriptError::Compile {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message: COMPUTED_IMPORT.into(),
+            });
+        }
 
         let entry = locate_entry_point(source);
         let arities: Vec<usize> = ast
@@ -654,6 +692,9 @@ struct RunState {
     now: i64,
     rng: u64,
     file: Arc<Path>,
+    /// Compiling a script while the flows load, the only time a module
+    /// file may be read.
+    loading: bool,
     /// Contact fields as `set_contact` leaves them; `None` where writing
     /// them makes no sense (YAML expressions).
     contact: Option<BTreeMap<String, String>>,
@@ -667,6 +708,7 @@ impl RunState {
             now,
             rng: seed_from_sid(sid),
             file,
+            loading: false,
             contact: None,
         }
     }
@@ -786,6 +828,11 @@ impl FlowsDirResolver {
         let (Some(root), Some(files)) = (&self.root, &self.files) else {
             return Err(refuse("imports are disabled (no flows directory)"));
         };
+        // Loading embeds every module a script imports; a module asked for
+        // while a message is handled came from a path `check` never saw.
+        if with_run(|run| !run.loading).unwrap_or(false) {
+            return Err(refuse("modules are only read when the flows load"));
+        }
         let relative = Path::new(path);
         let stays_inside = !path.is_empty()
             && !path.contains(['\\', ':', '\0'])
@@ -827,11 +874,49 @@ impl ModuleResolver for FlowsDirResolver {
         path: &str,
         pos: Position,
     ) -> Option<Result<AST, Box<EvalAltResult>>> {
-        match self.check(path, pos) {
-            Ok(files) => files.resolve_ast(engine, None, path, pos),
-            Err(err) => Some(Err(err)),
-        }
+        let files = match self.check(path, pos) {
+            Ok(files) => files,
+            Err(err) => return Some(Err(err)),
+        };
+        let ast = files.resolve_ast(engine, None, path, pos)?;
+        Some(ast.and_then(|ast| match computed_import(&ast) {
+            None => Ok(ast),
+            Some(at) => {
+                let (line, column) = (at.line().unwrap_or(0), at.position().unwrap_or(0));
+                Err(Box::new(EvalAltResult::ErrorInModule(
+                    path.to_string(),
+                    Box::new(EvalAltResult::ErrorRuntime(
+                        format!("line {line}, column {column}: {COMPUTED_IMPORT}").into(),
+                        pos,
+                    )),
+                    pos,
+                )))
+            }
+        }))
     }
+}
+
+/// Why an `import` with a computed path is refused.
+const COMPUTED_IMPORT: &str =
+    "an import path must be text in quotes, like import \"lib/util\" as util; \
+     a computed path cannot be checked when the flows load";
+
+/// Where the first `import` whose path is not written as text in quotes is,
+/// if there is one (function bodies included). Such a path is only known
+/// while a message is handled: too late to check it, or to read a module.
+fn computed_import(ast: &AST) -> Option<Position> {
+    use rhai::{ASTNode, Expr as Node, Stmt};
+    let mut found = None;
+    ast.walk(&mut |path: &[ASTNode]| match path.last() {
+        Some(ASTNode::Stmt(Stmt::Import(import, _)))
+            if !matches!(import.0, Node::StringConstant(..)) =>
+        {
+            found = Some(import.0.position());
+            false
+        }
+        _ => true,
+    });
+    found
 }
 
 // ---------------------------------------------------------------------------
@@ -1027,7 +1112,9 @@ fn limit_hit(err: &EvalAltResult) -> Option<&'static str> {
         }
         EvalAltResult::ErrorDataTooLarge(what, _) => {
             let what = what.to_ascii_lowercase();
-            if what.contains("string") {
+            if what.contains("map key") {
+                Some("map key size")
+            } else if what.contains("string") {
                 Some("string size")
             } else if what.contains("array") {
                 Some("array size")
@@ -1216,33 +1303,47 @@ fn state_from(value: Dynamic) -> Result<BTreeMap<String, Value>, String> {
         .collect()
 }
 
-/// Which size limit the state breaks, counting like Rhai does: all array
-/// elements, all map entries and all string bytes, nested ones included.
+/// Which size limit the state breaks, counting as the sandbox does: all
+/// array elements, all map entries and all string bytes, nested ones
+/// included, and map keys: each at most [`MAX_MAP_KEY_BYTES`], all of them
+/// together at most the string size.
 fn state_over_limits(state: &BTreeMap<String, Value>, limits: &Limits) -> Option<&'static str> {
-    fn add(value: &Value, totals: &mut (usize, usize, usize)) {
+    #[derive(Default)]
+    struct Totals {
+        elements: usize,
+        entries: usize,
+        bytes: usize,
+        key_bytes: usize,
+        longest_key: usize,
+    }
+    fn entry(key: &str, value: &Value, totals: &mut Totals) {
+        totals.entries += 1;
+        totals.key_bytes += key.len();
+        totals.longest_key = totals.longest_key.max(key.len());
+        add(value, totals);
+    }
+    fn add(value: &Value, totals: &mut Totals) {
         match value {
-            Value::String(s) => totals.2 += s.len(),
+            Value::String(s) => totals.bytes += s.len(),
             Value::Array(items) => {
-                totals.0 += items.len();
+                totals.elements += items.len();
                 items.iter().for_each(|v| add(v, totals));
             }
-            Value::Object(fields) => {
-                totals.1 += fields.len();
-                fields.values().for_each(|v| add(v, totals));
-            }
+            Value::Object(fields) => fields.iter().for_each(|(k, v)| entry(k, v, totals)),
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
     }
-    let mut totals = (0, state.len(), 0);
-    state.values().for_each(|v| add(v, &mut totals));
-    let (arrays, maps, strings) = totals;
+    let mut totals = Totals::default();
+    state.iter().for_each(|(k, v)| entry(k, v, &mut totals));
     // Zero means "no limit", as it does for Rhai.
     let over = |count: usize, max: usize| max > 0 && count > max;
-    if over(strings, limits.max_string_len) {
+    if totals.longest_key > MAX_MAP_KEY_BYTES || over(totals.key_bytes, limits.max_string_len) {
+        Some("map key size")
+    } else if over(totals.bytes, limits.max_string_len) {
         Some("string size")
-    } else if over(arrays, limits.max_array_len) {
+    } else if over(totals.elements, limits.max_array_len) {
         Some("array size")
-    } else if over(maps, limits.max_map_len) {
+    } else if over(totals.entries, limits.max_map_len) {
         Some("map size")
     } else {
         None
@@ -1363,6 +1464,425 @@ fn reply_from_map(value: Dynamic, what: &str) -> Result<ScriptReply, String> {
 }
 
 // ---------------------------------------------------------------------------
+// Sizes checked before a value is built.
+//
+// Rhai measures what a function built after the function returns, and it
+// does not count map keys at all. For most standard functions that is
+// enough: they cannot build much more than their inputs, which are within
+// the limits, so what they build is at most a small multiple of the limits
+// (`+` and interpolation double at most, case conversion triples, printing
+// escapes a byte into at most six, `split` and `to_chars` make one small
+// value per byte of a 16 KB string) and is refused right after. These are
+// the exceptions, replaced here by versions that refuse before building:
+//
+// - `replace`: the result is the string times the substitute (a 16 KB
+//   string with each byte replaced by the string itself is 256 MB);
+// - `pad` with a string: the same, and an empty padding never returned;
+// - array `map`, `zip` and `for_each`, map `map`: each call of the closure
+//   is measured, but the up to 1,000 results together only at the end;
+// - map keys: a map of 1,000 keys of 16 KB is 16 MB that no limit sees,
+//   and every copy of the map (`let b = a;`) copies all of it. The keys of
+//   every value a script reaches through a variable or `this` are measured
+//   first (each at most MAX_MAP_KEY_BYTES, all together at most the string
+//   size), so a map can outgrow that by at most the one key just added
+//   before the next use of it stops the script.
+
+/// What a value holds, counted as the limits count it: every array element,
+/// map entry and string byte, nested ones included, and, which Rhai does
+/// not count, the bytes of map keys.
+#[derive(Clone, Copy, Default)]
+struct Sizes {
+    elements: usize,
+    entries: usize,
+    bytes: usize,
+    key_bytes: usize,
+    longest_key: usize,
+}
+
+impl Sizes {
+    fn of(value: &Dynamic) -> Sizes {
+        let mut sizes = Sizes::default();
+        sizes.add(value);
+        sizes
+    }
+
+    /// Adds `value` and everything inside it. A shared value the script
+    /// holds locked right now (it is in the middle of changing `state`)
+    /// cannot be read and counts as nothing; it is measured at its next use.
+    fn add(&mut self, value: &Dynamic) {
+        // The type tests are cheap; this runs at every use of a variable.
+        if value.is_shared() {
+            if let Some(inner) = value.read_lock::<Dynamic>() {
+                self.add(&inner);
+            }
+        } else if value.is_string() {
+            if let Ok(text) = value.as_immutable_string_ref() {
+                self.bytes += text.len();
+            }
+        } else if value.is_array() {
+            if let Ok(items) = value.as_array_ref() {
+                self.elements += items.len();
+                items.iter().for_each(|item| self.add(item));
+            }
+        } else if value.is_map() {
+            if let Ok(map) = value.as_map_ref() {
+                self.entries += map.len();
+                for (key, item) in map.iter() {
+                    self.key_bytes += key.len();
+                    self.longest_key = self.longest_key.max(key.len());
+                    self.add(item);
+                }
+            }
+        } else if value.is_blob() {
+            if let Ok(blob) = value.as_blob_ref() {
+                self.elements += blob.len();
+            }
+        }
+    }
+
+    /// Adds `value` as one more element of an array being built.
+    fn add_element(&mut self, value: &Dynamic) {
+        self.elements += 1;
+        self.add(value);
+    }
+
+    /// What a variable is checked for at each use: the number of elements
+    /// and entries (which Rhai checks only after some changes), and the
+    /// keys of all maps inside (which Rhai never checks). Not the strings:
+    /// Rhai checks each string as it is built, and the message, its
+    /// contact fields and a flow's variables never had to fit the string
+    /// size as a whole.
+    fn check_shape(&self, limits: &Limits) -> Result<(), Box<EvalAltResult>> {
+        // Zero means "no limit", as it does for Rhai.
+        let over = |count: usize, max: usize| max > 0 && count > max;
+        if over(self.elements, limits.max_array_len) {
+            Err(too_large("Size of array"))
+        } else if over(self.entries, limits.max_map_len) {
+            Err(too_large("Size of object map"))
+        } else if self.longest_key > MAX_MAP_KEY_BYTES {
+            Err(too_large("Length of map key"))
+        } else if over(self.key_bytes, limits.max_string_len) {
+            Err(too_large("Length of map keys"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Every limit, for a value being built.
+    fn check(&self, limits: &Limits) -> Result<(), Box<EvalAltResult>> {
+        self.check_shape(limits)?;
+        if limits.max_string_len > 0 && self.bytes > limits.max_string_len {
+            Err(too_large("Length of string"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The error Rhai raises for a value over a size limit; [`limit_hit`]
+/// recognises it by `what`.
+fn too_large(what: &str) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorDataTooLarge(
+        what.into(),
+        Position::NONE,
+    ))
+}
+
+fn bound_builtins(engine: &mut Engine, limits: &Limits) {
+    // Every value reached through a variable (or `this`, in a method) is
+    // measured, map keys included, before the script can use or copy it.
+    let max = limits.clone();
+    #[allow(deprecated)] // Rhai marks this API volatile, not deprecated
+    engine.on_var(move |name, _index, context| {
+        if let Some(value) = context.scope().get(name) {
+            Sizes::of(value).check_shape(&max)?;
+        }
+        if let Some(this) = context.this_ptr() {
+            Sizes::of(this).check_shape(&max)?;
+        }
+        Ok(None)
+    });
+    // `let copy = this;` uses no variable before it copies.
+    let max = limits.clone();
+    #[allow(deprecated)] // Rhai marks this API volatile, not deprecated
+    engine.on_def_var(move |running, _info, context| {
+        if let (true, Some(this)) = (running, context.this_ptr()) {
+            Sizes::of(this).check_shape(&max)?;
+        }
+        Ok(true)
+    });
+
+    // These change the string in place, so they must not be "pure": Rhai
+    // would otherwise hand them a constant to change.
+    let max = limits.max_string_len;
+    let changes = |name: &str| FuncRegistration::new(name).with_purity(false);
+    changes("replace").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, find: &str, with: &str| replace_within(s, find, with, max),
+    );
+    changes("replace").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, find: &str, with: char| {
+            replace_within(s, find, with.encode_utf8(&mut [0; 4]), max)
+        },
+    );
+    changes("replace").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, find: char, with: &str| {
+            replace_within(s, find.encode_utf8(&mut [0; 4]), with, max)
+        },
+    );
+    changes("replace").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, find: char, with: char| {
+            replace_within(
+                s,
+                find.encode_utf8(&mut [0; 4]),
+                with.encode_utf8(&mut [0; 4]),
+                max,
+            )
+        },
+    );
+    changes("pad").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, len: INT, padding: &str| pad_within(s, len, padding, max),
+    );
+    changes("pad").register_into_engine(
+        engine,
+        move |s: &mut ImmutableString, len: INT, padding: char| {
+            pad_within(s, len, padding.encode_utf8(&mut [0; 4]), max)
+        },
+    );
+
+    // Collections built by calling a closure per element: each result is
+    // added to the running size before the next call.
+    let max = limits.clone();
+    engine.register_fn(
+        "map",
+        move |context: NativeCallContext, array: &mut Array, f: FnPtr| {
+            map_within(&context, array, &f, &max)
+        },
+    );
+    let max = limits.clone();
+    engine.register_fn(
+        "map",
+        move |context: NativeCallContext, array: &mut Array, name: &str| {
+            map_within(&context, array, &FnPtr::new(name)?, &max)
+        },
+    );
+    let max = limits.clone();
+    engine.register_fn(
+        "zip",
+        move |context: NativeCallContext, array: &mut Array, other: Array, f: FnPtr| {
+            zip_within(&context, array, other, &f, &max)
+        },
+    );
+    let max = limits.clone();
+    changes("for_each").register_into_engine(
+        engine,
+        move |context: NativeCallContext, array: &mut Array, f: FnPtr| {
+            for_each_within(&context, array, &f, &max)
+        },
+    );
+    let max = limits.clone();
+    engine.register_fn(
+        "map",
+        move |context: NativeCallContext, map: &mut Map, f: FnPtr| {
+            map_entries_within(&context, map, &f, &max)
+        },
+    );
+}
+
+/// `string.replace(find, with)`, refused before building a result longer
+/// than `max` bytes.
+fn replace_within(
+    string: &mut ImmutableString,
+    find: &str,
+    with: &str,
+    max: usize,
+) -> Result<(), Box<EvalAltResult>> {
+    // As Rhai does: an empty string stays empty, even for an empty pattern.
+    if string.is_empty() {
+        return Ok(());
+    }
+    // An empty pattern matches between every two characters and at both
+    // ends, which `matches` counts the same way `replace` replaces.
+    let hits = string.matches(find).count();
+    let len = (string.len() - hits * find.len()).saturating_add(hits.saturating_mul(with.len()));
+    if max > 0 && len > max {
+        return Err(too_large("Length of string"));
+    }
+    *string = string.replace(find, with).into();
+    Ok(())
+}
+
+/// `string.pad(len, padding)`: appends `padding` until the string is `len`
+/// characters long (the last copy cut short), refused before building more
+/// than `max` bytes. An empty padding adds nothing (Rhai's never returned).
+fn pad_within(
+    string: &mut ImmutableString,
+    len: INT,
+    padding: &str,
+    max: usize,
+) -> Result<(), Box<EvalAltResult>> {
+    if len <= 0 {
+        return Ok(());
+    }
+    let len = usize::try_from(len).map_err(|_| too_large("Length of string"))?;
+    // Rhai's own first check, in characters.
+    if max > 0 && len > max {
+        return Err(too_large("Length of string"));
+    }
+    let have = string.chars().count();
+    let per_copy = padding.chars().count();
+    if len <= have || per_copy == 0 {
+        return Ok(());
+    }
+    let (copies, part) = ((len - have) / per_copy, (len - have) % per_copy);
+    let part: String = padding.chars().take(part).collect();
+    let bytes = string.len() + copies * padding.len() + part.len();
+    if max > 0 && bytes > max {
+        return Err(too_large("Length of string"));
+    }
+    let mut padded = String::with_capacity(bytes);
+    padded.push_str(string);
+    (0..copies).for_each(|_| padded.push_str(padding));
+    padded.push_str(&part);
+    *string = padded.into();
+    Ok(())
+}
+
+/// Rhai's test for "this closure does not take these arguments": the cue
+/// to try the next way of calling it.
+fn not_taken(result: &Result<Dynamic, Box<EvalAltResult>>, f: &FnPtr) -> bool {
+    matches!(result, Err(err)
+        if matches!(&**err, EvalAltResult::ErrorFunctionNotFound(sig, ..) if sig.starts_with(f.fn_name())))
+}
+
+/// Names the standard function a closure failed in, as Rhai does.
+fn called_from(
+    context: &NativeCallContext,
+    caller: &str,
+    err: Box<EvalAltResult>,
+) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorInFunctionCall(
+        caller.into(),
+        context.call_source().unwrap_or("").into(),
+        err,
+        Position::NONE,
+    ))
+}
+
+/// `array.map(f)`: `f` takes the element as `this`, or `(element)`, or
+/// `(element, index)`, tried in that order as Rhai does.
+fn map_within(
+    context: &NativeCallContext,
+    array: &mut Array,
+    f: &FnPtr,
+    limits: &Limits,
+) -> Result<Array, Box<EvalAltResult>> {
+    let mut out = Array::with_capacity(array.len());
+    let mut sizes = Sizes::default();
+    for (i, item) in array.iter_mut().enumerate() {
+        let index = Dynamic::from_int(INT::try_from(i).unwrap_or(INT::MAX));
+        let mut result = f.call_raw(context, Some(&mut *item), [] as [Dynamic; 0]);
+        if not_taken(&result, f) {
+            result = f.call_raw(context, None, [item.clone()]);
+        }
+        if not_taken(&result, f) {
+            result = f.call_raw(context, None, [item.clone(), index]);
+        }
+        let value = result.map_err(|err| called_from(context, "map", err))?;
+        sizes.add_element(&value);
+        sizes.check(limits)?;
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// `array.zip(other, f)`: `f` takes `(element, other element)` or
+/// `(element, other element, index)`.
+fn zip_within(
+    context: &NativeCallContext,
+    array: &mut Array,
+    other: Array,
+    f: &FnPtr,
+    limits: &Limits,
+) -> Result<Array, Box<EvalAltResult>> {
+    let mut out = Array::with_capacity(array.len().min(other.len()));
+    let mut sizes = Sizes::default();
+    for (i, (x, y)) in array.iter().zip(other).enumerate() {
+        let index = Dynamic::from_int(INT::try_from(i).unwrap_or(INT::MAX));
+        let mut result = f.call_raw(context, None, [x.clone(), y.clone()]);
+        if not_taken(&result, f) {
+            result = f.call_raw(context, None, [x.clone(), y, index]);
+        }
+        let value = result.map_err(|err| called_from(context, "zip", err))?;
+        sizes.add_element(&value);
+        sizes.check(limits)?;
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// `array.for_each(f)`: `f` takes the element as `this` (which it may
+/// change), with no arguments or `(index)`. The array's size is kept up to
+/// date as elements change.
+fn for_each_within(
+    context: &NativeCallContext,
+    array: &mut Array,
+    f: &FnPtr,
+    limits: &Limits,
+) -> Result<(), Box<EvalAltResult>> {
+    let mut sizes = Sizes::default();
+    array.iter().for_each(|item| sizes.add_element(item));
+    for (i, item) in array.iter_mut().enumerate() {
+        let before = Sizes::of(item);
+        let mut result = f.call_raw(context, Some(&mut *item), [] as [Dynamic; 0]);
+        if not_taken(&result, f) {
+            let index = Dynamic::from_int(INT::try_from(i).unwrap_or(INT::MAX));
+            result = f.call_raw(context, Some(&mut *item), [index]);
+        }
+        let _ = result.map_err(|err| called_from(context, "for_each", err))?;
+        let after = Sizes::of(item);
+        sizes.elements = sizes.elements - before.elements + after.elements;
+        sizes.entries = sizes.entries - before.entries + after.entries;
+        sizes.bytes = sizes.bytes - before.bytes + after.bytes;
+        sizes.key_bytes = sizes.key_bytes - before.key_bytes + after.key_bytes;
+        sizes.longest_key = sizes.longest_key.max(after.longest_key);
+        sizes.check(limits)?;
+    }
+    Ok(())
+}
+
+/// `map.map(f)`: `f` takes the value as `this` and `(key)`, or
+/// `(key, value)`.
+fn map_entries_within(
+    context: &NativeCallContext,
+    map: &mut Map,
+    f: &FnPtr,
+    limits: &Limits,
+) -> Result<Map, Box<EvalAltResult>> {
+    let mut out = Map::new();
+    let mut sizes = Sizes::default();
+    for (key, item) in map.iter_mut() {
+        let name = Dynamic::from(ImmutableString::from(key.as_str()));
+        let mut result = f.call_raw(context, Some(&mut *item), [name.clone()]);
+        if not_taken(&result, f) {
+            result = f.call_raw(context, None, [name, item.clone()]);
+        }
+        let value = result.map_err(|err| called_from(context, "map", err))?;
+        sizes.entries += 1;
+        sizes.key_bytes += key.len();
+        sizes.longest_key = sizes.longest_key.max(key.len());
+        sizes.add(&value);
+        sizes.check(limits)?;
+        out.insert(key.clone(), value);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
 // Helpers registered in the engine.
 
 fn register_helpers(engine: &mut Engine) {
@@ -1448,9 +1968,18 @@ fn register_helpers(engine: &mut Engine) {
 /// Most contact fields one sender may have.
 const MAX_CONTACT_FIELDS: usize = 100;
 
+/// Longest contact field name, in bytes: all of a sender's field names
+/// together stay well within the key limits of the `msg.contact` map.
+const MAX_CONTACT_NAME_BYTES: usize = 64;
+
 fn set_contact(key: &str, value: Dynamic) -> Result<(), Box<EvalAltResult>> {
     if key.is_empty() {
         return Err(runtime("set_contact: the field name is empty"));
+    }
+    if key.len() > MAX_CONTACT_NAME_BYTES {
+        return Err(runtime(&format!(
+            "set_contact: a field name is at most {MAX_CONTACT_NAME_BYTES} bytes"
+        )));
     }
     let value = value.flatten();
     let text = if value.is_unit() {
@@ -1539,6 +2068,14 @@ impl RegexCache {
             .dfa_size_limit(REGEX_SIZE_LIMIT)
             .build()
             .map_err(|err| runtime(&format!("bad regex {pattern:?}: {err}")))?;
+        // Compiling a big pattern takes milliseconds without a Rhai
+        // operation in between, so the budget is checked here too.
+        if run_over_budget() {
+            return Err(Box::new(EvalAltResult::ErrorTerminated(
+                Dynamic::from(TIME_BUDGET_TOKEN),
+                Position::NONE,
+            )));
+        }
         let re = Arc::new(re);
         let mut compiled = lock();
         if compiled.len() >= REGEX_CACHE_CAPACITY {
@@ -1814,6 +2351,9 @@ fn on_message(msg, state) {
 
         let err = run(&on_message("set_contact(\"tags\", [1]); ()")).unwrap_err();
         assert!(matches!(err, ScriptError::Runtime { .. }), "{err}");
+        let long = "n".repeat(MAX_CONTACT_NAME_BYTES + 1);
+        let err = run(&on_message(&format!("set_contact(\"{long}\", 1); ()"))).unwrap_err();
+        assert!(err.to_string().contains("at most 64 bytes"), "{err}");
     }
 
     #[test]
@@ -1953,9 +2493,8 @@ fn on_message(msg, state) {
         assert_eq!(limit("let a = []; loop { a.push(1); }"), "array size");
         // Nested arrays count all their elements, so nesting is bounded too.
         assert_eq!(limit("let a = []; loop { a = [a]; }"), "array size");
-        // Rhai measures a value grown by indexed writes when it is next
-        // used, not on every write; a map filled by a loop that never ends
-        // is stopped by the operations or time limit instead.
+        // A value grown by indexed writes is measured when its variable is
+        // next used, not on every write.
         assert_eq!(
             limit("let m = #{}; for i in 0..5000 { m[`k${i}`] = i; } `${m.len()}`"),
             "map size"
@@ -1969,6 +2508,253 @@ fn on_message(msg, state) {
             limit("state.log = []; loop { state.log.push(msg.body); }"),
             "array size"
         );
+    }
+
+    /// Limits where only the size limits stop a script (a debug build is
+    /// slow), or, with `operations`, where that many operations are the
+    /// most a script may use.
+    fn sized(operations: u64) -> Sandbox {
+        Sandbox::new(
+            Limits {
+                max_operations: operations,
+                wall_clock: Duration::from_secs(60),
+                ..Limits::default()
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn replace_is_refused_before_it_builds_an_oversized_string() {
+        let patient = sized(50_000_000);
+        let long = "x".repeat(16_000);
+        // Issue 11: each of 16,000 bytes replaced by the whole string was a
+        // 256 MB string built (in about 0.4 s) before Rhai measured it.
+        for replace in [
+            r#"s.replace("x", s)"#,
+            "s.replace('x', s)",
+            r#"s.replace("", s)"#,
+        ] {
+            let body = format!("let s = msg.body; {replace}; s");
+            let started = Instant::now();
+            let out = run_with(&patient, &on_message(&body), &long);
+            assert_eq!(limit_of(out), "string size", "{replace}");
+            // Refused after counting, not after building; the bound only
+            // guards against building (hundreds of milliseconds).
+            assert!(started.elapsed() < Duration::from_secs(5), "{replace}");
+        }
+        // Exactly at the limit is fine, one byte more is not.
+        let grow = "let s = msg.body; s.replace('y', \"zz\"); `${s.len()}`";
+        let text = format!("y{}", "x".repeat(16_382));
+        let out = run_with(&patient, &on_message(grow), &text).unwrap();
+        assert_eq!(bodies(&out), ["16384"]);
+        let text = format!("yy{}", "x".repeat(16_382));
+        assert_eq!(
+            limit_of(run_with(&patient, &on_message(grow), &text)),
+            "string size"
+        );
+
+        // Every variant still means what it meant.
+        let out = run(&on_message(
+            r#"let a = "hello"; a.replace("l", "LL"); let b = "hello"; b.replace('l', "_");
+               let c = "hello"; c.replace("ll", 'L'); let d = "hello"; d.replace('o', '0');
+               let e = "ab"; e.replace("", "-"); let f = ""; f.replace("", "-");
+               [a, b, c, d, e, `[${f}]`]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            bodies(&out),
+            ["heLLLLo", "he__o", "heLo", "hell0", "-a-b-", "[]"]
+        );
+        // It changes the string in place, so a constant cannot be changed.
+        assert!(run(&on_message(r#"const C = "abc"; C.replace("a", "b"); C"#)).is_err());
+    }
+
+    #[test]
+    fn pad_ends_with_an_empty_padding_and_stops_at_the_limit() {
+        // An empty padding used to loop forever inside Rhai, where neither
+        // the operation count nor the clock could stop it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = run(&on_message(r#"let s = "ab"; s.pad(10, ""); s"#));
+            let _ = tx.send(out);
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pad with an empty padding returned");
+        assert_eq!(bodies(&out.unwrap()), ["ab"]);
+
+        let out = run(&on_message(
+            r#"let a = "ab"; a.pad(7, "xyz"); let b = "é"; b.pad(3, "ü"); let c = "z"; c.pad(3, '!');
+               let d = "long"; d.pad(2, "x"); [a, b, c, d]"#,
+        ))
+        .unwrap();
+        assert_eq!(bodies(&out), ["abxyzxy", "éüü", "z!!", "long"]);
+        // 16,000 four-byte characters are 64,000 bytes: refused before they
+        // are appended, though the count of characters is within the limit.
+        let patient = sized(50_000_000);
+        for pad in [r#"s.pad(16000, "😀")"#, "s.pad(16000, '😀')"] {
+            let out = run_with(
+                &patient,
+                &on_message(&format!("let s = \"x\"; {pad}; s")),
+                "hi",
+            );
+            assert_eq!(limit_of(out), "string size", "{pad}");
+        }
+    }
+
+    #[test]
+    fn collections_built_by_closures_stop_at_the_limit_not_after_it() {
+        // Each result is a new 16 KB string, within the limit; 1,000 of them
+        // are 16 MB. Rhai measured the collection only once every closure
+        // had run: with 200 operations, not enough for 1,000 calls, that
+        // run hit the operations limit. Now the second result is refused.
+        let few = sized(200);
+        let long = "x".repeat(16_000);
+        for build in [
+            "a.map(|v| s + v)",
+            "a.map(|v, i| s + i)",
+            "a.map(|| s + this)",
+            "a.zip(a, |x, y| s + x)",
+            "a.zip(a, |x, y, i| s + i)",
+            "a.for_each(|| this = s + this)",
+            "a.for_each(|i| this = s + i)",
+        ] {
+            let body = format!("let s = msg.body; let a = []; a.pad(1000, 0); {build}; ()");
+            let out = run_with(&few, &on_message(&body), &long);
+            assert_eq!(limit_of(out), "string size", "{build}");
+        }
+        // A map's `map`, over a state of 100 entries.
+        let script = compile(
+            &few,
+            &on_message("let s = msg.body; state.map(|k, v| s + v); ()"),
+        );
+        let state: BTreeMap<String, Value> =
+            (0..100).map(|i| (format!("k{i}"), json!(i))).collect();
+        let out = few.run_script(&script, &input(&long), &state);
+        assert_eq!(limit_of(out), "string size");
+    }
+
+    #[test]
+    fn closures_keep_their_meaning() {
+        let out = run(&format!(
+            "fn twice(v) {{ v * 2 }}\n{}",
+            on_message(
+                r#"let a = [1, 2, 3];
+                   let m = `${a.map(|v| v * 2)} ${a.map(|v, i| v * i)} ${a.map(|| this + 1)}`;
+                   let z = `${a.zip([10, 20], |x, y| x + y)} ${a.zip([10, 20], |x, y, i| i)}`;
+                   let b = [1, 2, 3]; b.for_each(|| this *= 10);
+                   let c = [1, 2, 3]; c.for_each(|i| this = i);
+                   let named = `${a.map("twice")} ${a.map(Fn("twice"))}`;
+                   let n = #{ a: 1, b: 2 };
+                   let nm = `${n.map(|k| k + this)} ${n.map(|k, v| v * 10)}`;
+                   [m, z, `${b} ${c}`, named, nm]"#,
+            )
+        ))
+        .unwrap();
+        assert_eq!(
+            bodies(&out),
+            [
+                "[2, 4, 6] [0, 2, 6] [2, 3, 4]",
+                "[11, 22] [0, 1]",
+                "[10, 20, 30] [0, 1, 2]",
+                "[2, 4, 6] [2, 4, 6]",
+                r#"#{"a": "a1", "b": "b2"} #{"a": 10, "b": 20}"#,
+            ]
+        );
+        // An error inside the closure is the script's error, located.
+        let err = run(&on_message("[1].map(|v| v / 0)")).unwrap_err();
+        assert!(matches!(err, ScriptError::Runtime { .. }), "{err}");
+    }
+
+    #[test]
+    fn map_keys_are_bounded_and_counted() {
+        let patient = sized(50_000_000);
+        let limit = |body: &str, msg: &str| limit_of(run_with(&patient, &on_message(body), msg));
+        let long = "k".repeat(MAX_MAP_KEY_BYTES + 1);
+        // Rhai counts neither the length nor the bytes of keys: 1,000 keys
+        // of 16 KB were 16 MB that no limit saw, copied whole by every
+        // `let b = a;`.
+        assert_eq!(
+            limit("let m = #{}; m[msg.body] = 1; m.len()", &long),
+            "map key size"
+        );
+        assert_eq!(limit("state[msg.body] = 1; ()", &long), "map key size");
+        assert_eq!(
+            limit("let m = #{}; m.set(msg.body, 1); let c = m; ()", &long),
+            "map key size"
+        );
+        // Also when reached only through `this`, in a method.
+        let out = run_with(
+            &patient,
+            &format!(
+                "fn grow(k) {{ this[k] = 1; let copy = this; }}\n{}",
+                on_message("state.grow(msg.body); ()")
+            ),
+            &long,
+        );
+        assert_eq!(limit_of(out), "map key size");
+        // All keys of one map together are held to the string size: 100
+        // keys of 200 bytes are 20 KB.
+        let many = r#"let m = #{}; for i in 0..100 { m[msg.body + i] = 1; } m.len()"#;
+        assert_eq!(limit(many, &"k".repeat(197)), "map key size");
+        let many = r#"for i in 0..100 { state[msg.body + i] = 1; } ()"#;
+        assert_eq!(limit(many, &"k".repeat(197)), "map key size");
+        // Copies of a map are measured before they are made.
+        let copies = "let m = #{}; m[msg.body] = 1; let a = [m, m]; ()";
+        assert_eq!(limit(copies, &long), "map key size");
+        // Messages and variables are not held to a string size they never
+        // had to meet as a whole: a 16 KB body is fine.
+        let out = run_with(
+            &patient,
+            &on_message("`${msg.body.len()}`"),
+            &"x".repeat(16_000),
+        );
+        assert_eq!(bodies(&out.unwrap()), ["16000"]);
+        // A key up to the limit is fine.
+        let ok = "k".repeat(MAX_MAP_KEY_BYTES);
+        let out = run_with(
+            &patient,
+            &on_message("state[msg.body] = 1; `${state.len()}`"),
+            &ok,
+        )
+        .unwrap();
+        assert_eq!(bodies(&out), ["1"]);
+        assert!(out.state.contains_key(&ok));
+    }
+
+    #[test]
+    fn saved_state_counts_its_keys() {
+        let sandbox = sandbox();
+        let script = compile(&sandbox, &on_message("()"));
+        // The state is measured with its keys before it is kept, also when
+        // the script never touched it again after growing it.
+        let state: BTreeMap<String, Value> = (0..100)
+            .map(|i| (format!("{}{i}", "k".repeat(200)), json!(1)))
+            .collect();
+        let out = sandbox.run_script(&script, &input("hi"), &state);
+        assert_eq!(limit_of(out), "map key size");
+        let state = BTreeMap::from([("k".repeat(MAX_MAP_KEY_BYTES + 1), json!(1))]);
+        let out = sandbox.run_script(&script, &input("hi"), &state);
+        assert_eq!(limit_of(out), "map key size");
+        let state = BTreeMap::from([("k".repeat(MAX_MAP_KEY_BYTES), json!("v"))]);
+        assert!(sandbox.run_script(&script, &input("hi"), &state).is_ok());
+    }
+
+    #[test]
+    fn compiling_a_regex_counts_against_the_time_budget() {
+        // A big pattern takes milliseconds to compile, with no operation in
+        // between for the clock check; with no time at all the first one
+        // stops the script.
+        let hasty = Sandbox::new(
+            Limits {
+                wall_clock: Duration::ZERO,
+                ..Limits::default()
+            },
+            None,
+        );
+        let out = run_with(&hasty, &on_message(r#"matches(msg.body, "\\w{20}")"#), "hi");
+        assert_eq!(limit_of(out), "time budget");
     }
 
     #[test]
@@ -2092,6 +2878,57 @@ fn on_message(msg, state) {
             .compile_script(Path::new("flows/main.rhai"), &source)
             .unwrap_err();
         assert!(err.to_string().contains("imports are disabled"), "{err}");
+    }
+
+    #[test]
+    fn computed_imports_are_refused_when_the_flows_load() {
+        let dir = flows_dir();
+        let sandbox = Sandbox::new(Limits::default(), Some(dir.path()));
+        let compile = |source: &str| sandbox.compile_script(&dir.path().join("main.rhai"), source);
+        // A path only known while a message is handled could name any file
+        // then, and would be read then: refused where it is written.
+        let source = format!(
+            "let name = \"greet\";\nimport name as g;\n{}",
+            on_message("g::hello(msg.body)")
+        );
+        let err = compile(&source).unwrap_err();
+        assert!(matches!(err, ScriptError::Compile { .. }), "{err}");
+        assert_eq!(err.line_column(), Some((2, 8)), "{err}");
+        assert!(err.to_string().contains("text in quotes"), "{err}");
+        // Inside a function, too.
+        let source = format!(
+            "fn load(p) {{\n  import p as m;\n  m::hello(\"x\")\n}}\n{}",
+            on_message("load(msg.body)")
+        );
+        let err = compile(&source).unwrap_err();
+        assert_eq!(err.line_column(), Some((2, 10)), "{err}");
+        // And in a module, reported at the import of that module.
+        std::fs::write(
+            dir.path().join("lib/dynamic.rhai"),
+            "fn load(p) {\n  import \"lib/\" + p as m;\n  m::double(1)\n}\n",
+        )
+        .unwrap();
+        let source = format!(
+            "import \"lib/dynamic\" as d;\n{}",
+            on_message("d::load(msg.body)")
+        );
+        let err = compile(&source).unwrap_err();
+        assert_eq!(err.line_column(), Some((1, 8)), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("lib/dynamic") && shown.contains("line 2"),
+            "{shown}"
+        );
+        // A path in quotes is fine, anywhere.
+        let source = format!(
+            "fn load() {{\n  import \"greet\" as g;\n  g::hello(\"x\")\n}}\n{}",
+            on_message("load()")
+        );
+        let script = compile(&source).unwrap_or_else(|err| panic!("{err}"));
+        let out = sandbox
+            .run_script(&script, &input("hi"), &BTreeMap::new())
+            .unwrap();
+        assert_eq!(bodies(&out), ["hello x"]);
     }
 
     #[test]

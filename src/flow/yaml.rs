@@ -6,10 +6,22 @@
 //! as the text written (no YAML 1.1 `yes`/`no` booleans, no numbers): the
 //! schema in `load` decides what a value means where it appears.
 //!
-//! Hostile input is bounded here: nesting depth, node count including alias
-//! expansion ("billion laughs"), and one document per file. The event
-//! parser is iterative, so deep input cannot overflow the stack before our
-//! depth check stops it.
+//! Hostile input is bounded here: nesting depth, node count and bytes
+//! including alias expansion ("billion laughs"), and one document per file.
+//! The event parser is iterative, so deep input cannot overflow the stack
+//! before our depth check stops it.
+//!
+//! Aliases are why this module counts while it builds. An alias is a copy
+//! of its anchored value, and yaml-rust2's own loader (`YamlLoader`) clones
+//! that value at every alias before anyone can look at the result: a 309 KB
+//! file that anchors one 300 KB string and aliases it a few thousand times
+//! becomes gigabytes. So we take events from yaml-rust2's `Parser` and
+//! build the tree ourselves, charging every value (an alias at the size of
+//! everything it expands to) against [`MAX_NODES`] and
+//! [`MAX_EXPANDED_BYTES`] *before* cloning it, and refuse the file at the
+//! alias that would cross either budget. Everything the loader later does
+//! with the tree (templates, messages, diagnostics) is at most linear in
+//! it, so these two numbers bound the memory one flow file can cost.
 
 use std::collections::HashMap;
 
@@ -23,6 +35,11 @@ use super::model::Pos;
 pub(crate) const MAX_DEPTH: usize = 32;
 /// Nodes per file, counting every alias expansion.
 pub(crate) const MAX_NODES: usize = 100_000;
+/// Bytes the expanded tree of one file may hold: each value costs the size
+/// of a [`Node`] plus its text, and an alias costs everything it expands
+/// to. A file without aliases stays under it (1 MiB of text plus
+/// [`MAX_NODES`] nodes is under 6 MiB), so only aliases can reach it.
+pub(crate) const MAX_EXPANDED_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Node {
@@ -70,25 +87,42 @@ fn pos(m: &Marker) -> Pos {
     }
 }
 
+/// What a value costs against the budgets, remembered with each anchor so
+/// that an alias can be charged before it is copied.
+#[derive(Clone, Copy)]
+struct Cost {
+    /// Nodes, itself included.
+    nodes: usize,
+    /// Bytes, as [`MAX_EXPANDED_BYTES`] counts them.
+    bytes: usize,
+    /// Levels below, for the depth limit on alias expansion.
+    height: usize,
+}
+
+/// The budget charge of one node holding `text` (empty for collections).
+fn node_bytes(text: &str) -> usize {
+    std::mem::size_of::<Node>().saturating_add(text.len())
+}
+
 struct Frame {
     node: Node,
     anchor: usize,
     key: Option<Node>,
-    /// Nodes inside, for the alias budget.
-    size: usize,
-    /// Levels below, for the depth limit on alias expansion.
-    height: usize,
+    /// Everything inside so far, for anchors.
+    cost: Cost,
 }
 
 /// Parse one YAML document. `Ok(None)` for a file with no document.
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
-    // Anchor id -> (node, size, height).
-    let mut anchors: HashMap<usize, (Node, usize, usize)> = HashMap::new();
+    // Anchor id -> the anchored value and what it costs.
+    let mut anchors: HashMap<usize, (Node, Cost)> = HashMap::new();
     let mut root: Option<Node> = None;
     let mut documents = 0;
+    // Totals for the whole file, every alias expansion included.
     let mut nodes = 0usize;
+    let mut bytes = 0usize;
     loop {
         let (event, mark) = parser.next_token().map_err(|e| YamlError {
             pos: pos(e.marker()),
@@ -100,7 +134,7 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
             },
         })?;
         let at = pos(&mark);
-        let value = match event {
+        let (node, cost) = match event {
             Event::StreamEnd => break,
             Event::StreamStart | Event::Nothing | Event::DocumentEnd => continue,
             Event::DocumentStart => {
@@ -114,43 +148,49 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
                 continue;
             }
             Event::Scalar(text, style, anchor, _tag) => {
+                let cost = Cost {
+                    nodes: 1,
+                    bytes: node_bytes(&text),
+                    height: 0,
+                };
+                charge(&mut nodes, &mut bytes, cost, at, false)?;
                 let node = Node {
                     pos: at,
                     kind: Kind::Scalar(text, style == TScalarStyle::Plain),
                 };
                 if anchor > 0 {
-                    anchors.insert(anchor, (node.clone(), 1, 0));
+                    anchors.insert(anchor, (node.clone(), cost));
                 }
-                (node, 1, 0)
+                (node, cost)
             }
             Event::Alias(id) => {
-                let Some((node, size, height)) = anchors.get(&id) else {
+                let Some((node, cost)) = anchors.get(&id) else {
                     return Err(YamlError {
                         pos: at,
                         message: "alias refers to an unknown anchor".into(),
                     });
                 };
-                if stack.len() + height > MAX_DEPTH {
+                if stack.len() + cost.height > MAX_DEPTH {
                     return Err(too_deep(at));
                 }
-                nodes = nodes.saturating_add(*size);
-                if nodes > MAX_NODES {
-                    return Err(YamlError {
-                        pos: at,
-                        message: format!(
-                            "document expands to more than {MAX_NODES} values (too many aliases?)"
-                        ),
-                    });
-                }
+                // Charged before the copy is made: this is the check that
+                // keeps a small file from expanding into a huge tree.
+                charge(&mut nodes, &mut bytes, *cost, at, true)?;
                 let mut node = node.clone();
                 // Point at the alias, not the anchor, when reporting it.
                 node.pos = at;
-                (node, *size, *height)
+                (node, *cost)
             }
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
                 if stack.len() >= MAX_DEPTH {
                     return Err(too_deep(at));
                 }
+                let own = Cost {
+                    nodes: 1,
+                    bytes: node_bytes(""),
+                    height: 1,
+                };
+                charge(&mut nodes, &mut bytes, own, at, false)?;
                 let kind = if matches!(event, Event::SequenceStart(..)) {
                     Kind::Seq(Vec::new())
                 } else {
@@ -160,8 +200,7 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
                     node: Node { pos: at, kind },
                     anchor,
                     key: None,
-                    size: 1,
-                    height: 1,
+                    cost: own,
                 });
                 continue;
             }
@@ -177,23 +216,16 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
                     }
                 }
                 if frame.anchor > 0 {
-                    anchors.insert(frame.anchor, (frame.node.clone(), frame.size, frame.height));
+                    anchors.insert(frame.anchor, (frame.node.clone(), frame.cost));
                 }
-                (frame.node, frame.size, frame.height)
+                (frame.node, frame.cost)
             }
         };
-        let (node, size, height) = value;
-        nodes = nodes.saturating_add(1);
-        if nodes > MAX_NODES {
-            return Err(YamlError {
-                pos: at,
-                message: format!("document has more than {MAX_NODES} values"),
-            });
-        }
         match stack.last_mut() {
             Some(top) => {
-                top.size = top.size.saturating_add(size);
-                top.height = top.height.max(height + 1);
+                top.cost.nodes = top.cost.nodes.saturating_add(cost.nodes);
+                top.cost.bytes = top.cost.bytes.saturating_add(cost.bytes);
+                top.cost.height = top.cost.height.max(cost.height + 1);
                 match &mut top.node.kind {
                     Kind::Seq(items) => items.push(node),
                     Kind::Map(entries) => match top.key.take() {
@@ -207,6 +239,32 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, YamlError> {
         }
     }
     Ok(root)
+}
+
+/// Adds `cost` to the file's totals, or refuses the value at `at` when
+/// either budget would be exceeded.
+fn charge(
+    nodes: &mut usize,
+    bytes: &mut usize,
+    cost: Cost,
+    at: Pos,
+    alias: bool,
+) -> Result<(), YamlError> {
+    *nodes = nodes.saturating_add(cost.nodes);
+    *bytes = bytes.saturating_add(cost.bytes);
+    let over = if *nodes > MAX_NODES {
+        format!("more than {MAX_NODES} values")
+    } else if *bytes > MAX_EXPANDED_BYTES {
+        format!("more than {} MiB", MAX_EXPANDED_BYTES >> 20)
+    } else {
+        return Ok(());
+    };
+    let message = if alias {
+        format!("document expands to {over} (too many aliases?)")
+    } else {
+        format!("document has {over}")
+    };
+    Err(YamlError { pos: at, message })
 }
 
 fn too_deep(at: Pos) -> YamlError {
@@ -261,6 +319,50 @@ mod tests {
         }
         let err = parse(&y).unwrap_err();
         assert!(err.message.contains("more than"), "{err:?}");
+    }
+
+    #[test]
+    fn aliases_of_long_text_are_bounded_in_bytes() {
+        // 300 KB of text, aliased 30 times: 9 MB expanded from a 300 KB file,
+        // and only 32 values.
+        let long = "x".repeat(300_000);
+        let aliases = vec!["*a"; 30].join(", ");
+        let y = format!("a: &a \"{long}\"\nb: [{aliases}]\n");
+        let err = parse(&y).unwrap_err();
+        assert!(err.message.contains("more than 8 MiB"), "{err:?}");
+        assert!(err.message.contains("aliases"), "{err:?}");
+        // At the alias that crossed the budget: the 27th, at 2:5 + 4 * 26.
+        assert_eq!(
+            err.pos,
+            Pos {
+                line: 2,
+                column: 109
+            }
+        );
+
+        // The same text aliased a few times is fine.
+        let y = format!("a: &a \"{long}\"\nb: [*a, *a, *a]\n");
+        assert!(parse(&y).is_ok());
+    }
+
+    #[test]
+    fn billion_laughs_with_text_fails_on_bytes() {
+        // Each level holds ten of the one before; level 0 is 10 KB of text,
+        // so fewer than a thousand values reach the byte budget.
+        let mut y = format!("l0: &l0 \"{}\"\n", "y".repeat(10_000));
+        for i in 1..6 {
+            let p = format!("*l{}", i - 1);
+            y.push_str(&format!("l{i}: &l{i} [{}]\n", [p.as_str(); 10].join(", ")));
+        }
+        let err = parse(&y).unwrap_err();
+        assert!(err.message.contains("more than 8 MiB"), "{err:?}");
+        assert_eq!(err.pos.line, 4, "{err:?}");
+    }
+
+    #[test]
+    fn files_without_aliases_never_reach_the_byte_budget() {
+        let most = crate::flow::MAX_FILE_BYTES as usize + MAX_NODES * std::mem::size_of::<Node>();
+        assert!(most < MAX_EXPANDED_BYTES, "{most}");
     }
 
     #[test]

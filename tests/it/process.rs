@@ -130,6 +130,17 @@ impl ChildServer {
         assert!(status.success());
     }
 
+    /// The server's peak resident memory so far, in KiB (Linux's VmHWM).
+    #[cfg(target_os = "linux")]
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM in /proc/<pid>/status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {

@@ -370,3 +370,57 @@ async fn status_says_when_watching_is_off() {
     let reason = s["flows"]["watching_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("--no-watch"), "{s}");
 }
+
+/// Issue 11: a small file whose aliases expand to gigabytes, saved into a
+/// running server's flows directory, used to take the whole process down
+/// while reloading. Now the reload is refused at the alias, the server
+/// keeps answering with the old flows, and its memory stays bounded.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alias_bomb_is_refused_and_the_server_keeps_serving() {
+    use crate::process::spawn_server;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), V1).unwrap();
+    let server = spawn_server(&flows, &tmp.path().join("data"), &["--no-watch"]);
+    let hours = || async {
+        let r = server.send("+15550000001", "hours", &new_sid()).await;
+        bodies(&r.expect("the server answers"))
+    };
+    assert_eq!(hours().await, vec!["v1 hours"]);
+
+    // 300 KB of text aliased 2,000 times: 600 MB expanded, from 306 KB.
+    let bomb = format!(
+        "keywords:\n  A: &a \"{}\"\n  B: [{}]\n",
+        "x".repeat(300_000),
+        vec!["*a"; 2_000].join(",")
+    );
+    std::fs::write(flows.join("bomb.yaml"), bomb).unwrap();
+    server.signal("HUP");
+    let failures = || async {
+        let m = server
+            .client
+            .get(format!("http://{}/metrics", server.addr))
+            .send()
+            .await
+            .expect("the server answers /metrics")
+            .text()
+            .await
+            .unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("smsflow_reload_failures_total "))
+            .map(|n| n.trim().to_string())
+    };
+    let started = Instant::now();
+    while failures().await.as_deref() != Some("1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the reload was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(hours().await, vec!["v1 hours"]);
+    let peak = server.peak_rss_kib();
+    assert!(peak < 160 * 1024, "peak memory {peak} KiB");
+}
