@@ -26,7 +26,22 @@
 //!   reads (time is passed in), no Twilio types. [`flow::script`] is the
 //!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
 //!   YAML expressions run there, and any script failure becomes the flow's
-//!   fallback with the conversation unchanged.
+//!   fallback with the conversation unchanged. Its files:
+//!   - `model.rs` (the validated types), `engine.rs` (the step function),
+//!     `matcher.rs` (normalising and matching text), `check.rs` (cross-file
+//!     rules), `template.rs`, `outline.rs` (steps and routes for diagrams),
+//!     `transcript.rs` (`.chat` tests), `segments.rs` (SMS segment counts),
+//!     `invitations.rs` (answers a reply asks for), `yaml.rs` (the only
+//!     user of yaml-rust2: a tree with a position on every node);
+//!   - `load.rs` runs a load; `load/` reads the format, one file per section
+//!     of flows/README.md: `files` (directory walk, symlinks), `keywords`,
+//!     `flows` (flow files, triggers, durations), `steps` (steps, routes,
+//!     retries), `matchers`, `templates` (messages, `{{ }}` and `{{= }}`),
+//!     `scripts` (`script:` and `*.rhai` files);
+//!   - `script.rs` builds the engine and runs script flows; `script/` holds
+//!     `expr` (`when:`, `{{= }}`), `helpers`, `modules` (imports), `limits`
+//!     and `bounded` (functions that refuse before building too much),
+//!     `errors`, `values` (message, state, replies) and `run` (per-run state).
 //! - [`store`]: the only module that knows sled; the [`store::Store`]
 //!   trait. A conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
@@ -72,6 +87,29 @@
 //! - `chat`, `test` and `--require-tests` run messages through the same
 //!   [`pipeline::Pipeline`] and options as the webhook: a transcript that
 //!   passes is what a phone would see.
+//!
+//! # Recipes
+//!
+//! **A new route matcher** (`foo: ...`): a `Matcher` variant in
+//! `flow/model.rs`; its key in `MATCHERS` and its value parsed in
+//! `Cx::matcher`, both in `flow/load/matchers.rs`; matching it in
+//! `flow/matcher.rs` (`route_match`; in `flow/engine.rs` only if it needs
+//! Rhai or run state, as `when` does); any rule it takes part in (a
+//! consent word it would answer to, variables it saves) in
+//! `flow/check.rs`; its label for `smsflow graph` in `route_label`
+//! (`flow/outline.rs`); the "Matchers" table of flows/README.md; tests in
+//! `tests/flow_engine.rs` (matching) and `tests/flow_check.rs` (load
+//! errors).
+//!
+//! **A new Rhai helper**: register it in `register_helpers`
+//! (`flow/script/helpers.rs`) with a unit test there. If it can build a
+//! value larger than its inputs, or do work not counted in Rhai
+//! operations, bound it before it builds (see `flow/script/bounded.rs`;
+//! fixed bounds go in `flow/script/limits.rs`) and let it check
+//! `run_over_budget`. It must read no clock and no file: time is the
+//! run's `now`, randomness the run's seeded stream (`flow/script/run.rs`).
+//! Document it in the "Helpers" table of flows/README.md, and its bound
+//! under "Limits".
 
 pub mod admin_client;
 pub mod app;

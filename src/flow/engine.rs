@@ -12,6 +12,12 @@
 //! monotonic timer, not a clock the flow can see). Any script error turns
 //! the whole message into the failing flow's fallback: the conversation
 //! comes back exactly as it came in, and an [`Event::ScriptError`] says why.
+//!
+//! At about 900 lines this file is longer than most, on purpose: after the
+//! public types comes one state machine, `Exec`, whose methods call one
+//! another in the order a message is handled (resume, new message, steps,
+//! scripts, render, finish). Kept in one file, that order reads top to
+//! bottom; its tests are in tests/flow_engine.rs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
