@@ -275,7 +275,7 @@ const CHAT_HELP: &str = "\
 /// Builds its own single-threaded Tokio runtime, so call it from plain
 /// (non-async) code.
 pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> anyhow::Result<()> {
-    let loaded = crate::app::load_flows(&opts.flows_dir)?;
+    let loaded = flow::load_flows(&opts.flows_dir)?;
     for w in &loaded.warnings {
         writeln!(out, "# {w}")?;
     }
@@ -360,7 +360,7 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                     session.to = arg.to_owned();
                     writeln!(out, "@ to {arg}")?;
                 }
-                "reload" => match crate::app::load_flows(&opts.flows_dir) {
+                "reload" => match flow::load_flows(&opts.flows_dir) {
                     Ok(loaded) => {
                         for w in &loaded.warnings {
                             writeln!(out, "# {w}")?;

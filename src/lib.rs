@@ -45,12 +45,20 @@
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
-//!   replaced directory), validates, swaps atomically.
+//!   replaced directory), validates, swaps atomically; owns the flow
+//!   status `/status` reports and the one test a set passes to go live
+//!   ([`reload::load_checked`]: startup and every reload).
 //! - [`author`]: `smsflow check`, `chat`, `test` and `graph` for flow
 //!   authors: the real pipeline with the server's options and a throwaway
 //!   store with a virtual clock, for chats and transcript runs alike;
 //!   Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
-//! - [`app`], [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
+//! - [`app`]: the composition root. `App::build` wires config, store,
+//!   flows, pipeline, reloader and router together; it uses every module
+//!   and no module uses it (only `main`, the tests and the examples).
+//! - [`clock`]: the wall clock, read in one place (the engine is given
+//!   time).
+//! - [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]:
+//!   process plumbing.
 //!
 //! # Invariants
 //!
@@ -77,6 +85,7 @@ pub mod admin_client;
 pub mod app;
 pub mod author;
 pub mod cli;
+pub mod clock;
 pub mod compliance;
 pub mod config;
 pub mod flow;

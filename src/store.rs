@@ -58,6 +58,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::unix_now;
 use quarantine::{describe_key, Quarantine};
 
 mod files;
@@ -659,13 +660,6 @@ pub struct StoreHealth {
 
 /// The meta key holding the last flush marker (see `Shared::checkpoint`).
 const MARKER_KEY: &[u8] = b"m\0marker";
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 impl SledStore {
     /// Open (or create) the store in `dir`, private to this user. Fails
