@@ -49,9 +49,11 @@
 //!   status `/status` reports and the one test a set passes to go live
 //!   ([`reload::load_checked`]: startup and every reload).
 //! - [`author`]: `smsflow check`, `chat`, `test` and `graph` for flow
-//!   authors: the real pipeline with the server's options and a throwaway
-//!   store with a virtual clock, for chats and transcript runs alike;
-//!   Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
+//!   authors, one file each (`author/check.rs`, `chat.rs`,
+//!   `transcripts.rs`, `graph.rs`). Chats and transcript runs share
+//!   `author/session.rs`: the real pipeline with the server's options and
+//!   a throwaway store with a virtual clock. No HTTP, no terminal (readers
+//!   and writers).
 //! - [`app`]: the composition root. `App::build` wires config, store,
 //!   flows, pipeline, reloader and router together; it uses every module
 //!   and no module uses it (only `main`, the tests and the examples).
