@@ -34,8 +34,11 @@
 //!   (each ending in a real `fdatasync`), writes checkpoints that expose a
 //!   database sled silently truncated, and reopens the store after a
 //!   failed write; undecodable records are kept aside in `quarantine/`.
-//! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
-//!   Knows the store trait and the engine, not axum.
+//! - [`pipeline`]: one message in phases (dedupe, consent, loop guard,
+//!   engine, render, commit, flush; see [`pipeline::Pipeline`]) under a
+//!   per-conversation lock; silence is an outcome with a reason
+//!   ([`pipeline::Silence`]), not an error. Knows the store trait and the
+//!   engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - [`http`]: axum router, request checks, error-to-status mapping. Its

@@ -196,7 +196,7 @@ fn show_answer(detailed: &Detailed, out: &mut impl Write) -> anyhow::Result<()> 
         writeln!(out, "# {}", describe(event))?;
     }
     for line in reply_lines(detailed) {
-        match (&line, &detailed.silence_note) {
+        match (&line, detailed.silence.as_ref().and_then(|s| s.note())) {
             (flow::ReplyLine::Silence(_), Some(text)) => {
                 writeln!(out, "{}   # {text}", line.render())?
             }

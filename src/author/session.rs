@@ -147,8 +147,8 @@ impl Session {
 /// messages of the TwiML answer (after Twilio's limits: long bodies split,
 /// empty messages left out, at most ten), or the silence and its reason.
 pub(super) fn reply_lines(detailed: &Detailed) -> Vec<flow::ReplyLine> {
-    if let Some(reason) = &detailed.silence {
-        return vec![flow::ReplyLine::Silence(Some(reason.clone()))];
+    if let Some(silence) = &detailed.silence {
+        return vec![flow::ReplyLine::Silence(Some(silence.label().to_owned()))];
     }
     let sent: Vec<flow::Reply> = match twilio::messages_in(&detailed.answer.twiml) {
         Ok(messages) => messages
