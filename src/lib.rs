@@ -20,7 +20,9 @@
 //! # Code map (each module owns one outside world)
 //!
 //! - [`twilio`]: the wire format. Form decoding, `RequestValidator`,
-//!   TwiML rendering, status callbacks. Knows nothing of axum, sled, flows.
+//!   TwiML rendering, status callbacks, and Twilio's message limits
+//!   ([`twilio::limits`]: the one place they are defined). Knows nothing
+//!   of axum, sled, flows.
 //! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
 //!   step engine, templates, the transcript format. No IO in the engine, no clock
 //!   reads (time is passed in), no Twilio types. [`flow::script`] is the

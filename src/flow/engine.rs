@@ -27,8 +27,9 @@ use super::script::{
     Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT,
 };
 use super::template::{Template, Var, Vars};
-// Twilio's message limits, defined once where the TwiML is rendered.
-use crate::twilio::twiml;
+// Twilio's message limits are defined once, in `twilio::limits`; long
+// replies are split exactly as the renderer splits them.
+use crate::twilio::{limits, twiml};
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
@@ -37,13 +38,13 @@ pub const SCRIPT_STATE_VAR: &str = "$state";
 
 /// At most this many replies per inbound message (Twilio's TwiML limit),
 /// the parts of a split reply included.
-pub const MAX_REPLIES: usize = twiml::MAX_MESSAGES;
+pub const MAX_REPLIES: usize = limits::MAX_MESSAGES;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
 /// Longest reply body, in characters (Twilio's limit); a longer reply is
 /// split at whitespace into several messages ([`twiml::split_body`]).
-pub const MAX_BODY_CHARS: usize = twiml::MAX_BODY_CHARS;
+pub const MAX_BODY_CHARS: usize = limits::MAX_BODY_CHARS;
 
 /// One inbound message, as the caller parsed it.
 #[derive(Clone, Copy, Debug)]

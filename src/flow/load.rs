@@ -28,6 +28,7 @@ use super::script::{Expr, Limits, Sandbox, ScriptError, ENTRY_POINT};
 use super::segments;
 use super::template::{is_ident, parse_var, Template, Var};
 use super::yaml::{self, Kind, Node};
+use crate::twilio::limits::MAX_MEDIA;
 
 /// Largest flow file we read.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -867,10 +868,7 @@ impl Cx<'_> {
         } else {
             let seg = segments::count(&literal);
             if seg.count > 1 {
-                let (one, enc) = match seg.encoding {
-                    segments::Encoding::Gsm7 => (160, "GSM-7"),
-                    segments::Encoding::Ucs2 => (70, "UCS-2"),
-                };
+                let (one, enc) = (seg.encoding.single_segment(), seg.encoding.as_str());
                 self.warn(
                     pos,
                     format!(
@@ -896,8 +894,9 @@ impl Cx<'_> {
                 self.err(pos, format!("media `{url}` must be an http(s) URL"));
             }
         }
-        if out.len() > 10 {
-            self.err(node.pos, "a message can carry at most 10 media URLs");
+        if out.len() > MAX_MEDIA {
+            let most = format!("a message can carry at most {MAX_MEDIA} media URLs");
+            self.err(node.pos, most);
         }
         out
     }

@@ -14,8 +14,9 @@
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
 //! clock: time comes in as unix seconds and state comes in and goes out as a
 //! [`Conversation`] value. Only Twilio's message limits (characters per
-//! message, messages per answer, and how a long reply is split) come from
-//! `twilio::twiml`, where they are defined once.
+//! message, messages per answer, media, segment sizes) come from
+//! `twilio::limits`, where they are defined once, and a long reply is split
+//! as `twilio::twiml` splits it.
 
 mod check;
 mod engine;

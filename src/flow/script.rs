@@ -73,10 +73,10 @@ pub const ENTRY_POINT: &str = "on_message";
 
 /// Most replies a script may return for one message (Twilio's per-response
 /// `<Message>` limit).
-pub const MAX_REPLIES: usize = 10;
+pub const MAX_REPLIES: usize = crate::twilio::limits::MAX_MESSAGES;
 
 /// Most media URLs one reply may carry (Twilio's per-message limit).
-pub const MAX_MEDIA: usize = 10;
+pub const MAX_MEDIA: usize = crate::twilio::limits::MAX_MEDIA;
 
 /// How deeply state values may nest. Deeper values would make the JSON
 /// conversion (and whoever reads the stored state) recurse without bound.

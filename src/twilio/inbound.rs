@@ -12,8 +12,8 @@ use thiserror::Error;
 
 use super::form::{first, Params};
 
-/// Twilio's documented cap on media items per message (D-MSG, D-REQ).
-pub const MAX_MEDIA: u32 = 10;
+/// Twilio's cap on media items per message, as a `NumMedia` value.
+const MAX_MEDIA: u32 = super::limits::MAX_MEDIA as u32;
 
 /// A parameter the webhook needs is absent or unusable.
 ///

@@ -10,6 +10,8 @@
 //!   incoming-message and status-callback values.
 //! - [`twiml`] renders the XML reply, enforcing Twilio's size limits (and
 //!   reads it back for the author tools).
+//! - [`limits`] holds those limits (characters, messages, media, SMS
+//!   segment sizes), defined once for the renderer, the engine and `check`.
 //!
 //! This module knows nothing of HTTP servers, storage or flows: it takes bytes
 //! and strings in and gives values and strings out. Which URL to validate
@@ -18,6 +20,7 @@
 
 pub mod form;
 pub mod inbound;
+pub mod limits;
 pub mod signature;
 pub mod status;
 pub mod twiml;
