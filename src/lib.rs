@@ -64,8 +64,12 @@
 //!   and no module uses it (only `main`, the tests and the examples).
 //! - [`clock`]: the wall clock, read in one place (the engine is given
 //!   time).
-//! - [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]:
-//!   process plumbing.
+//! - [`config`]: flags, environment and the TOML file merged into one
+//!   validated `Config`; [`config::SETTINGS`] is the one table of settings
+//!   (file keys, help, defaults) that `serve --help` and `smsflow config`
+//!   are generated from.
+//! - [`admin_client`], [`cli`], [`telemetry`], [`metrics`]: process
+//!   plumbing.
 //!
 //! # Invariants
 //!
