@@ -36,6 +36,9 @@
 //!   (each ending in a real `fdatasync`), writes checkpoints that expose a
 //!   database sled silently truncated, and reopens the store after a
 //!   failed write; undecodable records are kept aside in `quarantine/`.
+//!   Every record carries its format version and is migrated on read
+//!   (see the store's "Format versions"; golden records of each version
+//!   under `src/store/golden/` must keep decoding).
 //! - [`pipeline`]: one message in phases (dedupe, consent, loop guard,
 //!   engine, render, commit, flush; see [`pipeline::Pipeline`]) under a
 //!   per-conversation lock; silence is an outcome with a reason
@@ -62,6 +65,8 @@
 //! - [`app`]: the composition root. `App::build` wires config, store,
 //!   flows, pipeline, reloader and router together; it uses every module
 //!   and no module uses it (only `main`, the tests and the examples).
+//! - [`versioned`]: the encoding of every JSON record stored (`"v"` first,
+//!   decode by version, migrate on read).
 //! - [`clock`]: the wall clock, read in one place (the engine is given
 //!   time).
 //! - [`config`]: flags, environment and the TOML file merged into one
@@ -77,6 +82,8 @@
 //!   fsynced (unless the operator chose relaxed durability).
 //! - Nothing stored is replaced silently: a record that does not decode is
 //!   kept aside first; a database that lost checkpointed data is refused.
+//! - Stored records are a contract: versioned, read by every later
+//!   release, migrated on read, never silently reset.
 //! - One MessageSid is processed once; retries get the identical TwiML.
 //! - Messages of one (To, From) conversation are processed one at a time;
 //!   different conversations never wait on each other's lock.
@@ -108,3 +115,4 @@ pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod twilio;
+pub mod versioned;

@@ -357,7 +357,7 @@ impl<S: Store> Pipeline<S> {
         record: &StoredConversation,
     ) -> Result<Conversation, StoreError> {
         match &record.conversation {
-            Some(bytes) => match serde_json::from_slice(bytes) {
+            Some(bytes) => match Conversation::from_stored(bytes) {
                 Ok(c) => Ok(c),
                 Err(e) => {
                     self.store.keep_aside(key, &format!("conversation: {e}"))?;
@@ -539,7 +539,7 @@ impl<S: Store> Pipeline<S> {
         let stored = if *conversation == Conversation::default() {
             None
         } else {
-            Some(serde_json::to_vec(conversation).unwrap_or_default())
+            Some(conversation.to_stored())
         };
         self.store.commit(Commit {
             key,
@@ -613,7 +613,7 @@ impl<S: Store> Pipeline<S> {
         conversation: &Conversation,
         now: i64,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(conversation).unwrap_or_default();
+        let bytes = conversation.to_stored();
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
         self.store

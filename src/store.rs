@@ -9,12 +9,42 @@
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
-//! | `c\0` | to `\0` from | the conversation record: 8-byte big-endian last activity, 1 flag byte, 4-byte length, the conversation (caller's bytes), then the recent answers (JSON) |
+//! | `c\0` | to `\0` from | the conversation record: 1 version byte, 8-byte big-endian last activity, 1 flag byte, 4-byte length, the conversation (the caller's bytes: versioned JSON of a `flow::Conversation`), then the recent answers (per answer: 8-byte time, then sid, outcome and TwiML, each behind a 4-byte length) |
 //! | `s\0` | MessageSid | [`DeliveryStatus`]: latest status of a message we sent |
 //! | `l\0` | MessageSid `\0` id | [`StatusEvent`]: every status callback received |
 //! | `o\0` | scope `\0` number | [`OptOut`]: current consent state |
 //! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
 //! | `m\0` | `marker` | the last flush marker, 8 bytes big-endian (see below) |
+//!
+//! # Format versions
+//!
+//! The stored format is a contract with every data directory already
+//! written: a release reads what earlier releases wrote, and a change to a
+//! record never makes a sender's conversation silently start afresh.
+//!
+//! - Every record says its version. A conversation record starts with its
+//!   layout version byte (now 1); JSON records (the conversation inside it,
+//!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`], [`AuditRecord`], the
+//!   lines of `messages.jsonl`) start with `"v":N` (now 1), written and read
+//!   by [`crate::versioned`]. Records from before versions (version 0) have
+//!   neither; each is version 1's shape without it and still reads.
+//! - Decode by version, migrate on read: a reader dispatches on the version
+//!   and turns an older record into the current value (for JSON, one
+//!   [`Versioned::upgrade`](crate::versioned::Versioned::upgrade) step per
+//!   version); the record is rewritten in the current version the next time
+//!   it is written anyway. Nothing is rewritten in bulk at startup.
+//! - A record that does not decode, including one of a version newer than
+//!   this release reads (after a downgrade), is kept aside in `quarantine/`
+//!   before anything replaces it, logged and counted; a consent record that
+//!   does not decode reads as opted out.
+//! - To change a format: bump that kind's version, add the migration from
+//!   the previous version (an `upgrade` arm, or an arm in
+//!   `records::decode_conv` for the conversation layout), keep every older
+//!   version's golden records under `src/store/golden/` decoding, and
+//!   commit the new version's (`SMSFLOW_WRITE_GOLDEN=1 cargo test --lib
+//!   golden` writes the missing files). The keys, the flush marker and the
+//!   `checkpoint` file are fixed formats: changing one means a new key or
+//!   file name, read alongside the old.
 //!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
@@ -276,5 +306,7 @@ pub struct StoreHealth {
     pub fsyncs: u64,
 }
 
+#[cfg(test)]
+mod golden;
 #[cfg(test)]
 mod tests;

@@ -125,9 +125,9 @@ impl Session {
         let Some(bytes) = self.pipeline.store().conversation(&self.key())? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
+        Conversation::from_stored(&bytes)
             .map(Some)
-            .context("the stored conversation is unreadable")
+            .map_err(|e| anyhow::anyhow!("the stored conversation is unreadable: {e}"))
     }
 
     /// Start this sender's conversation from `conversation`.

@@ -27,6 +27,7 @@ mod model;
 mod outline;
 pub mod script;
 mod segments;
+mod stored;
 mod template;
 mod transcript;
 mod yaml;

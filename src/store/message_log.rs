@@ -6,7 +6,7 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::encode;
+use super::records::{decode, encode};
 use super::{files, Processed, StoreError};
 
 /// One line of the inbound message log.
@@ -21,6 +21,11 @@ pub(super) struct LogLine {
     pub(super) flow: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) step: Option<String>,
+}
+
+impl crate::versioned::Versioned for LogLine {
+    const KIND: &'static str = "message log line";
+    const VERSION: u32 = 1;
 }
 
 impl LogLine {
@@ -89,7 +94,7 @@ impl MessageLog {
         Ok(text
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
-            .filter_map(|l| serde_json::from_slice(l).ok())
+            .filter_map(|l| decode(l).ok())
             .collect())
     }
 
@@ -108,7 +113,7 @@ impl MessageLog {
         let mut kept = Vec::with_capacity(lines.len());
         let mut dropped = 0;
         for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match serde_json::from_slice::<LogLine>(line) {
+            match decode::<LogLine>(line) {
                 Ok(l) if l.at < cutoff => dropped += 1,
                 Ok(_) => {
                     kept.extend_from_slice(line);

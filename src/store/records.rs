@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::versioned::{self, Versioned};
+
 /// The conversation key: one conversation per (our number, their number).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConvKey {
@@ -130,7 +132,7 @@ pub struct RecentAnswer {
 pub const DEDUPE_WINDOW_SECS: i64 = 600;
 pub const DEDUPE_MAX_ANSWERS: usize = 8;
 
-/// A conversation record as stored.
+/// A conversation record as stored (any version, decoded).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredConversation {
     /// The caller's conversation bytes; `None` when there is no state (only
@@ -237,23 +239,49 @@ pub(super) fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
     k
 }
 
-/// A JSON record, or why it does not decode.
-pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+/// A JSON record of any version this release reads, or why it does not
+/// decode (see [`crate::versioned`]).
+pub(super) fn decode<T: Versioned>(bytes: &[u8]) -> Result<T, String> {
+    versioned::decode(bytes)
 }
 
-pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising these plain structs to JSON cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
+/// A JSON record in the current version.
+pub(super) fn encode<T: Versioned>(record: &T) -> Vec<u8> {
+    versioned::encode(record)
+}
+
+impl Versioned for DeliveryStatus {
+    const KIND: &'static str = "delivery status";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for StatusEvent {
+    const KIND: &'static str = "status event";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for OptOut {
+    const KIND: &'static str = "consent state";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for AuditRecord {
+    const KIND: &'static str = "consent audit record";
+    const VERSION: u32 = 1;
 }
 
 /// Flag bits of a conversation record.
 pub(super) const ENDED: u8 = 1;
 pub(super) const HAS_CONVERSATION: u8 = 2;
 
-/// Encode a conversation record. The 13-byte header (last activity, flags,
-/// conversation length) lets purging and counting work without knowing
-/// the caller's format.
+/// The layout version of the conversation records this release writes:
+/// their first byte.
+pub(super) const CONV_VERSION: u8 = 1;
+
+/// Encode a conversation record: the version byte, then a 13-byte header
+/// (last activity, flags, conversation length) that lets purging and
+/// counting work without knowing the caller's format, the conversation,
+/// and the recent answers.
 pub(super) fn conv_value(
     now: i64,
     ended: bool,
@@ -262,7 +290,8 @@ pub(super) fn conv_value(
 ) -> Vec<u8> {
     let conv = conversation.unwrap_or_default();
     let recent = &recent.0;
-    let mut v = Vec::with_capacity(13 + conv.len() + recent.len());
+    let mut v = Vec::with_capacity(14 + conv.len() + recent.len());
+    v.push(CONV_VERSION);
     v.extend_from_slice(&now.to_be_bytes());
     let mut flags = 0;
     if ended {
@@ -278,16 +307,43 @@ pub(super) fn conv_value(
     v
 }
 
-/// (last activity, flags) of a conversation record.
-pub(super) fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
-    let at = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    Some((at, *v.get(8)?))
+/// A conversation record's layout version and the bytes after its version
+/// byte. Version 0, from releases before versions, has no version byte: it
+/// starts with the big-endian last-activity time, whose first byte is 0x00
+/// for any time from 1970 to the year 2 billion (0xFF before 1970), a
+/// value no version byte takes. Version 1 is version 0 behind a version
+/// byte; a later version gets its own arm in [`decode_conv`].
+fn conv_version(v: &[u8]) -> Result<(u8, &[u8]), &'static str> {
+    match v.first() {
+        Some(&CONV_VERSION) => Ok((CONV_VERSION, &v[1..])),
+        Some(0x00 | 0xFF) => Ok((0, v)),
+        Some(_) => Err("unknown record version (written by a newer release?)"),
+        None => Err("empty record"),
+    }
 }
 
-/// Decode a conversation record's layout, or say why it does not decode.
-/// (The conversation bytes inside are the caller's to decode.)
+/// (last activity, flags) of a conversation record of any version.
+pub(super) fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
+    let (_, body) = conv_version(v).ok()?;
+    let at = i64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    Some((at, *body.get(8)?))
+}
+
+/// Decode a conversation record's layout, of any version this release
+/// reads, or say why it does not decode. (The conversation bytes inside
+/// are the caller's to decode.)
 pub(super) fn decode_conv(v: &[u8]) -> Result<StoredConversation, &'static str> {
-    let (_, flags) = conv_header(v).ok_or("short header")?;
+    match conv_version(v)? {
+        (0 | 1, body) => decode_conv_v1(body),
+        _ => Err("unknown record version"),
+    }
+}
+
+/// Versions 0 and 1 after the version byte: header, conversation, recent
+/// answers.
+fn decode_conv_v1(v: &[u8]) -> Result<StoredConversation, &'static str> {
+    // 8 bytes of last activity, then the flags.
+    let flags = *v.get(8).ok_or("short header")?;
     if flags & !(ENDED | HAS_CONVERSATION) != 0 {
         return Err("unknown flags");
     }

@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use serde::Deserialize;
-
 use super::message_log::{LogLine, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::quarantine::{describe_key, Quarantine};
@@ -414,7 +412,7 @@ impl Drop for Shared {
 }
 
 impl SledStore {
-    fn scan<T: for<'de> Deserialize<'de>>(
+    fn scan<T: crate::versioned::Versioned>(
         &self,
         db: &sled::Db,
         prefix: &[u8],

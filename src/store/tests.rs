@@ -371,8 +371,9 @@ fn an_undecodable_record_is_kept_aside_before_it_is_replaced() {
             ))
             .unwrap();
     }
-    // An unknown flag bit: the layout does not decode.
-    let damaged = damage(dir.path(), &key.db_key(), |v| v[8] |= 0x80);
+    // An unknown flag bit (after the version byte and the 8-byte time):
+    // the layout does not decode.
+    let damaged = damage(dir.path(), &key.db_key(), |v| v[1 + 8] |= 0x80);
     let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
     // Found while counting at open, kept aside, still in place.
     assert_eq!(store.health().quarantined, 1);

@@ -166,7 +166,7 @@ async fn replay(
                     .store
                     .conversation(&key(&to, &from))
                     .unwrap()
-                    .map(|b| serde_json::from_slice(&b).unwrap())
+                    .map(|b| flow::Conversation::from_stored(&b).unwrap())
                     .unwrap_or_default();
                 let actual = flow::assertion_value(&conv, what).expect("known assertion");
                 assert_eq!(&actual, value, "{at}: `? {what}` in the server's store");
