@@ -1,5 +1,9 @@
 //! Command-line interface: subcommands, flags and their environment
 //! fallbacks. Parsing only; the work is done by `app`, `flow` and friends.
+//!
+//! The doc comments on arguments are their `--help` text, written for a
+//! terminal: example URLs stay bare.
+#![allow(rustdoc::bare_urls)]
 
 use std::path::PathBuf;
 
@@ -172,7 +176,7 @@ pub enum DurabilityArg {
 }
 
 /// `serve` (and `config`). Each setting's help and default come from
-/// [`config::SETTINGS`](crate::config::SETTINGS), the one table of
+/// [`config::SETTINGS`], the one table of
 /// settings; a test keeps these flags and environment variables in step
 /// with it.
 #[derive(Debug, clap::Args)]

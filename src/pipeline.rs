@@ -32,7 +32,7 @@ use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub twiml: String,
-    /// "reply" or "silence:<reason>", for logs.
+    /// `reply` or `silence:<reason>`, for logs.
     pub outcome: String,
     /// True when this MessageSid had been processed before.
     pub duplicate: bool,

@@ -64,8 +64,8 @@
 //!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
 //! durable: sled's flush (which only `sync_file_range`s its log), then an
-//! `fdatasync` of sled's files ([`files`]). Flushes are grouped by the
-//! store's [`Worker`] thread: while one sync runs, every caller that arrives
+//! `fdatasync` of sled's files (`files.rs`). Flushes are grouped by the
+//! store's worker thread (`worker.rs`): while one sync runs, every caller that arrives
 //! waits for the next one, so N concurrent webhooks cost about two syncs,
 //! not N.
 //!
@@ -74,7 +74,7 @@
 //! shutdown) the worker writes a flush marker into the database and, once
 //! it is on disk, its number into the `checkpoint` file; a database that
 //! opens with an older marker is refused. A record that does not decode is
-//! kept aside ([`quarantine`]) before anything replaces it. A write, flush
+//! kept aside (`quarantine.rs`) before anything replaces it. A write, flush
 //! or fsync that fails marks the store failed (nothing is acknowledged);
 //! sled then fails every later write, so the worker reopens the database
 //! once the filesystem takes writes again, and an [`Epoch`] makes sure

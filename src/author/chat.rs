@@ -29,7 +29,7 @@ pub struct ChatOptions {
     /// Start of the virtual clock (unix seconds); `None` is the real time.
     pub now: Option<i64>,
     /// The server's pipeline settings (consent keywords, help text,
-    /// interrupt keywords, loop guard): [`server_defaults`], or from a
+    /// interrupt keywords, loop guard): [`server_defaults`](super::server_defaults), or from a
     /// config file with [`PipelineOptions::from_config`].
     pub options: PipelineOptions,
     /// Write each message back as `> text`, so the output reads as a whole

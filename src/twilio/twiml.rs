@@ -11,8 +11,8 @@
 //! The escaping is hand-written rather than quick-xml's `escape` because the
 //! rules differ from it on purpose: a CR must become `&#xD;` (a parser would
 //! otherwise normalise it to LF) and so must LF/TAB in attributes, while
-//! quotes in text need no escaping. quick-xml is used by the tests to parse
-//! the output back.
+//! quotes in text need no escaping. quick-xml parses the output back:
+//! [`messages_in`] for the author tools, and the tests.
 //!
 //! This module does not decide what to say, nor the HTTP side of the reply
 //! (status, `Content-Type: text/xml`).
