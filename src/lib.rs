@@ -98,6 +98,31 @@
 //! - `chat`, `test` and `--require-tests` run messages through the same
 //!   [`pipeline::Pipeline`] and options as the webhook: a transcript that
 //!   passes is what a phone would see.
+//! - Dependencies point one way: [`app`] uses everything and nothing uses
+//!   it; a fact (a limit, a normaliser, a setting) is defined once.
+//!
+//! # Extending
+//!
+//! - **A matcher** (a way a route reads a reply): a variant of `Matcher`
+//!   in `flow/model.rs`; what it matches in `route_match`
+//!   (`flow/matcher.rs`, pure, with a unit test); its route key in
+//!   `flow/load.rs` (the `MATCHERS` list and the arm that parses it, so
+//!   `check` locates its errors); its edge label in `flow/outline.rs`
+//!   (`smsflow graph`); a row in the Matchers table of `flows/README.md`,
+//!   and a transcript that uses it.
+//! - **A Rhai helper**: one `engine.register_fn` in `register_helpers`
+//!   (`flow/script.rs`), the only place an engine is built. A helper does
+//!   no IO and reads no clock (`now()` is the message's time); a failure
+//!   is a runtime error (`runtime(..)`), which becomes the flow's fallback.
+//!   Add a unit test beside it and a row in the Helpers table of
+//!   `flows/README.md`.
+//! - **A config key**: a row in [`config::SETTINGS`]; its doc lists the
+//!   typed field, default and check that go with it, and tests fail until
+//!   they and README's settings table are there. `serve --help` and
+//!   `smsflow config` pick it up from the row.
+//! - **A stored field**: a new record version with its migration (the
+//!   store's "Format versions"), never a field that old records lack
+//!   silently.
 
 pub mod admin_client;
 pub mod app;

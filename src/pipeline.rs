@@ -568,7 +568,8 @@ impl<S: Store> Pipeline<S> {
         OutMessage {
             body: reply.body.clone(),
             media: reply.media.clone(),
-            // Twilio recommends setting both to the same URL (D-MSG).
+            // Twilio's `<Message>` reference recommends setting both to the
+            // same URL.
             action: callback.clone(),
             status_callback: callback,
             ..OutMessage::default()

@@ -15,8 +15,11 @@
 //!
 //! This module knows nothing of HTTP servers, storage or flows: it takes bytes
 //! and strings in and gives values and strings out. Which URL to validate
-//! against (the public one Twilio was configured with) is the caller's
-//! business; see `/work/shared/twilio-protocol.md` §3.4.
+//! against is the caller's business: the public URL Twilio was configured
+//! with, exactly as encoded and without the fragment, never one rebuilt
+//! from the Host header (a TLS-terminating proxy changes scheme, host or
+//! path; Twilio's error 57012 says to validate "with the exact webhook URL
+//! Twilio requested").
 
 pub mod form;
 pub mod inbound;

@@ -1,4 +1,4 @@
-//! What goes out, over HTTP (issue 12): a reply longer than one message is
+//! What goes out, over HTTP: a reply longer than one message is
 //! split at whitespace into several, counting toward the ten an answer may
 //! hold, whether a YAML template or a script made it long.
 

@@ -1,4 +1,4 @@
-//! A transcript that passes means the phone behaves the same (issue 12):
+//! A transcript that passes means the phone behaves the same:
 //! every shipped transcript runs through the transcript runner (what
 //! `smsflow test` and `--require-tests` use) and, message by message,
 //! through the real server over HTTP with webhooks signed as Twilio signs
