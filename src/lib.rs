@@ -12,7 +12,7 @@
 //! swapped in whole when valid.
 //!
 //! ```text
-//! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► store ─► twilio::render
+//! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► twilio::render ─► store (commit, flush)
 //!                                      ▲
 //!                           reload ────┘ (ArcSwap<FlowSet>)
 //! ```
@@ -24,8 +24,9 @@
 //!   ([`twilio::limits`]: the one place they are defined). Knows nothing
 //!   of axum, sled, flows.
 //! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
-//!   step engine, templates, the transcript format. No IO in the engine, no clock
-//!   reads (time is passed in), no Twilio types. [`flow::script`] is the
+//!   step engine, templates, the transcript format, and a conversation's
+//!   stored form (versioned JSON). No IO in the engine, no clock reads
+//!   (time is passed in), no Twilio types. [`flow::script`] is the
 //!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
 //!   YAML expressions run there, and any script failure becomes the flow's
 //!   fallback with the conversation unchanged.

@@ -13,11 +13,9 @@
 //!   batch, so a MessageSid is either fully processed or not at all.
 //! - The answer is returned only after the flush that covers that batch.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::OwnedMutexGuard;
 
 use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
 use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, Reply};
@@ -27,6 +25,9 @@ use crate::store::{
     StatusUpdate, Store, StoreError, StoredConversation,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
+
+mod locks;
+use locks::KeyLocks;
 
 /// What the HTTP layer sends back for one inbound webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -713,156 +714,5 @@ impl Decided {
     }
 }
 
-/// Per-conversation async locks. An entry exists only while some request
-/// holds or waits for it, so the map stays as small as the set of
-/// conversations in flight.
-#[derive(Default)]
-struct KeyLocks {
-    map: Arc<Mutex<HashMap<ConvKey, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-struct KeyGuard {
-    guard: Option<OwnedMutexGuard<()>>,
-    key: ConvKey,
-    map: Arc<Mutex<HashMap<ConvKey, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-impl KeyLocks {
-    async fn lock(&self, key: &ConvKey) -> KeyGuard {
-        let lock = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key.clone()).or_default().clone()
-        };
-        let guard = lock.lock_owned().await;
-        KeyGuard {
-            guard: Some(guard),
-            key: key.clone(),
-            map: self.map.clone(),
-        }
-    }
-}
-
-impl Drop for KeyGuard {
-    fn drop(&mut self) {
-        // Release the lock first, so the count below sees only the map's
-        // reference and those of waiters.
-        self.guard.take();
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = map.get(&self.key) {
-            if Arc::strong_count(lock) == 1 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every gate and the engine give their silence its label, in the
-    /// answer's outcome and in what the tools read.
-    #[tokio::test]
-    async fn each_silence_has_its_label() {
-        let tmp = tempfile::tempdir().unwrap();
-        let flows = tmp.path().join("flows");
-        std::fs::create_dir(&flows).unwrap();
-        std::fs::write(flows.join("k.yaml"), "keywords:\n  HI: hello\n").unwrap();
-        std::fs::write(
-            flows.join("quiet.yaml"),
-            "trigger:\n  keywords: [QUIET]\nsteps:\n  one:\n    silence: shh\n",
-        )
-        .unwrap();
-        let set = flow::load_flows(&flows).unwrap().set;
-        let store =
-            crate::store::SledStore::open(&tmp.path().join("data"), &Default::default()).unwrap();
-        let pipeline = Pipeline::new(
-            Arc::new(store),
-            Arc::new(ArcSwap::from_pointee(set)),
-            PipelineOptions {
-                loop_max_replies: 1,
-                loop_window_secs: 60,
-                ..PipelineOptions::default()
-            },
-            Arc::new(Metrics::default()),
-        );
-        let mut n = 0;
-        let mut send = |from: &str, body: &str, extra: Option<(&str, &str)>| {
-            n += 1;
-            let mut params = vec![
-                ("MessageSid".to_owned(), format!("SM{n:032}")),
-                ("From".to_owned(), from.to_owned()),
-                ("To".to_owned(), "+15550001111".to_owned()),
-                ("Body".to_owned(), body.to_owned()),
-            ];
-            if let Some((k, v)) = extra {
-                params.push((k.to_owned(), v.to_owned()));
-            }
-            InboundMessage::from_params(params).unwrap()
-        };
-        let mut outcomes = Vec::new();
-        for (from, body, extra) in [
-            ("+15551230001", "hi", None),
-            ("+15551230001", "hi", None),
-            ("+15551230002", "nothing", None),
-            ("+15551230002", "quiet", None),
-            ("+15551230002", "help", None),
-            ("+15551230002", "help", Some(("OptOutType", "HELP"))),
-            ("+15551230002", "start", None),
-            ("+15551230002", "stop", None),
-            ("+15551230002", "hi", None),
-            ("+15551230002", "start", None),
-        ] {
-            let d = pipeline
-                .handle_inbound_detailed(&send(from, body, extra), 1_700_000_000)
-                .await
-                .unwrap();
-            let label = d.silence.as_ref().map(Silence::label);
-            assert_eq!(
-                d.answer.outcome,
-                label.map_or("reply".to_owned(), |l| format!("silence:{l}"))
-            );
-            outcomes.push((
-                label,
-                d.silence.as_ref().and_then(|s| s.note()).map(str::to_owned),
-            ));
-        }
-        let labels: Vec<_> = outcomes.iter().map(|(l, _)| l.unwrap_or("reply")).collect();
-        assert_eq!(
-            labels,
-            [
-                "reply",
-                "rate_limited",
-                "no_match",
-                "flow",
-                "help",
-                "help_answered_by_twilio",
-                "opt_in",
-                "opt_out",
-                "opted_out",
-                "opt_in",
-            ]
-        );
-        assert_eq!(outcomes[3].1.as_deref(), Some("shh"));
-    }
-
-    #[tokio::test]
-    async fn key_locks_serialise_one_key_and_clean_up() {
-        let locks = Arc::new(KeyLocks::default());
-        let key = ConvKey::new("a", "b");
-        let g1 = locks.lock(&key).await;
-        let l2 = locks.clone();
-        let k2 = key.clone();
-        let waiter = tokio::spawn(async move {
-            let _g = l2.lock(&k2).await;
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        // A different key is not blocked.
-        let _other = locks.lock(&ConvKey::new("a", "c")).await;
-        drop(_other);
-        drop(g1);
-        waiter.await.unwrap();
-        assert!(locks.map.lock().unwrap().is_empty());
-    }
-}
+mod tests;

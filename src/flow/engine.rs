@@ -12,6 +12,12 @@
 //! monotonic timer, not a clock the flow can see). Any script error turns
 //! the whole message into the failing flow's fallback: the conversation
 //! comes back exactly as it came in, and an [`Event::ScriptError`] says why.
+//!
+//! One file, near 900 lines, on purpose: the types the step function takes
+//! and returns, then `Exec`, the one state machine that runs a message
+//! (triggers, steps, routes, retries, replies), which reads best top to
+//! bottom in one place. What it leans on lives beside it (`matcher.rs`,
+//! `template.rs`, `script.rs`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

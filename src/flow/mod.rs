@@ -2,13 +2,14 @@
 //!
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
 //! problem, located by file, line and column; [`load_flows`] is the form
-//! the server and the tools use); [`handle`] is the pure step
-//! function the webhook calls for each inbound message; `transcript` parses
+//! the server and the tools use); [`handle`] is the pure step function the
+//! webhook calls for each inbound message; `stored` is a [`Conversation`]'s
+//! stored form (versioned JSON, migrated on read); `transcript` parses
 //! `.chat` conversation tests and compares replies (`author` runs them
-//! through the pipeline); `outline` describes one flow's
-//! steps and routes for diagrams; `invitations` reads which answers a
-//! reply asks for (`check` warns when one is a consent word); `script` is
-//! the Rhai sandbox that script flows and expressions run in. The file format is documented
+//! through the pipeline); `outline` describes one flow's steps and routes
+//! for diagrams; `invitations` reads which answers a reply asks for
+//! (`check` warns when one is a consent word); `script` is the Rhai sandbox
+//! that script flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
