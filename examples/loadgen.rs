@@ -455,7 +455,7 @@ fn startup(rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args, n: usize) {
     write_startup_flows(&flows, n);
     // The same loader the server runs: a mistake here is reported plainly
     // instead of as a server that never comes up.
-    smsflow::app::load_flows(&flows).expect("generated flows are valid");
+    smsflow::flow::load_flows(&flows).expect("generated flows are valid");
     let client = client(1);
     println!("startup with {n} flow files; server: {}", mode.describe());
     let mut times = Vec::new();

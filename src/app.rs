@@ -7,33 +7,19 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
+use crate::clock::unix_now;
 use crate::config::{Auth, Config};
-use crate::flow::{self, FlowSet};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
-use crate::reload::Reloader;
+use crate::reload::{self, Reloader};
 use crate::store::{SledStore, Store, StoreConfig};
-
-/// What `/healthz` and `/status` report about the active flow set.
-#[derive(Debug, Clone, Default)]
-pub struct FlowStatus {
-    pub version: String,
-    pub loaded_at: i64,
-    pub files: Vec<String>,
-    pub last_error: Option<String>,
-    /// Whether edits to the flows directory are being picked up, and why
-    /// not when they are not (see [`crate::reload`]).
-    pub watching: bool,
-    pub watching_reason: Option<String>,
-}
 
 /// A bound, ready-to-run server.
 pub struct App {
@@ -48,49 +34,6 @@ pub struct App {
     /// Set once shutdown begins, so `/readyz` answers 503 while in-flight
     /// requests finish.
     shutting_down: Arc<AtomicBool>,
-}
-
-/// Wall-clock unix seconds: the one place the server reads the clock for
-/// messages, callbacks and reloads (the flow engine is given time).
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Load and validate a flows directory; every problem in one error.
-pub fn load_flows(dir: &std::path::Path) -> anyhow::Result<flow::Loaded> {
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "flows directory {} not found (create it, or pass --flows DIR)",
-            dir.display()
-        );
-    }
-    flow::load_dir(dir).map_err(|diags| {
-        let list: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
-        anyhow::anyhow!(
-            "the flows in {} have {} problem(s):\n{}",
-            dir.display(),
-            list.len(),
-            list.join("\n")
-        )
-    })
-}
-
-pub fn status_of(set: &FlowSet, loaded_at: i64) -> FlowStatus {
-    FlowStatus {
-        version: set.version().to_string(),
-        loaded_at,
-        files: set
-            .files()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
-        last_error: None,
-        watching: false,
-        watching_reason: None,
-    }
 }
 
 impl App {
@@ -110,18 +53,22 @@ impl App {
                  this port can drive your bot. Never run like this on a public address"
             );
         }
-        let loaded = load_flows(&config.flows_dir)?;
-        // Transcripts required to pass run with the options served.
+        // Transcripts required to pass run with the options served, here
+        // and on every reload.
         let options = PipelineOptions::from_config(&config);
-        if config.require_tests {
-            crate::author::transcripts_pass(&config.flows_dir, &loaded.set, &options)
-                .map_err(|e| anyhow::anyhow!("the flows' transcripts fail:\n{e}"))?;
-        }
+        let require_tests = config.require_tests.then(|| options.clone());
+        let loaded = reload::load_checked(&config.flows_dir, require_tests.as_ref())?;
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
-        let flow_status = Arc::new(Mutex::new(status_of(&loaded.set, unix_now())));
         let flows: SharedFlows = Arc::new(ArcSwap::from_pointee(loaded.set));
+        let metrics = Arc::new(Metrics::default());
+        let reloader = Arc::new(Reloader::new(
+            config.flows_dir.clone(),
+            flows.clone(),
+            metrics.clone(),
+            require_tests,
+        ));
 
         // The store creates the data directory (private) and says which
         // of a held lock, a permission, a damaged or a truncated database
@@ -136,11 +83,10 @@ impl App {
         )
         .context("opening the store")?;
         let store = Arc::new(store);
-        let metrics = Arc::new(Metrics::default());
         let pipeline = Arc::new(Pipeline::new(
             store.clone(),
             flows.clone(),
-            options.clone(),
+            options,
             metrics.clone(),
         ));
 
@@ -148,14 +94,14 @@ impl App {
         // time (the conversation count is maintained by the store, never
         // counted here). Only admin-token holders see this detail.
         let status_fn = {
-            let flow_status = flow_status.clone();
+            let reloader = reloader.clone();
             let store = store.clone();
             let data_dir = std::path::absolute(&config.data_dir)
                 .unwrap_or_else(|_| config.data_dir.clone())
                 .display()
                 .to_string();
             Arc::new(move || {
-                let s = flow_status.lock().map(|s| s.clone()).unwrap_or_default();
+                let s = reloader.status();
                 let health = store.health();
                 serde_json::json!({
                     "flows": {
@@ -196,14 +142,6 @@ impl App {
                 max_body_bytes: config.max_body_bytes,
             },
         );
-
-        let reloader = Arc::new(Reloader::new(
-            config.flows_dir.clone(),
-            flows,
-            flow_status,
-            metrics.clone(),
-            config.require_tests.then_some(options),
-        ));
         Ok(App {
             listener,
             addr,

@@ -1,11 +1,15 @@
 //! Command-line interface: subcommands, flags and their environment
 //! fallbacks. Parsing only; the work is done by `app`, `flow` and friends.
+//!
+//! The doc comments on arguments are their `--help` text, written for a
+//! terminal: example URLs stay bare.
+#![allow(rustdoc::bare_urls)]
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::Overrides;
+use crate::config::{self, Overrides};
 use crate::store::Durability;
 
 #[derive(Debug, Parser)]
@@ -171,38 +175,45 @@ pub enum DurabilityArg {
     Relaxed,
 }
 
+/// `serve` (and `config`). Each setting's help and default come from
+/// [`config::SETTINGS`], the one table of
+/// settings; a test keeps these flags and environment variables in step
+/// with it.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    #[arg(long, env = "SMSFLOW_CONFIG", help = crate::config::CONFIG_FLAG_HELP)]
+    #[arg(
+        long,
+        env = "SMSFLOW_CONFIG",
+        help = config::config_flag_help(),
+        long_help = config::config_flag_long_help()
+    )]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "SMSFLOW_LISTEN")]
+    #[arg(long, env = "SMSFLOW_LISTEN", help = config::flag_help("--listen"))]
     pub listen: Option<String>,
-    /// The base URL Twilio calls, e.g. https://bot.example.com; signatures are
-    /// checked against it joined with the request path and query.
-    #[arg(long, env = "SMSFLOW_PUBLIC_URL")]
+    #[arg(long, env = "SMSFLOW_PUBLIC_URL", help = config::flag_help("--public-url"))]
     pub public_url: Option<String>,
-    /// Flows directory [default: ./flows].
-    #[arg(long, env = "SMSFLOW_FLOWS")]
+    #[arg(long, env = "SMSFLOW_FLOWS", help = config::flag_help("--flows"))]
     pub flows: Option<PathBuf>,
-    /// Data directory for the embedded store [default: ./data].
-    #[arg(long, env = "SMSFLOW_DATA")]
+    #[arg(long, env = "SMSFLOW_DATA", help = config::flag_help("--data"))]
     pub data: Option<PathBuf>,
-    /// Store cache size in MiB [default: 8].
-    #[arg(long, env = "SMSFLOW_CACHE_MB")]
+    #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
     pub cache_mb: Option<u64>,
-    /// When state becomes durable [default: flush].
-    #[arg(long, env = "SMSFLOW_DURABILITY", value_enum)]
+    #[arg(
+        long,
+        env = "SMSFLOW_DURABILITY",
+        value_enum,
+        help = config::flag_help("--durability")
+    )]
     pub durability: Option<DurabilityArg>,
     /// Accept webhooks without checking X-Twilio-Signature (local experiments
     /// only; logs a loud warning). Needed when TWILIO_AUTH_TOKEN is unset.
     #[arg(long, env = "SMSFLOW_INSECURE_NO_SIGNATURE")]
     pub insecure_no_signature: bool,
-    /// Do not watch the flows directory for changes.
+    /// Do not watch the flows directory for changes (config file key
+    /// `watch`).
     #[arg(long, env = "SMSFLOW_NO_WATCH")]
     pub no_watch: bool,
-    /// Refuse to start with, or reload to, flows whose *.chat transcripts fail.
-    #[arg(long, env = "SMSFLOW_REQUIRE_TESTS")]
+    #[arg(long, env = "SMSFLOW_REQUIRE_TESTS", help = config::flag_help("--require-tests"))]
     pub require_tests: bool,
 }
 
@@ -221,6 +232,51 @@ impl ServeArgs {
             insecure: self.insecure_no_signature,
             no_watch: self.no_watch,
             require_tests: self.require_tests,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every setting's flag and environment variable are `serve`'s, and
+    /// every `serve` flag that sets something is a setting's.
+    #[test]
+    fn serve_flags_match_the_settings_table() {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("serve");
+        let args: Vec<(String, Option<String>)> = serve
+            .get_arguments()
+            .filter_map(|a| {
+                let long = format!("--{}", a.get_long()?);
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+                Some((long, env))
+            })
+            .collect();
+        for s in config::SETTINGS {
+            if let Some(flag) = s.flag {
+                let found = args.iter().find(|(long, _)| long == flag);
+                assert_eq!(
+                    found.and_then(|(_, env)| env.as_deref()),
+                    s.env,
+                    "`{}`: serve's {flag} and its environment variable",
+                    s.key
+                );
+            }
+        }
+        for (long, env) in &args {
+            let own = ["--config", "--insecure-no-signature", "--help"];
+            if own.contains(&long.as_str()) {
+                continue;
+            }
+            assert!(
+                config::SETTINGS
+                    .iter()
+                    .any(|s| s.flag == Some(long) && s.env == env.as_deref()),
+                "serve {long} ({env:?}) is in no row of config::SETTINGS"
+            );
         }
     }
 }

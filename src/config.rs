@@ -16,6 +16,11 @@ use serde::Deserialize;
 
 use crate::store::Durability;
 
+mod settings;
+pub use settings::{
+    config_flag_help, config_flag_long_help, describe, flag_help, setting, Setting, SETTINGS,
+};
+
 /// The HMAC key, kept out of logs and `Debug` output.
 #[derive(Clone)]
 pub struct AuthToken(String);
@@ -135,15 +140,6 @@ impl Config {
     }
 }
 
-/// Every key of the TOML file, as `serve --help` lists them (a test keeps
-/// this in step with [`FileConfig`] and [`describe`]).
-pub const CONFIG_FLAG_HELP: &str = "Optional TOML config file. Keys: listen, public_url, flows, \
-data, cache_mb, durability, watch, require_tests, max_body_bytes, request_timeout_ms, \
-header_read_timeout_ms, idle_timeout_ms, max_connections, interrupt_keywords, stop_keywords, \
-start_keywords, help_keywords, help_text, loop_max_replies, loop_window_secs, track_delivery, \
-admin_token, retention_days, purge_interval_secs (README.md, \"Running it\"). \
-`smsflow config` prints every one with the value in effect";
-
 /// The optional TOML file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +174,30 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+        FileConfig::parse(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// Parse a config file. Its keys are those of [`SETTINGS`]; any other
+    /// is refused, with its line and every key there is.
+    pub fn parse(text: &str) -> anyhow::Result<FileConfig> {
+        let table: toml::Table = toml::from_str(text)?;
+        if let Some(unknown) = table.keys().find(|k| setting(k).is_none()) {
+            let line = text
+                .lines()
+                .position(|l| {
+                    let l = l.trim_start().trim_start_matches('[');
+                    l.strip_prefix(unknown.as_str())
+                        .is_some_and(|rest| rest.trim_start().starts_with(['=', ']', '.']))
+                })
+                .map(|i| format!(" (line {})", i + 1))
+                .unwrap_or_default();
+            let known: Vec<String> = SETTINGS.iter().map(|s| format!("`{}`", s.key)).collect();
+            bail!(
+                "unknown key `{unknown}`{line}, expected one of {}",
+                known.join(", ")
+            );
+        }
+        Ok(toml::from_str(text)?)
     }
 }
 
@@ -320,125 +339,6 @@ pub fn resolve(
     })
 }
 
-/// The configuration in effect, as the TOML file would write it: every key
-/// of [`FileConfig`] with its value after flags, environment, file and
-/// defaults were merged (`smsflow config`). Secrets are never printed:
-/// `admin_token` shows as `"<redacted>"`, and the Twilio auth token only
-/// as a comment saying whether it is set. `auth_token_missing` says that
-/// `TWILIO_AUTH_TOKEN` is unset while signatures are required (`serve`
-/// would refuse to start); `config.auth` is then `Insecure` only so the
-/// rest could be resolved.
-pub fn describe(config: &Config, auth_token_missing: bool) -> String {
-    use toml::Value;
-    let text = |s: &str| Value::String(s.to_owned());
-    let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
-    let list = |l: &[String]| Value::Array(l.iter().map(|w| text(w)).collect());
-    let millis = |d: Duration| int(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let path = |p: &Path| text(&p.to_string_lossy());
-    let durability = match config.durability {
-        Durability::Flush => "flush",
-        Durability::Relaxed => "relaxed",
-    };
-    let c = &config.compliance;
-    let keys: Vec<(&str, Option<Value>, &str)> = vec![
-        ("listen", Some(text(&config.listen.to_string())), ""),
-        ("public_url", Some(text(&config.public_url)), ""),
-        ("flows", Some(path(&config.flows_dir)), ""),
-        ("data", Some(path(&config.data_dir)), ""),
-        (
-            "cache_mb",
-            Some(int(config.cache_bytes / (1024 * 1024))),
-            "",
-        ),
-        ("durability", Some(text(durability)), ""),
-        ("watch", Some(Value::Boolean(config.watch)), ""),
-        (
-            "require_tests",
-            Some(Value::Boolean(config.require_tests)),
-            "",
-        ),
-        (
-            "max_body_bytes",
-            Some(int(config.max_body_bytes as u64)),
-            "",
-        ),
-        (
-            "request_timeout_ms",
-            Some(millis(config.request_timeout)),
-            "",
-        ),
-        (
-            "header_read_timeout_ms",
-            Some(millis(config.header_read_timeout)),
-            "",
-        ),
-        ("idle_timeout_ms", Some(millis(config.idle_timeout)), ""),
-        (
-            "max_connections",
-            Some(int(config.max_connections as u64)),
-            "",
-        ),
-        (
-            "interrupt_keywords",
-            Some(list(&config.interrupt_keywords)),
-            "",
-        ),
-        ("stop_keywords", Some(list(&c.stop_keywords)), ""),
-        ("start_keywords", Some(list(&c.start_keywords)), ""),
-        ("help_keywords", Some(list(&c.help_keywords)), ""),
-        (
-            "help_text",
-            c.help_text.as_deref().map(text),
-            "not set: HELP is answered with silence",
-        ),
-        (
-            "loop_max_replies",
-            Some(int(config.loop_max_replies as u64)),
-            "",
-        ),
-        (
-            "loop_window_secs",
-            Some(Value::Integer(config.loop_window_secs)),
-            "",
-        ),
-        (
-            "track_delivery",
-            Some(Value::Boolean(config.track_delivery)),
-            "",
-        ),
-        (
-            "admin_token",
-            config.admin_token.as_ref().map(|_| text("<redacted>")),
-            "not set: GET /messages is off",
-        ),
-        ("retention_days", Some(int(config.retention_days)), ""),
-        (
-            "purge_interval_secs",
-            Some(int(config.purge_interval.as_secs())),
-            "",
-        ),
-    ];
-    let mut out = String::from(
-        "# smsflow: the configuration in effect (flags > environment > config file > defaults)\n",
-    );
-    for (key, value, unset) in keys {
-        match value {
-            Some(v) => out.push_str(&format!("{key} = {v}\n")),
-            None => out.push_str(&format!("# {key}: {unset}\n")),
-        }
-    }
-    out.push_str(match (&config.auth, auth_token_missing) {
-        (_, true) => {
-            "# TWILIO_AUTH_TOKEN: not set: serve refuses to start (export it, or pass --insecure-no-signature)\n"
-        }
-        (Auth::Verify(_), false) => "# TWILIO_AUTH_TOKEN: set (not shown)\n",
-        (Auth::Insecure, false) => {
-            "# signatures: NOT checked (--insecure-no-signature)\n"
-        }
-    });
-    out
-}
-
 /// Accept `https://host[:port][/prefix]`; drop one trailing slash because
 /// the request path we append starts with `/`.
 fn normalise_public_url(u: &str) -> anyhow::Result<String> {
@@ -557,8 +457,8 @@ mod tests {
         let admin = Some("admin-secret-token-0123".to_string());
         let c = resolve(Overrides::default(), FileConfig::default(), token, admin).unwrap();
         let described = describe(&c, false);
-        let mut help_keys: Vec<&str> = CONFIG_FLAG_HELP
-            ["Optional TOML config file. Keys: ".len()..]
+        let help = config_flag_help();
+        let mut help_keys: Vec<&str> = help["Optional TOML config file. Keys: ".len()..]
             .split(" (")
             .next()
             .unwrap()
@@ -590,6 +490,63 @@ mod tests {
         assert_eq!(back.durability, Some(Durability::Flush));
         assert_eq!(back.stop_keywords, Some(c.compliance.stop_keywords.clone()));
         assert_eq!(back.idle_timeout_ms, Some(DEFAULT_IDLE_TIMEOUT_MS));
+    }
+
+    /// README.md's settings table has a row for every setting, naming its
+    /// key, flag and environment variable.
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("## Running it").expect("section")..];
+        let rows: Vec<&str> = section
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("## "))
+            .filter(|l| l.starts_with('|'))
+            .collect();
+        for s in SETTINGS {
+            let mut names = vec![s.key];
+            names.extend(s.flag);
+            names.extend(s.env);
+            assert!(
+                rows.iter()
+                    .any(|row| names.iter().all(|n| row.contains(&format!("`{n}`")))),
+                "README.md's \"Running it\" table has no row naming {names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let err = FileConfig::parse("listen = \"127.0.0.1:1\"\n\n  lisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("unknown key `lisen` (line 3), expected one of `listen`, "),
+            "{err}"
+        );
+        let err = FileConfig::parse("[tls]\ncert = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("unknown key `tls` (line 1)"), "{err}");
+        let f = FileConfig::parse("cache_mb = 4\n").unwrap();
+        assert_eq!(f.cache_mb, Some(4));
+    }
+
+    #[test]
+    fn flag_help_shows_the_built_in_default() {
+        assert_eq!(
+            flag_help("--listen"),
+            format!("Address to listen on [default: {DEFAULT_LISTEN}]")
+        );
+        assert_eq!(
+            setting("max_body_bytes").unwrap().default_text(),
+            DEFAULT_MAX_BODY.to_string()
+        );
+        assert_eq!(
+            setting("interrupt_keywords").unwrap().default_text(),
+            "none"
+        );
     }
 
     #[test]

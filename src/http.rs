@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::Router;
 use tracing::Instrument;
 
-use crate::app::unix_now;
+use crate::clock::unix_now;
 use crate::config::{Auth, Config};
 use crate::metrics::{Endpoint, Metrics, Sample};
 use crate::pipeline::{Pipeline, ReplyLink};

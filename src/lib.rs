@@ -12,7 +12,7 @@
 //! swapped in whole when valid.
 //!
 //! ```text
-//! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► store ─► twilio::render
+//! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► twilio::render ─► store (commit, flush)
 //!                                      ▲
 //!                           reload ────┘ (ArcSwap<FlowSet>)
 //! ```
@@ -20,10 +20,13 @@
 //! # Code map (each module owns one outside world)
 //!
 //! - [`twilio`]: the wire format. Form decoding, `RequestValidator`,
-//!   TwiML rendering, status callbacks. Knows nothing of axum, sled, flows.
+//!   TwiML rendering, status callbacks, and Twilio's message limits
+//!   ([`twilio::limits`]: the one place they are defined). Knows nothing
+//!   of axum, sled, flows.
 //! - [`flow`]: flow model, YAML loading and validation (`check`), the pure
-//!   step engine, templates, the transcript format. No IO in the engine, no clock
-//!   reads (time is passed in), no Twilio types. [`flow::script`] is the
+//!   step engine, templates, the transcript format, and a conversation's
+//!   stored form (versioned JSON). No IO in the engine, no clock reads
+//!   (time is passed in), no Twilio types. [`flow::script`] is the
 //!   Rhai sandbox: the only place a Rhai `Engine` is built; script flows and
 //!   YAML expressions run there, and any script failure becomes the flow's
 //!   fallback with the conversation unchanged. Its files:
@@ -49,8 +52,14 @@
 //!   (each ending in a real `fdatasync`), writes checkpoints that expose a
 //!   database sled silently truncated, and reopens the store after a
 //!   failed write; undecodable records are kept aside in `quarantine/`.
-//! - [`pipeline`]: dedupe, per-conversation locking, engine, commit, flush.
-//!   Knows the store trait and the engine, not axum.
+//!   Every record carries its format version and is migrated on read
+//!   (see the store's "Format versions"; golden records of each version
+//!   under `src/store/golden/` must keep decoding).
+//! - [`pipeline`]: one message in phases (dedupe, consent, loop guard,
+//!   engine, render, commit, flush; see [`pipeline::Pipeline`]) under a
+//!   per-conversation lock; silence is an outcome with a reason
+//!   ([`pipeline::Silence`]), not an error. Knows the store trait and the
+//!   engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - [`http`]: axum router, request checks, error-to-status mapping. Its
@@ -60,12 +69,28 @@
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
-//!   replaced directory), validates, swaps atomically.
+//!   replaced directory), validates, swaps atomically; owns the flow
+//!   status `/status` reports and the one test a set passes to go live
+//!   ([`reload::load_checked`]: startup and every reload).
 //! - [`author`]: `smsflow check`, `chat`, `test` and `graph` for flow
-//!   authors: the real pipeline with the server's options and a throwaway
-//!   store with a virtual clock, for chats and transcript runs alike;
-//!   Mermaid/DOT diagrams. No HTTP, no terminal (readers and writers).
-//! - [`app`], [`admin_client`], [`config`], [`cli`], [`telemetry`], [`metrics`]: process wiring.
+//!   authors, one file each (`author/check.rs`, `chat.rs`,
+//!   `transcripts.rs`, `graph.rs`). Chats and transcript runs share
+//!   `author/session.rs`: the real pipeline with the server's options and
+//!   a throwaway store with a virtual clock. No HTTP, no terminal (readers
+//!   and writers).
+//! - [`app`]: the composition root. `App::build` wires config, store,
+//!   flows, pipeline, reloader and router together; it uses every module
+//!   and no module uses it (only `main`, the tests and the examples).
+//! - [`versioned`]: the encoding of every JSON record stored (`"v"` first,
+//!   decode by version, migrate on read).
+//! - [`clock`]: the wall clock, read in one place (the engine is given
+//!   time).
+//! - [`config`]: flags, environment and the TOML file merged into one
+//!   validated `Config`; [`config::SETTINGS`] is the one table of settings
+//!   (file keys, help, defaults) that `serve --help` and `smsflow config`
+//!   are generated from.
+//! - [`admin_client`], [`cli`], [`telemetry`], [`metrics`]: process
+//!   plumbing.
 //!
 //! # Invariants
 //!
@@ -73,6 +98,8 @@
 //!   fsynced (unless the operator chose relaxed durability).
 //! - Nothing stored is replaced silently: a record that does not decode is
 //!   kept aside first; a database that lost checkpointed data is refused.
+//! - Stored records are a contract: versioned, read by every later
+//!   release, migrated on read, never silently reset.
 //! - One MessageSid is processed once; retries get the identical TwiML.
 //! - Messages of one (To, From) conversation are processed one at a time;
 //!   different conversations never wait on each other's lock.
@@ -87,8 +114,10 @@
 //! - `chat`, `test` and `--require-tests` run messages through the same
 //!   [`pipeline::Pipeline`] and options as the webhook: a transcript that
 //!   passes is what a phone would see.
+//! - Dependencies point one way: [`app`] uses everything and nothing uses
+//!   it; a fact (a limit, a normaliser, a setting) is defined once.
 //!
-//! # Recipes
+//! # Extending
 //!
 //! **A new route matcher** (`foo: ...`): a `Matcher` variant in
 //! `flow/model.rs`; its key in `MATCHERS` and its value parsed in
@@ -110,11 +139,21 @@
 //! run's `now`, randomness the run's seeded stream (`flow/script/run.rs`).
 //! Document it in the "Helpers" table of flows/README.md, and its bound
 //! under "Limits".
+//!
+//! **A config key**: a row in [`config::SETTINGS`]; its doc lists the
+//! typed field, default and check that go with it, and tests fail until
+//! they and README's settings table are there. `serve --help` and
+//! `smsflow config` pick it up from the row.
+//!
+//! **A stored field**: a new record version with its migration (the
+//! store's "Format versions"), never a field that old records lack
+//! silently.
 
 pub mod admin_client;
 pub mod app;
 pub mod author;
 pub mod cli;
+pub mod clock;
 pub mod compliance;
 pub mod config;
 pub mod flow;
@@ -126,3 +165,4 @@ pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod twilio;
+pub mod versioned;

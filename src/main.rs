@@ -101,7 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Graph(args) => {
-            let set = app::load_flows(&args.flows)?.set;
+            let set = flow::load_flows(&args.flows)?.set;
             let text = match args.format {
                 GraphFormat::Mermaid => author::mermaid(&set, &args.flow)?,
                 GraphFormat::Dot => author::dot(&set, &args.flow)?,

@@ -18,7 +18,7 @@ pub struct MessageView {
     pub at: i64,
     pub from: Option<String>,
     pub to: Option<String>,
-    /// Inbound: our outcome ("reply", "silence:<reason>"). Outbound: the
+    /// Inbound: our outcome (`reply`, `silence:<reason>`). Outbound: the
     /// latest delivery status.
     pub status: String,
     pub error_code: Option<String>,

@@ -13,26 +13,27 @@
 //!   batch, so a MessageSid is either fully processed or not at all.
 //! - The answer is returned only after the flush that covers that batch.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::OwnedMutexGuard;
 
 use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
 use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, Reply};
 use crate::metrics::Metrics;
 use crate::store::{
     AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
-    StatusUpdate, Store, StoreError,
+    StatusUpdate, Store, StoreError, StoredConversation,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
+
+mod locks;
+use locks::KeyLocks;
 
 /// What the HTTP layer sends back for one inbound webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub twiml: String,
-    /// "reply" or "silence:<reason>", for logs.
+    /// `reply` or `silence:<reason>`, for logs.
     pub outcome: String,
     /// True when this MessageSid had been processed before.
     pub duplicate: bool,
@@ -48,10 +49,62 @@ pub struct Detailed {
     pub replies: Vec<Reply>,
     /// Engine events (empty when no flow ran).
     pub events: Vec<flow::Event>,
-    /// The silence reason label ("no_match", "opt_out", …), if silent.
-    pub silence: Option<String>,
+    /// Why nothing was sent, if nothing was (never for duplicates).
+    pub silence: Option<Silence>,
+}
+
+/// Why a message got no reply: an explicit outcome, logged and counted,
+/// never an error. Its [`label`](Silence::label) names it in the metrics
+/// (`smsflow_silences_total{reason}`), the message log (`silence:<label>`)
+/// and transcripts (`(silence: <label>)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Silence {
+    /// A stop word (or Twilio's `OptOutType=STOP`): the sender opts out;
+    /// Twilio sends its own confirmation.
+    OptOut,
+    /// A start word: the sender opts back in (Twilio confirms), or was not
+    /// opted out and the word is not one a flow may answer.
+    OptIn,
+    /// The sender has opted out: nothing is sent until they opt back in.
+    OptedOut,
+    /// A help word Twilio answers itself (its Advanced Opt-Out said so).
+    HelpAnsweredByTwilio,
+    /// A help word, and no `help_text` is configured.
+    Help,
+    /// The loop guard: this conversation got too many replies lately.
+    RateLimited,
+    /// The flow engine chose silence.
+    Flow(flow::SilenceReason),
+}
+
+impl Silence {
+    /// The short snake_case name of the reason.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Silence::OptOut => "opt_out",
+            Silence::OptIn => "opt_in",
+            Silence::OptedOut => "opted_out",
+            Silence::HelpAnsweredByTwilio => "help_answered_by_twilio",
+            Silence::Help => "help",
+            Silence::RateLimited => "rate_limited",
+            Silence::Flow(reason) => reason.as_str(),
+        }
+    }
+
     /// The text a flow gave with an explicit `silence:`.
-    pub silence_note: Option<String>,
+    pub fn note(&self) -> Option<&str> {
+        match self {
+            Silence::Flow(flow::SilenceReason::FlowChose(text)) => Some(text),
+            _ => None,
+        }
+    }
+}
+
+/// What one message gets, before it is rendered as TwiML.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    Reply(Vec<Reply>),
+    Silence(Silence),
 }
 
 /// The shared, swappable flow set. Every request takes one snapshot with
@@ -101,20 +154,54 @@ pub struct ReplyLink {
     pub step: Option<String>,
 }
 
+/// Turns one verified inbound message into its durable answer, over any
+/// [`Store`]: the webhook, `chat`, transcript runs and `--require-tests`
+/// all go through [`Pipeline::handle_inbound_detailed`], in these phases:
+///
+/// 1. **dedupe**: under the conversation's lock, load its record; a
+///    MessageSid answered before gets the recorded answer again;
+/// 2. **consent**: stop, start and help words are decided here, and an
+///    opted-out sender gets nothing; no flow sees them;
+/// 3. **loop guard**: too many replies to one conversation lately means
+///    silence;
+/// 4. **engine**: the flow set's step function (Rhai off the async
+///    workers), giving replies or a [`Silence`] and the new conversation;
+/// 5. **render**: the TwiML answer, counted;
+/// 6. **commit**: conversation, answer and any consent change in one
+///    atomic write, then the lock is released;
+/// 7. **flush**: the answer is returned only once the commit is durable.
+///
+/// Also records delivery callbacks ([`Pipeline::record_status`]), and for
+/// the tools seeds and forgets conversations under the same lock.
 pub struct Pipeline<S: Store> {
     store: Arc<S>,
+    /// The live flow set; each message reads one snapshot of it.
     flows: SharedFlows,
     options: PipelineOptions,
+    /// One async lock per conversation in flight: its messages run one at
+    /// a time, other conversations never wait.
     locks: KeyLocks,
+    /// Replies per conversation in the recent window, in memory only.
     loop_guard: LoopGuard,
     metrics: Arc<Metrics>,
 }
 
-/// What was decided before (or instead of) running a flow.
-enum Decision {
-    Silence(&'static str),
+/// What the consent phase decided before (or instead of) running a flow.
+enum Gate {
+    Silence(Silence),
     Help(String),
-    RunFlow,
+    Pass,
+}
+
+/// What the engine phase (or, without a flow, the gates) decided for one
+/// message.
+struct Decided {
+    verdict: Verdict,
+    conversation: Conversation,
+    events: Vec<flow::Event>,
+    /// The flow and step that answered, for the message log.
+    flow: Option<String>,
+    step: Option<String>,
 }
 
 impl<S: Store> Pipeline<S> {
@@ -159,8 +246,9 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// [`Pipeline::handle_inbound`], also returning the engine's result
-    /// (outcome, new conversation, events). Same dedupe, locking, commit
-    /// and flush: the HTTP path and the local chat share every step.
+    /// (replies, silence, events). Same dedupe, locking, commit and flush:
+    /// the HTTP path and the local chat share every phase (see
+    /// [`Pipeline`]).
     pub async fn handle_inbound_detailed(
         &self,
         msg: &InboundMessage,
@@ -172,9 +260,10 @@ impl<S: Store> Pipeline<S> {
         // reopened after a failure in between, the flush below fails
         // rather than acknowledge what may be gone.
         let epoch = self.store.epoch();
-        // The record holds both the state and the answers given recently,
-        // read once under the lock: a retry processed while we waited is
-        // seen here.
+
+        // 1. dedupe. The record holds both the state and the answers given
+        // recently, read once under the lock: a retry processed while we
+        // waited is seen here.
         let record = self.store.load(&key)?;
         if let Some(done) = record.answer_to(&msg.message_sid) {
             drop(guard);
@@ -183,23 +272,112 @@ impl<S: Store> Pipeline<S> {
             self.store.flush(epoch).await?;
             return Ok(self.duplicate(done));
         }
+        let mut conversation = self.conversation_of(&key, &record)?;
 
-        let mut conversation = match &record.conversation {
-            Some(bytes) => match serde_json::from_slice(bytes) {
-                Ok(c) => c,
-                // Never reset silently: the record is kept aside (or, if
-                // that fails, nothing replaces it and the sender gets 503
-                // until it can be), then the conversation starts afresh.
-                Err(e) => {
-                    self.store.keep_aside(&key, &format!("conversation: {e}"))?;
-                    Conversation::default()
-                }
-            },
-            None => Conversation::default(),
+        // 2. consent, 3. loop guard, 4. engine.
+        let (gate, consent) = self.consent(msg, &mut conversation, now)?;
+        let gate = match gate {
+            Gate::Pass if self.loop_guard.exceeded(&key, now) => {
+                tracing::warn!("loop guard: too many replies to this sender; staying silent");
+                Gate::Silence(Silence::RateLimited)
+            }
+            gate => gate,
+        };
+        let decided = match gate {
+            Gate::Silence(silence) => {
+                Decided::without_flow(Verdict::Silence(silence), conversation)
+            }
+            Gate::Help(text) => Decided::without_flow(
+                Verdict::Reply(vec![Reply {
+                    body: text,
+                    ..Reply::default()
+                }]),
+                conversation,
+            ),
+            Gate::Pass => self.run_engine(msg, conversation, now),
         };
 
-        // Consent first: no flow ever sees STOP/START/HELP, and nothing is
-        // sent to an opted-out sender.
+        // 5. render, 6. commit.
+        let (twiml, outcome) = self.render(&key, &msg.message_sid, &decided.verdict, now);
+        let processed = Processed {
+            twiml,
+            outcome,
+            at: now,
+            from: msg.from.clone(),
+            to: msg.to.clone(),
+            flow: decided.flow,
+            step: decided.step,
+        };
+        self.commit(
+            &key,
+            &record,
+            &decided.conversation,
+            msg,
+            &processed,
+            consent,
+        )?;
+        // The next message of this conversation may read the new state now;
+        // its own flush covers ours too, and neither is acknowledged before
+        // a flush, so releasing before the fsync loses nothing.
+        drop(guard);
+
+        // 7. flush.
+        self.store.flush(epoch).await?;
+        // Per message only at debug: the message log (`smsflow messages`)
+        // is the per-message record, and an info line per message cost
+        // about 9% of the server's CPU under load.
+        tracing::debug!(
+            outcome = %processed.outcome,
+            flow = processed.flow.as_deref().unwrap_or("-"),
+            step = processed.step.as_deref().unwrap_or("-"),
+            events = decided.events.len(),
+            "message handled"
+        );
+        let (replies, silence) = match decided.verdict {
+            Verdict::Reply(replies) => (replies, None),
+            Verdict::Silence(silence) => (Vec::new(), Some(silence)),
+        };
+        Ok(Detailed {
+            answer: Answer {
+                twiml: processed.twiml,
+                outcome: processed.outcome,
+                duplicate: false,
+            },
+            replies,
+            events: decided.events,
+            silence,
+        })
+    }
+
+    /// The stored conversation, or a fresh one. Never reset silently: a
+    /// conversation that does not decode is kept aside first (if that
+    /// fails, nothing replaces it and the sender gets 503 until it can be).
+    fn conversation_of(
+        &self,
+        key: &ConvKey,
+        record: &StoredConversation,
+    ) -> Result<Conversation, StoreError> {
+        match &record.conversation {
+            Some(bytes) => match Conversation::from_stored(bytes) {
+                Ok(c) => Ok(c),
+                Err(e) => {
+                    self.store.keep_aside(key, &format!("conversation: {e}"))?;
+                    Ok(Conversation::default())
+                }
+            },
+            None => Ok(Conversation::default()),
+        }
+    }
+
+    /// Phase 2, consent: stop, start and help words, and an opted-out
+    /// sender, decided before any flow runs. A stop or start ends the
+    /// conversation's run and returns the consent change to commit.
+    fn consent(
+        &self,
+        msg: &InboundMessage,
+        conversation: &mut Conversation,
+        now: i64,
+    ) -> Result<(Gate, Option<ConsentChange>), StoreError> {
         let scope = consent_scope(msg.messaging_service_sid.as_deref(), &msg.to);
         let opted_out = self
             .store
@@ -210,7 +388,7 @@ impl<S: Store> Pipeline<S> {
             consent_change(scope, &msg.from, opt_out, cause, &msg.message_sid, now)
         };
         let compliance = &self.options.compliance;
-        let decision = match compliance.classify(&msg.body, msg.opt_out_type.as_deref()) {
+        let gate = match compliance.classify(&msg.body, msg.opt_out_type.as_deref()) {
             Consent::Stop { cause } => {
                 // Twilio sends its own confirmation; the conversation ends.
                 conversation.run = None;
@@ -218,186 +396,160 @@ impl<S: Store> Pipeline<S> {
                     consent = Some(change(true, &cause));
                     tracing::info!(cause = %cause, "sender opted out");
                 }
-                Decision::Silence("opt_out")
+                Gate::Silence(Silence::OptOut)
             }
             Consent::Start { cause, .. } if opted_out => {
                 conversation.run = None;
                 consent = Some(change(false, &cause));
                 tracing::info!(cause = %cause, "sender opted back in");
-                Decision::Silence("opt_in")
+                Gate::Silence(Silence::OptIn)
             }
             Consent::Start {
                 only_if_opted_out: false,
                 ..
-            } => Decision::Silence("opt_in"),
-            _ if opted_out => Decision::Silence("opted_out"),
+            } => Gate::Silence(Silence::OptIn),
+            _ if opted_out => Gate::Silence(Silence::OptedOut),
             Consent::Help {
                 twilio_answered: true,
-            } => Decision::Silence("help_answered_by_twilio"),
+            } => Gate::Silence(Silence::HelpAnsweredByTwilio),
             Consent::Help {
                 twilio_answered: false,
             } => match &compliance.help_text {
-                Some(text) => Decision::Help(text.clone()),
-                None => Decision::Silence("help"),
+                Some(text) => Gate::Help(text.clone()),
+                None => Gate::Silence(Silence::Help),
             },
-            _ if self.loop_guard.exceeded(&key, now) => {
-                tracing::warn!("loop guard: too many replies to this sender; staying silent");
-                Decision::Silence("rate_limited")
-            }
-            _ => Decision::RunFlow,
+            _ => Gate::Pass,
         };
+        Ok((gate, consent))
+    }
 
-        let mut events = Vec::new();
-        let mut silence_note = None;
-        let (outcome, flow_name, step) = match decision {
-            Decision::Silence(reason) => (Err(reason.to_string()), None, None),
-            Decision::Help(text) => (
-                Ok(vec![Reply {
-                    body: text,
-                    ..Reply::default()
-                }]),
-                None,
-                None,
-            ),
-            Decision::RunFlow => {
-                let flows = self.flows.load();
-                let media: Vec<String> = msg.media.iter().map(|m| m.url.clone()).collect();
-                let inbound = Inbound {
-                    from: &msg.from,
-                    to: &msg.to,
-                    body: &msg.body,
-                    media: &media,
-                    message_sid: &msg.message_sid,
-                };
-                let run =
-                    || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
-                // Rhai runs synchronously for up to its wall-clock budget.
-                // On the multi-thread runtime (the server's) `block_in_place`
-                // moves this worker's other tasks to another thread meanwhile,
-                // so a slow script never stalls unrelated requests. It panics
-                // on a current-thread runtime, where we simply run inline.
-                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-                });
-                let handled = if flows.has_scripts() && multi_thread {
-                    tokio::task::block_in_place(run)
-                } else {
-                    run()
-                };
-                for event in &handled.events {
-                    match event {
-                        flow::Event::ScriptError {
-                            flow,
-                            file,
-                            line,
-                            column,
-                            message,
-                        } => {
-                            Metrics::inc(&self.metrics.script_errors);
-                            tracing::error!(
-                                flow = %flow,
-                                file = %file.display(),
-                                line,
-                                column,
-                                error = %message,
-                                "script failed; answered with the flow's fallback"
-                            );
-                        }
-                        // Ended runs are worth a line of their own; routine
-                        // events only at debug (the "message handled" line
-                        // counts them).
-                        event @ (flow::Event::StaleStep { .. }
-                        | flow::Event::Expired { .. }
-                        | flow::Event::StepLimit { .. }) => {
-                            tracing::info!(?event, "flow event")
-                        }
-                        event => tracing::debug!(?event, "flow event"),
-                    }
-                }
-                conversation = handled.conversation;
-                events = handled.events;
-                let outcome = match handled.outcome {
-                    Outcome::Reply(replies) => Ok(replies),
-                    Outcome::Silence(reason) => {
-                        if let flow::SilenceReason::FlowChose(text) = &reason {
-                            silence_note = Some(text.clone());
-                        }
-                        Err(reason.as_str().to_string())
-                    }
-                };
-                (outcome, handled.flow, handled.step)
-            }
+    /// Phase 4, engine: run the flow set on the message, log its events.
+    fn run_engine(&self, msg: &InboundMessage, conversation: Conversation, now: i64) -> Decided {
+        let flows = self.flows.load();
+        let media: Vec<String> = msg.media.iter().map(|m| m.url.clone()).collect();
+        let inbound = Inbound {
+            from: &msg.from,
+            to: &msg.to,
+            body: &msg.body,
+            media: &media,
+            message_sid: &msg.message_sid,
         };
+        let run = || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
+        // Rhai runs synchronously for up to its wall-clock budget. On the
+        // multi-thread runtime (the server's) `block_in_place` moves this
+        // worker's other tasks to another thread meanwhile, so a slow script
+        // never stalls unrelated requests. It panics on a current-thread
+        // runtime, where we simply run inline.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let handled = if flows.has_scripts() && multi_thread {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        };
+        for event in &handled.events {
+            self.log_event(event);
+        }
+        Decided {
+            verdict: match handled.outcome {
+                Outcome::Reply(replies) => Verdict::Reply(replies),
+                Outcome::Silence(reason) => Verdict::Silence(Silence::Flow(reason)),
+            },
+            conversation: handled.conversation,
+            events: handled.events,
+            flow: handled.flow,
+            step: handled.step,
+        }
+    }
 
-        let (twiml, label, sent, silence) = match outcome {
-            Ok(replies) => {
+    /// A script error is an error line and a counted metric; ended runs are
+    /// worth a line of their own; routine events only at debug (the
+    /// "message handled" line counts them).
+    fn log_event(&self, event: &flow::Event) {
+        match event {
+            flow::Event::ScriptError {
+                flow,
+                file,
+                line,
+                column,
+                message,
+            } => {
+                Metrics::inc(&self.metrics.script_errors);
+                tracing::error!(
+                    flow = %flow,
+                    file = %file.display(),
+                    line,
+                    column,
+                    error = %message,
+                    "script failed; answered with the flow's fallback"
+                );
+            }
+            event @ (flow::Event::StaleStep { .. }
+            | flow::Event::Expired { .. }
+            | flow::Event::StepLimit { .. }) => {
+                tracing::info!(?event, "flow event")
+            }
+            event => tracing::debug!(?event, "flow event"),
+        }
+    }
+
+    /// Phase 5, render: the TwiML answer and its outcome label ("reply" or
+    /// "silence:<reason>"); counts it, and a reply in the loop guard.
+    fn render(
+        &self,
+        key: &ConvKey,
+        inbound_sid: &str,
+        verdict: &Verdict,
+        now: i64,
+    ) -> (String, String) {
+        match verdict {
+            Verdict::Reply(replies) => {
                 let out: Vec<OutMessage> = replies
                     .iter()
-                    .map(|r| self.out_message(r, &msg.message_sid))
+                    .map(|r| self.out_message(r, inbound_sid))
                     .collect();
                 let twiml = twilio::render(&out);
                 Metrics::add(
                     &self.metrics.replies,
                     twiml.matches("<Message").count() as u64,
                 );
-                self.loop_guard.record(&key, now);
-                (twiml, "reply".to_string(), replies, None)
+                self.loop_guard.record(key, now);
+                (twiml, "reply".to_string())
             }
-            Err(reason) => {
-                self.metrics.silence(&reason);
-                let label = format!("silence:{reason}");
-                (twilio::SILENCE.to_string(), label, Vec::new(), Some(reason))
+            Verdict::Silence(silence) => {
+                self.metrics.silence(silence.label());
+                (
+                    twilio::SILENCE.to_string(),
+                    format!("silence:{}", silence.label()),
+                )
             }
-        };
+        }
+    }
 
-        let stored = if conversation == Conversation::default() {
+    /// Phase 6, commit: the new conversation, the answer (for retries) and
+    /// any consent change, in one atomic write. Not yet durable.
+    fn commit(
+        &self,
+        key: &ConvKey,
+        record: &StoredConversation,
+        conversation: &Conversation,
+        msg: &InboundMessage,
+        processed: &Processed,
+        consent: Option<ConsentChange>,
+    ) -> Result<(), StoreError> {
+        let stored = if *conversation == Conversation::default() {
             None
         } else {
-            Some(serde_json::to_vec(&conversation).unwrap_or_default())
-        };
-        let processed = Processed {
-            twiml,
-            outcome: label,
-            at: now,
-            from: msg.from.clone(),
-            to: msg.to.clone(),
-            flow: flow_name,
-            step,
+            Some(conversation.to_stored())
         };
         self.store.commit(Commit {
-            key: &key,
+            key,
             recent: &record.recent,
             conversation: stored.as_deref(),
             ended: conversation.run.is_none(),
             message_sid: &msg.message_sid,
-            processed: &processed,
+            processed,
             consent,
-        })?;
-        // The next message of this conversation may read the new state now;
-        // its own flush covers ours too, and neither is acknowledged before
-        // a flush, so releasing before the fsync loses nothing.
-        drop(guard);
-        self.store.flush(epoch).await?;
-        // Per message only at debug: the message log (`smsflow messages`)
-        // is the per-message record, and an info line per message cost
-        // about 9% of the server's CPU under load.
-        tracing::debug!(
-            outcome = %processed.outcome,
-            flow = processed.flow.as_deref().unwrap_or("-"),
-            step = processed.step.as_deref().unwrap_or("-"),
-            events = events.len(),
-            "message handled"
-        );
-        Ok(Detailed {
-            answer: Answer {
-                twiml: processed.twiml,
-                outcome: processed.outcome,
-                duplicate: false,
-            },
-            replies: sent,
-            events,
-            silence,
-            silence_note,
         })
     }
 
@@ -417,7 +569,8 @@ impl<S: Store> Pipeline<S> {
         OutMessage {
             body: reply.body.clone(),
             media: reply.media.clone(),
-            // Twilio recommends setting both to the same URL (D-MSG).
+            // Twilio's `<Message>` reference recommends setting both to the
+            // same URL.
             action: callback.clone(),
             status_callback: callback,
             ..OutMessage::default()
@@ -436,7 +589,6 @@ impl<S: Store> Pipeline<S> {
             replies: Vec::new(),
             events: Vec::new(),
             silence: None,
-            silence_note: None,
         }
     }
 
@@ -463,7 +615,7 @@ impl<S: Store> Pipeline<S> {
         conversation: &Conversation,
         now: i64,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(conversation).unwrap_or_default();
+        let bytes = conversation.to_stored();
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
         self.store
@@ -548,70 +700,19 @@ fn consent_scope<'a>(messaging_service_sid: Option<&'a str>, our_number: &'a str
     }
 }
 
-/// Per-conversation async locks. An entry exists only while some request
-/// holds or waits for it, so the map stays as small as the set of
-/// conversations in flight.
-#[derive(Default)]
-struct KeyLocks {
-    map: Arc<Mutex<HashMap<ConvKey, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-struct KeyGuard {
-    guard: Option<OwnedMutexGuard<()>>,
-    key: ConvKey,
-    map: Arc<Mutex<HashMap<ConvKey, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-impl KeyLocks {
-    async fn lock(&self, key: &ConvKey) -> KeyGuard {
-        let lock = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key.clone()).or_default().clone()
-        };
-        let guard = lock.lock_owned().await;
-        KeyGuard {
-            guard: Some(guard),
-            key: key.clone(),
-            map: self.map.clone(),
-        }
-    }
-}
-
-impl Drop for KeyGuard {
-    fn drop(&mut self) {
-        // Release the lock first, so the count below sees only the map's
-        // reference and those of waiters.
-        self.guard.take();
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = map.get(&self.key) {
-            if Arc::strong_count(lock) == 1 {
-                map.remove(&self.key);
-            }
+impl Decided {
+    /// A verdict reached without running a flow: the conversation as the
+    /// gates left it.
+    fn without_flow(verdict: Verdict, conversation: Conversation) -> Decided {
+        Decided {
+            verdict,
+            conversation,
+            events: Vec::new(),
+            flow: None,
+            step: None,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn key_locks_serialise_one_key_and_clean_up() {
-        let locks = Arc::new(KeyLocks::default());
-        let key = ConvKey::new("a", "b");
-        let g1 = locks.lock(&key).await;
-        let l2 = locks.clone();
-        let k2 = key.clone();
-        let waiter = tokio::spawn(async move {
-            let _g = l2.lock(&k2).await;
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        // A different key is not blocked.
-        let _other = locks.lock(&ConvKey::new("a", "c")).await;
-        drop(_other);
-        drop(g1);
-        waiter.await.unwrap();
-        assert!(locks.map.lock().unwrap().is_empty());
-    }
-}
+mod tests;

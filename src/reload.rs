@@ -24,7 +24,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::app::{load_flows, status_of, unix_now, FlowStatus};
+use crate::clock::unix_now;
+use crate::flow::{self, FlowSet, Loaded};
 use crate::metrics::Metrics;
 use crate::pipeline::{PipelineOptions, SharedFlows};
 
@@ -48,10 +49,62 @@ pub enum ReloadOutcome {
     Refused { errors: String },
 }
 
+/// What `/healthz` and `/status` report about the active flow set.
+#[derive(Debug, Clone, Default)]
+pub struct FlowStatus {
+    pub version: String,
+    pub loaded_at: i64,
+    pub files: Vec<String>,
+    pub last_error: Option<String>,
+    /// Whether edits to the flows directory are being picked up, and why
+    /// not when they are not (see [`Reloader::watch`]).
+    pub watching: bool,
+    pub watching_reason: Option<String>,
+}
+
+impl FlowStatus {
+    /// The status of `set`, made live at `loaded_at` (unix seconds), before
+    /// anything is known about watching.
+    pub fn of(set: &FlowSet, loaded_at: i64) -> FlowStatus {
+        FlowStatus {
+            version: set.version().to_string(),
+            loaded_at,
+            files: set
+                .files()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            last_error: None,
+            watching: false,
+            watching_reason: None,
+        }
+    }
+}
+
+/// Load and validate the flow set in `dir` and, with `require_tests`, run
+/// its `*.chat` transcripts through the pipeline with those (the served)
+/// options: the one test a set passes to go live, at startup and on every
+/// reload.
+pub fn load_checked(dir: &Path, require_tests: Option<&PipelineOptions>) -> anyhow::Result<Loaded> {
+    let loaded = flow::load_flows(dir)?;
+    if let Some(options) = require_tests {
+        crate::author::transcripts_pass(dir, &loaded.set, options)
+            .map_err(|e| anyhow::anyhow!("the flows' transcripts fail:\n{e}"))?;
+    }
+    Ok(loaded)
+}
+
+/// Keeps the served flow set current: reloads the flows directory when it
+/// changes (or on SIGHUP), swaps a set in only when all of it is valid (and,
+/// with `--require-tests`, its transcripts pass), and keeps the
+/// [`FlowStatus`] that `/status` reports. One per server; [`Reloader::watch`]
+/// starts the file watching, [`Reloader::reload_now`] reloads at once.
 pub struct Reloader {
     dir: PathBuf,
+    /// The set every request reads; a reload swaps it whole.
     flows: SharedFlows,
-    status: Arc<Mutex<FlowStatus>>,
+    /// What `/status` shows: the live set, the last refusal, the watch.
+    status: Mutex<FlowStatus>,
     metrics: Arc<Metrics>,
     /// Also require the set's `*.chat` transcripts to pass before a swap,
     /// run with these (the served) pipeline options.
@@ -62,17 +115,20 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// A reloader for `dir`, whose set (already loaded with
+    /// [`load_checked`]) is live in `flows` as of now. Watches nothing
+    /// until [`Reloader::watch`].
     pub fn new(
         dir: PathBuf,
         flows: SharedFlows,
-        status: Arc<Mutex<FlowStatus>>,
         metrics: Arc<Metrics>,
         require_tests: Option<PipelineOptions>,
     ) -> Self {
+        let status = FlowStatus::of(&flows.load(), unix_now());
         Reloader {
             dir,
             flows,
-            status,
+            status: Mutex::new(status),
             metrics,
             require_tests,
             busy: Mutex::new(()),
@@ -83,14 +139,7 @@ impl Reloader {
     /// Blocking: file IO and compilation; call from a blocking thread.
     pub fn reload_now(&self) -> ReloadOutcome {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let loaded = load_flows(&self.dir).and_then(|loaded| {
-            if let Some(options) = &self.require_tests {
-                crate::author::transcripts_pass(&self.dir, &loaded.set, options)
-                    .map_err(|e| anyhow::anyhow!("transcripts fail:\n{e}"))?;
-            }
-            Ok(loaded)
-        });
-        match loaded {
+        match load_checked(&self.dir, self.require_tests.as_ref()) {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     tracing::warn!("{w}");
@@ -103,7 +152,7 @@ impl Reloader {
                     }
                     return ReloadOutcome::Unchanged;
                 }
-                let new_status = status_of(&loaded.set, unix_now());
+                let new_status = FlowStatus::of(&loaded.set, unix_now());
                 self.flows.store(Arc::new(loaded.set));
                 if let Ok(mut s) = self.status.lock() {
                     // The watch state is the watcher's to report, not the set's.
@@ -227,6 +276,14 @@ impl Reloader {
         }
         s.watching = reason.is_none();
         s.watching_reason = reason;
+    }
+
+    /// What `/status` shows about the flow set now.
+    pub fn status(&self) -> FlowStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Record that the directory is deliberately not watched.

@@ -509,8 +509,8 @@ fn script_state_survives_a_store_round_trip() {
     let set = shipped();
     let h = send(&set, Conversation::default(), "quiz", 1);
     // What the store does between messages (and across restarts).
-    let stored = serde_json::to_vec(&h.conversation).unwrap();
-    let conv: Conversation = serde_json::from_slice(&stored).unwrap();
+    let stored = h.conversation.to_stored();
+    let conv = Conversation::from_stored(&stored).unwrap();
     assert_eq!(
         conv.run.as_ref().unwrap().vars[smsflow::flow::SCRIPT_STATE_VAR],
         r#"{"question":0,"score":0}"#

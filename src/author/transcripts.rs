@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::{dirs_under, files_with, reply_lines, Sent, Session};
+use super::session::{reply_lines, Sent, Session};
+use super::{dirs_under, files_with};
 use crate::flow::{self, FlowSet, Line, ReplyLine, Transcript, TranscriptFailure};
 use crate::pipeline::PipelineOptions;
 

@@ -33,8 +33,9 @@ use super::script::{
     Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT, MAX_MEDIA,
 };
 use super::template::{Template, Var, Vars};
-// Twilio's message limits, defined once where the TwiML is rendered.
-use crate::twilio::twiml;
+// Twilio's message limits are defined once, in `twilio::limits`; long
+// replies are split exactly as the renderer splits them.
+use crate::twilio::{limits, twiml};
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
@@ -43,7 +44,7 @@ pub const SCRIPT_STATE_VAR: &str = "$state";
 
 /// At most this many replies per inbound message (Twilio's TwiML limit),
 /// the parts of a split reply included.
-pub const MAX_REPLIES: usize = twiml::MAX_MESSAGES;
+pub const MAX_REPLIES: usize = limits::MAX_MESSAGES;
 /// At most this many step entries per inbound message: a runtime guard
 /// against `goto` loops that `check` did not catch.
 pub const MAX_TRANSITIONS: u32 = 50;
@@ -52,7 +53,7 @@ pub const MAX_TRANSITIONS: u32 = 50;
 /// ([`twiml::split_body`]), and an inbound body longer than this (only a
 /// forged request can carry one) is cut to it before any flow or script
 /// sees it.
-pub const MAX_BODY_CHARS: usize = twiml::MAX_BODY_CHARS;
+pub const MAX_BODY_CHARS: usize = limits::MAX_BODY_CHARS;
 
 /// One inbound message, as the caller parsed it.
 #[derive(Clone, Copy, Debug)]

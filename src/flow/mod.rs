@@ -1,20 +1,23 @@
 //! Flows: the operator's keyword replies and scripted conversations.
 //!
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
-//! problem, located by file, line and column); [`handle`] is the pure step
-//! function the webhook calls for each inbound message; `transcript` parses
+//! problem, located by file, line and column; [`load_flows`] is the form
+//! the server and the tools use); [`handle`] is the pure step function the
+//! webhook calls for each inbound message; `stored` is a [`Conversation`]'s
+//! stored form (versioned JSON, migrated on read); `transcript` parses
 //! `.chat` conversation tests and compares replies (`author` runs them
-//! through the pipeline); `outline` describes one flow's
-//! steps and routes for diagrams; `invitations` reads which answers a
-//! reply asks for (`check` warns when one is a consent word); `script` is
-//! the Rhai sandbox that script flows and expressions run in. The file format is documented
+//! through the pipeline); `outline` describes one flow's steps and routes
+//! for diagrams; `invitations` reads which answers a reply asks for
+//! (`check` warns when one is a consent word); `script` is the Rhai sandbox
+//! that script flows and expressions run in. The file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
 //! clock: time comes in as unix seconds and state comes in and goes out as a
 //! [`Conversation`] value. Only Twilio's message limits (characters per
-//! message, messages per answer, and how a long reply is split) come from
-//! `twilio::twiml`, where they are defined once.
+//! message, messages per answer, media, segment sizes) come from
+//! `twilio::limits`, where they are defined once, and a long reply is split
+//! as `twilio::twiml` splits it.
 
 mod check;
 mod engine;
@@ -25,6 +28,7 @@ mod model;
 mod outline;
 pub mod script;
 mod segments;
+mod stored;
 mod template;
 mod transcript;
 mod yaml;
@@ -45,3 +49,36 @@ pub use transcript::{
     TRANSCRIPT_EPOCH,
 };
 pub(crate) use transcript::{escape, split_media, unescape};
+
+/// Why [`load_flows`] refused a flows directory.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The directory is not there (or is not a directory).
+    #[error("flows directory {} not found (create it, or pass --flows DIR)", .0.display())]
+    Missing(std::path::PathBuf),
+    /// The flows have errors: every diagnostic, errors and warnings, sorted
+    /// by file and position.
+    #[error(
+        "the flows in {} have {} problem(s):\n{}",
+        dir.display(),
+        diagnostics.len(),
+        diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    )]
+    Invalid {
+        dir: std::path::PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+/// Load and validate the flow set in `dir`, as the server does at startup
+/// and on every reload, and as `chat` and `graph` do: a missing directory
+/// or any error refuses the whole set, with every problem in one error.
+pub fn load_flows(dir: &std::path::Path) -> Result<Loaded, LoadError> {
+    if !dir.is_dir() {
+        return Err(LoadError::Missing(dir.to_path_buf()));
+    }
+    load_dir(dir).map_err(|diagnostics| LoadError::Invalid {
+        dir: dir.to_path_buf(),
+        diagnostics,
+    })
+}

@@ -103,10 +103,10 @@ pub const ENTRY_POINT: &str = "on_message";
 
 /// Most replies a script may return for one message (Twilio's per-response
 /// `<Message>` limit).
-pub const MAX_REPLIES: usize = 10;
+pub const MAX_REPLIES: usize = crate::twilio::limits::MAX_MESSAGES;
 
 /// Most media URLs one reply may carry (Twilio's per-message limit).
-pub const MAX_MEDIA: usize = 10;
+pub const MAX_MEDIA: usize = crate::twilio::limits::MAX_MEDIA;
 
 /// A compiled script flow. Cheap to clone and shared across threads: compile
 /// once per load, run for every message.

@@ -6,6 +6,8 @@
 //! It knows nothing of flows; carriers may still re-encode, so this is an
 //! estimate of what Twilio bills, not a guarantee.
 
+use crate::twilio::limits::{GSM7_PART, GSM7_SINGLE_SEGMENT, UCS2_PART, UCS2_SINGLE_SEGMENT};
+
 /// The GSM 03.38 basic character set, minus the escape code itself.
 const GSM_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?\
 ¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
@@ -28,6 +30,22 @@ impl Encoding {
         match self {
             Encoding::Gsm7 => "GSM-7",
             Encoding::Ucs2 => "UCS-2",
+        }
+    }
+
+    /// Units (septets or UTF-16 code units) one single-segment SMS holds.
+    pub fn single_segment(self) -> usize {
+        match self {
+            Encoding::Gsm7 => GSM7_SINGLE_SEGMENT,
+            Encoding::Ucs2 => UCS2_SINGLE_SEGMENT,
+        }
+    }
+
+    /// Units each part of a multi-part SMS holds.
+    pub fn part(self) -> usize {
+        match self {
+            Encoding::Gsm7 => GSM7_PART,
+            Encoding::Ucs2 => UCS2_PART,
         }
     }
 }
@@ -61,15 +79,11 @@ fn gsm_cost(c: char) -> Option<usize> {
 /// why this fills parts greedily instead of dividing.
 pub fn count(text: &str) -> Segments {
     let gsm: Option<Vec<usize>> = text.chars().map(gsm_cost).collect();
-    let (encoding, costs, single, part) = match gsm {
-        Some(costs) => (Encoding::Gsm7, costs, 160, 153),
-        None => (
-            Encoding::Ucs2,
-            text.chars().map(char::len_utf16).collect(),
-            70,
-            67,
-        ),
+    let (encoding, costs) = match gsm {
+        Some(costs) => (Encoding::Gsm7, costs),
+        None => (Encoding::Ucs2, text.chars().map(char::len_utf16).collect()),
     };
+    let (single, part) = (encoding.single_segment(), encoding.part());
     let units: usize = costs.iter().sum();
     let count = if units == 0 {
         0

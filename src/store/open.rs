@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::files::DurableFiles;
-use super::{lock, Durability, StoreConfig, MARKER_KEY};
+use super::sled_store::{lock, MARKER_KEY};
+use super::{Durability, StoreConfig};
 
 /// Why the store could not be opened. Each cause says what to do about it:
 /// a held lock, a permission, a damaged file and lost data need different

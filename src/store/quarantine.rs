@@ -13,7 +13,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -72,10 +71,7 @@ impl Quarantine {
         }
         files::create_private_dir(&self.dir)?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let kept_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let kept_at = crate::clock::unix_now();
         let record = serde_json::json!({
             "key": String::from_utf8_lossy(key).replace('\0', "/"),
             "key_base64": b64.encode(key),

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{reopened, Epoch, Shared, StoreError};
+use super::sled_store::{reopened, Shared};
+use super::{Epoch, StoreError};
 
 /// How often the worker wakes when idle, retries a failed store, and
 /// writes a checkpoint (if anything was written).

@@ -12,8 +12,8 @@ use thiserror::Error;
 
 use super::form::{first, Params};
 
-/// Twilio's documented cap on media items per message (D-MSG, D-REQ).
-pub const MAX_MEDIA: u32 = 10;
+/// Twilio's cap on media items per message, as a `NumMedia` value.
+const MAX_MEDIA: u32 = super::limits::MAX_MEDIA as u32;
 
 /// A parameter the webhook needs is absent or unusable.
 ///
@@ -192,8 +192,8 @@ mod tests {
     use super::*;
     use crate::twilio::form::parse_form;
 
-    /// A real inbound SMS in Twilio's parameter order (nyaruka/courier
-    /// `receiveValid`, protocol doc §1.3).
+    /// A real inbound SMS in Twilio's parameter order (nyaruka/courier's
+    /// `receiveValid` test request).
     const REAL_SMS: &[u8] = b"ToCountry=US&ToState=District+Of+Columbia&SmsMessageSid=SMe287d7109a5a925f182f0e07fe5b223b&NumMedia=0&ToCity=&FromZip=01022&SmsSid=SMe287d7109a5a925f182f0e07fe5b223b&FromState=MA&SmsStatus=received&FromCity=CHICOPEE&Body=Msg&FromCountry=US&To=%2B12028831111&ToZip=&NumSegments=1&MessageSid=SMe287d7109a5a925f182f0e07fe5b223b&AccountSid=acctid&From=%2B14133881111&ApiVersion=2010-04-01";
 
     fn pairs(list: &[(&str, &str)]) -> Params {

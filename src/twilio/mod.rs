@@ -10,14 +10,20 @@
 //!   incoming-message and status-callback values.
 //! - [`twiml`] renders the XML reply, enforcing Twilio's size limits (and
 //!   reads it back for the author tools).
+//! - [`limits`] holds those limits (characters, messages, media, SMS
+//!   segment sizes), defined once for the renderer, the engine and `check`.
 //!
 //! This module knows nothing of HTTP servers, storage or flows: it takes bytes
 //! and strings in and gives values and strings out. Which URL to validate
-//! against (the public one Twilio was configured with) is the caller's
-//! business; see `/work/shared/twilio-protocol.md` §3.4.
+//! against is the caller's business: the public URL Twilio was configured
+//! with, exactly as encoded and without the fragment, never one rebuilt
+//! from the Host header (a TLS-terminating proxy changes scheme, host or
+//! path; Twilio's error 57012 says to validate "with the exact webhook URL
+//! Twilio requested").
 
 pub mod form;
 pub mod inbound;
+pub mod limits;
 pub mod signature;
 pub mod status;
 pub mod twiml;

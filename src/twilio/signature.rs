@@ -231,7 +231,7 @@ mod tests {
     //! NODE = twilio-node spec/validation.spec.js,
     //! JAVA = twilio-java src/test/java/com/twilio/security/RequestValidatorTest.java,
     //! GO = twilio-go client/request_validator_test.go,
-    //! D-SEC = https://www.twilio.com/docs/usage/security worked example.
+    //! DOCS = the worked example of <https://www.twilio.com/docs/usage/security>.
 
     use super::*;
 
@@ -327,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn dsec_worked_example() {
+    fn docs_worked_example() {
         let url = "https://example.com/myapp.php?foo=1&bar=2";
         let params = pairs(&[
             ("CallSid", "CA1234567890ABCDE"),
@@ -520,8 +520,9 @@ mod tests {
     #[test]
     fn apostrophe_in_query_is_not_reencoded() {
         // NODE "urls with special characters": dsq4… is the HMAC of the URL
-        // as given. NODE alone also accepts TfZz… (the `%27` re-encoding, see
-        // protocol doc §3.5); smsflow deliberately does not.
+        // as given. NODE alone also accepts TfZz…, the HMAC of the URL with
+        // `'` re-encoded as `%27` (it re-serialises the URL with WHATWG
+        // `new URL()`); the other libraries and smsflow deliberately do not.
         let url = "https://mycompany.com/myapp.php?foo=1&bar=2&Body=It's+amazing";
         assert!(v().validate(url, &params(), "dsq4Ehbj6cs+KdTkpF5sSSplOWw="));
         assert!(!v().validate(url, &params(), "TfZzewPq8wqrGlMfyAud8+/IvJ0="));
@@ -529,7 +530,8 @@ mod tests {
 
     #[test]
     fn fragment_is_excluded() {
-        // Protocol doc §5.1 (D-OVR): connection overrides are not signed.
+        // Connection overrides (`#rc=2&ct=1000`) are not signed: Twilio's
+        // "Webhooks Connection Overrides" guide.
         let url = "https://mycompany.com/myapp.php?foo=1&bar=2#rc=2&ct=1000";
         assert!(v().validate(url, &params(), SIG));
         let url = "https://mycompany.com:1234/myapp.php?foo=1&bar=2#ct=1000";

@@ -1,7 +1,9 @@
 //! Message status callbacks: the status enum and the typed callback.
 //!
 //! Twilio posts a callback per status change of a message smsflow sent, but
-//! the callbacks may arrive out of order (D-TRACK). [`MessageStatus::rank`]
+//! the callbacks may arrive out of order (Twilio's "Track the Message
+//! Status of Outbound Messages",
+//! <https://www.twilio.com/docs/messaging/guides/track-outbound-message-status>). [`MessageStatus::rank`]
 //! and [`MessageStatus::supersedes`] give the monotonic rule the store uses
 //! so that a late `sent` never overwrites `delivered`.
 //!
@@ -195,7 +197,8 @@ mod tests {
 
     #[test]
     fn parses_real_delivered_callback() {
-        // Protocol doc §2.1: department-of-veterans-affairs/notification-api fixture.
+        // A captured callback from the department-of-veterans-affairs/
+        // notification-api test fixtures.
         let cb = callback(b"RawDlrDoneDate=2303222338&SmsSid=SMxxx&SmsStatus=delivered&MessageStatus=delivered&To=%2B11111111111&MessageSid=SMyyy&AccountSid=ACzzz&From=%2B12223334444&ApiVersion=2010-04-01").unwrap();
         assert_eq!(cb.message_sid, "SMyyy");
         assert_eq!(cb.status, Delivered);
@@ -209,7 +212,7 @@ mod tests {
 
     #[test]
     fn parses_failed_after_stop() {
-        // Protocol doc §2.1: nyaruka/courier `statusStop` (sid filled in).
+        // nyaruka/courier's `statusStop` test callback (sid filled in).
         let cb =
             callback(b"ErrorCode=21610&MessageSid=SM123&MessageStatus=failed&To=%2B12028831111")
                 .unwrap();
@@ -219,8 +222,8 @@ mod tests {
 
     #[test]
     fn parses_docs_sent_example() {
-        // Protocol doc §2.1 (D-TRACK): AccountSid, From, MessageSid,
-        // MessageStatus=sent, SmsSid, SmsStatus=sent.
+        // The `sent` example of Twilio's status tracking guide: AccountSid,
+        // From, MessageSid, MessageStatus=sent, SmsSid, SmsStatus=sent.
         let cb = callback(b"AccountSid=AC1&From=%2B15017122661&MessageSid=SM1&MessageStatus=sent&SmsSid=SM1&SmsStatus=sent").unwrap();
         assert_eq!(cb.status, Sent);
         assert_eq!(cb.to, None);

@@ -3,37 +3,29 @@
 //! The output is compact (`<?xml …?>` immediately followed by `<Response>`,
 //! no newlines), and always well-formed whatever the text: user-supplied
 //! strings are escaped and characters XML 1.0 cannot carry are removed.
-//! Twilio's limits are enforced here so that a flow cannot produce a reply
-//! Twilio rejects: bodies over 1600 characters are split, and there are at
-//! most 10 `<Message>` verbs and 10 `<Media>` per message.
+//! Twilio's limits ([`super::limits`]) are enforced here so that a flow
+//! cannot produce a reply Twilio rejects: bodies over 1600 characters are
+//! split, and there are at most 10 `<Message>` verbs and 10 `<Media>` per
+//! message.
 //!
 //! The escaping is hand-written rather than quick-xml's `escape` because the
 //! rules differ from it on purpose: a CR must become `&#xD;` (a parser would
 //! otherwise normalise it to LF) and so must LF/TAB in attributes, while
-//! quotes in text need no escaping. quick-xml is used by the tests to parse
-//! the output back.
+//! quotes in text need no escaping. quick-xml parses the output back:
+//! [`messages_in`] for the author tools, and the tests.
 //!
 //! This module does not decide what to say, nor the HTTP side of the reply
 //! (status, `Content-Type: text/xml`).
 
 use std::fmt::Write as _;
 
+use super::limits::{MAX_BODY_CHARS, MAX_MEDIA, MAX_MESSAGES};
+
 const DECLARATION: &str = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
 
 /// The reply that sends nothing back. Twilio wants a 200 with an empty
 /// `<Response>`; an empty HTTP body is logged as error 11200.
 pub const SILENCE: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>";
-
-/// Twilio's body limit per `<Message>` (D-MSG, error 14103), counted here in
-/// `char`s (code points). Twilio does not document its unit; if it counts
-/// UTF-16 units, a body full of emoji could still exceed it.
-pub const MAX_BODY_CHARS: usize = 1600;
-
-/// Twilio sends at most 10 replies per incoming message (warning 14109).
-pub const MAX_MESSAGES: usize = 10;
-
-/// Twilio accepts at most 10 `<Media>` per `<Message>` (D-MSG).
-pub const MAX_MEDIA: usize = 10;
 
 /// One reply message. `None` attributes are left out, so Twilio applies its
 /// defaults (reply to the sender, from the number that received).

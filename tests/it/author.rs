@@ -1,4 +1,4 @@
-//! The author tools (issue 7): `smsflow chat` driven by in-memory input
+//! The author tools: `smsflow chat` driven by in-memory input
 //! through the real pipeline and store, `smsflow test` run as the built
 //! binary, seeded transcripts, and `smsflow graph` output.
 
@@ -393,8 +393,8 @@ fn graph_of_a_script_flow_labels_its_on_message_step() {
 
 #[test]
 fn test_applies_consent_words_as_the_server_does() {
-    // Issue 12: CANCEL at a confirmation opts the sender out on the real
-    // number; `smsflow test` used to hand it to the flow instead.
+    // CANCEL at a confirmation opts the sender out on the real number;
+    // `smsflow test` once handed it to the flow instead.
     let dir = shipped_plus(&[(
         "cancel.chat",
         "> order\n\

@@ -1,5 +1,5 @@
-//! Issue 6: opt-out keywords, delivery tracking, the message log, the loop
-//! guard and retention — through the front door.
+//! Consent and compliance: opt-out keywords, delivery tracking, the
+//! message log, the loop guard and retention — through the front door.
 
 use smsflow::store::Store;
 

@@ -1,4 +1,4 @@
-//! Issue 3 over HTTP: concurrent messages from one sender, restarts.
+//! Conversations over HTTP: concurrent messages from one sender, restarts.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

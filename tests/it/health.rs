@@ -1,4 +1,4 @@
-//! Issue 11, health endpoints: `/livez`, `/readyz`, and `/status`
+//! Health endpoints: `/livez`, `/readyz`, and `/status`
 //! (`/healthz`) whose detail needs the admin token. All constant time.
 
 use std::io::{Read, Write};

@@ -1,4 +1,4 @@
-//! Issue 11, connections and cheap requests: clients that connect and
+//! Hostile connections and cheap requests: clients that connect and
 //! never finish, idle keep-alive connections, declared bodies over the
 //! limit, forms with thousands of parameters, HEAD, and what slow clients
 //! leave in the log.

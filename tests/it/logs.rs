@@ -1,4 +1,4 @@
-//! Issue 11: user text never forges a log line. The real binary, its stderr
+//! User text never forges a log line. The real binary, its stderr
 //! read as a log reader reads it (one line per `\n`), and a signed message
 //! whose body and sender carry newlines, carriage returns and terminal
 //! escapes, handled by a script that fails with that text in its error.

@@ -1,6 +1,6 @@
-//! Issue 5: hot reload through the front door — files edited on disk, the
-//! server watching, webhooks over HTTP. Issue 11: the flows directory
-//! replaced whole, as deploy tools do, keeps being watched.
+//! Hot reload through the front door: files edited on disk, the server
+//! watching, webhooks over HTTP; and the flows directory replaced whole, as
+//! deploy tools do, keeps being watched.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

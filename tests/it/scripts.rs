@@ -1,4 +1,4 @@
-//! Issue 4 over HTTP: a runaway script gets its fallback within the budget
+//! Scripts over HTTP: a runaway script gets its fallback within the budget
 //! while other senders keep getting answers; script state persists across
 //! restarts; script errors are counted.
 

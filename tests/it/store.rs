@@ -1,4 +1,4 @@
-//! Issue 11, the store: a real fsync before every answer, damaged stores
+//! The store: a real fsync before every answer, damaged stores
 //! refused or kept aside (never silently reset), recovery after a full
 //! disk, private files.
 

@@ -1,4 +1,4 @@
-//! A transcript that passes means the phone behaves the same (issue 12):
+//! A transcript that passes means the phone behaves the same:
 //! every shipped transcript runs through the transcript runner (what
 //! `smsflow test` and `--require-tests` use) and, message by message,
 //! through the real server over HTTP with webhooks signed as Twilio signs
@@ -166,7 +166,7 @@ async fn replay(
                     .store
                     .conversation(&key(&to, &from))
                     .unwrap()
-                    .map(|b| serde_json::from_slice(&b).unwrap())
+                    .map(|b| flow::Conversation::from_stored(&b).unwrap())
                     .unwrap_or_default();
                 let actual = flow::assertion_value(&conv, what).expect("known assertion");
                 assert_eq!(&actual, value, "{at}: `? {what}` in the server's store");

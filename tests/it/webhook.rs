@@ -1,4 +1,4 @@
-//! Issue 2: verified webhooks in, TwiML out, keyword replies, state in sled.
+//! Verified webhooks in, TwiML out, keyword replies, state in sled.
 
 use crate::helpers::*;
 use smsflow::store::Store;

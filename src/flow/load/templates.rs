@@ -8,6 +8,7 @@ use crate::flow::script::Expr;
 use crate::flow::segments;
 use crate::flow::template::Template;
 use crate::flow::yaml::{Kind, Node};
+use crate::twilio::limits::MAX_MEDIA;
 
 use super::{Cx, MAX_MESSAGES, MAX_REPLY_CHARS};
 
@@ -117,10 +118,7 @@ impl Cx<'_> {
         } else {
             let seg = segments::count(&literal);
             if seg.count > 1 {
-                let (one, enc) = match seg.encoding {
-                    segments::Encoding::Gsm7 => (160, "GSM-7"),
-                    segments::Encoding::Ucs2 => (70, "UCS-2"),
-                };
+                let (one, enc) = (seg.encoding.single_segment(), seg.encoding.as_str());
                 self.warn(
                     pos,
                     format!(
@@ -146,8 +144,9 @@ impl Cx<'_> {
                 self.err(pos, format!("media `{url}` must be an http(s) URL"));
             }
         }
-        if out.len() > 10 {
-            self.err(node.pos, "a message can carry at most 10 media URLs");
+        if out.len() > MAX_MEDIA {
+            let most = format!("a message can carry at most {MAX_MEDIA} media URLs");
+            self.err(node.pos, most);
         }
         out
     }

@@ -1,0 +1,384 @@
+//! Golden records: the stored format is a contract.
+//!
+//! `golden/v0/` holds records exactly as the release before record versions
+//! wrote them (a signup conversation waiting at `ask_age`, a sender who
+//! texted STOP, a delivery status and its event, the consent state and its
+//! audit record, the message log). `golden/v1/` holds the same records as
+//! this release writes them. Every version's records must keep decoding to
+//! the same values, and this release must write the current version byte
+//! for byte. A format change is a new version: see "Format versions" in the
+//! store's module doc. `SMSFLOW_WRITE_GOLDEN=1 cargo test --lib golden`
+//! writes the files of a new version that are missing; it never overwrites.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::message_log::LogLine;
+use super::records::{conv_header, conv_value, decode, decode_conv, encode, prefixed, two_part};
+use super::records::{ENDED, HAS_CONVERSATION};
+use super::*;
+use crate::flow::{Conversation, Run};
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::twilio::{InboundMessage, SILENCE};
+
+const US: &str = "+15550001111";
+const ANA: &str = "+15551230001";
+const STOPPED: &str = "+15551230002";
+
+fn sid(n: u32) -> String {
+    format!("SM{n:032x}")
+}
+
+fn dir(version: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/store/golden/v{version}"))
+}
+
+fn read(version: u32, name: &str) -> Vec<u8> {
+    let path = dir(version).join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What the golden records hold, whatever their version.
+fn ana() -> Conversation {
+    Conversation {
+        contact: BTreeMap::from([("name".to_owned(), "Ana".to_owned())]),
+        run: Some(Run {
+            flow: "signup".into(),
+            step: "ask_age".into(),
+            vars: BTreeMap::from([("name".to_owned(), "Ana".to_owned())]),
+            retries: 1,
+            started_at: 1_700_000_000,
+            last_active: 1_700_000_002,
+        }),
+    }
+}
+
+fn twiml(body: &str) -> String {
+    format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Message><Body>{body}</Body></Message></Response>")
+}
+
+fn delivery_status() -> DeliveryStatus {
+    DeliveryStatus {
+        status: "delivered".into(),
+        rank: 5,
+        error_code: None,
+        to: Some(ANA.into()),
+        from: Some(US.into()),
+        updated_at: 1_700_000_200,
+        inbound_sid: Some(sid(3)),
+        flow: Some("signup".into()),
+        step: Some("ask_age".into()),
+    }
+}
+
+fn status_event() -> StatusEvent {
+    StatusEvent {
+        status: "delivered".into(),
+        error_code: None,
+        at: 1_700_000_200,
+    }
+}
+
+fn opt_out() -> OptOut {
+    OptOut {
+        opted_out: true,
+        at: 1_700_000_100,
+    }
+}
+
+fn audit() -> AuditRecord {
+    AuditRecord {
+        at: 1_700_000_100,
+        scope: US.into(),
+        number: STOPPED.into(),
+        action: "opt_out".into(),
+        cause: "STOP".into(),
+        message_sid: sid(10),
+    }
+}
+
+/// The message log: (sid, at, from, step, outcome); the flow is signup
+/// wherever there is a step.
+fn log_lines() -> Vec<(
+    String,
+    i64,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+)> {
+    vec![
+        (sid(1), 1_700_000_000, ANA, Some("ask_name"), "reply"),
+        (sid(2), 1_700_000_001, ANA, Some("ask_age"), "reply"),
+        (sid(3), 1_700_000_002, ANA, Some("ask_age"), "reply"),
+        (sid(10), 1_700_000_100, STOPPED, None, "silence:opt_out"),
+    ]
+}
+
+/// Every golden record of `version` decodes to what it holds.
+fn check_decodes(version: u32) {
+    let at = |name| format!("v{version}/{name}");
+
+    let v = read(version, "conversation.bin");
+    assert_eq!(conv_header(&v), Some((1_700_000_002, HAS_CONVERSATION)));
+    let stored = decode_conv(&v).unwrap_or_else(|e| panic!("{}: {e}", at("conversation.bin")));
+    let conv = Conversation::from_stored(stored.conversation.as_deref().unwrap()).unwrap();
+    assert_eq!(conv, ana(), "{}", at("conversation.bin"));
+    assert_eq!(stored.recent.len(), 3);
+    let answers = [
+        "Hi! What's your name?",
+        "Thanks Ana! How old are you?",
+        "Please send your age as a number, like 34.",
+    ];
+    for (n, body) in (1..).zip(answers) {
+        let a = stored.answer_to(&sid(n)).expect("recorded answer");
+        assert_eq!((a.twiml, a.outcome.as_str()), (twiml(body), "reply"));
+        assert_eq!(a.at, 1_699_999_999 + i64::from(n));
+    }
+
+    let v = read(version, "conversation_opted_out.bin");
+    assert_eq!(conv_header(&v), Some((1_700_000_100, ENDED)));
+    let stored = decode_conv(&v).unwrap();
+    assert_eq!(stored.conversation, None);
+    let a = stored.answer_to(&sid(10)).unwrap();
+    assert_eq!(
+        (a.twiml.as_str(), a.outcome.as_str()),
+        (SILENCE, "silence:opt_out")
+    );
+
+    let json = |name: &str| read(version, name);
+    assert_eq!(
+        decode::<DeliveryStatus>(&json("delivery_status.json")),
+        Ok(delivery_status())
+    );
+    assert_eq!(
+        decode::<StatusEvent>(&json("status_event.json")),
+        Ok(status_event())
+    );
+    assert_eq!(decode::<OptOut>(&json("opt_out.json")), Ok(opt_out()));
+    assert_eq!(decode::<AuditRecord>(&json("audit.json")), Ok(audit()));
+
+    let log = json("messages.jsonl");
+    let lines: Vec<LogLine> = log
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| decode(l).unwrap())
+        .collect();
+    let got: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l.sid.clone(),
+                l.at,
+                l.from.as_str(),
+                l.step.as_deref(),
+                l.outcome.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(got, log_lines(), "{}", at("messages.jsonl"));
+    for l in &lines {
+        assert_eq!(l.flow.as_deref(), l.step.as_ref().map(|_| "signup"));
+    }
+    assert!(lines.iter().all(|l| l.to == US));
+}
+
+#[test]
+fn records_written_before_versions_still_decode() {
+    check_decodes(0);
+}
+
+#[test]
+fn version_1_records_decode() {
+    check_decodes(1);
+}
+
+/// The bytes this release writes for the golden values: the current
+/// version, exactly. A test failing here means the format changed: give
+/// it a new version instead (see the store's module doc).
+#[test]
+fn this_release_writes_version_1_exactly() {
+    let v0 = decode_conv(&read(0, "conversation.bin")).unwrap();
+    let conversation = Conversation::from_stored(v0.conversation.as_deref().unwrap()).unwrap();
+    let stopped = decode_conv(&read(0, "conversation_opted_out.bin")).unwrap();
+    let mut log = Vec::new();
+    for (s, at, from, step, outcome) in log_lines() {
+        log.extend(encode(&LogLine {
+            sid: s,
+            at,
+            from: from.into(),
+            to: US.into(),
+            outcome: outcome.into(),
+            flow: step.map(|_| "signup".into()),
+            step: step.map(Into::into),
+        }));
+        log.push(b'\n');
+    }
+    let written: [(&str, Vec<u8>); 7] = [
+        (
+            "conversation.bin",
+            conv_value(
+                1_700_000_002,
+                false,
+                Some(&conversation.to_stored()),
+                &v0.recent,
+            ),
+        ),
+        (
+            "conversation_opted_out.bin",
+            conv_value(1_700_000_100, true, None, &stopped.recent),
+        ),
+        ("delivery_status.json", encode(&delivery_status())),
+        ("status_event.json", encode(&status_event())),
+        ("opt_out.json", encode(&opt_out())),
+        ("audit.json", encode(&audit())),
+        ("messages.jsonl", log),
+    ];
+    let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
+    for (name, bytes) in written {
+        let path = dir(1).join(name);
+        if write && !path.exists() {
+            std::fs::create_dir_all(dir(1)).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        assert_eq!(
+            read(1, name),
+            bytes,
+            "v1/{name}: this release no longer writes version 1 as committed"
+        );
+    }
+    // Version 1 is version 0 behind a version byte, and JSON records gain
+    // `"v":1` first.
+    assert_eq!(read(1, "conversation_opted_out.bin")[0], 1);
+    assert_eq!(
+        read(1, "conversation_opted_out.bin")[1..],
+        read(0, "conversation_opted_out.bin")[..]
+    );
+    assert!(read(1, "opt_out.json").starts_with(b"{\"v\":1,"));
+}
+
+#[test]
+fn keys_are_part_of_the_format() {
+    assert_eq!(
+        ConvKey::new(US, ANA).db_key(),
+        b"c\0+15550001111\0+15551230001"
+    );
+    assert_eq!(
+        prefixed(b"s\0", &sid(100)),
+        b"s\0SM00000000000000000000000000000064"
+    );
+    assert_eq!(
+        two_part(b"o\0", US, STOPPED),
+        b"o\0+15550001111\0+15551230002"
+    );
+}
+
+/// Records from a newer release are errors (the store keeps them aside),
+/// never read as empty.
+#[test]
+fn newer_records_do_not_decode() {
+    let mut v = read(1, "conversation.bin");
+    v[0] = 2;
+    assert!(decode_conv(&v).is_err());
+    assert!(Conversation::from_stored(br#"{"v":2,"contact":{},"run":null}"#).is_err());
+    assert!(decode::<OptOut>(br#"{"v":2,"opted_out":true,"at":1}"#).is_err());
+}
+
+/// A data directory holding the previous release's records, opened by
+/// this one: the conversation goes on where it stopped, a retry is
+/// answered as it was, consent and delivery records are read.
+#[tokio::test]
+async fn a_store_written_before_versions_keeps_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    {
+        let db = sled::open(&data).unwrap();
+        let mut audit_key = b"a\0".to_vec();
+        audit_key.extend_from_slice(&1_700_000_100_i64.to_be_bytes());
+        audit_key.extend_from_slice(&0_u64.to_be_bytes());
+        let mut event_key = two_part(b"l\0", &sid(100), "");
+        event_key.extend_from_slice(&1_u64.to_be_bytes());
+        let records: [(Vec<u8>, &str); 6] = [
+            (ConvKey::new(US, ANA).db_key(), "conversation.bin"),
+            (
+                ConvKey::new(US, STOPPED).db_key(),
+                "conversation_opted_out.bin",
+            ),
+            (prefixed(b"s\0", &sid(100)), "delivery_status.json"),
+            (event_key, "status_event.json"),
+            (two_part(b"o\0", US, STOPPED), "opt_out.json"),
+            (audit_key, "audit.json"),
+        ];
+        for (key, name) in records {
+            db.insert(key, read(0, name)).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    std::fs::write(data.join("messages.jsonl"), read(0, "messages.jsonl")).unwrap();
+
+    let store = Arc::new(SledStore::open(&data, &StoreConfig::default()).unwrap());
+    assert_eq!(store.conversation_count(), 1);
+    let flows = Path::new(env!("CARGO_MANIFEST_DIR")).join("flows");
+    let set = crate::flow::load_flows(&flows).unwrap().set;
+    let pipeline = Pipeline::new(
+        store.clone(),
+        Arc::new(ArcSwap::from_pointee(set)),
+        PipelineOptions::default(),
+        Arc::new(Metrics::default()),
+    );
+    let send = |n: u32, from: &str, body: &str| {
+        InboundMessage::from_params(vec![
+            ("MessageSid".into(), sid(n)),
+            ("From".into(), from.into()),
+            ("To".into(), US.into()),
+            ("Body".into(), body.into()),
+        ])
+        .unwrap()
+    };
+    let now = 1_700_000_300;
+    // A retry of the last message gets the answer recorded then.
+    let retry = pipeline
+        .handle_inbound(&send(3, ANA, "abc"), now)
+        .await
+        .unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        retry.twiml,
+        twiml("Please send your age as a number, like 34.")
+    );
+    // The conversation waits at ask_age with Ana's name.
+    let answer = pipeline
+        .handle_inbound(&send(4, ANA, "34"), now)
+        .await
+        .unwrap();
+    assert_eq!(answer.twiml, twiml("You're signed up, Ana."));
+    // Written back in the current version.
+    let raw = store.load(&ConvKey::new(US, ANA)).unwrap();
+    let conv = Conversation::from_stored(raw.conversation.as_deref().unwrap()).unwrap();
+    assert_eq!(conv.contact["member"], "yes");
+    // The sender who texted STOP is still opted out.
+    let answer = pipeline
+        .handle_inbound(&send(11, STOPPED, "hi"), now)
+        .await
+        .unwrap();
+    assert_eq!(answer.outcome, "silence:opted_out");
+    assert_eq!(store.opt_out(US, STOPPED).unwrap(), Some(opt_out()));
+    assert_eq!(store.audit_log().unwrap(), vec![audit()]);
+    assert_eq!(
+        store.delivery_status(&sid(100)).unwrap(),
+        Some(delivery_status())
+    );
+    assert_eq!(
+        store.status_events(&sid(100)).unwrap(),
+        vec![status_event()]
+    );
+    let log = store.inbound_log().unwrap();
+    assert_eq!(log.len(), 6);
+    assert!(log
+        .iter()
+        .any(|(s, p)| *s == sid(1) && p.outcome == "reply"));
+    assert_eq!(store.health().quarantined, 0);
+}

@@ -1,0 +1,133 @@
+//! The inbound message log: an append-only JSON-lines file beside the
+//! database (`messages.jsonl`), one line per processed message. See the
+//! store's module doc for why it is not in sled.
+
+use std::io;
+
+use serde::{Deserialize, Serialize};
+
+use super::records::{decode, encode};
+use super::{files, Processed, StoreError};
+
+/// One line of the inbound message log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct LogLine {
+    pub(super) sid: String,
+    pub(super) at: i64,
+    pub(super) from: String,
+    pub(super) to: String,
+    pub(super) outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) flow: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) step: Option<String>,
+}
+
+impl crate::versioned::Versioned for LogLine {
+    const KIND: &'static str = "message log line";
+    const VERSION: u32 = 1;
+}
+
+impl LogLine {
+    pub(super) fn into_processed(self) -> (String, Processed) {
+        (
+            self.sid,
+            Processed {
+                twiml: String::new(),
+                outcome: self.outcome,
+                at: self.at,
+                from: self.from,
+                to: self.to,
+                flow: self.flow,
+                step: self.step,
+            },
+        )
+    }
+}
+
+/// The append-only inbound message log file.
+pub(super) struct MessageLog {
+    path: std::path::PathBuf,
+    writer: std::sync::Mutex<std::io::BufWriter<std::fs::File>>,
+}
+
+impl MessageLog {
+    pub(super) fn open(path: std::path::PathBuf) -> io::Result<Self> {
+        let file = files::open_append(&path)?;
+        Ok(MessageLog {
+            path,
+            writer: std::sync::Mutex::new(std::io::BufWriter::with_capacity(64 * 1024, file)),
+        })
+    }
+
+    pub(super) fn writer(&self) -> std::sync::MutexGuard<'_, std::io::BufWriter<std::fs::File>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn append(&self, line: &LogLine) -> Result<(), StoreError> {
+        use std::io::Write;
+        let mut bytes = encode(line);
+        bytes.push(b'\n');
+        self.writer()
+            .write_all(&bytes)
+            .map_err(|e| StoreError::Backend(format!("writing the message log: {e}")))
+    }
+
+    /// Hand buffered lines to the OS (not an fsync: the log is
+    /// informational).
+    pub(super) fn flush(&self) -> Result<(), StoreError> {
+        use std::io::Write;
+        self.writer()
+            .flush()
+            .map_err(|e| StoreError::Backend(format!("writing the message log: {e}")))
+    }
+
+    /// Every readable line, oldest first. A torn last line (a crash mid
+    /// write) is skipped.
+    pub(super) fn read(&self) -> Result<Vec<LogLine>, StoreError> {
+        self.flush()?;
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StoreError::Backend(format!("reading the message log: {e}"))),
+        };
+        Ok(text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| decode(l).ok())
+            .collect())
+    }
+
+    /// Rewrite the file without lines older than `cutoff`; returns how many
+    /// were dropped.
+    pub(super) fn purge(&self, cutoff: i64) -> Result<usize, StoreError> {
+        use std::io::Write;
+        let io = |e: std::io::Error| StoreError::Backend(format!("purging the message log: {e}"));
+        let mut writer = self.writer();
+        writer.flush().map_err(io)?;
+        let lines = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(e)),
+        };
+        let mut kept = Vec::with_capacity(lines.len());
+        let mut dropped = 0;
+        for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match decode::<LogLine>(line) {
+                Ok(l) if l.at < cutoff => dropped += 1,
+                Ok(_) => {
+                    kept.extend_from_slice(line);
+                    kept.push(b'\n');
+                }
+                Err(_) => dropped += 1,
+            }
+        }
+        if dropped == 0 {
+            return Ok(0);
+        }
+        files::write_durably(&self.path, &kept).map_err(io)?;
+        let file = files::open_append(&self.path).map_err(io)?;
+        *writer = std::io::BufWriter::with_capacity(64 * 1024, file);
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,378 @@
+//! The store's records and their byte layout: the keys, the conversation
+//! record (header, the caller's conversation bytes, the recent answers) and
+//! the JSON records (delivery statuses and events, consent states and
+//! their audit trail). See the store's module doc for the table of keys
+//! and the format versions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::versioned::{self, Versioned};
+
+/// The conversation key: one conversation per (our number, their number).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConvKey {
+    pub to: String,
+    pub from: String,
+}
+
+impl ConvKey {
+    pub fn new(to: impl Into<String>, from: impl Into<String>) -> Self {
+        ConvKey {
+            to: to.into(),
+            from: from.into(),
+        }
+    }
+
+    pub(super) fn db_key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(3 + self.to.len() + self.from.len());
+        k.extend_from_slice(b"c\0");
+        k.extend_from_slice(self.to.as_bytes());
+        k.push(0);
+        k.extend_from_slice(self.from.as_bytes());
+        k
+    }
+}
+
+/// What we answered to one inbound MessageSid: replayed verbatim when Twilio
+/// retries the webhook, so a retry never runs the flow again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Processed {
+    /// The exact TwiML document we answered with.
+    pub twiml: String,
+    /// Short outcome label for logs ("reply", "silence:no_match", …).
+    pub outcome: String,
+    /// Unix seconds when it was processed.
+    pub at: i64,
+    /// Sender and our number, for the message log.
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
+    /// The flow and step that produced the answer, if any.
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub step: Option<String>,
+}
+
+/// The latest known delivery status of a message we sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryStatus {
+    pub status: String,
+    /// Rank of `status`; a callback only replaces a record of lower rank.
+    pub rank: u8,
+    pub error_code: Option<String>,
+    pub to: Option<String>,
+    pub from: Option<String>,
+    /// Unix seconds of the last accepted update.
+    pub updated_at: i64,
+    /// The inbound MessageSid this reply answered, and the flow and step
+    /// that produced it (from the callback URL we put on the reply).
+    #[serde(default)]
+    pub inbound_sid: Option<String>,
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub step: Option<String>,
+}
+
+/// One status callback as received (the delivery log keeps all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub status: String,
+    pub error_code: Option<String>,
+    pub at: i64,
+}
+
+/// Consent state of one number towards one of our numbers (or Messaging
+/// Service: the scope Twilio applies opt-outs to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptOut {
+    pub opted_out: bool,
+    pub at: i64,
+}
+
+/// One consent change, kept for audit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at: i64,
+    pub scope: String,
+    pub number: String,
+    /// "opt_out" or "opt_in".
+    pub action: String,
+    /// What caused it: the keyword, `OptOutType=STOP`, or `error 21610`.
+    pub cause: String,
+    pub message_sid: String,
+}
+
+/// A consent change to write with a commit or on its own.
+#[derive(Debug, Clone)]
+pub struct ConsentChange {
+    pub scope: String,
+    pub number: String,
+    pub state: OptOut,
+    pub audit: AuditRecord,
+}
+
+/// What we answered to one recent inbound message of a conversation, kept
+/// in the conversation record so a retried webhook replays it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentAnswer {
+    pub sid: String,
+    pub twiml: String,
+    pub outcome: String,
+    pub at: i64,
+}
+
+/// How long, and for how many messages, a conversation remembers its
+/// answers for retries. Twilio's whole budget for a webhook, retries
+/// included, is 15 s (connection overrides cap `tt` at 15000 ms), so ten
+/// minutes and the last 8 messages leave a wide margin while keeping the
+/// record small: it is read and rewritten on every message.
+pub const DEDUPE_WINDOW_SECS: i64 = 600;
+pub const DEDUPE_MAX_ANSWERS: usize = 8;
+
+/// A conversation record as stored (any version, decoded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredConversation {
+    /// The caller's conversation bytes; `None` when there is no state (only
+    /// recent answers).
+    pub conversation: Option<Vec<u8>>,
+    /// The recent answers, still encoded: they are read on every message
+    /// but decoded only for a retry, so they stay in a compact binary form
+    /// (per entry: 8-byte time, then sid, outcome and TwiML, each behind
+    /// its length) rather than JSON.
+    pub recent: RecentAnswers,
+}
+
+/// Encoded recent answers (see [`StoredConversation::recent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecentAnswers(pub(super) Vec<u8>);
+
+/// One encoded entry: (time, sid, outcome, twiml, the entry's bytes).
+pub(super) type RawAnswer<'a> = (i64, &'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+
+impl RecentAnswers {
+    pub(super) fn entries(&self) -> impl Iterator<Item = RawAnswer<'_>> {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let whole = rest;
+            let at = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+            rest = &rest[8..];
+            let mut field = || -> Option<&[u8]> {
+                let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                let value = rest.get(4..4 + len)?;
+                rest = &rest[4 + len..];
+                Some(value)
+            };
+            let (sid, outcome, twiml) = (field()?, field()?, field()?);
+            let used = whole.len() - rest.len();
+            Some((at, sid, outcome, twiml, &whole[..used]))
+        })
+    }
+
+    fn push(buf: &mut Vec<u8>, a: &RecentAnswer) {
+        buf.extend_from_slice(&a.at.to_be_bytes());
+        for field in [a.sid.as_bytes(), a.outcome.as_bytes(), a.twiml.as_bytes()] {
+            buf.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            buf.extend_from_slice(field);
+        }
+    }
+
+    /// The recorded answer to `sid`, if there is one.
+    pub fn find(&self, sid: &str) -> Option<RecentAnswer> {
+        self.entries().find(|(_, s, ..)| *s == sid.as_bytes()).map(
+            |(at, sid, outcome, twiml, _)| RecentAnswer {
+                sid: String::from_utf8_lossy(sid).into_owned(),
+                outcome: String::from_utf8_lossy(outcome).into_owned(),
+                twiml: String::from_utf8_lossy(twiml).into_owned(),
+                at,
+            },
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().count()
+    }
+
+    /// Whether the entries account for every byte (a damaged length field
+    /// would end the walk early and hide the rest).
+    fn is_well_formed(&self) -> bool {
+        self.entries().map(|e| e.4.len()).sum::<usize>() == self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// These answers plus `new`, within the age and count bounds.
+    pub(super) fn keep_with(&self, new: &RecentAnswer) -> RecentAnswers {
+        let cutoff = new.at - DEDUPE_WINDOW_SECS;
+        let kept: Vec<&[u8]> = self
+            .entries()
+            .filter(|(at, sid, ..)| *at >= cutoff && *sid != new.sid.as_bytes())
+            .map(|(.., raw)| raw)
+            .collect();
+        let skip = (kept.len() + 1).saturating_sub(DEDUPE_MAX_ANSWERS);
+        let mut buf = Vec::with_capacity(
+            kept.iter().skip(skip).map(|r| r.len()).sum::<usize>() + 20 + new.twiml.len(),
+        );
+        for raw in kept.into_iter().skip(skip) {
+            buf.extend_from_slice(raw);
+        }
+        Self::push(&mut buf, new);
+        RecentAnswers(buf)
+    }
+}
+
+impl StoredConversation {
+    /// The recorded answer to `sid`, if this conversation gave one.
+    pub fn answer_to(&self, sid: &str) -> Option<RecentAnswer> {
+        self.recent.find(sid)
+    }
+}
+
+pub(super) fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest.as_bytes());
+    k
+}
+
+/// A JSON record of any version this release reads, or why it does not
+/// decode (see [`crate::versioned`]).
+pub(super) fn decode<T: Versioned>(bytes: &[u8]) -> Result<T, String> {
+    versioned::decode(bytes)
+}
+
+/// A JSON record in the current version.
+pub(super) fn encode<T: Versioned>(record: &T) -> Vec<u8> {
+    versioned::encode(record)
+}
+
+impl Versioned for DeliveryStatus {
+    const KIND: &'static str = "delivery status";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for StatusEvent {
+    const KIND: &'static str = "status event";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for OptOut {
+    const KIND: &'static str = "consent state";
+    const VERSION: u32 = 1;
+}
+
+impl Versioned for AuditRecord {
+    const KIND: &'static str = "consent audit record";
+    const VERSION: u32 = 1;
+}
+
+/// Flag bits of a conversation record.
+pub(super) const ENDED: u8 = 1;
+pub(super) const HAS_CONVERSATION: u8 = 2;
+
+/// The layout version of the conversation records this release writes:
+/// their first byte.
+pub(super) const CONV_VERSION: u8 = 1;
+
+/// Encode a conversation record: the version byte, then a 13-byte header
+/// (last activity, flags, conversation length) that lets purging and
+/// counting work without knowing the caller's format, the conversation,
+/// and the recent answers.
+pub(super) fn conv_value(
+    now: i64,
+    ended: bool,
+    conversation: Option<&[u8]>,
+    recent: &RecentAnswers,
+) -> Vec<u8> {
+    let conv = conversation.unwrap_or_default();
+    let recent = &recent.0;
+    let mut v = Vec::with_capacity(14 + conv.len() + recent.len());
+    v.push(CONV_VERSION);
+    v.extend_from_slice(&now.to_be_bytes());
+    let mut flags = 0;
+    if ended {
+        flags |= ENDED;
+    }
+    if conversation.is_some() {
+        flags |= HAS_CONVERSATION;
+    }
+    v.push(flags);
+    v.extend_from_slice(&(conv.len() as u32).to_be_bytes());
+    v.extend_from_slice(conv);
+    v.extend_from_slice(recent);
+    v
+}
+
+/// A conversation record's layout version and the bytes after its version
+/// byte. Version 0, from releases before versions, has no version byte: it
+/// starts with the big-endian last-activity time, whose first byte is 0x00
+/// for any time from 1970 to the year 2 billion (0xFF before 1970), a
+/// value no version byte takes. Version 1 is version 0 behind a version
+/// byte; a later version gets its own arm in [`decode_conv`].
+fn conv_version(v: &[u8]) -> Result<(u8, &[u8]), &'static str> {
+    match v.first() {
+        Some(&CONV_VERSION) => Ok((CONV_VERSION, &v[1..])),
+        Some(0x00 | 0xFF) => Ok((0, v)),
+        Some(_) => Err("unknown record version (written by a newer release?)"),
+        None => Err("empty record"),
+    }
+}
+
+/// (last activity, flags) of a conversation record of any version.
+pub(super) fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
+    let (_, body) = conv_version(v).ok()?;
+    let at = i64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    Some((at, *body.get(8)?))
+}
+
+/// Decode a conversation record's layout, of any version this release
+/// reads, or say why it does not decode. (The conversation bytes inside
+/// are the caller's to decode.)
+pub(super) fn decode_conv(v: &[u8]) -> Result<StoredConversation, &'static str> {
+    match conv_version(v)? {
+        (0 | 1, body) => decode_conv_v1(body),
+        _ => Err("unknown record version"),
+    }
+}
+
+/// Versions 0 and 1 after the version byte: header, conversation, recent
+/// answers.
+fn decode_conv_v1(v: &[u8]) -> Result<StoredConversation, &'static str> {
+    // 8 bytes of last activity, then the flags.
+    let flags = *v.get(8).ok_or("short header")?;
+    if flags & !(ENDED | HAS_CONVERSATION) != 0 {
+        return Err("unknown flags");
+    }
+    let len = v
+        .get(9..13)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or("short header")? as usize;
+    let conv = v.get(13..13 + len).ok_or("truncated conversation")?;
+    let recent = RecentAnswers(v[13 + len..].to_vec());
+    if !recent.is_well_formed() {
+        return Err("malformed recent answers");
+    }
+    Ok(StoredConversation {
+        conversation: (flags & HAS_CONVERSATION != 0).then(|| conv.to_vec()),
+        recent,
+    })
+}
+
+/// Whether a conversation record says it holds a conversation.
+pub(super) fn has_conversation(v: &[u8]) -> bool {
+    conv_header(v).is_some_and(|(_, f)| f & HAS_CONVERSATION != 0)
+}
+
+pub(super) fn two_part(prefix: &[u8], a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + a.len() + 1 + b.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}

@@ -1,0 +1,808 @@
+//! [`SledStore`]: the [`Store`] on sled. Its callers and its worker thread
+//! share one [`Shared`]: the open database (reopened after a failure), the
+//! message log, the quarantine, and the counters health checks read. See
+//! the store's module doc for the layout, durability and faults.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use super::message_log::{LogLine, MessageLog};
+use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
+use super::quarantine::{describe_key, Quarantine};
+use super::records::{
+    conv_header, conv_value, decode, decode_conv, encode, has_conversation, prefixed, two_part,
+    ENDED, HAS_CONVERSATION,
+};
+use super::worker::Worker;
+use super::{
+    files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Durability, Epoch, OptOut,
+    Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store, StoreConfig,
+    StoreError, StoreHealth, StoredConversation,
+};
+use crate::clock::unix_now;
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    pub(super) shared: Arc<Shared>,
+    /// The store's own thread: grouped flushes, checkpoints, and reopening
+    /// after a failure. Joined on drop, so the database is closed (and
+    /// everything flushed) when a `SledStore` is gone.
+    worker: Worker,
+}
+
+/// What the store's callers and its worker thread share.
+pub(super) struct Shared {
+    dir: PathBuf,
+    config: StoreConfig,
+    /// The open database; `None` only while it is reopened after a
+    /// failure. Operations hold the read lock for their duration, so a
+    /// reopen never pulls the database from under one.
+    db: RwLock<Option<Open>>,
+    /// Bumped whenever the database is closed for a reopen: writes not yet
+    /// flushed may be gone, so a flush for an older [`Epoch`] fails.
+    generation: AtomicU64,
+    log: MessageLog,
+    quarantine: Quarantine,
+    /// Conversations holding state: counted at open, then kept up to date
+    /// by every write, so health checks never scan the store.
+    conversations: AtomicI64,
+    /// Set when a write, flush or fsync fails; cleared by a successful
+    /// reopen. While set, nothing is acknowledged.
+    pub(super) failed: AtomicBool,
+    failure: Mutex<Option<Failure>>,
+    /// Writes since the last checkpoint.
+    pub(super) writes: AtomicU64,
+    /// The last flush marker written to the database (see `checkpoint`).
+    marker: AtomicU64,
+    /// One checkpoint at a time (the worker, and a shutdown's final one).
+    checkpointing: Mutex<()>,
+    fsyncs: AtomicU64,
+    reopens: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    error: String,
+    since: i64,
+}
+
+/// The meta key holding the last flush marker (see `Shared::checkpoint`).
+pub(super) const MARKER_KEY: &[u8] = b"m\0marker";
+
+impl SledStore {
+    /// Open (or create) the store in `dir`, private to this user. Fails
+    /// with a cause an operator can act on; never starts on a database
+    /// that lost checkpointed data.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Self, OpenError> {
+        let created = files::create_private_dir(dir)
+            .map_err(|e| OpenError::io("creating the data directory", dir, e))?;
+        let expected = files::read_checkpoint(dir)
+            .map_err(|e| OpenError::io("reading the checkpoint in", dir, e))?;
+        let open = open_db(dir, config)?;
+        let recovered = read_marker(&open.db).map_err(|e| OpenError::from_sled(dir, e))?;
+        check_marker(dir, recovered, expected)?;
+        let log = MessageLog::open(dir.join("messages.jsonl"))
+            .map_err(|e| OpenError::io("opening the message log in", dir, e))?;
+        // sled creates its files with the process's umask.
+        match files::make_private(dir) {
+            Ok(n) if n == 0 || created => {}
+            Ok(n) => tracing::info!(
+                dir = %dir.display(),
+                entries = n,
+                "made the data directory private (0700 directories, 0600 files)"
+            ),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "could not make the data directory private"
+            ),
+        }
+        // The entries sled may just have created (db, conf, blobs).
+        files::sync_dir(dir).map_err(|e| OpenError::io("syncing", dir, e))?;
+        let quarantine = Quarantine::open(dir)
+            .map_err(|e| OpenError::io("reading the quarantine in", dir, e))?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            db: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            log,
+            quarantine,
+            conversations: AtomicI64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            writes: AtomicU64::new(0),
+            marker: AtomicU64::new(recovered),
+            checkpointing: Mutex::new(()),
+            fsyncs: AtomicU64::new(0),
+            reopens: AtomicU64::new(0),
+        });
+        let count = shared.scan_conversations(&open.db).map_err(|e| match e {
+            // Keeping an undecodable record aside failed (a full disk?).
+            StoreError::Io(detail) => OpenError::Io {
+                what: "reading the conversations in",
+                path: dir.to_path_buf(),
+                source: io::Error::other(detail),
+            },
+            other => OpenError::Damaged {
+                dir: dir.to_path_buf(),
+                detail: other.to_string(),
+            },
+        })?;
+        shared.conversations.store(count, Ordering::Relaxed);
+        *write(&shared.db) = Some(open);
+        let worker = Worker::start(shared.clone());
+        Ok(SledStore { shared, worker })
+    }
+
+    /// Blocking flush of everything, used at shutdown whatever the mode:
+    /// synced to disk, then checkpointed.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.shared.sync()?;
+        self.shared.checkpoint()
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.shared.config.durability
+    }
+
+    /// The store's health, in constant time.
+    pub fn health(&self) -> StoreHealth {
+        let failure = lock(&self.shared.failure).clone();
+        StoreHealth {
+            writable: failure.is_none(),
+            error: failure.as_ref().map(|f| f.error.clone()),
+            failed_since: failure.map(|f| f.since),
+            quarantined: self.shared.quarantine.count(),
+            conversations: self.shared.conversations.load(Ordering::Relaxed).max(0) as usize,
+            reopens: self.shared.reopens.load(Ordering::Relaxed),
+            fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read(l: &RwLock<Option<Open>>) -> std::sync::RwLockReadGuard<'_, Option<Open>> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(l: &RwLock<Option<Open>>) -> std::sync::RwLockWriteGuard<'_, Option<Open>> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Run `f` on the open database. An I/O error marks the store failed
+    /// (the worker then reopens it once writes succeed again).
+    pub(super) fn with_db<T>(
+        &self,
+        f: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = read(&self.db);
+        let open = guard.as_ref().ok_or_else(reopening)?;
+        let result = f(&open.db);
+        if let Err(StoreError::Io(e)) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
+    fn fail(&self, error: &str) {
+        let mut failure = lock(&self.failure);
+        if failure.is_none() {
+            tracing::error!(
+                dir = %self.dir.display(),
+                error,
+                "store failed: webhooks get 503 until writes succeed again (retried every second)"
+            );
+            *failure = Some(Failure {
+                error: error.to_string(),
+                since: unix_now(),
+            });
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// One grouped flush: sled's flush, then fsyncs of its files. Returns
+    /// the generation it made durable.
+    pub(super) fn sync(&self) -> Result<u64, StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the store failed and is not reopened yet".into(),
+            ));
+        }
+        // The log lines of these messages go to the file too (buffered
+        // until now, not fsynced: informational).
+        if let Err(e) = self.log.flush() {
+            tracing::warn!(error = %e, "message log write failed");
+        }
+        let guard = read(&self.db);
+        let open = guard.as_ref().ok_or_else(reopening)?;
+        let generation = self.generation.load(Ordering::SeqCst);
+        let synced = open.db.flush().map_err(StoreError::from).and_then(|_| {
+            lock(&open.files)
+                .sync()
+                .map_err(|e| StoreError::Io(format!("fsync: {e}")))
+        });
+        if let Err(e) = &synced {
+            self.fail(&e.to_string());
+        }
+        synced?;
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(generation)
+    }
+
+    /// Write the next flush marker into the database, make it durable,
+    /// then record it in the checkpoint file. On open, a database holding
+    /// an older marker than the file names has lost data that was on disk.
+    pub(super) fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = lock(&self.checkpointing);
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the store failed".into()));
+        }
+        let writes = self.writes.swap(0, Ordering::Relaxed);
+        let seq = self.marker.load(Ordering::Relaxed) + 1;
+        let result = self
+            .with_db(|db| Ok(db.insert(MARKER_KEY, &seq.to_be_bytes())?))
+            .and_then(|_| self.sync())
+            .and_then(|_| {
+                files::write_checkpoint(&self.dir, seq)
+                    .map_err(|e| StoreError::Io(format!("writing the checkpoint: {e}")))
+            });
+        // sled creates snapshot files from time to time, with the
+        // process's umask; the directory is private anyway, its files too.
+        if let Err(e) = files::make_private(&self.dir) {
+            tracing::debug!(error = %e, "could not make the data directory private");
+        }
+        match result {
+            Ok(_) => {
+                self.marker.store(seq, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.writes.fetch_add(writes.max(1), Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reopen the database after a failure, once the filesystem takes
+    /// writes again. sled keeps the first I/O error it meets and fails
+    /// every later write with it, so only a reopen recovers; it rebuilds
+    /// the state from what is on disk, which is everything acknowledged.
+    pub(super) fn heal(&self) -> Result<(), String> {
+        files::probe_writable(&self.dir).map_err(|e| format!("probe write: {e}"))?;
+        self.log.flush().map_err(|e| format!("message log: {e}"))?;
+        let old = write(&self.db).take();
+        if let Some(old) = old {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            drop(old);
+            closed(&self.dir);
+        }
+        let open = open_db(&self.dir, &self.config).map_err(|e| e.to_string())?;
+        let recovered = read_marker(&open.db).map_err(|e| e.to_string())?;
+        let expected = files::read_checkpoint(&self.dir).map_err(|e| e.to_string())?;
+        check_marker(&self.dir, recovered, expected).map_err(|e| e.to_string())?;
+        let count = self
+            .scan_conversations(&open.db)
+            .map_err(|e| e.to_string())?;
+        // Recovered only when a write reaches the disk.
+        let seq = recovered + 1;
+        open.db
+            .insert(MARKER_KEY, &seq.to_be_bytes())
+            .and_then(|_| open.db.flush())
+            .map_err(|e| e.to_string())?;
+        lock(&open.files).sync().map_err(|e| e.to_string())?;
+        self.marker.store(seq, Ordering::Relaxed);
+        self.conversations.store(count, Ordering::Relaxed);
+        *write(&self.db) = Some(open);
+        let was = lock(&self.failure).take();
+        self.failed.store(false, Ordering::SeqCst);
+        self.reopens.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            dir = %self.dir.display(),
+            failed_for_secs = was.map(|f| unix_now() - f.since).unwrap_or(0),
+            "store recovered: writes succeed again"
+        );
+        Ok(())
+    }
+
+    /// Count the conversations holding state and check every record's
+    /// layout; undecodable records are kept aside (they stay in place
+    /// until their conversation's next message replaces them).
+    fn scan_conversations(&self, db: &sled::Db) -> Result<i64, StoreError> {
+        let (mut count, mut damaged) = (0, 0);
+        for item in db.scan_prefix(b"c\0") {
+            let (k, v) = item?;
+            count += i64::from(has_conversation(&v));
+            if let Err(reason) = decode_conv(&v) {
+                damaged += 1;
+                self.keep_aside(&k, &v, reason, "the conversation starts afresh")?;
+            }
+        }
+        if damaged > 0 {
+            tracing::error!(
+                dir = %self.dir.display(),
+                damaged,
+                quarantined = self.quarantine.count(),
+                "undecodable conversation records found at open (kept aside in quarantine/)"
+            );
+        }
+        Ok(count)
+    }
+
+    /// Keep an undecodable record aside before anything replaces it; if
+    /// that fails, the caller must not replace it (the error says so).
+    fn keep_aside(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        reason: &str,
+        then: &str,
+    ) -> Result<(), StoreError> {
+        match self.quarantine.keep(key, value, reason) {
+            Ok((path, true)) => {
+                tracing::error!(
+                    record = %describe_key(key),
+                    reason,
+                    kept_in = %path.display(),
+                    then,
+                    "undecodable record kept aside"
+                );
+                Ok(())
+            }
+            Ok((_, false)) => Ok(()),
+            Err(e) => Err(StoreError::Io(format!(
+                "keeping an undecodable record ({}) aside: {e}",
+                describe_key(key)
+            ))),
+        }
+    }
+
+    fn count_change(&self, old: Option<&[u8]>, new: Option<&[u8]>) {
+        let delta = i64::from(new.is_some_and(has_conversation))
+            - i64::from(old.is_some_and(has_conversation));
+        if delta != 0 {
+            self.conversations.fetch_add(delta, Ordering::Relaxed);
+        }
+        self.wrote();
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A clean close: whatever the durability mode, nothing is lost.
+    pub(super) fn close(&self) {
+        if self.failed.load(Ordering::SeqCst) {
+            let _ = self.log.flush();
+            tracing::error!(dir = %self.dir.display(), "store closed while failed");
+            return;
+        }
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "final store flush failed");
+        } else if self.writes.load(Ordering::Relaxed) > 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "final checkpoint failed");
+            }
+        }
+    }
+}
+
+fn reopening() -> StoreError {
+    StoreError::Unavailable("the store is being reopened after a failure".into())
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let open = self
+            .db
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(open) = open {
+            drop(open);
+            closed(&self.dir);
+        }
+    }
+}
+
+impl SledStore {
+    fn scan<T: crate::versioned::Versioned>(
+        &self,
+        db: &sled::Db,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in db.scan_prefix(prefix) {
+            let (k, v) = item?;
+            match decode(&v) {
+                Ok(value) => out.push((k.to_vec(), value)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, &reason, "it is left out of listings")?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries a consent change writes: the state and its audit record.
+    fn consent_entries(db: &sled::Db, change: &ConsentChange) -> Result<[Entry; 2], StoreError> {
+        let mut audit_key = Vec::with_capacity(18);
+        audit_key.extend_from_slice(b"a\0");
+        audit_key.extend_from_slice(&change.audit.at.to_be_bytes());
+        audit_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+        Ok([
+            (
+                two_part(b"o\0", &change.scope, &change.number),
+                encode(&change.state),
+            ),
+            (audit_key, encode(&change.audit)),
+        ])
+    }
+}
+
+/// A raw key and value to write.
+type Entry = (Vec<u8>, Vec<u8>);
+
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Backend("transaction aborted".into())
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn load(&self, key: &ConvKey) -> Result<StoredConversation, StoreError> {
+        let k = key.db_key();
+        self.shared.with_db(|db| match db.get(&k)? {
+            Some(v) => match decode_conv(&v) {
+                Ok(stored) => Ok(stored),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, reason, "the conversation starts afresh")?;
+                    Ok(StoredConversation::default())
+                }
+            },
+            None => Ok(StoredConversation::default()),
+        })
+    }
+
+    fn keep_aside(&self, key: &ConvKey, reason: &str) -> Result<(), StoreError> {
+        let k = key.db_key();
+        self.shared.with_db(|db| match db.get(&k)? {
+            Some(v) => self
+                .shared
+                .keep_aside(&k, &v, reason, "the conversation starts afresh"),
+            None => Ok(()),
+        })
+    }
+
+    fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError> {
+        Ok(self
+            .shared
+            .log
+            .read()?
+            .into_iter()
+            .rev()
+            .find(|l| l.sid == message_sid)
+            .map(|l| l.into_processed().1))
+    }
+
+    fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
+        let answer = RecentAnswer {
+            sid: c.message_sid.to_string(),
+            twiml: c.processed.twiml.clone(),
+            outcome: c.processed.outcome.clone(),
+            at: c.processed.at,
+        };
+        let recent = c.recent.keep_with(&answer);
+        let record = conv_value(c.processed.at, c.ended, c.conversation, &recent);
+        let k = c.key.db_key();
+        let old = self.shared.with_db(|db| match &c.consent {
+            // Rare, and must be atomic with the message: a transaction
+            // (which also tells us what it replaced).
+            Some(change) => {
+                let [state, audit] = Self::consent_entries(db, change)?;
+                db.transaction(|tx| {
+                    let old = tx.insert(k.as_slice(), record.as_slice())?;
+                    tx.insert(state.0.as_slice(), state.1.as_slice())?;
+                    tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
+                    Ok(old)
+                })
+                .map_err(transaction_error)
+            }
+            // The common case: one insert carries state and dedupe.
+            None => Ok(db.insert(&k, record.as_slice())?),
+        })?;
+        self.shared.count_change(old.as_deref(), Some(&record));
+        let p = c.processed;
+        self.shared.log.append(&LogLine {
+            sid: c.message_sid.to_string(),
+            at: p.at,
+            from: p.from.clone(),
+            to: p.to.clone(),
+            outcome: p.outcome.clone(),
+            flow: p.flow.clone(),
+            step: p.step.clone(),
+        })?;
+        Ok(())
+    }
+
+    fn epoch(&self) -> Epoch {
+        Epoch(self.shared.generation.load(Ordering::SeqCst))
+    }
+
+    async fn flush(&self, since: Epoch) -> Result<(), StoreError> {
+        match self.shared.config.durability {
+            Durability::Flush => self.worker.flush(since).await,
+            // sled's own flusher writes in the background; only a reopen
+            // (which may have dropped unflushed writes) is reported.
+            Durability::Relaxed => {
+                if self.shared.failed.load(Ordering::SeqCst) || self.epoch() != since {
+                    return Err(reopened());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn record_status(
+        &self,
+        message_sid: &str,
+        status: &DeliveryStatus,
+    ) -> Result<StatusUpdate, StoreError> {
+        self.shared.with_db(|db| {
+            let mut log_key = two_part(b"l\0", message_sid, "");
+            log_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+            let event = StatusEvent {
+                status: status.status.clone(),
+                error_code: status.error_code.clone(),
+                at: status.updated_at,
+            };
+            db.insert(log_key, encode(&event))?;
+            self.shared.wrote();
+
+            let key = prefixed(b"s\0", message_sid);
+            // Compare-and-swap loop: two callbacks for one message arriving
+            // at once must not let the lower-ranked one win.
+            loop {
+                let current = db.get(&key)?;
+                let mut next = status.clone();
+                if let Some(bytes) = &current {
+                    match decode::<DeliveryStatus>(bytes) {
+                        Ok(old) => {
+                            if status.rank <= old.rank {
+                                return Ok(StatusUpdate::Stale {
+                                    current: old.status,
+                                });
+                            }
+                            // Keep the link to the conversation if this
+                            // callback lacks it.
+                            next.inbound_sid = next.inbound_sid.or(old.inbound_sid);
+                            next.flow = next.flow.or(old.flow);
+                            next.step = next.step.or(old.step);
+                        }
+                        Err(reason) => self.shared.keep_aside(
+                            &key,
+                            bytes,
+                            &reason,
+                            "this callback's status replaces it",
+                        )?,
+                    }
+                }
+                let new = encode(&next);
+                if db
+                    .compare_and_swap(&key, current.as_ref(), Some(new.as_slice()))?
+                    .is_ok()
+                {
+                    return Ok(StatusUpdate::Applied);
+                }
+            }
+        })
+    }
+
+    fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError> {
+        let key = prefixed(b"s\0", message_sid);
+        self.shared.with_db(|db| match db.get(&key)? {
+            Some(v) => match decode(&v) {
+                Ok(status) => Ok(Some(status)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&key, &v, &reason, "it reads as unknown")?;
+                    Ok(None)
+                }
+            },
+            None => Ok(None),
+        })
+    }
+
+    fn conversation_count(&self) -> usize {
+        self.shared.conversations.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    fn health(&self) -> StoreHealth {
+        SledStore::health(self)
+    }
+
+    fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError> {
+        let key = two_part(b"o\0", scope, number);
+        self.shared.with_db(|db| match db.get(&key)? {
+            Some(v) => match decode(&v) {
+                Ok(state) => Ok(Some(state)),
+                // Never text someone who may have opted out: an unreadable
+                // consent record counts as an opt-out (START clears it).
+                Err(reason) => {
+                    self.shared.keep_aside(
+                        &key,
+                        &v,
+                        &reason,
+                        "the number is treated as opted out until it texts START",
+                    )?;
+                    Ok(Some(OptOut {
+                        opted_out: true,
+                        at: 0,
+                    }))
+                }
+            },
+            None => Ok(None),
+        })
+    }
+
+    fn record_consent(&self, change: &ConsentChange) -> Result<(), StoreError> {
+        self.shared.with_db(|db| {
+            let mut batch = sled::Batch::default();
+            for (k, v) in Self::consent_entries(db, change)? {
+                batch.insert(k, v);
+            }
+            db.apply_batch(batch)?;
+            Ok(())
+        })?;
+        self.shared.wrote();
+        Ok(())
+    }
+
+    fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = self.shared.with_db(|db| self.scan(db, b"a\0"))?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
+    }
+
+    fn status_events(&self, message_sid: &str) -> Result<Vec<StatusEvent>, StoreError> {
+        let prefix = two_part(b"l\0", message_sid, "");
+        let rows = self.shared.with_db(|db| self.scan(db, &prefix))?;
+        Ok(rows.into_iter().map(|(_, v)| v).collect())
+    }
+
+    fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError> {
+        let mut out: Vec<(String, Processed)> = self
+            .shared
+            .log
+            .read()?
+            .into_iter()
+            .map(LogLine::into_processed)
+            .collect();
+        out.sort_by(|a, b| b.1.at.cmp(&a.1.at).then_with(|| b.0.cmp(&a.0)));
+        Ok(out)
+    }
+
+    fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError> {
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<DeliveryStatus>(db, b"s\0"))?;
+        let mut out: Vec<(String, DeliveryStatus)> = rows
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k[2..]).into_owned(), v))
+            .collect();
+        out.sort_by(|a, b| {
+            b.1.updated_at
+                .cmp(&a.1.updated_at)
+                .then_with(|| b.0.cmp(&a.0))
+        });
+        Ok(out)
+    }
+
+    fn purge(&self, cutoff: i64) -> Result<Purged, StoreError> {
+        let mut purged = Purged {
+            processed: self.shared.log.purge(cutoff)?,
+            ..Purged::default()
+        };
+        self.shared.with_db(|db| {
+            for (k, v) in self.scan::<DeliveryStatus>(db, b"s\0")? {
+                if v.updated_at < cutoff {
+                    db.remove(k)?;
+                    purged.statuses += 1;
+                }
+            }
+            for (k, v) in self.scan::<StatusEvent>(db, b"l\0")? {
+                if v.at < cutoff {
+                    db.remove(k)?;
+                    purged.status_events += 1;
+                }
+            }
+            for item in db.scan_prefix(b"c\0") {
+                let (k, v) = item?;
+                if let Some((at, flags)) = conv_header(&v) {
+                    let idle = flags & ENDED != 0 || flags & HAS_CONVERSATION == 0;
+                    // Only if untouched since we read it: a message may
+                    // have restarted this conversation in the meantime.
+                    if idle
+                        && at < cutoff
+                        && db
+                            .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                            .is_ok()
+                    {
+                        self.shared.count_change(Some(&v), None);
+                        purged.conversations += 1;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if purged != Purged::default() {
+            self.shared.wrote();
+        }
+        Ok(purged)
+    }
+
+    fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let k = key.db_key();
+        self.shared.with_db(|db| {
+            let Some(v) = db.get(&k)? else {
+                return Ok(false);
+            };
+            let (at, _) = conv_header(&v).unwrap_or_default();
+            let stored = match decode_conv(&v) {
+                Ok(stored) => stored,
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, reason, "the conversation is deleted")?;
+                    StoredConversation::default()
+                }
+            };
+            let new = conv_value(at, true, None, &stored.recent);
+            let old = db.insert(&k, new.as_slice())?;
+            self.shared.count_change(old.as_deref(), Some(&new));
+            Ok(stored.conversation.is_some())
+        })
+    }
+
+    fn put_conversation(
+        &self,
+        key: &ConvKey,
+        conversation: &[u8],
+        ended: bool,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let k = key.db_key();
+        self.shared.with_db(|db| {
+            let recent = match db.get(&k)? {
+                Some(v) => match decode_conv(&v) {
+                    Ok(stored) => stored.recent,
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, reason, "the conversation is replaced")?;
+                        RecentAnswers::default()
+                    }
+                },
+                None => RecentAnswers::default(),
+            };
+            let new = conv_value(at, ended, Some(conversation), &recent);
+            let old = db.insert(&k, new.as_slice())?;
+            self.shared.count_change(old.as_deref(), Some(&new));
+            Ok(())
+        })
+    }
+}
+
+pub(super) fn reopened() -> StoreError {
+    StoreError::Unavailable(
+        "the store was reopened after a failure; writes before it may be lost".into(),
+    )
+}
