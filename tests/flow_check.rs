@@ -260,7 +260,7 @@ fn hostile_files_fail_fast_with_located_errors() {
     );
 }
 
-/// The file from issue 11: 300 KB of text anchored once and aliased 5,900
+/// A hostile file: 300 KB of text anchored once and aliased 5,900
 /// times, 309 KB on disk and 1.77 GB once expanded. `smsflow check` must
 /// refuse it at the alias that crosses the budget, and do so inside a
 /// 256 MiB address space (the loader used to abort on the first failed
@@ -558,7 +558,7 @@ steps:
     );
 }
 
-/// Issue 11: a flow, script or module that is a symlink leading outside the
+/// A flow, script or module that is a symlink leading outside the
 /// flows directory is refused where it is, as an import leading outside
 /// already was; one leading inside is read.
 #[cfg(unix)]
@@ -627,7 +627,7 @@ fn symlinks_leading_outside_the_flows_directory_are_refused() {
     );
 }
 
-/// Issue 11: a directory symlink that leads back up is not walked (it was
+/// A directory symlink that leads back up is not walked (it was
 /// followed eight levels deep, a module counted once per way to reach it).
 #[cfg(unix)]
 #[test]

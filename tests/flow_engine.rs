@@ -221,7 +221,7 @@ fn huge_and_odd_bodies_are_handled() {
     );
 }
 
-/// Issue 11: Twilio sends at most 1,600 characters; a forged 64 KB body is
+/// Twilio sends at most 1,600 characters; a forged 64 KB body is
 /// cut to that before any matcher, variable, expression or script sees it.
 #[test]
 fn forged_long_bodies_are_cut_before_any_flow_sees_them() {

@@ -371,7 +371,7 @@ async fn status_says_when_watching_is_off() {
     assert!(reason.contains("--no-watch"), "{s}");
 }
 
-/// Issue 11: a small file whose aliases expand to gigabytes, saved into a
+/// A small file whose aliases expand to gigabytes, saved into a
 /// running server's flows directory, used to take the whole process down
 /// while reloading. Now the reload is refused at the alias, the server
 /// keeps answering with the old flows, and its memory stays bounded.

@@ -123,7 +123,7 @@ async fn a_retried_message_replays_the_seeded_choice() {
     assert_eq!(b[1], "Q2/3: How many legs does a spider have?");
 }
 
-/// Issue 11: `s.replace("x", s)` with a 16 KB `s` built a 256 MB string
+/// `s.replace("x", s)` with a 16 KB `s` built a 256 MB string
 /// before Rhai measured it (504 MiB and 413 ms for one message; eight at
 /// once aborted the server), and a map's keys, which no limit counted, were
 /// copied whole by every `let b = a;`. Now both are refused before they are
@@ -179,7 +179,7 @@ async fn scripts_that_would_build_huge_values_get_the_fallback_in_bounded_memory
     assert!(peak < 200 * 1024, "peak memory {peak} KiB");
 }
 
-/// Issue 11: Twilio sends at most 1,600 characters; a forged 60,000-character
+/// Twilio sends at most 1,600 characters; a forged 60,000-character
 /// body reaches a script cut to that.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_long_body_reaches_scripts_cut_to_1600_characters() {
@@ -199,7 +199,7 @@ async fn a_forged_long_body_reaches_scripts_cut_to_1600_characters() {
     assert_eq!(bodies(&r.body), vec!["1600"]);
 }
 
-/// Issue 11: `map`, `zip`, `for_each` and a map's `map` collected up to
+/// `map`, `zip`, `for_each` and a map's `map` collected up to
 /// 1,000 closure results of 16 KB each (16 MB per message) before Rhai
 /// measured the collection. Now each result is added to a running size and
 /// the second one is refused: many such messages at once stay small.

@@ -440,7 +440,7 @@ mod tests {
     fn replace_is_refused_before_it_builds_an_oversized_string() {
         let patient = sized(50_000_000);
         let long = "x".repeat(16_000);
-        // Issue 11: each of 16,000 bytes replaced by the whole string was a
+        // Each of 16,000 bytes replaced by the whole string was a
         // 256 MB string built (in about 0.4 s) before Rhai measured it.
         for replace in [
             r#"s.replace("x", s)"#,
