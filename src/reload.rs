@@ -42,23 +42,34 @@ pub const RECHECK: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadOutcome {
     /// A new version is live.
-    Swapped { version: String },
+    Swapped {
+        /// The version now live.
+        version: String,
+    },
     /// The files hash to the version already live.
     Unchanged,
     /// The new files have errors; the old set stays live.
-    Refused { errors: String },
+    Refused {
+        /// The diagnostics that refused the set.
+        errors: String,
+    },
 }
 
 /// What `/healthz` and `/status` report about the active flow set.
 #[derive(Debug, Clone, Default)]
 pub struct FlowStatus {
+    /// The live set's version (a hash of its files).
     pub version: String,
+    /// Unix seconds when it went live.
     pub loaded_at: i64,
+    /// The files it was loaded from.
     pub files: Vec<String>,
+    /// Why the last reload was refused, if it was.
     pub last_error: Option<String>,
     /// Whether edits to the flows directory are being picked up, and why
     /// not when they are not (see [`Reloader::watch`]).
     pub watching: bool,
+    /// Why edits are not picked up, when `watching` is false.
     pub watching_reason: Option<String>,
 }
 
