@@ -156,7 +156,7 @@ impl ComplianceConfig {
 /// burst straddling two windows can draw up to twice the limit before the
 /// guard closes. A restart forgets the counts, which only delays the guard
 /// by one window.
-pub struct LoopGuard {
+pub(crate) struct LoopGuard {
     max_replies: u32,
     window_secs: i64,
     state: Mutex<GuardState>,
@@ -229,6 +229,7 @@ impl LoopGuard {
     }
 
     /// How many conversations the guard is tracking.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.state
             .lock()

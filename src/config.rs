@@ -110,14 +110,14 @@ pub struct Config {
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// A shorter admin token is refused: it guards every message of every
 /// sender, and a guessable one would give them away.
-pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+pub(crate) const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 pub(crate) const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// Twilio sends its whole request at once; a few seconds is generous.
-pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// Longer than the 60 s idle timeout of common proxies and load balancers,
 /// so that they close a pooled connection first and never send a request
 /// on one we are closing.
-pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
+pub(crate) const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
 
 impl Config {
     /// Settings for tests and examples: port 0, the given dirs, a token.
