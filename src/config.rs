@@ -17,9 +17,8 @@ use serde::Deserialize;
 use crate::store::Durability;
 
 mod settings;
-pub use settings::{
-    config_flag_help, config_flag_long_help, describe, flag_help, setting, Setting, SETTINGS,
-};
+pub(crate) use settings::{config_flag_help, config_flag_long_help, flag_help};
+pub use settings::{describe, setting, Setting, SETTINGS};
 
 /// The HMAC key, kept out of logs and `Debug` output.
 #[derive(Clone)]
