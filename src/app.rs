@@ -28,7 +28,6 @@ pub struct App {
     router: axum::Router,
     store: Arc<SledStore>,
     pipeline: Arc<Pipeline<SledStore>>,
-    metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     config: Config,
     /// Set once shutdown begins, so `/readyz` answers 503 while in-flight
@@ -37,6 +36,8 @@ pub struct App {
 }
 
 impl App {
+    /// Binds the listener, loads and checks the flows and opens the store;
+    /// the first failure is the error. Serving starts with [`App::run`].
     pub async fn build(mut config: Config) -> anyhow::Result<App> {
         let listener = TcpListener::bind(config.listen)
             .await
@@ -148,25 +149,23 @@ impl App {
             router,
             store,
             pipeline,
-            metrics,
             reloader,
             config,
             shutting_down,
         })
     }
 
+    /// The address the server listens on (with the real port when configured as 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
+    /// The store the server uses.
     pub fn store(&self) -> &Arc<SledStore> {
         &self.store
     }
 
+    /// The reloader that keeps the live flow set current.
     pub fn reloader(&self) -> &Arc<Reloader> {
         &self.reloader
     }

@@ -10,7 +10,7 @@
 //! options ([`config_for_tools`]) and a virtual clock, so what an author
 //! sees is what the webhook would do, minus HTTP and Twilio. This module
 //! knows no HTTP and no terminal; it knows the flow model only through
-//! [`FlowSet::outline`](crate::flow::FlowSet::outline) and
+//! `FlowSet::outline` and
 //! [`flow::Transcript`](crate::flow::Transcript).
 //!
 //! - `session`: the simulated phone `chat` and transcripts share;

@@ -18,11 +18,14 @@ use crate::store::Durability;
     version,
     about = "SMS auto-responder behind a Twilio number"
 )]
+/// The `smsflow` command line.
 pub struct Cli {
+    /// The subcommand to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the webhook server.
@@ -34,6 +37,7 @@ pub enum Command {
         /// The flows directory [default: the config file's `flows`, else
         /// ./flows].
         dir: Option<PathBuf>,
+        /// The server's config file, for its consent and interrupt keywords.
         #[command(flatten)]
         config: ToolConfig,
     },
@@ -55,6 +59,7 @@ pub enum Command {
         /// The directory holding flows and their transcripts [default: the
         /// config file's `flows`, else ./flows].
         dir: Option<PathBuf>,
+        /// The server's config file, for its consent and interrupt keywords.
         #[command(flatten)]
         config: ToolConfig,
     },
@@ -77,6 +82,7 @@ pub struct ToolConfig {
     pub path: Option<PathBuf>,
 }
 
+/// Flags of `smsflow messages`.
 #[derive(Debug, clap::Args)]
 pub struct MessagesArgs {
     /// Read the store in this data directory (only while no server uses it).
@@ -100,6 +106,7 @@ pub struct MessagesArgs {
     pub json: bool,
 }
 
+/// Flags of `smsflow chat`.
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
     /// Flows directory [default: the config file's `flows`, else ./flows].
@@ -122,10 +129,12 @@ pub struct ChatArgs {
     /// the config file's `interrupt_keywords`.
     #[arg(long = "interrupt", value_name = "WORD")]
     pub interrupt: Vec<String>,
+    /// The server's config file, for its consent and interrupt keywords.
     #[command(flatten)]
     pub config: ToolConfig,
 }
 
+/// Output formats of `smsflow graph`.
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum GraphFormat {
     /// Mermaid flowchart (renders in GitHub markdown)
@@ -135,6 +144,7 @@ pub enum GraphFormat {
     Dot,
 }
 
+/// Flags of `smsflow graph`.
 #[derive(Debug, clap::Args)]
 pub struct GraphArgs {
     /// The flow's name (its file name without extension, or its `name:`).
@@ -147,6 +157,7 @@ pub struct GraphArgs {
     pub format: GraphFormat,
 }
 
+/// Flags of `smsflow sign`.
 #[derive(Debug, clap::Args)]
 pub struct SignArgs {
     /// The full URL Twilio would call, e.g. https://bot.example.com/twilio/sms
@@ -167,6 +178,7 @@ pub struct SignArgs {
     pub send_to: Option<String>,
 }
 
+/// Values of `--durability`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DurabilityArg {
     /// fsync (grouped) before every reply
@@ -187,15 +199,21 @@ pub struct ServeArgs {
         help = config::config_flag_help(),
         long_help = config::config_flag_long_help()
     )]
+    /// The TOML config file.
     pub config: Option<PathBuf>,
+    /// The address to listen on.
     #[arg(long, env = "SMSFLOW_LISTEN", help = config::flag_help("--listen"))]
     pub listen: Option<String>,
+    /// The URL Twilio is configured with.
     #[arg(long, env = "SMSFLOW_PUBLIC_URL", help = config::flag_help("--public-url"))]
     pub public_url: Option<String>,
+    /// The flows directory.
     #[arg(long, env = "SMSFLOW_FLOWS", help = config::flag_help("--flows"))]
     pub flows: Option<PathBuf>,
+    /// The data directory.
     #[arg(long, env = "SMSFLOW_DATA", help = config::flag_help("--data"))]
     pub data: Option<PathBuf>,
+    /// sled's page cache, in MiB.
     #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
     pub cache_mb: Option<u64>,
     #[arg(
@@ -204,6 +222,7 @@ pub struct ServeArgs {
         value_enum,
         help = config::flag_help("--durability")
     )]
+    /// When a write counts as done.
     pub durability: Option<DurabilityArg>,
     /// Accept webhooks without checking X-Twilio-Signature (local experiments
     /// only; logs a loud warning). Needed when TWILIO_AUTH_TOKEN is unset.
@@ -213,11 +232,13 @@ pub struct ServeArgs {
     /// `watch`).
     #[arg(long, env = "SMSFLOW_NO_WATCH")]
     pub no_watch: bool,
+    /// Refuse flow sets whose transcripts fail.
     #[arg(long, env = "SMSFLOW_REQUIRE_TESTS", help = config::flag_help("--require-tests"))]
     pub require_tests: bool,
 }
 
 impl ServeArgs {
+    /// These flags as overrides of the config file.
     pub fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen.clone(),

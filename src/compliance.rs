@@ -20,6 +20,7 @@ pub struct ComplianceConfig {
     /// Keywords that opt back in. `YES` only counts while opted out, since
     /// it is also an ordinary answer to a yes/no question.
     pub start_keywords: Vec<String>,
+    /// Keywords that ask for help (answered with `help_text`).
     pub help_keywords: Vec<String>,
     /// Reply to HELP-class keywords; `None` answers them with silence and
     /// leaves the help reply to Twilio.
@@ -58,15 +59,23 @@ impl Default for ComplianceConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Consent {
     /// Opt out; `cause` is the keyword or `OptOutType=STOP`.
-    Stop { cause: String },
+    Stop {
+        /// The keyword, or `OptOutType=STOP`.
+        cause: String,
+    },
     /// Opt back in (or confirm being in).
     Start {
+        /// The keyword, or `OptOutType=START`.
         cause: String,
+        /// True for words (such as `YES`) that only opt in a sender who is opted out.
         only_if_opted_out: bool,
     },
     /// A request for help; `twilio_answered` when `OptOutType=HELP` says
     /// Twilio already sent its help reply.
-    Help { twilio_answered: bool },
+    Help {
+        /// Twilio already sent its help reply.
+        twilio_answered: bool,
+    },
     /// An ordinary message.
     None,
 }
@@ -147,7 +156,7 @@ impl ComplianceConfig {
 /// burst straddling two windows can draw up to twice the limit before the
 /// guard closes. A restart forgets the counts, which only delays the guard
 /// by one window.
-pub struct LoopGuard {
+pub(crate) struct LoopGuard {
     max_replies: u32,
     window_secs: i64,
     state: Mutex<GuardState>,
@@ -220,6 +229,7 @@ impl LoopGuard {
     }
 
     /// How many conversations the guard is tracking.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.state
             .lock()

@@ -17,19 +17,19 @@ use serde::Deserialize;
 use crate::store::Durability;
 
 mod settings;
-pub use settings::{
-    config_flag_help, config_flag_long_help, describe, flag_help, setting, Setting, SETTINGS,
-};
+pub(crate) use settings::{config_flag_help, config_flag_long_help, flag_help};
+pub use settings::{describe, setting, Setting, SETTINGS};
 
 /// The HMAC key, kept out of logs and `Debug` output.
 #[derive(Clone)]
 pub struct AuthToken(String);
 
 impl AuthToken {
+    /// Wraps the Twilio auth token (or an admin token).
     pub fn new(token: impl Into<String>) -> Self {
         AuthToken(token.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -52,15 +52,21 @@ pub enum Auth {
 /// Everything `App::build` needs; fully validated.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The address to listen on.
     pub listen: SocketAddr,
     /// Scheme, host, optional port and optional path prefix Twilio was
     /// configured with, without a trailing slash. Signatures are computed
     /// over this joined with the raw request path and query.
     pub public_url: String,
+    /// The directory the flow files are read from.
     pub flows_dir: PathBuf,
+    /// The directory the store keeps its data in.
     pub data_dir: PathBuf,
+    /// How webhook requests are authenticated.
     pub auth: Auth,
+    /// sled's page cache size, in bytes.
     pub cache_bytes: u64,
+    /// When a write counts as done (see the store's durability modes).
     pub durability: Durability,
     /// Largest accepted webhook body; Twilio's own bodies are a few KiB.
     pub max_body_bytes: usize,
@@ -87,6 +93,7 @@ pub struct Config {
     /// Loop guard: at most this many replies per conversation per window
     /// (0 disables it).
     pub loop_max_replies: usize,
+    /// The window, in seconds, that `loop_max_replies` counts over.
     pub loop_window_secs: i64,
     /// Put `action`/`statusCallback` on replies so their delivery is tracked.
     pub track_delivery: bool,
@@ -95,20 +102,21 @@ pub struct Config {
     /// Age after which dedupe records, delivery records and ended
     /// conversations are purged (0 keeps everything).
     pub retention_days: u64,
+    /// How often the purge of old records runs.
     pub purge_interval: Duration,
 }
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// A shorter admin token is refused: it guards every message of every
 /// sender, and a guessable one would give them away.
-pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
-pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+pub(crate) const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+pub(crate) const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// Twilio sends its whole request at once; a few seconds is generous.
-pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// Longer than the 60 s idle timeout of common proxies and load balancers,
 /// so that they close a pooled connection first and never send a request
 /// on one we are closing.
-pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
+pub(crate) const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
 
 impl Config {
     /// Settings for tests and examples: port 0, the given dirs, a token.
@@ -144,33 +152,34 @@ impl Config {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub listen: Option<String>,
-    pub public_url: Option<String>,
-    pub flows: Option<PathBuf>,
-    pub data: Option<PathBuf>,
-    pub cache_mb: Option<u64>,
-    pub durability: Option<Durability>,
-    pub max_body_bytes: Option<usize>,
-    pub request_timeout_ms: Option<u64>,
-    pub max_connections: Option<usize>,
-    pub header_read_timeout_ms: Option<u64>,
-    pub idle_timeout_ms: Option<u64>,
-    pub interrupt_keywords: Option<Vec<String>>,
-    pub watch: Option<bool>,
-    pub require_tests: Option<bool>,
-    pub stop_keywords: Option<Vec<String>>,
-    pub start_keywords: Option<Vec<String>>,
-    pub help_keywords: Option<Vec<String>>,
-    pub help_text: Option<String>,
-    pub loop_max_replies: Option<usize>,
-    pub loop_window_secs: Option<i64>,
-    pub track_delivery: Option<bool>,
-    pub admin_token: Option<String>,
-    pub retention_days: Option<u64>,
-    pub purge_interval_secs: Option<u64>,
+    pub(crate) listen: Option<String>,
+    pub(crate) public_url: Option<String>,
+    pub(crate) flows: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
+    pub(crate) cache_mb: Option<u64>,
+    pub(crate) durability: Option<Durability>,
+    pub(crate) max_body_bytes: Option<usize>,
+    pub(crate) request_timeout_ms: Option<u64>,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) header_read_timeout_ms: Option<u64>,
+    pub(crate) idle_timeout_ms: Option<u64>,
+    pub(crate) interrupt_keywords: Option<Vec<String>>,
+    pub(crate) watch: Option<bool>,
+    pub(crate) require_tests: Option<bool>,
+    pub(crate) stop_keywords: Option<Vec<String>>,
+    pub(crate) start_keywords: Option<Vec<String>>,
+    pub(crate) help_keywords: Option<Vec<String>>,
+    pub(crate) help_text: Option<String>,
+    pub(crate) loop_max_replies: Option<usize>,
+    pub(crate) loop_window_secs: Option<i64>,
+    pub(crate) track_delivery: Option<bool>,
+    pub(crate) admin_token: Option<String>,
+    pub(crate) retention_days: Option<u64>,
+    pub(crate) purge_interval_secs: Option<u64>,
 }
 
 impl FileConfig {
+    /// Reads and parses the TOML config file at `path`.
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
@@ -204,15 +213,16 @@ impl FileConfig {
 /// Values from flags and environment (already merged by clap).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    pub listen: Option<String>,
-    pub public_url: Option<String>,
-    pub flows: Option<PathBuf>,
-    pub data: Option<PathBuf>,
-    pub cache_mb: Option<u64>,
-    pub durability: Option<Durability>,
+    pub(crate) listen: Option<String>,
+    pub(crate) public_url: Option<String>,
+    pub(crate) flows: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
+    pub(crate) cache_mb: Option<u64>,
+    pub(crate) durability: Option<Durability>,
+    /// Accept unsigned webhooks (`--insecure-no-signature`).
     pub insecure: bool,
-    pub no_watch: bool,
-    pub require_tests: bool,
+    pub(crate) no_watch: bool,
+    pub(crate) require_tests: bool,
 }
 
 /// Merge flags/env over the file over defaults, and validate.

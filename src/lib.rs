@@ -17,6 +17,19 @@
 //!                           reload ────┘ (ArcSwap<FlowSet>)
 //! ```
 //!
+//! # The public API
+//!
+//! The library offers the Twilio wire types and [`twilio::RequestValidator`]
+//! ([`twilio`]), the flow engine, loader and transcript format ([`flow`]),
+//! the author tools and transcript runner ([`author`]), the store contract
+//! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
+//! the integration tests and the examples build on ([`app::App`],
+//! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
+//! [`messages`], [`compliance`], [`telemetry`], [`admin_client`]). Every
+//! public item is documented (`missing_docs` is on); everything else
+//! (`http`, `metrics`, `clock`, `versioned`, and items not named above) is
+//! crate-private.
+//!
 //! # Code map (each module owns one outside world)
 //!
 //! - [`twilio`]: the wire format. Form decoding, `RequestValidator`,
@@ -62,7 +75,7 @@
 //!   engine, not axum.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
-//! - [`http`]: axum router, request checks, error-to-status mapping. Its
+//! - `http`: axum router, request checks, error-to-status mapping. Its
 //!   `serve` (src/http/serve.rs) is the accept loop: header-read and idle
 //!   timeouts, and at most `max_connections`, closing the longest-idle
 //!   connection to make room for a new one.
@@ -81,15 +94,15 @@
 //! - [`app`]: the composition root. `App::build` wires config, store,
 //!   flows, pipeline, reloader and router together; it uses every module
 //!   and no module uses it (only `main`, the tests and the examples).
-//! - [`versioned`]: the encoding of every JSON record stored (`"v"` first,
+//! - `versioned`: the encoding of every JSON record stored (`"v"` first,
 //!   decode by version, migrate on read).
-//! - [`clock`]: the wall clock, read in one place (the engine is given
+//! - `clock`: the wall clock, read in one place (the engine is given
 //!   time).
 //! - [`config`]: flags, environment and the TOML file merged into one
 //!   validated `Config`; [`config::SETTINGS`] is the one table of settings
 //!   (file keys, help, defaults) that `serve --help` and `smsflow config`
 //!   are generated from.
-//! - [`admin_client`], [`cli`], [`telemetry`], [`metrics`]: process
+//! - [`admin_client`], [`cli`], [`telemetry`], `metrics`: process
 //!   plumbing.
 //!
 //! # Invariants
@@ -149,20 +162,22 @@
 //! store's "Format versions"), never a field that old records lack
 //! silently.
 
+#![warn(missing_docs)]
+
 pub mod admin_client;
 pub mod app;
 pub mod author;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod compliance;
 pub mod config;
 pub mod flow;
-pub mod http;
+pub(crate) mod http;
 pub mod messages;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod pipeline;
 pub mod reload;
 pub mod store;
 pub mod telemetry;
 pub mod twilio;
-pub mod versioned;
+pub(crate) mod versioned;

@@ -13,18 +13,24 @@ use crate::store::{Store, StoreError};
 pub struct MessageView {
     /// "inbound" or "outbound".
     pub direction: String,
+    /// The MessageSid.
     pub sid: String,
     /// Unix seconds: when we answered (inbound) or the last status update.
     pub at: i64,
+    /// The sender's number, if known.
     pub from: Option<String>,
+    /// The recipient's number, if known.
     pub to: Option<String>,
     /// Inbound: our outcome (`reply`, `silence:<reason>`). Outbound: the
     /// latest delivery status.
     pub status: String,
+    /// Twilio's `ErrorCode` for a failed delivery (outbound).
     pub error_code: Option<String>,
     /// Outbound: the inbound message this reply answered.
     pub inbound_sid: Option<String>,
+    /// The flow that produced the answer, if any.
     pub flow: Option<String>,
+    /// The step within `flow`, if any.
     pub step: Option<String>,
 }
 
@@ -36,12 +42,14 @@ pub struct Filter {
     /// Matches the status exactly, or the outcome prefix for inbound rows
     /// (`silence` matches every `silence:<reason>`).
     pub status: Option<String>,
+    /// At most this many rows (newest first); the default is 50, at most 1000.
     pub limit: Option<usize>,
 }
 
-pub const DEFAULT_LIMIT: usize = 50;
-pub const MAX_LIMIT: usize = 1000;
+pub(crate) const DEFAULT_LIMIT: usize = 50;
+pub(crate) const MAX_LIMIT: usize = 1000;
 
+/// The rows of the message log in `store` that match `filter`, newest first.
 pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, StoreError> {
     let mut rows: Vec<MessageView> = store
         .inbound_log()?

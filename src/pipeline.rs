@@ -32,6 +32,7 @@ use locks::KeyLocks;
 /// What the HTTP layer sends back for one inbound webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
+    /// The TwiML document to answer with.
     pub twiml: String,
     /// `reply` or `silence:<reason>`, for logs.
     pub outcome: String,
@@ -44,6 +45,7 @@ pub struct Answer {
 /// and the engine's events).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detailed {
+    /// What goes back on the wire.
     pub answer: Answer,
     /// The replies sent (empty for silence and for duplicates).
     pub replies: Vec<Reply>,
@@ -114,11 +116,14 @@ pub type SharedFlows = Arc<ArcSwap<FlowSet>>;
 /// Behaviour settings of the pipeline (from the server config).
 #[derive(Debug, Clone, Default)]
 pub struct PipelineOptions {
+    /// The flow engine's options.
     pub engine: EngineOptions,
+    /// Consent keywords and help text.
     pub compliance: ComplianceConfig,
     /// At most this many replies per conversation within `loop_window_secs`
     /// (0 disables the guard).
     pub loop_max_replies: usize,
+    /// The window, in seconds, that `loop_max_replies` counts over.
     pub loop_window_secs: i64,
     /// When set, replies carry `action` and `statusCallback` pointing at
     /// this URL (our `/twilio/status`), tagged with the inbound MessageSid
@@ -149,8 +154,11 @@ impl PipelineOptions {
 /// URL's query, which we wrote onto the reply).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplyLink {
+    /// The inbound MessageSid the reply answered.
     pub inbound_sid: Option<String>,
+    /// The flow that produced the reply.
     pub flow: Option<String>,
+    /// The step that produced the reply.
     pub step: Option<String>,
 }
 
@@ -205,6 +213,7 @@ struct Decided {
 }
 
 impl<S: Store> Pipeline<S> {
+    /// A pipeline over `store` and the live `flows`, with `options`.
     pub fn new(
         store: Arc<S>,
         flows: SharedFlows,
@@ -224,15 +233,16 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
+    /// The store messages are committed to.
     pub fn store(&self) -> &Arc<S> {
         &self.store
     }
 
-    pub fn flows(&self) -> &SharedFlows {
+    pub(crate) fn flows(&self) -> &SharedFlows {
         &self.flows
     }
 
-    pub fn loop_guard(&self) -> &LoopGuard {
+    pub(crate) fn loop_guard(&self) -> &LoopGuard {
         &self.loop_guard
     }
 

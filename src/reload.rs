@@ -30,35 +30,46 @@ use crate::metrics::Metrics;
 use crate::pipeline::{PipelineOptions, SharedFlows};
 
 /// Quiet period after the last file event before a reload starts.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// How often the watch is checked without any file event: it is moved to a
 /// replaced directory that no event announced (the parent itself replaced,
 /// an overflowed event queue), and a watch that could not be set up (an
 /// inotify limit) is retried. One `stat` each time.
-pub const RECHECK: Duration = Duration::from_secs(2);
+pub(crate) const RECHECK: Duration = Duration::from_secs(2);
 
 /// What a reload attempt did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadOutcome {
     /// A new version is live.
-    Swapped { version: String },
+    Swapped {
+        /// The version now live.
+        version: String,
+    },
     /// The files hash to the version already live.
     Unchanged,
     /// The new files have errors; the old set stays live.
-    Refused { errors: String },
+    Refused {
+        /// The diagnostics that refused the set.
+        errors: String,
+    },
 }
 
 /// What `/healthz` and `/status` report about the active flow set.
 #[derive(Debug, Clone, Default)]
 pub struct FlowStatus {
+    /// The live set's version (a hash of its files).
     pub version: String,
+    /// Unix seconds when it went live.
     pub loaded_at: i64,
+    /// The files it was loaded from.
     pub files: Vec<String>,
+    /// Why the last reload was refused, if it was.
     pub last_error: Option<String>,
     /// Whether edits to the flows directory are being picked up, and why
     /// not when they are not (see [`Reloader::watch`]).
     pub watching: bool,
+    /// Why edits are not picked up, when `watching` is false.
     pub watching_reason: Option<String>,
 }
 
@@ -118,7 +129,7 @@ impl Reloader {
     /// A reloader for `dir`, whose set (already loaded with
     /// [`load_checked`]) is live in `flows` as of now. Watches nothing
     /// until [`Reloader::watch`].
-    pub fn new(
+    pub(crate) fn new(
         dir: PathBuf,
         flows: SharedFlows,
         metrics: Arc<Metrics>,
@@ -187,7 +198,7 @@ impl Reloader {
     ///
     /// Never fails: a watch that cannot be set up (the directory is gone, an
     /// inotify limit) is reported on `/status`, `/metrics` and the log, and
-    /// retried every [`RECHECK`].
+    /// retried every `RECHECK`.
     pub fn watch(self: &Arc<Self>) -> WatchHandle {
         let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
         let dir = std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone());
@@ -287,7 +298,7 @@ impl Reloader {
     }
 
     /// Record that the directory is deliberately not watched.
-    pub fn not_watching(&self, reason: &str) {
+    pub(crate) fn not_watching(&self, reason: &str) {
         self.metrics.flows_watching.store(0, Ordering::Relaxed);
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.watching = false;
@@ -296,7 +307,7 @@ impl Reloader {
 
     /// Reload on every SIGHUP.
     #[cfg(unix)]
-    pub fn reload_on_sighup(self: &Arc<Self>) -> anyhow::Result<()> {
+    pub(crate) fn reload_on_sighup(self: &Arc<Self>) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
         let this = self.clone();

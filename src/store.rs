@@ -26,12 +26,11 @@
 //!   layout version byte (now 1); JSON records (the conversation inside it,
 //!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`], [`AuditRecord`], the
 //!   lines of `messages.jsonl`) start with `"v":N` (now 1), written and read
-//!   by [`crate::versioned`]. Records from before versions (version 0) have
+//!   by `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
 //!   and turns an older record into the current value (for JSON, one
-//!   [`Versioned::upgrade`](crate::versioned::Versioned::upgrade) step per
-//!   version); the record is rewritten in the current version the next time
+//!   `Versioned::upgrade` step per version); the record is rewritten in the current version the next time
 //!   it is written anyway. Nothing is rewritten in bulk at startup.
 //! - A record that does not decode, including one of a version newer than
 //!   this release reads (after a downgrade), is kept aside in `quarantine/`
@@ -109,6 +108,7 @@ pub use sled_store::SledStore;
 /// failure; they never carry user input.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Any other error reported by sled.
     #[error("storage backend error: {0}")]
     Backend(String),
     /// A read or write reached the disk and failed (a full disk, an I/O
@@ -119,6 +119,7 @@ pub enum StoreError {
     /// the caller's writes (which may then be lost).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The background flusher thread has stopped.
     #[error("storage flusher stopped")]
     FlusherGone,
 }
@@ -135,6 +136,7 @@ impl From<sled::Error> for StoreError {
 /// Everything one processed inbound message changes, written atomically.
 #[derive(Debug, Clone)]
 pub struct Commit<'a> {
+    /// The conversation the message belongs to.
     pub key: &'a ConvKey,
     /// The new conversation, or `None` when there is no state to keep.
     pub conversation: Option<&'a [u8]>,
@@ -143,17 +145,24 @@ pub struct Commit<'a> {
     /// The answers recorded before this message (from [`Store::load`],
     /// read under the conversation's lock); the new one is added to them.
     pub recent: &'a RecentAnswers,
+    /// The inbound MessageSid processed.
     pub message_sid: &'a str,
+    /// What we answered to it (replayed on a retry).
     pub processed: &'a Processed,
+    /// A consent change (STOP/START) to record with it, if any.
     pub consent: Option<ConsentChange>,
 }
 
 /// How many records a purge removed, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Purged {
+    /// Processed-message records removed.
     pub processed: usize,
+    /// Delivery status records removed.
     pub statuses: usize,
+    /// Status callback events removed.
     pub status_events: usize,
+    /// Idle conversations removed.
     pub conversations: usize,
 }
 
@@ -163,7 +172,10 @@ pub enum StatusUpdate {
     /// The callback advanced the status (or was the first one).
     Applied,
     /// An equal or later status was already stored; nothing changed.
-    Stale { current: String },
+    Stale {
+        /// The status already stored.
+        current: String,
+    },
 }
 
 /// The storage interface the pipeline relies on.
@@ -262,6 +274,7 @@ pub enum Durability {
 pub struct StoreConfig {
     /// sled page cache size in bytes.
     pub cache_bytes: u64,
+    /// When a write counts as done: fsynced before answering, or relaxed.
     pub durability: Durability,
     /// Opening gives up after this long (sled's recovery can spin over a
     /// damaged file).

@@ -5,7 +5,7 @@
 //! One event is one line, whatever the text in it. Anyone who can text the
 //! number chooses a message's body, and scripts may echo it into their
 //! errors, so every field value, the event's message included, is written
-//! through [`EscapedFields`]: a newline, carriage return, ESC or any other
+//! through `EscapedFields`: a newline, carriage return, ESC or any other
 //! control character cannot start a forged log line or drive the terminal.
 //! The rest of a line (time, level, target, span names) is our own text.
 
@@ -38,7 +38,7 @@ pub fn init_with_default(level: &str) {
 /// escaped by [`escape_into`]. Used for all fields, `%Display` ones too, so
 /// no call site has to remember which of its values came from a user.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct EscapedFields;
+pub(crate) struct EscapedFields;
 
 impl<'w> FormatFields<'w> for EscapedFields {
     fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
@@ -106,7 +106,7 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
 /// terminal escaped: `\n`, `\r` and `\t` as such, the other controls (C0,
 /// DEL, C1, ESC among them), the Unicode line and paragraph separators and
 /// the bidirectional overrides as `\u{…}`. Everything else is copied.
-pub fn escape_into(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+pub(crate) fn escape_into(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
     let mut plain = 0;
     for (i, c) in s.char_indices() {
         if !needs_escape(c) {

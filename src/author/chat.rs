@@ -18,6 +18,7 @@ use crate::pipeline::{Detailed, PipelineOptions};
 /// Settings for [`chat`].
 #[derive(Debug, Clone)]
 pub struct ChatOptions {
+    /// The flows directory to chat with.
     pub flows_dir: PathBuf,
     /// The sender's number.
     pub from: String,

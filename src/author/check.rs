@@ -12,7 +12,9 @@ use crate::flow;
 pub struct CheckSummary {
     /// Flow sets (directories) checked.
     pub sets: usize,
+    /// Errors found.
     pub errors: usize,
+    /// Warnings found.
     pub warnings: usize,
 }
 

@@ -10,7 +10,9 @@ use crate::flow::{EdgeTarget, FlowSet, Outline};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no flow named `{name}` (flows: {available})")]
 pub struct UnknownFlow {
+    /// The flow name asked for.
     pub name: String,
+    /// The flows there are, comma-separated.
     pub available: String,
 }
 

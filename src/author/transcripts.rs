@@ -34,6 +34,7 @@ pub struct Exchange {
 /// The result of running one transcript.
 #[derive(Debug, Clone)]
 pub struct TranscriptRun {
+    /// The transcript file.
     pub file: PathBuf,
     /// Every message sent, in order, with what it got.
     pub exchanges: Vec<Exchange>,
@@ -45,6 +46,7 @@ pub struct TranscriptRun {
 }
 
 impl TranscriptRun {
+    /// Whether the transcript ran without a failure.
     pub fn passed(&self) -> bool {
         self.failures.is_empty()
     }
@@ -224,7 +226,9 @@ fn block_on<T: Send>(future: impl Future<Output = anyhow::Result<T>> + Send) -> 
 /// What [`run_tests`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestSummary {
+    /// Transcripts that passed.
     pub passed: usize,
+    /// Transcripts that failed.
     pub failed: usize,
 }
 

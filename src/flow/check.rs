@@ -45,8 +45,11 @@ pub(crate) fn check(set: &SetInner, reserved: &ReservedWords, diags: &mut Vec<Di
 /// where a flow waits for one of them.
 #[derive(Debug, Clone)]
 pub struct ReservedWords {
+    /// Opt-out keywords.
     pub stop: Vec<String>,
+    /// Opt-in keywords.
     pub start: Vec<String>,
+    /// Help keywords.
     pub help: Vec<String>,
     /// End a waiting run; the message is then handled as new, so keyword
     /// replies still see them, but a route never does.
@@ -62,6 +65,7 @@ impl Default for ReservedWords {
 }
 
 impl ReservedWords {
+    /// The reserved words of the consent settings `consent` and the `interrupt` keywords.
     pub fn new(consent: &crate::compliance::ComplianceConfig, interrupt: &[String]) -> Self {
         ReservedWords {
             stop: consent.stop_keywords.clone(),

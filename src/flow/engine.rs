@@ -58,17 +58,24 @@ pub const MAX_BODY_CHARS: usize = limits::MAX_BODY_CHARS;
 /// One inbound message, as the caller parsed it.
 #[derive(Clone, Copy, Debug)]
 pub struct Inbound<'a> {
+    /// The sender's number.
     pub from: &'a str,
+    /// Our number that received the message.
     pub to: &'a str,
+    /// The message text, as received.
     pub body: &'a str,
+    /// Media URLs attached to the message.
     pub media: &'a [String],
+    /// Twilio's id of the message.
     pub message_sid: &'a str,
 }
 
 /// One outgoing message.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
+    /// The message text.
     pub body: String,
+    /// Media URLs to attach.
     pub media: Vec<String>,
     /// The flow step that said it; `None` for a keyword's or the
     /// `default:` reply (and for a message read back from TwiML). One
@@ -79,7 +86,9 @@ pub struct Reply {
 /// A step of a flow (`on_message` for a script flow).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepRef {
+    /// The flow's name.
     pub flow: String,
+    /// The step's name within the flow.
     pub step: String,
 }
 
@@ -129,13 +138,17 @@ pub struct Conversation {
 /// A flow in progress, parked at a step that waits for a reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
+    /// The flow that is running.
     pub flow: String,
+    /// The step it waits at.
     pub step: String,
     /// Run variables: cleared whenever a flow starts.
     pub vars: BTreeMap<String, String>,
     /// Unmatched replies so far at this step.
     pub retries: u32,
+    /// Unix seconds when the flow started.
     pub started_at: i64,
+    /// Unix seconds of the last message handled in this run.
     pub last_active: i64,
 }
 
@@ -151,6 +164,7 @@ pub struct EngineOptions {
 /// The result of [`handle`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Handled {
+    /// What to answer.
     pub outcome: Outcome,
     /// The conversation to store (contact fields and the run, if any).
     pub conversation: Conversation,
@@ -166,38 +180,74 @@ pub struct Handled {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The active run was idle longer than its flow's `expire_after`.
-    Expired { flow: String },
+    Expired {
+        /// The flow whose run expired.
+        flow: String,
+    },
     /// The run's flow or step no longer exists (flows were edited).
-    StaleStep { flow: String, step: String },
+    StaleStep {
+        /// The run's flow.
+        flow: String,
+        /// The step it was parked at.
+        step: String,
+    },
     /// An interrupt keyword ended the active run.
-    Interrupted { keyword: String },
+    Interrupted {
+        /// The interrupt keyword received.
+        keyword: String,
+    },
     /// A flow started (trigger, keyword or `flow:`).
-    Triggered { flow: String },
+    Triggered {
+        /// The flow that started.
+        flow: String,
+    },
     /// More than [`MAX_TRANSITIONS`] steps ran for one message.
-    StepLimit { flow: String },
+    StepLimit {
+        /// The flow that was stopped.
+        flow: String,
+    },
     /// A keyword-file keyword answered.
-    Keyword { keyword: String },
+    Keyword {
+        /// The keyword that answered.
+        keyword: String,
+    },
     /// The `default:` reply answered.
     DefaultReply,
     /// No route matched; the step asked again.
     Retried {
+        /// The flow that is running.
         flow: String,
+        /// The step that asked again.
         step: String,
+        /// Which retry this is (1 for the first).
         attempt: u32,
     },
     /// The retry limit ran out.
-    GaveUp { flow: String, step: String },
+    GaveUp {
+        /// The flow that gave up.
+        flow: String,
+        /// The step whose retries ran out.
+        step: String,
+    },
     /// Replies beyond [`MAX_REPLIES`] were dropped.
-    RepliesDropped { count: usize },
+    RepliesDropped {
+        /// How many replies were dropped.
+        count: usize,
+    },
     /// A script or Rhai expression failed (error, limit, time budget, or a
     /// return value the engine cannot use): the flow's fallback answered
     /// and the conversation was left as it was. `line` and `column` are 0
     /// when the error has no position.
     ScriptError {
+        /// The flow the script belongs to.
         flow: String,
+        /// The file the error is in.
         file: PathBuf,
+        /// Its line (1-based, 0 when unknown).
         line: usize,
+        /// Its column (1-based, 0 when unknown).
         column: usize,
+        /// What went wrong.
         message: String,
     },
 }

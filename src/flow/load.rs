@@ -70,7 +70,9 @@ pub const DEFAULT_EXPIRE_SECS: i64 = 24 * 3600;
 /// A successfully loaded set plus the warnings worth showing.
 #[derive(Debug)]
 pub struct Loaded {
+    /// The validated flow set.
     pub set: FlowSet,
+    /// Warnings found while loading (no errors: those refuse the set).
     pub warnings: Vec<Diagnostic>,
 }
 

@@ -42,13 +42,11 @@ pub(crate) use load::parse_duration;
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
-pub use outline::{Edge, EdgeTarget, Outline, OutlineStep};
-pub use segments::{count as count_segments, Encoding, Segments};
+pub(crate) use outline::{EdgeTarget, Outline};
 pub use transcript::{
-    assertion_value, compare_replies, Line, ReplyLine, Transcript, TranscriptFailure,
-    TRANSCRIPT_EPOCH,
+    assertion_value, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
-pub(crate) use transcript::{escape, split_media, unescape};
+pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
 
 /// Why [`load_flows`] refused a flows directory.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +63,9 @@ pub enum LoadError {
         diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
     )]
     Invalid {
+        /// The flows directory.
         dir: std::path::PathBuf,
+        /// Every diagnostic, sorted by file and position.
         diagnostics: Vec<Diagnostic>,
     },
 }

@@ -46,10 +46,15 @@ impl fmt::Display for Severity {
 /// whole file or directory (it could not be read at all).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The file the problem is in.
     pub file: PathBuf,
+    /// The line (1-based, 0 for a whole file).
     pub line: usize,
+    /// The column (1-based, 0 for a whole file).
     pub column: usize,
+    /// Whether it refuses the set or only warns.
     pub severity: Severity,
+    /// What is wrong, for the flow author.
     pub message: String,
 }
 

@@ -62,7 +62,7 @@ pub enum EdgeTarget {
 
 impl FlowSet {
     /// The outline of flow `name`, or `None` when the set has no such flow.
-    pub fn outline(&self, name: &str) -> Option<Outline> {
+    pub(crate) fn outline(&self, name: &str) -> Option<Outline> {
         let set = &self.inner;
         let flow = set.flows.get(name)?;
 

@@ -2,15 +2,15 @@
 //!
 //! Operators write whole flows as `.rhai` scripts and embed Rhai expressions in
 //! YAML flows (branch conditions, computed values). Both run here, inside a
-//! single [`Sandbox`] whose engine is configured once, in [`Sandbox::new`], with
+//! single `Sandbox` whose engine is configured once, in `Sandbox::new`, with
 //! every limit the product promises: operations, call depth, expression depth,
 //! string/array/map sizes (map keys included, and checked before a value is
 //! built wherever Rhai would only check after), a wall-clock budget per
 //! message, no `eval`, no `sleep`, no real clock, and imports only from the
 //! flows directory, by paths written in the script.
 //!
-//! Values cross the boundary as plain Rust data ([`ScriptInput`],
-//! [`ExprContext`], JSON state in, [`ScriptOutput`] out), so callers never see
+//! Values cross the boundary as plain Rust data (`ScriptInput`,
+//! `ExprContext`, JSON state in, `ScriptOutput` out), so callers never see
 //! a Rhai type. This module knows nothing of HTTP, sled, Twilio's wire format
 //! or YAML, and it never reads the clock to decide what time it is: the
 //! message's time is passed in. (It does read a monotonic `Instant`, but only
@@ -40,7 +40,7 @@
 //! The return value is the reply: a string (one message), an array of strings
 //! and/or maps (up to 10 messages), a map `#{ body: "..", media: ["https://.."] }`
 //! (a message with media), or `()` (silence). An empty array is also silence.
-//! Anything else is a [`ScriptError::BadReturn`]. State must stay a map of
+//! Anything else is a `ScriptError::BadReturn`. State must stay a map of
 //! JSON-compatible values (strings, numbers, bools, `()`, arrays, maps).
 //!
 //! Top-level statements of a script (imports, constants) run before every
@@ -48,7 +48,7 @@
 //!
 //! # Where things are
 //!
-//! This file builds the engine ([`Sandbox::new`]) and compiles and runs
+//! This file builds the engine (`Sandbox::new`) and compiles and runs
 //! script flows. The rest follows the "Rhai" sections of flows/README.md:
 //!
 //! - `expr`: Rhai in YAML flows (`when:`, `{{= }}`);
@@ -56,7 +56,7 @@
 //! - `modules`: `import` and the flows-directory resolver;
 //! - `limits`: [`Limits`] and the fixed bounds; `bounded`: the standard
 //!   functions replaced to refuse before they build an oversized value;
-//! - `errors`: [`ScriptError`] and Rhai positions to `file:line:column`;
+//! - `errors`: `ScriptError` and Rhai positions to `file:line:column`;
 //! - `values`: the message, state and replies across the boundary;
 //! - `run`: the per-run state (start time, `now()`, random stream) the
 //!   shared engine's callbacks read.
@@ -85,10 +85,9 @@ use rhai::packages::{
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 use serde_json::Value;
 
-pub use errors::ScriptError;
-pub use expr::{Expr, ExprContext};
-pub use helpers::{format_date, format_time, weekday};
-pub use limits::{Limits, MAX_MAP_KEY_BYTES};
+pub(crate) use errors::ScriptError;
+pub(crate) use expr::{Expr, ExprContext};
+pub use limits::Limits;
 
 use bounded::bound_builtins;
 use errors::{compile_error, describe, locate_entry_point, lowercase_first, runtime_error, Origin};
@@ -99,19 +98,19 @@ use run::{catch_engine_panic, current_file, run_over_budget, RunGuard, RunState}
 use values::{json_object_to_map, message_map, replies_from, state_from, state_over_limits};
 
 /// The function every script flow must define.
-pub const ENTRY_POINT: &str = "on_message";
+pub(crate) const ENTRY_POINT: &str = "on_message";
 
 /// Most replies a script may return for one message (Twilio's per-response
 /// `<Message>` limit).
-pub const MAX_REPLIES: usize = crate::twilio::limits::MAX_MESSAGES;
+pub(crate) const MAX_REPLIES: usize = crate::twilio::limits::MAX_MESSAGES;
 
 /// Most media URLs one reply may carry (Twilio's per-message limit).
-pub const MAX_MEDIA: usize = crate::twilio::limits::MAX_MEDIA;
+pub(crate) const MAX_MEDIA: usize = crate::twilio::limits::MAX_MEDIA;
 
 /// A compiled script flow. Cheap to clone and shared across threads: compile
 /// once per load, run for every message.
 #[derive(Clone)]
-pub struct Script {
+pub(crate) struct Script {
     ast: Arc<AST>,
     file: Arc<Path>,
     /// Where `fn on_message` is defined: Rhai reports limit errors raised
@@ -135,7 +134,7 @@ impl fmt::Debug for Script {
 
 /// The message a script flow is run for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScriptInput {
+pub(crate) struct ScriptInput {
     pub body: String,
     pub from: String,
     pub to: String,
@@ -148,7 +147,7 @@ pub struct ScriptInput {
 
 /// What a script run produced.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ScriptOutput {
+pub(crate) struct ScriptOutput {
     /// At most [`MAX_REPLIES`]; empty exactly when `silence` is set.
     pub replies: Vec<ScriptReply>,
     /// The conversation state to persist.
@@ -161,7 +160,7 @@ pub struct ScriptOutput {
 
 /// One outgoing message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScriptReply {
+pub(crate) struct ScriptReply {
     pub body: String,
     pub media: Vec<String>,
 }
@@ -169,7 +168,7 @@ pub struct ScriptReply {
 /// The sandboxed Rhai engine. Build one per flow set (or per process) and
 /// share it: it is `Send + Sync`, and runs on many threads at once keep their
 /// per-run data (start time, `now()`, random seed) in thread-locals.
-pub struct Sandbox {
+pub(crate) struct Sandbox {
     /// The one engine, configured once; never mutated after `new`.
     engine: Engine,
     limits: Limits,
@@ -238,11 +237,6 @@ impl Sandbox {
         register_helpers(&mut engine);
 
         Sandbox { engine, limits }
-    }
-
-    /// The limits this sandbox enforces.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     /// Starts the wall-clock budget of one message. Each run or evaluation
@@ -414,7 +408,7 @@ impl Sandbox {
 /// The wall-clock budget of one message, shared by every script run and
 /// expression evaluated for it. See [`Sandbox::message_budget`].
 #[derive(Debug, Clone, Copy)]
-pub struct MessageBudget {
+pub(crate) struct MessageBudget {
     started: Instant,
     budget: Duration,
 }

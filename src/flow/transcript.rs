@@ -27,8 +27,11 @@ pub const TRANSCRIPT_EPOCH: i64 = 1_700_000_000;
 /// Why a transcript did not pass: where, and what differed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TranscriptFailure {
+    /// The transcript file.
     pub file: PathBuf,
+    /// The line of the failure (1-based, 0 for the whole file).
     pub line: usize,
+    /// What differed or went wrong.
     pub message: String,
 }
 
@@ -44,6 +47,7 @@ impl std::error::Error for TranscriptFailure {}
 /// reason.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyLine {
+    /// A reply that was (or is expected to be) sent.
     Reply(Reply),
     /// `None` in an expectation accepts any reason.
     Silence(Option<String>),
@@ -84,8 +88,11 @@ pub enum Line {
     /// `> text`: the sender texts this; `expect` holds the `<` lines that
     /// follow it (never empty).
     Send {
+        /// The text sent.
         body: String,
+        /// Media URLs sent with it.
         media: Vec<String>,
+        /// The replies expected, in order.
         expect: Vec<ReplyLine>,
     },
     /// `@ wait 3h`: advance the virtual clock by this many seconds.
@@ -99,13 +106,20 @@ pub enum Line {
     /// `@ to NUMBER`: later messages go to this one of our numbers.
     To(String),
     /// `? what = value`.
-    Assert { what: String, value: String },
+    Assert {
+        /// What is checked: `contact.x`, `var.x` or `step`.
+        what: String,
+        /// The value it must have.
+        value: String,
+    },
 }
 
 /// A parsed `.chat` file.
 #[derive(Debug, Clone)]
 pub struct Transcript {
+    /// The sender's number (`from:` header, or a default).
     pub from: String,
+    /// Our number (`to:` header, or a default).
     pub to: String,
     /// `interrupt:` header: replaces the configured interrupt keywords.
     pub interrupt: Option<Vec<String>>,

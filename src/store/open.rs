@@ -21,18 +21,32 @@ pub enum OpenError {
         "another process holds the lock on {}: is another smsflow using this data directory?",
         path.display()
     )]
-    Locked { path: PathBuf },
+    /// The data directory is locked by another process.
+    Locked {
+        /// The locked database directory.
+        path: PathBuf,
+    },
     #[error(
         "permission denied on {}: the user running smsflow must be able to read and write \
          the data directory and everything in it",
         path.display()
     )]
-    PermissionDenied { path: PathBuf },
+    /// The data directory cannot be read or written by this user.
+    PermissionDenied {
+        /// The path that was refused.
+        path: PathBuf,
+    },
     #[error(
         "the database in {} is damaged ({detail}): restore the directory from a backup",
         dir.display()
     )]
-    Damaged { dir: PathBuf, detail: String },
+    /// sled reports the database as corrupt.
+    Damaged {
+        /// The data directory.
+        dir: PathBuf,
+        /// sled's description of the damage.
+        detail: String,
+    },
     #[error(
         "the database in {} lost data that was on disk (it recovered up to flush marker \
          {recovered}, but marker {expected} had been checkpointed): restore the directory \
@@ -41,9 +55,13 @@ pub enum OpenError {
         dir.display(),
         dir.display()
     )]
+    /// The database recovered to an older flush than the checkpoint records.
     LostData {
+        /// The data directory.
         dir: PathBuf,
+        /// The flush marker the database recovered up to.
         recovered: u64,
+        /// The flush marker the checkpoint says was on disk.
         expected: u64,
     },
     #[error(
@@ -51,13 +69,29 @@ pub enum OpenError {
          looping over a damaged file); restore the directory from a backup",
         dir.display()
     )]
-    TimedOut { dir: PathBuf, secs: u64 },
+    /// Opening did not finish within the configured time.
+    TimedOut {
+        /// The data directory.
+        dir: PathBuf,
+        /// The time allowed, in seconds.
+        secs: u64,
+    },
+    /// The directory holds something this build cannot use.
     #[error("the database in {} cannot be used: {detail}", dir.display())]
-    Unsupported { dir: PathBuf, detail: String },
+    Unsupported {
+        /// The data directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A file operation on the data directory failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
+        /// What was being done ("creating", "reading", ...).
         what: &'static str,
+        /// The file or directory involved.
         path: PathBuf,
+        /// The underlying error.
         source: io::Error,
     },
 }

@@ -11,11 +11,14 @@ use crate::versioned::{self, Versioned};
 /// The conversation key: one conversation per (our number, their number).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConvKey {
+    /// Our number (Twilio's `To`).
     pub to: String,
+    /// The sender's number (Twilio's `From`).
     pub from: String,
 }
 
 impl ConvKey {
+    /// The key of the conversation between our number `to` and the sender `from`.
     pub fn new(to: impl Into<String>, from: impl Into<String>) -> Self {
         ConvKey {
             to: to.into(),
@@ -46,11 +49,13 @@ pub struct Processed {
     /// Sender and our number, for the message log.
     #[serde(default)]
     pub from: String,
+    /// Our number the message was sent to.
     #[serde(default)]
     pub to: String,
     /// The flow and step that produced the answer, if any.
     #[serde(default)]
     pub flow: Option<String>,
+    /// The step within `flow` that produced the answer, if any.
     #[serde(default)]
     pub step: Option<String>,
 }
@@ -58,11 +63,15 @@ pub struct Processed {
 /// The latest known delivery status of a message we sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryStatus {
+    /// Twilio's status name (`delivered`, `failed`, ...).
     pub status: String,
     /// Rank of `status`; a callback only replaces a record of lower rank.
     pub rank: u8,
+    /// Twilio's `ErrorCode`, when delivery failed.
     pub error_code: Option<String>,
+    /// The recipient of the message we sent.
     pub to: Option<String>,
+    /// The number we sent it from.
     pub from: Option<String>,
     /// Unix seconds of the last accepted update.
     pub updated_at: i64,
@@ -70,8 +79,10 @@ pub struct DeliveryStatus {
     /// that produced it (from the callback URL we put on the reply).
     #[serde(default)]
     pub inbound_sid: Option<String>,
+    /// The flow that produced the reply, if known.
     #[serde(default)]
     pub flow: Option<String>,
+    /// The step within `flow` that produced the reply, if known.
     #[serde(default)]
     pub step: Option<String>,
 }
@@ -79,8 +90,11 @@ pub struct DeliveryStatus {
 /// One status callback as received (the delivery log keeps all of them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusEvent {
+    /// Twilio's status name in this callback.
     pub status: String,
+    /// Twilio's `ErrorCode` in this callback, if any.
     pub error_code: Option<String>,
+    /// Unix seconds when the callback was received.
     pub at: i64,
 }
 
@@ -88,29 +102,39 @@ pub struct StatusEvent {
 /// Service: the scope Twilio applies opt-outs to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OptOut {
+    /// Whether the number is opted out.
     pub opted_out: bool,
+    /// Unix seconds of the last change.
     pub at: i64,
 }
 
 /// One consent change, kept for audit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// Unix seconds of the change.
     pub at: i64,
+    /// Our number or Messaging Service the change applies to.
     pub scope: String,
+    /// The sender's number.
     pub number: String,
     /// "opt_out" or "opt_in".
     pub action: String,
     /// What caused it: the keyword, `OptOutType=STOP`, or `error 21610`.
     pub cause: String,
+    /// The inbound MessageSid that caused the change.
     pub message_sid: String,
 }
 
 /// A consent change to write with a commit or on its own.
 #[derive(Debug, Clone)]
 pub struct ConsentChange {
+    /// Our number or Messaging Service the change applies to.
     pub scope: String,
+    /// The sender's number.
     pub number: String,
+    /// The new consent state.
     pub state: OptOut,
+    /// The audit entry recorded with it.
     pub audit: AuditRecord,
 }
 
@@ -118,9 +142,13 @@ pub struct ConsentChange {
 /// in the conversation record so a retried webhook replays it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecentAnswer {
+    /// The inbound MessageSid answered.
     pub sid: String,
+    /// The exact TwiML document we answered with.
     pub twiml: String,
+    /// Short outcome label for logs.
     pub outcome: String,
+    /// Unix seconds when it was answered.
     pub at: i64,
 }
 
@@ -130,6 +158,7 @@ pub struct RecentAnswer {
 /// minutes and the last 8 messages leave a wide margin while keeping the
 /// record small: it is read and rewritten on every message.
 pub const DEDUPE_WINDOW_SECS: i64 = 600;
+/// At most this many recent answers are kept per conversation.
 pub const DEDUPE_MAX_ANSWERS: usize = 8;
 
 /// A conversation record as stored (any version, decoded).
@@ -191,6 +220,7 @@ impl RecentAnswers {
         )
     }
 
+    /// How many answers are recorded.
     pub fn len(&self) -> usize {
         self.entries().count()
     }
@@ -201,6 +231,7 @@ impl RecentAnswers {
         self.entries().map(|e| e.4.len()).sum::<usize>() == self.0.len()
     }
 
+    /// Whether no answer is recorded.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

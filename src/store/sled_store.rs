@@ -144,6 +144,7 @@ impl SledStore {
         self.shared.checkpoint()
     }
 
+    /// The durability mode the store was opened with.
     pub fn durability(&self) -> Durability {
         self.shared.config.durability
     }

@@ -38,10 +38,16 @@ pub enum FormError {
     /// parameter name (lossily converted) so that logs can say which field;
     /// it is deliberately left out of the message.
     #[error("form field is not valid utf-8")]
-    InvalidUtf8 { name: String },
+    InvalidUtf8 {
+        /// The parameter name, lossily decoded.
+        name: String,
+    },
     /// More than [`MAX_FORM_PARAMS`] parameters.
     #[error("more than {max} parameters")]
-    TooManyParams { max: usize },
+    TooManyParams {
+        /// The limit that was exceeded.
+        max: usize,
+    },
 }
 
 /// Decodes a form body exactly.

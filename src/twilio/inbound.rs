@@ -22,8 +22,10 @@ const MAX_MEDIA: u32 = super::limits::MAX_MEDIA as u32;
 /// back in a 400 body.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ParamError {
+    /// A required parameter was absent or empty.
     #[error("missing parameter {0}")]
     Missing(&'static str),
+    /// A parameter did not have the expected form.
     #[error("invalid parameter {0}")]
     Invalid(&'static str),
 }
@@ -31,7 +33,9 @@ pub enum ParamError {
 /// One media item attached to an MMS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Media {
+    /// `MediaUrlN`: where Twilio serves the media.
     pub url: String,
+    /// `MediaContentTypeN`: its MIME type, if given.
     pub content_type: Option<String>,
 }
 
@@ -39,13 +43,21 @@ pub struct Media {
 /// values when it knows nothing (`ToCity=`), so empty becomes `None` here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Geo {
+    /// `FromCity`.
     pub from_city: Option<String>,
+    /// `FromState`.
     pub from_state: Option<String>,
+    /// `FromZip`.
     pub from_zip: Option<String>,
+    /// `FromCountry`.
     pub from_country: Option<String>,
+    /// `ToCity`.
     pub to_city: Option<String>,
+    /// `ToState`.
     pub to_state: Option<String>,
+    /// `ToZip`.
     pub to_zip: Option<String>,
+    /// `ToCountry`.
     pub to_country: Option<String>,
 }
 
@@ -55,10 +67,15 @@ pub struct Geo {
 /// leading space, and keyword matching does its own normalisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundMessage {
+    /// `MessageSid`: Twilio's id of this message (the dedupe key).
     pub message_sid: String,
+    /// `AccountSid`, if sent.
     pub account_sid: Option<String>,
+    /// `MessagingServiceSid`, when the number belongs to a Messaging Service.
     pub messaging_service_sid: Option<String>,
+    /// `From`: the sender's number.
     pub from: String,
+    /// `To`: our number that received the message.
     pub to: String,
     /// Empty when Twilio sent no `Body` (an MMS may carry media only).
     pub body: String,
@@ -68,9 +85,11 @@ pub struct InboundMessage {
     /// `MediaUrlN` is missing or empty is skipped rather than failing the
     /// whole message.
     pub media: Vec<Media>,
+    /// `NumSegments`: how many SMS segments the message arrived in.
     pub num_segments: Option<u32>,
     /// `STOP`, `START` or `HELP`, only with Advanced Opt-Out enabled.
     pub opt_out_type: Option<String>,
+    /// Twilio's geographic lookup of both numbers.
     pub geo: Geo,
     /// Every parameter as received, in order, repeats and unknown names kept.
     pub params: Params,

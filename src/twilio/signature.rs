@@ -40,6 +40,7 @@ impl fmt::Debug for RequestValidator {
 }
 
 impl RequestValidator {
+    /// A validator that checks signatures made with `auth_token`.
     pub fn new(auth_token: impl Into<String>) -> Self {
         RequestValidator {
             token: auth_token.into(),

@@ -24,18 +24,31 @@ use super::inbound::{message_sid, optional, ParamError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageStatus {
+    /// `queued`: accepted by Twilio, waiting to be sent.
     Queued,
+    /// `sending`: being handed to the carrier.
     Sending,
+    /// `sent`: accepted by the carrier.
     Sent,
+    /// `delivered`: the carrier confirmed delivery.
     Delivered,
+    /// `undelivered`: the carrier could not deliver it.
     Undelivered,
+    /// `failed`: Twilio could not send it.
     Failed,
+    /// `read`: the recipient read it (channels with read receipts).
     Read,
+    /// `receiving`: an inbound message being received.
     Receiving,
+    /// `received`: an inbound message that arrived.
     Received,
+    /// `accepted`: a Messaging Service accepted it.
     Accepted,
+    /// `scheduled`: scheduled to be sent later.
     Scheduled,
+    /// `canceled`: a scheduled message that was canceled.
     Canceled,
+    /// `partially_delivered`: some of its parts were delivered.
     PartiallyDelivered,
 }
 
@@ -45,6 +58,7 @@ pub enum MessageStatus {
 pub struct UnknownStatus;
 
 impl MessageStatus {
+    /// Every status, in declaration order.
     pub const ALL: [MessageStatus; 13] = [
         MessageStatus::Queued,
         MessageStatus::Sending,
@@ -142,14 +156,20 @@ impl fmt::Display for MessageStatus {
 /// A status callback for a message smsflow sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusCallback {
+    /// `MessageSid`: the message this callback is about.
     pub message_sid: String,
+    /// `MessageStatus`: its new status.
     pub status: MessageStatus,
     /// Twilio's error code (`21610`, `30003`, …) on `failed`/`undelivered`;
     /// an empty `ErrorCode` counts as none.
     pub error_code: Option<String>,
+    /// `To`: the recipient, if sent.
     pub to: Option<String>,
+    /// `From`: our sending number, if sent.
     pub from: Option<String>,
+    /// `AccountSid`, if sent.
     pub account_sid: Option<String>,
+    /// `MessagingServiceSid`, if sent.
     pub messaging_service_sid: Option<String>,
     /// Every parameter as received (`RawDlrDoneDate`, `ChannelPrefix`, …).
     pub params: Params,

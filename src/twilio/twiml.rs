@@ -31,13 +31,19 @@ pub const SILENCE: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>
 /// defaults (reply to the sender, from the number that received).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutMessage {
+    /// The message text (escaped when rendered).
     pub body: String,
     /// Media URLs, sent as `<Media>` nouns.
     pub media: Vec<String>,
+    /// The `to` attribute: the recipient, when not the sender.
     pub to: Option<String>,
+    /// The `from` attribute: the sending number, when not ours that received.
     pub from: Option<String>,
+    /// The `action` attribute: a URL Twilio calls after sending.
     pub action: Option<String>,
+    /// The `method` attribute: the HTTP method for `action`.
     pub method: Option<String>,
+    /// The `statusCallback` attribute: where Twilio posts delivery statuses.
     pub status_callback: Option<String>,
 }
 
@@ -54,11 +60,14 @@ impl OutMessage {
 /// A TwiML messaging verb.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verb {
+    /// A `<Message>`: one reply.
     Message(OutMessage),
     /// Hands the conversation to another TwiML URL. Verbs after it are
     /// unreachable for Twilio, but are rendered as given.
     Redirect {
+        /// The TwiML URL to hand over to.
         url: String,
+        /// The HTTP method for it, if not Twilio's default.
         method: Option<String>,
     },
 }

@@ -72,6 +72,7 @@ impl ScriptError {
     }
 
     /// The limit that was hit, if this is a [`ScriptError::Limit`].
+    #[cfg(test)]
     pub fn limit(&self) -> Option<&'static str> {
         match self {
             ScriptError::Limit { which, .. } => Some(which),
