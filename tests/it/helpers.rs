@@ -161,6 +161,18 @@ impl TestApp {
         self.post_form(path, params, Some(&sig)).await
     }
 
+    /// GET `path` (parameters in its query), signed as Twilio signs it:
+    /// the full URL, with no POST parameters.
+    pub async fn get_signed(&self, path: &str) -> Reply {
+        let sig = self.validator.compute(&self.signed_url(path), &[]);
+        self.raw(
+            self.client
+                .get(self.url(path))
+                .header("x-twilio-signature", sig),
+        )
+        .await
+    }
+
     /// Send an SMS from `from` with a fresh MessageSid.
     pub async fn send_sms(&self, from: &str, body: &str) -> Reply {
         self.send_sms_sid(from, body, &new_sid()).await

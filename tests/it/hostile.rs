@@ -3,8 +3,6 @@
 //! limit, forms with thousands of parameters, HEAD, and what slow clients
 //! leave in the log.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -12,6 +10,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use crate::helpers::*;
+use crate::process::spawn_server;
 
 const KEYWORDS: &str = "keywords:\n  HOURS: open\n";
 
@@ -336,14 +335,7 @@ async fn head_does_not_run_a_flow() {
     // GET itself still runs the flow.
     let sid = new_sid();
     let path = format!("/twilio/sms?{}", encode_form(&sms_params(me, "join", &sid)));
-    let sig = app.validator.compute(&app.signed_url(&path), &[]);
-    let r = app
-        .raw(
-            app.client
-                .get(app.url(&path))
-                .header("x-twilio-signature", sig),
-        )
-        .await;
+    let r = app.get_signed(&path).await;
     assert_eq!(bodies(&r.body), vec!["Hi! What's your name?"]);
 }
 
@@ -355,48 +347,30 @@ fn a_slow_client_cut_by_the_time_limit_is_a_warning_not_an_error() {
     std::fs::write(flows.join("k.yaml"), KEYWORDS).unwrap();
     let config = tmp.path().join("smsflow.toml");
     std::fs::write(&config, "request_timeout_ms = 300\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-watch"])
-        .arg("--flows")
-        .arg(&flows)
-        .arg("--data")
-        .arg(tmp.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("TWILIO_AUTH_TOKEN", TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn smsflow");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let server = spawn_server(
+        &flows,
+        &tmp.path().join("data"),
+        &["--no-watch", "--config", config.to_str().unwrap()],
+    );
     let next_line_with = |needle: &str| -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            let found = server
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
+            if let Some(line) = found {
+                return line;
             }
+            assert!(Instant::now() < deadline, "no log line with {needle:?}");
+            std::thread::sleep(Duration::from_millis(25));
         }
     };
-    let listening = next_line_with("addr=");
-    let addr: String = listening[listening.find("addr=").unwrap() + 5..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
 
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    let mut conn = std::net::TcpStream::connect(&server.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     std::io::Write::write_all(
@@ -412,6 +386,4 @@ fn a_slow_client_cut_by_the_time_limit_is_a_warning_not_an_error() {
     let line = next_line_with("request time limit exceeded");
     assert!(line.contains(" WARN "), "{line}");
     assert!(!line.contains("ERROR"), "{line}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -129,14 +129,7 @@ async fn get_webhook_signs_the_full_url() {
     let app = spawn_app(&[("keywords.yaml", KEYWORDS)]).await;
     let params = sms_params("+15557654321", "hours", &new_sid());
     let path = format!("/twilio/sms?{}", encode_form(&params));
-    let sig = app.validator.compute(&app.signed_url(&path), &[]);
-    let r = app
-        .raw(
-            app.client
-                .get(app.url(&path))
-                .header("x-twilio-signature", sig),
-        )
-        .await;
+    let r = app.get_signed(&path).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(bodies(&r.body), vec!["We're open 9-5"]);
 
