@@ -89,6 +89,20 @@ impl<'a> Sample<'a> {
             value,
         }
     }
+
+    /// Its HELP and TYPE lines, then its value.
+    fn write(&self, out: &mut String) {
+        let Sample {
+            name,
+            help,
+            kind,
+            value,
+        } = self;
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 /// All counters exported on `/metrics`.
@@ -190,16 +204,14 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            Sample::counter(name, help, value.load(Ordering::Relaxed)).write(&mut out);
         }
-        let name = "smsflow_flows_watching";
-        let _ = writeln!(
-            out,
-            "# HELP {name} 1 while flow file edits are picked up, 0 when not (see /status).\n\
-             # TYPE {name} gauge\n{name} {}",
-            self.flows_watching.load(Ordering::Relaxed)
-        );
+        Sample::gauge(
+            "smsflow_flows_watching",
+            "1 while flow file edits are picked up, 0 when not (see /status).",
+            self.flows_watching.load(Ordering::Relaxed),
+        )
+        .write(&mut out);
         let name = "smsflow_silences_total";
         let _ = writeln!(
             out,
@@ -219,14 +231,7 @@ impl Metrics {
         self.status_latency
             .render(&mut out, name, "endpoint=\"status\"");
         for s in samples {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}",
-                name = s.name,
-                help = s.help,
-                kind = s.kind,
-                value = s.value
-            );
+            s.write(&mut out);
         }
         out
     }

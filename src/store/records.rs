@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::versioned::{self, Versioned};
+use crate::versioned::Versioned;
 
 /// The conversation key: one conversation per (our number, their number).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -270,16 +270,8 @@ pub(super) fn prefixed(prefix: &[u8], rest: &str) -> Vec<u8> {
     k
 }
 
-/// A JSON record of any version this release reads, or why it does not
-/// decode (see [`crate::versioned`]).
-pub(super) fn decode<T: Versioned>(bytes: &[u8]) -> Result<T, String> {
-    versioned::decode(bytes)
-}
-
-/// A JSON record in the current version.
-pub(super) fn encode<T: Versioned>(record: &T) -> Vec<u8> {
-    versioned::encode(record)
-}
+// The store's JSON records are versioned (see `crate::versioned`).
+pub(super) use crate::versioned::{decode, encode};
 
 impl Versioned for DeliveryStatus {
     const KIND: &'static str = "delivery status";

@@ -364,6 +364,23 @@ impl Shared {
         }
     }
 
+    /// A conversation record, or (kept aside first, then `then`) an empty
+    /// one when it does not decode.
+    fn decode_or_keep_aside(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        then: &str,
+    ) -> Result<StoredConversation, StoreError> {
+        match decode_conv(value) {
+            Ok(stored) => Ok(stored),
+            Err(reason) => {
+                self.keep_aside(key, value, reason, then)?;
+                Ok(StoredConversation::default())
+            }
+        }
+    }
+
     fn count_change(&self, old: Option<&[u8]>, new: Option<&[u8]>) {
         let delta = i64::from(new.is_some_and(has_conversation))
             - i64::from(old.is_some_and(has_conversation));
@@ -464,14 +481,9 @@ impl Store for SledStore {
     fn load(&self, key: &ConvKey) -> Result<StoredConversation, StoreError> {
         let k = key.db_key();
         self.shared.with_db(|db| match db.get(&k)? {
-            Some(v) => match decode_conv(&v) {
-                Ok(stored) => Ok(stored),
-                Err(reason) => {
-                    self.shared
-                        .keep_aside(&k, &v, reason, "the conversation starts afresh")?;
-                    Ok(StoredConversation::default())
-                }
-            },
+            Some(v) => self
+                .shared
+                .decode_or_keep_aside(&k, &v, "the conversation starts afresh"),
             None => Ok(StoredConversation::default()),
         })
     }
@@ -759,14 +771,9 @@ impl Store for SledStore {
                 return Ok(false);
             };
             let (at, _) = conv_header(&v).unwrap_or_default();
-            let stored = match decode_conv(&v) {
-                Ok(stored) => stored,
-                Err(reason) => {
-                    self.shared
-                        .keep_aside(&k, &v, reason, "the conversation is deleted")?;
-                    StoredConversation::default()
-                }
-            };
+            let stored = self
+                .shared
+                .decode_or_keep_aside(&k, &v, "the conversation is deleted")?;
             let new = conv_value(at, true, None, &stored.recent);
             let old = db.insert(&k, new.as_slice())?;
             self.shared.count_change(old.as_deref(), Some(&new));
@@ -784,14 +791,11 @@ impl Store for SledStore {
         let k = key.db_key();
         self.shared.with_db(|db| {
             let recent = match db.get(&k)? {
-                Some(v) => match decode_conv(&v) {
-                    Ok(stored) => stored.recent,
-                    Err(reason) => {
-                        self.shared
-                            .keep_aside(&k, &v, reason, "the conversation is replaced")?;
-                        RecentAnswers::default()
-                    }
-                },
+                Some(v) => {
+                    self.shared
+                        .decode_or_keep_aside(&k, &v, "the conversation is replaced")?
+                        .recent
+                }
                 None => RecentAnswers::default(),
             };
             let new = conv_value(at, ended, Some(conversation), &recent);
