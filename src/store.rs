@@ -15,6 +15,7 @@
 //! | `o\0` | scope `\0` number | [`OptOut`]: current consent state |
 //! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
 //! | `m\0` | `marker` | the last flush marker, 8 bytes big-endian (see below) |
+//! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
 //!
 //! # Format versions
 //!
@@ -92,12 +93,14 @@ use serde::{Deserialize, Serialize};
 mod files;
 mod message_log;
 mod open;
+mod outbox;
 mod quarantine;
 mod records;
 mod sled_store;
 mod worker;
 
 pub use open::OpenError;
+pub use outbox::{OutboxEntry, OutboxState};
 pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
@@ -255,6 +258,15 @@ pub trait Store: Send + Sync + 'static {
         ended: bool,
         at: i64,
     ) -> Result<(), StoreError>;
+    /// Record messages to send on our own. An entry whose key is already
+    /// in the outbox is left as it is (whatever its state): enqueueing is
+    /// idempotent. Returns how many entries were new. Not yet durable: see
+    /// `flush`.
+    fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError>;
+    /// The outbox entry stored under `key`, if any.
+    fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError>;
+    /// Every outbox entry, by key.
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

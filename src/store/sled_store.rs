@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::message_log::{LogLine, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
+use super::outbox;
 use super::quarantine::{describe_key, Quarantine};
 use super::records::{
     conv_header, conv_value, decode, decode_conv, encode, has_conversation, prefixed, two_part,
@@ -18,8 +19,8 @@ use super::records::{
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Durability, Epoch, OptOut,
-    Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store, StoreConfig,
-    StoreError, StoreHealth, StoredConversation,
+    OutboxEntry, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store,
+    StoreConfig, StoreError, StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 
@@ -803,6 +804,49 @@ impl Store for SledStore {
             self.shared.count_change(old.as_deref(), Some(&new));
             Ok(())
         })
+    }
+
+    fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {
+        let mut new = 0;
+        self.shared.with_db(|db| {
+            for entry in entries {
+                let k = outbox::db_key(&entry.key);
+                let absent: Option<&[u8]> = None;
+                if db
+                    .compare_and_swap(&k, absent, Some(encode(entry)))?
+                    .is_ok()
+                {
+                    new += 1;
+                }
+            }
+            Ok(())
+        })?;
+        if new > 0 {
+            self.shared.wrote();
+        }
+        Ok(new)
+    }
+
+    fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        let k = outbox::db_key(key);
+        self.shared.with_db(|db| match db.get(&k)? {
+            Some(v) => match decode(&v) {
+                Ok(entry) => Ok(Some(entry)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, &reason, "the outbox entry is left unsent")?;
+                    Ok(None)
+                }
+            },
+            None => Ok(None),
+        })
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<OutboxEntry>(db, outbox::PREFIX))?;
+        Ok(rows.into_iter().map(|(_, entry)| entry).collect())
     }
 }
 

@@ -501,3 +501,45 @@ fn open_failures_name_their_cause() {
         .expect("times out");
     assert!(matches!(err, OpenError::TimedOut { .. }), "{err}");
 }
+
+fn outbox_entry(key: &str, body: &str) -> OutboxEntry {
+    OutboxEntry {
+        key: key.into(),
+        to: "+15551230001".into(),
+        from: "+15550001111".into(),
+        messaging_service_sid: None,
+        body: body.into(),
+        media: Vec::new(),
+        cause: "timeout".into(),
+        flow: Some("appointment".into()),
+        step: Some("confirm".into()),
+        created_at: 100,
+        due_at: 100,
+        state: OutboxState::Pending {
+            not_before: 100,
+            attempts: 0,
+        },
+    }
+}
+
+#[test]
+fn enqueueing_a_key_twice_keeps_the_first_entry() {
+    let (dir, store) = open();
+    let first = outbox_entry("k1", "first");
+    assert_eq!(
+        store
+            .enqueue_outbound(std::slice::from_ref(&first))
+            .unwrap(),
+        1
+    );
+    let again = [outbox_entry("k1", "second"), outbox_entry("k2", "other")];
+    assert_eq!(store.enqueue_outbound(&again).unwrap(), 1);
+    assert_eq!(store.outbound("k1").unwrap(), Some(first.clone()));
+    store.flush_blocking().unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+    let keys: Vec<_> = store.outbox().unwrap().into_iter().map(|e| e.key).collect();
+    assert_eq!(keys, ["k1", "k2"]);
+    assert_eq!(store.outbound("k1").unwrap(), Some(first));
+    assert_eq!(store.outbound("k3").unwrap(), None);
+}
