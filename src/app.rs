@@ -17,6 +17,7 @@ use crate::clock::unix_now;
 use crate::config::{Auth, Config};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::outbound::{self, Wake};
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
 use crate::reload::{self, Reloader};
 use crate::store::{SledStore, Store, StoreConfig};
@@ -33,6 +34,9 @@ pub struct App {
     /// Set once shutdown begins, so `/readyz` answers 503 while in-flight
     /// requests finish.
     shutting_down: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    /// Wakes the outbound sender when something is enqueued.
+    outbound_wake: Wake,
 }
 
 impl App {
@@ -152,7 +156,40 @@ impl App {
             reloader,
             config,
             shutting_down,
+            metrics,
+            outbound_wake: Wake::default(),
         })
+    }
+
+    /// Wakes the outbound sender: call it after enqueueing outbox entries
+    /// (the sender also polls once a second).
+    pub fn outbound_wake(&self) -> Wake {
+        self.outbound_wake.clone()
+    }
+
+    /// Start the outbound sender when credentials are set; without them,
+    /// say so if messages are waiting.
+    fn start_sender(&self) -> anyhow::Result<Option<outbound::SenderHandle>> {
+        let waiting = self.store.outbox_depth();
+        if self.config.outbound.credentials.is_none() {
+            if waiting > 0 {
+                tracing::warn!(
+                    waiting,
+                    "messages wait in the outbox but nothing sends them: {}",
+                    outbound::CredentialsError::NotConfigured
+                );
+            }
+            return Ok(None);
+        }
+        let handle = outbound::spawn(
+            self.pipeline.clone(),
+            &self.config.outbound,
+            format!("{}/twilio/status", self.config.public_url),
+            self.metrics.clone(),
+            self.outbound_wake.clone(),
+        )
+        .context("starting the outbound sender")?;
+        Ok(Some(handle))
     }
 
     /// The address the server listens on (with the real port when configured as 0).
@@ -201,6 +238,7 @@ impl App {
             None
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
+        let sender = self.start_sender()?;
         let limits = http::ConnectionLimits {
             max_connections: self.config.max_connections,
             header_read_timeout: self.config.header_read_timeout,
@@ -211,6 +249,9 @@ impl App {
             .context("serving HTTP");
         if let Some(p) = purger {
             p.abort();
+        }
+        if let Some(s) = sender {
+            s.stop().await;
         }
         served?;
         self.store

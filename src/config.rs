@@ -104,6 +104,11 @@ pub struct Config {
     pub retention_days: u64,
     /// How often the purge of old records runs.
     pub purge_interval: Duration,
+    /// Sending on our own: Twilio's API base, pace, quiet hours,
+    /// `max_late`, and the credentials (which only the environment sets:
+    /// `resolve` leaves them `None`; see
+    /// [`crate::outbound::Credentials::from_env_optional`]).
+    pub outbound: crate::outbound::OutboundConfig,
 }
 
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -144,6 +149,7 @@ impl Config {
             admin_token: None,
             retention_days: 0,
             purge_interval: Duration::from_secs(3600),
+            outbound: crate::outbound::OutboundConfig::default(),
         }
     }
 }
@@ -176,6 +182,11 @@ pub struct FileConfig {
     pub(crate) admin_token: Option<String>,
     pub(crate) retention_days: Option<u64>,
     pub(crate) purge_interval_secs: Option<u64>,
+    pub(crate) twilio_api_base: Option<String>,
+    pub(crate) send_interval_ms: Option<u64>,
+    pub(crate) send_timeout_ms: Option<u64>,
+    pub(crate) max_late_secs: Option<u64>,
+    pub(crate) quiet_hours: Option<Vec<crate::outbound::RawQuietHours>>,
 }
 
 impl FileConfig {
@@ -234,6 +245,7 @@ pub fn resolve(
     token: Option<String>,
     admin_token: Option<String>,
 ) -> anyhow::Result<Config> {
+    let outbound = resolve_outbound(&file)?;
     let listen_s = o
         .listen
         .or(file.listen)
@@ -318,6 +330,7 @@ pub fn resolve(
     }
 
     Ok(Config {
+        outbound,
         compliance,
         loop_max_replies: file.loop_max_replies.unwrap_or(20),
         loop_window_secs,
@@ -346,6 +359,44 @@ pub fn resolve(
         interrupt_keywords: file.interrupt_keywords.unwrap_or_default(),
         watch: !o.no_watch && file.watch.unwrap_or(true),
         require_tests: o.require_tests || file.require_tests.unwrap_or(false),
+    })
+}
+
+/// The sender's settings from the file (credentials come from the
+/// environment, not from here).
+fn resolve_outbound(file: &FileConfig) -> anyhow::Result<crate::outbound::OutboundConfig> {
+    use crate::outbound::{self, normalise_api_base};
+    let api_base = normalise_api_base(
+        file.twilio_api_base
+            .as_deref()
+            .unwrap_or(outbound::DEFAULT_API_BASE),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let interval_ms = file
+        .send_interval_ms
+        .unwrap_or(outbound::DEFAULT_SEND_INTERVAL_MS);
+    if !(1..=3_600_000).contains(&interval_ms) {
+        bail!("send_interval_ms must be between 1 and 3600000 (one hour)");
+    }
+    let timeout_ms = file
+        .send_timeout_ms
+        .unwrap_or(outbound::DEFAULT_SEND_TIMEOUT_MS);
+    if !(100..=120_000).contains(&timeout_ms) {
+        bail!("send_timeout_ms must be between 100 and 120000");
+    }
+    let max_late = file.max_late_secs.unwrap_or(outbound::DEFAULT_MAX_LATE_SECS);
+    if max_late < 60 {
+        bail!("max_late_secs must be at least 60");
+    }
+    let quiet_hours = outbound::quiet_rules(file.quiet_hours.clone().unwrap_or_default())
+        .map_err(anyhow::Error::msg)?;
+    Ok(outbound::OutboundConfig {
+        api_base,
+        send_interval: Duration::from_millis(interval_ms),
+        max_late: Duration::from_secs(max_late),
+        send_timeout: Duration::from_millis(timeout_ms),
+        quiet_hours,
+        credentials: None,
     })
 }
 
@@ -576,6 +627,36 @@ mod tests {
             "{err}"
         );
         assert!(with("sixteen-chars-xx").unwrap().admin_token.is_some());
+    }
+
+    #[test]
+    fn quiet_hours_are_checked_when_the_file_loads() {
+        let token = || Some("t".to_string());
+        let f = FileConfig::parse(
+            "[[quiet_hours]]\nnumber = \"*\"\nstart = \"21:00\"\nend = \"08:00\"\ntime_zone = \"America/New_York\"\n",
+        )
+        .unwrap();
+        let c = resolve(Overrides::default(), f, token(), None).unwrap();
+        assert_eq!(c.outbound.quiet_hours.len(), 1);
+        assert_eq!(c.outbound.quiet_hours[0].raw().end, "08:00");
+        let f = FileConfig::parse(
+            "[[quiet_hours]]\nnumber = \"*\"\nstart = \"21:00\"\nend = \"08:00\"\ntime_zone = \"Mars/Olympus\"\n",
+        )
+        .unwrap();
+        let err = resolve(Overrides::default(), f, token(), None).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "quiet_hours rule 1 (number \"*\"): time_zone \"Mars/Olympus\" is not an IANA time zone"
+            ),
+            "{err}"
+        );
+        let err = FileConfig::parse("[[quiet_hours]]\nnumber = \"*\"\nbegin = \"21:00\"\n")
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `begin`"), "{err:#}");
+        let c = resolve(Overrides::default(), FileConfig::default(), token(), None).unwrap();
+        assert_eq!(c.outbound.api_base, "https://api.twilio.com");
+        assert_eq!(c.outbound.send_interval, Duration::from_secs(1));
+        assert_eq!(c.outbound.max_late, Duration::from_secs(6 * 3600));
     }
 
     #[test]

@@ -440,6 +440,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Grouped fsyncs of the store's files.",
             store.fsyncs,
         ),
+        Sample::gauge(
+            "smsflow_outbox_depth",
+            "Messages we send on our own that wait in the outbox or are being sent.",
+            crate::store::Store::outbox_depth(state.pipeline.store().as_ref()) as u64,
+        ),
     ];
     (
         StatusCode::OK,

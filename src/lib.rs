@@ -25,7 +25,8 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`compliance`], [`telemetry`], [`admin_client`]). Every
+//! [`messages`], [`compliance`], [`telemetry`], [`admin_client`]), and
+//! [`outbound`] (credentials, settings and the sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
 //! (`http`, `metrics`, `clock`, `versioned`, and items not named above) is
 //! crate-private.
@@ -81,6 +82,13 @@
 //!   connection to make room for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
+//! - [`outbound`]: sending on our own through Twilio's REST API: the
+//!   credentials (environment only), the REST client (`outbound/client.rs`,
+//!   the only user of reqwest), quiet hours (`outbound/quiet.rs`, the only
+//!   user of jiff) and the sender task (`outbound/sender.rs`), which claims
+//!   due outbox entries from the store's due index, applies consent,
+//!   `max_late`, quiet hours and the per-number pace, and records each
+//!   send before and after the request (at most once).
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically; owns the flow
 //!   status `/status` reports and the one test a set passes to go live
@@ -121,7 +129,10 @@
 //! - One log event is one line: [`telemetry`] escapes every field value.
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
-//!   sent to an opted-out sender.
+//!   sent to an opted-out sender, in a reply or on our own.
+//! - A message we send on our own is in the outbox before any request,
+//!   and marked `Sending` durably before it; one that may have reached
+//!   Twilio is never sent again.
 //! - A connection that is not serving a request never holds a place a new
 //!   connection needs.
 //! - `chat`, `test` and `--require-tests` run messages through the same
@@ -175,6 +186,7 @@ pub mod flow;
 pub(crate) mod http;
 pub mod messages;
 pub(crate) mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod reload;
 pub mod store;

@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use smsflow::cli::{Cli, Command, GraphFormat};
 use smsflow::pipeline::PipelineOptions;
-use smsflow::{app, author, config, flow, telemetry, twilio};
+use smsflow::{app, author, config, flow, outbound, telemetry, twilio};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -41,7 +41,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let token = std::env::var("TWILIO_AUTH_TOKEN").ok();
             let admin = std::env::var("SMSFLOW_ADMIN_TOKEN").ok();
-            let config = config::resolve(args.overrides(), file, token, admin)?;
+            let mut config = config::resolve(args.overrides(), file, token, admin)?;
+            // Sending on our own: credentials from the environment only.
+            config.outbound.credentials = outbound::Credentials::from_env_optional()?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let app = app::App::build(config).await?;

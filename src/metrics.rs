@@ -60,6 +60,29 @@ pub enum Endpoint {
     Status,
 }
 
+/// What became of one outbound message (or one attempt at it), the
+/// `outcome` label of `smsflow_outbound_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Outbound {
+    Sent,
+    Failed,
+    Retried,
+    Deferred,
+    Skipped,
+    Unknown,
+}
+
+impl Outbound {
+    const ALL: [(Outbound, &'static str); 6] = [
+        (Outbound::Sent, "sent"),
+        (Outbound::Failed, "failed"),
+        (Outbound::Retried, "retried"),
+        (Outbound::Deferred, "deferred"),
+        (Outbound::Skipped, "skipped"),
+        (Outbound::Unknown, "unknown"),
+    ];
+}
+
 /// A value owned elsewhere (the store's health), rendered with the
 /// counters on `/metrics`.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +146,9 @@ pub struct Metrics {
     silences: Mutex<BTreeMap<String, u64>>,
     sms_latency: Histogram,
     status_latency: Histogram,
+    /// `smsflow_outbound_total`, by [`Outbound`] (its declaration order).
+    outbound: [AtomicU64; 6],
+    send_latency: Histogram,
 }
 
 impl Metrics {
@@ -138,6 +164,15 @@ impl Metrics {
         if let Ok(mut m) = self.silences.lock() {
             *m.entry(reason.to_string()).or_default() += 1;
         }
+    }
+
+    pub fn outbound(&self, outcome: Outbound) {
+        self.outbound[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request to Twilio's Messages API, answered or not.
+    pub fn observe_send(&self, d: Duration) {
+        self.send_latency.observe(d);
     }
 
     pub fn observe(&self, endpoint: Endpoint, d: Duration) {
@@ -230,6 +265,21 @@ impl Metrics {
         self.sms_latency.render(&mut out, name, "endpoint=\"sms\"");
         self.status_latency
             .render(&mut out, name, "endpoint=\"status\"");
+        let name = "smsflow_outbound_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Messages we send on our own, by what became of them (retried counts attempts).\n# TYPE {name} counter"
+        );
+        for (outcome, label) in Outbound::ALL {
+            let n = self.outbound[outcome as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{outcome=\"{label}\"}} {n}");
+        }
+        let name = "smsflow_send_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time of one request to Twilio's Messages API.\n# TYPE {name} histogram"
+        );
+        self.send_latency.render(&mut out, name, "api=\"messages\"");
         for s in samples {
             s.write(&mut out);
         }

@@ -16,6 +16,8 @@
 //! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
 //! | `m\0` | `marker` | the last flush marker, 8 bytes big-endian (see below) |
 //! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
+//! | `y\0` | 8-byte not_before, outbox key | empty: the due index of pending outbox entries (`outbox.rs`) |
+//! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
 //!
 //! # Format versions
 //!
@@ -267,6 +269,25 @@ pub trait Store: Send + Sync + 'static {
     fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError>;
     /// Every outbox entry, by key.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Pending entries due at `now` (`not_before <= now`), earliest first,
+    /// at most `limit`. Reads the due index, never the whole outbox; stale
+    /// index entries met on the way are removed.
+    fn due_outbound(&self, now: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Move the outbox entry `key` from state `from` to `to` (compare and
+    /// swap, with its index entries, atomically). `None` when it is not in
+    /// state `from` (or not there): nothing changed. Not yet durable: see
+    /// `flush`.
+    fn update_outbound(
+        &self,
+        key: &str,
+        from: &OutboxState,
+        to: OutboxState,
+    ) -> Result<Option<OutboxEntry>, StoreError>;
+    /// The entries in state `Sending` (a request may be in flight), from
+    /// their index.
+    fn sending_outbound(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Outbox entries pending or being sent, in constant time.
+    fn outbox_depth(&self) -> usize;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

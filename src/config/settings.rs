@@ -289,6 +289,75 @@ pub const SETTINGS: &[Setting] = &[
         unset: "",
         value: |c| int(c.purge_interval.as_secs()),
     },
+    Setting {
+        key: "twilio_api_base",
+        flag: None,
+        env: None,
+        help: "Twilio's REST API for messages we send on our own (a regional edge, or a test server)",
+        default_note: None,
+        unset: "",
+        value: |c| text(&c.outbound.api_base),
+    },
+    Setting {
+        key: "send_interval_ms",
+        flag: None,
+        env: None,
+        help: "Least time between two messages we send on our own from one number, in ms \
+               (1000: Twilio's long-code pace)",
+        default_note: None,
+        unset: "",
+        value: |c| millis(c.outbound.send_interval),
+    },
+    Setting {
+        key: "send_timeout_ms",
+        flag: None,
+        env: None,
+        help: "Time limit of one request to Twilio's REST API, in ms (past it the message's \
+               fate is unknown and it is not sent again)",
+        default_note: None,
+        unset: "",
+        value: |c| millis(c.outbound.send_timeout),
+    },
+    Setting {
+        key: "max_late_secs",
+        flag: None,
+        env: None,
+        help: "A message we send on our own that is this late (server down, store failing) is \
+               skipped, not sent",
+        default_note: None,
+        unset: "",
+        value: |c| int(c.outbound.max_late.as_secs()),
+    },
+    Setting {
+        key: "quiet_hours",
+        flag: None,
+        env: None,
+        help: "[[quiet_hours]] tables: number (or \"*\"), start, end (HH:MM) and time_zone \
+               (IANA); messages we send on our own wait until the end",
+        default_note: None,
+        unset: "",
+        value: |c| {
+            Some(toml::Value::Array(
+                c.outbound
+                    .quiet_hours
+                    .iter()
+                    .map(|q| {
+                        let r = q.raw();
+                        let mut t = toml::Table::new();
+                        for (k, v) in [
+                            ("number", &r.number),
+                            ("start", &r.start),
+                            ("end", &r.end),
+                            ("time_zone", &r.time_zone),
+                        ] {
+                            t.insert(k.into(), toml::Value::String(v.clone()));
+                        }
+                        toml::Value::Table(t)
+                    })
+                    .collect(),
+            ))
+        },
+    },
 ];
 
 /// The setting with config file key `key`.

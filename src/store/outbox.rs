@@ -10,9 +10,28 @@
 //! enqueue of its key counts.
 //!
 //! Keys: `x\0` + key → [`OutboxEntry`] (versioned JSON).
+//!
+//! Two indexes make the sender's work independent of how many entries the
+//! outbox holds (sent ones stay for the record):
+//!
+//! - `y\0` + 8-byte big-endian `not_before` + key → empty: one per
+//!   `Pending` entry, so "what is due" is a range read from the start;
+//! - `y\x01` + key → empty: one per `Sending` entry (a request may be in
+//!   flight), so a restart finds them without a scan.
+//!
+//! Every change of an entry's state rewrites the entry and its index
+//! entries in one sled transaction, so they cannot disagree after a crash.
+//! An index entry that points at an entry in another state anyway (a
+//! record kept aside, an older release's leftovers) is stale: readers skip
+//! and remove it. The outbox depth (pending and sending entries) is the
+//! number of index entries, counted once at open and kept up to date by
+//! every insert and removal.
 
 use serde::{Deserialize, Serialize};
+use sled::transaction::TransactionError;
 
+use super::records::{decode, encode};
+use super::StoreError;
 use crate::versioned::Versioned;
 
 /// Where an outbound message is in its life.
@@ -113,4 +132,139 @@ pub(super) const PREFIX: &[u8] = b"x\0";
 
 pub(super) fn db_key(key: &str) -> Vec<u8> {
     super::records::prefixed(PREFIX, key)
+}
+
+/// The due index: `y\0` + 8-byte big-endian time + key.
+pub(super) const DUE: &[u8] = b"y\0";
+/// The in-flight index: `y\x01` + key.
+pub(super) const IN_FLIGHT: &[u8] = b"y\x01";
+/// Both indexes (what the depth counts).
+pub(super) const INDEXES: &[u8] = b"y";
+
+/// The due-index key of a pending entry. Times before 1970 sort as 0.
+pub(super) fn due_key(not_before: i64, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(DUE.len() + 8 + key.len());
+    k.extend_from_slice(DUE);
+    k.extend_from_slice(&(not_before.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// The time and outbox key a due-index key names.
+pub(super) fn parse_due_key(k: &[u8]) -> Option<(i64, String)> {
+    let rest = k.strip_prefix(DUE)?;
+    let (time, key) = (rest.get(..8)?, rest.get(8..)?);
+    let time = u64::from_be_bytes(time.try_into().ok()?);
+    Some((time as i64, String::from_utf8(key.to_vec()).ok()?))
+}
+
+/// The index entry an entry in `state` has, if any.
+fn index_key(state: &OutboxState, key: &str) -> Option<Vec<u8>> {
+    match state {
+        OutboxState::Pending { not_before, .. } => Some(due_key(*not_before, key)),
+        OutboxState::Sending { .. } => Some(super::records::prefixed(IN_FLIGHT, key)),
+        _ => None,
+    }
+}
+
+/// The number of index entries (the outbox depth), counted at open.
+pub(super) fn count_indexed(db: &sled::Db) -> Result<i64, StoreError> {
+    let mut n = 0;
+    for item in db.scan_prefix(INDEXES) {
+        item?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Store `entry` under its key unless the key is taken, with its index
+/// entry, atomically. `None`: the key was taken; `Some(d)`: stored, and
+/// the depth changed by `d`.
+pub(super) fn insert_new(db: &sled::Db, entry: &OutboxEntry) -> Result<Option<i64>, StoreError> {
+    let k = db_key(&entry.key);
+    let v = encode(entry);
+    let index = index_key(&entry.state, &entry.key);
+    db.transaction(|tx| {
+        if tx.get(&k)?.is_some() {
+            return Ok(None);
+        }
+        tx.insert(k.as_slice(), v.as_slice())?;
+        let mut delta = 0;
+        if let Some(ix) = &index {
+            delta += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
+        }
+        Ok(Some(delta))
+    })
+    .map_err(storage_error)
+}
+
+/// What [`transition`] found.
+pub(super) enum Transition {
+    /// Moved; the depth changed by `depth`.
+    Done {
+        /// The entry as now stored.
+        entry: OutboxEntry,
+        /// Index entries added minus removed.
+        depth: i64,
+    },
+    /// Not in the expected state (or not there): nothing changed.
+    Refused,
+    /// The stored entry does not decode: the caller keeps it aside.
+    Undecodable {
+        /// The stored bytes.
+        raw: Vec<u8>,
+        /// Why they do not decode.
+        reason: String,
+    },
+}
+
+/// Move the entry `key` from state `from` to `to`, with its index
+/// entries, atomically (compare and swap on the state).
+pub(super) fn transition(
+    db: &sled::Db,
+    key: &str,
+    from: &OutboxState,
+    to: &OutboxState,
+) -> Result<Transition, StoreError> {
+    let k = db_key(key);
+    db.transaction(|tx| {
+        let Some(raw) = tx.get(&k)? else {
+            return Ok(Transition::Refused);
+        };
+        let mut entry = match decode::<OutboxEntry>(&raw) {
+            Ok(entry) => entry,
+            Err(reason) => {
+                return Ok(Transition::Undecodable {
+                    raw: raw.to_vec(),
+                    reason,
+                })
+            }
+        };
+        if entry.state != *from {
+            return Ok(Transition::Refused);
+        }
+        let mut depth = 0;
+        if let Some(old) = index_key(&entry.state, key) {
+            depth -= i64::from(tx.remove(old)?.is_some());
+        }
+        entry.state = to.clone();
+        if let Some(new) = index_key(&entry.state, key) {
+            depth += i64::from(tx.insert(new, &[] as &[u8])?.is_none());
+        }
+        tx.insert(k.as_slice(), encode(&entry))?;
+        Ok(Transition::Done { entry, depth })
+    })
+    .map_err(storage_error)
+}
+
+/// Whether an index entry still describes the entry it points at.
+pub(super) fn indexed_by(entry: &OutboxEntry, index: &[u8]) -> bool {
+    index_key(&entry.state, &entry.key).as_deref() == Some(index)
+}
+
+fn storage_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => e.into(),
+        TransactionError::Abort(()) => StoreError::Backend("transaction aborted".into()),
+    }
 }

@@ -19,7 +19,7 @@ use super::records::{
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Durability, Epoch, OptOut,
-    OutboxEntry, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store,
+    OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store,
     StoreConfig, StoreError, StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
@@ -61,6 +61,9 @@ pub(super) struct Shared {
     checkpointing: Mutex<()>,
     fsyncs: AtomicU64,
     reopens: AtomicU64,
+    /// Outbox entries pending or being sent (its index entries): counted
+    /// at open, then kept up to date by every outbox write.
+    outbox_depth: AtomicI64,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +122,7 @@ impl SledStore {
             checkpointing: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
+            outbox_depth: AtomicI64::new(0),
         });
         let count = shared.scan_conversations(&open.db).map_err(|e| match e {
             // Keeping an undecodable record aside failed (a full disk?).
@@ -133,6 +137,11 @@ impl SledStore {
             },
         })?;
         shared.conversations.store(count, Ordering::Relaxed);
+        let depth = outbox::count_indexed(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        shared.outbox_depth.store(depth, Ordering::Relaxed);
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
         Ok(SledStore { shared, worker })
@@ -292,6 +301,7 @@ impl Shared {
         let count = self
             .scan_conversations(&open.db)
             .map_err(|e| e.to_string())?;
+        let depth = outbox::count_indexed(&open.db).map_err(|e| e.to_string())?;
         // Recovered only when a write reaches the disk.
         let seq = recovered + 1;
         open.db
@@ -301,6 +311,7 @@ impl Shared {
         lock(&open.files).sync().map_err(|e| e.to_string())?;
         self.marker.store(seq, Ordering::Relaxed);
         self.conversations.store(count, Ordering::Relaxed);
+        self.outbox_depth.store(depth, Ordering::Relaxed);
         *write(&self.db) = Some(open);
         let was = lock(&self.failure).take();
         self.failed.store(false, Ordering::SeqCst);
@@ -395,6 +406,12 @@ impl Shared {
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn outbox_changed(&self, depth: i64) {
+        if depth != 0 {
+            self.outbox_depth.fetch_add(depth, Ordering::Relaxed);
+        }
+    }
+
     /// A clean close: whatever the durability mode, nothing is lost.
     pub(super) fn close(&self) {
         if self.failed.load(Ordering::SeqCst) {
@@ -431,6 +448,23 @@ impl Drop for Shared {
 }
 
 impl SledStore {
+    /// The outbox entry `key` read inside `with_db`; an undecodable one is
+    /// kept aside and reads as absent.
+    fn outbound_in(&self, db: &sled::Db, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
+        let k = outbox::db_key(key);
+        match db.get(&k)? {
+            Some(v) => match decode(&v) {
+                Ok(entry) => Ok(Some(entry)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, &reason, "the outbox entry is left unsent")?;
+                    Ok(None)
+                }
+            },
+            None => Ok(None),
+        }
+    }
+
     fn scan<T: crate::versioned::Versioned>(
         &self,
         db: &sled::Db,
@@ -807,24 +841,22 @@ impl Store for SledStore {
     }
 
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {
-        let mut new = 0;
-        self.shared.with_db(|db| {
+        let (mut new, mut depth) = (0, 0);
+        let result = self.shared.with_db(|db| {
             for entry in entries {
-                let k = outbox::db_key(&entry.key);
-                let absent: Option<&[u8]> = None;
-                if db
-                    .compare_and_swap(&k, absent, Some(encode(entry)))?
-                    .is_ok()
-                {
+                // The entry and its due-index entry in one transaction.
+                if let Some(d) = outbox::insert_new(db, entry)? {
                     new += 1;
+                    depth += d;
                 }
             }
             Ok(())
-        })?;
+        });
+        self.shared.outbox_changed(depth);
         if new > 0 {
             self.shared.wrote();
         }
-        Ok(new)
+        result.map(|()| new)
     }
 
     fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
@@ -847,6 +879,92 @@ impl Store for SledStore {
             .shared
             .with_db(|db| self.scan::<OutboxEntry>(db, outbox::PREFIX))?;
         Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn due_outbound(&self, now: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let end = outbox::due_key(now.saturating_add(1), "");
+        let mut stale = 0;
+        let result = self.shared.with_db(|db| {
+            let mut due = Vec::new();
+            for item in db.range(outbox::DUE.to_vec()..end) {
+                if due.len() >= limit {
+                    break;
+                }
+                let (ix, _) = item?;
+                let live = match outbox::parse_due_key(&ix) {
+                    Some((_, key)) => self.outbound_in(db, &key)?,
+                    None => None,
+                }
+                .filter(|entry| outbox::indexed_by(entry, &ix));
+                match live {
+                    Some(entry) => due.push(entry),
+                    // Points at nothing, or at an entry in another state.
+                    None => stale += i64::from(db.remove(&ix)?.is_some()),
+                }
+            }
+            Ok(due)
+        });
+        if stale > 0 {
+            tracing::warn!(stale, "removed stale outbox index entries");
+            self.shared.outbox_changed(-stale);
+            self.shared.wrote();
+        }
+        result
+    }
+
+    fn update_outbound(
+        &self,
+        key: &str,
+        from: &OutboxState,
+        to: OutboxState,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
+        self.shared.with_db(|db| {
+            match outbox::transition(db, key, from, &to)? {
+                outbox::Transition::Done { entry, depth } => {
+                    self.shared.outbox_changed(depth);
+                    self.shared.wrote();
+                    Ok(Some(entry))
+                }
+                outbox::Transition::Refused => Ok(None),
+                outbox::Transition::Undecodable { raw, reason } => {
+                    self.shared.keep_aside(
+                        &outbox::db_key(key),
+                        &raw,
+                        &reason,
+                        "the outbox entry is left unsent",
+                    )?;
+                    Ok(None)
+                }
+            }
+        })
+    }
+
+    fn sending_outbound(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut stale = 0;
+        let result = self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(outbox::IN_FLIGHT) {
+                let (ix, _) = item?;
+                let key = String::from_utf8_lossy(&ix[outbox::IN_FLIGHT.len()..]).into_owned();
+                match self
+                    .outbound_in(db, &key)?
+                    .filter(|entry| outbox::indexed_by(entry, &ix))
+                {
+                    Some(entry) => out.push(entry),
+                    None => stale += i64::from(db.remove(&ix)?.is_some()),
+                }
+            }
+            Ok(out)
+        });
+        if stale > 0 {
+            self.shared.outbox_changed(-stale);
+            self.shared.wrote();
+        }
+        result
+    }
+
+    fn outbox_depth(&self) -> usize {
+        self.shared.outbox_depth.load(Ordering::Relaxed).max(0) as usize
     }
 }
 
