@@ -382,3 +382,66 @@ async fn a_store_written_before_versions_keeps_working() {
         .any(|(s, p)| *s == sid(1) && p.outcome == "reply"));
     assert_eq!(store.health().quarantined, 0);
 }
+
+/// The outbox entries the golden files hold: one waiting, one sent.
+fn outbox_entries() -> [(&'static str, OutboxEntry); 2] {
+    let pending = OutboxEntry {
+        key: "timeout:+15550001111:+15551230001:appointment/confirm:0:1700000000:0".into(),
+        to: ANA.into(),
+        from: US.into(),
+        messaging_service_sid: None,
+        body: "Still there? Reply YES to confirm Tuesday 3pm.".into(),
+        media: Vec::new(),
+        cause: "timeout".into(),
+        flow: Some("appointment".into()),
+        step: Some("confirm".into()),
+        created_at: 1_700_000_000,
+        due_at: 1_700_007_200,
+        state: OutboxState::Pending {
+            not_before: 1_700_007_200,
+            attempts: 0,
+        },
+    };
+    let sent = OutboxEntry {
+        messaging_service_sid: Some("MG00000000000000000000000000000001".into()),
+        media: vec!["https://example.com/map.png".into()],
+        state: OutboxState::Sent {
+            sid: sid(20),
+            at: 1_700_007_201,
+        },
+        ..pending.clone()
+    };
+    [
+        ("outbox_entry.json", pending),
+        ("outbox_entry_sent.json", sent),
+    ]
+}
+
+/// Outbox entries of version 1 decode, and this release writes them byte
+/// for byte (`SMSFLOW_WRITE_GOLDEN=1` writes missing files).
+#[test]
+fn outbox_entries_of_version_1_decode_and_are_written_exactly() {
+    let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
+    for (name, entry) in outbox_entries() {
+        let path = dir(1).join(name);
+        if write && !path.exists() {
+            std::fs::write(&path, encode(&entry)).unwrap();
+        }
+        assert_eq!(decode::<OutboxEntry>(&read(1, name)), Ok(entry.clone()));
+        assert_eq!(
+            read(1, name),
+            encode(&entry),
+            "v1/{name}: this release no longer writes version 1 as committed"
+        );
+    }
+    assert_eq!(
+        super::outbox::db_key("k"),
+        b"x\0k",
+        "outbox keys are part of the format"
+    );
+    assert_eq!(
+        super::outbox::due_key(1, "k"),
+        b"y\0\0\0\0\0\0\0\0\x01k",
+        "the due index's keys are part of the format"
+    );
+}

@@ -268,3 +268,135 @@ fn storage_error(e: TransactionError<()>) -> StoreError {
         TransactionError::Abort(()) => StoreError::Backend("transaction aborted".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SledStore, Store, StoreConfig};
+
+    fn entry(key: &str, not_before: i64) -> OutboxEntry {
+        OutboxEntry {
+            key: key.into(),
+            to: "+15551230001".into(),
+            from: "+15550001111".into(),
+            messaging_service_sid: None,
+            body: format!("reminder {key}"),
+            media: Vec::new(),
+            cause: "timeout".into(),
+            flow: Some("appointment".into()),
+            step: Some("confirm".into()),
+            created_at: 1,
+            due_at: not_before,
+            state: OutboxState::Pending {
+                not_before,
+                attempts: 0,
+            },
+        }
+    }
+
+    fn keys(entries: &[OutboxEntry]) -> Vec<&str> {
+        entries.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn due_entries_come_from_the_index_in_time_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        let mut sent = entry("done", 10);
+        sent.state = OutboxState::Sent {
+            sid: "SM1".into(),
+            at: 10,
+        };
+        let batch = [entry("c", 300), entry("a", 100), entry("b", 200), sent];
+        assert_eq!(store.enqueue_outbound(&batch).unwrap(), 4);
+        // Enqueueing again adds neither an entry nor an index entry.
+        assert_eq!(store.enqueue_outbound(&batch).unwrap(), 0);
+        assert_eq!(store.outbox_depth(), 3);
+        assert_eq!(keys(&store.due_outbound(99, 10).unwrap()), [""; 0]);
+        assert_eq!(keys(&store.due_outbound(150, 10).unwrap()), ["a"]);
+        assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["a", "b", "c"]);
+        assert_eq!(keys(&store.due_outbound(1000, 2).unwrap()), ["a", "b"]);
+    }
+
+    #[test]
+    fn transitions_move_the_index_with_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        store
+            .enqueue_outbound(&[entry("a", 100), entry("b", 100)])
+            .unwrap();
+        let pending = entry("a", 100).state;
+        let sending = OutboxState::Sending {
+            since: 101,
+            attempts: 1,
+        };
+        // Compare and swap: the wrong expected state changes nothing.
+        assert_eq!(
+            store
+                .update_outbound("a", &sending, pending.clone())
+                .unwrap(),
+            None
+        );
+        let moved = store
+            .update_outbound("a", &pending, sending.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.state, sending);
+        assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["b"]);
+        assert_eq!(keys(&store.sending_outbound().unwrap()), ["a"]);
+        assert_eq!(store.outbox_depth(), 2);
+        // Deferred: the old due-index entry goes, the new one is found later.
+        let later = OutboxState::Pending {
+            not_before: 500,
+            attempts: 0,
+        };
+        store.update_outbound("b", &pending, later.clone()).unwrap();
+        assert_eq!(keys(&store.due_outbound(499, 10).unwrap()), [""; 0]);
+        assert_eq!(keys(&store.due_outbound(500, 10).unwrap()), ["b"]);
+        let sent = OutboxState::Sent {
+            sid: "SM1".into(),
+            at: 102,
+        };
+        store.update_outbound("a", &sending, sent.clone()).unwrap();
+        assert_eq!(store.outbox_depth(), 1);
+        assert!(store.sending_outbound().unwrap().is_empty());
+        store.flush_blocking().unwrap();
+        drop(store);
+        // The depth is counted again at open, from the indexes only.
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.outbox_depth(), 1);
+        assert_eq!(store.outbound("a").unwrap().unwrap().state, sent);
+        assert_eq!(store.outbound("b").unwrap().unwrap().state, later);
+    }
+
+    #[test]
+    fn stale_index_entries_are_skipped_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        store.enqueue_outbound(&[entry("a", 100)]).unwrap();
+        store
+            .shared
+            .with_db(|db| {
+                // An index entry for nothing, and one with the wrong time.
+                db.insert(due_key(50, "ghost"), &[] as &[u8])?;
+                db.insert(due_key(60, "a"), &[] as &[u8])?;
+                db.insert(super::super::records::prefixed(IN_FLIGHT, "a"), &[] as &[u8])?;
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.outbox_depth(), 4);
+        assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["a"]);
+        assert!(store.sending_outbound().unwrap().is_empty());
+        assert_eq!(store.outbox_depth(), 1);
+        assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn index_keys_sort_by_time() {
+        assert!(due_key(255, "z") < due_key(256, "a"));
+        assert_eq!(parse_due_key(&due_key(1_700_000_000, "k/1")), Some((1_700_000_000, "k/1".into())));
+        assert_eq!(due_key(-5, "k"), due_key(0, "k"));
+    }
+}
