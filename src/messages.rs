@@ -1,12 +1,14 @@
-//! The message log view: inbound messages we answered and outbound replies
-//! with their delivery status, newest first, filtered by number and status.
+//! The message log view: inbound messages we answered, outbound replies
+//! and messages we sent on our own with their delivery status, and outbox
+//! messages not sent (pending, failed, skipped, unknown), newest first,
+//! filtered by number and status.
 //!
 //! Shared by `GET /messages` and `smsflow messages`. Reads through the
 //! [`Store`] trait; knows nothing of HTTP or sled.
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxState, Store, StoreError};
 
 /// One row of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,9 @@ pub struct MessageView {
     pub flow: Option<String>,
     /// The step within `flow`, if any.
     pub step: Option<String>,
+    /// A message we sent on our own: its outbox key (absent on replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<String>,
 }
 
 /// Which rows to return.
@@ -65,15 +70,46 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
             inbound_sid: None,
             flow: p.flow,
             step: p.step,
+            outbox: None,
         })
         .collect();
+    // Messages we send on our own: sent ones are linked to their delivery
+    // rows below; the others (no MessageSid yet, or never) are rows here.
+    let mut sent_from_outbox = std::collections::HashMap::new();
+    for entry in store.outbox()? {
+        let (status, error_code, at) = match entry.state {
+            OutboxState::Sent { sid, .. } => {
+                sent_from_outbox.insert(sid, entry.key);
+                continue;
+            }
+            OutboxState::Pending { not_before, .. } => ("pending".to_owned(), None, not_before),
+            OutboxState::Sending { since, .. } => ("sending".to_owned(), None, since),
+            OutboxState::Failed { code, at, .. } => {
+                ("failed".to_owned(), code.map(|c| c.to_string()), at)
+            }
+            OutboxState::Skipped { reason, at } => (format!("skipped:{reason}"), None, at),
+            OutboxState::Unknown { at, .. } => ("unknown".to_owned(), None, at),
+        };
+        rows.push(MessageView {
+            direction: "outbound".into(),
+            sid: "-".into(),
+            at,
+            from: Some(entry.from),
+            to: Some(entry.to),
+            status,
+            error_code,
+            inbound_sid: None,
+            flow: entry.flow,
+            step: entry.step,
+            outbox: Some(entry.key),
+        });
+    }
     rows.extend(
         store
             .outbound_log()?
             .into_iter()
             .map(|(sid, d)| MessageView {
                 direction: "outbound".into(),
-                sid,
                 at: d.updated_at,
                 from: d.from,
                 to: d.to,
@@ -82,6 +118,8 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
                 inbound_sid: d.inbound_sid,
                 flow: d.flow,
                 step: d.step,
+                outbox: sent_from_outbox.remove(&sid),
+                sid,
             }),
     );
     rows.retain(|r| {

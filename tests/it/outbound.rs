@@ -180,6 +180,7 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
     assert_eq!(row["to"], "+15551230001");
     assert_eq!(row["from"], OUR_NUMBER);
     assert_eq!((&row["flow"], &row["step"]), (&"appointment".into(), &"confirm".into()));
+    assert_eq!(row["outbox"], "r1");
     // Every callback was accepted: signed as Twilio signs them.
     let posted = fake.posted();
     assert_eq!(posted.len(), 2);
@@ -304,6 +305,22 @@ async fn an_unsubscribed_recipient_is_not_retried_and_recorded_opted_out() {
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fake.requests().len(), 1);
+    // Both show in the message log, though neither has a MessageSid.
+    let rows = app.admin_json(&format!("/messages?number=%2B15551230004")).await;
+    let rows: Vec<(String, String, String)> = rows["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["outbox"].as_str().unwrap_or("").to_owned(),
+                r["status"].as_str().unwrap().to_owned(),
+                r["error_code"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(rows.contains(&("r1".into(), "failed".into(), "21610".into())), "{rows:?}");
+    assert!(rows.contains(&("r2".into(), "skipped:opted_out".into(), "".into())), "{rows:?}");
     app.stop().await;
 }
 
