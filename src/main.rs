@@ -65,7 +65,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // anyway, and say so.
             let token_missing = token.is_none() && !overrides.insecure;
             overrides.insecure |= token_missing;
-            let config = config::resolve(overrides, file, token, admin)?;
+            let mut config = config::resolve(overrides, file, token, admin)?;
+            config.outbound.credentials = outbound::Credentials::from_env_optional()?;
             print!("{}", config::describe(&config, token_missing));
             Ok(ExitCode::SUCCESS)
         }

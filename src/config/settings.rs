@@ -472,5 +472,12 @@ pub fn describe(config: &Config, auth_token_missing: bool) -> String {
             "# signatures: NOT checked (--insecure-no-signature)\n"
         }
     });
+    out.push_str(&match &config.outbound.credentials {
+        Some(c) => format!(
+            "# TWILIO_ACCOUNT_SID: set ({}): messages we send on our own go out\n",
+            c.account_sid()
+        ),
+        None => "# TWILIO_ACCOUNT_SID: not set: nothing is sent on our own (README.md, \"Sending on our own\")\n".to_owned(),
+    });
     out
 }
