@@ -384,7 +384,9 @@ fn resolve_outbound(file: &FileConfig) -> anyhow::Result<crate::outbound::Outbou
     if !(100..=120_000).contains(&timeout_ms) {
         bail!("send_timeout_ms must be between 100 and 120000");
     }
-    let max_late = file.max_late_secs.unwrap_or(outbound::DEFAULT_MAX_LATE_SECS);
+    let max_late = file
+        .max_late_secs
+        .unwrap_or(outbound::DEFAULT_MAX_LATE_SECS);
     if max_late < 60 {
         bail!("max_late_secs must be at least 60");
     }
@@ -650,9 +652,12 @@ mod tests {
             ),
             "{err}"
         );
-        let err = FileConfig::parse("[[quiet_hours]]\nnumber = \"*\"\nbegin = \"21:00\"\n")
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("unknown field `begin`"), "{err:#}");
+        let err =
+            FileConfig::parse("[[quiet_hours]]\nnumber = \"*\"\nbegin = \"21:00\"\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `begin`"),
+            "{err:#}"
+        );
         let c = resolve(Overrides::default(), FileConfig::default(), token(), None).unwrap();
         assert_eq!(c.outbound.api_base, "https://api.twilio.com");
         assert_eq!(c.outbound.send_interval, Duration::from_secs(1));

@@ -279,7 +279,8 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(
-            err.to_string().starts_with("TWILIO_API_KEY_SECRET is not set"),
+            err.to_string()
+                .starts_with("TWILIO_API_KEY_SECRET is not set"),
             "{err}"
         );
         let err = Credentials::from_vars(vars(&[("TWILIO_ACCOUNT_SID", "AC1")])).unwrap_err();

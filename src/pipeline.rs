@@ -703,7 +703,10 @@ pub(crate) fn consent_change(
 
 /// Twilio applies opt-outs per Messaging Service when the number is in one,
 /// otherwise per our number.
-pub(crate) fn consent_scope<'a>(messaging_service_sid: Option<&'a str>, our_number: &'a str) -> &'a str {
+pub(crate) fn consent_scope<'a>(
+    messaging_service_sid: Option<&'a str>,
+    our_number: &'a str,
+) -> &'a str {
     match messaging_service_sid {
         Some(s) if !s.is_empty() => s,
         _ => our_number,

@@ -293,7 +293,8 @@ pub const SETTINGS: &[Setting] = &[
         key: "twilio_api_base",
         flag: None,
         env: None,
-        help: "Twilio's REST API for messages we send on our own (a regional edge, or a test server)",
+        help:
+            "Twilio's REST API for messages we send on our own (a regional edge, or a test server)",
         default_note: None,
         unset: "",
         value: |c| text(&c.outbound.api_base),

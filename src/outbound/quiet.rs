@@ -84,7 +84,9 @@ impl QuietHours {
     /// If `at` (unix seconds) falls inside the quiet period, the unix time
     /// it ends.
     pub fn ends_after(&self, at: i64) -> Option<i64> {
-        let now = jiff::Timestamp::from_second(at).ok()?.to_zoned(self.zone.clone());
+        let now = jiff::Timestamp::from_second(at)
+            .ok()?
+            .to_zoned(self.zone.clone());
         let minute = |(h, m): (i8, i8)| i32::from(h) * 60 + i32::from(m);
         let (s, e, m) = (
             minute(self.start),
@@ -238,7 +240,10 @@ mod tests {
     #[test]
     fn bad_rules_say_what_is_wrong() {
         let err = rule("*", "9pm", "08:00", "UTC").unwrap_err();
-        assert!(err.contains("start \"9pm\" is not a time like 21:00"), "{err}");
+        assert!(
+            err.contains("start \"9pm\" is not a time like 21:00"),
+            "{err}"
+        );
         let err = rule("*", "21:00", "24:00", "UTC").unwrap_err();
         assert!(err.contains("end \"24:00\""), "{err}");
         let err = rule("*", "21:00", "08:00", "America/Neu_York").unwrap_err();

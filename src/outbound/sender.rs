@@ -177,8 +177,8 @@ impl<S: Store> Sender<S> {
         }
         // Requests in flight are answered (or time out) and recorded.
         let grace = self.config.send_timeout + Duration::from_secs(2);
-        let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await;
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tracing::info!("outbound sender stopped");
     }
 
@@ -314,8 +314,7 @@ impl<S: Store> Sender<S> {
             tracing::info!(key = %entry.key, "outbound message skipped: the recipient opted out");
             return Ok(skip("opted_out"));
         }
-        if let Some(end) = quiet::quiet_until(&self.config.quiet_hours, &entry.from, service, now)
-        {
+        if let Some(end) = quiet::quiet_until(&self.config.quiet_hours, &entry.from, service, now) {
             lock(&self.pacing).forget(&entry.key);
             tracing::info!(key = %entry.key, until = end, "outbound message deferred: quiet hours");
             return Ok(Decision::Write(
@@ -363,9 +362,9 @@ impl<S: Store> Sender<S> {
             attempts: attempts + 1,
         };
         let epoch = self.store().epoch();
-        let Some(entry) = self
-            .store()
-            .update_outbound(&entry.key, &entry.state, sending.clone())?
+        let Some(entry) =
+            self.store()
+                .update_outbound(&entry.key, &entry.state, sending.clone())?
         else {
             return Ok(()); // changed meanwhile: not ours to send
         };
@@ -406,7 +405,10 @@ impl<S: Store> Sender<S> {
                 Outbound::Sent,
             ),
             Answer::Refused {
-                http, code, message, ..
+                http,
+                code,
+                message,
+                ..
             } if retryable(*http, *code) => {
                 tracing::warn!(key = %entry.key, http, code, message = %message, attempts, "Twilio refused the message for now");
                 self.retry_or_fail(&entry, attempts, *code, message, now)
@@ -466,26 +468,24 @@ impl<S: Store> Sender<S> {
                     .loop_guard()
                     .record(&ConvKey::new(entry.from.clone(), entry.to.clone()), now);
             }
+            // Twilio has the recipient opted out: so do we, as the
+            // status-callback path does.
             Answer::Refused {
                 code: Some(21610), ..
-            } => {
-                // Twilio has the recipient opted out: so do we, as the
-                // status-callback path does.
-                if !self
-                    .store()
-                    .opt_out(scope, &entry.to)?
-                    .is_some_and(|o| o.opted_out)
-                {
-                    tracing::info!(key = %entry.key, "error 21610: recipient opted out at Twilio");
-                    self.store().record_consent(&consent_change(
-                        scope,
-                        &entry.to,
-                        true,
-                        "error 21610",
-                        &format!("outbox:{}", entry.key),
-                        now,
-                    ))?;
-                }
+            } if !self
+                .store()
+                .opt_out(scope, &entry.to)?
+                .is_some_and(|o| o.opted_out) =>
+            {
+                tracing::info!(key = %entry.key, "error 21610: recipient opted out at Twilio");
+                self.store().record_consent(&consent_change(
+                    scope,
+                    &entry.to,
+                    true,
+                    "error 21610",
+                    &format!("outbox:{}", entry.key),
+                    now,
+                ))?;
             }
             _ => {}
         }
@@ -571,7 +571,10 @@ mod tests {
             let full = (1_i64 << (attempts - 1)).min(MAX_BACKOFF_SECS);
             for _ in 0..20 {
                 let b = backoff_secs("k", attempts);
-                assert!(b >= (full / 2).max(1) && b <= full.max(1), "{attempts}: {b}");
+                assert!(
+                    b >= (full / 2).max(1) && b <= full.max(1),
+                    "{attempts}: {b}"
+                );
             }
         }
     }

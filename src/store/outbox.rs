@@ -203,7 +203,7 @@ pub(super) enum Transition {
     /// Moved; the depth changed by `depth`.
     Done {
         /// The entry as now stored.
-        entry: OutboxEntry,
+        entry: Box<OutboxEntry>,
         /// Index entries added minus removed.
         depth: i64,
     },
@@ -252,7 +252,10 @@ pub(super) fn transition(
             depth += i64::from(tx.insert(new, &[] as &[u8])?.is_none());
         }
         tx.insert(k.as_slice(), encode(&entry))?;
-        Ok(Transition::Done { entry, depth })
+        Ok(Transition::Done {
+            entry: Box::new(entry),
+            depth,
+        })
     })
     .map_err(storage_error)
 }
@@ -314,7 +317,10 @@ mod tests {
         assert_eq!(store.outbox_depth(), 3);
         assert_eq!(keys(&store.due_outbound(99, 10).unwrap()), [""; 0]);
         assert_eq!(keys(&store.due_outbound(150, 10).unwrap()), ["a"]);
-        assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["a", "b", "c"]);
+        assert_eq!(
+            keys(&store.due_outbound(1000, 10).unwrap()),
+            ["a", "b", "c"]
+        );
         assert_eq!(keys(&store.due_outbound(1000, 2).unwrap()), ["a", "b"]);
     }
 
@@ -380,7 +386,10 @@ mod tests {
                 // An index entry for nothing, and one with the wrong time.
                 db.insert(due_key(50, "ghost"), &[] as &[u8])?;
                 db.insert(due_key(60, "a"), &[] as &[u8])?;
-                db.insert(super::super::records::prefixed(IN_FLIGHT, "a"), &[] as &[u8])?;
+                db.insert(
+                    super::super::records::prefixed(IN_FLIGHT, "a"),
+                    &[] as &[u8],
+                )?;
                 Ok(())
             })
             .unwrap();
@@ -396,7 +405,10 @@ mod tests {
     #[test]
     fn index_keys_sort_by_time() {
         assert!(due_key(255, "z") < due_key(256, "a"));
-        assert_eq!(parse_due_key(&due_key(1_700_000_000, "k/1")), Some((1_700_000_000, "k/1".into())));
+        assert_eq!(
+            parse_due_key(&due_key(1_700_000_000, "k/1")),
+            Some((1_700_000_000, "k/1".into()))
+        );
         assert_eq!(due_key(-5, "k"), due_key(0, "k"));
     }
 }

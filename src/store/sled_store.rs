@@ -19,8 +19,8 @@ use super::records::{
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Durability, Epoch, OptOut,
-    OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent, StatusUpdate, Store,
-    StoreConfig, StoreError, StoreHealth, StoredConversation,
+    OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent,
+    StatusUpdate, Store, StoreConfig, StoreError, StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 
@@ -918,12 +918,12 @@ impl Store for SledStore {
         from: &OutboxState,
         to: OutboxState,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        self.shared.with_db(|db| {
-            match outbox::transition(db, key, from, &to)? {
+        self.shared
+            .with_db(|db| match outbox::transition(db, key, from, &to)? {
                 outbox::Transition::Done { entry, depth } => {
                     self.shared.outbox_changed(depth);
                     self.shared.wrote();
-                    Ok(Some(entry))
+                    Ok(Some(*entry))
                 }
                 outbox::Transition::Refused => Ok(None),
                 outbox::Transition::Undecodable { raw, reason } => {
@@ -935,8 +935,7 @@ impl Store for SledStore {
                     )?;
                     Ok(None)
                 }
-            }
-        })
+            })
     }
 
     fn sending_outbound(&self) -> Result<Vec<OutboxEntry>, StoreError> {

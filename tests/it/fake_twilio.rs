@@ -314,11 +314,20 @@ impl FakeTwilio {
             s.created += 1;
             s.created
         };
-        let sid = format!("SM{:032x}", (u128::from(std::process::id()) << 64) | u128::from(n) | (u128::from(self.addr.port()) << 48));
+        let sid = format!(
+            "SM{:032x}",
+            (u128::from(std::process::id()) << 64)
+                | u128::from(n)
+                | (u128::from(self.addr.port()) << 48)
+        );
         let now = jiff::Timestamp::now()
             .strftime("%a, %d %b %Y %H:%M:%S +0000")
             .to_string();
-        let status = if service.is_some() { "accepted" } else { "queued" };
+        let status = if service.is_some() {
+            "accepted"
+        } else {
+            "queued"
+        };
         let uri = format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{sid}.json");
         let resource = serde_json::json!({
             "account_sid": ACCOUNT_SID,
@@ -343,11 +352,7 @@ impl FakeTwilio {
             "uri": uri,
         });
         let from = from.or(service).unwrap_or_default();
-        (
-            201,
-            resource,
-            Some((sid, to, from, get("StatusCallback"))),
-        )
+        (201, resource, Some((sid, to, from, get("StatusCallback"))))
     }
 
     /// Post the scripted statuses to `url`, signed, one after another.

@@ -10,7 +10,7 @@ use smsflow::config::Config;
 use smsflow::outbound::{Credentials, RawQuietHours};
 use smsflow::store::{OutboxEntry, OutboxState, SledStore, Store, StoreConfig};
 
-use crate::fake_twilio::{Fault, FakeTwilio, ACCOUNT_SID, API_SECRET};
+use crate::fake_twilio::{FakeTwilio, Fault, ACCOUNT_SID, API_SECRET};
 use crate::helpers::*;
 
 const FLOWS: &str = r#"
@@ -179,7 +179,10 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
     assert_eq!(row["direction"], "outbound");
     assert_eq!(row["to"], "+15551230001");
     assert_eq!(row["from"], OUR_NUMBER);
-    assert_eq!((&row["flow"], &row["step"]), (&"appointment".into(), &"confirm".into()));
+    assert_eq!(
+        (&row["flow"], &row["step"]),
+        (&"appointment".into(), &"confirm".into())
+    );
     assert_eq!(row["outbox"], "r1");
     // Every callback was accepted: signed as Twilio signs them.
     let posted = fake.posted();
@@ -199,7 +202,13 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
     assert_eq!(r.param("Body"), Some("Still there? (r1)"));
     assert_eq!(
         r.param("StatusCallback"),
-        Some(format!("{}/twilio/status?flow=appointment&step=confirm&outbox=r1", app.public_url).as_str())
+        Some(
+            format!(
+                "{}/twilio/status?flow=appointment&step=confirm&outbox=r1",
+                app.public_url
+            )
+            .as_str()
+        )
     );
     assert_eq!(
         metric(&app, "smsflow_outbound_total{outcome=\"sent\"}").await,
@@ -209,7 +218,9 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
         metric(&app, "smsflow_outbox_depth ").await,
         "smsflow_outbox_depth 0"
     );
-    assert!(metric(&app, "smsflow_send_duration_seconds_count").await.ends_with(" 1"));
+    assert!(metric(&app, "smsflow_send_duration_seconds_count")
+        .await
+        .ends_with(" 1"));
     app.stop().await;
 }
 
@@ -236,8 +247,14 @@ async fn callbacks_out_of_order_end_at_the_highest_status() {
         .iter()
         .map(|s| (sid.clone(), s.to_string(), 200))
         .collect();
-    assert_eq!(posted, expected, "each late callback is accepted, and ignored");
-    assert_eq!(app.store.delivery_status(&sid).unwrap().unwrap().status, "delivered");
+    assert_eq!(
+        posted, expected,
+        "each late callback is accepted, and ignored"
+    );
+    assert_eq!(
+        app.store.delivery_status(&sid).unwrap().unwrap().status,
+        "delivered"
+    );
     app.stop().await;
 }
 
@@ -284,14 +301,29 @@ async fn an_unsubscribed_recipient_is_not_retried_and_recorded_opted_out() {
     })
     .await;
     assert!(
-        matches!(entry.state, OutboxState::Failed { code: Some(21610), .. }),
+        matches!(
+            entry.state,
+            OutboxState::Failed {
+                code: Some(21610),
+                ..
+            }
+        ),
         "{:?}",
         entry.state
     );
-    assert!(app.store.opt_out(OUR_NUMBER, gone).unwrap().unwrap().opted_out);
+    assert!(
+        app.store
+            .opt_out(OUR_NUMBER, gone)
+            .unwrap()
+            .unwrap()
+            .opted_out
+    );
     let audit = app.store.audit_log().unwrap();
     assert_eq!(audit.len(), 1);
-    assert_eq!((audit[0].cause.as_str(), audit[0].action.as_str()), ("error 21610", "opt_out"));
+    assert_eq!(
+        (audit[0].cause.as_str(), audit[0].action.as_str()),
+        ("error 21610", "opt_out")
+    );
     // A later message to them is skipped without asking Twilio.
     enqueue(&app, &[reminder("r2", gone)]);
     let entry = wait_for(&app.store, "r2", "skipped", |s| {
@@ -306,7 +338,7 @@ async fn an_unsubscribed_recipient_is_not_retried_and_recorded_opted_out() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fake.requests().len(), 1);
     // Both show in the message log, though neither has a MessageSid.
-    let rows = app.admin_json(&format!("/messages?number=%2B15551230004")).await;
+    let rows = app.admin_json("/messages?number=%2B15551230004").await;
     let rows: Vec<(String, String, String)> = rows["messages"]
         .as_array()
         .unwrap()
@@ -319,8 +351,14 @@ async fn an_unsubscribed_recipient_is_not_retried_and_recorded_opted_out() {
             )
         })
         .collect();
-    assert!(rows.contains(&("r1".into(), "failed".into(), "21610".into())), "{rows:?}");
-    assert!(rows.contains(&("r2".into(), "skipped:opted_out".into(), "".into())), "{rows:?}");
+    assert!(
+        rows.contains(&("r1".into(), "failed".into(), "21610".into())),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&("r2".into(), "skipped:opted_out".into(), "".into())),
+        "{rows:?}"
+    );
     app.stop().await;
 }
 
@@ -332,7 +370,10 @@ async fn an_invalid_number_fails_that_message_only() {
     let app = start_with(&fake, &dirs, |_| {}).await;
     enqueue(
         &app,
-        &[reminder("bad", "+15551230009"), reminder("good", "+15551230001")],
+        &[
+            reminder("bad", "+15551230009"),
+            reminder("good", "+15551230001"),
+        ],
     );
     let bad = wait_for(&app.store, "bad", "failed", |s| {
         matches!(s, OutboxState::Failed { .. })
@@ -346,7 +387,11 @@ async fn an_invalid_number_fails_that_message_only() {
     wait_for(&app.store, "good", "sent", sent).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fake.requests_to("+15551230009").len(), 1, "not retried");
-    assert!(app.store.opt_out(OUR_NUMBER, "+15551230009").unwrap().is_none());
+    assert!(app
+        .store
+        .opt_out(OUR_NUMBER, "+15551230009")
+        .unwrap()
+        .is_none());
     app.stop().await;
 }
 
@@ -497,9 +542,12 @@ async fn quiet_hours_defer_a_message_to_their_end() {
             other
         }],
     );
-    let entry = wait_for(&app.store, "r1", "deferred", |s| {
-        matches!(s, OutboxState::Pending { not_before, .. } if *not_before > now())
-    })
+    let entry = wait_for(
+        &app.store,
+        "r1",
+        "deferred",
+        |s| matches!(s, OutboxState::Pending { not_before, .. } if *not_before > now()),
+    )
     .await;
     assert_eq!(
         entry.state,
@@ -570,17 +618,25 @@ async fn the_fake_twilio_checks_what_twilio_checks() {
         async move {
             let r = req.send().await.unwrap();
             let status = r.status().as_u16();
-            (status, serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap())
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap(),
+            )
         }
     };
     let good = Some((ACCOUNT_SID, API_SECRET));
     let msg = [("To", "+15551230001"), ("From", OUR_NUMBER), ("Body", "hi")];
     let (status, body) = post(fake.messages_url(), Some((ACCOUNT_SID, "wrong")), &msg).await;
     assert_eq!((status, body["code"].as_u64()), (401, Some(20003)));
-    assert_eq!(body["more_info"], "https://www.twilio.com/docs/errors/20003");
+    assert_eq!(
+        body["more_info"],
+        "https://www.twilio.com/docs/errors/20003"
+    );
     let (status, _) = post(fake.messages_url(), None, &msg).await;
     assert_eq!(status, 401);
-    let other = fake.messages_url().replace(ACCOUNT_SID, "AC00000000000000000000000000000000");
+    let other = fake
+        .messages_url()
+        .replace(ACCOUNT_SID, "AC00000000000000000000000000000000");
     assert_eq!(post(other, good, &msg).await.0, 404);
     let (status, body) = post(fake.messages_url(), good, &msg[1..]).await;
     assert_eq!((status, body["code"].as_u64()), (400, Some(21604)));
@@ -589,7 +645,12 @@ async fn the_fake_twilio_checks_what_twilio_checks() {
     let (status, body) = post(fake.messages_url(), good, &msg[..2]).await;
     assert_eq!((status, body["code"].as_u64()), (400, Some(21602)));
     let long = "x".repeat(1601);
-    let (status, body) = post(fake.messages_url(), good, &[msg[0], msg[1], ("Body", &long)]).await;
+    let (status, body) = post(
+        fake.messages_url(),
+        good,
+        &[msg[0], msg[1], ("Body", &long)],
+    )
+    .await;
     assert_eq!((status, body["code"].as_u64()), (400, Some(21617)));
     let (status, body) = post(fake.messages_url(), good, &msg).await;
     assert_eq!(status, 201, "{body}");
@@ -607,7 +668,11 @@ async fn the_fake_twilio_checks_what_twilio_checks() {
     let (status, body) = post(
         fake.messages_url(),
         good,
-        &[msg[0], ("MessagingServiceSid", "MG00000000000000000000000000000001"), msg[2]],
+        &[
+            msg[0],
+            ("MessagingServiceSid", "MG00000000000000000000000000000001"),
+            msg[2],
+        ],
     )
     .await;
     assert_eq!((status, body["status"].as_str()), (201, Some("accepted")));
