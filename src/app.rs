@@ -67,6 +67,8 @@ impl App {
             tracing::warn!("{w}");
         }
         let flows: SharedFlows = Arc::new(ArcSwap::from_pointee(loaded.set));
+        // Whoever enqueues outbox entries wakes the sender with this.
+        let outbound_wake = Wake::default();
         let metrics = Arc::new(Metrics::default());
         let reloader = Arc::new(Reloader::new(
             config.flows_dir.clone(),
@@ -157,7 +159,7 @@ impl App {
             config,
             shutting_down,
             metrics,
-            outbound_wake: Wake::default(),
+            outbound_wake,
         })
     }
 

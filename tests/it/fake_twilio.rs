@@ -28,6 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 /// The auth token of the fake account (the REST API's Basic password).
 pub const API_SECRET: &str = "fake-twilio-auth-token-0123456789";
+/// An API key of the fake account, and its secret (the other way in).
+pub const API_KEY_SID: &str = "SK0123456789abcdef0123456789abcdef";
+pub const API_KEY_SECRET: &str = "fake-twilio-api-key-secret-0123456";
 
 /// What the next request gets instead of being processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +230,14 @@ impl FakeTwilio {
         serde_json::Value,
         Option<(String, String, String, Option<String>)>,
     ) {
-        let expected = format!("Basic {}", basic(ACCOUNT_SID, API_SECRET));
-        if headers.get("authorization") != Some(&expected) {
+        let accepted = [
+            format!("Basic {}", basic(ACCOUNT_SID, API_SECRET)),
+            format!("Basic {}", basic(API_KEY_SID, API_KEY_SECRET)),
+        ];
+        if !headers
+            .get("authorization")
+            .is_some_and(|h| accepted.contains(h))
+        {
             return (401, error(20003, "Authenticate", 401), None);
         }
         let account = path

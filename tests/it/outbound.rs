@@ -10,7 +10,7 @@ use smsflow::config::Config;
 use smsflow::outbound::{Credentials, RawQuietHours};
 use smsflow::store::{OutboxEntry, OutboxState, SledStore, Store, StoreConfig};
 
-use crate::fake_twilio::{FakeTwilio, Fault, ACCOUNT_SID, API_SECRET};
+use crate::fake_twilio::{FakeTwilio, Fault, ACCOUNT_SID, API_KEY_SECRET, API_KEY_SID, API_SECRET};
 use crate::helpers::*;
 
 const FLOWS: &str = r#"
@@ -676,4 +676,100 @@ async fn the_fake_twilio_checks_what_twilio_checks() {
     )
     .await;
     assert_eq!((status, body["status"].as_str()), (201, Some("accepted")));
+}
+
+/// The binary reads the credentials from the environment (an API key
+/// here) and sends what waits in the outbox at startup.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_sends_with_credentials_from_the_environment() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let dirs = Dirs::new();
+    {
+        let store = SledStore::open(&dirs.data(), &StoreConfig::default()).unwrap();
+        store
+            .enqueue_outbound(&[reminder("r1", "+15551230001")])
+            .unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let config = dirs.tmp.path().join("smsflow.toml");
+    std::fs::write(&config, format!("twilio_api_base = \"{}\"\n", fake.base())).unwrap();
+    let server = crate::process::spawn_server_env(
+        &dirs.flows(),
+        &dirs.data(),
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
+            ("TWILIO_API_KEY_SID", API_KEY_SID),
+            ("TWILIO_API_KEY_SECRET", API_KEY_SECRET),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.requests().is_empty() {
+        assert!(Instant::now() < deadline, "nothing sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fake.requests()[0].answered, 201, "the API key was accepted");
+    // Secrets never reach the log.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = server.log.lock().unwrap().join("\n");
+        if log.contains("outbound message sent") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!log.contains(API_KEY_SECRET), "{log}");
+    drop(server);
+}
+
+#[test]
+fn serve_refuses_half_set_credentials_naming_the_missing_variable() {
+    let dirs = Dirs::new();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+        .arg(dirs.flows())
+        .arg("--data")
+        .arg(dirs.data())
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_API_KEY_SID", API_KEY_SID)
+        .env_remove("TWILIO_API_KEY_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TWILIO_API_KEY_SECRET is not set: TWILIO_API_KEY_SID is set"),
+        "{err}"
+    );
+}
+
+/// Twilio unreachable (no connection made): the request never left, so it
+/// is tried again later, never marked unknown.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_connection_is_retried_not_unknown() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dirs = Dirs::new();
+    let app = start_with(&fake, &dirs, |c| {
+        c.outbound.api_base = format!("http://127.0.0.1:{port}");
+    })
+    .await;
+    enqueue(&app, &[reminder("r1", "+15551230001")]);
+    let entry = wait_for(
+        &app.store,
+        "r1",
+        "a retry",
+        |s| matches!(s, OutboxState::Pending { attempts, .. } if *attempts >= 1),
+    )
+    .await;
+    assert!(matches!(entry.state, OutboxState::Pending { .. }));
+    assert_eq!(
+        metric(&app, "smsflow_outbound_total{outcome=\"unknown\"}").await,
+        "smsflow_outbound_total{outcome=\"unknown\"} 0"
+    );
+    app.stop().await;
 }
