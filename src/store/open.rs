@@ -173,6 +173,14 @@ pub(super) fn open_db(dir: &Path, config: &StoreConfig) -> Result<Open, OpenErro
     let started = Instant::now();
     let db = loop {
         let left = config.open_timeout.saturating_sub(started.elapsed());
+        // Past the limit, a result that happens to be ready is not taken:
+        // the limit holds however the threads were scheduled.
+        if left.is_zero() {
+            return Err(OpenError::TimedOut {
+                dir: dir.to_path_buf(),
+                secs: started.elapsed().as_secs(),
+            });
+        }
         match rx.recv_timeout(OPEN_PROGRESS_EVERY.min(left)) {
             Ok(result) => break result.map_err(|e| OpenError::from_sled(dir, e))?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
