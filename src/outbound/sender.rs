@@ -164,9 +164,20 @@ impl<S: Store> Sender<S> {
             tracing::error!(error = %e, "could not check the outbox for interrupted sends");
         }
         let mut tasks = JoinSet::new();
+        // A failing store fails every pass: said once, not every second.
+        let mut failing = false;
         loop {
-            if let Err(e) = self.pass(&mut tasks).await {
-                tracing::error!(error = %e, "outbox pass failed; retrying in a second");
+            match self.pass(&mut tasks).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("the outbox can be read again: sending resumes");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %e, "outbox pass failed; retried every second");
+                }
+                Err(e) => tracing::debug!(error = %e, "outbox pass failed again"),
             }
             while tasks.try_join_next().is_some() {}
             tokio::select! {
@@ -210,7 +221,7 @@ impl<S: Store> Sender<S> {
                 n += 1;
                 self.metrics.outbound(Outbound::Unknown);
                 tracing::warn!(
-                    key = %entry.key,
+                    key = %short(&entry.key),
                     cause = %entry.cause,
                     "outbound message state unknown: it was being sent when the server stopped; \
                      not sent again (at most once)"
@@ -262,7 +273,7 @@ impl<S: Store> Sender<S> {
                     tasks.spawn(async move {
                         let key = entry.key.clone();
                         if let Err(e) = me.send(entry, slot).await {
-                            tracing::error!(key = %key, error = %e, "outbound send could not be recorded");
+                            tracing::error!(key = %short(&key), error = %e, "outbound send could not be recorded");
                         }
                         lock(&me.claimed).remove(&key);
                     });
@@ -297,7 +308,7 @@ impl<S: Store> Sender<S> {
         let late = now - not_before;
         if late > self.config.max_late.as_secs() as i64 {
             tracing::warn!(
-                key = %entry.key,
+                key = %short(&entry.key),
                 cause = %entry.cause,
                 late_secs = late,
                 max_late_secs = self.config.max_late.as_secs(),
@@ -311,12 +322,12 @@ impl<S: Store> Sender<S> {
             .opt_out(scope, &entry.to)?
             .is_some_and(|o| o.opted_out)
         {
-            tracing::info!(key = %entry.key, "outbound message skipped: the recipient opted out");
+            tracing::info!(key = %short(&entry.key), "outbound message skipped: the recipient opted out");
             return Ok(skip("opted_out"));
         }
         if let Some(end) = quiet::quiet_until(&self.config.quiet_hours, &entry.from, service, now) {
             lock(&self.pacing).forget(&entry.key);
-            tracing::info!(key = %entry.key, until = end, "outbound message deferred: quiet hours");
+            tracing::info!(key = %short(&entry.key), until = end, "outbound message deferred: quiet hours");
             return Ok(Decision::Write(
                 OutboxState::Pending {
                     not_before: end,
@@ -410,11 +421,11 @@ impl<S: Store> Sender<S> {
                 message,
                 ..
             } if retryable(*http, *code) => {
-                tracing::warn!(key = %entry.key, http, code, message = %message, attempts, "Twilio refused the message for now");
+                tracing::warn!(key = %short(&entry.key), http, code, message = %short(message), attempts, "Twilio refused the message for now");
                 self.retry_or_fail(&entry, attempts, *code, message, now)
             }
             Answer::Refused { code, message, .. } => {
-                tracing::warn!(key = %entry.key, code, message = %message, "Twilio refused the message");
+                tracing::warn!(key = %short(&entry.key), code, message = %short(message), "Twilio refused the message");
                 (
                     OutboxState::Failed {
                         code: *code,
@@ -425,13 +436,13 @@ impl<S: Store> Sender<S> {
                 )
             }
             Answer::NotSent(reason) => {
-                tracing::warn!(key = %entry.key, reason = %reason, attempts, "could not reach Twilio");
+                tracing::warn!(key = %short(&entry.key), reason = %short(reason), attempts, "could not reach Twilio");
                 self.retry_or_fail(&entry, attempts, None, reason, now)
             }
             Answer::Ambiguous(reason) => {
                 tracing::error!(
-                    key = %entry.key,
-                    reason = %reason,
+                    key = %short(&entry.key),
+                    reason = %short(reason),
                     "outbound message state unknown: the request may have reached Twilio; \
                      not sent again (at most once)"
                 );
@@ -448,7 +459,7 @@ impl<S: Store> Sender<S> {
         self.metrics.outbound(outcome);
         match &answer {
             Answer::Accepted { sid, status } => {
-                tracing::info!(key = %entry.key, message_sid = %sid, cause = %entry.cause, "outbound message sent");
+                tracing::info!(key = %short(&entry.key), message_sid = %sid, cause = %entry.cause, "outbound message sent");
                 let status = status.parse().unwrap_or(MessageStatus::Queued);
                 self.store().record_status(
                     sid,
@@ -477,7 +488,7 @@ impl<S: Store> Sender<S> {
                 .opt_out(scope, &entry.to)?
                 .is_some_and(|o| o.opted_out) =>
             {
-                tracing::info!(key = %entry.key, "error 21610: recipient opted out at Twilio");
+                tracing::info!(key = %short(&entry.key), "error 21610: recipient opted out at Twilio");
                 self.store().record_consent(&consent_change(
                     scope,
                     &entry.to,
@@ -536,6 +547,33 @@ impl<S: Store> Sender<S> {
     }
 }
 
+/// `s` with phone numbers (runs of 7 or more digits) shortened to their
+/// last 4 digits: keys and Twilio's messages name recipients, and logs
+/// carry no full numbers.
+fn short(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if digits.len() >= 7 {
+            out.push('…');
+            out.push_str(&digits[digits.len() - 4..]);
+        } else {
+            out.push_str(digits);
+        }
+        digits.clear();
+    };
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
+}
+
 fn not_before_of(state: &OutboxState) -> i64 {
     match state {
         OutboxState::Pending { not_before, .. } => *not_before,
@@ -564,6 +602,15 @@ fn backoff_secs(key: &str, attempts: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_keys_carry_no_full_numbers() {
+        assert_eq!(
+            short("timeout:+15550001111:+15551230001:appointment/confirm:1700000000:0"),
+            "timeout:+…1111:+…0001:appointment/confirm:…0000:0"
+        );
+        assert_eq!(short("r12"), "r12");
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_a_cap() {
