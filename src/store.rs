@@ -288,6 +288,14 @@ pub trait Store: Send + Sync + 'static {
     fn sending_outbound(&self) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Outbox entries pending or being sent, in constant time.
     fn outbox_depth(&self) -> usize;
+    /// [`Store::flush`] that reaches the disk whatever the durability
+    /// mode: for what must be on disk before something leaves the process
+    /// (an outbox entry marked `Sending` before its request), even under
+    /// relaxed durability. Same failure rule as `flush`.
+    fn flush_durable(
+        &self,
+        since: Epoch,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -379,7 +379,9 @@ impl<S: Store> Sender<S> {
         else {
             return Ok(()); // changed meanwhile: not ours to send
         };
-        if let Err(e) = self.store().flush(epoch).await {
+        // On disk before the request leaves, even with relaxed durability:
+        // a crash after this point can never send it a second time.
+        if let Err(e) = self.store().flush_durable(epoch).await {
             // Not durably claimed: do not send; put it back.
             let back = OutboxState::Pending {
                 not_before: now + 1,

@@ -402,6 +402,22 @@ mod tests {
         assert_eq!(keys(&store.due_outbound(1000, 10).unwrap()), ["a"]);
     }
 
+    /// Marking an entry `Sending` must reach the disk before its request
+    /// leaves, whatever the durability mode.
+    #[tokio::test]
+    async fn flush_durable_syncs_even_when_relaxed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            durability: crate::store::Durability::Relaxed,
+            ..StoreConfig::default()
+        };
+        let store = SledStore::open(dir.path(), &config).unwrap();
+        store.enqueue_outbound(&[entry("a", 100)]).unwrap();
+        let before = store.health().fsyncs;
+        store.flush_durable(store.epoch()).await.unwrap();
+        assert!(store.health().fsyncs > before);
+    }
+
     #[test]
     fn index_keys_sort_by_time() {
         assert!(due_key(255, "z") < due_key(256, "a"));

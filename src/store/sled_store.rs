@@ -965,6 +965,11 @@ impl Store for SledStore {
     fn outbox_depth(&self) -> usize {
         self.shared.outbox_depth.load(Ordering::Relaxed).max(0) as usize
     }
+
+    async fn flush_durable(&self, since: Epoch) -> Result<(), StoreError> {
+        // The worker syncs whenever asked, in either mode.
+        self.worker.flush(since).await
+    }
 }
 
 pub(super) fn reopened() -> StoreError {
