@@ -773,3 +773,29 @@ async fn no_connection_is_retried_not_unknown() {
     );
     app.stop().await;
 }
+
+/// Messages we send count toward the loop guard of their conversation,
+/// like replies do.
+#[tokio::test(flavor = "multi_thread")]
+async fn sent_messages_count_toward_the_loop_guard() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let dirs = Dirs::new();
+    let app = start_with(&fake, &dirs, |c| {
+        c.loop_max_replies = 2;
+        c.loop_window_secs = 3600;
+    })
+    .await;
+    let them = "+15551230001";
+    enqueue(&app, &[reminder("r1", them), reminder("r2", them)]);
+    wait_for(&app.store, "r1", "sent", sent).await;
+    wait_for(&app.store, "r2", "sent", sent).await;
+    // Two sent already: their next message is not answered.
+    let silence = r#"<?xml version="1.0" encoding="UTF-8"?><Response/>"#;
+    assert_eq!(app.send_sms(them, "hello").await.body, silence);
+    // Another sender is answered.
+    assert_eq!(
+        bodies(&app.send_sms("+15551230002", "hello").await.body),
+        vec!["Text HOURS."]
+    );
+    app.stop().await;
+}
