@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,7 @@ pub(crate) fn spawn<S: Store>(
         metrics,
         pacing: Mutex::new(Pacing::default()),
         claimed: Mutex::new(HashSet::new()),
+        stopping: AtomicBool::new(false),
     });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(sender.run(wake, stopped));
@@ -103,6 +105,9 @@ struct Sender<S: Store> {
     /// Keys handed to a send task and not finished yet; a pass skips them
     /// (they are still `Pending` while the task waits for its slot).
     claimed: Mutex<HashSet<String>>,
+    /// Set at shutdown: a task still waiting for its slot leaves its
+    /// message pending instead of starting a request.
+    stopping: AtomicBool,
 }
 
 /// Per sending number, the next free slot (unix ms); per deferred entry,
@@ -186,7 +191,9 @@ impl<S: Store> Sender<S> {
                 _ = stopped.changed() => break,
             }
         }
-        // Requests in flight are answered (or time out) and recorded.
+        // Requests in flight are answered (or time out) and recorded;
+        // none is started any more.
+        self.stopping.store(true, Ordering::SeqCst);
         let grace = self.config.send_timeout + Duration::from_secs(2);
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -367,6 +374,9 @@ impl<S: Store> Sender<S> {
         let OutboxState::Pending { attempts, .. } = entry.state else {
             return Ok(());
         };
+        if self.stopping.load(Ordering::SeqCst) {
+            return Ok(()); // still pending: sent after the restart
+        }
         let now = unix_now();
         let sending = OutboxState::Sending {
             since: now,

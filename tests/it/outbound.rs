@@ -799,3 +799,44 @@ async fn sent_messages_count_toward_the_loop_guard() {
     );
     app.stop().await;
 }
+
+/// A graceful stop leaves the messages still waiting (for their pace
+/// slot) pending, and they go out after the restart, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_leaves_waiting_messages_pending_for_the_restart() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let dirs = Dirs::new();
+    let app = start_with(&fake, &dirs, |c| {
+        c.outbound.send_interval = Duration::from_secs(5);
+    })
+    .await;
+    let entries: Vec<OutboxEntry> = (1..=3)
+        .map(|n| reminder(&format!("r{n}"), &format!("+1555123000{n}")))
+        .collect();
+    enqueue(&app, &entries);
+    wait_for(&app.store, "r1", "sent", sent).await;
+    app.stop().await;
+    assert_eq!(fake.requests().len(), 1);
+    let store = SledStore::open(&dirs.data(), &StoreConfig::default()).unwrap();
+    for key in ["r2", "r3"] {
+        let state = store.outbound(key).unwrap().unwrap().state;
+        assert!(
+            matches!(state, OutboxState::Pending { attempts: 0, .. }),
+            "{key}: {state:?}"
+        );
+    }
+    drop(store);
+    let app = start_with(&fake, &dirs, |c| {
+        c.outbound.send_interval = Duration::from_millis(200);
+    })
+    .await;
+    wait_for(&app.store, "r2", "sent", sent).await;
+    wait_for(&app.store, "r3", "sent", sent).await;
+    let order: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r.param("To").unwrap().to_owned())
+        .collect();
+    assert_eq!(order, ["+15551230001", "+15551230002", "+15551230003"]);
+    app.stop().await;
+}
