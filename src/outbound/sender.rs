@@ -594,10 +594,12 @@ fn not_before_of(state: &OutboxState) -> i64 {
 }
 
 /// Refusals Twilio documents as not processed, safe to try again: too
-/// many requests (429, 20429), its own failures (5xx), and credentials it
-/// did not accept (401/403, 20003: an operator can fix them meanwhile).
+/// many requests (429, 20429), the sending number's queue is full (21611:
+/// over 10 hours of messages queued), its own failures (5xx), and
+/// credentials it did not accept (401/403, 20003: an operator can fix
+/// them meanwhile).
 fn retryable(http: u16, code: Option<u32>) -> bool {
-    http == 429 || code == Some(20429) || http >= 500 || http == 401 || http == 403
+    matches!(code, Some(20429 | 21611)) || matches!(http, 401 | 403 | 429 | 500..)
 }
 
 /// Exponential backoff with jitter: attempt n waits between half of and
@@ -657,6 +659,7 @@ mod tests {
         assert!(retryable(429, Some(20429)));
         assert!(retryable(503, None));
         assert!(retryable(401, Some(20003)));
+        assert!(retryable(400, Some(21611)));
         assert!(!retryable(400, Some(21610)));
         assert!(!retryable(400, Some(21211)));
     }
