@@ -378,6 +378,27 @@ impl<S: Store> Sender<S> {
             return Ok(()); // still pending: sent after the restart
         }
         let now = unix_now();
+        // A STOP may have come in while this waited for its slot.
+        let scope = consent_scope(entry.messaging_service_sid.as_deref(), &entry.from);
+        if self
+            .store()
+            .opt_out(scope, &entry.to)?
+            .is_some_and(|o| o.opted_out)
+        {
+            let epoch = self.store().epoch();
+            let skipped = OutboxState::Skipped {
+                reason: "opted_out".into(),
+                at: now,
+            };
+            if self
+                .store()
+                .update_outbound(&entry.key, &entry.state, skipped)?
+                .is_some()
+            {
+                self.metrics.outbound(Outbound::Skipped);
+            }
+            return self.store().flush(epoch).await;
+        }
         let sending = OutboxState::Sending {
             since: now,
             attempts: attempts + 1,
