@@ -801,7 +801,7 @@ async fn sent_messages_count_toward_the_loop_guard() {
 }
 
 /// A graceful stop leaves the messages still waiting (for their pace
-/// slot) pending, and they go out after the restart, in order.
+/// slot) pending, and they go out once each after the restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_leaves_waiting_messages_pending_for_the_restart() {
     let fake = FakeTwilio::start(TOKEN).await;
@@ -832,11 +832,15 @@ async fn a_stop_leaves_waiting_messages_pending_for_the_restart() {
     .await;
     wait_for(&app.store, "r2", "sent", sent).await;
     wait_for(&app.store, "r3", "sent", sent).await;
-    let order: Vec<String> = fake
+    // Each once; r1 before the stop (r2 and r3 in the order of their
+    // scheduled times, which depends on when the first pass saw them).
+    let mut to: Vec<String> = fake
         .requests()
         .iter()
         .map(|r| r.param("To").unwrap().to_owned())
         .collect();
-    assert_eq!(order, ["+15551230001", "+15551230002", "+15551230003"]);
+    assert_eq!(to[0], "+15551230001");
+    to.sort();
+    assert_eq!(to, ["+15551230001", "+15551230002", "+15551230003"]);
     app.stop().await;
 }
