@@ -201,6 +201,9 @@ impl App {
             None
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
+        // Fires the timers that came due while the server was down first,
+        // then each one as it comes due.
+        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone()));
         let limits = http::ConnectionLimits {
             max_connections: self.config.max_connections,
             header_read_timeout: self.config.header_read_timeout,
@@ -212,6 +215,7 @@ impl App {
         if let Some(p) = purger {
             p.abort();
         }
+        scheduler.abort();
         served?;
         self.store
             .flush_blocking()

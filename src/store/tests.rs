@@ -55,6 +55,7 @@ fn commit<'a>(
         message_sid: sid,
         processed,
         consent: None,
+        due: None,
     }
 }
 
