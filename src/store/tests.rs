@@ -560,7 +560,7 @@ fn the_timer_index_follows_commits_and_survives_reopening() {
     {
         let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
         let p = processed(10);
-        let mut with_due = |key: &ConvKey, sid: &str, due: Option<i64>| {
+        let with_due = |key: &ConvKey, sid: &str, due: Option<i64>| {
             let mut c = commit(key, Some(b"{}"), sid, &p);
             c.due = due;
             c.ended = due.is_none();
