@@ -203,7 +203,8 @@ impl App {
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
         // Fires the timers that came due while the server was down first,
         // then each one as it comes due.
-        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone()));
+        let (stop_timers, stopped) = tokio::sync::watch::channel(false);
+        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone(), stopped));
         let limits = http::ConnectionLimits {
             max_connections: self.config.max_connections,
             header_read_timeout: self.config.header_read_timeout,
@@ -215,7 +216,12 @@ impl App {
         if let Some(p) = purger {
             p.abort();
         }
-        scheduler.abort();
+        // Let a batch of firings under way finish, so that the store is
+        // flushed below with nothing still using it.
+        let _ = stop_timers.send(true);
+        if let Err(e) = scheduler.await {
+            tracing::error!(error = %e, "the timer scheduler failed");
+        }
         served?;
         self.store
             .flush_blocking()

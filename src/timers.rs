@@ -25,10 +25,18 @@ const BATCH: usize = 256;
 /// a backstop against a missed wake-up or a wall clock that jumped.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
-/// Run the scheduler until the task is aborted.
-pub async fn run<S: Store>(pipeline: Arc<Pipeline<S>>) {
+/// Run the scheduler until `stop` turns true. A batch of firings under
+/// way when it does is finished first (each is short: the engine and a
+/// commit), so the store is no longer in use when this returns.
+pub async fn run<S: Store>(
+    pipeline: Arc<Pipeline<S>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let waker: Arc<TimerWaker> = pipeline.timer_waker();
     loop {
+        if *stop.borrow() {
+            return;
+        }
         waker.arm();
         let now_ms = unix_millis();
         let now = now_ms.div_euclid(1000);
@@ -39,7 +47,7 @@ pub async fn run<S: Store>(pipeline: Arc<Pipeline<S>>) {
             Ok(_) => continue,
             Err(e) => {
                 tracing::error!(error = %e, "firing timers failed; retrying in a second");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                pause(&mut stop, Duration::from_secs(1)).await;
                 continue;
             }
         }
@@ -47,7 +55,7 @@ pub async fn run<S: Store>(pipeline: Arc<Pipeline<S>>) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "reading the timer index failed; retrying in a second");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                pause(&mut stop, Duration::from_secs(1)).await;
                 continue;
             }
         };
@@ -63,7 +71,16 @@ pub async fn run<S: Store>(pipeline: Arc<Pipeline<S>>) {
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = waker.notified() => {}
+            _ = stop.changed() => {}
         }
+    }
+}
+
+/// Sleep for `d`, or until `stop` changes.
+async fn pause(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
     }
 }
 

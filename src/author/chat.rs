@@ -115,16 +115,17 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                     Some(secs) => {
                         let fired = runtime.block_on(session.wait(secs))?;
                         writeln!(out, "@ wait {arg}   # clock now {}", session.now)?;
+                        // Each firing's events, then what it sent; nothing
+                        // sent: no `<` line, so a saved chat reads as a
+                        // transcript (`@ wait` without `<` expects that).
                         for f in &fired {
                             for event in &f.events {
                                 writeln!(out, "# {}", describe(event))?;
                             }
-                        }
-                        // Nothing sent: no line, so a saved chat reads as
-                        // a transcript (`@ wait` without `<` expects that).
-                        if fired.iter().any(|f| !f.enqueued.is_empty()) {
-                            for line in timer_lines(&fired) {
-                                writeln!(out, "{}", line.render())?;
+                            if !f.enqueued.is_empty() {
+                                for line in timer_lines(std::slice::from_ref(f)) {
+                                    writeln!(out, "{}", line.render())?;
+                                }
                             }
                         }
                     }
