@@ -202,7 +202,10 @@ impl App {
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
         // Fires the timers that came due while the server was down first,
-        // then each one as it comes due.
+        // then each one as it comes due. What they say goes to the store's
+        // outbox; the outbound sender is woken by
+        // `self.pipeline.outbox_waker()` after each enqueue (and polls
+        // without it).
         let (stop_timers, stopped) = tokio::sync::watch::channel(false);
         let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone(), stopped));
         let limits = http::ConnectionLimits {

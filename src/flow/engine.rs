@@ -274,8 +274,9 @@ pub enum Event {
         /// Which timeout: its `after` as written in seconds (`7200`), or
         /// the wake's name for a script flow.
         timeout: String,
-        /// When the step started waiting (unix seconds); with the rest,
-        /// this names the firing uniquely.
+        /// When the step started waiting (unix seconds; for a script's
+        /// wake, when the wake was due); with the rest, this names the
+        /// firing uniquely (the outbox keys its messages by it).
         waiting_since: i64,
     },
     /// A timer came due but its flow, step, timeout or `on_timeout` no
