@@ -503,9 +503,9 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// A script error is an error line and a counted metric; ended runs and
-    /// dropped timers are
-    /// worth a line of their own; routine events only at debug (the
-    /// "message handled" line counts them).
+    /// dropped timers are worth a line of their own (a dropped timer is
+    /// counted too); routine events only at debug (the "message handled"
+    /// line counts them).
     fn log_event(&self, event: &flow::Event) {
         match event {
             flow::Event::ScriptError {

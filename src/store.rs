@@ -25,10 +25,13 @@
 //! record never makes a sender's conversation silently start afresh.
 //!
 //! - Every record says its version. A conversation record starts with its
-//!   layout version byte (now 1); JSON records (the conversation inside it,
-//!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`], [`AuditRecord`], the
-//!   lines of `messages.jsonl`) start with `"v":N` (now 1), written and read
-//!   by `crate::versioned`. Records from before versions (version 0) have
+//!   layout version byte (now 2: version 2 added the due time of the
+//!   conversation's next timer to the header); JSON records (the
+//!   conversation inside it, now at version 2, which added the run's timer
+//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
+//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`], at
+//!   version 1) start with `"v":N`, written and read by
+//!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
 //!   and turns an older record into the current value (for JSON, one
