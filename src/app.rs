@@ -67,8 +67,6 @@ impl App {
             tracing::warn!("{w}");
         }
         let flows: SharedFlows = Arc::new(ArcSwap::from_pointee(loaded.set));
-        // Whoever enqueues outbox entries wakes the sender with this.
-        let outbound_wake = Wake::default();
         let metrics = Arc::new(Metrics::default());
         let reloader = Arc::new(Reloader::new(
             config.flows_dir.clone(),
@@ -96,6 +94,9 @@ impl App {
             options,
             metrics.clone(),
         ));
+        // Whoever enqueues outbox entries wakes the sender with this; the
+        // pipeline's timer firings do, after each enqueue is flushed.
+        let outbound_wake = Wake::from(pipeline.outbox_waker());
 
         // What `/status` (and `/healthz`) show: everything in constant
         // time (the conversation count is maintained by the store, never
@@ -241,6 +242,11 @@ impl App {
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
         let sender = self.start_sender()?;
+        // Fires the timers that came due while the server was down first,
+        // then each one as it comes due. What they say goes to the store's
+        // outbox, and the sender is woken after each enqueue.
+        let (stop_timers, stopped) = tokio::sync::watch::channel(false);
+        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone(), stopped));
         let limits = http::ConnectionLimits {
             max_connections: self.config.max_connections,
             header_read_timeout: self.config.header_read_timeout,
@@ -251,6 +257,12 @@ impl App {
             .context("serving HTTP");
         if let Some(p) = purger {
             p.abort();
+        }
+        // Let a batch of firings under way finish, so that the store is
+        // flushed below with nothing still using it.
+        let _ = stop_timers.send(true);
+        if let Err(e) = scheduler.await {
+            tracing::error!(error = %e, "the timer scheduler failed");
         }
         if let Some(s) = sender {
             s.stop().await;

@@ -14,8 +14,9 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Wall-clock unix milliseconds (for pacing within a second).
-pub fn unix_now_ms() -> i64 {
+/// Wall-clock unix milliseconds (0 if the system clock is set before
+/// 1970): the timer scheduler sleeps to the millisecond.
+pub fn unix_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

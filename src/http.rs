@@ -430,6 +430,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Stored conversations holding state.",
             store.conversations as u64,
         ),
+        Sample::gauge(
+            "smsflow_timers_pending",
+            "Conversations with a pending timer (a waiting step's timeout or a script's wake).",
+            store.pending_timers as u64,
+        ),
         Sample::counter(
             "smsflow_store_reopens_total",
             "Times the store reopened itself after a failure.",

@@ -74,6 +74,10 @@
 //!   per-conversation lock; silence is an outcome with a reason
 //!   ([`pipeline::Silence`]), not an error. Knows the store trait and the
 //!   engine, not axum.
+//! - `timers`: the timer scheduler task: sleeps until the store's index
+//!   by due time says a timer is due (woken early when a commit sets an
+//!   earlier one), then fires it through [`pipeline::Pipeline::fire_timer`]
+//!   (same lock as messages; what it says goes to the store's outbox).
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - `http`: axum router, request checks, error-to-status mapping. Its
@@ -122,6 +126,10 @@
 //! - Stored records are a contract: versioned, read by every later
 //!   release, migrated on read, never silently reset.
 //! - One MessageSid is processed once; retries get the identical TwiML.
+//! - A timer's due time is written with the step that set it; a timer and
+//!   a reply of one conversation are decided under the same lock; what a
+//!   timer says is in the outbox (keyed, once) before its step is
+//!   committed.
 //! - Messages of one (To, From) conversation are processed one at a time;
 //!   different conversations never wait on each other's lock.
 //! - Every request sees one whole flow set; a set with errors is never live.
@@ -191,5 +199,6 @@ pub mod pipeline;
 pub mod reload;
 pub mod store;
 pub mod telemetry;
+pub(crate) mod timers;
 pub mod twilio;
 pub(crate) mod versioned;

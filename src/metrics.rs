@@ -141,6 +141,10 @@ pub struct Metrics {
     pub script_errors: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Timers that came due and ran (a timeout or a script's wake).
+    pub timers_fired: AtomicU64,
+    /// Timers dropped because their flow, step or timeout was edited away.
+    pub timers_stale: AtomicU64,
     /// A gauge, 1 while flow edits are picked up (see `crate::reload`).
     pub flows_watching: AtomicU64,
     silences: Mutex<BTreeMap<String, u64>>,
@@ -186,7 +190,7 @@ impl Metrics {
     /// then `samples`.
     pub fn render(&self, samples: &[Sample<'_>]) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "smsflow_messages_received_total",
                 "Inbound messages accepted (signed and parsed).",
@@ -236,6 +240,16 @@ impl Metrics {
                 "smsflow_reload_failures_total",
                 "Flow set reloads refused because of errors.",
                 &self.reload_failures,
+            ),
+            (
+                "smsflow_timers_fired_total",
+                "Timers (timeouts, script wakes) that came due and ran.",
+                &self.timers_fired,
+            ),
+            (
+                "smsflow_timers_stale_total",
+                "Timers dropped because flow edits removed their step or timeout.",
+                &self.timers_stale,
             ),
         ];
         for (name, help, value) in counters {

@@ -229,6 +229,12 @@ impl Credentials {
 #[derive(Debug, Clone, Default)]
 pub struct Wake(Arc<tokio::sync::Notify>);
 
+impl From<Arc<tokio::sync::Notify>> for Wake {
+    fn from(notify: Arc<tokio::sync::Notify>) -> Self {
+        Wake(notify)
+    }
+}
+
 impl Wake {
     /// Tell the sender to look at the outbox now.
     pub fn wake(&self) {

@@ -22,12 +22,14 @@ use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, 
 use crate::metrics::Metrics;
 use crate::store::{
     AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
-    StatusUpdate, Store, StoreError, StoredConversation,
+    StateCommit, StatusUpdate, Store, StoreError, StoredConversation,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod locks;
+mod timers;
 use locks::KeyLocks;
+pub use timers::{TimerFired, TimerWaker};
 
 /// What the HTTP layer sends back for one inbound webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +181,10 @@ pub struct ReplyLink {
 ///    atomic write, then the lock is released;
 /// 7. **flush**: the answer is returned only once the commit is durable.
 ///
+/// A due timer goes through the same lock and phases without the inbound
+/// ones ([`Pipeline::fire_timer`]): its messages go to the outbox, written
+/// before the conversation change they come with.
+///
 /// Also records delivery callbacks ([`Pipeline::record_status`]), and for
 /// the tools seeds and forgets conversations under the same lock.
 pub struct Pipeline<S: Store> {
@@ -192,6 +198,13 @@ pub struct Pipeline<S: Store> {
     /// Replies per conversation in the recent window, in memory only.
     loop_guard: LoopGuard,
     metrics: Arc<Metrics>,
+    /// Told when a commit sets a timer earlier than the one the timer
+    /// scheduler sleeps towards, so it wakes up early.
+    timers: Arc<TimerWaker>,
+    /// Notified after a timer's messages were put in the outbox (and
+    /// flushed): the sender waits on it rather than poll. The app hands
+    /// it to the sender ([`Pipeline::outbox_waker`]).
+    outbox: Arc<tokio::sync::Notify>,
 }
 
 /// What the consent phase decided before (or instead of) running a flow.
@@ -230,7 +243,22 @@ impl<S: Store> Pipeline<S> {
             },
             locks: KeyLocks::default(),
             metrics,
+            timers: Arc::new(TimerWaker::default()),
+            outbox: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Notified whenever messages were added to the outbox and made
+    /// durable (a timer fired and said something): the outbound sender
+    /// waits on this between its polls.
+    pub fn outbox_waker(&self) -> Arc<tokio::sync::Notify> {
+        self.outbox.clone()
+    }
+
+    /// What the timer scheduler sleeps on: woken when a commit sets a
+    /// timer earlier than the one it waits for.
+    pub fn timer_waker(&self) -> Arc<TimerWaker> {
+        self.timers.clone()
     }
 
     /// The store messages are committed to.
@@ -318,14 +346,16 @@ impl<S: Store> Pipeline<S> {
             flow: decided.flow,
             step: decided.step,
         };
+        let due = flow::next_due(&self.flows.load(), &decided.conversation);
         self.commit(
             &key,
             &record,
             &decided.conversation,
             msg,
             &processed,
-            consent,
+            (consent, due),
         )?;
+        self.timers.set(due);
         // The next message of this conversation may read the new state now;
         // its own flush covers ours too, and neither is acknowledged before
         // a flush, so releasing before the fsync loses nothing.
@@ -472,9 +502,10 @@ impl<S: Store> Pipeline<S> {
         }
     }
 
-    /// A script error is an error line and a counted metric; ended runs are
-    /// worth a line of their own; routine events only at debug (the
-    /// "message handled" line counts them).
+    /// A script error is an error line and a counted metric; ended runs and
+    /// dropped timers are worth a line of their own (a dropped timer is
+    /// counted too); routine events only at debug (the "message handled"
+    /// line counts them).
     fn log_event(&self, event: &flow::Event) {
         match event {
             flow::Event::ScriptError {
@@ -493,6 +524,10 @@ impl<S: Store> Pipeline<S> {
                     error = %message,
                     "script failed; answered with the flow's fallback"
                 );
+            }
+            event @ flow::Event::StaleTimer { .. } => {
+                Metrics::inc(&self.metrics.timers_stale);
+                tracing::info!(?event, "flow event")
             }
             event @ (flow::Event::StaleStep { .. }
             | flow::Event::Expired { .. }
@@ -545,7 +580,7 @@ impl<S: Store> Pipeline<S> {
         conversation: &Conversation,
         msg: &InboundMessage,
         processed: &Processed,
-        consent: Option<ConsentChange>,
+        (consent, due): (Option<ConsentChange>, Option<i64>),
     ) -> Result<(), StoreError> {
         let stored = if *conversation == Conversation::default() {
             None
@@ -560,6 +595,7 @@ impl<S: Store> Pipeline<S> {
             message_sid: &msg.message_sid,
             processed,
             consent,
+            due,
         })
     }
 
@@ -626,11 +662,20 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
+        let due = flow::next_due(&self.flows.load(), conversation);
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
-        self.store
-            .put_conversation(key, &bytes, conversation.run.is_none(), now)?;
+        let record = self.store.load(key)?;
+        self.store.commit_state(StateCommit {
+            key,
+            conversation: Some(&bytes),
+            ended: conversation.run.is_none(),
+            due,
+            recent: &record.recent,
+            at: now,
+        })?;
         drop(guard);
+        self.timers.set(due);
         self.store.flush(epoch).await
     }
 

@@ -9,12 +9,13 @@
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
-//! | `c\0` | to `\0` from | the conversation record: 1 version byte, 8-byte big-endian last activity, 1 flag byte, 4-byte length, the conversation (the caller's bytes: versioned JSON of a `flow::Conversation`), then the recent answers (per answer: 8-byte time, then sid, outcome and TwiML, each behind a 4-byte length) |
+//! | `c\0` | to `\0` from | the conversation record: 1 version byte, 8-byte big-endian last activity, 1 flag byte, 8-byte due time of its next timer (version 2), 4-byte length, the conversation (the caller's bytes: versioned JSON of a `flow::Conversation`), then the recent answers (per answer: 8-byte time, then sid, outcome and TwiML, each behind a 4-byte length) |
 //! | `s\0` | MessageSid | [`DeliveryStatus`]: latest status of a message we sent |
 //! | `l\0` | MessageSid `\0` id | [`StatusEvent`]: every status callback received |
 //! | `o\0` | scope `\0` number | [`OptOut`]: current consent state |
 //! | `a\0` | 8-byte time, 8-byte id | [`AuditRecord`]: every consent change |
 //! | `m\0` | `marker` | the last flush marker, 8 bytes big-endian (see below) |
+//! | `t\0` | 8-byte big-endian due time, to `\0` from | nothing: the index of pending timers by due time; the conversation record's due time is authoritative (see "Timers") |
 //! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
 //! | `y\0` | 8-byte not_before, outbox key | empty: the due index of pending outbox entries (`outbox.rs`) |
 //! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
@@ -26,10 +27,13 @@
 //! record never makes a sender's conversation silently start afresh.
 //!
 //! - Every record says its version. A conversation record starts with its
-//!   layout version byte (now 1); JSON records (the conversation inside it,
-//!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`], [`AuditRecord`], the
-//!   lines of `messages.jsonl`) start with `"v":N` (now 1), written and read
-//!   by `crate::versioned`. Records from before versions (version 0) have
+//!   layout version byte (now 2: version 2 added the due time of the
+//!   conversation's next timer to the header); JSON records (the
+//!   conversation inside it, now at version 2, which added the run's timer
+//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
+//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`], at
+//!   version 1) start with `"v":N`, written and read by
+//!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
 //!   and turns an older record into the current value (for JSON, one
@@ -47,6 +51,19 @@
 //!   golden` writes the missing files). The keys, the flush marker and the
 //!   `checkpoint` file are fixed formats: changing one means a new key or
 //!   file name, read alongside the old.
+//!
+//! # Timers
+//!
+//! A conversation's next timer (a waiting step's `timeout:`, a script's
+//! wake) is due at the time in its record's header, written by the same
+//! insert as the step that set it. The `t\0` index finds due timers
+//! without scanning conversations: a commit writes the new index entry
+//! first, then the record, then removes the old entry, so a crash leaves
+//! at most a stale entry, never a pending timer without one. A stale entry
+//! is harmless: firing re-reads the record, which says what is really
+//! due, and the entry is removed then. The number of records with a due
+//! time is counted at open and kept up to date by every write, like the
+//! conversation count.
 //!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
@@ -107,6 +124,36 @@ pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
+
+/// One entry of the timer index: a conversation whose timer is due at
+/// `due` (unless the entry is stale: the record's own due time decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    /// Unix seconds the timer is due.
+    pub due: i64,
+    /// The conversation.
+    pub key: ConvKey,
+}
+
+/// A conversation change that answers no inbound message (a timer fired,
+/// a tool seeded it): the record is rewritten with its recent answers
+/// kept, atomically, like [`Commit`].
+#[derive(Debug, Clone)]
+pub struct StateCommit<'a> {
+    /// The conversation.
+    pub key: &'a ConvKey,
+    /// The new conversation, or `None` when there is no state to keep.
+    pub conversation: Option<&'a [u8]>,
+    /// Whether the conversation has no running flow.
+    pub ended: bool,
+    /// When its next timer is due, if one is pending.
+    pub due: Option<i64>,
+    /// The answers recorded so far (from [`Store::load`], under the
+    /// conversation's lock); kept as they are.
+    pub recent: &'a RecentAnswers,
+    /// Unix seconds: the record's last-touched time.
+    pub at: i64,
+}
 pub use sled_store::SledStore;
 
 /// Errors from the storage backend. Callers map these to a 503-style
@@ -156,6 +203,9 @@ pub struct Commit<'a> {
     pub processed: &'a Processed,
     /// A consent change (STOP/START) to record with it, if any.
     pub consent: Option<ConsentChange>,
+    /// When the conversation's next timer is due, if one is pending
+    /// (indexed by due time; see the store's "Timers").
+    pub due: Option<i64>,
 }
 
 /// How many records a purge removed, by kind.
@@ -260,6 +310,20 @@ pub trait Store: Send + Sync + 'static {
         ended: bool,
         at: i64,
     ) -> Result<(), StoreError>;
+    /// Write a conversation change that answers no inbound message (a
+    /// timer fired, a tool seeded it), with its next due time, keeping the
+    /// recorded answers. Not yet durable: see `flush`.
+    fn commit_state(&self, commit: StateCommit<'_>) -> Result<(), StoreError>;
+    /// Timer index entries due at or before `now`, earliest first, at most
+    /// `limit`. Reads the index only, never every conversation; an entry
+    /// may be stale (check the record's due time).
+    fn due_timers(&self, now: i64, limit: usize) -> Result<Vec<DueTimer>, StoreError>;
+    /// The earliest timer index entry's due time, if any.
+    fn next_timer(&self) -> Result<Option<i64>, StoreError>;
+    /// Remove a timer index entry (a stale one, found while firing).
+    fn remove_timer(&self, timer: &DueTimer) -> Result<(), StoreError>;
+    /// Conversations with a pending timer, in constant time.
+    fn pending_timers(&self) -> usize;
     /// Record messages to send on our own. An entry whose key is already
     /// in the outbox is left as it is (whatever its state): enqueueing is
     /// idempotent. Returns how many entries were new. Not yet durable: see
@@ -356,6 +420,8 @@ pub struct StoreHealth {
     pub conversations: usize,
     /// Times the store reopened itself after a failure.
     pub reopens: u64,
+    /// Conversations with a pending timer.
+    pub pending_timers: usize,
     /// Completed grouped fsyncs.
     pub fsyncs: u64,
 }

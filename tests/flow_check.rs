@@ -99,13 +99,38 @@ fn schema_problems_are_all_reported_with_positions() {
             "types.yaml:1:11: error: expected a mapping for `keywords`, found a list",
             "types.yaml:2:5: error: expected text for `to`, found a mapping",
             "unknown_keys.yaml:3:3: error: unknown key `keyword` in `trigger` (expected one of: keywords, regex, catch_all, to)",
-            "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, description)",
+            "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, timeout, description)",
             "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when, save, contact, set, say, media, goto, flow, end, silence, description)",
         ],
     );
     // load_dir refuses the set and reports the same list.
     let err = load_dir(&fixture("broken/schema")).unwrap_err();
     assert_eq!(err, diags);
+}
+
+/// `timeout:` on a waiting step: durations, targets, strictly increasing
+/// order, only on steps that wait, within `expire_after`, templates; a
+/// step reached only by a timeout's `goto` counts as reached (`gave_up`
+/// in reached.yaml, `done` here).
+#[test]
+fn timeout_problems_are_reported_with_positions() {
+    assert_diags(
+        &check_dir(&fixture("broken/timeouts")),
+        &[
+            "reached.yaml:8:12: error: `{{nme}}` is never set in flow `reached` (use `save:` or `set:`)",
+            "timeouts.yaml:8:16: error: invalid duration `2 hours` (use a number and s, m, h or d, like 30m or 2h; at most 365d)",
+            "timeouts.yaml:11:15: error: unknown step `nowhere` (goto)",
+            "timeouts.yaml:12:9: error: a timeout needs `after:` (how long after the step started waiting, like 2h)",
+            "timeouts.yaml:13:9: error: a timeout with neither `say` nor goto/flow/end/silence does nothing; add one",
+            "timeouts.yaml:16:9: error: a timeout has both `say` and `silence`; silence sends nothing",
+            "timeouts.yaml:17:16: error: this timeout is due after the run has expired (expire_after 1d); raise the flow's expire_after or shorten `after`",
+            "timeouts.yaml:26:16: error: timeouts of step `order` must come in strictly increasing `after` order: 1h is not after 3h",
+            "timeouts.yaml:28:16: error: timeouts of step `order` must come in strictly increasing `after` order: 3h is not after 3h",
+            "timeouts.yaml:32:5: error: `timeout` needs `wait` in step `no_wait`: only a step that waits for a reply can time out",
+            "timeouts.yaml:36:3: error: step `loop` can never be left: every route and the retry give-up come back to it",
+            "timeouts.yaml:42:3: error: step `island` is never reached from the start step `ask`",
+        ],
+    );
 }
 
 #[test]
@@ -141,6 +166,7 @@ fn rhai_errors_are_located_in_the_rhai_or_yaml_file() {
             "missing.yaml:2:1: error: a script flow has no steps; remove `steps` or `script`",
             "noentry.rhai:1:1: error: script must define fn on_message(msg, state)",
             "noentry.yaml:2:11: error: a fallback cannot use `{{= }}`: it is what is sent when expressions fail",
+            "nowake.rhai:3:3: error: the script calls wake_after but defines no fn on_timeout(name, state) to be woken in",
             "paths.yaml:1:9: error: `script` names a .rhai file in the flows directory, like quiz.rhai, not `../secret.rhai`",
             // Scripts: positions in the .rhai file.
             "syntax.rhai:2:23: error: unexpected ';'",

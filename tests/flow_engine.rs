@@ -8,8 +8,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use smsflow::flow::script::Limits;
 use smsflow::flow::{
-    handle, load_dir, load_dir_with, Conversation, EngineOptions, Event, FlowSet, Handled, Inbound,
-    Outcome, Reply, Run, SilenceReason,
+    handle, handle_timeout, load_dir, load_dir_with, next_due, Conversation, EngineOptions, Event,
+    FlowSet, Handled, Inbound, Outcome, Reply, Run, SilenceReason, Wake,
 };
 
 fn load_yaml(files: &[(&str, &str)]) -> FlowSet {
@@ -167,6 +167,9 @@ fn an_edited_flow_ends_a_stale_run_cleanly() {
             retries: 0,
             started_at: 0,
             last_active: 0,
+            waiting_since: 0,
+            timeouts_fired: 0,
+            wakes: BTreeMap::new(),
         }),
     };
     let h = send(&b, gone, "hello", 1);
@@ -570,6 +573,9 @@ fn arb_conversation() -> impl Strategy<Value = Conversation> {
             retries,
             started_at,
             last_active,
+            waiting_since: last_active,
+            timeouts_fired: 0,
+            wakes: BTreeMap::new(),
         });
     (
         prop::collection::btree_map(".{0,8}", ".{0,8}", 0..4),
@@ -727,4 +733,221 @@ fn script_replies_and_fallbacks_name_their_flow_and_step() {
     let h = send(&set, Conversation::default(), "boom", 1);
     assert_eq!(bodies(&h.outcome), ["Sorry"]);
     assert_eq!(origins(&h), [Some("boom/on_message".to_owned())]);
+}
+
+// ---- Timeouts --------------------------------------------------------------
+
+const WAKE: Wake<'static> = Wake {
+    from: "+15551230001",
+    to: "+15550001111",
+};
+
+/// A flow whose `ask` step reminds after 1h, then gives up after 3h.
+const REMIND: &str = r#"
+trigger: {keywords: [GO]}
+steps:
+  ask:
+    say: "Yes or no, {{contact.state|friend}}?"
+    wait:
+      - yes: true
+        say: "Good."
+      - no: true
+        goto: ask
+    retry: { say: "Yes or no?", limit: 5 }
+    timeout:
+      - after: 1h
+        say: "Still there, {{contact.state|friend}}?"
+      - after: 3h
+        say: "Giving up."
+        goto: gave_up
+  gave_up:
+    set: { contact.state: "gave up" }
+    end: true
+"#;
+
+fn timeout(set: &FlowSet, conv: Conversation, now: i64) -> Handled {
+    handle_timeout(set, conv, &WAKE, now)
+}
+
+#[test]
+fn a_due_timeout_reminds_then_gives_up() {
+    let set = load_yaml(&[("r.yaml", REMIND)]);
+    let h = send(&set, Conversation::default(), "go", 1_000);
+    assert_eq!(next_due(&set, &h.conversation), Some(1_000 + 3600));
+    // Not due yet: nothing runs, nothing changes.
+    let early = timeout(&set, h.conversation.clone(), 1_000 + 3599);
+    assert!(early.events.is_empty());
+    assert_eq!(early.conversation, h.conversation);
+
+    let r = timeout(&set, h.conversation, 1_000 + 3600);
+    assert_eq!(bodies(&r.outcome), ["Still there, friend?"]);
+    assert_eq!(
+        r.events,
+        [Event::TimedOut {
+            flow: "r".into(),
+            step: "ask".into(),
+            timeout: "3600".into(),
+            waiting_since: 1_000,
+        }]
+    );
+    let run = r.conversation.run.clone().unwrap();
+    assert_eq!((run.step.as_str(), run.timeouts_fired), ("ask", 3600));
+    // A reminder is not the sender's activity.
+    assert_eq!(run.last_active, 1_000);
+    assert_eq!(next_due(&set, &r.conversation), Some(1_000 + 3 * 3600));
+
+    let g = timeout(&set, r.conversation, 1_000 + 3 * 3600);
+    assert_eq!(bodies(&g.outcome), ["Giving up."]);
+    assert_eq!(g.conversation.run, None);
+    assert_eq!(g.conversation.contact["state"], "gave up");
+    assert_eq!(next_due(&set, &g.conversation), None);
+}
+
+#[test]
+fn entering_a_step_restarts_its_clock_and_a_retry_does_not() {
+    let set = load_yaml(&[("r.yaml", REMIND)]);
+    let h = send(&set, Conversation::default(), "go", 1_000);
+    // A retry (no route matched) keeps the clock.
+    let retry = send(&set, h.conversation, "hmm", 2_000);
+    assert_eq!(bodies(&retry.outcome), ["Yes or no?"]);
+    assert_eq!(next_due(&set, &retry.conversation), Some(1_000 + 3600));
+    // `no` goes to the same step again: a new wait, a new clock.
+    let again = send(&set, retry.conversation, "no", 3_000);
+    assert_eq!(next_due(&set, &again.conversation), Some(3_000 + 3600));
+    // A timeout that already fired fires again after re-entering.
+    let r = timeout(&set, again.conversation, 3_000 + 3600);
+    assert_eq!(bodies(&r.outcome), ["Still there, friend?"]);
+    let back = send(&set, r.conversation, "no", 9_000);
+    assert_eq!(back.conversation.run.as_ref().unwrap().timeouts_fired, 0);
+    // Leaving the step cancels its timeouts.
+    let done = send(&set, back.conversation, "yes", 9_500);
+    assert_eq!(done.conversation.run, None);
+    assert_eq!(next_due(&set, &done.conversation), None);
+}
+
+#[test]
+fn a_timer_whose_step_or_timeout_was_edited_away_is_dropped() {
+    let set = load_yaml(&[("r.yaml", REMIND)]);
+    let h = send(&set, Conversation::default(), "go", 1_000);
+    // The step is gone after a reload.
+    let renamed = load_yaml(&[("r.yaml", &REMIND.replace("ask", "asked"))]);
+    assert_eq!(next_due(&renamed, &h.conversation), None);
+    let r = timeout(&renamed, h.conversation.clone(), 1_000 + 3600);
+    assert_eq!(
+        r.events,
+        [Event::StaleTimer {
+            flow: "r".into(),
+            step: "ask".into(),
+        }]
+    );
+    assert_eq!(r.outcome, Outcome::Silence(SilenceReason::NoMatch));
+    assert_eq!(r.conversation, h.conversation);
+    // The timeout due next is gone (the reminder fired, the give-up was
+    // removed).
+    let reminded = timeout(&set, h.conversation.clone(), 1_000 + 3600).conversation;
+    let fewer = load_yaml(&[(
+        "r.yaml",
+        &REMIND
+            .replace(
+                "      - after: 3h\n        say: \"Giving up.\"\n        goto: gave_up\n",
+                "",
+            )
+            .replace("goto: ask", "goto: gave_up"),
+    )]);
+    assert_eq!(next_due(&fewer, &reminded), None);
+    let r = timeout(&fewer, reminded.clone(), 1_000 + 3 * 3600);
+    assert!(matches!(r.events[..], [Event::StaleTimer { .. }]));
+    assert_eq!(r.conversation, reminded);
+    // The flow is gone entirely.
+    let other = load_yaml(&[("k.yaml", "keywords: {HOURS: 9-5}\n")]);
+    let r = timeout(&other, h.conversation.clone(), 1_000 + 3600);
+    assert!(matches!(r.events[..], [Event::StaleTimer { .. }]));
+    // An `after:` made longer: not due yet, nothing runs.
+    let later = load_yaml(&[("r.yaml", &REMIND.replace("after: 1h", "after: 2h"))]);
+    assert_eq!(next_due(&later, &h.conversation), Some(1_000 + 7200));
+    let r = timeout(&later, h.conversation, 1_000 + 3600);
+    assert!(r.events.is_empty());
+}
+
+#[test]
+fn an_expired_run_ends_when_its_timer_fires_late() {
+    let set = load_yaml(&[(
+        "r.yaml",
+        &format!(
+            "expire_after: 2h\n{}",
+            REMIND.replace("after: 3h", "after: 2h")
+        ),
+    )]);
+    let h = send(&set, Conversation::default(), "go", 1_000);
+    let r = timeout(&set, h.conversation, 1_000 + 7201 + 3600);
+    assert_eq!(r.events, [Event::Expired { flow: "r".into() }]);
+    assert_eq!(r.conversation.run, None);
+}
+
+/// A script that asks to be woken, and answers the wake.
+const WAKER: &str = r#"
+fn on_message(msg, state) {
+    if msg.body == "stop" { return (); }
+    state.asked = msg.body;
+    wake_after(600, "nudge");
+    "Tell me more."
+}
+fn on_timeout(name, state) {
+    state.nudged = true;
+    set_contact("nudged", "yes");
+    if state.asked == "boom" { throw "no"; }
+    `${name}: still thinking about ${state.asked}?`
+}
+"#;
+
+#[test]
+fn a_script_is_woken_with_on_timeout_and_a_reply_clears_its_wakes() {
+    let set = script_flow(WAKER);
+    let h = send(&set, Conversation::default(), "s", 1_000);
+    assert_eq!(next_due(&set, &h.conversation), Some(1_600));
+    let r = timeout(&set, h.conversation.clone(), 1_600);
+    assert_eq!(bodies(&r.outcome), ["nudge: still thinking about s?"]);
+    assert_eq!(r.conversation.contact["nudged"], "yes");
+    assert_eq!(next_due(&set, &r.conversation), None);
+    // A message before the wake: `on_message` runs and asks again.
+    let m = send(&set, h.conversation, "later", 1_100);
+    assert_eq!(next_due(&set, &m.conversation), Some(1_700));
+    // A failing `on_timeout`: the fallback, the conversation unchanged,
+    // but the wake is spent.
+    let b = send(&set, Conversation::default(), "s", 1_000);
+    let b = send(&set, b.conversation, "boom", 1_001);
+    let f = timeout(&set, b.conversation, 1_601);
+    assert_eq!(bodies(&f.outcome), ["Sorry!"]);
+    assert!(matches!(f.events.last(), Some(Event::ScriptError { .. })));
+    assert_eq!(next_due(&set, &f.conversation), None);
+    assert_eq!(f.conversation.run.unwrap().vars.len(), 1);
+}
+
+#[test]
+fn wake_after_is_bounded() {
+    for (call, why) in [
+        ("wake_after(0, \"x\")", "seconds must be from 1"),
+        ("wake_after(40000000, \"x\")", "seconds must be from 1"),
+        ("wake_after(5, \"\")", "the name must be"),
+        (
+            "for i in 0..11 { wake_after(5, `w${i}`); }",
+            "at most 10 wakes",
+        ),
+    ] {
+        let set = script_flow(&format!(
+            "fn on_message(msg, state) {{ state.n = 1; {call}; \"ok\" }}\nfn on_timeout(name, state) {{ () }}\n"
+        ));
+        let h = send(&set, Conversation::default(), "s", 1_000);
+        assert_eq!(bodies(&h.outcome), ["Sorry!"], "{call}");
+        match &h.events[..] {
+            [.., Event::ScriptError { message, .. }] => {
+                assert!(message.contains(why), "{call}: {message}")
+            }
+            other => panic!("{call}: {other:?}"),
+        }
+    }
+    // In a YAML expression there is nothing to wake.
+    let set = load_yaml(&[("w.yaml", "trigger: {keywords: [W]}\nfallback: \"no\"\nsteps:\n  s:\n    say: \"{{= wake_after(5, `x`) }}\"\n")]);
+    let h = send(&set, Conversation::default(), "w", 1_000);
+    assert_eq!(bodies(&h.outcome), ["no"]);
 }

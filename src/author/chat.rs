@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use super::session::{reply_lines, Sent, Session};
+use super::session::{reply_lines, timer_lines, Sent, Session};
 use crate::flow::{self, Event};
 use crate::pipeline::{Detailed, PipelineOptions};
 
@@ -43,7 +43,8 @@ const CHAT_HELP: &str = "\
 # Type a message to send it. Replies show as `< text`, silence as
 # `< (silence: reason)`. `hi [media: https://x/a.jpg]` attaches media;
 # \\n, \\t, \\\\ and \\u{1F600} are escapes; `//text` sends `/text`.
-#   /wait 2h      advance the virtual clock (s, m, h, d; combinable: 1h30m)
+#   /wait 2h      advance the virtual clock (s, m, h, d; combinable: 1h30m),
+#                 firing the timeouts due meanwhile and showing what they send
 #   /state        show the stored conversation (contact fields, step, run vars)
 #   /reset        forget this conversation (contact fields and run)
 #   /from NUMBER  text as another sender; /to NUMBER  text another of our numbers
@@ -112,8 +113,21 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                 "help" | "?" => writeln!(out, "{CHAT_HELP}")?,
                 "wait" => match flow::parse_duration(arg) {
                     Some(secs) => {
-                        session.now = session.now.saturating_add(secs);
+                        let fired = runtime.block_on(session.wait(secs))?;
                         writeln!(out, "@ wait {arg}   # clock now {}", session.now)?;
+                        // Each firing's events, then what it sent; nothing
+                        // sent: no `<` line, so a saved chat reads as a
+                        // transcript (`@ wait` without `<` expects that).
+                        for f in &fired {
+                            for event in &f.events {
+                                writeln!(out, "# {}", describe(event))?;
+                            }
+                            if !f.enqueued.is_empty() {
+                                for line in timer_lines(std::slice::from_ref(f)) {
+                                    writeln!(out, "{}", line.render())?;
+                                }
+                            }
+                        }
                     }
                     None => writeln!(
                         out,
@@ -284,6 +298,18 @@ fn describe(event: &Event) -> String {
             "{count} repl(ies) over the limit of {} dropped",
             flow::MAX_REPLIES
         ),
+        Event::TimedOut {
+            flow,
+            step,
+            timeout,
+            ..
+        } => match timeout.parse::<i64>() {
+            Ok(secs) => format!("{flow}/{step}: no reply after {}", flow::show_secs(secs)),
+            Err(_) => format!("{flow}: wake {timeout} came due (on_timeout)"),
+        },
+        Event::StaleTimer { flow, step } => {
+            format!("a timer of {flow}/{step} no longer exists (flows edited); dropped")
+        }
         Event::ScriptError {
             flow,
             file,

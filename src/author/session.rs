@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::flow::{self, Conversation, FlowSet};
 use crate::metrics::Metrics;
-use crate::pipeline::{Detailed, Pipeline, PipelineOptions};
+use crate::pipeline::{Detailed, Pipeline, PipelineOptions, TimerFired};
 use crate::store::{ConvKey, SledStore, Store, StoreConfig, StoreError};
 use crate::twilio::{self, InboundMessage};
 
@@ -120,6 +120,34 @@ impl Session {
         Ok((sid, Sent::Handled(Box::new(detailed))))
     }
 
+    /// Advance the virtual clock by `secs`, firing every timer of the
+    /// store that comes due on the way, in due order, each at its own due
+    /// time, through the same [`Pipeline::fire_timer`] as the server's
+    /// scheduler. Returns what each firing did (its outbox entries are
+    /// what the phone would receive).
+    pub(super) async fn wait(&mut self, secs: i64) -> Result<Vec<TimerFired>, StoreError> {
+        let target = self.now.saturating_add(secs);
+        let mut fired = Vec::new();
+        // A bound against a flow that keeps setting timers already due.
+        for _ in 0..10_000 {
+            let store = self.pipeline.store();
+            match store.next_timer()? {
+                Some(next) if next <= target => {
+                    self.now = self.now.max(next);
+                    for timer in store.due_timers(self.now, 64)? {
+                        let done = self.pipeline.fire_timer(&timer, self.now).await?;
+                        if done.ran {
+                            fired.push(done);
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.now = target;
+        Ok(fired)
+    }
+
     /// The stored conversation, as the pipeline would read it.
     pub(super) fn conversation(&self) -> anyhow::Result<Option<Conversation>> {
         let Some(bytes) = self.pipeline.store().conversation(&self.key())? else {
@@ -177,4 +205,25 @@ pub(super) fn reply_lines(detailed: &Detailed) -> Vec<flow::ReplyLine> {
         ))];
     }
     sent.into_iter().map(flow::ReplyLine::Reply).collect()
+}
+
+/// What the phone receives from timer firings, as transcript lines: the
+/// messages they put in the outbox, in order, or a silence when they sent
+/// nothing.
+pub(super) fn timer_lines(fired: &[TimerFired]) -> Vec<flow::ReplyLine> {
+    let sent: Vec<flow::ReplyLine> = fired
+        .iter()
+        .flat_map(|f| &f.enqueued)
+        .map(|e| {
+            flow::ReplyLine::Reply(flow::Reply {
+                body: e.body.clone(),
+                media: e.media.clone(),
+                origin: None,
+            })
+        })
+        .collect();
+    if sent.is_empty() {
+        return vec![flow::ReplyLine::Silence(None)];
+    }
+    sent
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::session::{reply_lines, Sent, Session};
+use super::session::{reply_lines, timer_lines, Sent, Session};
 use super::{dirs_under, files_with};
 use crate::flow::{self, FlowSet, Line, ReplyLine, Transcript, TranscriptFailure};
 use crate::pipeline::PipelineOptions;
@@ -157,7 +157,28 @@ async fn drive(
                     }
                 }
             }
-            Line::Wait(secs) => session.now = session.now.saturating_add(*secs),
+            Line::Wait { secs, expect } => {
+                let fired = session.wait(*secs).await?;
+                let actual = timer_lines(&fired);
+                let sent_nothing = matches!(actual.as_slice(), [ReplyLine::Silence(_)]);
+                if expect.is_empty() {
+                    if !sent_nothing {
+                        let lines: Vec<String> = actual.iter().map(ReplyLine::render).collect();
+                        run.failures.push(fail(
+                            lno,
+                            format!(
+                                "timers sent messages during `@ wait`; expect them with `<` lines after it:\n{}",
+                                lines.join("\n")
+                            ),
+                        ));
+                    }
+                } else if let Err(diff) = flow::compare_replies(expect, &actual) {
+                    run.failures.push(fail(
+                        lno,
+                        format!("what the timers sent during `@ wait` differs\n{diff}"),
+                    ));
+                }
+            }
             Line::Load(dir) => {
                 let dir = base.join(dir);
                 match flow::load_dir(&dir) {

@@ -278,7 +278,12 @@ fn invited_reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec
         check(&flow.fallback, &flow.file);
         for step in flow.steps.values() {
             check(&step.say, &flow.file);
-            if let Next::Wait { routes, retry } = &step.next {
+            if let Next::Wait {
+                routes,
+                retry,
+                timeouts,
+            } = &step.next
+            {
                 for r in routes {
                     check(&r.say, &flow.file);
                 }
@@ -286,6 +291,9 @@ fn invited_reserved_words(set: &SetInner, lists: &ReservedWords, diags: &mut Vec
                     check(say, &flow.file);
                 }
                 check(&retry.give_up_say, &flow.file);
+                for t in timeouts {
+                    check(&t.say, &flow.file);
+                }
             }
         }
     }
@@ -399,9 +407,30 @@ fn targets(set: &SetInner, flow: &Flow, diags: &mut Vec<Diagnostic>) {
     for step in flow.steps.values() {
         match &step.next {
             Next::Go(t) => check_t(t, diags),
-            Next::Wait { routes, retry } => {
+            Next::Wait {
+                routes,
+                retry,
+                timeouts,
+            } => {
                 for r in routes {
                     check_t(&r.then, diags);
+                }
+                for t in timeouts {
+                    if let Some(then) = &t.then {
+                        check_t(then, diags);
+                    }
+                    if t.after > flow.expire_after {
+                        err(
+                            diags,
+                            file,
+                            t.pos,
+                            format!(
+                                "this timeout is due after the run has expired (expire_after {}); \
+                                 raise the flow's expire_after or shorten `after`",
+                                super::load::show_secs(flow.expire_after)
+                            ),
+                        );
+                    }
                 }
                 if let Some(g) = &retry.give_up {
                     if !flow.steps.contains_key(&g.name) {
@@ -441,9 +470,18 @@ fn successors(step: &super::model::Step) -> Vec<&str> {
     match &step.next {
         Next::Go(Transition::Goto(t)) => out.push(t.name.as_str()),
         Next::Go(_) => {}
-        Next::Wait { routes, retry } => {
+        Next::Wait {
+            routes,
+            retry,
+            timeouts,
+        } => {
             for r in routes {
                 if let Transition::Goto(t) = &r.then {
+                    out.push(t.name.as_str());
+                }
+            }
+            for t in timeouts {
+                if let Some(Transition::Goto(t)) = &t.then {
                     out.push(t.name.as_str());
                 }
             }
@@ -489,10 +527,23 @@ fn reachability(flow: &Flow, diags: &mut Vec<Diagnostic>) {
 /// the sender until the run expires.
 fn dead_waits(flow: &Flow, diags: &mut Vec<Diagnostic>) {
     for (name, step) in &flow.steps {
-        let Next::Wait { routes, retry } = &step.next else {
+        let Next::Wait {
+            routes,
+            retry,
+            timeouts,
+        } = &step.next
+        else {
             continue;
         };
         if routes.is_empty() {
+            continue;
+        }
+        // A timeout that leaves the step is a way out.
+        if timeouts.iter().any(|t| {
+            t.then
+                .as_ref()
+                .is_some_and(|then| !matches!(then, Transition::Goto(g) if g.name == *name))
+        }) {
             continue;
         }
         let all_loop = routes
@@ -714,7 +765,15 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                 check_template(&a.value, a.pos, file, rv, diags);
             }
             check_msgs(&step.say, file, rv, diags);
-            if let Next::Wait { routes, retry } = &step.next {
+            if let Next::Wait {
+                routes,
+                retry,
+                timeouts,
+            } = &step.next
+            {
+                for t in timeouts {
+                    check_msgs(&t.say, file, rv, diags);
+                }
                 for r in routes {
                     for a in &r.set {
                         check_template(&a.value, a.pos, file, rv, diags);

@@ -27,10 +27,12 @@ use serde_json::Value;
 
 use super::matcher::{normalize, route_match, starts_with_phrase, words, RouteMatch};
 use super::model::{
-    Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Transition,
+    Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Timeout,
+    Transition,
 };
 use super::script::{
-    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ENTRY_POINT, MAX_MEDIA,
+    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ScriptOutput, ENTRY_POINT,
+    MAX_MEDIA,
 };
 use super::template::{Template, Var, Vars};
 // Twilio's message limits are defined once, in `twilio::limits`; long
@@ -150,6 +152,35 @@ pub struct Run {
     pub started_at: i64,
     /// Unix seconds of the last message handled in this run.
     pub last_active: i64,
+    /// Unix seconds when the run started waiting at `step`: its
+    /// `timeout:`s count from here. Entering a step (even the same one
+    /// again by `goto`) restarts it; a retry at the step does not.
+    pub waiting_since: i64,
+    /// The `after` (seconds) of the last of this step's timeouts that
+    /// fired, 0 when none has: the next one due is the first with a
+    /// larger `after`.
+    pub timeouts_fired: i64,
+    /// A script flow's pending wakes (`wake_after`): name → due, unix
+    /// seconds. A message handled by `on_message` clears them (the script
+    /// asks again if it still wants one).
+    pub wakes: BTreeMap<String, i64>,
+}
+
+impl Run {
+    /// A run of `flow` that has just entered `step` at `now`.
+    fn entering(flow: &str, step: &str, now: i64) -> Run {
+        Run {
+            flow: flow.to_owned(),
+            step: step.to_owned(),
+            vars: BTreeMap::new(),
+            retries: 0,
+            started_at: now,
+            last_active: now,
+            waiting_since: now,
+            timeouts_fired: 0,
+            wakes: BTreeMap::new(),
+        }
+    }
 }
 
 /// Operator settings that change how messages are routed.
@@ -234,6 +265,28 @@ pub enum Event {
         /// How many replies were dropped.
         count: usize,
     },
+    /// A timeout of a waiting step (or a script's wake) came due and ran.
+    TimedOut {
+        /// The flow of the waiting run.
+        flow: String,
+        /// The step that was waiting (`on_message` for a script flow).
+        step: String,
+        /// Which timeout: its `after` as written in seconds (`7200`), or
+        /// the wake's name for a script flow.
+        timeout: String,
+        /// When the step started waiting (unix seconds; for a script's
+        /// wake, when the wake was due); with the rest, this names the
+        /// firing uniquely (the outbox keys its messages by it).
+        waiting_since: i64,
+    },
+    /// A timer came due but its flow, step, timeout or `on_timeout` no
+    /// longer exists (flows were edited): it was dropped, nothing sent.
+    StaleTimer {
+        /// The run's flow.
+        flow: String,
+        /// The step it waited at.
+        step: String,
+    },
     /// A script or Rhai expression failed (error, limit, time budget, or a
     /// return value the engine cannot use): the flow's fallback answered
     /// and the conversation was left as it was. `line` and `column` are 0
@@ -270,26 +323,7 @@ pub fn handle(
     };
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
-    let mut ex = Exec {
-        set: &set.inner,
-        sandbox: set.inner.sandbox.as_deref(),
-        budget: None,
-        failed: None,
-        failed_at: None,
-        msg,
-        now,
-        contact: conv.contact,
-        run: None,
-        out: Vec::new(),
-        dropped: 0,
-        events: Vec::new(),
-        captures: Vec::new(),
-        transitions: 0,
-        silence: None,
-        answered: false,
-        flow: None,
-        step: None,
-    };
+    let mut ex = Exec::new(set, msg, now, conv.contact);
     let norm = normalize(msg.body);
     let mut run = conv.run;
     if run.is_some() && !norm.is_empty() {
@@ -312,6 +346,82 @@ pub fn handle(
     match original {
         Some(original) => ex.finish_or_fall_back(original),
         None => ex.finish(),
+    }
+}
+
+/// Who a timer belongs to: the conversation's two numbers.
+#[derive(Clone, Copy, Debug)]
+pub struct Wake<'a> {
+    /// The sender's number (the conversation's `From`).
+    pub from: &'a str,
+    /// Our number (the conversation's `To`).
+    pub to: &'a str,
+}
+
+/// Run the conversation's timer that is due at `now`: the first of its
+/// waiting step's `timeout:`s not yet fired (its messages, then its
+/// transition, or keep waiting), or a script flow's earliest due wake
+/// (`on_timeout`). Pure and total, like [`handle`]. Templates see the
+/// run's variables and an empty message body.
+///
+/// Nothing runs, and the conversation comes back as it was, when nothing
+/// is due yet (an edited `after:` moved the timeout later), or when the
+/// timer's flow, step or timeout no longer exists ([`Event::StaleTimer`]).
+/// A run idle past its flow's `expire_after` ends ([`Event::Expired`]).
+pub fn handle_timeout(set: &FlowSet, conv: Conversation, wake: &Wake<'_>, now: i64) -> Handled {
+    let msg = &Inbound {
+        from: wake.from,
+        to: wake.to,
+        body: "",
+        media: &[],
+        message_sid: "",
+    };
+    let original = set.has_scripts().then(|| conv.clone());
+    let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.touch = false;
+    if let Some(run) = conv.run {
+        ex.timeout(run);
+    }
+    let mut handled = match original {
+        Some(original) => ex.finish_or_fall_back(original),
+        None => ex.finish(),
+    };
+    // A failing `on_timeout` leaves the conversation as it was, except
+    // that its wake is spent: it must not fire again and again.
+    let failed = handled
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ScriptError { .. }));
+    let fired = handled.events.iter().find_map(|e| match e {
+        Event::TimedOut { timeout, .. } => Some(timeout.clone()),
+        _ => None,
+    });
+    if let (true, Some(name), Some(run)) = (failed, fired, handled.conversation.run.as_mut()) {
+        run.wakes.remove(&name);
+    }
+    handled
+}
+
+/// When the conversation's next timer is due under `set` (unix seconds):
+/// the waiting step's next timeout, or a script flow's earliest wake.
+/// `None` when nothing is pending (no run, no timeout left, or the run's
+/// flow or step no longer exists). The store indexes conversations by
+/// this time.
+pub fn next_due(set: &FlowSet, conv: &Conversation) -> Option<i64> {
+    let run = conv.run.as_ref()?;
+    let flow = set.inner.flows.get(&run.flow)?;
+    if flow.script.is_some() {
+        return run.wakes.values().min().copied();
+    }
+    let t = pending_timeout(flow, run)?;
+    Some(run.waiting_since.saturating_add(t.after))
+}
+
+/// The waiting step's first timeout that has not fired yet.
+fn pending_timeout<'f>(flow: &'f Flow, run: &Run) -> Option<&'f Timeout> {
+    match &flow.steps.get(&run.step)?.next {
+        Next::Wait { timeouts, .. } => timeouts.iter().find(|t| t.after > run.timeouts_fired),
+        Next::Go(_) => None,
     }
 }
 
@@ -342,9 +452,141 @@ struct Exec<'a> {
     answered: bool,
     flow: Option<String>,
     step: Option<String>,
+    /// Whether the run's `last_active` becomes `now`: a message is
+    /// activity; a reminder that keeps waiting is not.
+    touch: bool,
 }
 
 impl<'a> Exec<'a> {
+    fn new(
+        set: &'a FlowSet,
+        msg: &'a Inbound<'a>,
+        now: i64,
+        contact: BTreeMap<String, String>,
+    ) -> Exec<'a> {
+        Exec {
+            set: &set.inner,
+            sandbox: set.inner.sandbox.as_deref(),
+            budget: None,
+            failed: None,
+            failed_at: None,
+            msg,
+            now,
+            contact,
+            run: None,
+            out: Vec::new(),
+            dropped: 0,
+            events: Vec::new(),
+            captures: Vec::new(),
+            transitions: 0,
+            silence: None,
+            answered: false,
+            flow: None,
+            step: None,
+            touch: true,
+        }
+    }
+
+    /// Run the timer of `run` that is due (see [`handle_timeout`]).
+    fn timeout(&mut self, mut run: Run) {
+        let set = self.set;
+        let stale = |run: &Run| Event::StaleTimer {
+            flow: run.flow.clone(),
+            step: run.step.clone(),
+        };
+        let Some(flow) = set.flows.get(&run.flow) else {
+            self.events.push(stale(&run));
+            self.run = Some(run);
+            return;
+        };
+        if self.now.saturating_sub(run.last_active) > flow.expire_after {
+            self.events.push(Event::Expired { flow: run.flow });
+            return;
+        }
+        if flow.script.is_some() {
+            self.script_timeout(flow, run);
+            return;
+        }
+        let Some(t) = pending_timeout(flow, &run) else {
+            self.events.push(stale(&run));
+            self.run = Some(run);
+            return;
+        };
+        if run.waiting_since.saturating_add(t.after) > self.now {
+            // Not due: an edited `after:` moved it later.
+            self.run = Some(run);
+            return;
+        }
+        self.events.push(Event::TimedOut {
+            flow: flow.name.clone(),
+            step: run.step.clone(),
+            timeout: t.after.to_string(),
+            waiting_since: run.waiting_since,
+        });
+        run.timeouts_fired = t.after;
+        self.answered = true;
+        self.flow = Some(flow.name.clone());
+        self.step = Some(run.step.clone());
+        self.run = Some(run);
+        self.say(&t.say);
+        if let Some(then) = &t.then {
+            self.touch = true;
+            self.transition(flow, then);
+        }
+    }
+
+    /// A script flow's earliest due wake: `on_timeout(name, state)`.
+    fn script_timeout(&mut self, flow: &'a Flow, mut run: Run) {
+        let due = run
+            .wakes
+            .iter()
+            .filter(|(_, due)| **due <= self.now)
+            .min_by_key(|(name, due)| (**due, (*name).clone()))
+            .map(|(name, due)| (name.clone(), *due));
+        let Some((name, due)) = due else {
+            self.run = Some(run);
+            return;
+        };
+        run.wakes.remove(&name);
+        let script = flow.script.as_ref().and_then(|s| s.script.as_ref());
+        let Some(script) = script.filter(|s| s.has_on_timeout()) else {
+            self.events.push(Event::StaleTimer {
+                flow: run.flow.clone(),
+                step: run.step.clone(),
+            });
+            self.run = Some(run);
+            return;
+        };
+        self.events.push(Event::TimedOut {
+            flow: flow.name.clone(),
+            step: ENTRY_POINT.to_owned(),
+            timeout: name.clone(),
+            waiting_since: due,
+        });
+        self.answered = true;
+        self.flow = Some(flow.name.clone());
+        self.step = Some(ENTRY_POINT.to_owned());
+        let state: BTreeMap<String, Value> = run
+            .vars
+            .get(SCRIPT_STATE_VAR)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default();
+        let input = self.script_input();
+        let at = (script.file(), (1, 1));
+        let now = self.now;
+        let pending = run
+            .wakes
+            .iter()
+            .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
+            .collect();
+        let Some(out) = self.rhai(at, |sandbox| {
+            sandbox.run_timeout(script, &name, &input, &state, pending)
+        }) else {
+            self.run = None;
+            return;
+        };
+        self.script_done(flow, out, (run.started_at, run.last_active));
+    }
     /// Give the message to the waiting run. Returns false when the message
     /// must be handled as new instead (run gone stale, expired, or gave up
     /// without anything to say).
@@ -371,7 +613,7 @@ impl<'a> Exec<'a> {
         let found = set.flows.get(&run.flow).and_then(|flow| {
             let step = flow.steps.get(&run.step)?;
             match &step.next {
-                Next::Wait { routes, retry } => Some((flow, step, routes, retry)),
+                Next::Wait { routes, retry, .. } => Some((flow, step, routes, retry)),
                 Next::Go(_) => None,
             }
         });
@@ -525,14 +767,7 @@ impl<'a> Exec<'a> {
             self.run_script(flow, &BTreeMap::new(), self.now);
             return;
         }
-        self.run = Some(Run {
-            flow: flow.name.clone(),
-            step: flow.start.name.clone(),
-            vars: BTreeMap::new(),
-            retries: 0,
-            started_at: self.now,
-            last_active: self.now,
-        });
+        self.run = Some(Run::entering(&flow.name, &flow.start.name, self.now));
         self.run_steps(flow, &flow.start.name);
     }
 
@@ -570,6 +805,8 @@ impl<'a> Exec<'a> {
             if let Some(run) = &mut self.run {
                 run.step.clone_from(&name);
                 run.retries = 0;
+                run.waiting_since = self.now;
+                run.timeouts_fired = 0;
             }
             self.assign(&step.set);
             self.say(&step.say);
@@ -588,14 +825,7 @@ impl<'a> Exec<'a> {
                     self.events.push(Event::Triggered {
                         flow: next.name.clone(),
                     });
-                    self.run = Some(Run {
-                        flow: next.name.clone(),
-                        step: next.start.name.clone(),
-                        vars: BTreeMap::new(),
-                        retries: 0,
-                        started_at: self.now,
-                        last_active: self.now,
-                    });
+                    self.run = Some(Run::entering(&next.name, &next.start.name, self.now));
                     flow = next;
                     name.clone_from(&next.start.name);
                 }
@@ -624,7 +854,8 @@ impl<'a> Exec<'a> {
     }
 
     /// Runs a script flow's `on_message` for this message. The run lasts
-    /// while the script leaves something in `state`.
+    /// while the script leaves something in `state`; its pending wakes are
+    /// replaced by those this call asks for.
     fn run_script(&mut self, flow: &'a Flow, state: &BTreeMap<String, Value>, started_at: i64) {
         // A set whose script did not compile has an error and is never
         // served; nothing to run.
@@ -634,7 +865,17 @@ impl<'a> Exec<'a> {
         self.answered = true;
         self.flow = Some(flow.name.clone());
         self.step = Some(ENTRY_POINT.to_owned());
-        let input = ScriptInput {
+        let input = self.script_input();
+        let at = (script.file(), (1, 1));
+        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
+            self.run = None;
+            return;
+        };
+        self.script_done(flow, out, (started_at, self.now));
+    }
+
+    fn script_input(&self) -> ScriptInput {
+        ScriptInput {
             body: self.msg.body.to_owned(),
             from: self.msg.from.to_owned(),
             to: self.msg.to.to_owned(),
@@ -642,23 +883,34 @@ impl<'a> Exec<'a> {
             message_sid: self.msg.message_sid.to_owned(),
             received_at: self.now,
             contact: self.contact.clone(),
-        };
-        let at = (script.file(), (1, 1));
-        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
-            self.run = None;
-            return;
-        };
+        }
+    }
+
+    /// What a script run leaves: contact fields, the run (while `state`
+    /// holds something, with its start and last activity times) with the
+    /// wakes pending after it, and its replies.
+    fn script_done(
+        &mut self,
+        flow: &'a Flow,
+        out: ScriptOutput,
+        (started_at, last_active): (i64, i64),
+    ) {
         self.contact = out.contact;
+        let now = self.now;
+        let wakes = out
+            .wakes
+            .into_iter()
+            .map(|(name, secs)| (name, now.saturating_add(secs)))
+            .collect();
         self.run = (!out.state.is_empty()).then(|| Run {
-            flow: flow.name.clone(),
-            step: ENTRY_POINT.to_owned(),
             vars: BTreeMap::from([(
                 SCRIPT_STATE_VAR.to_owned(),
                 serde_json::to_string(&out.state).unwrap_or_default(),
             )]),
-            retries: 0,
             started_at,
-            last_active: self.now,
+            last_active,
+            wakes,
+            ..Run::entering(&flow.name, ENTRY_POINT, self.now)
         });
         if out.silence && self.out.is_empty() {
             self.silence = Some("script returned no reply".to_owned());
@@ -846,7 +1098,7 @@ impl<'a> Exec<'a> {
                 count: self.dropped,
             });
         }
-        if let Some(run) = &mut self.run {
+        if let Some(run) = self.run.as_mut().filter(|_| self.touch) {
             run.last_active = self.now;
         }
         let outcome = if let Some(reason) = self.silence {

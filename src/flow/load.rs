@@ -56,6 +56,7 @@ use files::{flow_files, read_file, rhai_files};
 use scripts::unused_scripts;
 
 pub(crate) use flows::parse_duration;
+pub(crate) use steps::show_secs;
 
 /// Largest flow file we read.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;

@@ -3,7 +3,8 @@
 //! `load` turns a flows directory into a validated [`FlowSet`] (or every
 //! problem, located by file, line and column; [`load_flows`] is the form
 //! the server and the tools use); [`handle`] is the pure step function the
-//! webhook calls for each inbound message; `stored` is a [`Conversation`]'s
+//! webhook calls for each inbound message, and [`handle_timeout`] the one a
+//! due timer calls ([`next_due`] says when that is); `stored` is a [`Conversation`]'s
 //! stored form (versioned JSON, migrated on read); `transcript` parses
 //! `.chat` conversation tests and compares replies (`author` runs them
 //! through the pipeline); `outline` describes one flow's steps and routes
@@ -35,11 +36,12 @@ mod yaml;
 
 pub use check::ReservedWords;
 pub use engine::{
-    handle, Conversation, EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run,
-    SilenceReason, StepRef, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    handle, handle_timeout, next_due, Conversation, EngineOptions, Event, Handled, Inbound,
+    Outcome, Reply, Run, SilenceReason, StepRef, Wake, MAX_BODY_CHARS, MAX_REPLIES,
+    MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
-pub(crate) use load::parse_duration;
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
+pub(crate) use load::{parse_duration, show_secs};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub(crate) use outline::{EdgeTarget, Outline};

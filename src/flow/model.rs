@@ -276,8 +276,27 @@ pub(crate) struct Step {
 
 #[derive(Clone, Debug)]
 pub(crate) enum Next {
-    Wait { routes: Vec<Route>, retry: Retry },
+    Wait {
+        routes: Vec<Route>,
+        retry: Retry,
+        /// `timeout:`, by strictly increasing `after`.
+        timeouts: Vec<Timeout>,
+    },
     Go(Transition),
+}
+
+/// One `timeout:` of a waiting step: `after` seconds after the step
+/// started waiting, say `say` and take `then` (none: keep waiting, a
+/// reminder). A timeout is identified by its `after`, which is unique
+/// within its step (strictly increasing), so a reload that keeps a
+/// timeout keeps its identity.
+#[derive(Clone, Debug)]
+pub(crate) struct Timeout {
+    pub after: i64,
+    pub say: Vec<Message>,
+    pub then: Option<Transition>,
+    /// Where its `after` is written.
+    pub pos: Pos,
 }
 
 /// What happens after a step or route has spoken.

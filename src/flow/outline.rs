@@ -41,7 +41,8 @@ pub struct Edge {
     /// `any_of: skip, later`, `number 13..120`, `else`, `goto`, …
     pub label: String,
     pub to: EdgeTarget,
-    /// A retry give-up rather than a matched route or a plain transition.
+    /// A retry give-up or a timeout (no reply came) rather than a matched
+    /// route or a plain transition: drawn dashed.
     pub retry: bool,
 }
 
@@ -98,7 +99,12 @@ impl FlowSet {
                 let mut ts = vec![];
                 match &s.next {
                     Next::Go(t) => ts.push(t),
-                    Next::Wait { routes, .. } => ts.extend(routes.iter().map(|r| &r.then)),
+                    Next::Wait {
+                        routes, timeouts, ..
+                    } => {
+                        ts.extend(routes.iter().map(|r| &r.then));
+                        ts.extend(timeouts.iter().filter_map(|t| t.then.as_ref()));
+                    }
                 }
                 ts.iter()
                     .any(|t| matches!(t, Transition::Flow(target) if target.name == name))
@@ -133,12 +139,32 @@ impl FlowSet {
                         });
                         false
                     }
-                    Next::Wait { routes, retry } => {
+                    Next::Wait {
+                        routes,
+                        retry,
+                        timeouts,
+                    } => {
                         for r in routes {
                             edges.push(Edge {
                                 label: route_label(r),
                                 to: transition(&r.then).1,
                                 retry: false,
+                            });
+                        }
+                        // Timeouts, dashed like retries: no reply came.
+                        for t in timeouts {
+                            let after = super::load::show_secs(t.after);
+                            let (label, to) = match &t.then {
+                                Some(then) => (format!("after {after}"), transition(then).1),
+                                None => (
+                                    format!("after {after}: reminder"),
+                                    EdgeTarget::Step(step_name.clone()),
+                                ),
+                            };
+                            edges.push(Edge {
+                                label,
+                                to,
+                                retry: true,
                             });
                         }
                         // With an `else` route every reply matches: no retries.

@@ -100,6 +100,9 @@ use values::{json_object_to_map, message_map, replies_from, state_from, state_ov
 /// The function every script flow must define.
 pub(crate) const ENTRY_POINT: &str = "on_message";
 
+/// The function a script flow defines to be woken (`wake_after`).
+pub(crate) const TIMEOUT_ENTRY_POINT: &str = "on_timeout";
+
 /// Most replies a script may return for one message (Twilio's per-response
 /// `<Message>` limit).
 pub(crate) const MAX_REPLIES: usize = crate::twilio::limits::MAX_MESSAGES;
@@ -117,6 +120,16 @@ pub(crate) struct Script {
     /// inside script functions without a position, and this is the most
     /// useful place to point at instead of 1:1.
     entry: (usize, usize),
+    /// Whether it defines `fn on_timeout(name, state)`.
+    on_timeout: bool,
+}
+
+impl Script {
+    /// Whether the script can be woken: it defines `fn on_timeout(name,
+    /// state)`.
+    pub fn has_on_timeout(&self) -> bool {
+        self.on_timeout
+    }
 }
 
 impl Script {
@@ -152,6 +165,9 @@ pub(crate) struct ScriptOutput {
     pub replies: Vec<ScriptReply>,
     /// The conversation state to persist.
     pub state: BTreeMap<String, Value>,
+    /// The wakes pending after the run: name → seconds from the run's
+    /// time (those it was given, minus none, plus `wake_after` calls).
+    pub wakes: BTreeMap<String, i64>,
     /// The contact fields to persist (the whole set, not a diff).
     pub contact: BTreeMap<String, String>,
     /// The script chose not to answer.
@@ -304,10 +320,29 @@ impl Sandbox {
                 message,
             });
         }
+        let on_timeout = ast
+            .iter_functions()
+            .any(|f| f.name == TIMEOUT_ENTRY_POINT && f.params.len() == 2);
+        if !on_timeout {
+            // A wake without `on_timeout` would never run: say so at load.
+            if let Some(at) = source.find("wake_after") {
+                let line = source[..at].matches('\n').count() + 1;
+                let column = at - source[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+                return Err(ScriptError::Compile {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    message: format!(
+                        "the script calls wake_after but defines no fn {TIMEOUT_ENTRY_POINT}(name, state) to be woken in"
+                    ),
+                });
+            }
+        }
         Ok(Script {
             ast: Arc::new(ast),
             file,
             entry,
+            on_timeout,
         })
     }
 
@@ -319,11 +354,40 @@ impl Sandbox {
         input: &ScriptInput,
         state: &BTreeMap<String, Value>,
     ) -> Result<ScriptOutput, ScriptError> {
+        let msg = Dynamic::from_map(message_map(input));
+        self.call(script, ENTRY_POINT, msg, input, state, BTreeMap::new())
+    }
+
+    /// Runs a script flow's `on_timeout(name, state)` for its wake `name`;
+    /// `pending` are its other pending wakes (name → seconds from now),
+    /// which the run may replace or add to. Same limits and contract as
+    /// [`Sandbox::run_script`]; `input` carries the conversation's numbers
+    /// and contact fields, with an empty body.
+    pub fn run_timeout(
+        &self,
+        script: &Script,
+        name: &str,
+        input: &ScriptInput,
+        state: &BTreeMap<String, Value>,
+        pending: BTreeMap<String, i64>,
+    ) -> Result<ScriptOutput, ScriptError> {
+        let name = Dynamic::from(name.to_owned());
+        self.call(script, TIMEOUT_ENTRY_POINT, name, input, state, pending)
+    }
+
+    fn call(
+        &self,
+        script: &Script,
+        entry: &str,
+        first: Dynamic,
+        input: &ScriptInput,
+        state: &BTreeMap<String, Value>,
+        pending: BTreeMap<String, i64>,
+    ) -> Result<ScriptOutput, ScriptError> {
         // A shared cell lets `on_message` mutate `state` in place. It must
         // only ever sit in a variable (the parameter), never inside a map or
         // array: Rhai assumes containers hold no shared values.
         let state_cell = Dynamic::from_map(json_object_to_map(state)).into_shared();
-        let msg = message_map(input);
 
         let mut run = RunState::new(
             &self.limits,
@@ -332,14 +396,15 @@ impl Sandbox {
             script.file.clone(),
         );
         run.contact = Some(input.contact.clone());
+        run.wakes = Some(pending);
         let guard = RunGuard::enter(run);
         let result = catch_engine_panic(|| {
             self.engine.call_fn_with_options::<Dynamic>(
                 CallFnOptions::new(),
                 &mut Scope::new(),
                 &script.ast,
-                ENTRY_POINT,
-                (Dynamic::from_map(msg), state_cell.clone()),
+                entry,
+                (first, state_cell.clone()),
             )
         });
         let run = guard.finish();
@@ -375,12 +440,20 @@ impl Sandbox {
                 which,
             });
         }
-        let contact = run.and_then(|run| run.contact).unwrap_or_default();
+        let (contact, wakes) = run
+            .map(|run| {
+                (
+                    run.contact.unwrap_or_default(),
+                    run.wakes.unwrap_or_default(),
+                )
+            })
+            .unwrap_or_default();
         Ok(ScriptOutput {
             silence: replies.is_empty(),
             replies,
             state,
             contact,
+            wakes,
         })
     }
 

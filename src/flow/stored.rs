@@ -8,9 +8,34 @@
 use super::Conversation;
 use crate::versioned::{self, Versioned};
 
+/// Version 2 added the run's timer fields (`waiting_since`,
+/// `timeouts_fired`, `wakes`).
 impl Versioned for Conversation {
     const KIND: &'static str = "conversation";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
+
+    fn upgrade(from: u32, mut record: serde_json::Value) -> Result<serde_json::Value, String> {
+        match from {
+            // Records from before versions: the shape of version 1.
+            0 => Ok(record),
+            // A run of version 1 has no timers: it has waited since it was
+            // last active, no timeout has fired, and a script asked for no
+            // wake.
+            1 => {
+                if let Some(run) = record.get_mut("run").and_then(|r| r.as_object_mut()) {
+                    let since = run
+                        .get("last_active")
+                        .and_then(serde_json::Value::as_i64)
+                        .ok_or("a version 1 run without last_active")?;
+                    run.insert("waiting_since".into(), since.into());
+                    run.insert("timeouts_fired".into(), 0.into());
+                    run.insert("wakes".into(), serde_json::json!({}));
+                }
+                Ok(record)
+            }
+            _ => Err(format!("no migration from version {from}")),
+        }
+    }
 }
 
 impl Conversation {

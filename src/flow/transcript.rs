@@ -95,8 +95,16 @@ pub enum Line {
         /// The replies expected, in order.
         expect: Vec<ReplyLine>,
     },
-    /// `@ wait 3h`: advance the virtual clock by this many seconds.
-    Wait(i64),
+    /// `@ wait 3h`: advance the virtual clock by this many seconds,
+    /// firing the timers that come due on the way; `expect` holds the `<`
+    /// lines that follow it: what those timers send (`< (silence)`:
+    /// nothing). With no `<` lines, the timers must send nothing.
+    Wait {
+        /// How far the clock moves, in seconds.
+        secs: i64,
+        /// The messages the timers are expected to send, in order.
+        expect: Vec<ReplyLine>,
+    },
     /// `@ load DIR`: switch to the flows in DIR (relative to the file).
     Load(PathBuf),
     /// `@ reset`: forget the conversation.
@@ -235,6 +243,9 @@ impl Transcript {
                     retries: 0,
                     started_at: now,
                     last_active: now,
+                    waiting_since: now,
+                    timeouts_fired: 0,
+                    wakes: BTreeMap::new(),
                 })
             }
         };
@@ -482,8 +493,15 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                     }
                 };
                 match script.lines.last_mut() {
-                    Some((_, Line::Send { expect, .. })) => expect.push(e),
-                    _ => return Err((lno, "`<` line without a `>` message before it".into())),
+                    Some((_, Line::Send { expect, .. } | Line::Wait { expect, .. })) => {
+                        expect.push(e)
+                    }
+                    _ => {
+                        return Err((
+                            lno,
+                            "`<` line without a `>` message or `@ wait` before it".into(),
+                        ))
+                    }
                 }
             }
             "@" => {
@@ -492,10 +510,11 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                 let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
                 let arg = arg.trim();
                 let l = match verb {
-                    "wait" => Line::Wait(
-                        parse_duration(arg)
+                    "wait" => Line::Wait {
+                        secs: parse_duration(arg)
                             .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
-                    ),
+                        expect: Vec::new(),
+                    },
                     "load" if !arg.is_empty() => Line::Load(PathBuf::from(arg)),
                     "reset" => Line::Reset,
                     "from" if !arg.is_empty() => Line::From(arg.to_owned()),
@@ -657,7 +676,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(s.lines[1].1, Line::Wait(10800)));
+        assert!(matches!(s.lines[1].1, Line::Wait { secs: 10800, .. }));
         assert_eq!(s.lines[2], (8, Line::From("+15550000002".into())));
         assert_eq!(s.lines[3], (9, Line::To("+15550000003".into())));
         assert!(parse("@ from\n").is_err(), "a number is needed");
@@ -717,7 +736,7 @@ mod tests {
         assert!(parse("nonsense\n> hi\n< x").is_err());
         assert_eq!(
             parse("< x\n").unwrap_err().1,
-            "`<` line without a `>` message before it"
+            "`<` line without a `>` message or `@ wait` before it"
         );
         assert!(parse("> hi\n< x\n@ reset\n< y\n").is_err());
     }

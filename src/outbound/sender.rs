@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 
 use super::client::{Answer, Client, NewMessage};
 use super::{quiet, OutboundConfig, Wake};
-use crate::clock::{unix_now, unix_now_ms};
+use crate::clock::{unix_now, unix_millis};
 use crate::metrics::{Metrics, Outbound};
 use crate::pipeline::{consent_change, consent_scope, Pipeline};
 use crate::store::{ConvKey, DeliveryStatus, OutboxEntry, OutboxState, Store, StoreError};
@@ -242,7 +242,7 @@ impl<S: Store> Sender<S> {
     }
 
     async fn pass(self: &Arc<Self>, tasks: &mut JoinSet<()>) -> Result<(), StoreError> {
-        let now_ms = unix_now_ms();
+        let now_ms = unix_millis();
         let now = now_ms.div_euclid(1000);
         let due = self.store().due_outbound(now, BATCH)?;
         if due.is_empty() {
@@ -367,7 +367,7 @@ impl<S: Store> Sender<S> {
 
     /// Wait for the slot, mark `Sending` durably, send, record the answer.
     async fn send(&self, entry: OutboxEntry, slot_ms: i64) -> Result<(), StoreError> {
-        let wait = slot_ms - unix_now_ms();
+        let wait = slot_ms - unix_millis();
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }

@@ -4,9 +4,12 @@
 //! wrote them (a signup conversation waiting at `ask_age`, a sender who
 //! texted STOP, a delivery status and its event, the consent state and its
 //! audit record, the message log). `golden/v1/` holds the same records as
-//! this release writes them. Every version's records must keep decoding to
-//! the same values, and this release must write the current version byte
-//! for byte. A format change is a new version: see "Format versions" in the
+//! the first versioned release wrote them, and `golden/v2/` as this
+//! release writes them (version 2: the conversation record's header holds
+//! its next timer's due time, and the conversation's run its timer fields;
+//! the other records are still at version 1). Every version's records must
+//! keep decoding to the same values, and this release must write the
+//! current version byte for byte. A format change is a new version: see "Format versions" in the
 //! store's module doc. `SMSFLOW_WRITE_GOLDEN=1 cargo test --lib golden`
 //! writes the files of a new version that are missing; it never overwrites.
 
@@ -17,8 +20,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::message_log::LogLine;
-use super::records::{conv_header, conv_value, decode, decode_conv, encode, prefixed, two_part};
-use super::records::{ENDED, HAS_CONVERSATION};
+use super::records::{
+    conv_due, conv_header, conv_value, decode, decode_conv, encode, prefixed, timer_key, two_part,
+};
+use super::records::{ENDED, HAS_CONVERSATION, HAS_DUE};
 use super::*;
 use crate::flow::{Conversation, Run};
 use crate::metrics::Metrics;
@@ -53,6 +58,9 @@ fn ana() -> Conversation {
             retries: 1,
             started_at: 1_700_000_000,
             last_active: 1_700_000_002,
+            waiting_since: 1_700_000_002,
+            timeouts_fired: 0,
+            wakes: BTreeMap::new(),
         }),
     }
 }
@@ -118,13 +126,29 @@ fn log_lines() -> Vec<(
     ]
 }
 
+/// When Ana's conversation's timer is due in version 2 records (a timeout
+/// two hours after the step started waiting); earlier versions had none.
+const DUE: i64 = 1_700_007_202;
+
+/// The timer of Ana's conversation in a record of `version`.
+fn due_in(version: u32) -> Option<i64> {
+    (version >= 2).then_some(DUE)
+}
+
 /// Every golden record of `version` decodes to what it holds.
 fn check_decodes(version: u32) {
     let at = |name| format!("v{version}/{name}");
 
     let v = read(version, "conversation.bin");
-    assert_eq!(conv_header(&v), Some((1_700_000_002, HAS_CONVERSATION)));
+    let flags = if version >= 2 {
+        HAS_CONVERSATION | HAS_DUE
+    } else {
+        HAS_CONVERSATION
+    };
+    assert_eq!(conv_header(&v), Some((1_700_000_002, flags)));
+    assert_eq!(conv_due(&v), due_in(version));
     let stored = decode_conv(&v).unwrap_or_else(|e| panic!("{}: {e}", at("conversation.bin")));
+    assert_eq!(stored.due, due_in(version));
     let conv = Conversation::from_stored(stored.conversation.as_deref().unwrap()).unwrap();
     assert_eq!(conv, ana(), "{}", at("conversation.bin"));
     assert_eq!(stored.recent.len(), 3);
@@ -143,6 +167,7 @@ fn check_decodes(version: u32) {
     assert_eq!(conv_header(&v), Some((1_700_000_100, ENDED)));
     let stored = decode_conv(&v).unwrap();
     assert_eq!(stored.conversation, None);
+    assert_eq!(stored.due, None);
     let a = stored.answer_to(&sid(10)).unwrap();
     assert_eq!(
         (a.twiml.as_str(), a.outcome.as_str()),
@@ -194,13 +219,26 @@ fn records_written_before_versions_still_decode() {
 #[test]
 fn version_1_records_decode() {
     check_decodes(1);
+    // Version 1 is version 0 behind a version byte, and JSON records gain
+    // `"v":1` first.
+    assert_eq!(read(1, "conversation_opted_out.bin")[0], 1);
+    assert_eq!(
+        read(1, "conversation_opted_out.bin")[1..],
+        read(0, "conversation_opted_out.bin")[..]
+    );
+    assert!(read(1, "opt_out.json").starts_with(b"{\"v\":1,"));
+}
+
+#[test]
+fn version_2_records_decode() {
+    check_decodes(2);
 }
 
 /// The bytes this release writes for the golden values: the current
 /// version, exactly. A test failing here means the format changed: give
 /// it a new version instead (see the store's module doc).
 #[test]
-fn this_release_writes_version_1_exactly() {
+fn this_release_writes_version_2_exactly() {
     let v0 = decode_conv(&read(0, "conversation.bin")).unwrap();
     let conversation = Conversation::from_stored(v0.conversation.as_deref().unwrap()).unwrap();
     let stopped = decode_conv(&read(0, "conversation_opted_out.bin")).unwrap();
@@ -224,12 +262,13 @@ fn this_release_writes_version_1_exactly() {
                 1_700_000_002,
                 false,
                 Some(&conversation.to_stored()),
+                Some(DUE),
                 &v0.recent,
             ),
         ),
         (
             "conversation_opted_out.bin",
-            conv_value(1_700_000_100, true, None, &stopped.recent),
+            conv_value(1_700_000_100, true, None, None, &stopped.recent),
         ),
         ("delivery_status.json", encode(&delivery_status())),
         ("status_event.json", encode(&status_event())),
@@ -239,25 +278,20 @@ fn this_release_writes_version_1_exactly() {
     ];
     let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
     for (name, bytes) in written {
-        let path = dir(1).join(name);
+        let path = dir(2).join(name);
         if write && !path.exists() {
-            std::fs::create_dir_all(dir(1)).unwrap();
+            std::fs::create_dir_all(dir(2)).unwrap();
             std::fs::write(&path, &bytes).unwrap();
         }
         assert_eq!(
-            read(1, name),
+            read(2, name),
             bytes,
-            "v1/{name}: this release no longer writes version 1 as committed"
+            "v2/{name}: this release no longer writes version 2 as committed"
         );
     }
-    // Version 1 is version 0 behind a version byte, and JSON records gain
-    // `"v":1` first.
-    assert_eq!(read(1, "conversation_opted_out.bin")[0], 1);
-    assert_eq!(
-        read(1, "conversation_opted_out.bin")[1..],
-        read(0, "conversation_opted_out.bin")[..]
-    );
-    assert!(read(1, "opt_out.json").starts_with(b"{\"v\":1,"));
+    // The JSON records other than the conversation are still version 1.
+    assert_eq!(read(2, "opt_out.json"), read(1, "opt_out.json"));
+    assert!(read(2, "conversation.bin")[0] == 2);
 }
 
 #[test]
@@ -274,16 +308,20 @@ fn keys_are_part_of_the_format() {
         two_part(b"o\0", US, STOPPED),
         b"o\0+15550001111\0+15551230002"
     );
+    assert_eq!(
+        timer_key(0x0102, &ConvKey::new(US, ANA)),
+        b"t\0\0\0\0\0\0\0\x01\x02+15550001111\0+15551230001"
+    );
 }
 
 /// Records from a newer release are errors (the store keeps them aside),
 /// never read as empty.
 #[test]
 fn newer_records_do_not_decode() {
-    let mut v = read(1, "conversation.bin");
-    v[0] = 2;
+    let mut v = read(2, "conversation.bin");
+    v[0] = 3;
     assert!(decode_conv(&v).is_err());
-    assert!(Conversation::from_stored(br#"{"v":2,"contact":{},"run":null}"#).is_err());
+    assert!(Conversation::from_stored(br#"{"v":3,"contact":{},"run":null}"#).is_err());
     assert!(decode::<OptOut>(br#"{"v":2,"opted_out":true,"at":1}"#).is_err());
 }
 

@@ -167,6 +167,10 @@ pub struct StoredConversation {
     /// The caller's conversation bytes; `None` when there is no state (only
     /// recent answers).
     pub conversation: Option<Vec<u8>>,
+    /// When the conversation's next timer is due (unix seconds), as the
+    /// last commit set it: the authoritative due time (the index by due
+    /// time only points here).
+    pub due: Option<i64>,
     /// The recent answers, still encoded: they are read on every message
     /// but decoded only for a retry, so they stay in a compact binary form
     /// (per entry: 8-byte time, then sid, outcome and TwiML, each behind
@@ -296,24 +300,27 @@ impl Versioned for AuditRecord {
 /// Flag bits of a conversation record.
 pub(super) const ENDED: u8 = 1;
 pub(super) const HAS_CONVERSATION: u8 = 2;
+/// Version 2: the record's due time is set (a timer is pending).
+pub(super) const HAS_DUE: u8 = 4;
 
 /// The layout version of the conversation records this release writes:
-/// their first byte.
-pub(super) const CONV_VERSION: u8 = 1;
+/// their first byte. Version 2 added the due time to the header.
+pub(super) const CONV_VERSION: u8 = 2;
 
-/// Encode a conversation record: the version byte, then a 13-byte header
-/// (last activity, flags, conversation length) that lets purging and
-/// counting work without knowing the caller's format, the conversation,
-/// and the recent answers.
+/// Encode a conversation record: the version byte, then a 21-byte header
+/// (last activity, flags, the next timer's due time, conversation length)
+/// that lets purging, counting and the timer index work without knowing
+/// the caller's format, the conversation, and the recent answers.
 pub(super) fn conv_value(
     now: i64,
     ended: bool,
     conversation: Option<&[u8]>,
+    due: Option<i64>,
     recent: &RecentAnswers,
 ) -> Vec<u8> {
     let conv = conversation.unwrap_or_default();
     let recent = &recent.0;
-    let mut v = Vec::with_capacity(14 + conv.len() + recent.len());
+    let mut v = Vec::with_capacity(22 + conv.len() + recent.len());
     v.push(CONV_VERSION);
     v.extend_from_slice(&now.to_be_bytes());
     let mut flags = 0;
@@ -323,7 +330,11 @@ pub(super) fn conv_value(
     if conversation.is_some() {
         flags |= HAS_CONVERSATION;
     }
+    if due.is_some() {
+        flags |= HAS_DUE;
+    }
     v.push(flags);
+    v.extend_from_slice(&due.unwrap_or(0).to_be_bytes());
     v.extend_from_slice(&(conv.len() as u32).to_be_bytes());
     v.extend_from_slice(conv);
     v.extend_from_slice(recent);
@@ -335,14 +346,55 @@ pub(super) fn conv_value(
 /// starts with the big-endian last-activity time, whose first byte is 0x00
 /// for any time from 1970 to the year 2 billion (0xFF before 1970), a
 /// value no version byte takes. Version 1 is version 0 behind a version
-/// byte; a later version gets its own arm in [`decode_conv`].
+/// byte; version 2 adds the due time after the flags.
 fn conv_version(v: &[u8]) -> Result<(u8, &[u8]), &'static str> {
     match v.first() {
-        Some(&CONV_VERSION) => Ok((CONV_VERSION, &v[1..])),
+        Some(&n) if n == 1 || n == CONV_VERSION => Ok((n, &v[1..])),
         Some(0x00 | 0xFF) => Ok((0, v)),
         Some(_) => Err("unknown record version (written by a newer release?)"),
         None => Err("empty record"),
     }
+}
+
+/// The due time in a conversation record's header, if a timer is pending
+/// (only version 2 records have one).
+pub(super) fn conv_due(v: &[u8]) -> Option<i64> {
+    match conv_version(v).ok()? {
+        (CONV_VERSION, body) if body.get(8)? & HAS_DUE != 0 => {
+            Some(i64::from_be_bytes(body.get(9..17)?.try_into().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// The timer index key: `t\0`, the due time (8 bytes big-endian, times
+/// before 1970 as 0), then the conversation key after its own `c\0`
+/// prefix: sled keeps them in due order.
+pub(super) fn timer_key(due: i64, key: &ConvKey) -> Vec<u8> {
+    let conv = key.db_key();
+    let mut k = Vec::with_capacity(10 + conv.len());
+    k.extend_from_slice(TIMER_PREFIX);
+    k.extend_from_slice(&(due.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&conv[2..]);
+    k
+}
+
+/// The timer index's key prefix.
+pub(super) const TIMER_PREFIX: &[u8] = b"t\0";
+
+/// The due time and conversation of a timer index key.
+pub(super) fn parse_timer_key(k: &[u8]) -> Option<(i64, ConvKey)> {
+    let rest = k.strip_prefix(TIMER_PREFIX)?;
+    let due = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as i64;
+    let conv = &rest[8..];
+    let split = conv.iter().position(|b| *b == 0)?;
+    Some((
+        due,
+        ConvKey::new(
+            String::from_utf8_lossy(&conv[..split]).into_owned(),
+            String::from_utf8_lossy(&conv[split + 1..]).into_owned(),
+        ),
+    ))
 }
 
 /// (last activity, flags) of a conversation record of any version.
@@ -357,31 +409,51 @@ pub(super) fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
 /// are the caller's to decode.)
 pub(super) fn decode_conv(v: &[u8]) -> Result<StoredConversation, &'static str> {
     match conv_version(v)? {
-        (0 | 1, body) => decode_conv_v1(body),
+        (0 | 1, body) => decode_conv_body(body, false),
+        (CONV_VERSION, body) => decode_conv_body(body, true),
         _ => Err("unknown record version"),
     }
 }
 
-/// Versions 0 and 1 after the version byte: header, conversation, recent
-/// answers.
-fn decode_conv_v1(v: &[u8]) -> Result<StoredConversation, &'static str> {
+/// The bytes after the version byte: header, conversation, recent
+/// answers. Versions 0 and 1 have no due time in the header (no timers
+/// existed); version 2 has it after the flags.
+fn decode_conv_body(v: &[u8], has_due: bool) -> Result<StoredConversation, &'static str> {
     // 8 bytes of last activity, then the flags.
     let flags = *v.get(8).ok_or("short header")?;
-    if flags & !(ENDED | HAS_CONVERSATION) != 0 {
+    let known = if has_due {
+        ENDED | HAS_CONVERSATION | HAS_DUE
+    } else {
+        ENDED | HAS_CONVERSATION
+    };
+    if flags & !known != 0 {
         return Err("unknown flags");
     }
+    let mut at = 9;
+    let mut due = None;
+    if has_due {
+        let raw = v
+            .get(9..17)
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_be_bytes)
+            .ok_or("short header")?;
+        due = (flags & HAS_DUE != 0).then_some(raw);
+        at = 17;
+    }
     let len = v
-        .get(9..13)
+        .get(at..at + 4)
         .and_then(|b| b.try_into().ok())
         .map(u32::from_be_bytes)
         .ok_or("short header")? as usize;
-    let conv = v.get(13..13 + len).ok_or("truncated conversation")?;
-    let recent = RecentAnswers(v[13 + len..].to_vec());
+    let start = at + 4;
+    let conv = v.get(start..start + len).ok_or("truncated conversation")?;
+    let recent = RecentAnswers(v[start + len..].to_vec());
     if !recent.is_well_formed() {
         return Err("malformed recent answers");
     }
     Ok(StoredConversation {
         conversation: (flags & HAS_CONVERSATION != 0).then(|| conv.to_vec()),
+        due,
         recent,
     })
 }

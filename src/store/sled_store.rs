@@ -13,14 +13,15 @@ use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::outbox;
 use super::quarantine::{describe_key, Quarantine};
 use super::records::{
-    conv_header, conv_value, decode, decode_conv, encode, has_conversation, prefixed, two_part,
-    ENDED, HAS_CONVERSATION,
+    conv_due, conv_header, conv_value, decode, decode_conv, encode, has_conversation,
+    parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
 use super::worker::Worker;
 use super::{
-    files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Durability, Epoch, OptOut,
-    OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers, StatusEvent,
-    StatusUpdate, Store, StoreConfig, StoreError, StoreHealth, StoredConversation,
+    files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
+    Epoch, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers,
+    StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError, StoreHealth,
+    StoredConversation,
 };
 use crate::clock::unix_now;
 
@@ -49,6 +50,10 @@ pub(super) struct Shared {
     /// Conversations holding state: counted at open, then kept up to date
     /// by every write, so health checks never scan the store.
     conversations: AtomicI64,
+    /// Conversations with a pending timer (a due time in their record):
+    /// counted at open with the conversations, then kept up to date by
+    /// every write, so the gauge never scans.
+    timers: AtomicI64,
     /// Set when a write, flush or fsync fails; cleared by a successful
     /// reopen. While set, nothing is acknowledged.
     pub(super) failed: AtomicBool,
@@ -115,6 +120,7 @@ impl SledStore {
             log,
             quarantine,
             conversations: AtomicI64::new(0),
+            timers: AtomicI64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             writes: AtomicU64::new(0),
@@ -124,7 +130,7 @@ impl SledStore {
             reopens: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
         });
-        let count = shared.scan_conversations(&open.db).map_err(|e| match e {
+        let (count, timers) = shared.scan_conversations(&open.db).map_err(|e| match e {
             // Keeping an undecodable record aside failed (a full disk?).
             StoreError::Io(detail) => OpenError::Io {
                 what: "reading the conversations in",
@@ -142,6 +148,7 @@ impl SledStore {
             detail: e.to_string(),
         })?;
         shared.outbox_depth.store(depth, Ordering::Relaxed);
+        shared.timers.store(timers, Ordering::Relaxed);
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
         Ok(SledStore { shared, worker })
@@ -170,6 +177,7 @@ impl SledStore {
             conversations: self.shared.conversations.load(Ordering::Relaxed).max(0) as usize,
             reopens: self.shared.reopens.load(Ordering::Relaxed),
             fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
+            pending_timers: self.shared.timers.load(Ordering::Relaxed).max(0) as usize,
         }
     }
 }
@@ -298,7 +306,7 @@ impl Shared {
         let recovered = read_marker(&open.db).map_err(|e| e.to_string())?;
         let expected = files::read_checkpoint(&self.dir).map_err(|e| e.to_string())?;
         check_marker(&self.dir, recovered, expected).map_err(|e| e.to_string())?;
-        let count = self
+        let (count, timers) = self
             .scan_conversations(&open.db)
             .map_err(|e| e.to_string())?;
         let depth = outbox::count_indexed(&open.db).map_err(|e| e.to_string())?;
@@ -312,6 +320,7 @@ impl Shared {
         self.marker.store(seq, Ordering::Relaxed);
         self.conversations.store(count, Ordering::Relaxed);
         self.outbox_depth.store(depth, Ordering::Relaxed);
+        self.timers.store(timers, Ordering::Relaxed);
         *write(&self.db) = Some(open);
         let was = lock(&self.failure).take();
         self.failed.store(false, Ordering::SeqCst);
@@ -324,14 +333,16 @@ impl Shared {
         Ok(())
     }
 
-    /// Count the conversations holding state and check every record's
-    /// layout; undecodable records are kept aside (they stay in place
-    /// until their conversation's next message replaces them).
-    fn scan_conversations(&self, db: &sled::Db) -> Result<i64, StoreError> {
-        let (mut count, mut damaged) = (0, 0);
+    /// Count the conversations holding state and those with a pending
+    /// timer, and check every record's layout; undecodable records are
+    /// kept aside (they stay in place until their conversation's next
+    /// message replaces them).
+    fn scan_conversations(&self, db: &sled::Db) -> Result<(i64, i64), StoreError> {
+        let (mut count, mut timers, mut damaged) = (0, 0, 0);
         for item in db.scan_prefix(b"c\0") {
             let (k, v) = item?;
             count += i64::from(has_conversation(&v));
+            timers += i64::from(conv_due(&v).is_some());
             if let Err(reason) = decode_conv(&v) {
                 damaged += 1;
                 self.keep_aside(&k, &v, reason, "the conversation starts afresh")?;
@@ -345,7 +356,7 @@ impl Shared {
                 "undecodable conversation records found at open (kept aside in quarantine/)"
             );
         }
-        Ok(count)
+        Ok((count, timers))
     }
 
     /// Keep an undecodable record aside before anything replaces it; if
@@ -399,7 +410,36 @@ impl Shared {
         if delta != 0 {
             self.conversations.fetch_add(delta, Ordering::Relaxed);
         }
+        let timed = |v: Option<&[u8]>| i64::from(v.and_then(conv_due).is_some());
+        let delta = timed(new) - timed(old);
+        if delta != 0 {
+            self.timers.fetch_add(delta, Ordering::Relaxed);
+        }
         self.wrote();
+    }
+
+    /// Write conversation record `record` for `key` (due `due`) with the
+    /// timer index kept in step: the new index entry first, then the
+    /// record (by `write`, which returns the record it replaced), then the
+    /// old entry removed. A crash in between leaves at most a stale index
+    /// entry, never a due record without one.
+    fn write_conversation(
+        &self,
+        db: &sled::Db,
+        key: &ConvKey,
+        due: Option<i64>,
+        write: impl FnOnce() -> Result<Option<sled::IVec>, StoreError>,
+    ) -> Result<Option<sled::IVec>, StoreError> {
+        if let Some(due) = due {
+            db.insert(timer_key(due, key), &[])?;
+        }
+        let old = write()?;
+        if let Some(old_due) = old.as_deref().and_then(conv_due) {
+            if Some(old_due) != due {
+                db.remove(timer_key(old_due, key))?;
+            }
+        }
+        Ok(old)
     }
 
     fn wrote(&self) {
@@ -552,23 +592,26 @@ impl Store for SledStore {
             at: c.processed.at,
         };
         let recent = c.recent.keep_with(&answer);
-        let record = conv_value(c.processed.at, c.ended, c.conversation, &recent);
+        let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
-        let old = self.shared.with_db(|db| match &c.consent {
-            // Rare, and must be atomic with the message: a transaction
-            // (which also tells us what it replaced).
-            Some(change) => {
-                let [state, audit] = Self::consent_entries(db, change)?;
-                db.transaction(|tx| {
-                    let old = tx.insert(k.as_slice(), record.as_slice())?;
-                    tx.insert(state.0.as_slice(), state.1.as_slice())?;
-                    tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
-                    Ok(old)
+        let old = self.shared.with_db(|db| {
+            self.shared
+                .write_conversation(db, c.key, c.due, || match &c.consent {
+                    // Rare, and must be atomic with the message: a
+                    // transaction (which also tells us what it replaced).
+                    Some(change) => {
+                        let [state, audit] = Self::consent_entries(db, change)?;
+                        db.transaction(|tx| {
+                            let old = tx.insert(k.as_slice(), record.as_slice())?;
+                            tx.insert(state.0.as_slice(), state.1.as_slice())?;
+                            tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
+                            Ok(old)
+                        })
+                        .map_err(transaction_error)
+                    }
+                    // The common case: one insert carries state and dedupe.
+                    None => Ok(db.insert(&k, record.as_slice())?),
                 })
-                .map_err(transaction_error)
-            }
-            // The common case: one insert carries state and dedupe.
-            None => Ok(db.insert(&k, record.as_slice())?),
         })?;
         self.shared.count_change(old.as_deref(), Some(&record));
         let p = c.processed;
@@ -809,8 +852,10 @@ impl Store for SledStore {
             let stored = self
                 .shared
                 .decode_or_keep_aside(&k, &v, "the conversation is deleted")?;
-            let new = conv_value(at, true, None, &stored.recent);
-            let old = db.insert(&k, new.as_slice())?;
+            let new = conv_value(at, true, None, None, &stored.recent);
+            let old = self
+                .shared
+                .write_conversation(db, key, None, || Ok(db.insert(&k, new.as_slice())?))?;
             self.shared.count_change(old.as_deref(), Some(&new));
             Ok(stored.conversation.is_some())
         })
@@ -833,11 +878,68 @@ impl Store for SledStore {
                 }
                 None => RecentAnswers::default(),
             };
-            let new = conv_value(at, ended, Some(conversation), &recent);
-            let old = db.insert(&k, new.as_slice())?;
+            let new = conv_value(at, ended, Some(conversation), None, &recent);
+            let old = self
+                .shared
+                .write_conversation(db, key, None, || Ok(db.insert(&k, new.as_slice())?))?;
             self.shared.count_change(old.as_deref(), Some(&new));
             Ok(())
         })
+    }
+
+    fn commit_state(&self, c: StateCommit<'_>) -> Result<(), StoreError> {
+        let record = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
+        let k = c.key.db_key();
+        let old = self.shared.with_db(|db| {
+            self.shared
+                .write_conversation(db, c.key, c.due, || Ok(db.insert(&k, record.as_slice())?))
+        })?;
+        self.shared.count_change(old.as_deref(), Some(&record));
+        Ok(())
+    }
+
+    fn due_timers(&self, now: i64, limit: usize) -> Result<Vec<DueTimer>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(TIMER_PREFIX) {
+                let (k, _) = item?;
+                let Some((due, key)) = parse_timer_key(&k) else {
+                    // Not one of ours; never blocks the entries after it.
+                    db.remove(&k)?;
+                    continue;
+                };
+                if due > now || out.len() >= limit {
+                    break;
+                }
+                out.push(DueTimer { due, key });
+            }
+            Ok(out)
+        })
+    }
+
+    fn next_timer(&self) -> Result<Option<i64>, StoreError> {
+        self.shared.with_db(|db| {
+            for item in db.scan_prefix(TIMER_PREFIX) {
+                let (k, _) = item?;
+                if let Some((due, _)) = parse_timer_key(&k) {
+                    return Ok(Some(due));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn remove_timer(&self, timer: &DueTimer) -> Result<(), StoreError> {
+        self.shared.with_db(|db| {
+            db.remove(timer_key(timer.due, &timer.key))?;
+            Ok(())
+        })?;
+        self.shared.wrote();
+        Ok(())
+    }
+
+    fn pending_timers(&self) -> usize {
+        self.shared.timers.load(Ordering::Relaxed).max(0) as usize
     }
 
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {

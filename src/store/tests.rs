@@ -55,6 +55,7 @@ fn commit<'a>(
         message_sid: sid,
         processed,
         consent: None,
+        due: None,
     }
 }
 
@@ -542,4 +543,93 @@ fn enqueueing_a_key_twice_keeps_the_first_entry() {
     assert_eq!(keys, ["k1", "k2"]);
     assert_eq!(store.outbound("k1").unwrap(), Some(first));
     assert_eq!(store.outbound("k3").unwrap(), None);
+}
+
+/// The timer index follows the records' due times: a commit indexes its
+/// due time and drops the one it replaced; due timers come earliest
+/// first and only up to `now`; the pending count is kept without scans and
+/// recounted the same on reopen; a stale entry can be removed.
+#[test]
+fn the_timer_index_follows_commits_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        ConvKey::new("+1", "+2"),
+        ConvKey::new("+1", "+3"),
+        ConvKey::new("+1", "+4"),
+    );
+    {
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        let p = processed(10);
+        let with_due = |key: &ConvKey, sid: &str, due: Option<i64>| {
+            let mut c = commit(key, Some(b"{}"), sid, &p);
+            c.due = due;
+            c.ended = due.is_none();
+            store.commit(c).unwrap();
+        };
+        with_due(&a, "SM1", Some(300));
+        with_due(&b, "SM2", Some(100));
+        with_due(&c, "SM3", Some(200));
+        assert_eq!(store.pending_timers(), 3);
+        assert_eq!(store.next_timer().unwrap(), Some(100));
+        // `a` moves later; `c`'s timer is cancelled.
+        with_due(&a, "SM4", Some(400));
+        with_due(&c, "SM5", None);
+        assert_eq!(store.pending_timers(), 2);
+        let due = store.due_timers(1_000, 10).unwrap();
+        assert_eq!(
+            due,
+            [
+                DueTimer {
+                    due: 100,
+                    key: b.clone()
+                },
+                DueTimer {
+                    due: 400,
+                    key: a.clone()
+                }
+            ]
+        );
+        assert_eq!(store.due_timers(399, 10).unwrap().len(), 1);
+        assert_eq!(store.due_timers(1_000, 1).unwrap().len(), 1);
+        assert_eq!(store.load(&a).unwrap().due, Some(400));
+        // A timer commit without an inbound message keeps the answers.
+        let before = store.load(&b).unwrap();
+        store
+            .commit_state(StateCommit {
+                key: &b,
+                conversation: Some(b"{\"x\":1}"),
+                ended: false,
+                due: Some(150),
+                recent: &before.recent,
+                at: 100,
+            })
+            .unwrap();
+        let after = store.load(&b).unwrap();
+        assert_eq!((after.due, after.recent), (Some(150), before.recent));
+        assert_eq!(store.next_timer().unwrap(), Some(150));
+        // A stale entry (as a crash between index and record leaves).
+        let stale = DueTimer {
+            due: 50,
+            key: c.clone(),
+        };
+        store
+            .shared
+            .with_db(|db| Ok(db.insert(super::records::timer_key(50, &c), &[])?))
+            .unwrap();
+        assert_eq!(store.next_timer().unwrap(), Some(50));
+        store.remove_timer(&stale).unwrap();
+        assert_eq!(store.next_timer().unwrap(), Some(150));
+        // Forgetting a conversation drops its timer.
+        assert!(store.delete_conversation(&b).unwrap());
+        assert_eq!(store.pending_timers(), 1);
+        assert_eq!(store.next_timer().unwrap(), Some(400));
+        store.flush_blocking().unwrap();
+    }
+    let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+    assert_eq!(store.pending_timers(), 1);
+    assert_eq!(store.health().pending_timers, 1);
+    assert_eq!(
+        store.due_timers(i64::MAX, 10).unwrap(),
+        [DueTimer { due: 400, key: a }]
+    );
 }

@@ -157,6 +157,73 @@ fn chat_output_with_shipped_flows_passes_as_a_transcript() {
         .unwrap_or_else(|e| panic!("{e}\n{session}"));
 }
 
+/// `/wait` fires the timeouts due meanwhile, in order, and prints what
+/// they send; the session still passes as a transcript (`@ wait` then the
+/// `<` lines of the timers).
+#[test]
+fn chat_wait_fires_timeouts_and_prints_what_they_send() {
+    let dir = shipped_plus(&[]);
+    let mut opts = chat_opts(dir.path(), None);
+    opts.now = Some(flow::TRANSCRIPT_EPOCH);
+    let session = run_chat(
+        &opts,
+        "confirm\n/wait 1h\n/wait 2d\n/state\nconfirm\n/wait 2h\nyes\n/wait 1d\n",
+    );
+    let expected = "\
+> confirm
+# flow appointment started
+< You have an appointment on Tuesday at 10am. Can you make it? Reply YES or NO.
+@ wait 1h   # clock now 1700003601
+@ wait 2d   # clock now 1700176401
+# appointment/ask: no reply after 2h
+< Still there? Reply YES to confirm Tuesday at 10am, or NO to pick another day.
+# appointment/ask: no reply after 1d
+< We'll mark your appointment unconfirmed. Text CONFIRM any time to book again.
+? step = (none)
+? contact.appointment = unconfirmed
+> confirm
+# flow appointment started
+< You have an appointment on Tuesday at 10am. Can you make it? Reply YES or NO.
+@ wait 2h   # clock now 1700183602
+# appointment/ask: no reply after 2h
+< Still there? Reply YES to confirm Tuesday at 10am, or NO to pick another day.
+> yes
+< Great, see you Tuesday at 10am!
+@ wait 1d   # clock now 1700270003
+";
+    assert_eq!(session, expected);
+    std::fs::write(dir.path().join("session.chat"), &session).unwrap();
+    let set = flow::load_dir(dir.path()).unwrap().set;
+    author::transcripts_pass(dir.path(), &set, &author::server_defaults())
+        .unwrap_or_else(|e| panic!("{e}\n{session}"));
+    // A transcript that leaves out what a timer sends fails.
+    let missing = session.replace(
+        "< Still there? Reply YES to confirm Tuesday at 10am, or NO to pick another day.\n> yes",
+        "> yes",
+    );
+    std::fs::write(dir.path().join("session.chat"), &missing).unwrap();
+    let err = author::transcripts_pass(dir.path(), &set, &author::server_defaults()).unwrap_err();
+    assert!(
+        err.contains("timers sent messages during `@ wait`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn graph_draws_timeouts_as_dashed_edges() {
+    let set = flow::load_dir(&shipped_dir()).unwrap().set;
+    let m = author::mermaid(&set, "appointment").unwrap();
+    for expected in [
+        "    step_ask -.->|\"after 2h: reminder\"| step_ask",
+        "    step_ask -.->|\"after 1d\"| step_unconfirmed",
+    ] {
+        assert!(
+            m.lines().any(|l| l == expected),
+            "missing {expected:?} in\n{m}"
+        );
+    }
+}
+
 #[test]
 fn chat_keeps_state_in_a_chosen_store_and_separates_senders() {
     let flows = flows_dir(&[("signup.yaml", &shipped("signup.yaml"))]);

@@ -18,5 +18,6 @@ mod reload;
 mod replies;
 mod scripts;
 mod store;
+mod timers;
 mod transcripts;
 mod webhook;

@@ -142,7 +142,7 @@ async fn replay(
                 );
                 compared += 1;
             }
-            Line::Wait(_) => {
+            Line::Wait { .. } => {
                 return Compared {
                     exchanges: compared,
                     stopped: Some(format!(

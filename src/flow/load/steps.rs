@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::flow::model::{Assign, Next, Pos, Retry, Route, Step, Transition, DEFAULT_RETRY_LIMIT};
+use crate::flow::model::{
+    Assign, Next, Pos, Retry, Route, Step, Timeout, Transition, DEFAULT_RETRY_LIMIT,
+};
 use crate::flow::template::{parse_var, Var};
 use crate::flow::yaml::{Kind, Node};
 
@@ -99,6 +101,7 @@ impl Cx<'_> {
                 "flow",
                 "end",
                 "silence",
+                "timeout",
                 "description",
             ],
         )?;
@@ -133,11 +136,25 @@ impl Cx<'_> {
                         give_up_say: Vec::new(),
                     },
                 };
-                Next::Wait { routes, retry }
+                let timeouts = match m.get("timeout") {
+                    Some((_, tv)) => self.timeouts(tv, &what),
+                    None => Vec::new(),
+                };
+                Next::Wait {
+                    routes,
+                    retry,
+                    timeouts,
+                }
             }
             (None, t) => {
                 if let Some((rk, _)) = m.get("retry") {
                     self.err(rk.pos, format!("`retry` needs `wait` in {what}"));
+                }
+                if let Some((tk, _)) = m.get("timeout") {
+                    self.err(
+                        tk.pos,
+                        format!("`timeout` needs `wait` in {what}: only a step that waits for a reply can time out"),
+                    );
                 }
                 Next::Go(t?.unwrap_or(Transition::End))
             }
@@ -147,6 +164,95 @@ impl Cx<'_> {
             set,
             say,
             next,
+        })
+    }
+
+    /// `timeout:`: one mapping or a list of them, by strictly increasing
+    /// `after`.
+    fn timeouts(&mut self, node: &Node, what: &str) -> Vec<Timeout> {
+        let items: Vec<&Node> = match &node.kind {
+            Kind::Seq(items) => items.iter().collect(),
+            _ => vec![node],
+        };
+        if items.is_empty() {
+            self.err(
+                node.pos,
+                format!("`timeout` in {what} is an empty list; remove it or add `after:`"),
+            );
+        }
+        let mut out: Vec<Timeout> = Vec::new();
+        for item in items {
+            let Some(t) = self.timeout(item) else {
+                continue;
+            };
+            if let Some(prev) = out.last() {
+                if t.after <= prev.after {
+                    self.err(
+                        t.pos,
+                        format!(
+                            "timeouts of {what} must come in strictly increasing `after` order: {} is not after {}",
+                            show_secs(t.after),
+                            show_secs(prev.after)
+                        ),
+                    );
+                    continue;
+                }
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    fn timeout(&mut self, node: &Node) -> Option<Timeout> {
+        let m = self.map(
+            node,
+            "a timeout",
+            &[
+                "after",
+                "say",
+                "media",
+                "goto",
+                "flow",
+                "end",
+                "silence",
+                "description",
+            ],
+        )?;
+        let Some((_, av)) = m.get("after") else {
+            self.err(
+                node.pos,
+                "a timeout needs `after:` (how long after the step started waiting, like 2h)",
+            );
+            return None;
+        };
+        let text = self.text(av, "`after`")?;
+        let Some(after) = super::parse_duration(&text) else {
+            self.err(
+                av.pos,
+                format!("invalid duration `{text}` (use a number and s, m, h or d, like 30m or 2h; at most 365d)"),
+            );
+            return None;
+        };
+        let say = self.say_with_media(m.get("say"), m.get("media"), "a timeout");
+        let then = self.transition(&m, "a timeout")?;
+        if let (Some(Transition::Silence(_)), false) = (&then, say.is_empty()) {
+            let (k, _) = m["silence"];
+            self.err(
+                k.pos,
+                "a timeout has both `say` and `silence`; silence sends nothing",
+            );
+        }
+        if then.is_none() && say.is_empty() {
+            self.err(
+                node.pos,
+                "a timeout with neither `say` nor goto/flow/end/silence does nothing; add one",
+            );
+        }
+        Some(Timeout {
+            after,
+            say,
+            then,
+            pos: av.pos,
         })
     }
 
@@ -270,4 +376,20 @@ impl Cx<'_> {
             give_up_say,
         })
     }
+}
+
+/// Seconds as a duration an author would write (`2h`, `1h30m`, `45s`).
+pub(crate) fn show_secs(secs: i64) -> String {
+    let mut out = String::new();
+    let mut rest = secs;
+    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if rest >= n {
+            out.push_str(&format!("{}{unit}", rest / n));
+            rest %= n;
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
 }

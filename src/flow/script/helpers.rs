@@ -1,6 +1,6 @@
 //! The helpers registered for scripts and expressions (see "Helpers" in
 //! flows/README.md): `normalize`, `parse_number`, `matches`/`captures`
-//! (bounded, cached regexes), `set_contact`, seeded `random_int` and
+//! (bounded, cached regexes), `set_contact`, `wake_after`, seeded `random_int` and
 //! `random_choice`, `now()` and
 //! the UTC calendar helpers. The engine's own `sleep` and clock are left
 //! out or replaced here.
@@ -16,7 +16,10 @@ use sha2::{Digest, Sha256};
 // keyword must never disagree on a message.
 use crate::flow::matcher::normalize;
 
-use super::limits::{MAX_PATTERN_LEN, REGEX_CACHE_CAPACITY, REGEX_SIZE_LIMIT, TIME_BUDGET_TOKEN};
+use super::limits::{
+    MAX_PATTERN_LEN, MAX_WAKES, MAX_WAKE_NAME_BYTES, MAX_WAKE_SECS, REGEX_CACHE_CAPACITY,
+    REGEX_SIZE_LIMIT, TIME_BUDGET_TOKEN,
+};
 use super::run::{run_over_budget, with_run};
 
 pub(super) fn register_helpers(engine: &mut Engine) {
@@ -32,6 +35,11 @@ pub(super) fn register_helpers(engine: &mut Engine) {
     engine.register_fn(
         "set_contact",
         |key: &str, value: Dynamic| -> Result<(), Box<EvalAltResult>> { set_contact(key, value) },
+    );
+
+    engine.register_fn(
+        "wake_after",
+        |seconds: INT, name: &str| -> Result<(), Box<EvalAltResult>> { wake_after(seconds, name) },
     );
 
     engine.register_fn("normalize", |s: &str| normalize(s));
@@ -105,6 +113,36 @@ const MAX_CONTACT_FIELDS: usize = 100;
 /// Longest contact field name, in bytes: all of a sender's field names
 /// together stay well within the key limits of the `msg.contact` map.
 const MAX_CONTACT_NAME_BYTES: usize = 64;
+
+/// `wake_after(seconds, name)`: call this run's `on_timeout(name, state)`
+/// `seconds` from now, unless a message comes first (a message handled by
+/// `on_message` clears the pending wakes). The same name again replaces
+/// the earlier wake; at most [`MAX_WAKES`] are pending.
+fn wake_after(seconds: INT, name: &str) -> Result<(), Box<EvalAltResult>> {
+    if !(1..=MAX_WAKE_SECS).contains(&seconds) {
+        return Err(runtime(&format!(
+            "wake_after: seconds must be from 1 to {MAX_WAKE_SECS} (365 days), got {seconds}"
+        )));
+    }
+    if name.is_empty() || name.len() > MAX_WAKE_NAME_BYTES {
+        return Err(runtime(&format!(
+            "wake_after: the name must be 1 to {MAX_WAKE_NAME_BYTES} bytes"
+        )));
+    }
+    with_run(|run| {
+        let Some(wakes) = run.wakes.as_mut() else {
+            return Err(runtime("wake_after is only available in script flows"));
+        };
+        if !wakes.contains_key(name) && wakes.len() >= MAX_WAKES {
+            return Err(runtime(&format!(
+                "wake_after: at most {MAX_WAKES} wakes may be pending"
+            )));
+        }
+        wakes.insert(name.to_owned(), seconds);
+        Ok(())
+    })
+    .unwrap_or_else(|| Err(runtime("wake_after is only available in script flows")))
+}
 
 fn set_contact(key: &str, value: Dynamic) -> Result<(), Box<EvalAltResult>> {
     if key.is_empty() {

@@ -20,6 +20,16 @@ pub(super) const CLOCK_CHECK_EVERY: u64 = 64;
 /// be told apart from anything a script could raise itself.
 pub(super) const TIME_BUDGET_TOKEN: &str = "smsflow: wall-clock budget exceeded";
 
+/// Most wakes a script flow's run may have pending (`wake_after`).
+pub(crate) const MAX_WAKES: usize = 10;
+
+/// Longest name of a wake, in bytes.
+pub(super) const MAX_WAKE_NAME_BYTES: usize = 64;
+
+/// Longest a script may ask to sleep (`wake_after`): 365 days, like every
+/// duration in a flow.
+pub(super) const MAX_WAKE_SECS: i64 = 365 * 86_400;
+
 /// Longest regex pattern a script may use.
 pub(super) const MAX_PATTERN_LEN: usize = 1_024;
 

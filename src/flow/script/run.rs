@@ -26,6 +26,10 @@ pub(super) struct RunState {
     /// Contact fields as `set_contact` leaves them; `None` where writing
     /// them makes no sense (YAML expressions).
     pub(super) contact: Option<BTreeMap<String, String>>,
+    /// Wakes asked for with `wake_after` (name → seconds from now, the
+    /// last call for a name wins); `None` where waking makes no sense
+    /// (YAML expressions).
+    pub(super) wakes: Option<BTreeMap<String, i64>>,
 }
 
 impl RunState {
@@ -38,6 +42,7 @@ impl RunState {
             file,
             loading: false,
             contact: None,
+            wakes: None,
         }
     }
 }

@@ -1,0 +1,220 @@
+//! Firing a due timer under the conversation's lock, and the waker that
+//! tells the timer scheduler a commit set an earlier timer.
+//!
+//! A timer and a reply of one conversation take the same per-conversation
+//! lock, and each re-reads the record under it: whichever comes second
+//! sees what the first did. A reply that moves the conversation changes
+//! (or clears) the record's due time, so a firing that comes second finds
+//! its timer no longer due and does nothing; a firing that comes first
+//! moves the conversation (or, for a reminder, marks that timeout fired)
+//! before the reply is routed. Exactly one of "the reply's route from the
+//! waiting step" and "the timeout" runs.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use tokio::sync::Notify;
+
+use super::Pipeline;
+use crate::flow::{self, Outcome, Wake};
+use crate::metrics::Metrics;
+use crate::store::{DueTimer, OutboxEntry, OutboxState, StateCommit, Store, StoreError};
+
+/// Wakes the timer scheduler when a commit sets a timer earlier than the
+/// one it sleeps towards. Cheap on the webhook path: one atomic load per
+/// commit with a timer, a notification only when the new timer is the
+/// earliest.
+#[derive(Debug)]
+pub struct TimerWaker {
+    notify: Notify,
+    /// The due time the scheduler sleeps towards (`i64::MAX` while it
+    /// looks for the next one, so every commit wakes it then).
+    target: AtomicI64,
+}
+
+impl Default for TimerWaker {
+    fn default() -> Self {
+        TimerWaker {
+            notify: Notify::new(),
+            target: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl TimerWaker {
+    /// A commit set the conversation's next timer to `due`.
+    pub(crate) fn set(&self, due: Option<i64>) {
+        if let Some(due) = due {
+            if due < self.target.fetch_min(due, Ordering::SeqCst) {
+                self.notify.notify_one();
+            }
+        }
+    }
+
+    /// The scheduler is about to look for the next timer: every timer set
+    /// from now on wakes it (a notification is kept until it waits).
+    pub fn arm(&self) {
+        self.target.store(i64::MAX, Ordering::SeqCst);
+    }
+
+    /// The scheduler found `next` as the earliest timer and sleeps towards
+    /// it. A timer set since [`TimerWaker::arm`] has already notified.
+    pub fn sleeping_until(&self, next: Option<i64>) {
+        self.target
+            .fetch_min(next.unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+
+    /// Resolves when a commit set a timer earlier than the target.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// What firing one timer index entry did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerFired {
+    /// Whether the conversation's timer was due and ran (false: the entry
+    /// was stale, e.g. a reply won the race, and was removed).
+    pub ran: bool,
+    /// The outbox entries this firing created (one per message part), in
+    /// order; empty when it said nothing, or when they were already
+    /// enqueued by an earlier firing that crashed before its commit.
+    pub enqueued: Vec<OutboxEntry>,
+    /// The engine's events.
+    pub events: Vec<flow::Event>,
+}
+
+impl<S: Store> Pipeline<S> {
+    /// Fire the timer of index entry `timer` at `now` (unix seconds),
+    /// under the conversation's lock: re-read the record; if its due time
+    /// is no longer `timer.due` the entry is stale (a reply or an earlier
+    /// firing moved it) and is removed; otherwise run the engine's
+    /// timeout, put what it says in the outbox, then commit the
+    /// conversation with its next due time, then flush.
+    ///
+    /// The outbox entries are written before the conversation: a crash in
+    /// between fires the timer again after restart, and the entries' keys
+    /// (conversation, flow, step, timeout, when the step started waiting,
+    /// part) make the second enqueue a no-op, so each message is recorded
+    /// once.
+    pub async fn fire_timer(&self, timer: &DueTimer, now: i64) -> Result<TimerFired, StoreError> {
+        let key = &timer.key;
+        let guard = self.locks.lock(key).await;
+        let epoch = self.store.epoch();
+        let record = self.store.load(key)?;
+        if record.due != Some(timer.due) || timer.due > now {
+            if record.due != Some(timer.due) {
+                self.store.remove_timer(timer)?;
+            }
+            drop(guard);
+            return Ok(TimerFired {
+                ran: false,
+                enqueued: Vec::new(),
+                events: Vec::new(),
+            });
+        }
+        let conversation = self.conversation_of(key, &record)?;
+        let flows = self.flows.load();
+        let wake = Wake {
+            from: &key.from,
+            to: &key.to,
+        };
+        let run = || flow::handle_timeout(&flows, conversation, &wake, now);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let handled = if flows.has_scripts() && multi_thread {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        };
+        for event in &handled.events {
+            self.log_event(event);
+        }
+        let fired = handled.events.iter().find_map(|e| match e {
+            flow::Event::TimedOut {
+                flow,
+                step,
+                timeout,
+                waiting_since,
+            } => Some((flow, step, timeout, waiting_since)),
+            _ => None,
+        });
+        let mut entries = Vec::new();
+        if let (Some((flow, step, timeout, since)), Outcome::Reply(replies)) =
+            (fired, &handled.outcome)
+        {
+            Metrics::inc(&self.metrics.timers_fired);
+            for (part, reply) in replies.iter().enumerate() {
+                entries.push(OutboxEntry {
+                    key: format!(
+                        "timeout:{}:{}:{flow}:{step}:{timeout}:{since}:{part}",
+                        key.to, key.from
+                    ),
+                    to: key.from.clone(),
+                    from: key.to.clone(),
+                    messaging_service_sid: None,
+                    body: reply.body.clone(),
+                    media: reply.media.clone(),
+                    cause: "timeout".to_owned(),
+                    flow: Some(
+                        reply
+                            .origin
+                            .as_ref()
+                            .map_or_else(|| flow.clone(), |o| o.flow.clone()),
+                    ),
+                    step: Some(
+                        reply
+                            .origin
+                            .as_ref()
+                            .map_or_else(|| step.clone(), |o| o.step.clone()),
+                    ),
+                    created_at: now,
+                    due_at: timer.due,
+                    state: OutboxState::Pending {
+                        not_before: timer.due,
+                        attempts: 0,
+                    },
+                });
+            }
+        } else if fired.is_some() {
+            Metrics::inc(&self.metrics.timers_fired);
+        }
+        let mut enqueued = Vec::new();
+        if !entries.is_empty() {
+            // Only the entries this firing added count as sent by it.
+            for entry in entries {
+                if self.store.enqueue_outbound(std::slice::from_ref(&entry))? == 1 {
+                    enqueued.push(entry);
+                }
+            }
+        }
+        let conversation = &handled.conversation;
+        let due = flow::next_due(&flows, conversation);
+        let stored =
+            (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        self.store.commit_state(StateCommit {
+            key,
+            conversation: stored.as_deref(),
+            ended: conversation.run.is_none(),
+            due,
+            recent: &record.recent,
+            at: now,
+        })?;
+        drop(guard);
+        self.timers.set(due);
+        self.store.flush(epoch).await?;
+        if !enqueued.is_empty() {
+            self.outbox.notify_one();
+        }
+        tracing::debug!(
+            due = timer.due,
+            messages = enqueued.len(),
+            next_due = due,
+            "timer fired"
+        );
+        Ok(TimerFired {
+            ran: fired.is_some(),
+            enqueued,
+            events: handled.events,
+        })
+    }
+}
