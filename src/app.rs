@@ -15,17 +15,20 @@ use tokio::net::TcpListener;
 
 use crate::clock::unix_now;
 use crate::config::{Auth, Config};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Surface};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
 use crate::reload::{self, Reloader};
 use crate::store::{SledStore, Store, StoreConfig};
+use crate::telemetry::PhoneLog;
 
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    /// The admin listener (`--admin-listen`), its address and routes.
+    admin: Option<(TcpListener, SocketAddr, axum::Router)>,
     store: Arc<SledStore>,
     pipeline: Arc<Pipeline<SledStore>>,
     reloader: Arc<Reloader>,
@@ -43,6 +46,14 @@ impl App {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(admin) => Some(
+                TcpListener::bind(admin)
+                    .await
+                    .with_context(|| format!("binding the admin address {admin}"))?,
+            ),
+            None => None,
+        };
         // Without --public-url the signed URL defaults to the listen
         // address; with port 0 that must be the port actually bound.
         if config.listen.port() == 0 && config.public_url == format!("http://{}", config.listen) {
@@ -127,6 +138,8 @@ impl App {
                 })
             })
         };
+        let phones = PhoneLog::open(config.log_phone_numbers, &config.data_dir)
+            .context("preparing the phone number hash of the logs")?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let state = AppState::new(
             &config,
@@ -134,19 +147,34 @@ impl App {
             metrics.clone(),
             status_fn,
             shutting_down.clone(),
+            Arc::new(phones),
         );
-        let router = http::with_hygiene(
-            http::router(state, config.max_body_bytes),
-            http::Hygiene {
-                request_timeout: config.request_timeout,
-                max_header_bytes: http::MAX_HEADER_BYTES,
-                max_body_bytes: config.max_body_bytes,
-            },
-        );
+        let hygiene = http::Hygiene {
+            request_timeout: config.request_timeout,
+            max_header_bytes: http::MAX_HEADER_BYTES,
+            max_body_bytes: config.max_body_bytes,
+        };
+        let routes = |surface| {
+            http::with_hygiene(
+                http::router(state.clone(), config.max_body_bytes, surface),
+                hygiene,
+            )
+        };
+        let (router, admin) = match admin_listener {
+            Some(l) => {
+                let admin_addr = l.local_addr()?;
+                (
+                    routes(Surface::Public),
+                    Some((l, admin_addr, routes(Surface::Admin))),
+                )
+            }
+            None => (routes(Surface::All), None),
+        };
         Ok(App {
             listener,
             addr,
             router,
+            admin,
             store,
             pipeline,
             reloader,
@@ -158,6 +186,11 @@ impl App {
     /// The address the server listens on (with the real port when configured as 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin address (`--admin-listen`), with the real port.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr, _)| *addr)
     }
 
     /// The store the server uses.
@@ -176,12 +209,31 @@ impl App {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        // Readiness turns 503 the moment shutdown begins.
-        let shutdown = {
+        // Readiness turns 503 the moment shutdown begins; the listeners
+        // close after the drain delay, so a load balancer polling /readyz
+        // stops sending traffic while they still accept.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let drain = self.config.shutdown_drain;
+        let trigger = {
             let flag = self.shutting_down.clone();
-            async move {
+            tokio::spawn(async move {
                 shutdown.await;
                 flag.store(true, Ordering::SeqCst);
+                crate::service::stopping();
+                if !drain.is_zero() {
+                    tracing::info!(
+                        drain_ms = drain.as_millis() as u64,
+                        "draining: /readyz answers 503; listeners close after the drain delay"
+                    );
+                    tokio::time::sleep(drain).await;
+                }
+                let _ = stop_tx.send(true);
+            })
+        };
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
             }
         };
         tracing::info!(
@@ -206,9 +258,22 @@ impl App {
             header_read_timeout: self.config.header_read_timeout,
             idle_timeout: self.config.idle_timeout,
         };
-        let served = http::serve(self.listener, self.router, limits, shutdown)
-            .await
-            .context("serving HTTP");
+        let public = http::serve(self.listener, self.router, limits, stopped());
+        let served = match self.admin {
+            Some((listener, addr, router)) => {
+                tracing::info!(admin = %addr, "admin endpoints on their own address");
+                crate::service::ready();
+                let admin = http::serve(listener, router, limits, stopped());
+                let (public, admin) = tokio::join!(public, admin);
+                public.and(admin)
+            }
+            None => {
+                crate::service::ready();
+                public.await
+            }
+        }
+        .context("serving HTTP");
+        trigger.abort();
         if let Some(p) = purger {
             p.abort();
         }

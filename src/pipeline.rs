@@ -552,6 +552,7 @@ impl<S: Store> Pipeline<S> {
         } else {
             Some(conversation.to_stored())
         };
+        let action = consent.as_ref().map(|c| c.audit.action.clone());
         self.store.commit(Commit {
             key,
             recent: &record.recent,
@@ -560,7 +561,11 @@ impl<S: Store> Pipeline<S> {
             message_sid: &msg.message_sid,
             processed,
             consent,
-        })
+        })?;
+        if let Some(action) = action {
+            self.metrics.consent_change(&action);
+        }
+        Ok(())
     }
 
     /// The TwiML message for `reply`; with delivery tracking, its callback
@@ -669,6 +674,7 @@ impl<S: Store> Pipeline<S> {
                         &cb.message_sid,
                         now,
                     ))?;
+                    self.metrics.consent_change("opt_out");
                 }
             }
         }

@@ -23,6 +23,7 @@ use super::{
     StoreConfig, StoreError, StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
+use crate::metrics::Histogram;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
@@ -61,6 +62,9 @@ pub(super) struct Shared {
     checkpointing: Mutex<()>,
     fsyncs: AtomicU64,
     reopens: AtomicU64,
+    /// How long each grouped flush (sled's flush and the fsyncs) took,
+    /// for `/metrics`.
+    flush_latency: Histogram,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,7 @@ impl SledStore {
             checkpointing: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
+            flush_latency: Histogram::default(),
         });
         let count = shared.scan_conversations(&open.db).map_err(|e| match e {
             // Keeping an undecodable record aside failed (a full disk?).
@@ -148,6 +153,11 @@ impl SledStore {
     /// The durability mode the store was opened with.
     pub fn durability(&self) -> Durability {
         self.shared.config.durability
+    }
+
+    /// How long the grouped flushes took (for `/metrics`).
+    pub(crate) fn flush_latency(&self) -> &Histogram {
+        &self.shared.flush_latency
     }
 
     /// The store's health, in constant time.
@@ -225,6 +235,7 @@ impl Shared {
         let guard = read(&self.db);
         let open = guard.as_ref().ok_or_else(reopening)?;
         let generation = self.generation.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
         let synced = open.db.flush().map_err(StoreError::from).and_then(|_| {
             lock(&open.files)
                 .sync()
@@ -234,6 +245,7 @@ impl Shared {
             self.fail(&e.to_string());
         }
         synced?;
+        self.flush_latency.observe(started.elapsed());
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(generation)
     }
