@@ -26,9 +26,7 @@ mod phones;
 pub use phones::{PhoneLog, PhoneNumbers};
 
 /// How log lines are written.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One line of text per event (colours on a terminal).

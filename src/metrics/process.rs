@@ -125,10 +125,16 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {name} in\n{out}"));
             line[name.len() + 1..].parse().unwrap()
         };
-        assert!(value("process_resident_memory_bytes") > 1_000_000.0, "{out}");
+        assert!(
+            value("process_resident_memory_bytes") > 1_000_000.0,
+            "{out}"
+        );
         assert!(value("process_cpu_seconds_total") >= 0.0, "{out}");
         assert!(value("process_open_fds") >= 3.0, "{out}");
-        assert!(value("process_max_fds") >= value("process_open_fds"), "{out}");
+        assert!(
+            value("process_max_fds") >= value("process_open_fds"),
+            "{out}"
+        );
         let started = value("process_start_time_seconds");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -136,7 +142,13 @@ mod tests {
             .as_secs_f64();
         // Started in the last day, not in the future (boot time and the
         // tick count are coarse: a few seconds either way).
-        assert!(started > now - 86_400.0 && started < now + 5.0, "{started} {now}");
-        assert!(out.contains("# TYPE process_cpu_seconds_total counter\n"), "{out}");
+        assert!(
+            started > now - 86_400.0 && started < now + 5.0,
+            "{started} {now}"
+        );
+        assert!(
+            out.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{out}"
+        );
     }
 }

@@ -172,18 +172,19 @@ mod tests {
     fn one_object_per_line_with_span_fields_flattened() {
         let out = Captured::default();
         let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
             .fmt_fields(JsonFields)
             .event_format(JsonEvent)
             .with_writer({
                 let out = out.clone();
                 move || out.clone()
             })
-            .with_ansi(false)
             .with_max_level(tracing::Level::TRACE)
             .finish();
         let forged = "hi\n{\"level\":\"INFO\"}\r\x1b[2K";
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("sms", message_sid = "SM1", flow = tracing::field::Empty);
+            let span =
+                tracing::info_span!("sms", message_sid = "SM1", flow = tracing::field::Empty);
             let _in = span.enter();
             span.record("flow", "signup");
             tracing::info!(step = "ask", replies = 2_u64, ok = true, body = %forged, "{forged}");

@@ -19,9 +19,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// How phone numbers appear in info-level log lines.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PhoneNumbers {
     /// As `h:` and 16 hex digits of a keyed hash, the same for one number
@@ -74,8 +72,7 @@ impl PhoneLog {
                 let mut key = [0u8; 32];
                 getrandom::fill(&mut key)
                     .map_err(|e| anyhow::anyhow!("no random bytes for the log key: {e}"))?;
-                write_key(&path, &key)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_key(&path, &key).with_context(|| format!("writing {}", path.display()))?;
                 key
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -191,6 +188,9 @@ mod tests {
         }
         std::fs::write(dir.path().join(KEY_FILE), "not a key\n").unwrap();
         let err = PhoneLog::open(PhoneNumbers::Hash, dir.path()).unwrap_err();
-        assert!(format!("{err:#}").contains("does not hold a key"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("does not hold a key"),
+            "{err:#}"
+        );
     }
 }

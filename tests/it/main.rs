@@ -15,6 +15,7 @@ mod process;
 mod reload;
 mod replies;
 mod scripts;
+mod service;
 mod store;
 mod transcripts;
 mod webhook;
