@@ -5,8 +5,8 @@
 //! loaded and it serves; `RELOADING=1` (with `MONOTONIC_USEC`, as
 //! `Type=notify-reload` requires) when a SIGHUP reload starts and
 //! `READY=1` when it is done; `STOPPING=1` when shutdown begins. Each is a
-//! datagram to `$NOTIFY_SOCKET`; without that variable (not under systemd,
-//! or `Type=simple`) nothing is sent. A failure to notify is logged and
+//! datagram to `$NOTIFY_SOCKET`; without that variable, or with it empty
+//! (not under systemd, or `Type=simple`), nothing is sent. A failure to notify is logged and
 //! never stops the server. Credentials (`LoadCredential=`) are read by
 //! [`crate::config::secret`].
 
@@ -31,6 +31,10 @@ pub fn stopping() {
 }
 
 fn send(states: &[NotifyState<'_>], what: &str) {
+    // Set but empty counts as unset, as it does for libsystemd.
+    if std::env::var_os("NOTIFY_SOCKET").is_none_or(|s| s.is_empty()) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, notification = what, "could not notify the service manager");
     }

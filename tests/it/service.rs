@@ -120,7 +120,7 @@ async fn the_auth_token_can_come_from_a_systemd_credential() {
         "admin-token-from-a-credential",
     )
     .unwrap();
-    let server = spawn_server_env(
+    let mut server = spawn_server_env(
         &flows,
         &tmp.path().join("data"),
         &[],
@@ -128,6 +128,8 @@ async fn the_auth_token_can_come_from_a_systemd_credential() {
             // Unset in the environment: the credential is used.
             ("TWILIO_AUTH_TOKEN", ""),
             ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()),
+            // Set but empty, as a wrapper may leave it: not under systemd.
+            ("NOTIFY_SOCKET", ""),
         ],
     );
     // Signed with the credential's token (and its newline not part of it).
@@ -140,6 +142,21 @@ async fn the_auth_token_can_come_from_a_systemd_credential() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(30)).success());
+    let started = Instant::now();
+    while !server
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("smsflow stopped"))
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no final line");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = server.log.lock().unwrap().join("\n");
+    assert!(!log.contains("could not notify"), "{log}");
 }
 
 /// Every line of `server`'s stderr so far, parsed as JSON.
