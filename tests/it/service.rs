@@ -550,3 +550,57 @@ fn the_shipped_unit_is_notify_hardened_and_matches_the_binary() {
     // The data directory is the state directory.
     assert!(exec.contains("--data /var/lib/smsflow"), "{exec}");
 }
+
+/// Every series the shipped Grafana dashboard and README's PromQL query is
+/// one `/metrics` exports, so a renamed metric cannot leave them blank.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_and_the_readme_query_metrics_that_exist() {
+    let app = spawn_app(&[("keywords.yaml", KEYWORDS)]).await;
+    app.send_sms("+15550000001", "hours").await;
+    let exported = app.raw(app.client.get(app.url("/metrics"))).await.body;
+    let names: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    // Families with a label are listed by their HELP line (they have no
+    // sample until something is counted).
+    let families: Vec<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let exists = |name: &str| names.contains(name) || families.contains(&name);
+    let metric = regex::Regex::new(r"\b(?:smsflow|process)_[a-z_]+").unwrap();
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/contrib/grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let start = readme
+        .find("The four golden signals in PromQL:")
+        .expect("the PromQL");
+    let block = &readme[start..];
+    let open = block.find("```text").unwrap() + "```text".len();
+    let close = open + block[open..].find("```").unwrap();
+    exprs.push(block[open..close].to_owned());
+    assert!(exprs.len() > 10);
+    for expr in &exprs {
+        for m in metric.find_iter(expr) {
+            let name = m.as_str();
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(
+                exists(name) || exists(family),
+                "{name} (in {expr}) is not exported"
+            );
+        }
+    }
+    app.stop().await;
+}
