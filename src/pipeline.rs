@@ -494,10 +494,16 @@ impl<S: Store> Pipeline<S> {
                     "script failed; answered with the flow's fallback"
                 );
             }
-            event @ (flow::Event::StaleStep { .. }
-            | flow::Event::Expired { .. }
-            | flow::Event::StepLimit { .. }) => {
-                tracing::info!(?event, "flow event")
+            // Fields, not a Debug dump, so a JSON log reader gets `flow`
+            // and `step` under the names every other line uses.
+            flow::Event::StaleStep { flow, step } => {
+                tracing::info!(event = "stale_step", flow = %flow, step = %step, "flow event")
+            }
+            flow::Event::Expired { flow } => {
+                tracing::info!(event = "expired", flow = %flow, "flow event")
+            }
+            flow::Event::StepLimit { flow } => {
+                tracing::info!(event = "step_limit", flow = %flow, "flow event")
             }
             event => tracing::debug!(?event, "flow event"),
         }

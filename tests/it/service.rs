@@ -211,8 +211,15 @@ async fn json_logs_are_one_object_per_line_with_stable_fields() {
         "fn on_message(msg, state) { throw \"cannot \" + msg.body; }\n",
     )
     .unwrap();
+    let ask = |step: &str| {
+        format!(
+            "trigger:\n  keywords: [ASK]\nsteps:\n  {step}:\n    say: \"First?\"\n    wait:\n      - anything: true\n        goto: last\n  last:\n    say: \"Done\"\n"
+        )
+    };
+    std::fs::write(flows.join("ask.yaml"), ask("first")).unwrap();
     let data = tmp.path().join("data");
     let me = "+15550009876";
+    let other = "+15550004321";
 
     // The flag; phone numbers hashed (the default).
     let server = spawn_server(&flows, &data, &["--log-format", "json"]);
@@ -230,6 +237,9 @@ async fn json_logs_are_one_object_per_line_with_stable_fields() {
     let hashed = out["from"].as_str().unwrap().to_owned();
     assert!(hashed.starts_with("h:") && hashed.len() == 18, "{out}");
     server.send(me, "START", &new_sid()).await.unwrap();
+    // Parked at the step `first` of `ask` (edited away below).
+    let r = server.send(other, "ASK", &new_sid()).await.unwrap();
+    assert_eq!(bodies(&r), vec!["First?"]);
     // A script's failure: flow, file, line and column as fields, the
     // user's text escaped by JSON and not able to break the line.
     let body = "ECHO\n{\"level\":\"INFO\",\"message\":\"forged\"}";
@@ -250,7 +260,9 @@ async fn json_logs_are_one_object_per_line_with_stable_fields() {
     assert!(!lines.iter().any(|l| l["message"] == "forged"));
 
     // Restarted on the same data: the same number hashes the same. From
-    // the config file key this time, and shown as configured there.
+    // the config file key this time, and shown as configured there. The
+    // step `first` is gone: its flow and step are fields of their own.
+    std::fs::write(flows.join("ask.yaml"), ask("renamed")).unwrap();
     let config = tmp.path().join("smsflow.toml");
     std::fs::write(&config, "log_format = \"json\"\n").unwrap();
     let config_arg = config.to_str().unwrap();
@@ -258,6 +270,12 @@ async fn json_logs_are_one_object_per_line_with_stable_fields() {
     server.send(me, "STOP", &new_sid()).await.unwrap();
     let again = logged(&server, "sender opted out").await;
     assert_eq!(again["from"], hashed.as_str());
+    server.send(other, "hello", &new_sid()).await.unwrap();
+    let stale = logged(&server, "flow event").await;
+    assert_eq!(stale["event"], "stale_step", "{stale}");
+    assert_eq!(stale["flow"], "ask", "{stale}");
+    assert_eq!(stale["step"], "first", "{stale}");
+    assert_eq!(stale["span"], "sms", "{stale}");
     stop(server).await;
 
     std::fs::write(
