@@ -663,6 +663,52 @@ mod tests {
     }
 
     #[test]
+    fn service_settings_are_checked() {
+        let token = || Some("t".to_string());
+        let file = |text: &str| toml::from_str::<FileConfig>(text).unwrap();
+        let c = resolve(Overrides::default(), FileConfig::default(), token(), None).unwrap();
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_phone_numbers, PhoneNumbers::Hash);
+        assert_eq!(c.shutdown_drain, Duration::ZERO);
+        let c = resolve(
+            Overrides {
+                log_format: Some(LogFormat::Text),
+                ..Default::default()
+            },
+            file(
+                "admin_listen = \"127.0.0.1:9090\"\nlog_format = \"json\"\n\
+                 log_phone_numbers = \"show\"\nshutdown_drain_ms = 5000",
+            ),
+            token(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text, "the flag wins over the file");
+        assert_eq!(c.log_phone_numbers, PhoneNumbers::Show);
+        assert_eq!(c.shutdown_drain, Duration::from_secs(5));
+        for (text, expected) in [
+            (
+                "admin_listen = \"localhost\"",
+                "--admin-listen \"localhost\"",
+            ),
+            (
+                "admin_listen = \"127.0.0.1:8080\"",
+                "must differ from --listen",
+            ),
+            (
+                "shutdown_drain_ms = 60001",
+                "shutdown_drain_ms must be at most 60000",
+            ),
+        ] {
+            let err = resolve(Overrides::default(), file(text), token(), None).unwrap_err();
+            assert!(err.to_string().contains(expected), "{text}: {err}");
+        }
+        assert!(toml::from_str::<FileConfig>("log_format = \"xml\"").is_err());
+    }
+
+    #[test]
     fn unknown_file_keys_are_rejected() {
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
         let f: FileConfig = toml::from_str("durability = \"relaxed\"\ncache_mb = 8").unwrap();
