@@ -70,6 +70,12 @@ where
         event.record(&mut JsonVisitor(&mut event_fields));
 
         let message = event_fields.remove("message").unwrap_or(Value::Null);
+        // A record bridged from the `log` crate (sled logs through it)
+        // names its real target in a field; its metadata says `log`.
+        let target = match event_fields.remove("log.target") {
+            Some(Value::String(t)) => t,
+            _ => meta.target().to_owned(),
+        };
         let mut rest = Map::new();
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
@@ -89,7 +95,7 @@ where
         let head = [
             ("timestamp", Value::from(timestamp)),
             ("level", meta.level().as_str().into()),
-            ("target", meta.target().into()),
+            ("target", target.into()),
             ("message", message),
         ];
         writer.write_char('{')?;
@@ -114,8 +120,10 @@ struct JsonVisitor<'a>(&'a mut Map<String, Value>);
 impl JsonVisitor<'_> {
     fn put(&mut self, field: &Field, value: Value) {
         let name = field.name();
-        // Metadata of records bridged from the `log` crate.
-        if name.starts_with("log.") {
+        // Metadata of records bridged from the `log` crate: its target is
+        // kept for the line's `target`, the rest (module, file, line) is
+        // left out, as the text format does.
+        if name.starts_with("log.") && name != "log.target" {
             return;
         }
         self.0
@@ -190,9 +198,23 @@ mod tests {
             tracing::info!(step = "ask", replies = 2_u64, ok = true, body = %forged, "{forged}");
             tracing::warn!(message_sid = "SM2", r#type = -1_i64, "override");
         });
+        // Outside any span, as a record bridged from the `log` crate
+        // carries its origin.
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .fmt_fields(JsonFields)
+                .event_format(JsonEvent)
+                .with_writer({
+                    let out = out.clone();
+                    move || out.clone()
+                })
+                .finish(),
+            || tracing::warn!(log.target = "sled::pagecache", log.line = 7_u64, "bridged"),
+        );
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         let first: Value = serde_json::from_str(lines[0]).unwrap();
         assert!(lines[0].starts_with("{\"timestamp\":\"20"), "{}", lines[0]);
         assert_eq!(first["level"], "INFO");
@@ -209,5 +231,10 @@ mod tests {
         assert_eq!(second["message_sid"], "SM2");
         assert_eq!(second["type"], -1);
         assert_eq!(lines[1].matches("message_sid").count(), 1, "{}", lines[1]);
+        let bridged: Value = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(bridged["target"], "sled::pagecache", "{bridged}");
+        assert_eq!(bridged["message"], "bridged");
+        assert!(bridged.get("span").is_none(), "{bridged}");
+        assert!(!lines[2].contains("log."), "{}", lines[2]);
     }
 }
