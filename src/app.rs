@@ -15,18 +15,21 @@ use tokio::net::TcpListener;
 
 use crate::clock::unix_now;
 use crate::config::{Auth, Config};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Surface};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Wake};
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
 use crate::reload::{self, Reloader};
 use crate::store::{SledStore, Store, StoreConfig};
+use crate::telemetry::PhoneLog;
 
 /// A bound, ready-to-run server.
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    /// The admin listener (`--admin-listen`), its address and routes.
+    admin: Option<(TcpListener, SocketAddr, axum::Router)>,
     store: Arc<SledStore>,
     pipeline: Arc<Pipeline<SledStore>>,
     reloader: Arc<Reloader>,
@@ -47,6 +50,14 @@ impl App {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(admin) => Some(
+                TcpListener::bind(admin)
+                    .await
+                    .with_context(|| format!("binding the admin address {admin}"))?,
+            ),
+            None => None,
+        };
         // Without --public-url the signed URL defaults to the listen
         // address; with port 0 that must be the port actually bound.
         if config.listen.port() == 0 && config.public_url == format!("http://{}", config.listen) {
@@ -134,6 +145,8 @@ impl App {
                 })
             })
         };
+        let phones = PhoneLog::open(config.log_phone_numbers, &config.data_dir)
+            .context("preparing the phone number hash of the logs")?;
         let shutting_down = Arc::new(AtomicBool::new(false));
         let state = AppState::new(
             &config,
@@ -141,19 +154,34 @@ impl App {
             metrics.clone(),
             status_fn,
             shutting_down.clone(),
+            Arc::new(phones),
         );
-        let router = http::with_hygiene(
-            http::router(state, config.max_body_bytes),
-            http::Hygiene {
-                request_timeout: config.request_timeout,
-                max_header_bytes: http::MAX_HEADER_BYTES,
-                max_body_bytes: config.max_body_bytes,
-            },
-        );
+        let hygiene = http::Hygiene {
+            request_timeout: config.request_timeout,
+            max_header_bytes: http::MAX_HEADER_BYTES,
+            max_body_bytes: config.max_body_bytes,
+        };
+        let routes = |surface| {
+            http::with_hygiene(
+                http::router(state.clone(), config.max_body_bytes, surface),
+                hygiene,
+            )
+        };
+        let (router, admin) = match admin_listener {
+            Some(l) => {
+                let admin_addr = l.local_addr()?;
+                (
+                    routes(Surface::Public),
+                    Some((l, admin_addr, routes(Surface::Admin))),
+                )
+            }
+            None => (routes(Surface::All), None),
+        };
         Ok(App {
             listener,
             addr,
             router,
+            admin,
             store,
             pipeline,
             reloader,
@@ -200,6 +228,11 @@ impl App {
         self.addr
     }
 
+    /// The admin address (`--admin-listen`), with the real port.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr, _)| *addr)
+    }
+
     /// The store the server uses.
     pub fn store(&self) -> &Arc<SledStore> {
         &self.store
@@ -216,12 +249,31 @@ impl App {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        // Readiness turns 503 the moment shutdown begins.
-        let shutdown = {
+        // Readiness turns 503 the moment shutdown begins; the listeners
+        // close after the drain delay, so a load balancer polling /readyz
+        // stops sending traffic while they still accept.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let drain = self.config.shutdown_drain;
+        let trigger = {
             let flag = self.shutting_down.clone();
-            async move {
+            tokio::spawn(async move {
                 shutdown.await;
                 flag.store(true, Ordering::SeqCst);
+                crate::service::stopping();
+                if !drain.is_zero() {
+                    tracing::info!(
+                        drain_ms = drain.as_millis() as u64,
+                        "draining: /readyz answers 503; listeners close after the drain delay"
+                    );
+                    tokio::time::sleep(drain).await;
+                }
+                let _ = stop_tx.send(true);
+            })
+        };
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
             }
         };
         tracing::info!(
@@ -245,16 +297,29 @@ impl App {
         // Fires the timers that came due while the server was down first,
         // then each one as it comes due. What they say goes to the store's
         // outbox, and the sender is woken after each enqueue.
-        let (stop_timers, stopped) = tokio::sync::watch::channel(false);
-        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone(), stopped));
+        let (stop_timers, timers_stopped) = tokio::sync::watch::channel(false);
+        let scheduler = tokio::spawn(crate::timers::run(self.pipeline.clone(), timers_stopped));
         let limits = http::ConnectionLimits {
             max_connections: self.config.max_connections,
             header_read_timeout: self.config.header_read_timeout,
             idle_timeout: self.config.idle_timeout,
         };
-        let served = http::serve(self.listener, self.router, limits, shutdown)
-            .await
-            .context("serving HTTP");
+        let public = http::serve(self.listener, self.router, limits, stopped());
+        let served = match self.admin {
+            Some((listener, addr, router)) => {
+                tracing::info!(admin = %addr, "admin endpoints on their own address");
+                crate::service::ready();
+                let admin = http::serve(listener, router, limits, stopped());
+                let (public, admin) = tokio::join!(public, admin);
+                public.and(admin)
+            }
+            None => {
+                crate::service::ready();
+                public.await
+            }
+        }
+        .context("serving HTTP");
+        trigger.abort();
         if let Some(p) = purger {
             p.abort();
         }
@@ -316,25 +381,35 @@ impl App {
     }
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed
+/// when this is called, not when first polled: a SIGTERM that arrives
+/// right after `READY=1` (systemd may send one at any time) must stop the
+/// server gracefully, not kill it.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = recv(term) => {},
+                _ = recv(int) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received; finishing in-flight requests");
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
 }

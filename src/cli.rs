@@ -235,6 +235,28 @@ pub struct ServeArgs {
     /// Refuse flow sets whose transcripts fail.
     #[arg(long, env = "SMSFLOW_REQUIRE_TESTS", help = config::flag_help("--require-tests"))]
     pub require_tests: bool,
+    /// The admin address (metrics, status, messages).
+    #[arg(long, env = "SMSFLOW_ADMIN_LISTEN", help = config::flag_help("--admin-listen"))]
+    pub admin_listen: Option<String>,
+    /// How log lines are written.
+    #[arg(
+        long,
+        env = "SMSFLOW_LOG_FORMAT",
+        value_enum,
+        help = config::flag_help("--log-format")
+    )]
+    pub log_format: Option<config::LogFormat>,
+    /// Phone numbers in info log lines.
+    #[arg(
+        long,
+        env = "SMSFLOW_LOG_PHONE_NUMBERS",
+        value_enum,
+        help = config::flag_help("--log-phone-numbers")
+    )]
+    pub log_phone_numbers: Option<config::PhoneNumbers>,
+    /// The drain delay at shutdown, in ms.
+    #[arg(long, env = "SMSFLOW_SHUTDOWN_DRAIN_MS", help = config::flag_help("--shutdown-drain-ms"))]
+    pub shutdown_drain_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -253,6 +275,10 @@ impl ServeArgs {
             insecure: self.insecure_no_signature,
             no_watch: self.no_watch,
             require_tests: self.require_tests,
+            admin_listen: self.admin_listen.clone(),
+            log_format: self.log_format,
+            log_phone_numbers: self.log_phone_numbers,
+            shutdown_drain_ms: self.shutdown_drain_ms,
         }
     }
 }

@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::store::Durability;
+pub use crate::telemetry::{LogFormat, PhoneNumbers};
 
 mod settings;
 pub(crate) use settings::{config_flag_help, config_flag_long_help, flag_help};
@@ -109,9 +110,23 @@ pub struct Config {
     /// `resolve` leaves them `None`; see
     /// [`crate::outbound::Credentials::from_env_optional`]).
     pub outbound: crate::outbound::OutboundConfig,
+    /// A second address serving `/metrics`, `/status` and `/messages`;
+    /// when set, the public listener serves only the webhooks and probes.
+    pub admin_listen: Option<SocketAddr>,
+    /// How log lines are written (text or one JSON object per line).
+    pub log_format: LogFormat,
+    /// Whether phone numbers in info-level log lines are shown or hashed.
+    pub log_phone_numbers: PhoneNumbers,
+    /// How long, after a stop signal, `/readyz` answers 503 while the
+    /// listeners still accept, so a load balancer stops sending traffic
+    /// before they close.
+    pub shutdown_drain: Duration,
 }
 
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// A drain longer than this would outlast systemd's default stop timeout
+/// (90 s) and Kubernetes' grace period (30 s) by far.
+pub(crate) const MAX_SHUTDOWN_DRAIN_MS: u64 = 60_000;
 /// A shorter admin token is refused: it guards every message of every
 /// sender, and a guessable one would give them away.
 pub(crate) const MIN_ADMIN_TOKEN_CHARS: usize = 16;
@@ -150,6 +165,10 @@ impl Config {
             retention_days: 0,
             purge_interval: Duration::from_secs(3600),
             outbound: crate::outbound::OutboundConfig::default(),
+            admin_listen: None,
+            log_format: LogFormat::Text,
+            log_phone_numbers: PhoneNumbers::Hash,
+            shutdown_drain: Duration::ZERO,
         }
     }
 }
@@ -187,6 +206,10 @@ pub struct FileConfig {
     pub(crate) send_timeout_ms: Option<u64>,
     pub(crate) max_late_secs: Option<u64>,
     pub(crate) quiet_hours: Option<Vec<crate::outbound::RawQuietHours>>,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) log_format: Option<LogFormat>,
+    pub(crate) log_phone_numbers: Option<PhoneNumbers>,
+    pub(crate) shutdown_drain_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -234,6 +257,10 @@ pub struct Overrides {
     pub insecure: bool,
     pub(crate) no_watch: bool,
     pub(crate) require_tests: bool,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) log_format: Option<LogFormat>,
+    pub(crate) log_phone_numbers: Option<PhoneNumbers>,
+    pub(crate) shutdown_drain_ms: Option<u64>,
 }
 
 /// Merge flags/env over the file over defaults, and validate.
@@ -246,6 +273,7 @@ pub fn resolve(
     admin_token: Option<String>,
 ) -> anyhow::Result<Config> {
     let outbound = resolve_outbound(&file)?;
+    let log_format = log_format(&o, &file);
     let listen_s = o
         .listen
         .or(file.listen)
@@ -328,9 +356,33 @@ pub fn resolve(
     if purge_secs < 1 {
         bail!("purge_interval_secs must be at least 1");
     }
+    let admin_listen = match o.admin_listen.or(file.admin_listen) {
+        None => None,
+        Some(a) if a.is_empty() => None,
+        Some(a) => Some(a.parse::<SocketAddr>().with_context(|| {
+            format!("--admin-listen {a:?} is not an address like 127.0.0.1:9090")
+        })?),
+    };
+    if admin_listen.is_some_and(|a| a == listen && a.port() != 0) {
+        bail!("--admin-listen must differ from --listen ({listen})");
+    }
+    let drain_ms = o.shutdown_drain_ms.or(file.shutdown_drain_ms).unwrap_or(0);
+    if drain_ms > MAX_SHUTDOWN_DRAIN_MS {
+        bail!(
+            "shutdown_drain_ms must be at most {MAX_SHUTDOWN_DRAIN_MS} \
+             (systemd and Kubernetes stop waiting long before)"
+        );
+    }
 
     Ok(Config {
         outbound,
+        admin_listen,
+        log_format,
+        log_phone_numbers: o
+            .log_phone_numbers
+            .or(file.log_phone_numbers)
+            .unwrap_or_default(),
+        shutdown_drain: Duration::from_millis(drain_ms),
         compliance,
         loop_max_replies: file.loop_max_replies.unwrap_or(20),
         loop_window_secs,
@@ -400,6 +452,38 @@ fn resolve_outbound(file: &FileConfig) -> anyhow::Result<crate::outbound::Outbou
         quiet_hours,
         credentials: None,
     })
+}
+
+/// The log format chosen by flag or environment, else the file, else
+/// text. `main` needs it before the rest is resolved (resolving logs).
+pub fn log_format(o: &Overrides, file: &FileConfig) -> LogFormat {
+    o.log_format.or(file.log_format).unwrap_or_default()
+}
+
+/// A secret named `name`: the environment variable of that name, else the
+/// systemd credential of that name (`$CREDENTIALS_DIRECTORY/<name>`, as
+/// `LoadCredential=` provides it; one trailing newline is dropped). An
+/// empty value counts as unset. A credential that exists but cannot be
+/// read is an error, not a silent fallback.
+pub fn secret(name: &str) -> anyhow::Result<Option<String>> {
+    if let Some(v) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        return Ok(Some(v));
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let text = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            Ok(Some(text.to_owned()).filter(|t| !t.is_empty()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the credential {}", path.display())),
+    }
 }
 
 /// Accept `https://host[:port][/prefix]`; drop one trailing slash because
@@ -662,6 +746,52 @@ mod tests {
         assert_eq!(c.outbound.api_base, "https://api.twilio.com");
         assert_eq!(c.outbound.send_interval, Duration::from_secs(1));
         assert_eq!(c.outbound.max_late, Duration::from_secs(6 * 3600));
+    }
+
+    #[test]
+    fn service_settings_are_checked() {
+        let token = || Some("t".to_string());
+        let file = |text: &str| toml::from_str::<FileConfig>(text).unwrap();
+        let c = resolve(Overrides::default(), FileConfig::default(), token(), None).unwrap();
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_phone_numbers, PhoneNumbers::Hash);
+        assert_eq!(c.shutdown_drain, Duration::ZERO);
+        let c = resolve(
+            Overrides {
+                log_format: Some(LogFormat::Text),
+                ..Default::default()
+            },
+            file(
+                "admin_listen = \"127.0.0.1:9090\"\nlog_format = \"json\"\n\
+                 log_phone_numbers = \"show\"\nshutdown_drain_ms = 5000",
+            ),
+            token(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text, "the flag wins over the file");
+        assert_eq!(c.log_phone_numbers, PhoneNumbers::Show);
+        assert_eq!(c.shutdown_drain, Duration::from_secs(5));
+        for (text, expected) in [
+            (
+                "admin_listen = \"localhost\"",
+                "--admin-listen \"localhost\"",
+            ),
+            (
+                "admin_listen = \"127.0.0.1:8080\"",
+                "must differ from --listen",
+            ),
+            (
+                "shutdown_drain_ms = 60001",
+                "shutdown_drain_ms must be at most 60000",
+            ),
+        ] {
+            let err = resolve(Overrides::default(), file(text), token(), None).unwrap_err();
+            assert!(err.to_string().contains(expected), "{text}: {err}");
+        }
+        assert!(toml::from_str::<FileConfig>("log_format = \"xml\"").is_err());
     }
 
     #[test]

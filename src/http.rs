@@ -24,9 +24,10 @@ use tracing::Instrument;
 
 use crate::clock::unix_now;
 use crate::config::{Auth, Config};
-use crate::metrics::{Endpoint, Metrics, Sample};
+use crate::metrics::{self, Endpoint, Metrics, Sample};
 use crate::pipeline::{Pipeline, ReplyLink};
 use crate::store::{SledStore, StatusUpdate, StoreHealth};
+use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
 mod serve;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
+    /// How phone numbers appear in the info-level spans.
+    pub phones: Arc<PhoneLog>,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
         shutting_down: Arc<AtomicBool>,
+        phones: Arc<PhoneLog>,
     ) -> Self {
         let validator = match &config.auth {
             Auth::Verify(token) => Some(Arc::new(RequestValidator::new(token.expose()))),
@@ -69,28 +73,50 @@ impl AppState {
             status,
             admin_token: config.admin_token.as_ref().map(|t| t.expose().into()),
             shutting_down,
+            phones,
         }
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
-        // axum would answer HEAD with the GET handler minus the body, which
-        // here means running a flow; HEAD and other methods get 405.
-        .route(
-            "/twilio/sms",
-            get(sms_get)
-                .post(sms_post)
-                .head(sms_other_method)
-                .fallback(sms_other_method),
-        )
-        .route("/twilio/status", axum::routing::post(status_post))
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything on one address (no `--admin-listen`).
+    All,
+    /// The webhooks and the probes; admin paths are 404 and `/healthz`
+    /// never shows the admin detail.
+    Public,
+    /// The probes, `/status`, `/metrics` and `/messages`; no webhooks.
+    Admin,
+}
+
+pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Router {
+    let mut router = Router::new()
         .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/healthz", get(status_json))
-        .route("/status", get(status_json))
-        .route("/metrics", get(metrics))
-        .route("/messages", get(messages))
+        .route("/readyz", get(readyz));
+    if surface != Surface::Admin {
+        router = router
+            // axum would answer HEAD with the GET handler minus the body, which
+            // here means running a flow; HEAD and other methods get 405.
+            .route(
+                "/twilio/sms",
+                get(sms_get)
+                    .post(sms_post)
+                    .head(sms_other_method)
+                    .fallback(sms_other_method),
+            )
+            .route("/twilio/status", axum::routing::post(status_post));
+    }
+    if surface == Surface::Public {
+        router = router.route("/healthz", get(status_brief));
+    } else {
+        router = router
+            .route("/healthz", get(status_json))
+            .route("/status", get(status_json))
+            .route("/metrics", get(metrics))
+            .route("/messages", get(messages));
+    }
+    router
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -259,7 +285,11 @@ async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError>
     let msg = InboundMessage::from_params(params)
         .map_err(|e| state.bad_request("invalid webhook parameters", e.to_string()))?;
     Metrics::inc(&state.metrics.messages_received);
-    let span = tracing::info_span!("sms", message_sid = %msg.message_sid);
+    let span = tracing::info_span!(
+        "sms",
+        message_sid = %msg.message_sid,
+        from = %state.phones.show(&msg.from),
+    );
     let result = async {
         tracing::debug!(from = %msg.from, to = %msg.to, body = %msg.body, "inbound message");
         state.pipeline.handle_inbound(&msg, unix_now()).await
@@ -288,7 +318,14 @@ async fn status_post(
     let cb = StatusCallback::from_params(params)
         .map_err(|e| state.bad_request("invalid status callback", e.to_string()))?;
     Metrics::inc(&state.metrics.status_callbacks);
-    let span = tracing::info_span!("status", message_sid = %cb.message_sid);
+    state
+        .metrics
+        .delivery_status(cb.status.as_str(), cb.error_code.as_deref());
+    let span = tracing::info_span!(
+        "status",
+        message_sid = %cb.message_sid,
+        to = %state.phones.show(cb.to.as_deref().unwrap_or("")),
+    );
     // The reply's origin, which we put in the callback URL's query.
     let query = twilio::parse_form(uri.query().unwrap_or("").as_bytes()).unwrap_or_default();
     let tag = |name: &str| {
@@ -390,16 +427,26 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// with the admin token (`Authorization: Bearer`), the full detail (paths,
 /// reload errors, store state). Constant time either way.
 async fn status_json(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let r = Readiness::of(&state);
+    let admin = state
+        .admin_token
+        .as_deref()
+        .is_some_and(|expected| bearer_matches(expected, &headers));
+    status_response(&state, admin)
+}
+
+/// `GET /healthz` on the public address when the admin routes have their
+/// own: ok or not and the flow set version, whatever the headers say.
+async fn status_brief(State(state): State<AppState>) -> Response {
+    status_response(&state, false)
+}
+
+fn status_response(state: &AppState, admin: bool) -> Response {
+    let r = Readiness::of(state);
     let status = if r.problems.is_empty() {
         "ok"
     } else {
         "unavailable"
     };
-    let admin = state
-        .admin_token
-        .as_deref()
-        .is_some_and(|expected| bearer_matches(expected, &headers));
     let body = if admin {
         let mut detail = (state.status)();
         detail["status"] = status.into();
@@ -451,10 +498,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
             crate::store::Store::outbox_depth(state.pipeline.store().as_ref()) as u64,
         ),
     ];
+    let mut text = state.metrics.render(&samples);
+    state.pipeline.store().flush_latency().write(
+        &mut text,
+        "smsflow_store_flush_duration_seconds",
+        "Time each grouped store flush (sled's flush and the fsyncs) took.",
+    );
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&samples),
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        text,
     )
         .into_response()
 }

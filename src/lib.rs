@@ -25,8 +25,9 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`compliance`], [`telemetry`], [`admin_client`]), and
-//! [`outbound`] (credentials, settings and the sender's wake-up handle). Every
+//! [`messages`], [`compliance`], [`telemetry`], [`service`],
+//! [`admin_client`]), and [`outbound`] (credentials, settings and the
+//! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
 //! (`http`, `metrics`, `clock`, `versioned`, and items not named above) is
 //! crate-private.
@@ -114,8 +115,11 @@
 //!   validated `Config`; [`config::SETTINGS`] is the one table of settings
 //!   (file keys, help, defaults) that `serve --help` and `smsflow config`
 //!   are generated from.
-//! - [`admin_client`], [`cli`], [`telemetry`], `metrics`: process
-//!   plumbing.
+//! - [`admin_client`], [`cli`], [`telemetry`] (text or JSON log lines,
+//!   phone numbers shown or hashed), `metrics` (counters, and the
+//!   process's own from `/proc/self`): process plumbing. [`service`]: the
+//!   systemd notifications (`READY=1`, `RELOADING=1`, `STOPPING=1`); a
+//!   no-op outside systemd.
 //!
 //! # Invariants
 //!
@@ -197,6 +201,7 @@ pub(crate) mod metrics;
 pub mod outbound;
 pub mod pipeline;
 pub mod reload;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 pub(crate) mod timers;

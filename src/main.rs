@@ -12,7 +12,18 @@ use smsflow::{app, author, config, flow, outbound, telemetry, twilio};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match &cli.command {
+        // The log format may come from the config file: read it first
+        // (its errors are reported when `run` reads it again).
+        Command::Serve(args) | Command::Config(args) => {
+            let file = args
+                .config
+                .as_deref()
+                .and_then(|path| config::FileConfig::load(path).ok())
+                .unwrap_or_default();
+            let format = config::log_format(&args.overrides(), &file);
+            telemetry::init_with("info", format);
+        }
         // The author tools print what happened themselves; per-message
         // info logs would interleave with the conversation.
         Command::Chat(_) | Command::Graph(_) | Command::Check { .. } => {
@@ -39,8 +50,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => config::FileConfig::load(path)?,
                 None => config::FileConfig::default(),
             };
-            let token = std::env::var("TWILIO_AUTH_TOKEN").ok();
-            let admin = std::env::var("SMSFLOW_ADMIN_TOKEN").ok();
+            // The environment, else systemd's credentials (LoadCredential=).
+            let token = config::secret("TWILIO_AUTH_TOKEN")?;
+            let admin = config::secret("SMSFLOW_ADMIN_TOKEN")?;
             let mut config = config::resolve(args.overrides(), file, token, admin)?;
             // Sending on our own: credentials from the environment only.
             config.outbound.credentials = outbound::Credentials::from_env_optional()?;
@@ -56,10 +68,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(path) => config::FileConfig::load(path)?,
                 None => config::FileConfig::default(),
             };
-            let token = std::env::var("TWILIO_AUTH_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty());
-            let admin = std::env::var("SMSFLOW_ADMIN_TOKEN").ok();
+            let token = config::secret("TWILIO_AUTH_TOKEN")?;
+            let admin = config::secret("SMSFLOW_ADMIN_TOKEN")?;
             let mut overrides = args.overrides();
             // Without the token `serve` refuses to start; show the rest
             // anyway, and say so.

@@ -2,8 +2,10 @@
 //!
 //! Hand-rolled on atomics: the set of series is small and fixed, and a
 //! metrics crate would cost more than this file. Labels with open-ended
-//! values (silence reasons) live in a mutex-protected map; everything on the
-//! hot path is a relaxed atomic add. Knows nothing of HTTP or sled.
+//! values (silence reasons, delivery error codes) live in a mutex-protected
+//! map; everything on the hot path is a relaxed atomic add. The process's
+//! own metrics (memory, CPU, file descriptors) are read from `/proc/self`
+//! when scraped (`metrics/process.rs`). Knows nothing of HTTP or sled.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -16,8 +18,15 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+mod process;
+
+/// The content type of the Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A latency histogram with fixed buckets (0.5 ms to 5 s), updated with
+/// relaxed atomic adds.
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     /// Sum in microseconds, so it fits an integer atomic.
@@ -25,7 +34,8 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn observe(&self, d: Duration) {
+    /// Count one observation of `d`.
+    pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, le) in BUCKETS.iter().enumerate() {
             if secs <= *le {
@@ -38,18 +48,29 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let (sep, braced) = if labels.is_empty() {
+            ("", String::new())
+        } else {
+            (",", format!("{{{labels}}}"))
+        };
         for (i, le) in BUCKETS.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "{name}_bucket{{{labels},le=\"{le}\"}} {}",
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
                 self.counts[i].load(Ordering::Relaxed)
             );
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {count}");
+    }
+
+    /// Its HELP and TYPE lines, then its series (no labels).
+    pub fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render(out, name, "");
     }
 }
 
@@ -148,6 +169,12 @@ pub struct Metrics {
     /// A gauge, 1 while flow edits are picked up (see `crate::reload`).
     pub flows_watching: AtomicU64,
     silences: Mutex<BTreeMap<String, u64>>,
+    /// Delivery status callbacks by `MessageStatus`.
+    delivery_statuses: Labeled,
+    /// Delivery status callbacks carrying an `ErrorCode`, by code.
+    delivery_errors: Labeled,
+    /// Consent changes (`opt_out`, `opt_in`) recorded.
+    consent_changes: Labeled,
     sms_latency: Histogram,
     status_latency: Histogram,
     /// `smsflow_outbound_total`, by [`Outbound`] (its declaration order).
@@ -179,6 +206,20 @@ impl Metrics {
         self.send_latency.observe(d);
     }
 
+    /// Count a delivery status callback: its status, and its error code
+    /// if it has one.
+    pub fn delivery_status(&self, status: &str, error_code: Option<&str>) {
+        self.delivery_statuses.inc(status);
+        if let Some(code) = error_code.filter(|c| !c.is_empty()) {
+            self.delivery_errors.inc(code);
+        }
+    }
+
+    /// Count a recorded consent change (`opt_out` or `opt_in`).
+    pub fn consent_change(&self, action: &str) {
+        self.consent_changes.inc(action);
+    }
+
     pub fn observe(&self, endpoint: Endpoint, d: Duration) {
         match endpoint {
             Endpoint::Sms => self.sms_latency.observe(d),
@@ -189,7 +230,14 @@ impl Metrics {
     /// Prometheus text exposition format, version 0.0.4: these counters,
     /// then `samples`.
     pub fn render(&self, samples: &[Sample<'_>]) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut out = String::with_capacity(8192);
+        let name = "smsflow_build_info";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The running smsflow's version; always 1.\n# TYPE {name} gauge\n\
+             {name}{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "smsflow_messages_received_total",
@@ -271,6 +319,24 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", label_escape(reason));
             }
         }
+        self.delivery_statuses.write(
+            &mut out,
+            "smsflow_delivery_statuses_total",
+            "Delivery status callbacks, by the status they report.",
+            "status",
+        );
+        self.delivery_errors.write(
+            &mut out,
+            "smsflow_delivery_errors_total",
+            "Delivery status callbacks carrying a Twilio error code, by code.",
+            "code",
+        );
+        self.consent_changes.write(
+            &mut out,
+            "smsflow_consent_changes_total",
+            "Consent changes recorded (STOP, START, error 21610), by action.",
+            "action",
+        );
         let name = "smsflow_request_duration_seconds";
         let _ = writeln!(
             out,
@@ -297,7 +363,38 @@ impl Metrics {
         for s in samples {
             s.write(&mut out);
         }
+        process::write(&mut out);
         out
+    }
+}
+
+/// A counter by one label whose values come from outside (Twilio's error
+/// codes). Past [`Labeled::MAX_VALUES`] distinct values, new ones are
+/// counted as `other`, so no sender of odd values can grow it without
+/// bound.
+#[derive(Default)]
+struct Labeled(Mutex<BTreeMap<String, u64>>);
+
+impl Labeled {
+    const MAX_VALUES: usize = 200;
+
+    fn inc(&self, value: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(value) {
+            *n += 1;
+        } else if m.len() < Self::MAX_VALUES {
+            m.insert(value.to_owned(), 1);
+        } else {
+            *m.entry("other".to_owned()).or_default() += 1;
+        }
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (value, n) in m.iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", label_escape(value));
+        }
     }
 }
 
@@ -328,5 +425,44 @@ mod tests {
         ));
         assert!(text.contains("smsflow_request_duration_seconds_count{endpoint=\"sms\"} 1\n"));
         assert!(text.contains("# TYPE smsflow_store_writable gauge\nsmsflow_store_writable 1\n"));
+        assert!(text.contains(&format!(
+            "smsflow_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn labeled_counters_are_bounded() {
+        let m = Metrics::default();
+        m.delivery_status("failed", Some("30007"));
+        m.delivery_status("delivered", None);
+        m.delivery_status("failed", Some("30007"));
+        m.consent_change("opt_out");
+        for i in 0..300 {
+            m.delivery_status("undelivered", Some(&i.to_string()));
+        }
+        let text = m.render(&[]);
+        assert!(text.contains("smsflow_delivery_statuses_total{status=\"failed\"} 2\n"));
+        assert!(text.contains("smsflow_delivery_statuses_total{status=\"delivered\"} 1\n"));
+        assert!(text.contains("smsflow_delivery_errors_total{code=\"30007\"} 2\n"));
+        assert!(text.contains("smsflow_consent_changes_total{action=\"opt_out\"} 1\n"));
+        let codes = text
+            .lines()
+            .filter(|l| l.starts_with("smsflow_delivery_errors_total{"))
+            .count();
+        assert_eq!(codes, Labeled::MAX_VALUES + 1, "{text}");
+        assert!(text.contains("smsflow_delivery_errors_total{code=\"other\"} 101\n"));
+    }
+
+    #[test]
+    fn an_unlabeled_histogram_renders() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(2));
+        let mut out = String::new();
+        h.write(&mut out, "x_seconds", "X.");
+        assert!(out.contains("# TYPE x_seconds histogram\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"0.0025\"} 1\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 1\n"), "{out}");
+        assert!(out.contains("x_seconds_count 1\n"), "{out}");
     }
 }

@@ -525,14 +525,20 @@ impl<S: Store> Pipeline<S> {
                     "script failed; answered with the flow's fallback"
                 );
             }
-            event @ flow::Event::StaleTimer { .. } => {
+            flow::Event::StaleTimer { flow, step } => {
                 Metrics::inc(&self.metrics.timers_stale);
-                tracing::info!(?event, "flow event")
+                tracing::info!(event = "stale_timer", flow = %flow, step = %step, "flow event")
             }
-            event @ (flow::Event::StaleStep { .. }
-            | flow::Event::Expired { .. }
-            | flow::Event::StepLimit { .. }) => {
-                tracing::info!(?event, "flow event")
+            // Fields, not a Debug dump, so a JSON log reader gets `flow`
+            // and `step` under the names every other line uses.
+            flow::Event::StaleStep { flow, step } => {
+                tracing::info!(event = "stale_step", flow = %flow, step = %step, "flow event")
+            }
+            flow::Event::Expired { flow } => {
+                tracing::info!(event = "expired", flow = %flow, "flow event")
+            }
+            flow::Event::StepLimit { flow } => {
+                tracing::info!(event = "step_limit", flow = %flow, "flow event")
             }
             event => tracing::debug!(?event, "flow event"),
         }
@@ -587,6 +593,7 @@ impl<S: Store> Pipeline<S> {
         } else {
             Some(conversation.to_stored())
         };
+        let action = consent.as_ref().map(|c| c.audit.action.clone());
         self.store.commit(Commit {
             key,
             recent: &record.recent,
@@ -596,7 +603,11 @@ impl<S: Store> Pipeline<S> {
             processed,
             consent,
             due,
-        })
+        })?;
+        if let Some(action) = action {
+            self.metrics.consent_change(&action);
+        }
+        Ok(())
     }
 
     /// The TwiML message for `reply`; with delivery tracking, its callback
@@ -714,6 +725,7 @@ impl<S: Store> Pipeline<S> {
                         &cb.message_sid,
                         now,
                     ))?;
+                    self.metrics.consent_change("opt_out");
                 }
             }
         }

@@ -314,8 +314,12 @@ impl Reloader {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading flows");
+                // systemd's ExecReload waits for READY=1 after RELOADING=1
+                // (a refused set is reported, and the old one still serves).
+                crate::service::reloading();
                 let me = this.clone();
                 let _ = tokio::task::spawn_blocking(move || me.reload_now()).await;
+                crate::service::ready();
             }
         });
         Ok(())

@@ -1,6 +1,9 @@
 //! Logging setup: `tracing` to stderr, filtered by `RUST_LOG`
 //! (default `info`, or `warn` for the author tools, whose output already
-//! says what happened). Message bodies are logged only at `debug`.
+//! says what happened). Message bodies are logged only at `debug`; phone
+//! numbers at `info` are shown or hashed as configured ([`PhoneLog`]).
+//! Text by default; `--log-format json` writes one JSON object per line
+//! (`telemetry/json.rs`).
 //!
 //! One event is one line, whatever the text in it. Anyone who can text the
 //! number chooses a message's body, and scripts may echo it into their
@@ -17,6 +20,32 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::EnvFilter;
 
+mod json;
+mod phones;
+
+pub use phones::{PhoneLog, PhoneNumbers};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
+}
+
+impl LogFormat {
+    /// Its name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// Install the global subscriber once; later calls are no-ops.
 pub fn init() {
     init_with_default("info");
@@ -24,13 +53,26 @@ pub fn init() {
 
 /// [`init`] with another default level when `RUST_LOG` is unset.
 pub fn init_with_default(level: &str) {
+    init_with(level, LogFormat::Text);
+}
+
+/// [`init_with_default`] in the given format.
+pub fn init_with(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .fmt_fields(EscapedFields)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .fmt_fields(EscapedFields)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .fmt_fields(json::JsonFields)
+            .event_format(json::JsonEvent)
+            .try_init(),
+    };
 }
 
 /// Formats an event's or a span's fields as tracing's default does (the

@@ -359,6 +359,44 @@ pub const SETTINGS: &[Setting] = &[
             ))
         },
     },
+    Setting {
+        key: "admin_listen",
+        flag: Some("--admin-listen"),
+        env: Some("SMSFLOW_ADMIN_LISTEN"),
+        help: "A second address, e.g. 127.0.0.1:9090, for /metrics, /status and /messages; \
+               the public address then serves only the webhooks and the probes",
+        default_note: None,
+        unset: "not set: one address serves everything",
+        value: |c| c.admin_listen.and_then(|a| text(&a.to_string())),
+    },
+    Setting {
+        key: "log_format",
+        flag: Some("--log-format"),
+        env: Some("SMSFLOW_LOG_FORMAT"),
+        help: "Log lines as text, or as one JSON object per line (json)",
+        default_note: None,
+        unset: "",
+        value: |c| text(c.log_format.as_str()),
+    },
+    Setting {
+        key: "log_phone_numbers",
+        flag: Some("--log-phone-numbers"),
+        env: Some("SMSFLOW_LOG_PHONE_NUMBERS"),
+        help: "Phone numbers in info log lines: hash (keyed, stable per data directory) or show",
+        default_note: None,
+        unset: "",
+        value: |c| text(c.log_phone_numbers.as_str()),
+    },
+    Setting {
+        key: "shutdown_drain_ms",
+        flag: Some("--shutdown-drain-ms"),
+        env: Some("SMSFLOW_SHUTDOWN_DRAIN_MS"),
+        help: "On SIGTERM, keep accepting this long with /readyz answering 503, so a \
+               load balancer stops sending traffic before the listener closes",
+        default_note: None,
+        unset: "",
+        value: |c| millis(c.shutdown_drain),
+    },
 ];
 
 /// The setting with config file key `key`.

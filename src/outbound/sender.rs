@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 
 use super::client::{Answer, Client, NewMessage};
 use super::{quiet, OutboundConfig, Wake};
-use crate::clock::{unix_now, unix_millis};
+use crate::clock::{unix_millis, unix_now};
 use crate::metrics::{Metrics, Outbound};
 use crate::pipeline::{consent_change, consent_scope, Pipeline};
 use crate::store::{ConvKey, DeliveryStatus, OutboxEntry, OutboxState, Store, StoreError};

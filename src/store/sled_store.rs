@@ -24,6 +24,7 @@ use super::{
     StoredConversation,
 };
 use crate::clock::unix_now;
+use crate::metrics::Histogram;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
@@ -69,6 +70,9 @@ pub(super) struct Shared {
     /// Outbox entries pending or being sent (its index entries): counted
     /// at open, then kept up to date by every outbox write.
     outbox_depth: AtomicI64,
+    /// How long each grouped flush (sled's flush and the fsyncs) took,
+    /// for `/metrics`.
+    flush_latency: Histogram,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +133,7 @@ impl SledStore {
             fsyncs: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
+            flush_latency: Histogram::default(),
         });
         let (count, timers) = shared.scan_conversations(&open.db).map_err(|e| match e {
             // Keeping an undecodable record aside failed (a full disk?).
@@ -164,6 +169,11 @@ impl SledStore {
     /// The durability mode the store was opened with.
     pub fn durability(&self) -> Durability {
         self.shared.config.durability
+    }
+
+    /// How long the grouped flushes took (for `/metrics`).
+    pub(crate) fn flush_latency(&self) -> &Histogram {
+        &self.shared.flush_latency
     }
 
     /// The store's health, in constant time.
@@ -242,6 +252,7 @@ impl Shared {
         let guard = read(&self.db);
         let open = guard.as_ref().ok_or_else(reopening)?;
         let generation = self.generation.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
         let synced = open.db.flush().map_err(StoreError::from).and_then(|_| {
             lock(&open.files)
                 .sync()
@@ -251,6 +262,7 @@ impl Shared {
             self.fail(&e.to_string());
         }
         synced?;
+        self.flush_latency.observe(started.elapsed());
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(generation)
     }

@@ -26,6 +26,8 @@ pub fn new_sid() -> String {
 
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    /// The admin address, when the config sets `admin_listen`.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub public_url: String,
     pub client: reqwest::Client,
     pub validator: RequestValidator,
@@ -73,6 +75,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     let public_base = config.public_url.clone();
     let app = App::build(config).await.expect("app builds");
     let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
     let store = app.store().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until(async {
@@ -80,6 +83,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     }));
     TestApp {
         addr,
+        admin_addr,
         public_url: public_base,
         client: reqwest::Client::new(),
         validator: RequestValidator::new(TOKEN),

@@ -17,6 +17,7 @@ mod process;
 mod reload;
 mod replies;
 mod scripts;
+mod service;
 mod store;
 mod timers;
 mod transcripts;

@@ -82,10 +82,15 @@ pub fn spawn_server_under(
             let line = String::from_utf8_lossy(&line).into_owned();
             kept.lock().unwrap().push(line.clone());
             if !sent {
-                if let Some(i) = line.find("addr=") {
-                    let addr: String = line[i + 5..]
+                // `addr=…` in text logs, `"addr":"…"` in JSON ones.
+                let found = line
+                    .find("addr=")
+                    .map(|i| (i + 5, false))
+                    .or_else(|| line.find("\"addr\":\"").map(|i| (i + 8, true)));
+                if let Some((start, json)) = found {
+                    let addr: String = line[start..]
                         .chars()
-                        .take_while(|c| !c.is_whitespace())
+                        .take_while(|c| !(c.is_whitespace() || (json && *c == '"')))
                         .collect();
                     let _ = tx.send(addr);
                     sent = true;
