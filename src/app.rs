@@ -73,7 +73,8 @@ impl App {
         // and on every reload.
         let options = PipelineOptions::from_config(&config);
         let require_tests = config.require_tests.then(|| options.clone());
-        let loaded = reload::load_checked(&config.flows_dir, require_tests.as_ref())?;
+        let can_send = config.outbound.credentials.is_some();
+        let loaded = reload::load_checked(&config.flows_dir, require_tests.as_ref(), can_send)?;
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
@@ -84,6 +85,7 @@ impl App {
             flows.clone(),
             metrics.clone(),
             require_tests,
+            can_send,
         ));
 
         // The store creates the data directory (private) and says which

@@ -95,9 +95,25 @@ impl FlowStatus {
 /// Load and validate the flow set in `dir` and, with `require_tests`, run
 /// its `*.chat` transcripts through the pipeline with those (the served)
 /// options: the one test a set passes to go live, at startup and on every
-/// reload.
-pub fn load_checked(dir: &Path, require_tests: Option<&PipelineOptions>) -> anyhow::Result<Loaded> {
+/// reload. Without the outbound credentials (`can_send` false), a set with
+/// a flow that sends on its own (a `timeout:` that says something, an
+/// `on_timeout`) is refused, naming the flow and the missing setting.
+pub fn load_checked(
+    dir: &Path,
+    require_tests: Option<&PipelineOptions>,
+    can_send: bool,
+) -> anyhow::Result<Loaded> {
     let loaded = flow::load_flows(dir)?;
+    if !can_send {
+        if let Some((flow, what)) = loaded.set.sends_on_its_own() {
+            anyhow::bail!(
+                "flow `{flow}` sends messages on its own ({what}), and the outbound \
+                 credentials are not set: set TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN \
+                 (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET); see \"Sending on our own\" \
+                 in README.md"
+            );
+        }
+    }
     if let Some(options) = require_tests {
         crate::author::transcripts_pass(dir, &loaded.set, options)
             .map_err(|e| anyhow::anyhow!("the flows' transcripts fail:\n{e}"))?;
@@ -120,6 +136,9 @@ pub struct Reloader {
     /// Also require the set's `*.chat` transcripts to pass before a swap,
     /// run with these (the served) pipeline options.
     require_tests: Option<PipelineOptions>,
+    /// Whether the outbound credentials are set: without them a set that
+    /// sends on its own is refused ([`load_checked`]).
+    can_send: bool,
     /// Serialises reloads: the watcher and SIGHUP may fire together, and two
     /// concurrent loads could otherwise swap in an older read last.
     busy: Mutex<()>,
@@ -134,6 +153,7 @@ impl Reloader {
         flows: SharedFlows,
         metrics: Arc<Metrics>,
         require_tests: Option<PipelineOptions>,
+        can_send: bool,
     ) -> Self {
         let status = FlowStatus::of(&flows.load(), unix_now());
         Reloader {
@@ -142,6 +162,7 @@ impl Reloader {
             status: Mutex::new(status),
             metrics,
             require_tests,
+            can_send,
             busy: Mutex::new(()),
         }
     }
@@ -150,7 +171,7 @@ impl Reloader {
     /// Blocking: file IO and compilation; call from a blocking thread.
     pub fn reload_now(&self) -> ReloadOutcome {
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        match load_checked(&self.dir, self.require_tests.as_ref()) {
+        match load_checked(&self.dir, self.require_tests.as_ref(), self.can_send) {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     tracing::warn!("{w}");

@@ -36,7 +36,7 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _tmp: Option<tempfile::TempDir>,
+    pub _tmp: Option<tempfile::TempDir>,
 }
 
 /// A flows directory in a temp dir holding the given (file name, contents).

@@ -22,7 +22,7 @@ default: "Text HOURS."
 /// The test config for a server sending through `fake`: credentials as
 /// the environment would give them, the fake as API base, a short send
 /// timeout, and a public URL the fake can post callbacks to.
-fn sending_config(fake: &FakeTwilio, flows: &Path, data: &Path) -> Config {
+pub(crate) fn sending_config(fake: &FakeTwilio, flows: &Path, data: &Path) -> Config {
     let mut config = Config::for_test(flows, data, TOKEN);
     config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
     // Port 0: the server puts the port it bound into its public URL.
