@@ -69,7 +69,19 @@ pub async fn spawn_configured(files: &[(&str, &str)], edit: impl FnOnce(&mut Con
     app
 }
 
-pub async fn spawn_with(config: Config) -> TestApp {
+/// Serve `config`. Without outbound credentials of its own, the server
+/// gets placeholder ones whose API base is a closed port on loopback: the
+/// shipped flows send reminders on their own, which `serve` refuses
+/// without credentials, and a test that does not look at sending must
+/// never reach anything (a send there is refused and retried, never sent).
+pub async fn spawn_with(mut config: Config) -> TestApp {
+    if config.outbound.credentials.is_none() {
+        config.outbound.credentials = Some(smsflow::outbound::Credentials::with_auth_token(
+            "AC00000000000000000000000000000000",
+            "placeholder",
+        ));
+        config.outbound.api_base = "http://127.0.0.1:1".into();
+    }
     let flows_dir = config.flows_dir.clone();
     let data_dir = config.data_dir.clone();
     let public_base = config.public_url.clone();

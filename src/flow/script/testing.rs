@@ -11,8 +11,17 @@ use super::{Sandbox, Script, ScriptInput, ScriptOutput};
 
 pub(super) const FILE: &str = "flows/test.rhai";
 
+/// The default limits, except a wall-clock budget generous enough that a
+/// busy test machine never trips it: these tests are about what scripts
+/// compute and refuse, not how fast; the budget has its own tests.
 pub(super) fn sandbox() -> Sandbox {
-    Sandbox::new(Limits::default(), None)
+    Sandbox::new(
+        Limits {
+            wall_clock: Duration::from_secs(10),
+            ..Limits::default()
+        },
+        None,
+    )
 }
 
 pub(super) fn compile(sandbox: &Sandbox, source: &str) -> Script {
