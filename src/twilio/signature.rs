@@ -117,7 +117,6 @@ impl RequestValidator {
         let sig_ok = self.validate(url, &[], signature);
         body_ok & sig_ok
     }
-
 }
 
 fn ct_eq(a: &str, b: &str) -> bool {
