@@ -27,7 +27,9 @@ use crate::store::{
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod locks;
+mod offload;
 use locks::KeyLocks;
+use offload::Offload;
 
 /// What the HTTP layer sends back for one inbound webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +193,8 @@ pub struct Pipeline<S: Store> {
     locks: KeyLocks,
     /// Replies per conversation in the recent window, in memory only.
     loop_guard: LoopGuard,
+    /// Whether Rhai runs inline or off the async worker (`offload.rs`).
+    offload: Offload,
     metrics: Arc<Metrics>,
 }
 
@@ -229,6 +233,7 @@ impl<S: Store> Pipeline<S> {
                 ..options
             },
             locks: KeyLocks::default(),
+            offload: Offload::default(),
             metrics,
         }
     }
@@ -448,12 +453,13 @@ impl<S: Store> Pipeline<S> {
         // Rhai runs synchronously for up to its wall-clock budget. On the
         // multi-thread runtime (the server's) `block_in_place` moves this
         // worker's other tasks to another thread meanwhile, so a slow script
-        // never stalls unrelated requests. It panics on a current-thread
-        // runtime, where we simply run inline.
+        // does not stall unrelated requests; while the set's runs are quick
+        // they run inline instead (`offload.rs` says why). It panics on a
+        // current-thread runtime, where we simply run inline.
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let handled = if flows.has_scripts() && multi_thread {
-            tokio::task::block_in_place(run)
+            self.offload.run(run)
         } else {
             run()
         };
