@@ -1,8 +1,13 @@
 //! Load generator: drives the smsflow server over loopback HTTP with signed
 //! webhooks from many senders, then compares it with a bare axum handler
 //! (parse the form, answer fixed TwiML) measured the same way, on the same
-//! machine, in the same run: requests/s, p50/p99 latency, errors and each
-//! server's peak RSS (`VmHWM` from `/proc/<pid>/status`).
+//! machine, in the same run: requests/s, p50/p99 latency, errors, each
+//! server's CPU time per message (its own utime + stime from
+//! `/proc/<pid>/stat` over the measured run, divided by the requests), this
+//! client's own CPU time per request, and each server's peak RSS (`VmHWM`
+//! from `/proc/<pid>/status`). CPU time is far steadier than requests/s on
+//! a shared machine: other work slows the server down but does not add to
+//! its CPU time.
 //!
 //! ```sh
 //! cargo build --release --examples --bins
@@ -13,6 +18,7 @@
 //! $L --scenario multistep --durability relaxed
 //! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
+//! $L --scenario multistep --senders 100000 --prefill 100000 --soak-secs 300   # RSS over 5 minutes
 //! ```
 //!
 //! Both servers run as child processes by default: smsflow is the `smsflow`
@@ -32,7 +38,10 @@
 //!
 //! `--prefill N` first drives senders 0..N one step each (not measured), so
 //! N conversations are stored; the measured run then continues those
-//! conversations. A scenario is a flow file in `examples/loadgen_flows/`
+//! conversations. `--soak-secs S` then keeps the load on smsflow alone for
+//! S seconds (requests signed as they are sent, so memory stays flat on
+//! this side) and prints its RSS every `--sample-secs`, to show whether it
+//! grows. A scenario is a flow file in `examples/loadgen_flows/`
 //! plus one arm in [`scenario`].
 
 use std::io::{BufRead, BufReader};
@@ -93,6 +102,13 @@ struct Args {
     /// from spawn to its first successful /healthz (median of 5 runs).
     #[arg(long)]
     startup_flows: Option<usize>,
+    /// After the measured run, keep smsflow under load this many seconds
+    /// and print its RSS every `--sample-secs` (0: no soak).
+    #[arg(long, default_value_t = 0)]
+    soak_secs: u64,
+    /// How often the soak prints the server's RSS.
+    #[arg(long, default_value_t = 30)]
+    sample_secs: u64,
     /// Internal: serve the bare handler and print its address.
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -100,6 +116,7 @@ struct Args {
 
 /// One kind of traffic: the flow file the server loads and what senders
 /// text. Adding a scenario is a flow file plus one arm in [`scenario`].
+#[derive(Clone, Copy)]
 struct Scenario {
     name: &'static str,
     /// File names and contents of the flows loaded for this scenario.
@@ -243,14 +260,44 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         );
     }
     run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
+    let fsyncs_before = fsyncs(client_rt, &client, ours.addr);
     let our_report = run(client_rt, &client, &ours, &sc, &measured, args.concurrency);
+    let fsyncs_after = fsyncs(client_rt, &client, ours.addr);
     let our_rss = ours.peak_rss();
+    if args.soak_secs > 0 {
+        let soak_load = Load {
+            phase: 4,
+            from_prefix: "+1555",
+            requests: usize::MAX,
+            senders: args.senders,
+            prefilled: args.prefill,
+        };
+        soak(
+            client_rt,
+            &client,
+            &ours,
+            &sc,
+            soak_load,
+            args.requests,
+            args.concurrency,
+            args.soak_secs,
+            args.sample_secs,
+        );
+    }
     let stored = conversations(client_rt, &client, ours.addr);
     ours.stop();
 
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>7} {:>7} {:>11}",
-        "", "req/s", "p50 ms", "p99 ms", "ok", "errors", "peak RSS"
+        "{:<10} {:>9} {:>9} {:>9} {:>7} {:>7} {:>11} {:>13} {:>13}",
+        "",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "ok",
+        "errors",
+        "peak RSS",
+        "server µs/msg",
+        "client µs/req"
     );
     println!("{}", bare_report.line("bare axum", bare_rss));
     println!("{}", our_report.line("smsflow", our_rss));
@@ -259,6 +306,22 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         100.0 * our_report.rps() / bare_report.rps(),
         stored
     );
+    match (our_report.server_cpu_per_req(), bare_report.server_cpu_per_req()) {
+        (Some(ours), Some(bare)) if bare > 0.0 => println!(
+            "cpu        smsflow spent {:.2}x the bare handler's CPU per message ({:.1} vs {:.1} µs)",
+            ours / bare,
+            ours,
+            bare
+        ),
+        _ => println!("cpu        per-server CPU needs child processes (not --in-process)"),
+    }
+    if let Some((after, before)) = fsyncs_after.zip(fsyncs_before) {
+        let n = after.saturating_sub(before);
+        println!(
+            "flushes    {n} grouped fsyncs, {:.1} messages per fsync",
+            our_report.ok as f64 / n.max(1) as f64
+        );
+    }
     for (name, r) in [("bare axum", &bare_report), ("smsflow", &our_report)] {
         if let Some(e) = &r.first_error {
             println!("first error from {name}: {e}");
@@ -284,34 +347,51 @@ impl Load {
     /// sender's consecutive messages are `senders` requests apart and, with
     /// senders >> concurrency, arrive in order like a real phone's.
     fn requests(&self, sc: &Scenario) -> Vec<(String, String)> {
-        let validator = RequestValidator::new(TOKEN);
-        let signed_url = format!("{PUBLIC_URL}/twilio/sms");
-        let senders = self.senders.max(1);
+        let signer = Signer::new();
         (0..self.requests)
-            .map(|n| {
-                let sender = n % senders;
-                let round = n / senders + usize::from(sender < self.prefilled);
-                let sid = format!("SM{:02x}{n:030x}", self.phase);
-                let from = format!("{}{sender:07}", self.from_prefix);
-                let body = (sc.message)(sender, round);
-                let params: Vec<(String, String)> = [
-                    ("MessageSid", sid.as_str()),
-                    ("SmsSid", sid.as_str()),
-                    ("AccountSid", "AC00000000000000000000000000000000"),
-                    ("From", from.as_str()),
-                    ("To", OUR_NUMBER),
-                    ("Body", body.as_str()),
-                    ("NumMedia", "0"),
-                    ("NumSegments", "1"),
-                    ("ApiVersion", "2010-04-01"),
-                ]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-                let sig = validator.compute(&signed_url, &params);
-                (encode_form(&params), sig)
-            })
+            .map(|n| self.request(sc, &signer, n))
             .collect()
+    }
+
+    /// Request `n` of the phase as (form body, signature).
+    fn request(&self, sc: &Scenario, signer: &Signer, n: usize) -> (String, String) {
+        let senders = self.senders.max(1);
+        let sender = n % senders;
+        let round = n / senders + usize::from(sender < self.prefilled);
+        let sid = format!("SM{:02x}{n:030x}", self.phase);
+        let from = format!("{}{sender:07}", self.from_prefix);
+        let body = (sc.message)(sender, round);
+        let params: Vec<(String, String)> = [
+            ("MessageSid", sid.as_str()),
+            ("SmsSid", sid.as_str()),
+            ("AccountSid", "AC00000000000000000000000000000000"),
+            ("From", from.as_str()),
+            ("To", OUR_NUMBER),
+            ("Body", body.as_str()),
+            ("NumMedia", "0"),
+            ("NumSegments", "1"),
+            ("ApiVersion", "2010-04-01"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let sig = signer.validator.compute(&signer.url, &params);
+        (encode_form(&params), sig)
+    }
+}
+
+/// Signs requests as Twilio would for our public URL.
+struct Signer {
+    validator: RequestValidator,
+    url: String,
+}
+
+impl Signer {
+    fn new() -> Signer {
+        Signer {
+            validator: RequestValidator::new(TOKEN),
+            url: format!("{PUBLIC_URL}/twilio/sms"),
+        }
     }
 }
 
@@ -322,6 +402,12 @@ struct Report {
     first_error: Option<String>,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// The server process's CPU time (user + system) over the run; `None`
+    /// for a server running inside this process.
+    server_cpu: Option<Duration>,
+    /// This process's own CPU time over the run (the client, plus any
+    /// in-process server).
+    client_cpu: Duration,
 }
 
 impl Report {
@@ -337,15 +423,33 @@ impl Report {
         self.latencies[idx]
     }
 
+    /// Server CPU time per request sent, in µs.
+    fn server_cpu_per_req(&self) -> Option<f64> {
+        let requests = (self.ok + self.errors).max(1) as f64;
+        Some(self.server_cpu?.as_secs_f64() * 1e6 / requests)
+    }
+
+    /// This process's CPU time per request sent, in µs.
+    fn client_cpu_per_req(&self) -> f64 {
+        let requests = (self.ok + self.errors).max(1) as f64;
+        self.client_cpu.as_secs_f64() * 1e6 / requests
+    }
+
     fn line(&self, name: &str, rss: Option<u64>) -> String {
+        let server = match self.server_cpu_per_req() {
+            Some(us) => format!("{us:.1}"),
+            None => "n/a".into(),
+        };
         format!(
-            "{name:<10} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>7} {:>11}",
+            "{name:<10} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>7} {:>11} {:>13} {:>13.1}",
             self.rps(),
             self.pct(0.50).as_secs_f64() * 1e3,
             self.pct(0.99).as_secs_f64() * 1e3,
             self.ok,
             self.errors,
-            mib(rss)
+            mib(rss),
+            server,
+            self.client_cpu_per_req()
         )
     }
 }
@@ -369,7 +473,9 @@ fn run(
 ) -> Report {
     let requests = Arc::new(load.requests(sc));
     let url = format!("http://{}/twilio/sms", server.addr);
-    rt.block_on(async {
+    let server_before = server.cpu_time();
+    let client_before = cpu_time(std::process::id());
+    let mut total = rt.block_on(async {
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -420,6 +526,166 @@ fn run(
         total.elapsed = started.elapsed();
         total.latencies.sort();
         total
+    });
+    total.server_cpu = server
+        .cpu_time()
+        .zip(server_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    total.client_cpu = cpu_time(std::process::id())
+        .zip(client_before)
+        .map(|(after, before)| after.saturating_sub(before))
+        .unwrap_or_default();
+    total
+}
+
+/// Keeps `server` under load for `secs` seconds (requests signed as they
+/// are sent, from request `first` of `load` on, so each sender's
+/// conversation continues where the measured run left it) and prints its
+/// RSS every `every` seconds, with its CPU time per message over each
+/// interval.
+#[allow(clippy::too_many_arguments)]
+fn soak(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    server: &Server,
+    sc: &Scenario,
+    load: Load,
+    first: usize,
+    concurrency: usize,
+    secs: u64,
+    every: u64,
+) {
+    // A hard bound on the count too, whatever the speed.
+    const MAX_SOAK_REQUESTS: usize = 50_000_000;
+    let url = format!("http://{}/twilio/sms", server.addr);
+    let duration = Duration::from_secs(secs);
+    let load = Arc::new(load);
+    let sc = Arc::new(*sc);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    println!("soak     {secs} s against smsflow alone, RSS every {every} s:");
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, load, sc, sent, failed) = (
+                client.clone(),
+                url.clone(),
+                load.clone(),
+                sc.clone(),
+                sent.clone(),
+                failed.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let signer = Signer::new();
+                while started.elapsed() < duration {
+                    let n = sent.fetch_add(1, Ordering::Relaxed);
+                    if n >= MAX_SOAK_REQUESTS {
+                        break;
+                    }
+                    let (body, sig) = load.request(&sc, &signer, first + n);
+                    let ok = client
+                        .post(&url)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .header("x-twilio-signature", sig)
+                        .body(body)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let mut last = (
+            Instant::now(),
+            sent.load(Ordering::Relaxed),
+            server.cpu_time(),
+        );
+        while started.elapsed() < duration {
+            tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+            let now = (
+                Instant::now(),
+                sent.load(Ordering::Relaxed),
+                server.cpu_time(),
+            );
+            let requests = now.1 - last.1;
+            let cpu = match (now.2, last.2) {
+                (Some(a), Some(b)) if requests > 0 => format!(
+                    "{:.1} µs/msg",
+                    a.saturating_sub(b).as_secs_f64() * 1e6 / requests as f64
+                ),
+                _ => "n/a".into(),
+            };
+            println!(
+                "  t={:>4.0} s  RSS {:>10}  peak {:>10}  {:>8.0} req/s  {cpu}  errors {}",
+                started.elapsed().as_secs_f64(),
+                mib(server.rss()),
+                mib(server.peak_rss()),
+                requests as f64 / now.0.duration_since(last.0).as_secs_f64(),
+                failed.load(Ordering::Relaxed)
+            );
+            last = now;
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    println!(
+        "soak     {} requests, {} errors",
+        sent.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+}
+
+/// User + system CPU time of process `pid` (all its threads, those that
+/// ended included), from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields after its closing one. utime and stime are fields 14
+    // and 15, i.e. the 12th and 13th after the name.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    let tick = clock_ticks_per_sec();
+    Some(Duration::from_secs_f64(
+        (utime + stime) as f64 / tick as f64,
+    ))
+}
+
+/// The kernel's clock tick (`getconf CLK_TCK`; 100 on every Linux we run).
+fn clock_ticks_per_sec() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// The server's grouped fsyncs so far, from `/metrics`.
+fn fsyncs(rt: &tokio::runtime::Runtime, client: &reqwest::Client, addr: SocketAddr) -> Option<u64> {
+    rt.block_on(async {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("smsflow_store_fsyncs_total "))?
+            .trim()
+            .parse()
+            .ok()
     })
 }
 
@@ -717,6 +983,14 @@ impl Server {
         Server {
             addr: addr.parse().expect("a socket address"),
             kind: Kind::Child(child),
+        }
+    }
+
+    /// The server process's CPU time so far (child processes only).
+    fn cpu_time(&self) -> Option<Duration> {
+        match &self.kind {
+            Kind::Child(child) => cpu_time(child.id()),
+            Kind::InProcess { .. } => None,
         }
     }
 

@@ -27,8 +27,10 @@ use crate::store::{
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod locks;
+mod offload;
 mod timers;
 use locks::KeyLocks;
+use offload::Offload;
 pub use timers::{TimerFired, TimerWaker};
 
 /// What the HTTP layer sends back for one inbound webhook.
@@ -197,6 +199,8 @@ pub struct Pipeline<S: Store> {
     locks: KeyLocks,
     /// Replies per conversation in the recent window, in memory only.
     loop_guard: LoopGuard,
+    /// Whether Rhai runs inline or off the async worker (`offload.rs`).
+    offload: Offload,
     metrics: Arc<Metrics>,
     /// Told when a commit sets a timer earlier than the one the timer
     /// scheduler sleeps towards, so it wakes up early.
@@ -242,6 +246,7 @@ impl<S: Store> Pipeline<S> {
                 ..options
             },
             locks: KeyLocks::default(),
+            offload: Offload::default(),
             metrics,
             timers: Arc::new(TimerWaker::default()),
             outbox: Arc::new(tokio::sync::Notify::new()),
@@ -478,12 +483,13 @@ impl<S: Store> Pipeline<S> {
         // Rhai runs synchronously for up to its wall-clock budget. On the
         // multi-thread runtime (the server's) `block_in_place` moves this
         // worker's other tasks to another thread meanwhile, so a slow script
-        // never stalls unrelated requests. It panics on a current-thread
-        // runtime, where we simply run inline.
+        // does not stall unrelated requests; while the set's runs are quick
+        // they run inline instead (`offload.rs` says why). It panics on a
+        // current-thread runtime, where we simply run inline.
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let handled = if flows.has_scripts() && multi_thread {
-            tokio::task::block_in_place(run)
+            self.offload.run(run)
         } else {
             run()
         };

@@ -16,12 +16,22 @@ use super::{Epoch, StoreError};
 const TICK: Duration = Duration::from_millis(250);
 const HEAL_EVERY: Duration = Duration::from_secs(1);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Under concurrent load (the last flush answered more than one caller),
+/// the worker waits this long after the first request of a group before
+/// it syncs, so more of the webhooks already under way join the group.
+/// Each sync hands work to sled's writer threads and back, which costs
+/// far more CPU than this short sleep; measured at 32 connections it
+/// doubled the webhooks per sync (10 -> 21) and cut the server's CPU per
+/// message by about a sixth. A lone caller (one webhook at a time) never
+/// waits.
+const GATHER: Duration = Duration::from_micros(300);
 
 type FlushReply = oneshot::Sender<Result<(), StoreError>>;
 
 /// The store's thread. Group commit: every flush request that arrives
-/// while a flush runs is answered by the next one, so concurrent webhooks
-/// share disk syncs instead of queueing one each. Between requests (and at
+/// while a flush runs (or, under load, during [`GATHER`] before it) is
+/// answered by the next one, so concurrent webhooks share disk syncs
+/// instead of queueing one each. Between requests (and at
 /// least every [`TICK`]) it retries a failed store and writes checkpoints.
 pub(super) struct Worker {
     /// `None` once dropped, which ends the thread's loop.
@@ -67,11 +77,16 @@ fn run_worker(shared: &Shared, rx: &mpsc::Receiver<(Epoch, FlushReply)>) {
     let mut last_heal: Option<Instant> = None;
     let mut heal_failures = 0u64;
     let mut last_checkpoint = Instant::now();
+    let mut last_group = 0;
     loop {
         match rx.recv_timeout(TICK) {
             Ok(first) => {
+                if last_group > 1 {
+                    thread::sleep(GATHER);
+                }
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter());
+                last_group = waiters.len();
                 let synced = shared.sync();
                 for (epoch, reply) in waiters {
                     let result = match &synced {
