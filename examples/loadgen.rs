@@ -19,6 +19,7 @@
 //! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
 //! $L --scenario multistep --senders 100000 --prefill 100000 --soak-secs 300   # RSS over 5 minutes
+//! $L --scenario timers --senders 1000 --prefill 100000        # with 100,000 pending timers
 //! ```
 //!
 //! Both servers run as child processes by default: smsflow is the `smsflow`
@@ -125,6 +126,10 @@ struct Scenario {
     message: fn(sender: usize, round: usize) -> String,
     /// Whether its first message stores a conversation (`--prefill` needs it).
     stateful: bool,
+    /// Whether its flows send on their own (timeouts), so the server needs
+    /// outbound credentials (placeholders here, and an API base on a
+    /// closed loopback port: nothing comes due during a run).
+    sends: bool,
 }
 
 fn scenario(name: &str) -> Option<Scenario> {
@@ -134,6 +139,7 @@ fn scenario(name: &str) -> Option<Scenario> {
             flow: &[("keyword.yaml", include_str!("loadgen_flows/keyword.yaml"))],
             message: |_, _| "HOURS".to_string(),
             stateful: false,
+            sends: false,
         }),
         // JOIN -> name -> age -> done, and again.
         "multistep" => Some(Scenario {
@@ -148,6 +154,7 @@ fn scenario(name: &str) -> Option<Scenario> {
                 _ => format!("{}", 20 + sender % 50),
             },
             stateful: true,
+            sends: false,
         }),
         // The same conversation as a Rhai script.
         "rhai" => Some(Scenario {
@@ -162,6 +169,20 @@ fn scenario(name: &str) -> Option<Scenario> {
                 _ => format!("{}", 20 + sender % 50),
             },
             stateful: true,
+            sends: false,
+        }),
+        // The multi-step conversation with a week-long reminder on each
+        // waiting step: every stored conversation holds a pending timer.
+        "timers" => Some(Scenario {
+            name: "timers",
+            flow: &[("timers.yaml", include_str!("loadgen_flows/timers.yaml"))],
+            message: |sender, round| match round % 3 {
+                0 => "JOIN".to_string(),
+                1 => format!("Person {sender}"),
+                _ => format!("{}", 20 + sender % 50),
+            },
+            stateful: true,
+            sends: true,
         }),
         _ => None,
     }
@@ -190,7 +211,7 @@ fn main() {
 fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let Some(sc) = scenario(&args.scenario) else {
         panic!(
-            "unknown --scenario {}: keyword | multistep | rhai",
+            "unknown --scenario {}: keyword | multistep | rhai | timers",
             args.scenario
         );
     };
@@ -239,7 +260,13 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let bare_rss = bare.peak_rss();
     bare.stop();
 
-    let ours = Server::smsflow(mode, &flows, &tmp.path().join("data"), args.durability);
+    let ours = Server::smsflow(
+        mode,
+        &flows,
+        &tmp.path().join("data"),
+        args.durability,
+        sc.sends,
+    );
     if args.prefill > 0 {
         let prefill = Load {
             phase: 3,
@@ -250,13 +277,15 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         };
         let rep = run(client_rt, &client, &ours, &sc, &prefill, args.concurrency);
         println!(
-            "prefill  {} conversations in {:.1} s ({:.0} req/s, {} errors); RSS now {}, stored {}",
+            "prefill  {} conversations in {:.1} s ({:.0} req/s, {} errors); RSS now {}, stored {}, pending timers {}",
             args.prefill,
             rep.elapsed.as_secs_f64(),
             rep.rps(),
             rep.errors,
             mib(ours.rss()),
-            conversations(client_rt, &client, ours.addr)
+            conversations(client_rt, &client, ours.addr),
+            metric(client_rt, &client, ours.addr, "smsflow_timers_pending ")
+                .map_or("?".into(), |n| n.to_string()),
         );
     }
     run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
@@ -672,6 +701,16 @@ fn clock_ticks_per_sec() -> u64 {
 
 /// The server's grouped fsyncs so far, from `/metrics`.
 fn fsyncs(rt: &tokio::runtime::Runtime, client: &reqwest::Client, addr: SocketAddr) -> Option<u64> {
+    metric(rt, client, addr, "smsflow_store_fsyncs_total ")
+}
+
+/// The value of the `/metrics` sample whose line starts with `prefix`.
+fn metric(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    prefix: &str,
+) -> Option<u64> {
     rt.block_on(async {
         let text = client
             .get(format!("http://{addr}/metrics"))
@@ -682,7 +721,7 @@ fn fsyncs(rt: &tokio::runtime::Runtime, client: &reqwest::Client, addr: SocketAd
             .await
             .ok()?;
         text.lines()
-            .find_map(|l| l.strip_prefix("smsflow_store_fsyncs_total "))?
+            .find_map(|l| l.strip_prefix(prefix))?
             .trim()
             .parse()
             .ok()
@@ -732,6 +771,7 @@ fn startup(rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args, n: usize) {
             &flows,
             &tmp.path().join(format!("data{run}")),
             args.durability,
+            false,
         );
         rt.block_on(wait_healthy(&client, server.addr));
         let took = started.elapsed();
@@ -866,7 +906,13 @@ enum Kind {
 }
 
 impl Server {
-    fn smsflow(mode: &Mode, flows: &Path, data: &Path, durability: DurabilityArg) -> Server {
+    fn smsflow(
+        mode: &Mode,
+        flows: &Path,
+        data: &Path,
+        durability: DurabilityArg,
+        sends: bool,
+    ) -> Server {
         match mode {
             Mode::Child(bin) => {
                 let mut cmd = Command::new(bin);
@@ -885,10 +931,16 @@ impl Server {
                 // Simulated senders text far faster than people: with the
                 // loop guard on, a long run would measure cheap
                 // `rate_limited` silences instead of the flow.
-                .env("SMSFLOW_CONFIG", loop_guard_off(data))
+                .env("SMSFLOW_CONFIG", server_config(data, sends))
                 .env("TWILIO_AUTH_TOKEN", TOKEN)
                 .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", "info");
+                if sends {
+                    cmd.env("TWILIO_ACCOUNT_SID", PLACEHOLDER_ACCOUNT);
+                }
+                if sends {
+                    cmd.env("TWILIO_ACCOUNT_SID", PLACEHOLDER_ACCOUNT);
+                }
                 Server::child(cmd)
             }
             Mode::InProcess => {
@@ -898,6 +950,12 @@ impl Server {
                 // What `serve` uses by default.
                 config.cache_bytes = 8 * 1024 * 1024;
                 config.watch = true;
+                if sends {
+                    config.outbound.credentials = Some(
+                        smsflow::outbound::Credentials::with_auth_token(PLACEHOLDER_ACCOUNT, TOKEN),
+                    );
+                    config.outbound.api_base = CLOSED_API_BASE.into();
+                }
                 config.durability = match durability {
                     DurabilityArg::Flush => Durability::Flush,
                     DurabilityArg::Relaxed => Durability::Relaxed,
@@ -1045,9 +1103,21 @@ impl Server {
 }
 
 /// A config file turning the loop guard off, written beside the data dir.
-fn loop_guard_off(data: &Path) -> PathBuf {
+/// Placeholder outbound credentials for scenarios whose flows send on
+/// their own, and an API base nothing listens on: no timer comes due
+/// during a run, and nothing could leave the machine if one did.
+const PLACEHOLDER_ACCOUNT: &str = "AC00000000000000000000000000000000";
+const CLOSED_API_BASE: &str = "http://127.0.0.1:1";
+
+/// The server's config file: the loop guard off; for a scenario that
+/// sends on its own, the closed API base.
+fn server_config(data: &Path, sends: bool) -> PathBuf {
     let path = data.with_extension("toml");
-    std::fs::write(&path, "loop_max_replies = 0\n").expect("write loadgen config");
+    let mut text = String::from("loop_max_replies = 0\n");
+    if sends {
+        text.push_str(&format!("twilio_api_base = \"{CLOSED_API_BASE}\"\n"));
+    }
+    std::fs::write(&path, text).expect("write loadgen config");
     path
 }
 
