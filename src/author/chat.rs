@@ -307,6 +307,20 @@ fn describe(event: &Event) -> String {
             Ok(secs) => format!("{flow}/{step}: no reply after {}", flow::show_secs(secs)),
             Err(_) => format!("{flow}: wake {timeout} came due (on_timeout)"),
         },
+        Event::Call {
+            flow,
+            step,
+            method,
+            host,
+            status,
+            error,
+        } => match (status, error) {
+            (Some(status), _) => format!("{flow}/{step}: {method} {host} answered {status}"),
+            (None, error) => format!(
+                "{flow}/{step}: {method} {host} failed: {}",
+                error.as_deref().unwrap_or("-")
+            ),
+        },
         Event::StaleTimer { flow, step } => {
             format!("a timer of {flow}/{step} no longer exists (flows edited); dropped")
         }

@@ -27,6 +27,7 @@
 //! to the per-file context `Cx` (whose YAML accessors are here), puts
 //! the documents together and runs `check`.
 
+mod calls;
 mod files;
 mod flows;
 mod keywords;
@@ -216,6 +217,10 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
+    inner.has_calls = inner
+        .flows
+        .values()
+        .any(|f| f.steps.values().any(|s| s.call.is_some()));
     check::check(&inner, reserved, &mut diags);
     diags.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.severity).cmp(&(&b.file, b.line, b.column, b.severity))
