@@ -50,7 +50,7 @@ pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub(crate) use outline::{EdgeTarget, Outline};
 pub use transcript::{
-    assertion_value, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
+    assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
 pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
 

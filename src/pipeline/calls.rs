@@ -41,6 +41,11 @@ impl<S: Store> Pipeline<S> {
         self
     }
 
+    /// Makes later calls through `caller` (the author tools' mocks).
+    pub(crate) fn set_caller(&mut self, caller: Arc<dyn Caller>) {
+        self.caller = caller;
+    }
+
     /// Runs `engine` with the answers so far until it asks for no call;
     /// each call it asks for is made here, within the message's budget.
     pub(super) async fn with_calls(

@@ -356,3 +356,53 @@ fn graph_draws_calls() {
         );
     }
 }
+
+fn calls_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flows/calls")
+}
+
+/// `@ http` lines answer a transcript's calls: no network in `test`.
+#[test]
+fn transcripts_declare_the_answers_to_calls() {
+    let set = smsflow::flow::load_dir(&calls_fixture()).unwrap().set;
+    let run = smsflow::author::run_transcript(
+        &calls_fixture().join("pizza.chat"),
+        &set,
+        &smsflow::author::server_defaults(),
+    );
+    assert!(run.failures.is_empty(), "{:#?}", run.failures);
+}
+
+/// A call nothing declared fails the transcript at the message that made
+/// it, and so does a declared answer no call used.
+#[test]
+fn unexpected_and_unused_calls_fail_a_transcript() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        calls_fixture().join("pizza.yaml"),
+        dir.path().join("pizza.yaml"),
+    )
+    .unwrap();
+    let chat = dir.path().join("pizza.chat");
+    std::fs::write(
+        &chat,
+        "> pizza\n< What would you like?\n> margherita\n< Sorry, the shop cannot take orders right now.\n\
+         @ http GET https://shop.example/status -> 200 {}\n? call.count = 1\n",
+    )
+    .unwrap();
+    let set = smsflow::flow::load_dir(dir.path()).unwrap().set;
+    let run = smsflow::author::run_transcript(&chat, &set, &smsflow::author::server_defaults());
+    let failures: Vec<String> = run
+        .failures
+        .iter()
+        .map(|f| format!("{}: {}", f.line, f.message))
+        .collect();
+    assert_eq!(
+        failures,
+        vec![
+            "3: unexpected call POST https://shop.example/orders (declare its answer with `@ http POST https://shop.example/orders -> 200 {...}` before the message)".to_owned(),
+            "6: `call.count` is `0`, expected `1`".to_owned(),
+            "5: the answer declared for GET https://shop.example/status was never used: no such call was made".to_owned(),
+        ]
+    );
+}
