@@ -406,3 +406,58 @@ fn unexpected_and_unused_calls_fail_a_transcript() {
         ]
     );
 }
+
+fn chat_with(flows: &std::path::Path, real_calls: Option<Vec<String>>, input: &str) -> String {
+    let opts = smsflow::author::ChatOptions {
+        flows_dir: flows.to_path_buf(),
+        from: FROM.into(),
+        to: OUR_NUMBER.into(),
+        data_dir: None,
+        now: Some(1_700_000_000),
+        options: smsflow::author::server_defaults(),
+        echo: true,
+        real_calls,
+    };
+    let mut out = Vec::new();
+    smsflow::author::chat(&opts, input.as_bytes(), &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// `chat` makes no call unless told to: `/http` declares answers, an
+/// undeclared call fails (and says how to declare it), and
+/// `--real-calls` reaches the shop through the allow-list.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_mocks_calls_or_makes_them_for_real() {
+    let shop = Shop::start(Answer::Json(201, r#"{"id": 9, "eta": "1 min"}"#.into())).await;
+    std::env::set_var("SHOP_TOKEN", "tok-SECRET-123");
+    let dir = flows_dir(&[("pizza.yaml", &pizza(&format!("http://{}", shop.addr)))]);
+    let url = format!("http://{}/orders?item=", shop.addr);
+    let out = tokio::task::block_in_place(|| {
+        chat_with(
+            dir.path(),
+            None,
+            &format!("pizza\nmargherita\npizza\n/http POST {url}* -> 201 {{\"id\": 5, \"eta\": \"now\"}}\nfunghi\n"),
+        )
+    });
+    assert!(
+        out.contains(&format!(
+            "# no answer declared for POST {url}margherita: it failed"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("< Order 5 placed (5), ready in now."), "{out}");
+    assert!(shop.received().is_empty(), "no call left the machine");
+
+    let out = tokio::task::block_in_place(|| {
+        chat_with(
+            dir.path(),
+            Some(vec!["127.0.0.1".into()]),
+            "pizza\nmargherita\n",
+        )
+    });
+    assert!(
+        out.contains("< Order 9 placed (9), ready in 1 min."),
+        "{out}"
+    );
+    assert_eq!(shop.received().len(), 1);
+}
