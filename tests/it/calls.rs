@@ -361,16 +361,20 @@ fn calls_fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flows/calls")
 }
 
-/// `@ http` lines answer a transcript's calls: no network in `test`.
+/// `@ http` lines answer a transcript's calls (a message's, and a
+/// timer's in remind.chat): no network in `test`.
 #[test]
 fn transcripts_declare_the_answers_to_calls() {
     let set = smsflow::flow::load_dir(&calls_fixture()).unwrap().set;
-    let run = smsflow::author::run_transcript(
-        &calls_fixture().join("pizza.chat"),
-        &set,
-        &smsflow::author::server_defaults(),
-    );
-    assert!(run.failures.is_empty(), "{:#?}", run.failures);
+    for chat in ["pizza.chat", "remind.chat"] {
+        let run = smsflow::author::run_transcript(
+            &calls_fixture().join(chat),
+            &set,
+            &smsflow::author::server_defaults(),
+        );
+        assert!(run.failures.is_empty(), "{chat}: {:#?}", run.failures);
+        assert!(!run.exchanges.is_empty(), "{chat}");
+    }
 }
 
 /// A call nothing declared fails the transcript at the message that made
