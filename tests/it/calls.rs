@@ -465,3 +465,39 @@ async fn chat_mocks_calls_or_makes_them_for_real() {
     );
     assert_eq!(shop.received().len(), 1);
 }
+
+/// A redirect is checked like the first request: to a name that resolves
+/// to loopback it is refused before any connection, even when the name
+/// is listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_to_a_private_address_is_refused() {
+    let shop = Shop::start(Answer::Redirect("/".into())).await;
+    let port = shop.addr.port();
+    *shop.answer.lock().unwrap() = Answer::Redirect(format!("http://localhost:{port}/inside"));
+    let flow = format!(
+        r#"
+trigger: {{keywords: [STATUS]}}
+steps:
+  look:
+    call:
+      url: "http://127.0.0.1:{port}/status"
+      on_error: sorry
+    say: "ok {{{{call.status}}}}"
+  sorry:
+    say: "failed: {{{{call.error}}}}"
+"#
+    );
+    let app = spawn_configured(&[("status.yaml", &flow)], |c| {
+        c.http_allow = vec!["127.0.0.1".into(), "localhost".into()];
+    })
+    .await;
+    let replies = bodies(&app.send_sms(FROM, "status").await.body);
+    assert_eq!(replies.len(), 1);
+    assert!(
+        replies[0].starts_with("failed: ") && replies[0].contains("not a public address"),
+        "{replies:?}"
+    );
+    let got = shop.received();
+    assert_eq!(got.len(), 1, "the redirect was not followed");
+    assert!(got[0].head.starts_with("GET /status "));
+}
