@@ -692,6 +692,7 @@ fn call_problems_are_reported_with_positions() {
             "shop.yaml:35:9: error: `7` is not a status: use a code like 404 or a class like 4xx",
             "shop.yaml:39:7: error: a GET call has no body; use `method: POST` (or PUT, PATCH)",
             "shop.yaml:39:7: error: a call needs `on_error:` (the step to go to when it fails: timeout, refused, non-2xx)",
+            "shop.yaml:46:38: error: `{{sise}}` is never set in flow `shop` (use `save:` or `set:`)",
             "shop.yaml:50:17: error: unknown step `sorri` (call)",
             "shop.yaml:52:14: error: unknown step `gone` (call)",
         ],

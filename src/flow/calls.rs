@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::model::Target;
+use super::model::{Pos, Target};
 use super::template::{Template, Var};
 
 /// At most this many calls per message (or timer firing); further calls
@@ -54,6 +54,8 @@ pub(crate) struct Call {
     /// `on_status:`: status patterns and the step each goes to, in the
     /// order written; the first that matches wins.
     pub on_status: Vec<(StatusPattern, Target)>,
+    /// Every template of the call with where it is written, for `check`.
+    pub templates: Vec<(Pos, Template)>,
 }
 
 /// One header value as written.

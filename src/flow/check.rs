@@ -797,6 +797,9 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                 check_template(&a.value, a.pos, file, rv, diags);
             }
             check_msgs(&step.say, file, rv, diags);
+            for (pos, t) in step.call.iter().flat_map(|c| &c.templates) {
+                check_template(t, *pos, file, rv, diags);
+            }
             if let Next::Wait {
                 routes,
                 retry,

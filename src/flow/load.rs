@@ -181,6 +181,7 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
                 "`{{= }}` expressions are only allowed in flow files, not in keyword replies",
             ),
             compiled: Compiled::default(),
+            call_templates: Vec::new(),
         };
         match yaml::parse(&text) {
             Err(e) => cx.err(e.pos, e.message),
@@ -333,6 +334,8 @@ struct Cx<'d> {
     no_exprs: Option<&'static str>,
     /// What this file compiled so far, by source text.
     compiled: Compiled,
+    /// The templates of the `call:` being read (see `load/calls.rs`).
+    call_templates: Vec<(Pos, super::template::Template)>,
 }
 
 /// Rhai expressions and regexes one file compiled, by their text. A YAML

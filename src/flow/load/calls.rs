@@ -7,6 +7,7 @@ use crate::flow::calls::{
     is_call_path, BodySpec, Call, HeaderSpec, JsonSpec, StatusPattern, DEFAULT_CALL_TIMEOUT_MS,
     MAX_CALL_TIMEOUT_MS, METHODS,
 };
+use crate::flow::model::Pos;
 use crate::flow::template::{is_ident, parse_var, Template, Var};
 use crate::flow::yaml::{Kind, Node};
 
@@ -17,6 +18,7 @@ const MAX_JSON_DEPTH: usize = 8;
 
 impl Cx<'_> {
     pub(super) fn call(&mut self, node: &Node) -> Option<Call> {
+        self.call_templates.clear();
         let m = self.map(
             node,
             "`call`",
@@ -119,6 +121,7 @@ impl Cx<'_> {
             save: save?,
             on_error: on_error?,
             on_status,
+            templates: std::mem::take(&mut self.call_templates),
         })
     }
 
@@ -144,7 +147,7 @@ impl Cx<'_> {
             );
             return None;
         }
-        self.template(&text, node.pos)
+        self.call_template(&text, node.pos)
     }
 
     fn headers(&mut self, node: &Node) -> Option<Vec<(String, HeaderSpec)>> {
@@ -197,7 +200,7 @@ impl Cx<'_> {
                     let Some(text) = self.text(v, "a header value") else {
                         continue;
                     };
-                    let Some(t) = self.template(&text, v.pos) else {
+                    let Some(t) = self.call_template(&text, v.pos) else {
                         continue;
                     };
                     HeaderSpec::Text(t)
@@ -228,7 +231,7 @@ impl Cx<'_> {
                         return Some(JsonSpec::Literal(v));
                     }
                 }
-                self.template(s, node.pos).map(JsonSpec::Text)
+                self.call_template(s, node.pos).map(JsonSpec::Text)
             }
             Kind::Seq(items) => {
                 let mut out = Vec::new();
@@ -253,9 +256,17 @@ impl Cx<'_> {
         let mut out = Vec::new();
         for (key, (_, v)) in entries {
             let text = self.text(v, "a `form` value")?;
-            out.push((key.to_owned(), self.template(&text, v.pos)?));
+            out.push((key.to_owned(), self.call_template(&text, v.pos)?));
         }
         Some(out)
+    }
+
+    /// A template of a call, remembered with its position so that `check`
+    /// can report the variables it names that are never set.
+    fn call_template(&mut self, text: &str, pos: Pos) -> Option<Template> {
+        let t = self.template(text, pos)?;
+        self.call_templates.push((pos, t.clone()));
+        Some(t)
     }
 
     fn call_timeout(&mut self, node: &Node) -> Option<u64> {
