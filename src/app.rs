@@ -101,12 +101,15 @@ impl App {
         )
         .context("opening the store")?;
         let store = Arc::new(store);
-        let pipeline = Arc::new(Pipeline::new(
-            store.clone(),
-            flows.clone(),
-            options,
-            metrics.clone(),
-        ));
+        // Flows' HTTP calls: the real client, limited to `http_allow`.
+        let caller = crate::calls::HttpCaller::new(
+            crate::calls::Allow::parse(&config.http_allow).map_err(anyhow::Error::msg)?,
+        )
+        .context("building the HTTP client for flow calls")?;
+        let pipeline = Arc::new(
+            Pipeline::new(store.clone(), flows.clone(), options, metrics.clone())
+                .with_caller(Arc::new(caller)),
+        );
         // Whoever enqueues outbox entries wakes the sender with this; the
         // pipeline's timer firings do, after each enqueue is flushed.
         let outbound_wake = Wake::from(pipeline.outbox_waker());

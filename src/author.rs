@@ -14,6 +14,8 @@
 //! [`flow::Transcript`](crate::flow::Transcript).
 //!
 //! - `session`: the simulated phone `chat` and transcripts share;
+//! - `mocks`: declared answers to flows' HTTP calls (`@ http`, `/http`):
+//!   these tools make no real request;
 //! - `chat`: `smsflow chat`;
 //! - `transcripts`: `smsflow test` and the `--require-tests` gate;
 //! - `check`: `smsflow check`;
@@ -22,6 +24,7 @@
 mod chat;
 mod check;
 mod graph;
+mod mocks;
 mod session;
 mod transcripts;
 

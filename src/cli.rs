@@ -129,6 +129,10 @@ pub struct ChatArgs {
     /// the config file's `interrupt_keywords`.
     #[arg(long = "interrupt", value_name = "WORD")]
     pub interrupt: Vec<String>,
+    /// Make flows' HTTP calls for real (to the config file's `http_allow`);
+    /// without it no call leaves the machine and `/http` declares answers.
+    #[arg(long)]
+    pub real_calls: bool,
     /// The server's config file, for its consent and interrupt keywords.
     #[command(flatten)]
     pub config: ToolConfig,

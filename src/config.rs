@@ -121,6 +121,12 @@ pub struct Config {
     /// listeners still accept, so a load balancer stops sending traffic
     /// before they close.
     pub shutdown_drain: Duration,
+    /// Hosts and URL prefixes a flow's `call:` may reach (none: calls
+    /// are refused); see [`crate::calls::Allow`].
+    pub http_allow: Vec<String>,
+    /// The time all of one message's calls share, well inside Twilio's
+    /// 15 s; when it runs out the call fails and takes its `on_error`.
+    pub call_budget: Duration,
 }
 
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -169,6 +175,8 @@ impl Config {
             log_format: LogFormat::Text,
             log_phone_numbers: PhoneNumbers::Hash,
             shutdown_drain: Duration::ZERO,
+            http_allow: Vec::new(),
+            call_budget: Duration::from_millis(crate::calls::DEFAULT_CALL_BUDGET_MS),
         }
     }
 }
@@ -210,6 +218,8 @@ pub struct FileConfig {
     pub(crate) log_format: Option<LogFormat>,
     pub(crate) log_phone_numbers: Option<PhoneNumbers>,
     pub(crate) shutdown_drain_ms: Option<u64>,
+    pub(crate) http_allow: Option<Vec<String>>,
+    pub(crate) call_budget_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -383,6 +393,23 @@ pub fn resolve(
             .or(file.log_phone_numbers)
             .unwrap_or_default(),
         shutdown_drain: Duration::from_millis(drain_ms),
+        http_allow: {
+            let allow = file.http_allow.clone().unwrap_or_default();
+            crate::calls::Allow::parse(&allow).map_err(|e| anyhow::anyhow!("http_allow: {e}"))?;
+            allow
+        },
+        call_budget: {
+            let ms = file
+                .call_budget_ms
+                .unwrap_or(crate::calls::DEFAULT_CALL_BUDGET_MS);
+            if !(100..=crate::calls::MAX_CALL_BUDGET_MS).contains(&ms) {
+                bail!(
+                    "call_budget_ms must be between 100 and {} (Twilio waits 15 s for the whole answer)",
+                    crate::calls::MAX_CALL_BUDGET_MS
+                );
+            }
+            Duration::from_millis(ms)
+        },
         compliance,
         loop_max_replies: file.loop_max_replies.unwrap_or(20),
         loop_window_secs,

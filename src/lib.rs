@@ -25,7 +25,7 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`compliance`], [`telemetry`], [`service`],
+//! [`messages`], [`compliance`], [`telemetry`], [`service`], [`calls`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
@@ -46,6 +46,7 @@
 //!   YAML expressions run there, and any script failure becomes the flow's
 //!   fallback with the conversation unchanged. Its files:
 //!   - `model.rs` (the validated types), `engine.rs` (the step function),
+//!     `calls.rs` (a step's `call:`, the request and answer types),
 //!     `matcher.rs` (normalising and matching text), `check.rs` (cross-file
 //!     rules), `template.rs`, `outline.rs` (steps and routes for diagrams),
 //!     `transcript.rs` (`.chat` tests), `segments.rs` (SMS segment counts),
@@ -54,7 +55,8 @@
 //!   - `load.rs` runs a load; `load/` reads the format, one file per section
 //!     of flows/README.md: `files` (directory walk, symlinks), `keywords`,
 //!     `flows` (flow files, triggers, durations), `steps` (steps, routes,
-//!     retries), `matchers`, `templates` (messages, `{{ }}` and `{{= }}`),
+//!     retries), `calls` (a step's `call:`), `matchers`, `templates`
+//!     (messages, `{{ }}` and `{{= }}`),
 //!     `scripts` (`script:` and `*.rhai` files);
 //!   - `script.rs` builds the engine and runs script flows; `script/` holds
 //!     `expr` (`when:`, `{{= }}`), `helpers`, `modules` (imports), `limits`
@@ -89,11 +91,18 @@
 //!   `smsflow messages`.
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
-//!   the only user of reqwest), quiet hours (`outbound/quiet.rs`, the only
+//!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, the only
 //!   user of jiff) and the sender task (`outbound/sender.rs`), which claims
 //!   due outbox entries from the store's due index, applies consent,
 //!   `max_late`, quiet hours and the per-number pace, and records each
 //!   send before and after the request (at most once).
+//! - [`calls`]: flows' HTTP calls on the wire: the [`calls::Caller`] the
+//!   pipeline makes a `call:` through and the real client (reqwest), with
+//!   the allow-list (`http_allow`), the public-address-only resolver,
+//!   redirects, the answer size cap and secret headers. The engine only
+//!   renders requests and reads answers (`flow/calls.rs`); the pipeline's
+//!   call loop (`pipeline/calls.rs`) runs the engine again with each
+//!   answer, under the conversation's lock, within `call_budget_ms`.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically; owns the flow
 //!   status `/status` reports and the one test a set passes to go live
@@ -145,6 +154,9 @@
 //! - A message we send on our own is in the outbox before any request,
 //!   and marked `Sending` durably before it; one that may have reached
 //!   Twilio is never sent again.
+//! - A flow's HTTP call goes only where `http_allow` permits, never to a
+//!   non-public address the operator did not list; all calls of a message
+//!   end within `call_budget_ms`, so the webhook answers in time.
 //! - A connection that is not serving a request never holds a place a new
 //!   connection needs.
 //! - `chat`, `test` and `--require-tests` run messages through the same
@@ -190,6 +202,7 @@
 pub mod admin_client;
 pub mod app;
 pub mod author;
+pub mod calls;
 pub mod cli;
 pub(crate) mod clock;
 pub mod compliance;

@@ -105,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 options,
                 // Piped input is echoed so the output reads as a transcript.
                 echo: !stdin.is_terminal(),
+                real_calls: args.real_calls.then(|| config.http_allow.clone()),
             };
             author::chat(&opts, stdin.lock(), std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)

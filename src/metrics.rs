@@ -180,7 +180,14 @@ pub struct Metrics {
     /// `smsflow_outbound_total`, by [`Outbound`] (its declaration order).
     outbound: [AtomicU64; 6],
     send_latency: Histogram,
+    /// Flows' HTTP calls by (host, outcome); hosts are written in flow
+    /// files, and at most [`MAX_CALL_HOSTS`] are kept apart.
+    calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+    call_latency: Histogram,
 }
+
+/// Hosts beyond this many share the `other` label.
+const MAX_CALL_HOSTS: usize = 64;
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
@@ -199,6 +206,25 @@ impl Metrics {
 
     pub fn outbound(&self, outcome: Outbound) {
         self.outbound[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One flow HTTP call to `host`: `outcome` is `ok`, `status` (not
+    /// 2xx) or `error` (no answer).
+    pub fn observe_call(&self, host: &str, outcome: &'static str, d: Duration) {
+        self.call_latency.observe(d);
+        let mut m = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let known = m.keys().any(|(h, _)| h == host);
+        let hosts = m
+            .keys()
+            .map(|(h, _)| h.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let host = if known || hosts < MAX_CALL_HOSTS {
+            host.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        *m.entry((host, outcome)).or_default() += 1;
     }
 
     /// One request to Twilio's Messages API, answered or not.
@@ -360,6 +386,23 @@ impl Metrics {
             "# HELP {name} Time of one request to Twilio's Messages API.\n# TYPE {name} histogram"
         );
         self.send_latency.render(&mut out, name, "api=\"messages\"");
+        let name = "smsflow_flow_calls_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP calls made by flows, by host and outcome (ok, status: not 2xx, error: no answer).\n# TYPE {name} counter"
+        );
+        for ((host, outcome), n) in self.calls.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{host=\"{}\",outcome=\"{outcome}\"}} {n}",
+                label_escape(host)
+            );
+        }
+        self.call_latency.write(
+            &mut out,
+            "smsflow_flow_call_duration_seconds",
+            "Time of one HTTP call made by a flow, answered or not.",
+        );
         for s in samples {
             s.write(&mut out);
         }

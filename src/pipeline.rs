@@ -26,6 +26,7 @@ use crate::store::{
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
+mod calls;
 mod locks;
 mod offload;
 mod timers;
@@ -133,6 +134,9 @@ pub struct PipelineOptions {
     /// this URL (our `/twilio/status`), tagged with the inbound MessageSid
     /// and the flow and step that produced each.
     pub status_callback_url: Option<String>,
+    /// The time all HTTP calls of one message share (`None`: the
+    /// default, [`crate::calls::DEFAULT_CALL_BUDGET_MS`]).
+    pub call_budget: Option<std::time::Duration>,
 }
 
 impl PipelineOptions {
@@ -150,6 +154,7 @@ impl PipelineOptions {
             status_callback_url: config
                 .track_delivery
                 .then(|| format!("{}/twilio/status", config.public_url)),
+            call_budget: Some(config.call_budget),
         }
     }
 }
@@ -202,6 +207,9 @@ pub struct Pipeline<S: Store> {
     /// Whether Rhai runs inline or off the async worker (`offload.rs`).
     offload: Offload,
     metrics: Arc<Metrics>,
+    /// Makes flows' HTTP calls (`call:`); fails them until
+    /// [`Pipeline::with_caller`] gives a real one.
+    caller: Arc<dyn crate::calls::Caller>,
     /// Told when a commit sets a timer earlier than the one the timer
     /// scheduler sleeps towards, so it wakes up early.
     timers: Arc<TimerWaker>,
@@ -250,6 +258,7 @@ impl<S: Store> Pipeline<S> {
             metrics,
             timers: Arc::new(TimerWaker::default()),
             outbox: Arc::new(tokio::sync::Notify::new()),
+            caller: calls::no_calls(),
         }
     }
 
@@ -337,7 +346,7 @@ impl<S: Store> Pipeline<S> {
                 }]),
                 conversation,
             ),
-            Gate::Pass => self.run_engine(msg, conversation, now),
+            Gate::Pass => self.run_engine(msg, conversation, now).await,
         };
 
         // 5. render, 6. commit.
@@ -469,8 +478,13 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// Phase 4, engine: run the flow set on the message, log its events.
-    fn run_engine(&self, msg: &InboundMessage, conversation: Conversation, now: i64) -> Decided {
-        let flows = self.flows.load();
+    async fn run_engine(
+        &self,
+        msg: &InboundMessage,
+        conversation: Conversation,
+        now: i64,
+    ) -> Decided {
+        let flows = self.flows.load_full();
         let media: Vec<String> = msg.media.iter().map(|m| m.url.clone()).collect();
         let inbound = Inbound {
             from: &msg.from,
@@ -479,7 +493,6 @@ impl<S: Store> Pipeline<S> {
             media: &media,
             message_sid: &msg.message_sid,
         };
-        let run = || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
         // Rhai runs synchronously for up to its wall-clock budget. On the
         // multi-thread runtime (the server's) `block_in_place` moves this
         // worker's other tasks to another thread meanwhile, so a slow script
@@ -488,10 +501,26 @@ impl<S: Store> Pipeline<S> {
         // current-thread runtime, where we simply run inline.
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let handled = if flows.has_scripts() && multi_thread {
-            self.offload.run(run)
+        let handled = if flows.has_calls() {
+            // A flow may stop at a call: run it again with each answer.
+            self.with_calls(flows.has_scripts(), |answers| {
+                flow::handle_with_calls(
+                    &flows,
+                    &self.options.engine,
+                    conversation.clone(),
+                    &inbound,
+                    now,
+                    answers,
+                )
+            })
+            .await
         } else {
-            run()
+            let run = || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
+            if flows.has_scripts() && multi_thread {
+                self.offload.run(run)
+            } else {
+                run()
+            }
         };
         for event in &handled.events {
             self.log_event(event);

@@ -99,7 +99,7 @@ fn schema_problems_are_all_reported_with_positions() {
             "types.yaml:1:11: error: expected a mapping for `keywords`, found a list",
             "types.yaml:2:5: error: expected text for `to`, found a mapping",
             "unknown_keys.yaml:3:3: error: unknown key `keyword` in `trigger` (expected one of: keywords, regex, catch_all, to)",
-            "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, timeout, description)",
+            "unknown_keys.yaml:6:5: error: unknown key `sya` in step `one` (expected one of: say, media, set, wait, retry, goto, flow, end, silence, timeout, description, call)",
             "unknown_keys.yaml:9:9: error: unknown key `gotoo` in a route (expected one of: any_of, exact, contains, starts_with, regex, number, yes, no, anything, else, when, save, contact, set, say, media, goto, flow, end, silence, description)",
         ],
     );
@@ -670,5 +670,31 @@ fn directory_symlink_loops_are_not_walked() {
     assert_eq!(
         loaded.set.files(),
         &[flows.join("k.yaml"), flows.join("lib/m.rhai")]
+    );
+}
+
+/// `call:`: methods, URLs whose host is written out, templates, header
+/// names, secrets not set here (a warning: the server may have them),
+/// timeouts, `save` paths, `on_error` and `on_status` targets.
+#[test]
+fn call_problems_are_reported_with_positions() {
+    assert_diags(
+        &check_dir(&fixture("broken/calls")),
+        &[
+            "shop.yaml:5:15: error: unknown method `FETCH` (use one of: GET, POST, PUT, PATCH, DELETE)",
+            "shop.yaml:11:12: error: the host of a call's `url` must be written out (templates only in the path or query)",
+            "shop.yaml:17:12: error: `url` must start with https:// or http://, got `ftp://shop.example/x`",
+            "shop.yaml:23:12: error: unclosed `{{` in template (add `}}`)",
+            "shop.yaml:25:33: warning: secret `SMSFLOW_TEST_SURELY_UNSET_SECRET` is not set in this environment; calls that need it fail (and take on_error) until it is",
+            "shop.yaml:26:9: error: `Bad Header` is not a header name",
+            "shop.yaml:28:16: error: invalid call timeout `30s` (use milliseconds or seconds, like 800ms or 3s; at most 10s)",
+            "shop.yaml:30:19: error: `body.id` is not a path of a call's answer (use status, error, json or json.a.b)",
+            "shop.yaml:35:9: error: `7` is not a status: use a code like 404 or a class like 4xx",
+            "shop.yaml:39:7: error: a GET call has no body; use `method: POST` (or PUT, PATCH)",
+            "shop.yaml:39:7: error: a call needs `on_error:` (the step to go to when it fails: timeout, refused, non-2xx)",
+            "shop.yaml:46:38: error: `{{sise}}` is never set in flow `shop` (use `save:` or `set:`)",
+            "shop.yaml:50:17: error: unknown step `sorri` (call)",
+            "shop.yaml:52:14: error: unknown step `gone` (call)",
+        ],
     );
 }

@@ -37,6 +37,10 @@ pub struct ChatOptions {
     /// transcript when input is piped rather than typed. When false, a `> `
     /// prompt is written before each read instead.
     pub echo: bool,
+    /// `--real-calls`: flows' HTTP calls are made for real, limited to
+    /// these `http_allow` entries (the config file's). `None`: no call
+    /// leaves the machine; `/http` lines declare their answers.
+    pub real_calls: Option<Vec<String>>,
 }
 
 const CHAT_HELP: &str = "\
@@ -49,6 +53,9 @@ const CHAT_HELP: &str = "\
 #   /reset        forget this conversation (contact fields and run)
 #   /from NUMBER  text as another sender; /to NUMBER  text another of our numbers
 #   /reload       re-read the flows directory, keeping conversations
+#   /http POST https://shop.example/orders -> 201 {\"id\": 42}
+#                 the answer to the flow's next such call (-> error why: it
+#                 fails); without --real-calls no call leaves the machine
 #   /help         this list; /quit ends (so does end of input)";
 
 /// Run an interactive chat: read lines from `input`, write the conversation
@@ -74,7 +81,18 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
         opts.now.unwrap_or(wall.as_secs() as i64),
         (wall.as_nanos() as u64) ^ u64::from(std::process::id()),
     )?;
+    let mocks = super::mocks::Mocks::default();
+    match &opts.real_calls {
+        Some(allow) => {
+            let allow = crate::calls::Allow::parse(allow).map_err(anyhow::Error::msg)?;
+            session
+                .pipeline
+                .set_caller(Arc::new(crate::calls::HttpCaller::new(allow)?));
+        }
+        None => session.pipeline.set_caller(Arc::new(mocks.clone())),
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .context("cannot start the async runtime")?;
 
@@ -171,6 +189,17 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                         writeln!(out, "# reload refused: still using the previous flows")?;
                     }
                 },
+                "http" if opts.real_calls.is_some() => {
+                    writeln!(out, "# --real-calls: calls are made for real, /http is off")?
+                }
+                "http" => match flow::HttpMock::parse(arg) {
+                    Ok(mock) => {
+                        mocks.declare(0, mock);
+                        // A transcript line: a saved chat replays it.
+                        writeln!(out, "@ http {arg}")?;
+                    }
+                    Err(e) => writeln!(out, "# {e}")?,
+                },
                 _ => writeln!(out, "# unknown command /{verb}; /help lists them")?,
             }
             continue;
@@ -191,6 +220,12 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
         match runtime.block_on(session.send(body, &media))?.1 {
             Sent::Rejected(e) => writeln!(out, "# not sent: Twilio would not deliver this: {e}")?,
             Sent::Handled(detailed) => show_answer(&detailed, &mut out)?,
+        }
+        for call in mocks.take_unexpected() {
+            writeln!(
+                out,
+                "# no answer declared for {call}: it failed (declare one with /http {call} -> 200 {{...}}, or chat --real-calls)"
+            )?;
         }
     }
     Ok(())
@@ -306,6 +341,20 @@ fn describe(event: &Event) -> String {
         } => match timeout.parse::<i64>() {
             Ok(secs) => format!("{flow}/{step}: no reply after {}", flow::show_secs(secs)),
             Err(_) => format!("{flow}: wake {timeout} came due (on_timeout)"),
+        },
+        Event::Call {
+            flow,
+            step,
+            method,
+            host,
+            status,
+            error,
+        } => match (status, error) {
+            (Some(status), _) => format!("{flow}/{step}: {method} {host} answered {status}"),
+            (None, error) => format!(
+                "{flow}/{step}: {method} {host} failed: {}",
+                error.as_deref().unwrap_or("-")
+            ),
         },
         Event::StaleTimer { flow, step } => {
             format!("a timer of {flow}/{step} no longer exists (flows edited); dropped")

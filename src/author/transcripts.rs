@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use super::mocks::Mocks;
 use super::session::{reply_lines, timer_lines, Sent, Session};
 use super::{dirs_under, files_with};
 use crate::flow::{self, FlowSet, Line, ReplyLine, Transcript, TranscriptFailure};
@@ -111,6 +112,20 @@ async fn drive(
         options.engine.interrupt_keywords.clone_from(words);
     }
     let mut session = Session::open(set.clone(), options, None, &t.from, &t.to, t.start, 0)?;
+    // No network in `test`: every call is answered by an `@ http` line.
+    let mocks = Mocks::default();
+    session.pipeline.set_caller(Arc::new(mocks.clone()));
+    let unexpected = |run: &mut TranscriptRun, lno: usize| {
+        for call in mocks.take_unexpected() {
+            run.failures.push(TranscriptFailure {
+                file: run.file.clone(),
+                line: lno,
+                message: format!(
+                    "unexpected call {call} (declare its answer with `@ http {call} -> 200 {{...}}` before the message)"
+                ),
+            });
+        }
+    };
     let seeded = match t.seed(set, t.start) {
         Ok(conv) => conv,
         Err((line, message)) => {
@@ -156,7 +171,9 @@ async fn drive(
                         });
                     }
                 }
+                unexpected(run, lno);
             }
+            Line::Http(mock) => mocks.declare(lno, mock.clone()),
             Line::Wait { secs, expect } => {
                 let fired = session.wait(*secs).await?;
                 let actual = timer_lines(&fired);
@@ -178,6 +195,7 @@ async fn drive(
                         format!("what the timers sent during `@ wait` differs\n{diff}"),
                     ));
                 }
+                unexpected(run, lno);
             }
             Line::Load(dir) => {
                 let dir = base.join(dir);
@@ -198,6 +216,15 @@ async fn drive(
             }
             Line::From(number) => session.from.clone_from(number),
             Line::To(number) => session.to.clone_from(number),
+            Line::Assert { what, value } if what == "call.count" => {
+                let made = mocks.made().to_string();
+                if made != *value {
+                    run.failures.push(fail(
+                        lno,
+                        format!("`call.count` is `{made}`, expected `{value}`"),
+                    ));
+                }
+            }
             Line::Assert { what, value } => {
                 let conv = match session.conversation() {
                     Ok(conv) => conv.unwrap_or_default(),
@@ -209,7 +236,9 @@ async fn drive(
                 match flow::assertion_value(&conv, what) {
                     None => run.failures.push(fail(
                         lno,
-                        format!("unknown assertion `{what}` (use contact.x, var.x or step)"),
+                        format!(
+                            "unknown assertion `{what}` (use contact.x, var.x, step or call.count)"
+                        ),
                     )),
                     Some(actual) if actual != *value => run.failures.push(fail(
                         lno,
@@ -219,6 +248,15 @@ async fn drive(
                 }
             }
         }
+    }
+    for (line, mock) in mocks.unused() {
+        run.failures.push(fail(
+            line,
+            format!(
+                "the answer declared for {} {} was never used: no such call was made",
+                mock.method, mock.url
+            ),
+        ));
     }
     Ok(())
 }

@@ -189,6 +189,26 @@ pub const SETTINGS: &[Setting] = &[
         value: |c| int(c.max_connections as u64),
     },
     Setting {
+        key: "http_allow",
+        flag: None,
+        env: None,
+        help: "Hosts (shop.example) and URL prefixes (https://shop.example/api/) flows may call; \
+               a host name must resolve to public addresses, a private or loopback address \
+               must be written as the host itself",
+        default_note: None,
+        unset: "",
+        value: |c| list(&c.http_allow),
+    },
+    Setting {
+        key: "call_budget_ms",
+        flag: None,
+        env: None,
+        help: "Time all HTTP calls of one message share; when spent a call takes its on_error",
+        default_note: None,
+        unset: "",
+        value: |c| millis(c.call_budget),
+    },
+    Setting {
         key: "interrupt_keywords",
         flag: None,
         env: None,

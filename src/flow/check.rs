@@ -405,6 +405,24 @@ fn targets(set: &SetInner, flow: &Flow, diags: &mut Vec<Diagnostic>) {
         );
     }
     for step in flow.steps.values() {
+        if let Some(call) = &step.call {
+            let call_targets =
+                std::iter::once(&call.on_error).chain(call.on_status.iter().map(|(_, t)| t));
+            for t in call_targets {
+                if !flow.steps.contains_key(&t.name) {
+                    err(
+                        diags,
+                        file,
+                        t.pos,
+                        format!(
+                            "unknown step `{}` (call){}",
+                            t.name,
+                            suggest(&t.name, flow.steps.keys())
+                        ),
+                    );
+                }
+            }
+        }
         match &step.next {
             Next::Go(t) => check_t(t, diags),
             Next::Wait {
@@ -467,6 +485,10 @@ fn suggest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
 /// Steps a step can lead to within its flow.
 fn successors(step: &super::model::Step) -> Vec<&str> {
     let mut out = Vec::new();
+    if let Some(call) = &step.call {
+        out.push(call.on_error.name.as_str());
+        out.extend(call.on_status.iter().map(|(_, t)| t.name.as_str()));
+    }
     match &step.next {
         Next::Go(Transition::Goto(t)) => out.push(t.name.as_str()),
         Next::Go(_) => {}
@@ -675,6 +697,11 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                     contact_fields.insert(c);
                 }
             }
+            for (var, _) in step.call.iter().flat_map(|c| &c.save) {
+                if let Var::Contact(c) = var {
+                    contact_fields.insert(c);
+                }
+            }
             if let Next::Wait { routes, .. } = &step.next {
                 for r in routes {
                     contact_fields.extend(r.contact.as_deref());
@@ -743,6 +770,11 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                     vars.insert(n.clone());
                 }
             }
+            for (var, _) in step.call.iter().flat_map(|c| &c.save) {
+                if let Var::Run(n) = var {
+                    vars.insert(n.clone());
+                }
+            }
             if let Next::Wait { routes, .. } = &step.next {
                 for r in routes {
                     vars.extend(r.save.clone());
@@ -765,6 +797,9 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                 check_template(&a.value, a.pos, file, rv, diags);
             }
             check_msgs(&step.say, file, rv, diags);
+            for (pos, t) in step.call.iter().flat_map(|c| &c.templates) {
+                check_template(t, *pos, file, rv, diags);
+            }
             if let Next::Wait {
                 routes,
                 retry,

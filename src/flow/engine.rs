@@ -25,6 +25,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::calls::{
+    self, BodySpec, Call, CallRequest, CallResponse, HeaderSpec, HeaderValue, JsonSpec,
+};
 use super::matcher::{normalize, route_match, starts_with_phrase, words, RouteMatch};
 use super::model::{
     Assign, Flow, FlowSet, KeywordRule, Matcher, Message, Next, Scope, SetInner, Step, Timeout,
@@ -205,6 +208,11 @@ pub struct Handled {
     pub step: Option<String>,
     /// What happened, for the caller's logs and metrics.
     pub events: Vec<Event>,
+    /// A `call:` the flow reached without an answer: everything else here
+    /// is incomplete and must be dropped. The caller makes the request and
+    /// runs the engine again on the same input with the answers so far
+    /// ([`handle_with_calls`]).
+    pub call: Option<CallRequest>,
 }
 
 /// Notable things that happened while handling a message.
@@ -279,6 +287,21 @@ pub enum Event {
         /// firing uniquely (the outbox keys its messages by it).
         waiting_since: i64,
     },
+    /// A step's `call:` was answered (or failed) and the flow went on.
+    Call {
+        /// The flow that made the call.
+        flow: String,
+        /// The step that made it.
+        step: String,
+        /// The method.
+        method: String,
+        /// The URL's host.
+        host: String,
+        /// The HTTP status, when the server answered.
+        status: Option<u16>,
+        /// Why it failed, when it did (never holds a secret).
+        error: Option<String>,
+    },
     /// A timer came due but its flow, step, timeout or `on_timeout` no
     /// longer exists (flows were edited): it was dropped, nothing sent.
     StaleTimer {
@@ -305,13 +328,29 @@ pub enum Event {
     },
 }
 
-/// Handle one inbound message. Pure and total.
+/// Handle one inbound message. Pure and total. A flow that reaches a
+/// `call:` stops there ([`Handled::call`]); see [`handle_with_calls`].
 pub fn handle(
     set: &FlowSet,
     opts: &EngineOptions,
     conv: Conversation,
     msg: &Inbound<'_>,
     now: i64,
+) -> Handled {
+    handle_with_calls(set, opts, conv, msg, now, &[])
+}
+
+/// [`handle`], given the answers to the first `calls.len()` calls the flow
+/// makes for this message, in order. The caller runs it again with one
+/// more answer each time [`Handled::call`] asks for a request; because the
+/// engine is pure, each run reaches the same calls with the same requests.
+pub fn handle_with_calls(
+    set: &FlowSet,
+    opts: &EngineOptions,
+    conv: Conversation,
+    msg: &Inbound<'_>,
+    now: i64,
+    calls: &[CallResponse],
 ) -> Handled {
     // Twilio sends at most 1,600 characters and 10 media URLs; more can only
     // be forged, and is cut here so that no matcher, variable or script
@@ -324,6 +363,7 @@ pub fn handle(
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.responses = calls;
     let norm = normalize(msg.body);
     let mut run = conv.run;
     if run.is_some() && !norm.is_empty() {
@@ -369,6 +409,18 @@ pub struct Wake<'a> {
 /// timer's flow, step or timeout no longer exists ([`Event::StaleTimer`]).
 /// A run idle past its flow's `expire_after` ends ([`Event::Expired`]).
 pub fn handle_timeout(set: &FlowSet, conv: Conversation, wake: &Wake<'_>, now: i64) -> Handled {
+    handle_timeout_with_calls(set, conv, wake, now, &[])
+}
+
+/// [`handle_timeout`], given the answers to the calls made so far (see
+/// [`handle_with_calls`]).
+pub fn handle_timeout_with_calls(
+    set: &FlowSet,
+    conv: Conversation,
+    wake: &Wake<'_>,
+    now: i64,
+    calls: &[CallResponse],
+) -> Handled {
     let msg = &Inbound {
         from: wake.from,
         to: wake.to,
@@ -378,6 +430,7 @@ pub fn handle_timeout(set: &FlowSet, conv: Conversation, wake: &Wake<'_>, now: i
     };
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.responses = calls;
     ex.touch = false;
     if let Some(run) = conv.run {
         ex.timeout(run);
@@ -455,6 +508,14 @@ struct Exec<'a> {
     /// Whether the run's `last_active` becomes `now`: a message is
     /// activity; a reminder that keeps waiting is not.
     touch: bool,
+    /// Answers to this message's calls so far, in order.
+    responses: &'a [CallResponse],
+    /// Calls reached so far (answered or not).
+    calls_reached: usize,
+    /// The last answered call's `{{call.*}}` variables.
+    call_vars: BTreeMap<String, String>,
+    /// The call reached without an answer: the run stops here.
+    pending: Option<CallRequest>,
 }
 
 impl<'a> Exec<'a> {
@@ -484,6 +545,10 @@ impl<'a> Exec<'a> {
             flow: None,
             step: None,
             touch: true,
+            responses: &[],
+            calls_reached: 0,
+            call_vars: BTreeMap::new(),
+            pending: None,
         }
     }
 
@@ -809,6 +874,16 @@ impl<'a> Exec<'a> {
                 run.timeouts_fired = 0;
             }
             self.assign(&step.set);
+            if let Some(call) = &step.call {
+                match self.call(call) {
+                    CallNext::Stop => return,
+                    CallNext::Goto(target) => {
+                        target.clone_into(&mut name);
+                        continue;
+                    }
+                    CallNext::On => {}
+                }
+            }
             self.say(&step.say);
             match &step.next {
                 Next::Wait { .. } => return,
@@ -850,7 +925,159 @@ impl<'a> Exec<'a> {
             from: self.msg.from,
             to: self.msg.to,
             captures: &self.captures,
+            call: &self.call_vars,
         }
+    }
+
+    /// A step's `call:`: with its answer, save what it says and tell where
+    /// to go; without one, render the request and stop the run there.
+    fn call(&mut self, call: &'a Call) -> CallNext<'a> {
+        let index = self.calls_reached;
+        self.calls_reached += 1;
+        let request = self.call_request(call);
+        let response = match self.responses.get(index) {
+            Some(r) => r.clone(),
+            None if index >= calls::MAX_CALLS_PER_MESSAGE => CallResponse::failed(format!(
+                "more than {} calls for one message",
+                calls::MAX_CALLS_PER_MESSAGE
+            )),
+            None => {
+                self.pending = Some(request);
+                return CallNext::Stop;
+            }
+        };
+        let (status, error) = match &response {
+            CallResponse::Answered { status, .. } => (Some(*status), None),
+            CallResponse::Failed { error } => (None, Some(error.clone())),
+        };
+        self.events.push(Event::Call {
+            flow: request.flow.clone(),
+            step: request.step.clone(),
+            method: request.method.clone(),
+            host: request.host().to_owned(),
+            status,
+            error,
+        });
+        self.call_vars = response.vars();
+        let target = calls::route(call, &response);
+        if target.is_none_or(|t| !std::ptr::eq(t, &call.on_error)) {
+            for (var, path) in &call.save {
+                let value = self.call_vars.get(path).cloned().unwrap_or_default();
+                match var {
+                    Var::Contact(field) => {
+                        self.contact.insert(field.clone(), value);
+                    }
+                    Var::Run(name) => {
+                        if let Some(run) = &mut self.run {
+                            run.vars.insert(name.clone(), value);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match target {
+            Some(t) => CallNext::Goto(&t.name),
+            None => CallNext::On,
+        }
+    }
+
+    /// The request a call asks for, rendered with this message's variables.
+    fn call_request(&mut self, call: &Call) -> CallRequest {
+        let url = {
+            let no_exprs = &mut |_: &Expr| Ok(String::new());
+            if call.url.has_exprs() {
+                // `{{= }}` in a URL: render it escaped through the sandbox.
+                self.render_escaped(&call.url)
+            } else {
+                call.url
+                    .try_render_escaped(&self.vars(), no_exprs, &calls::percent_encode)
+                    .unwrap_or_default()
+            }
+        };
+        let mut headers = Vec::new();
+        for (name, spec) in &call.headers {
+            let value = match spec {
+                HeaderSpec::Text(t) => HeaderValue::Text(self.render(t)),
+                HeaderSpec::Secret(var) => HeaderValue::Secret(var.clone()),
+            };
+            headers.push((name.clone(), value));
+        }
+        let body = match &call.body {
+            BodySpec::None => None,
+            BodySpec::Json(spec) => Some((
+                "application/json".to_owned(),
+                self.render_json(spec).to_string(),
+            )),
+            BodySpec::Form(fields) => {
+                let mut parts = Vec::new();
+                for (k, t) in fields {
+                    let v = self.render(t);
+                    parts.push(format!(
+                        "{}={}",
+                        calls::percent_encode(k),
+                        calls::percent_encode(&v)
+                    ));
+                }
+                Some((
+                    "application/x-www-form-urlencoded".to_owned(),
+                    parts.join("&"),
+                ))
+            }
+        };
+        CallRequest {
+            method: call.method.clone(),
+            url,
+            headers,
+            body,
+            timeout: std::time::Duration::from_millis(call.timeout_ms),
+            flow: self.flow.clone().unwrap_or_default(),
+            step: self.step.clone().unwrap_or_default(),
+        }
+    }
+
+    fn render_json(&mut self, spec: &JsonSpec) -> Value {
+        match spec {
+            JsonSpec::Literal(v) => v.clone(),
+            JsonSpec::Text(t) => Value::String(self.render(t)),
+            JsonSpec::List(items) => {
+                Value::Array(items.iter().map(|i| self.render_json(i)).collect())
+            }
+            JsonSpec::Object(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), self.render_json(v)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A URL template with `{{= }}` expressions: each value is encoded.
+    fn render_escaped(&mut self, t: &Template) -> String {
+        let (Some(sandbox), None) = (self.sandbox, &self.failed) else {
+            return String::new();
+        };
+        let budget = *self.budget.get_or_insert_with(|| sandbox.message_budget());
+        let vars = self
+            .run
+            .as_ref()
+            .map(|r| r.vars.clone())
+            .unwrap_or_default();
+        let ctx = self.expr_ctx(&vars);
+        let result = t.try_render_escaped(
+            &self.vars(),
+            &mut |expr| {
+                if budget.exhausted() {
+                    return Err(over_budget(expr.file(), expr.line_column()));
+                }
+                sandbox.eval_string(expr, &ctx)
+            },
+            &calls::percent_encode,
+        );
+        result.unwrap_or_else(|e| {
+            self.fail(e);
+            String::new()
+        })
     }
 
     /// Runs a script flow's `on_message` for this message. The run lasts
@@ -1010,7 +1237,7 @@ impl<'a> Exec<'a> {
                     }
                 }
                 // Load rejects other targets.
-                Var::Message(_) | Var::Match(_) => {}
+                Var::Message(_) | Var::Match(_) | Var::Call(_) => {}
             }
         }
     }
@@ -1066,6 +1293,7 @@ impl<'a> Exec<'a> {
             from: self.msg.from,
             to: self.msg.to,
             captures: &[],
+            call: &BTreeMap::new(),
         };
         let origin = step_ref(&Some(flow.clone()), &self.failed_at);
         let replies: Vec<Reply> = fallback
@@ -1089,6 +1317,7 @@ impl<'a> Exec<'a> {
             flow: Some(flow),
             step: self.step,
             events: self.events,
+            call: None,
         }
     }
 
@@ -1119,8 +1348,19 @@ impl<'a> Exec<'a> {
             flow: self.flow,
             step: self.step,
             events: self.events,
+            call: self.pending,
         }
     }
+}
+
+/// Where a step goes after its call.
+enum CallNext<'a> {
+    /// No answer yet: the run stops.
+    Stop,
+    /// Carry on with the step's `say` and transition.
+    On,
+    /// To this step (`on_error`, `on_status`).
+    Goto(&'a str),
 }
 
 /// The messages one reply goes out as: none when it has neither text nor

@@ -27,6 +27,7 @@
 //! to the per-file context `Cx` (whose YAML accessors are here), puts
 //! the documents together and runs `check`.
 
+mod calls;
 mod files;
 mod flows;
 mod keywords;
@@ -180,6 +181,7 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
                 "`{{= }}` expressions are only allowed in flow files, not in keyword replies",
             ),
             compiled: Compiled::default(),
+            call_templates: Vec::new(),
         };
         match yaml::parse(&text) {
             Err(e) => cx.err(e.pos, e.message),
@@ -216,6 +218,10 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
+    inner.has_calls = inner
+        .flows
+        .values()
+        .any(|f| f.steps.values().any(|s| s.call.is_some()));
     check::check(&inner, reserved, &mut diags);
     diags.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.severity).cmp(&(&b.file, b.line, b.column, b.severity))
@@ -328,6 +334,8 @@ struct Cx<'d> {
     no_exprs: Option<&'static str>,
     /// What this file compiled so far, by source text.
     compiled: Compiled,
+    /// The templates of the `call:` being read (see `load/calls.rs`).
+    call_templates: Vec<(Pos, super::template::Template)>,
 }
 
 /// Rhai expressions and regexes one file compiled, by their text. A YAML

@@ -10,7 +10,10 @@
 //! through the pipeline); `outline` describes one flow's steps and routes
 //! for diagrams; `invitations` reads which answers a reply asks for
 //! (`check` warns when one is a consent word); `script` is the Rhai sandbox
-//! that script flows and expressions run in. The file format is documented
+//! that script flows and expressions run in; `calls` is a step's `call:`
+//! and the request the engine hands back instead of making it ([`handle`]
+//! stops at a call; [`handle_with_calls`] resumes with the answers). The
+//! file format is documented
 //! in `flows/README.md`.
 //!
 //! This module knows nothing of HTTP, Twilio's wire format, the store or the
@@ -20,6 +23,7 @@
 //! `twilio::limits`, where they are defined once, and a long reply is split
 //! as `twilio::twiml` splits it.
 
+pub mod calls;
 mod check;
 mod engine;
 mod invitations;
@@ -36,9 +40,9 @@ mod yaml;
 
 pub use check::ReservedWords;
 pub use engine::{
-    handle, handle_timeout, next_due, Conversation, EngineOptions, Event, Handled, Inbound,
-    Outcome, Reply, Run, SilenceReason, StepRef, Wake, MAX_BODY_CHARS, MAX_REPLIES,
-    MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,
+    EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run, SilenceReason, StepRef, Wake,
+    MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub(crate) use load::{parse_duration, show_secs};
@@ -46,7 +50,7 @@ pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub(crate) use outline::{EdgeTarget, Outline};
 pub use transcript::{
-    assertion_value, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
+    assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
 pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
 

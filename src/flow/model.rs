@@ -104,6 +104,9 @@ pub(crate) struct SetInner {
     /// The Rhai sandbox the set's scripts and expressions were compiled
     /// with and run in; `None` when the set has neither.
     pub sandbox: Option<Arc<Sandbox>>,
+    /// Some step has a `call:`: the pipeline then runs the engine in its
+    /// call loop (flow/calls.rs).
+    pub has_calls: bool,
 }
 
 impl FlowSet {
@@ -157,6 +160,12 @@ impl FlowSet {
                 _ => None,
             }
         })
+    }
+
+    /// Does any step make an HTTP call (`call:`)? A message of such a set
+    /// may stop at a call ([`Handled::call`](super::Handled::call)).
+    pub fn has_calls(&self) -> bool {
+        self.inner.has_calls
     }
 
     /// Names of the multi-step flows in this set.
@@ -293,6 +302,8 @@ impl ScriptFlow {
 pub(crate) struct Step {
     pub pos: Pos,
     pub set: Vec<Assign>,
+    /// `call:`, made after `set` and before `say` (flow/calls.rs).
+    pub call: Option<super::calls::Call>,
     pub say: Vec<Message>,
     pub next: Next,
 }

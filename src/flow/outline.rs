@@ -129,6 +129,22 @@ impl FlowSet {
             .into_iter()
             .map(|(step_name, step)| {
                 let mut edges = Vec::new();
+                // A call's failures and status branches leave the step
+                // before it says anything; dashed, like retries.
+                if let Some(call) = &step.call {
+                    edges.push(Edge {
+                        label: format!("{} {}: on_error", call.method, call.url.source()),
+                        to: EdgeTarget::Step(call.on_error.name.clone()),
+                        retry: true,
+                    });
+                    for (status, t) in &call.on_status {
+                        edges.push(Edge {
+                            label: format!("{} {}: {status}", call.method, call.url.source()),
+                            to: EdgeTarget::Step(t.name.clone()),
+                            retry: true,
+                        });
+                    }
+                }
                 let waits = match &step.next {
                     Next::Go(t) => {
                         let (label, to) = transition(t);

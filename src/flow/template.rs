@@ -24,6 +24,9 @@ pub(crate) enum Var {
     Message(MessageField),
     /// `{{match.N}}`: a numbered regex capture from this message.
     Match(usize),
+    /// `{{call.status}}`, `{{call.json.order.eta}}`: the last HTTP call's
+    /// answer (the path after `call.`).
+    Call(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,6 +45,7 @@ impl fmt::Display for Var {
             Var::Message(MessageField::From) => write!(f, "message.from"),
             Var::Message(MessageField::To) => write!(f, "message.to"),
             Var::Match(i) => write!(f, "match.{i}"),
+            Var::Call(path) => write!(f, "call.{path}"),
         }
     }
 }
@@ -122,6 +126,9 @@ pub(crate) fn parse_var(name: &str) -> Option<Var> {
     }
     if let Some(rest) = name.strip_prefix("match.") {
         return rest.parse::<usize>().ok().map(Var::Match);
+    }
+    if let Some(rest) = name.strip_prefix("call.") {
+        return super::calls::is_call_path(rest).then(|| Var::Call(rest.to_owned()));
     }
     is_ident(name).then(|| Var::Run(name.to_owned()))
 }
@@ -242,17 +249,29 @@ impl Template {
         vars: &Vars<'_>,
         eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
     ) -> Result<String, ScriptError> {
+        self.try_render_escaped(vars, eval, &|s| s.to_owned())
+    }
+
+    /// [`Template::try_render`], passing what variables and expressions
+    /// give through `escape` (the literal text as written is kept): a call's
+    /// URL percent-encodes them so that a sender's text stays one value.
+    pub(crate) fn try_render_escaped(
+        &self,
+        vars: &Vars<'_>,
+        eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
+        escape: &dyn Fn(&str) -> String,
+    ) -> Result<String, ScriptError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Lit(s) => out.push_str(s),
                 Part::Var { var, fallback } => match vars.lookup(var) {
-                    Some(v) if !v.is_empty() => out.push_str(v),
-                    _ => out.push_str(fallback.as_deref().unwrap_or("")),
+                    Some(v) if !v.is_empty() => out.push_str(&escape(v)),
+                    _ => out.push_str(&escape(fallback.as_deref().unwrap_or(""))),
                 },
                 Part::Expr { expr, .. } => {
                     if let Some(expr) = expr {
-                        out.push_str(&eval(expr)?);
+                        out.push_str(&escape(&eval(expr)?));
                     }
                 }
             }
@@ -270,6 +289,9 @@ pub(crate) struct Vars<'a> {
     pub to: &'a str,
     /// Numbered captures of the route regex that matched this message.
     pub captures: &'a [String],
+    /// The last HTTP call's answer, flattened (`status`, `json.order.eta`);
+    /// empty before any call of this message.
+    pub call: &'a BTreeMap<String, String>,
 }
 
 impl Vars<'_> {
@@ -281,6 +303,7 @@ impl Vars<'_> {
             Var::Message(MessageField::From) => Some(self.from),
             Var::Message(MessageField::To) => Some(self.to),
             Var::Match(i) => self.captures.get(*i).map(String::as_str),
+            Var::Call(path) => self.call.get(path).map(String::as_str),
         }
     }
 }
@@ -303,6 +326,7 @@ mod tests {
             from: "+1",
             to: "+2",
             captures: &caps,
+            call: &BTreeMap::new(),
         };
         Template::parse(t).unwrap().render(&vars)
     }
@@ -359,6 +383,7 @@ mod tests {
                     from: "f",
                     to: "t",
                     captures: &[],
+                    call: &BTreeMap::new(),
                 });
                 let _ = t.literal_text();
             }

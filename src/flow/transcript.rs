@@ -113,6 +113,11 @@ pub enum Line {
     From(String),
     /// `@ to NUMBER`: later messages go to this one of our numbers.
     To(String),
+    /// `@ http POST https://shop.example/orders -> 201 {"id": 42}`: the
+    /// answer for the next call to this method and URL (a URL ending in
+    /// `*` matches any URL it starts); `-> error why` makes the call fail.
+    /// No real call is ever made by a transcript.
+    Http(HttpMock),
     /// `? what = value`.
     Assert {
         /// What is checked: `contact.x`, `var.x` or `step`.
@@ -120,6 +125,74 @@ pub enum Line {
         /// The value it must have.
         value: String,
     },
+}
+
+/// A declared answer to an HTTP call (`@ http ...`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpMock {
+    /// The method it answers (`GET`, `POST`, ...).
+    pub method: String,
+    /// The URL it answers, as the flow renders it (values
+    /// percent-encoded); a trailing `*` matches any rest.
+    pub url: String,
+    /// What the call gets.
+    pub answer: super::calls::CallResponse,
+}
+
+impl HttpMock {
+    /// Does this mock answer `request`?
+    pub fn answers(&self, request: &super::calls::CallRequest) -> bool {
+        self.method == request.method
+            && match self.url.strip_suffix('*') {
+                Some(prefix) => request.url.starts_with(prefix),
+                None => self.url == request.url,
+            }
+    }
+
+    /// Parse what follows `@ http ` (or `/http ` in `chat`).
+    pub fn parse(arg: &str) -> Result<HttpMock, String> {
+        const FORM: &str =
+            "write `@ http METHOD URL -> STATUS [JSON]` or `@ http METHOD URL -> error WHY`";
+        let (req, answer) = arg.split_once("->").ok_or(FORM)?;
+        let (method, url) = req.trim().split_once(' ').ok_or(FORM)?;
+        let method = method.trim().to_ascii_uppercase();
+        if !super::calls::METHODS.contains(&method.as_str()) {
+            return Err(format!("unknown method `{method}`; {FORM}"));
+        }
+        let url = url.trim().to_owned();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("`{url}` is not an http(s) URL; {FORM}"));
+        }
+        let answer = answer.trim();
+        let (head, rest) = answer.split_once(' ').unwrap_or((answer, ""));
+        let answer = if head == "error" {
+            super::calls::CallResponse::failed(if rest.trim().is_empty() {
+                "error (mocked)"
+            } else {
+                rest.trim()
+            })
+        } else {
+            let status: u16 = head
+                .parse()
+                .ok()
+                .filter(|s| (100..=599).contains(s))
+                .ok_or_else(|| format!("`{head}` is not a status; {FORM}"))?;
+            let json = if rest.trim().is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::from_str(rest.trim())
+                        .map_err(|e| format!("the answer is not JSON: {e}"))?,
+                )
+            };
+            super::calls::CallResponse::Answered { status, json }
+        };
+        Ok(HttpMock {
+            method,
+            url,
+            answer,
+        })
+    }
 }
 
 /// A parsed `.chat` file.
@@ -510,6 +583,11 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                 let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
                 let arg = arg.trim();
                 let l = match verb {
+                    // The whole line: a JSON answer may hold ` #`.
+                    "http" => Line::Http(
+                        HttpMock::parse(rest_text.trim().trim_start_matches("http").trim())
+                            .map_err(|e| (lno, e))?,
+                    ),
                     "wait" => Line::Wait {
                         secs: parse_duration(arg)
                             .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
@@ -523,7 +601,7 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                         return Err((
                             lno,
                             format!(
-                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR`, `@ reset`, `@ from +1555…` or `@ to +1555…`)"
+                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR`, `@ reset`, `@ from +1555…`, `@ to +1555…` or `@ http POST URL -> 201 {{…}}`)"
                             ),
                         ))
                     }

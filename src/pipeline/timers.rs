@@ -113,19 +113,18 @@ impl<S: Store> Pipeline<S> {
             });
         }
         let conversation = self.conversation_of(key, &record)?;
-        let flows = self.flows.load();
+        let flows = self.flows.load_full();
         let wake = Wake {
             from: &key.from,
             to: &key.to,
         };
-        let run = || flow::handle_timeout(&flows, conversation, &wake, now);
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let handled = if flows.has_scripts() && multi_thread {
-            tokio::task::block_in_place(run)
-        } else {
-            run()
-        };
+        // A timeout path may make calls too (same loop and budget as a
+        // message; see pipeline/calls.rs).
+        let handled = self
+            .with_calls(flows.has_scripts(), |answers| {
+                flow::handle_timeout_with_calls(&flows, conversation.clone(), &wake, now, answers)
+            })
+            .await;
         for event in &handled.events {
             self.log_event(event);
         }

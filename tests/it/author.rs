@@ -27,6 +27,7 @@ fn chat_opts(flows: &Path, data: Option<&Path>) -> ChatOptions {
         now: Some(1_700_000_000),
         options: author::server_defaults(),
         echo: true,
+        real_calls: None,
     }
 }
 

@@ -156,6 +156,14 @@ async fn replay(
                     stopped: Some(format!("{at}: `@ load`: the server's flows are fixed here")),
                 }
             }
+            Line::Http(_) => {
+                return Compared {
+                    exchanges: compared,
+                    stopped: Some(format!(
+                        "{at}: `@ http`: the server makes real calls, not declared ones"
+                    )),
+                }
+            }
             Line::Reset => {
                 app.store.delete_conversation(&key(&to, &from)).unwrap();
             }

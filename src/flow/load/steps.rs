@@ -103,8 +103,21 @@ impl Cx<'_> {
                 "silence",
                 "timeout",
                 "description",
+                "call",
             ],
         )?;
+        let call = match m.get("call") {
+            Some((ck, cv)) => {
+                if m.contains_key("wait") {
+                    self.err(
+                        ck.pos,
+                        format!("{what} both calls and waits; make the call in the step before or after"),
+                    );
+                }
+                self.call(cv)
+            }
+            None => None,
+        };
         let set = m
             .get("set")
             .map(|(_, v)| self.assigns(v))
@@ -162,6 +175,7 @@ impl Cx<'_> {
         Some(Step {
             pos: key_pos,
             set,
+            call,
             say,
             next,
         })
