@@ -65,6 +65,9 @@ pub enum Command {
     },
     /// Print a diagram of one flow's steps and routes.
     Graph(GraphArgs),
+    /// Start a flow for a contact through a running server's admin API
+    /// (POST /flows/FLOW/start); needs SMSFLOW_ADMIN_TOKEN.
+    Start(StartArgs),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -325,5 +328,55 @@ mod tests {
                 "serve {long} ({env:?}) is in no row of config::SETTINGS"
             );
         }
+    }
+}
+
+/// Flags of `smsflow start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The flow to start.
+    pub flow: String,
+    /// The contact to text (E.164, e.g. +15551230001).
+    #[arg(long)]
+    pub to: String,
+    /// Our number the conversation is with (E.164).
+    #[arg(long)]
+    pub from: String,
+    /// Send through this Messaging Service (MG...) instead of --from.
+    #[arg(long, value_name = "SID")]
+    pub messaging_service_sid: Option<String>,
+    /// A contact field to set first, NAME=VALUE (repeatable).
+    #[arg(long = "field", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub fields: Vec<(String, String)>,
+    /// A run variable the run begins with, NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub vars: Vec<(String, String)>,
+    /// The idempotency key: running the command again with the same key
+    /// starts nothing new and prints the first result.
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+    /// When the contact is already in a flow run: end it and start
+    /// (interrupt), or start nothing (skip).
+    #[arg(long, value_enum, default_value = "interrupt")]
+    pub if_busy: IfBusyArg,
+    /// The running server's admin address.
+    #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+/// `--if-busy` of `smsflow start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IfBusyArg {
+    /// End the current run and start.
+    Interrupt,
+    /// Start nothing.
+    Skip,
+}
+
+/// `NAME=VALUE` of `--field` and `--var`.
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
     }
 }

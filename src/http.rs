@@ -31,6 +31,7 @@ use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
 mod serve;
+mod starts;
 pub use serve::{serve, ConnectionLimits};
 
 /// State shared by all handlers.
@@ -86,7 +87,8 @@ pub enum Surface {
     /// The webhooks and the probes; admin paths are 404 and `/healthz`
     /// never shows the admin detail.
     Public,
-    /// The probes, `/status`, `/metrics` and `/messages`; no webhooks.
+    /// The probes, `/status`, `/metrics`, `/messages` and the admin
+    /// write endpoints (`/flows/{name}/start`, …); no webhooks.
     Admin,
 }
 
@@ -114,7 +116,11 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
             .route("/healthz", get(status_json))
             .route("/status", get(status_json))
             .route("/metrics", get(metrics))
-            .route("/messages", get(messages));
+            .route("/messages", get(messages))
+            .route(
+                "/flows/{name}/start",
+                axum::routing::post(starts::start_flow),
+            );
     }
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -82,6 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sign(args) => sign(args),
         Command::Messages(args) => messages(args),
+        Command::Start(args) => start(args),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
             let config = author::config_for_tools(args.config.path.as_deref())?;
@@ -268,4 +269,61 @@ fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
         print!("{}", messages::render_table(&rows));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The server's admin token from the environment, for the remote commands.
+fn admin_token() -> anyhow::Result<String> {
+    std::env::var("SMSFLOW_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("SMSFLOW_ADMIN_TOKEN is not set: export the server's admin token")
+        })
+}
+
+/// `smsflow start`: POST /flows/FLOW/start on a running server; prints
+/// the server's JSON answer. Exits 0 when the answer is 200 or 201
+/// (started, skipped_busy, or a repeat of either), 1 otherwise.
+fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::cli::IfBusyArg;
+    use smsflow::starts::{IfBusy, StartRequest};
+    let token = admin_token()?;
+    let request = StartRequest {
+        to: args.to,
+        from: args.from,
+        messaging_service_sid: args.messaging_service_sid,
+        fields: args.fields.into_iter().collect(),
+        vars: args.vars.into_iter().collect(),
+        idempotency_key: args.key,
+        if_busy: match args.if_busy {
+            IfBusyArg::Interrupt => IfBusy::Interrupt,
+            IfBusyArg::Skip => IfBusy::Skip,
+        },
+    };
+    let path = format!("/flows/{}/start", percent_encode_segment(&args.flow));
+    let body = serde_json::to_vec(&request)?;
+    let (code, answer) =
+        smsflow::admin_client::post(&args.server, &path, &token, "application/json", &body)?;
+    match serde_json::from_str::<serde_json::Value>(&answer) {
+        Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+        Err(_) => eprintln!("{} answered {code}: {}", args.server, answer.trim()),
+    }
+    Ok(if code == 200 || code == 201 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn percent_encode_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

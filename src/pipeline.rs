@@ -27,6 +27,7 @@ use crate::store::{
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod locks;
+mod starts;
 mod timers;
 use locks::KeyLocks;
 pub use timers::{TimerFired, TimerWaker};

@@ -18,6 +18,7 @@ mod reload;
 mod replies;
 mod scripts;
 mod service;
+mod starts;
 mod store;
 mod timers;
 mod transcripts;
