@@ -68,6 +68,10 @@ pub enum Command {
     /// Start a flow for a contact through a running server's admin API
     /// (POST /flows/FLOW/start); needs SMSFLOW_ADMIN_TOKEN.
     Start(StartArgs),
+    /// Import contact fields from CSV, or export them, through a running
+    /// server's admin API; needs SMSFLOW_ADMIN_TOKEN.
+    #[command(subcommand)]
+    Contacts(ContactsCommand),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -379,4 +383,34 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected NAME=VALUE, got {s:?}")),
     }
+}
+
+/// `smsflow contacts import|export`.
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Set contact fields from a CSV file: a header row of field names
+    /// with a `phone` column (E.164), one contact per row; an empty cell
+    /// leaves that field as it is. The whole file is checked first: any
+    /// bad row (all are listed, with line numbers) means nothing is
+    /// imported.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Our number whose conversations get the fields (E.164).
+        #[arg(long)]
+        from: String,
+        /// The running server's admin address.
+        #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Print the contacts of one of our numbers as CSV (`phone`, then
+    /// every field), safe to open in a spreadsheet.
+    Export {
+        /// Our number (E.164).
+        #[arg(long)]
+        from: String,
+        /// The running server's admin address.
+        #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
 }

@@ -30,6 +30,7 @@ use crate::store::{SledStore, StatusUpdate, StoreHealth};
 use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
+mod contacts;
 mod serve;
 mod starts;
 pub use serve::{serve, ConnectionLimits};
@@ -88,7 +89,7 @@ pub enum Surface {
     /// never shows the admin detail.
     Public,
     /// The probes, `/status`, `/metrics`, `/messages` and the admin
-    /// write endpoints (`/flows/{name}/start`, …); no webhooks.
+    /// endpoints (`/flows/{name}/start`, `/contacts`); no webhooks.
     Admin,
 }
 
@@ -120,7 +121,8 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
             .route(
                 "/flows/{name}/start",
                 axum::routing::post(starts::start_flow),
-            );
+            )
+            .route("/contacts", get(contacts::export).post(contacts::import));
     }
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))

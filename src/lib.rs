@@ -25,7 +25,7 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`starts`], [`compliance`], [`telemetry`], [`service`],
+//! [`messages`], [`starts`], [`contacts`], [`compliance`], [`telemetry`], [`service`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
@@ -95,6 +95,10 @@
 //!   entries, the conversation and the result under the idempotency key
 //!   in one store transaction, `store/starts.rs`); the route is
 //!   `http/starts.rs`.
+//! - [`contacts`]: contact fields from outside: CSV checked whole (line
+//!   numbers, all or nothing) and written per conversation under its
+//!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
+//!   only user of the csv crate. Routes in `http/contacts.rs`.
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
 //!   the only user of reqwest), quiet hours (`outbound/quiet.rs`, the only
@@ -205,6 +209,7 @@ pub mod cli;
 pub(crate) mod clock;
 pub mod compliance;
 pub mod config;
+pub mod contacts;
 pub mod flow;
 pub(crate) mod http;
 pub mod messages;

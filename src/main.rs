@@ -83,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sign(args) => sign(args),
         Command::Messages(args) => messages(args),
         Command::Start(args) => start(args),
+        Command::Contacts(command) => contacts(command),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
             let config = author::config_for_tools(args.config.path.as_deref())?;
@@ -326,4 +327,64 @@ fn percent_encode_segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// `smsflow contacts import|export` against a running server.
+fn contacts(command: smsflow::cli::ContactsCommand) -> anyhow::Result<ExitCode> {
+    use smsflow::cli::ContactsCommand;
+    use smsflow::contacts::{self, ImportSummary};
+    let token = admin_token()?;
+    match command {
+        ContactsCommand::Import { file, from, server } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let rows = match contacts::parse_csv(&bytes) {
+                Ok(rows) => rows,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{}:{}: {}", file.display(), e.line, e.message);
+                    }
+                    eprintln!("{} problem(s); nothing imported", errors.len());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let from_q = twilio::encode_form(&[("from".to_string(), from.clone())]);
+            let mut total = ImportSummary::default();
+            // The server takes requests of at most 64 KiB by default.
+            for part in contacts::chunks(&rows, 48 * 1024) {
+                let (code, answer) = smsflow::admin_client::post(
+                    &server,
+                    &format!("/contacts?{from_q}"),
+                    &token,
+                    "text/csv; charset=utf-8",
+                    part.as_bytes(),
+                )?;
+                if code != 200 {
+                    anyhow::bail!(
+                        "{server} answered {code} after {} of {} rows were imported (importing the file again is safe): {}",
+                        total.rows,
+                        rows.len(),
+                        answer.trim()
+                    );
+                }
+                let s: ImportSummary = serde_json::from_str(&answer)
+                    .map_err(|e| anyhow::anyhow!("unexpected answer from {server}: {e}"))?;
+                total.rows += s.rows;
+                total.created += s.created;
+                total.updated += s.updated;
+                total.unchanged += s.unchanged;
+            }
+            println!(
+                "imported {} rows: {} new, {} updated, {} unchanged",
+                total.rows, total.created, total.updated, total.unchanged
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ContactsCommand::Export { from, server } => {
+            let from_q = twilio::encode_form(&[("from".to_string(), from)]);
+            let csv = smsflow::admin_client::get(&server, &format!("/contacts?{from_q}"), &token)?;
+            print!("{csv}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -362,6 +362,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         since: Epoch,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// The stored conversations of our number `to`, by contact number
+    /// (the contact's `From`), in key order. A record that does not
+    /// decode is kept aside and left out. Reads every conversation of
+    /// `to`: for exports, not for the message path.
+    fn conversations_of(&self, to: &str) -> Result<Vec<(String, StoredConversation)>, StoreError>;
     /// The recorded result of the flow start with idempotency key `key`.
     fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError>;
     /// Record a flow start: its outbox entries (keys already there are

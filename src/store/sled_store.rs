@@ -1086,6 +1086,26 @@ impl Store for SledStore {
         self.worker.flush(since).await
     }
 
+    fn conversations_of(&self, to: &str) -> Result<Vec<(String, StoredConversation)>, StoreError> {
+        let prefix = ConvKey::new(to, "").db_key();
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(&prefix) {
+                let (k, v) = item?;
+                let Ok(from) = std::str::from_utf8(&k[prefix.len()..]) else {
+                    continue;
+                };
+                let stored =
+                    self.shared
+                        .decode_or_keep_aside(&k, &v, "the conversation starts afresh")?;
+                if stored.conversation.is_some() {
+                    out.push((from.to_owned(), stored));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError> {
         self.shared.with_db(|db| starts::get(db, key))
     }

@@ -4,6 +4,7 @@
 
 mod author;
 mod compliance;
+mod contacts;
 mod conversation;
 mod crash;
 mod fake_twilio;
