@@ -3,8 +3,10 @@
 //!
 //! A start with an idempotency key already recorded returns that record
 //! and does nothing else. Otherwise, under the lock: an opted-out contact
-//! gets nothing (`opted_out`); a contact in a run gets nothing when the
-//! request says `skip` (`skipped_busy`); else the engine enters the flow's
+//! gets nothing (`opted_out`); a contact in a live run
+//! ([`flow::live_run`]: not idle past its flow's `expire_after`, its flow
+//! and step still there) gets nothing when the request says `skip`
+//! (`skipped_busy`); else the engine enters the flow's
 //! first step ([`flow::start_flow`]), and its messages (outbox keys
 //! `start:` + idempotency key + `:` + part, cause `start`), the
 //! conversation and the start record are written in one transaction, then
@@ -57,7 +59,7 @@ impl<S: Store> Pipeline<S> {
             .is_some_and(|o| o.opted_out);
         let stored = self.store.load(&key)?;
         let conversation = self.conversation_of(&key, &stored)?;
-        record.busy_with = conversation.run.as_ref().map(|r| r.flow.clone());
+        record.busy_with = flow::live_run(&flows, &conversation, now).map(str::to_owned);
         if opted_out || (record.busy_with.is_some() && req.if_busy == IfBusy::Skip) {
             record.result = if opted_out {
                 "opted_out"

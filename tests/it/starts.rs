@@ -239,3 +239,32 @@ async fn starts_are_refused_without_token_for_unknown_flows_bad_input_and_opted_
     assert!(fake.requests_to(dee).is_empty());
     assert!(app.store.outbound("start:k:0").unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_admin_port_starts_and_contacts_are_served_there_only() {
+    let app = spawn_configured(&[("appointment.yaml", APPOINTMENT)], |c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = format!("http://{}", app.admin_addr.expect("an admin address"));
+    let start = |base: &str| {
+        app.client
+            .post(format!("{base}/flows/appointment/start"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(request("+15557400010", "admin-1").to_string())
+    };
+    let contacts = |base: &str| {
+        app.client
+            .get(format!("{base}/contacts?from=%2B15550001111"))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let public = format!("http://{}", app.addr);
+    assert_eq!(app.raw(start(&public)).await.status, 404);
+    assert_eq!(app.raw(contacts(&public)).await.status, 404);
+    let r = app.raw(start(&admin)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = app.raw(contacts(&admin)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "phone,appt,name\r\n'+15557400010,Tue 3pm,Ana\r\n");
+}

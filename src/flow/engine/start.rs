@@ -68,3 +68,16 @@ pub fn start_flow(set: &FlowSet, conv: Conversation, start: &Start<'_>, now: i64
         None => ex.finish(),
     }
 }
+
+/// The flow of `conv`'s run, when the run is live under `set` at `now`:
+/// its flow and step still exist and it has not been idle past the
+/// flow's `expire_after` (such a run would end at the next message
+/// anyway). What a start's `if_busy` looks at.
+pub fn live_run<'c>(set: &FlowSet, conv: &'c Conversation, now: i64) -> Option<&'c str> {
+    let run = conv.run.as_ref()?;
+    let flow = set.inner.flows.get(&run.flow)?;
+    if flow.script.is_none() && !flow.steps.contains_key(&run.step) {
+        return None;
+    }
+    (now.saturating_sub(run.last_active) <= flow.expire_after).then_some(run.flow.as_str())
+}
