@@ -64,6 +64,9 @@ impl StartRequest {
     pub fn validate(&mut self) -> Result<(), String> {
         self.to = normalize_phone(&self.to).map_err(|e| format!("to: {e}"))?;
         self.from = normalize_phone(&self.from).map_err(|e| format!("from: {e}"))?;
+        if self.to == self.from {
+            return Err("to: the contact cannot be our own number".into());
+        }
         if let Some(sid) = &self.messaging_service_sid {
             let ok = sid.len() == 34
                 && sid.starts_with("MG")
@@ -216,6 +219,9 @@ mod tests {
         let mut bad = r.clone();
         bad.fields.insert("not ok".into(), "x".into());
         assert!(bad.validate().unwrap_err().contains("fields"));
+        let mut bad = r.clone();
+        bad.to = "+1 555 000 1111".into();
+        assert!(bad.validate().unwrap_err().contains("our own number"));
         let mut bad = r.clone();
         bad.messaging_service_sid = Some("MGnope".into());
         assert!(bad.validate().is_err());

@@ -268,3 +268,33 @@ async fn with_an_admin_port_starts_and_contacts_are_served_there_only() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, "phone,appt,name\r\n'+15557400010,Tue 3pm,Ana\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_with_one_key_start_once() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake).await;
+    let eve = "+15557400005";
+    let app = std::sync::Arc::new(app);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            post_start(&app, "appointment", &request(eve, "race-1")).await
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        let (code, body) = t.await.unwrap();
+        assert_eq!(
+            body["outbox"],
+            serde_json::json!(["start:race-1:0"]),
+            "{body}"
+        );
+        codes.push(code);
+    }
+    codes.sort();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 200, 200, 201]);
+    assert_eq!(bodies_sent(&fake, eve, 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.requests_to(eve).len(), 1);
+}
