@@ -72,6 +72,9 @@ pub enum Command {
     /// server's admin API; needs SMSFLOW_ADMIN_TOKEN.
     #[command(subcommand)]
     Contacts(ContactsCommand),
+    /// List broadcasts with sent/skipped/failed/remaining, send one, or
+    /// cancel one, through a running server; needs SMSFLOW_ADMIN_TOKEN.
+    Broadcasts(BroadcastsArgs),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -412,5 +415,60 @@ pub enum ContactsCommand {
         /// The running server's admin address.
         #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
+    },
+}
+
+/// `smsflow broadcasts [send|cancel]`.
+#[derive(Debug, clap::Args)]
+pub struct BroadcastsArgs {
+    /// What to do; without one, list the broadcasts and their progress.
+    #[command(subcommand)]
+    pub command: Option<BroadcastsCommand>,
+    /// Print JSON instead of a table (listing).
+    #[arg(long)]
+    pub json: bool,
+    /// The running server's admin address.
+    #[arg(
+        long,
+        env = "SMSFLOW_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+}
+
+/// The subcommands of `smsflow broadcasts`.
+#[derive(Debug, Subcommand)]
+pub enum BroadcastsCommand {
+    /// Send one message to the contacts of --from matching --where or
+    /// --where-set, or to the --to numbers. The same --id again adds only
+    /// recipients not yet in it.
+    Send {
+        /// The broadcast's id (letters, digits, _, -, .).
+        #[arg(long)]
+        id: String,
+        /// Our number it is sent from (E.164).
+        #[arg(long)]
+        from: String,
+        /// The message text.
+        #[arg(long)]
+        message: String,
+        /// Contacts whose field equals a value, FIELD=VALUE.
+        #[arg(long = "where", value_name = "FIELD=VALUE", value_parser = parse_pair, conflicts_with_all = ["where_set", "to"])]
+        where_equals: Option<(String, String)>,
+        /// Contacts that have this field set.
+        #[arg(long, value_name = "FIELD", conflicts_with = "to")]
+        where_set: Option<String>,
+        /// These numbers (repeatable).
+        #[arg(long)]
+        to: Vec<String>,
+        /// Send through this Messaging Service (MG...) instead of --from.
+        #[arg(long, value_name = "SID")]
+        messaging_service_sid: Option<String>,
+    },
+    /// Cancel a broadcast: what is still pending is not sent.
+    Cancel {
+        /// The broadcast's id.
+        id: String,
     },
 }

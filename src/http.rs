@@ -30,6 +30,7 @@ use crate::store::{SledStore, StatusUpdate, StoreHealth};
 use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
+mod broadcasts;
 mod contacts;
 mod serve;
 mod starts;
@@ -89,7 +90,8 @@ pub enum Surface {
     /// never shows the admin detail.
     Public,
     /// The probes, `/status`, `/metrics`, `/messages` and the admin
-    /// endpoints (`/flows/{name}/start`, `/contacts`); no webhooks.
+    /// endpoints (`/flows/{name}/start`, `/contacts`, `/broadcasts`); no
+    /// webhooks.
     Admin,
 }
 
@@ -122,7 +124,12 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
                 "/flows/{name}/start",
                 axum::routing::post(starts::start_flow),
             )
-            .route("/contacts", get(contacts::export).post(contacts::import));
+            .route("/contacts", get(contacts::export).post(contacts::import))
+            .route("/broadcasts", get(broadcasts::list).post(broadcasts::send))
+            .route(
+                "/broadcasts/{id}/cancel",
+                axum::routing::post(broadcasts::cancel),
+            );
     }
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -25,7 +25,8 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`starts`], [`contacts`], [`compliance`], [`telemetry`], [`service`],
+//! [`messages`], [`starts`], [`contacts`], [`broadcasts`],
+//! [`compliance`], [`telemetry`], [`service`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
@@ -99,6 +100,10 @@
 //!   numbers, all or nothing) and written per conversation under its
 //!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
 //!   only user of the csv crate. Routes in `http/contacts.rs`.
+//! - [`broadcasts`]: one message to the contacts matching a filter: one
+//!   outbox entry per recipient keyed by the broadcast's id (sending it
+//!   again adds nobody twice), progress counted from their states,
+//!   cancel (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
 //!   the only user of reqwest), quiet hours (`outbound/quiet.rs`, the only
@@ -205,6 +210,7 @@
 pub mod admin_client;
 pub mod app;
 pub mod author;
+pub mod broadcasts;
 pub mod cli;
 pub(crate) mod clock;
 pub mod compliance;

@@ -84,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Messages(args) => messages(args),
         Command::Start(args) => start(args),
         Command::Contacts(command) => contacts(command),
+        Command::Broadcasts(args) => broadcasts(args),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
             let config = author::config_for_tools(args.config.path.as_deref())?;
@@ -386,5 +387,77 @@ fn contacts(command: smsflow::cli::ContactsCommand) -> anyhow::Result<ExitCode> 
             print!("{csv}");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `smsflow broadcasts [send|cancel]` against a running server.
+fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::broadcasts::{self, BroadcastRequest, Filter, Progress};
+    use smsflow::cli::BroadcastsCommand;
+    let token = admin_token()?;
+    let server = args.server;
+    let post = |path: &str, body: Vec<u8>| -> anyhow::Result<ExitCode> {
+        let (code, answer) =
+            smsflow::admin_client::post(&server, path, &token, "application/json", &body)?;
+        match serde_json::from_str::<serde_json::Value>(&answer) {
+            Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+            Err(_) => eprintln!("{server} answered {code}: {}", answer.trim()),
+        }
+        Ok(if code == 200 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    };
+    match args.command {
+        None => {
+            let body = smsflow::admin_client::get(&server, "/broadcasts", &token)?;
+            #[derive(serde::Deserialize)]
+            struct Page {
+                broadcasts: Vec<Progress>,
+            }
+            let page: Page = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("unexpected answer from {server}: {e}"))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&page.broadcasts)?);
+            } else {
+                print!("{}", broadcasts::render_table(&page.broadcasts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(BroadcastsCommand::Send {
+            id,
+            from,
+            message,
+            where_equals,
+            where_set,
+            to,
+            messaging_service_sid,
+        }) => {
+            let filter = match (where_equals, where_set) {
+                (Some((field, value)), _) => Some(Filter {
+                    field,
+                    equals: Some(value),
+                }),
+                (None, Some(field)) => Some(Filter {
+                    field,
+                    equals: None,
+                }),
+                (None, None) => None,
+            };
+            let request = BroadcastRequest {
+                id,
+                from,
+                messaging_service_sid,
+                message,
+                filter,
+                to: (!to.is_empty()).then_some(to),
+            };
+            post("/broadcasts", serde_json::to_vec(&request)?)
+        }
+        Some(BroadcastsCommand::Cancel { id }) => post(
+            &format!("/broadcasts/{}/cancel", percent_encode_segment(&id)),
+            Vec::new(),
+        ),
     }
 }

@@ -26,6 +26,7 @@ use crate::store::{
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
+mod broadcasts;
 mod contacts;
 mod locks;
 mod starts;

@@ -3,6 +3,7 @@
 //! every shipped transcript compared with the server over HTTP.
 
 mod author;
+mod broadcasts;
 mod compliance;
 mod contacts;
 mod conversation;
