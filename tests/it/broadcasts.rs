@@ -204,3 +204,33 @@ async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
     assert_eq!((cells[1], cells[6]), ("5", "0"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("b3 ")), "{table}");
 }
+
+/// A measurement, not a check: how close a broadcast gets to its pace.
+/// `cargo test --test it -- --ignored broadcast_rate --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn broadcast_rate_against_the_pace() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let interval = Duration::from_millis(10);
+    let (app, _tmp) = start_app(&fake, interval).await;
+    let n = 1000;
+    let list: Vec<String> = (0..n).map(|i| format!("+1555790{i:04}")).collect();
+    let body = serde_json::json!({ "id": "rate", "from": OUR_NUMBER, "message": "hi", "to": list });
+    let started = Instant::now();
+    let (code, _) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200);
+    let enqueued = started.elapsed();
+    loop {
+        if progress(&app, "rate").await["remaining"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    let p = progress(&app, "rate").await;
+    println!(
+        "{n} recipients: enqueued in {enqueued:?}, all sent in {took:?}: {:.1}/s against a pace of {:.1}/s; {p}",
+        n as f64 / took.as_secs_f64(),
+        1.0 / interval.as_secs_f64()
+    );
+}
