@@ -65,6 +65,16 @@ pub enum Command {
     },
     /// Print a diagram of one flow's steps and routes.
     Graph(GraphArgs),
+    /// Start a flow for a contact through a running server's admin API
+    /// (POST /flows/FLOW/start); needs SMSFLOW_ADMIN_TOKEN.
+    Start(StartArgs),
+    /// Import contact fields from CSV, or export them, through a running
+    /// server's admin API; needs SMSFLOW_ADMIN_TOKEN.
+    #[command(subcommand)]
+    Contacts(ContactsCommand),
+    /// List broadcasts with sent/skipped/failed/remaining, send one, or
+    /// cancel one, through a running server; needs SMSFLOW_ADMIN_TOKEN.
+    Broadcasts(BroadcastsArgs),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -330,4 +340,139 @@ mod tests {
             );
         }
     }
+}
+
+/// Flags of `smsflow start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The flow to start.
+    pub flow: String,
+    /// The contact to text (E.164, e.g. +15551230001).
+    #[arg(long)]
+    pub to: String,
+    /// Our number the conversation is with (E.164).
+    #[arg(long)]
+    pub from: String,
+    /// Send through this Messaging Service (MG...) instead of --from.
+    #[arg(long, value_name = "SID")]
+    pub messaging_service_sid: Option<String>,
+    /// A contact field to set first, NAME=VALUE (repeatable).
+    #[arg(long = "field", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub fields: Vec<(String, String)>,
+    /// A run variable the run begins with, NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    pub vars: Vec<(String, String)>,
+    /// The idempotency key: running the command again with the same key
+    /// starts nothing new and prints the first result.
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+    /// When the contact is already in a flow run: end it and start
+    /// (interrupt), or start nothing (skip).
+    #[arg(long, value_enum, default_value = "interrupt")]
+    pub if_busy: IfBusyArg,
+    /// The running server's admin address.
+    #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+/// `--if-busy` of `smsflow start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IfBusyArg {
+    /// End the current run and start.
+    Interrupt,
+    /// Start nothing.
+    Skip,
+}
+
+/// `NAME=VALUE` of `--field` and `--var`.
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+/// `smsflow contacts import|export`.
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Set contact fields from a CSV file: a header row of field names
+    /// with a `phone` column (E.164), one contact per row; an empty cell
+    /// leaves that field as it is. The whole file is checked first: any
+    /// bad row (all are listed, with line numbers) means nothing is
+    /// imported.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// Our number whose conversations get the fields (E.164).
+        #[arg(long)]
+        from: String,
+        /// The running server's admin address.
+        #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Print the contacts of one of our numbers as CSV (`phone`, then
+    /// every field), safe to open in a spreadsheet.
+    Export {
+        /// Our number (E.164).
+        #[arg(long)]
+        from: String,
+        /// The running server's admin address.
+        #[arg(long, env = "SMSFLOW_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+}
+
+/// `smsflow broadcasts [send|cancel]`.
+#[derive(Debug, clap::Args)]
+pub struct BroadcastsArgs {
+    /// What to do; without one, list the broadcasts and their progress.
+    #[command(subcommand)]
+    pub command: Option<BroadcastsCommand>,
+    /// Print JSON instead of a table (listing).
+    #[arg(long)]
+    pub json: bool,
+    /// The running server's admin address.
+    #[arg(
+        long,
+        env = "SMSFLOW_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+}
+
+/// The subcommands of `smsflow broadcasts`.
+#[derive(Debug, Subcommand)]
+pub enum BroadcastsCommand {
+    /// Send one message to the contacts of --from matching --where or
+    /// --where-set, or to the --to numbers. The same --id again adds only
+    /// recipients not yet in it.
+    Send {
+        /// The broadcast's id (letters, digits, _, -, .).
+        #[arg(long)]
+        id: String,
+        /// Our number it is sent from (E.164).
+        #[arg(long)]
+        from: String,
+        /// The message text.
+        #[arg(long)]
+        message: String,
+        /// Contacts whose field equals a value, FIELD=VALUE.
+        #[arg(long = "where", value_name = "FIELD=VALUE", value_parser = parse_pair, conflicts_with_all = ["where_set", "to"])]
+        where_equals: Option<(String, String)>,
+        /// Contacts that have this field set.
+        #[arg(long, value_name = "FIELD", conflicts_with = "to")]
+        where_set: Option<String>,
+        /// These numbers (repeatable).
+        #[arg(long)]
+        to: Vec<String>,
+        /// Send through this Messaging Service (MG...) instead of --from.
+        #[arg(long, value_name = "SID")]
+        messaging_service_sid: Option<String>,
+    },
+    /// Cancel a broadcast: what is still pending is not sent.
+    Cancel {
+        /// The broadcast's id.
+        id: String,
+    },
 }

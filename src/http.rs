@@ -30,7 +30,10 @@ use crate::store::{SledStore, StatusUpdate, StoreHealth};
 use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
+mod broadcasts;
+mod contacts;
 mod serve;
+mod starts;
 pub use serve::{serve, ConnectionLimits};
 
 /// State shared by all handlers.
@@ -86,7 +89,9 @@ pub enum Surface {
     /// The webhooks and the probes; admin paths are 404 and `/healthz`
     /// never shows the admin detail.
     Public,
-    /// The probes, `/status`, `/metrics` and `/messages`; no webhooks.
+    /// The probes, `/status`, `/metrics`, `/messages` and the admin
+    /// endpoints (`/flows/{name}/start`, `/contacts`, `/broadcasts`); no
+    /// webhooks.
     Admin,
 }
 
@@ -114,7 +119,17 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
             .route("/healthz", get(status_json))
             .route("/status", get(status_json))
             .route("/metrics", get(metrics))
-            .route("/messages", get(messages));
+            .route("/messages", get(messages))
+            .route(
+                "/flows/{name}/start",
+                axum::routing::post(starts::start_flow),
+            )
+            .route("/contacts", get(contacts::export).post(contacts::import))
+            .route("/broadcasts", get(broadcasts::list).post(broadcasts::send))
+            .route(
+                "/broadcasts/{id}/cancel",
+                axum::routing::post(broadcasts::cancel),
+            );
     }
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))

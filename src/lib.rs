@@ -25,7 +25,8 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`compliance`], [`telemetry`], [`service`], [`calls`],
+//! [`messages`], [`starts`], [`contacts`], [`broadcasts`],
+//! [`compliance`], [`telemetry`], [`service`], [`calls`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
@@ -89,6 +90,22 @@
 //!   connection to make room for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages`.
+//! - [`starts`]: flow starts from outside (`POST /flows/{name}/start`,
+//!   `smsflow start`): the request, its validation and E.164 phone
+//!   numbers. The work is [`pipeline::Pipeline::start_flow`]
+//!   (`pipeline/starts.rs`: under the conversation's lock, the engine's
+//!   pure `flow::start_flow` in `flow/engine/start.rs`, then the outbox
+//!   entries, the conversation and the result under the idempotency key
+//!   in one store transaction, `store/starts.rs`); the route is
+//!   `http/starts.rs`.
+//! - [`contacts`]: contact fields from outside: CSV checked whole (line
+//!   numbers, all or nothing) and written per conversation under its
+//!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
+//!   only user of the csv crate. Routes in `http/contacts.rs`.
+//! - [`broadcasts`]: one message to the contacts matching a filter: one
+//!   outbox entry per recipient keyed by the broadcast's id (sending it
+//!   again adds nobody twice), progress counted from their states,
+//!   cancel (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
 //!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, the only
@@ -151,6 +168,9 @@
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender, in a reply or on our own.
+//! - A flow start's messages, conversation and result are one
+//!   transaction; its idempotency key answers every repeat with the first
+//!   result, and its outbox keys derive from that key.
 //! - A message we send on our own is in the outbox before any request,
 //!   and marked `Sending` durably before it; one that may have reached
 //!   Twilio is never sent again.
@@ -202,11 +222,13 @@
 pub mod admin_client;
 pub mod app;
 pub mod author;
+pub mod broadcasts;
 pub mod calls;
 pub mod cli;
 pub(crate) mod clock;
 pub mod compliance;
 pub mod config;
+pub mod contacts;
 pub mod flow;
 pub(crate) mod http;
 pub mod messages;
@@ -215,6 +237,7 @@ pub mod outbound;
 pub mod pipeline;
 pub mod reload;
 pub mod service;
+pub mod starts;
 pub mod store;
 pub mod telemetry;
 pub(crate) mod timers;

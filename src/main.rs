@@ -89,6 +89,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sign(args) => sign(args),
         Command::Messages(args) => messages(args),
+        Command::Start(args) => start(args),
+        Command::Contacts(command) => contacts(command),
+        Command::Broadcasts(args) => broadcasts(args),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
             let config = author::config_for_tools(args.config.path.as_deref())?;
@@ -276,4 +279,193 @@ fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
         print!("{}", messages::render_table(&rows));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The server's admin token from the environment, for the remote commands.
+fn admin_token() -> anyhow::Result<String> {
+    std::env::var("SMSFLOW_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("SMSFLOW_ADMIN_TOKEN is not set: export the server's admin token")
+        })
+}
+
+/// `smsflow start`: POST /flows/FLOW/start on a running server; prints
+/// the server's JSON answer. Exits 0 when the answer is 200 or 201
+/// (started, skipped_busy, or a repeat of either), 1 otherwise.
+fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::cli::IfBusyArg;
+    use smsflow::starts::{IfBusy, StartRequest};
+    let token = admin_token()?;
+    let request = StartRequest {
+        to: args.to,
+        from: args.from,
+        messaging_service_sid: args.messaging_service_sid,
+        fields: args.fields.into_iter().collect(),
+        vars: args.vars.into_iter().collect(),
+        idempotency_key: args.key,
+        if_busy: match args.if_busy {
+            IfBusyArg::Interrupt => IfBusy::Interrupt,
+            IfBusyArg::Skip => IfBusy::Skip,
+        },
+    };
+    let path = format!("/flows/{}/start", percent_encode_segment(&args.flow));
+    let body = serde_json::to_vec(&request)?;
+    let (code, answer) =
+        smsflow::admin_client::post(&args.server, &path, &token, "application/json", &body)?;
+    match serde_json::from_str::<serde_json::Value>(&answer) {
+        Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+        Err(_) => eprintln!("{} answered {code}: {}", args.server, answer.trim()),
+    }
+    Ok(if code == 200 || code == 201 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn percent_encode_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `smsflow contacts import|export` against a running server.
+fn contacts(command: smsflow::cli::ContactsCommand) -> anyhow::Result<ExitCode> {
+    use smsflow::cli::ContactsCommand;
+    use smsflow::contacts::{self, ImportSummary};
+    let token = admin_token()?;
+    match command {
+        ContactsCommand::Import { file, from, server } => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let rows = match contacts::parse_csv(&bytes) {
+                Ok(rows) => rows,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{}:{}: {}", file.display(), e.line, e.message);
+                    }
+                    eprintln!("{} problem(s); nothing imported", errors.len());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let from_q = twilio::encode_form(&[("from".to_string(), from.clone())]);
+            let mut total = ImportSummary::default();
+            // The server takes requests of at most 64 KiB by default.
+            for part in contacts::chunks(&rows, 48 * 1024) {
+                let (code, answer) = smsflow::admin_client::post(
+                    &server,
+                    &format!("/contacts?{from_q}"),
+                    &token,
+                    "text/csv; charset=utf-8",
+                    part.as_bytes(),
+                )?;
+                if code != 200 {
+                    anyhow::bail!(
+                        "{server} answered {code} after {} of {} rows were imported (importing the file again is safe): {}",
+                        total.rows,
+                        rows.len(),
+                        answer.trim()
+                    );
+                }
+                let s: ImportSummary = serde_json::from_str(&answer)
+                    .map_err(|e| anyhow::anyhow!("unexpected answer from {server}: {e}"))?;
+                total.rows += s.rows;
+                total.created += s.created;
+                total.updated += s.updated;
+                total.unchanged += s.unchanged;
+            }
+            println!(
+                "imported {} rows: {} new, {} updated, {} unchanged",
+                total.rows, total.created, total.updated, total.unchanged
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ContactsCommand::Export { from, server } => {
+            let from_q = twilio::encode_form(&[("from".to_string(), from)]);
+            let csv = smsflow::admin_client::get(&server, &format!("/contacts?{from_q}"), &token)?;
+            print!("{csv}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `smsflow broadcasts [send|cancel]` against a running server.
+fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::broadcasts::{self, BroadcastRequest, Filter, Progress};
+    use smsflow::cli::BroadcastsCommand;
+    let token = admin_token()?;
+    let server = args.server;
+    let post = |path: &str, body: Vec<u8>| -> anyhow::Result<ExitCode> {
+        let (code, answer) =
+            smsflow::admin_client::post(&server, path, &token, "application/json", &body)?;
+        match serde_json::from_str::<serde_json::Value>(&answer) {
+            Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+            Err(_) => eprintln!("{server} answered {code}: {}", answer.trim()),
+        }
+        Ok(if code == 200 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    };
+    match args.command {
+        None => {
+            let body = smsflow::admin_client::get(&server, "/broadcasts", &token)?;
+            #[derive(serde::Deserialize)]
+            struct Page {
+                broadcasts: Vec<Progress>,
+            }
+            let page: Page = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("unexpected answer from {server}: {e}"))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&page.broadcasts)?);
+            } else {
+                print!("{}", broadcasts::render_table(&page.broadcasts));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(BroadcastsCommand::Send {
+            id,
+            from,
+            message,
+            where_equals,
+            where_set,
+            to,
+            messaging_service_sid,
+        }) => {
+            let filter = match (where_equals, where_set) {
+                (Some((field, value)), _) => Some(Filter {
+                    field,
+                    equals: Some(value),
+                }),
+                (None, Some(field)) => Some(Filter {
+                    field,
+                    equals: None,
+                }),
+                (None, None) => None,
+            };
+            let request = BroadcastRequest {
+                id,
+                from,
+                messaging_service_sid,
+                message,
+                filter,
+                to: (!to.is_empty()).then_some(to),
+            };
+            post("/broadcasts", serde_json::to_vec(&request)?)
+        }
+        Some(BroadcastsCommand::Cancel { id }) => post(
+            &format!("/broadcasts/{}/cancel", percent_encode_segment(&id)),
+            Vec::new(),
+        ),
+    }
 }

@@ -26,9 +26,12 @@ use crate::store::{
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
+mod broadcasts;
 mod calls;
+mod contacts;
 mod locks;
 mod offload;
+mod starts;
 mod timers;
 use locks::KeyLocks;
 use offload::Offload;

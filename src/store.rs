@@ -31,8 +31,8 @@
 //!   conversation's next timer to the header); JSON records (the
 //!   conversation inside it, now at version 2, which added the run's timer
 //!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
-//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`], at
-//!   version 1) start with `"v":N`, written and read by
+//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`],
+//!   [`StartRecord`], at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
@@ -103,7 +103,7 @@
 //! Files: this one holds the contract (the [`Store`] trait and its types);
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
-//! `open.rs` opening and its failures; `files.rs` private files and real
+//! `open.rs` opening and its failures; `starts.rs` flow start results; `files.rs` private files and real
 //! fsyncs; `quarantine.rs` records kept aside.
 
 use std::time::Duration;
@@ -117,6 +117,7 @@ mod outbox;
 mod quarantine;
 mod records;
 mod sled_store;
+mod starts;
 mod worker;
 
 pub use open::OpenError;
@@ -125,6 +126,7 @@ pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
+pub use starts::StartRecord;
 
 /// One entry of the timer index: a conversation whose timer is due at
 /// `due` (unless the entry is stale: the record's own due time decides).
@@ -361,6 +363,24 @@ pub trait Store: Send + Sync + 'static {
         &self,
         since: Epoch,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// The stored conversations of our number `to`, by contact number
+    /// (the contact's `From`), in key order. A record that does not
+    /// decode is kept aside and left out. Reads every conversation of
+    /// `to`: for exports, not for the message path.
+    fn conversations_of(&self, to: &str) -> Result<Vec<(String, StoredConversation)>, StoreError>;
+    /// The recorded result of the flow start with idempotency key `key`.
+    fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError>;
+    /// Record a flow start: its outbox entries (keys already there are
+    /// left as they are), the conversation change (`commit`, when the
+    /// start changed one) and `record`, in one transaction, unless a record
+    /// is already under `record.key`: then nothing is written and that
+    /// record is returned. Not yet durable: see `flush`.
+    fn commit_start(
+        &self,
+        commit: Option<StateCommit<'_>>,
+        entries: &[OutboxEntry],
+        record: &StartRecord,
+    ) -> Result<Option<StartRecord>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -698,3 +698,30 @@ fn call_problems_are_reported_with_positions() {
         ],
     );
 }
+
+#[test]
+fn fields_and_vars_given_from_outside_are_declared_by_the_flow() {
+    let flow = |decl: &str| {
+        format!(
+            "name: remind\n{decl}steps:\n  ask:\n    say: \"{{{{contact.appt}}}} {{{{ref}}}}\"\n    wait:\n      - yes: true\n        say: ok\n"
+        )
+    };
+    let dir = temp_flows(&[("remind.yaml", &flow(""))]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &[
+            "remind.yaml:4:10: error: `{{contact.appt}}` is never set by any flow (use `contact:` or `set: {contact.appt: ...}`)",
+            "remind.yaml:4:10: error: `{{ref}}` is never set in flow `remind` (use `save:` or `set:`)",
+        ],
+    );
+    let dir = temp_flows(&[("remind.yaml", &flow("fields: [appt]\nvars: [ref]\n"))]);
+    assert_diags(&check_dir(dir.path()), &[]);
+    let dir = temp_flows(&[("remind.yaml", &flow("fields: [\"not ok\"]\nvars: ref\n"))]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &[
+            "remind.yaml:2:10: error: `fields` must be a name of letters, digits and `_`, got `not ok`",
+            "remind.yaml:6:10: error: `{{contact.appt}}` is never set by any flow (use `contact:` or `set: {contact.appt: ...}`)",
+        ],
+    );
+}

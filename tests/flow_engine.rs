@@ -951,3 +951,57 @@ fn wake_after_is_bounded() {
     let h = send(&set, Conversation::default(), "w", 1_000);
     assert_eq!(bodies(&h.outcome), ["no"]);
 }
+
+#[test]
+fn a_start_enters_the_first_step_with_fields_and_vars_and_ends_any_run() {
+    let set = load_yaml(&[
+        (
+            "remind.yaml",
+            "name: remind\nfields: [appt]\nvars: [ref]\nexpire_after: 1h\nsteps:\n  intro:\n    say: \"Ref {{ref}}\"\n    goto: ask\n  ask:\n    say: \"{{contact.appt}}? YES or NO\"\n    wait:\n      - yes: true\n        say: \"Booked {{ref}}\"\n",
+        ),
+        (
+            "other.yaml",
+            "name: other\ntrigger: { keywords: [OTHER] }\nsteps:\n  a:\n    say: \"a?\"\n    wait:\n      - yes: true\n        say: ok\n",
+        ),
+    ]);
+    let busy = send(&set, Conversation::default(), "other", 1000).conversation;
+    assert_eq!(smsflow::flow::live_run(&set, &busy, 1000), Some("other"));
+    let fields = BTreeMap::from([("appt".to_owned(), "Tue".to_owned())]);
+    let vars = BTreeMap::from([("ref".to_owned(), "A1".to_owned())]);
+    let start = smsflow::flow::Start {
+        flow: "remind",
+        fields: &fields,
+        vars: &vars,
+        wake: Wake {
+            from: "+15551230001",
+            to: "+15550001111",
+        },
+    };
+    let h = smsflow::flow::start_flow(&set, busy, &start, 2000);
+    assert_eq!(bodies(&h.outcome), ["Ref A1", "Tue? YES or NO"]);
+    let run = h.conversation.run.clone().unwrap();
+    assert_eq!(
+        (run.flow.as_str(), run.step.as_str(), run.started_at),
+        ("remind", "ask", 2000)
+    );
+    assert_eq!(h.conversation.contact["appt"], "Tue");
+    // The run goes on with the contact's reply, its variables kept.
+    let h2 = send(&set, h.conversation.clone(), "yes", 2100);
+    assert_eq!(bodies(&h2.outcome), ["Booked A1"]);
+    // Live until idle past expire_after.
+    assert_eq!(
+        smsflow::flow::live_run(&set, &h.conversation, 2000 + 3600),
+        Some("remind")
+    );
+    assert_eq!(
+        smsflow::flow::live_run(&set, &h.conversation, 2000 + 3601),
+        None
+    );
+    // An unknown flow starts nothing but keeps the fields.
+    let none = smsflow::flow::Start {
+        flow: "nope",
+        ..start
+    };
+    let h = smsflow::flow::start_flow(&set, Conversation::default(), &none, 1);
+    assert!(h.conversation.run.is_none() && bodies(&h.outcome).is_empty());
+}

@@ -685,6 +685,7 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
     // A script that computes field names could set any of them.
     let mut any_contact_field = false;
     for flow in set.flows.values() {
+        contact_fields.extend(flow.fields.iter().map(String::as_str));
         if let Some(script) = &flow.script {
             match &script.contact_fields {
                 Some(fields) => contact_fields.extend(fields.iter().map(String::as_str)),
@@ -763,7 +764,7 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
         check_msgs(&d.say, &d.origin.file, None, diags);
     }
     for flow in set.flows.values() {
-        let mut vars: BTreeSet<String> = BTreeSet::new();
+        let mut vars: BTreeSet<String> = flow.vars.iter().cloned().collect();
         for step in flow.steps.values() {
             for a in &step.set {
                 if let Var::Run(n) = &a.target {

@@ -42,6 +42,9 @@ use super::template::{Template, Var, Vars};
 // replies are split exactly as the renderer splits them.
 use crate::twilio::{limits, twiml};
 
+mod start;
+pub use start::{live_run, start_flow, Start};
+
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
 /// keeping it in `vars` means stored conversations keep their shape.

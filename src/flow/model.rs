@@ -274,6 +274,11 @@ pub(crate) struct Flow {
     /// What to answer when a script or expression of this flow fails;
     /// empty means silence.
     pub fallback: Vec<Message>,
+    /// `fields:`: contact fields set from outside (flow starts, imported
+    /// contacts) that its templates may name.
+    pub fields: Vec<String>,
+    /// `vars:`: run variables a flow start gives it.
+    pub vars: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

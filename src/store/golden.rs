@@ -483,3 +483,36 @@ fn outbox_entries_of_version_1_decode_and_are_written_exactly() {
         "the due index's keys are part of the format"
     );
 }
+
+/// A flow start record of version 1 decodes, and this release writes it
+/// byte for byte (`SMSFLOW_WRITE_GOLDEN=1` writes it when missing).
+#[test]
+fn start_records_of_version_1_decode_and_are_written_exactly() {
+    let record = StartRecord {
+        key: "appt-2026-12-01-ana".into(),
+        result: "started".into(),
+        flow: "appointment".into(),
+        to: ANA.into(),
+        from: US.into(),
+        messaging_service_sid: None,
+        busy_with: Some("survey".into()),
+        outbox: vec!["start:appt-2026-12-01-ana:0".into()],
+        at: 1_700_007_200,
+    };
+    let name = "start_record.json";
+    let path = dir(1).join(name);
+    if std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some() && !path.exists() {
+        std::fs::write(&path, encode(&record)).unwrap();
+    }
+    assert_eq!(decode::<StartRecord>(&read(1, name)), Ok(record.clone()));
+    assert_eq!(
+        read(1, name),
+        encode(&record),
+        "v1/{name}: this release no longer writes version 1 as committed"
+    );
+    assert_eq!(
+        super::starts::db_key("k"),
+        b"f\0k",
+        "start record keys are part of the format"
+    );
+}

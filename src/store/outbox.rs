@@ -159,7 +159,7 @@ pub(super) fn parse_due_key(k: &[u8]) -> Option<(i64, String)> {
 }
 
 /// The index entry an entry in `state` has, if any.
-fn index_key(state: &OutboxState, key: &str) -> Option<Vec<u8>> {
+pub(super) fn index_key(state: &OutboxState, key: &str) -> Option<Vec<u8>> {
     match state {
         OutboxState::Pending { not_before, .. } => Some(due_key(*not_before, key)),
         OutboxState::Sending { .. } => Some(super::records::prefixed(IN_FLIGHT, key)),

@@ -16,6 +16,7 @@ use super::records::{
     conv_due, conv_header, conv_value, decode, decode_conv, encode, has_conversation,
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
+use super::starts::{self, StartRecord};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
@@ -1083,6 +1084,65 @@ impl Store for SledStore {
     async fn flush_durable(&self, since: Epoch) -> Result<(), StoreError> {
         // The worker syncs whenever asked, in either mode.
         self.worker.flush(since).await
+    }
+
+    fn conversations_of(&self, to: &str) -> Result<Vec<(String, StoredConversation)>, StoreError> {
+        let prefix = ConvKey::new(to, "").db_key();
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(&prefix) {
+                let (k, v) = item?;
+                let Ok(from) = std::str::from_utf8(&k[prefix.len()..]) else {
+                    continue;
+                };
+                let stored =
+                    self.shared
+                        .decode_or_keep_aside(&k, &v, "the conversation starts afresh")?;
+                if stored.conversation.is_some() {
+                    out.push((from.to_owned(), stored));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError> {
+        self.shared.with_db(|db| starts::get(db, key))
+    }
+
+    fn commit_start(
+        &self,
+        commit: Option<StateCommit<'_>>,
+        entries: &[OutboxEntry],
+        record: &StartRecord,
+    ) -> Result<Option<StartRecord>, StoreError> {
+        let Some(c) = commit else {
+            let done = self
+                .shared
+                .with_db(|db| starts::commit(db, entries, None, record))?;
+            self.shared.outbox_changed(done.depth);
+            if done.taken.is_none() {
+                self.shared.wrote();
+            }
+            return Ok(done.taken);
+        };
+        let value = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
+        let k = c.key.db_key();
+        let mut taken = None;
+        let mut depth = 0;
+        let old = self.shared.with_db(|db| {
+            self.shared.write_conversation(db, c.key, c.due, || {
+                let done = starts::commit(db, entries, Some((&k, &value)), record)?;
+                taken = done.taken;
+                depth = done.depth;
+                Ok(done.old)
+            })
+        })?;
+        self.shared.outbox_changed(depth);
+        if taken.is_none() {
+            self.shared.count_change(old.as_deref(), Some(&value));
+        }
+        Ok(taken)
     }
 }
 

@@ -3,8 +3,10 @@
 //! every shipped transcript compared with the server over HTTP.
 
 mod author;
+mod broadcasts;
 mod calls;
 mod compliance;
+mod contacts;
 mod conversation;
 mod crash;
 mod fake_twilio;
@@ -19,6 +21,7 @@ mod reload;
 mod replies;
 mod scripts;
 mod service;
+mod starts;
 mod store;
 mod timers;
 mod transcripts;

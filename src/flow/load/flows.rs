@@ -1,4 +1,5 @@
 //! Flow files: `name`, `description`, `trigger`, `expire_after`, `start`,
+//! `fields`, `vars` (given from outside by a flow start),
 //! `steps`, `script` and `fallback` (see "Flow files" in flows/README.md),
 //! and the duration syntax `expire_after` uses. Each step is read by
 //! `steps`; a `script:` flow by `scripts`.
@@ -66,6 +67,8 @@ impl Cx<'_> {
                 "steps",
                 "script",
                 "fallback",
+                "fields",
+                "vars",
             ],
         )?;
         self.no_exprs = None;
@@ -112,6 +115,23 @@ impl Cx<'_> {
             .get("fallback")
             .map(|(_, v)| self.fallback(v))
             .unwrap_or_default();
+        // Contact fields and run variables given from outside (a flow
+        // start's `fields` and `vars`, imported contacts).
+        let mut idents = |key: &str| -> Vec<String> {
+            let Some((_, v)) = m.get(key) else {
+                return Vec::new();
+            };
+            let items = match &v.kind {
+                Kind::Seq(items) => items.iter().collect(),
+                _ => vec![*v],
+            };
+            items
+                .into_iter()
+                .filter_map(|i| self.ident(i, &format!("`{key}`")))
+                .collect()
+        };
+        let fields = idents("fields");
+        let vars = idents("vars");
         if let Some((script_key, script_node)) = m.get("script") {
             for key in ["steps", "start"] {
                 if let Some((k, _)) = m.get(key) {
@@ -134,6 +154,8 @@ impl Cx<'_> {
                     steps: BTreeMap::new(),
                     script: Some(script),
                     fallback,
+                    fields,
+                    vars,
                 }),
                 name_pos,
                 trigger,
@@ -187,6 +209,8 @@ impl Cx<'_> {
                 steps,
                 script: None,
                 fallback,
+                fields,
+                vars,
             }),
             name_pos,
             trigger,

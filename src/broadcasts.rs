@@ -1,0 +1,180 @@
+//! Broadcasts: one message to every contact of one of our numbers that
+//! matches a filter (a field equals a value, or is set), or to an
+//! explicit list (`POST /broadcasts`, `smsflow broadcasts send`).
+//!
+//! A broadcast is its outbox entries: one per recipient, keyed
+//! `broadcast:` + id + `:` + number, so sending the same broadcast again
+//! (after a crash, a timeout, or to catch contacts imported since) adds
+//! only recipients not yet in it, and nobody gets a second copy. The
+//! sender paces them per number, defers them past quiet hours and skips
+//! opted-out contacts. Progress (`GET /broadcasts`) is counted from those
+//! entries' states; cancelling marks the ones still pending `skipped`
+//! (`canceled`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::starts::{check_field_name, normalize_phone, MAX_VALUE_CHARS};
+use crate::store::{OutboxEntry, OutboxState};
+
+/// Most recipients one explicit list may name.
+pub const MAX_LIST: usize = 10_000;
+
+/// Which contacts a broadcast goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// The contact field to look at.
+    pub field: String,
+    /// The value it must have; without it, the field must be set (not
+    /// empty).
+    #[serde(default)]
+    pub equals: Option<String>,
+}
+
+/// A broadcast, as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastRequest {
+    /// The caller's id for it (letters, digits, `_`, `-`, `.`; at most
+    /// 100): the same id again adds only new recipients.
+    pub id: String,
+    /// Our number it is sent from; its contacts are the ones filtered.
+    pub from: String,
+    /// Send through this Messaging Service instead of `from`.
+    #[serde(default)]
+    pub messaging_service_sid: Option<String>,
+    /// The text (at most 1,600 characters), sent as written.
+    pub message: String,
+    /// Contacts of `from` whose field matches.
+    #[serde(default, rename = "where")]
+    pub filter: Option<Filter>,
+    /// Or these numbers (E.164).
+    #[serde(default)]
+    pub to: Option<Vec<String>>,
+}
+
+impl BroadcastRequest {
+    /// Check and normalise; the error is a short reason for the caller.
+    pub fn validate(&mut self) -> Result<(), String> {
+        let id_ok = !self.id.is_empty()
+            && self.id.len() <= 100
+            && self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !id_ok {
+            return Err("id: 1 to 100 letters, digits, `_`, `-` or `.`".into());
+        }
+        self.from = normalize_phone(&self.from).map_err(|e| format!("from: {e}"))?;
+        if self.message.trim().is_empty() || self.message.chars().count() > MAX_VALUE_CHARS {
+            return Err(format!("message: 1 to {MAX_VALUE_CHARS} characters"));
+        }
+        match (&self.filter, &mut self.to) {
+            (Some(f), None) => check_field_name(&f.field).map_err(|e| format!("where: {e}"))?,
+            (None, Some(list)) => {
+                if list.is_empty() || list.len() > MAX_LIST {
+                    return Err(format!("to: 1 to {MAX_LIST} numbers"));
+                }
+                for n in list.iter_mut() {
+                    *n = normalize_phone(n).map_err(|e| format!("to: {e}"))?;
+                }
+                list.sort();
+                list.dedup();
+            }
+            _ => return Err("give exactly one of `where` and `to`".into()),
+        }
+        Ok(())
+    }
+
+    /// Whether a contact with `fields` is a recipient under `where`.
+    pub fn matches(&self, fields: &BTreeMap<String, String>) -> bool {
+        match &self.filter {
+            Some(f) => match (&f.equals, fields.get(&f.field)) {
+                (Some(want), Some(have)) => want == have,
+                (None, Some(have)) => !have.is_empty(),
+                (_, None) => false,
+            },
+            None => false,
+        }
+    }
+}
+
+/// The outbox key prefix of broadcast `id`.
+pub fn key_prefix(id: &str) -> String {
+    format!("broadcast:{id}:")
+}
+
+/// What sending a broadcast did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    /// The broadcast's id.
+    pub id: String,
+    /// Recipients matched now.
+    pub recipients: usize,
+    /// Of those, newly put in the outbox.
+    pub enqueued: usize,
+    /// Of those, already in it from an earlier request with this id.
+    pub already: usize,
+}
+
+/// A broadcast's progress, from its outbox entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The broadcast's id.
+    pub id: String,
+    /// Recipients in the outbox.
+    pub total: usize,
+    /// Accepted by Twilio.
+    pub sent: usize,
+    /// Not sent on purpose (opted out, canceled, too late).
+    pub skipped: usize,
+    /// Refused by Twilio, or retries ran out.
+    pub failed: usize,
+    /// The request may have reached Twilio; not sent again.
+    pub unknown: usize,
+    /// Still to send (pending or being sent).
+    pub remaining: usize,
+}
+
+/// Progress of every broadcast in `entries` (the whole outbox), by id.
+pub fn progress(entries: &[OutboxEntry]) -> Vec<Progress> {
+    let mut by_id: BTreeMap<String, Progress> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.cause == "broadcast") {
+        let Some(rest) = e.key.strip_prefix("broadcast:") else {
+            continue;
+        };
+        let Some((id, _)) = rest.rsplit_once(':') else {
+            continue;
+        };
+        let p = by_id.entry(id.to_owned()).or_insert_with(|| Progress {
+            id: id.to_owned(),
+            ..Progress::default()
+        });
+        p.total += 1;
+        match e.state {
+            OutboxState::Sent { .. } => p.sent += 1,
+            OutboxState::Skipped { .. } => p.skipped += 1,
+            OutboxState::Failed { .. } => p.failed += 1,
+            OutboxState::Unknown { .. } => p.unknown += 1,
+            OutboxState::Pending { .. } | OutboxState::Sending { .. } => p.remaining += 1,
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// The progress rows as a table for the terminal.
+pub fn render_table(rows: &[Progress]) -> String {
+    let mut out = format!(
+        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+        "ID", "TOTAL", "SENT", "SKIPPED", "FAILED", "UNKNOWN", "REMAINING"
+    );
+    for p in rows {
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            p.id, p.total, p.sent, p.skipped, p.failed, p.unknown, p.remaining
+        ));
+    }
+    out
+}

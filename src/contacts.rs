@@ -1,0 +1,431 @@
+//! Contacts from outside: CSV import (`POST /contacts`, `smsflow contacts
+//! import`) and export (`GET /contacts`, `smsflow contacts export`).
+//!
+//! Contact fields belong to a conversation: one of our numbers and the
+//! contact's number. An import names our number once (`from`); each row
+//! names the contact (`phone`, E.164) and sets the other columns as
+//! contact fields. An empty cell leaves that field as it is.
+//!
+//! A file is checked whole before anything is written: every bad row is
+//! reported with its line number, and a file with any error imports
+//! nothing. Writing is [`crate::pipeline::Pipeline::import_contacts`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::starts::{check_field_name, normalize_phone, MAX_VALUE_CHARS};
+
+/// The column that holds the contact's number.
+pub const PHONE_COLUMN: &str = "phone";
+/// Most rows one request may carry (the CLI sends bigger files in parts).
+pub const MAX_ROWS: usize = 100_000;
+/// Most field columns a file may have.
+pub const MAX_COLUMNS: usize = 50;
+
+/// A contact's number and its fields.
+pub type Contact = (String, BTreeMap<String, String>);
+
+/// One valid row: the contact and the fields to set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactRow {
+    /// The line it starts on (1 is the header).
+    pub line: u64,
+    /// The contact's number, E.164.
+    pub phone: String,
+    /// Fields to set (empty cells are left out: they change nothing).
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A problem with one line of a file (line 1 is the header; 0: the file
+/// as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RowError {
+    /// The line the problem is on.
+    pub line: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Whether a spreadsheet could run `value` as a formula, once any
+/// leading `'`s are gone.
+fn formula_like(value: &str) -> bool {
+    value
+        .trim_start_matches('\'')
+        .starts_with(['=', '+', '-', '@'])
+}
+
+/// Undo the export's spreadsheet neutralisation: one leading `'` of a
+/// formula-like value is dropped.
+fn unquote(value: &str) -> &str {
+    match value.strip_prefix('\'') {
+        Some(rest) if formula_like(rest) => rest,
+        _ => value,
+    }
+}
+
+/// Parse and check a whole CSV file: a header row of field names with a
+/// `phone` column, then one contact per row. Every problem is reported,
+/// each with its line; any problem means no rows.
+pub fn parse_csv(bytes: &[u8]) -> Result<Vec<ContactRow>, Vec<RowError>> {
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
+    let mut errors = Vec::new();
+    let mut records = reader.records();
+    let header = match records.next() {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => {
+            return Err(vec![RowError {
+                line: e.position().map_or(1, |p| p.line()),
+                message: csv_error(&e),
+            }])
+        }
+        None => {
+            return Err(vec![RowError {
+                line: 0,
+                message: "empty file: expected a header row with a `phone` column".into(),
+            }])
+        }
+    };
+    let names: Vec<String> = header.iter().map(|h| h.trim().to_owned()).collect();
+    let mut seen = BTreeSet::new();
+    for name in &names {
+        if !seen.insert(name.as_str()) {
+            errors.push(RowError {
+                line: 1,
+                message: format!("column {name:?} appears twice"),
+            });
+        } else if name != PHONE_COLUMN {
+            if let Err(e) = check_field_name(name) {
+                errors.push(RowError {
+                    line: 1,
+                    message: format!("column {e}"),
+                });
+            }
+        }
+    }
+    let Some(phone_at) = names.iter().position(|n| n == PHONE_COLUMN) else {
+        errors.push(RowError {
+            line: 1,
+            message: format!("no `{PHONE_COLUMN}` column (the contact's number, E.164)"),
+        });
+        return Err(errors);
+    };
+    if names.len() - 1 > MAX_COLUMNS {
+        errors.push(RowError {
+            line: 1,
+            message: format!("more than {MAX_COLUMNS} field columns"),
+        });
+    }
+    let mut rows = Vec::new();
+    let mut first_line: BTreeMap<String, u64> = BTreeMap::new();
+    for record in records {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(RowError {
+                    line: e.position().map_or(0, |p| p.line()),
+                    message: csv_error(&e),
+                });
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        if record.iter().all(|c| c.trim().is_empty()) {
+            continue; // a blank line
+        }
+        if record.len() != names.len() {
+            errors.push(RowError {
+                line,
+                message: format!("{} values for {} columns", record.len(), names.len()),
+            });
+            continue;
+        }
+        if rows.len() >= MAX_ROWS {
+            errors.push(RowError {
+                line,
+                message: format!("more than {MAX_ROWS} rows: split the file"),
+            });
+            break;
+        }
+        let phone = match normalize_phone(unquote(record.get(phone_at).unwrap_or(""))) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(RowError {
+                    line,
+                    message: format!("phone: {e}"),
+                });
+                continue;
+            }
+        };
+        if let Some(first) = first_line.get(&phone) {
+            errors.push(RowError {
+                line,
+                message: format!("{phone} is already on line {first}"),
+            });
+            continue;
+        }
+        first_line.insert(phone.clone(), line);
+        let mut fields = BTreeMap::new();
+        let mut ok = true;
+        for (name, value) in names.iter().zip(record.iter()) {
+            if name == PHONE_COLUMN || value.is_empty() {
+                continue;
+            }
+            let value = unquote(value);
+            if value.chars().count() > MAX_VALUE_CHARS {
+                errors.push(RowError {
+                    line,
+                    message: format!("{name}: longer than {MAX_VALUE_CHARS} characters"),
+                });
+                ok = false;
+            } else if value
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t')
+            {
+                errors.push(RowError {
+                    line,
+                    message: format!("{name}: control characters"),
+                });
+                ok = false;
+            }
+            fields.insert(name.clone(), value.to_owned());
+        }
+        if ok {
+            rows.push(ContactRow {
+                line,
+                phone,
+                fields,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(rows)
+    } else {
+        Err(errors)
+    }
+}
+
+fn csv_error(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+        _ => format!("malformed CSV: {e}"),
+    }
+}
+
+/// A cell as a spreadsheet will not run it: a value starting with `=`,
+/// `+`, `-` or `@` (after any `'`s) gets a leading `'`, which the
+/// import drops again, so every value round-trips.
+pub fn neutralize(value: &str) -> String {
+    if formula_like(value) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Contacts as CSV: `phone`, then every field name any of them has,
+/// sorted; quoting as needed, each cell through [`neutralize`].
+pub fn export_csv(contacts: &[Contact]) -> String {
+    let names: BTreeSet<&str> = contacts
+        .iter()
+        .flat_map(|(_, f)| f.keys().map(String::as_str))
+        .collect();
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    let header: Vec<&str> = std::iter::once(PHONE_COLUMN)
+        .chain(names.iter().copied())
+        .collect();
+    // Writing to a Vec cannot fail.
+    let _ = writer.write_record(&header);
+    for (phone, fields) in contacts {
+        let row: Vec<String> = std::iter::once(neutralize(phone))
+            .chain(
+                names
+                    .iter()
+                    .map(|n| neutralize(fields.get(*n).map_or("", String::as_str))),
+            )
+            .collect();
+        let _ = writer.write_record(&row);
+    }
+    String::from_utf8(writer.into_inner().unwrap_or_default()).unwrap_or_default()
+}
+
+/// `rows` as CSV files of at most about `max_bytes` each (a header,
+/// then as many rows as fit; a single longer row gets a file of its
+/// own), for sending a big import in parts.
+pub fn chunks(rows: &[ContactRow], max_bytes: usize) -> Vec<String> {
+    let names: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.fields.keys().map(String::as_str))
+        .collect();
+    let header = |w: &mut csv::Writer<Vec<u8>>| {
+        let h: Vec<&str> = std::iter::once(PHONE_COLUMN)
+            .chain(names.iter().copied())
+            .collect();
+        let _ = w.write_record(&h);
+    };
+    let mut out = Vec::new();
+    let mut w = csv::Writer::from_writer(Vec::new());
+    header(&mut w);
+    let mut in_chunk = 0;
+    for row in rows {
+        let cells: Vec<String> = std::iter::once(row.phone.clone())
+            .chain(
+                names
+                    .iter()
+                    .map(|n| neutralize(row.fields.get(*n).map_or("", String::as_str))),
+            )
+            .collect();
+        let _ = w.write_record(&cells);
+        let _ = w.flush();
+        in_chunk += 1;
+        if w.get_ref().len() >= max_bytes && in_chunk > 0 {
+            let full = std::mem::replace(&mut w, csv::Writer::from_writer(Vec::new()));
+            out.push(String::from_utf8(full.into_inner().unwrap_or_default()).unwrap_or_default());
+            header(&mut w);
+            in_chunk = 0;
+        }
+    }
+    if in_chunk > 0 {
+        out.push(String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default());
+    }
+    out
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImportSummary {
+    /// Rows in the file.
+    pub rows: usize,
+    /// Contacts that had no stored conversation before.
+    pub created: usize,
+    /// Contacts whose fields changed.
+    pub updated: usize,
+    /// Contacts whose fields were already so.
+    pub unchanged: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_row_is_reported_with_its_line_and_nothing_is_imported() {
+        let csv = "phone,name,appt\n\
+                   +1 (555) 123-0001,Ana,\"Tue 3pm\"\n\
+                   5551230002,Ben,Wed\n\
+                   +15551230001,Ana again,Thu\n\
+                   +15551230003,Cy\n\
+                   \n\
+                   +15551230004,\"Dee, Jr.\",\"Fri\n10am\"\n\
+                   +44abc,Eve,Sat\n";
+        let errors = parse_csv(csv.as_bytes()).unwrap_err();
+        let lines: Vec<(u64, &str)> = errors
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(lines.len(), 4, "{errors:?}");
+        assert_eq!(lines[0].0, 3);
+        assert!(lines[0].1.contains("country code"), "{errors:?}");
+        assert_eq!(lines[1], (4, "+15551230001 is already on line 2"));
+        assert_eq!(lines[2], (5, "2 values for 3 columns"));
+        assert_eq!(lines[3].0, 9, "{errors:?}");
+    }
+
+    #[test]
+    fn good_rows_are_normalised_and_empty_cells_change_nothing() {
+        let csv = "\u{feff}phone,name,appt\r\n+1 555 123 0001,Ana,\r\n'+15551230002,'=1+1,\"Wed, 9am\"\r\n";
+        let rows = parse_csv(csv.as_bytes()).unwrap();
+        assert_eq!(rows[0].phone, "+15551230001");
+        assert_eq!(
+            rows[0].fields,
+            BTreeMap::from([("name".into(), "Ana".into())])
+        );
+        assert_eq!(rows[1].phone, "+15551230002");
+        assert_eq!(rows[1].fields["name"], "=1+1");
+        assert_eq!(rows[1].fields["appt"], "Wed, 9am");
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        for (csv, want) in [
+            ("name,appt\n+15551230001,x\n", "no `phone` column"),
+            ("phone,na me\n", "not a valid name"),
+            ("phone,a,a\n", "appears twice"),
+            ("", "empty file"),
+        ] {
+            let errors = parse_csv(csv.as_bytes()).unwrap_err();
+            assert!(errors[0].message.contains(want), "{csv:?}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn export_quotes_and_neutralises_and_round_trips() {
+        let contacts = vec![
+            (
+                "+15551230001".to_owned(),
+                BTreeMap::from([
+                    ("name".to_owned(), "=HYPERLINK(\"x\")".to_owned()),
+                    ("note".to_owned(), "a, b\nc".to_owned()),
+                ]),
+            ),
+            (
+                "+15551230002".to_owned(),
+                BTreeMap::from([("name".to_owned(), "@Ben".to_owned())]),
+            ),
+        ];
+        let csv = export_csv(&contacts);
+        assert_eq!(
+            csv,
+            "phone,name,note\r\n'+15551230001,\"'=HYPERLINK(\"\"x\"\")\",\"a, b\nc\"\r\n'+15551230002,'@Ben,\r\n"
+        );
+        let rows = parse_csv(csv.as_bytes()).unwrap();
+        assert_eq!(rows[0].phone, "+15551230001");
+        assert_eq!(rows[0].fields, contacts[0].1);
+        assert_eq!(rows[1].fields, contacts[1].1);
+        // A value that already looks neutralised survives too.
+        let tricky = vec![(
+            "+15551230003".to_owned(),
+            BTreeMap::from([("x".to_owned(), "'=1".to_owned())]),
+        )];
+        let rows = parse_csv(export_csv(&tricky).as_bytes()).unwrap();
+        assert_eq!(rows[0].fields, tricky[0].1);
+    }
+
+    #[test]
+    fn big_imports_are_split_into_parts_that_parse_back() {
+        let rows: Vec<ContactRow> = (0..1000)
+            .map(|i| ContactRow {
+                line: i + 2,
+                phone: format!("+1555{:07}", i),
+                fields: BTreeMap::from([("n".to_owned(), format!("={i}, x"))]),
+            })
+            .collect();
+        let parts = chunks(&rows, 4096);
+        assert!(
+            parts.len() > 5 && parts.iter().all(|p| p.len() < 4200),
+            "{}",
+            parts.len()
+        );
+        let back: Vec<ContactRow> = parts
+            .iter()
+            .flat_map(|p| parse_csv(p.as_bytes()).unwrap())
+            .collect();
+        assert_eq!(back.len(), 1000);
+        assert!(back
+            .iter()
+            .zip(&rows)
+            .all(|(a, b)| a.phone == b.phone && a.fields == b.fields));
+    }
+}

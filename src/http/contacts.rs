@@ -1,0 +1,96 @@
+//! `POST /contacts?from=OUR_NUMBER` (a CSV file: import) and
+//! `GET /contacts?from=OUR_NUMBER` (CSV: export), behind the admin token.
+//!
+//! Answers: 200 JSON summary / CSV; 400 with every bad line
+//! (`{"errors":[{"line":N,"message":…}]}`, nothing imported); 401 without
+//! the token; 503 when the store fails.
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::starts::{admin_refusal, bad_input};
+use super::{AppState, HttpError};
+use crate::clock::unix_now;
+use crate::contacts;
+use crate::metrics::Metrics;
+use crate::starts::normalize_phone;
+
+/// The query both routes take.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct Our {
+    from: Option<String>,
+}
+
+fn our_number(q: &Our) -> Result<String, String> {
+    let raw = q.from.as_deref().unwrap_or("");
+    normalize_phone(raw).map_err(|e| format!("from (our number): {e}"))
+}
+
+fn store_failure(state: &AppState, e: crate::store::StoreError) -> Response {
+    Metrics::inc(&state.metrics.store_errors);
+    tracing::error!(error = %e, "store failure with contacts");
+    HttpError::unavailable().into_response()
+}
+
+pub(super) async fn import(
+    State(state): State<AppState>,
+    Query(q): Query<Our>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = admin_refusal(&state, &headers, "/contacts") {
+        return r;
+    }
+    let our = match our_number(&q) {
+        Ok(n) => n,
+        Err(e) => return bad_input(&state, e),
+    };
+    let rows = match contacts::parse_csv(&body) {
+        Ok(rows) => rows,
+        Err(errors) => {
+            Metrics::inc(&state.metrics.bad_requests);
+            tracing::warn!(errors = errors.len(), "rejected contact import");
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({ "imported": 0, "errors": errors })),
+            )
+                .into_response();
+        }
+    };
+    match state
+        .pipeline
+        .import_contacts(&our, &rows, unix_now())
+        .await
+    {
+        Ok(summary) => {
+            tracing::info!(rows = summary.rows, "contacts imported");
+            axum::Json(summary).into_response()
+        }
+        Err(e) => store_failure(&state, e),
+    }
+}
+
+pub(super) async fn export(
+    State(state): State<AppState>,
+    Query(q): Query<Our>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = admin_refusal(&state, &headers, "/contacts") {
+        return r;
+    }
+    let our = match our_number(&q) {
+        Ok(n) => n,
+        Err(e) => return bad_input(&state, e),
+    };
+    match state.pipeline.contacts_of(&our) {
+        Ok(rows) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            contacts::export_csv(&rows),
+        )
+            .into_response(),
+        Err(e) => store_failure(&state, e),
+    }
+}

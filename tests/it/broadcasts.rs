@@ -1,0 +1,236 @@
+//! Broadcasts through the front door: contacts imported by CSV, one
+//! message to those matching a filter, paced through the outbox to the
+//! fake Twilio, opted-out contacts skipped, the same broadcast sent again
+//! adding nobody twice, progress and cancel.
+
+use std::time::{Duration, Instant};
+
+use smsflow::config::Config;
+use smsflow::outbound::Credentials;
+
+use crate::fake_twilio::{FakeTwilio, ACCOUNT_SID, API_SECRET};
+use crate::helpers::*;
+
+const KEYWORDS: &str = "keywords:\n  HOURS: \"9-5\"\n";
+
+async fn start_app(fake: &FakeTwilio, interval: Duration) -> (TestApp, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("keywords.yaml"), KEYWORDS).unwrap();
+    let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.public_url = "http://127.0.0.1:0".into();
+    config.outbound.api_base = fake.base();
+    config.outbound.credentials = Some(Credentials::with_auth_token(ACCOUNT_SID, API_SECRET));
+    config.outbound.send_timeout = Duration::from_millis(1500);
+    config.outbound.send_interval = interval;
+    let mut app = spawn_with(config).await;
+    app.public_url = format!("http://{}", app.addr);
+    (app, tmp)
+}
+
+async fn admin_post(
+    app: &TestApp,
+    path: &str,
+    content_type: &str,
+    body: String,
+) -> (u16, serde_json::Value) {
+    let r = app
+        .raw(
+            app.client
+                .post(app.url(path))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await;
+    let json = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body));
+    (r.status, json)
+}
+
+async fn progress(app: &TestApp, id: &str) -> serde_json::Value {
+    let all = app.admin_json("/broadcasts").await;
+    all["broadcasts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("{all}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broadcast_reaches_each_matching_contact_once_skipping_opted_out() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let mut csv = String::from("phone,list\n");
+    for i in 0..10 {
+        let list = if i < 8 { "pizza" } else { "other" };
+        csv.push_str(&format!("+1555770{i:04},{list}\n"));
+    }
+    let (code, r) = admin_post(&app, "/contacts?from=%2B15550001111", "text/csv", csv).await;
+    assert_eq!(code, 200, "{r}");
+    let stopped = "+15557700003";
+    assert_eq!(app.send_sms(stopped, "STOP").await.status, 200);
+    let body = serde_json::json!({
+        "id": "friday", "from": OUR_NUMBER, "message": "Friday: 2 for 1",
+        "where": { "field": "list", "equals": "pizza" },
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(
+        (&sent["recipients"], &sent["enqueued"]),
+        (&8.into(), &8.into())
+    );
+    // Sent again (a retry, a restart): nobody is added twice.
+    let (_, again) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(
+        (&again["enqueued"], &again["already"]),
+        (&0.into(), &8.into())
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let p = loop {
+        let p = progress(&app, "friday").await;
+        if p["remaining"] == 0 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (&p["total"], &p["sent"], &p["skipped"]),
+        (&8.into(), &7.into(), &1.into()),
+        "{p}"
+    );
+    let to: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 201)
+        .map(|r| r.param("To").unwrap().to_owned())
+        .collect();
+    assert_eq!(to.len(), 7, "{to:?}");
+    let mut unique = to.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 7, "a second copy: {to:?}");
+    assert!(!to
+        .iter()
+        .any(|t| t == stopped || t.starts_with("+155577000") && t.ends_with(['8', '9'])));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    // Paced at one a minute: after the first, everything waits.
+    let (app, _tmp) = start_app(&fake, Duration::from_secs(60)).await;
+    let list: Vec<String> = (0..5).map(|i| format!("+1555780{i:04}")).collect();
+    let body = serde_json::json!({ "id": "b2", "from": OUR_NUMBER, "message": "hi", "to": list });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    let (code, c) = admin_post(
+        &app,
+        "/broadcasts/b2/cancel",
+        "application/json",
+        String::new(),
+    )
+    .await;
+    assert_eq!(code, 200, "{c}");
+    let canceled = c["canceled"].as_u64().unwrap();
+    assert!((4..=5).contains(&canceled), "{c}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p = progress(&app, "b2").await;
+    assert_eq!(p["remaining"], 0, "{p}");
+    assert_eq!(p["skipped"].as_u64().unwrap(), canceled);
+    assert!(fake.requests().len() as u64 <= 5 - canceled);
+    let (code, _) = admin_post(
+        &app,
+        "/broadcasts/nope/cancel",
+        "application/json",
+        String::new(),
+    )
+    .await;
+    assert_eq!(code, 404);
+    for bad in [
+        serde_json::json!({ "id": "x", "from": OUR_NUMBER, "message": "hi" }),
+        serde_json::json!({ "id": "a b", "from": OUR_NUMBER, "message": "hi", "to": ["+15557800001"] }),
+        serde_json::json!({ "id": "x", "from": OUR_NUMBER, "message": "hi", "to": ["5557800001"] }),
+    ] {
+        let (code, r) = admin_post(&app, "/broadcasts", "application/json", bad.to_string()).await;
+        assert_eq!(code, 400, "{bad}: {r}");
+    }
+    let r = app.raw(app.client.get(app.url("/broadcasts"))).await;
+    assert_eq!(r.status, 401);
+    // The CLI lists it, and sends another through the same API.
+    let server = format!("http://{}", app.addr);
+    let run = move |args: &'static [&'static str]| {
+        let server = server.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+                .args(args)
+                .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("SMSFLOW_SERVER", server)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(&[
+        "broadcasts",
+        "send",
+        "--id",
+        "b3",
+        "--from",
+        "+15550001111",
+        "--message",
+        "yo",
+        "--to",
+        "+15557809999",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["broadcasts"]).await.unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("b2 "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cells[1], cells[6]), ("5", "0"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("b3 ")), "{table}");
+}
+
+/// A measurement, not a check: how close a broadcast gets to its pace.
+/// `cargo test --test it -- --ignored broadcast_rate --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn broadcast_rate_against_the_pace() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let interval = Duration::from_millis(10);
+    let (app, _tmp) = start_app(&fake, interval).await;
+    let n = 1000;
+    let list: Vec<String> = (0..n).map(|i| format!("+1555790{i:04}")).collect();
+    let body = serde_json::json!({ "id": "rate", "from": OUR_NUMBER, "message": "hi", "to": list });
+    let started = Instant::now();
+    let (code, _) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200);
+    let enqueued = started.elapsed();
+    loop {
+        if progress(&app, "rate").await["remaining"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    let p = progress(&app, "rate").await;
+    println!(
+        "{n} recipients: enqueued in {enqueued:?}, all sent in {took:?}: {:.1}/s against a pace of {:.1}/s; {p}",
+        n as f64 / took.as_secs_f64(),
+        1.0 / interval.as_secs_f64()
+    );
+}
