@@ -185,8 +185,12 @@ impl<S: Store> Sender<S> {
                 Err(e) => tracing::debug!(error = %e, "outbox pass failed again"),
             }
             while tasks.try_join_next().is_some() {}
+            // A send that finishes frees a place for the next due message:
+            // without this, a full set of sends in flight would wait for
+            // the next poll, capping a long queue at IN_FLIGHT per second.
             tokio::select! {
                 _ = wake.woken() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stopped.changed() => break,
             }
