@@ -505,16 +505,29 @@ impl SledStore {
     /// kept aside and reads as absent.
     fn outbound_in(&self, db: &sled::Db, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
         let k = outbox::db_key(key);
-        match db.get(&k)? {
-            Some(v) => match decode(&v) {
-                Ok(entry) => Ok(Some(entry)),
-                Err(reason) => {
-                    self.shared
-                        .keep_aside(&k, &v, &reason, "the outbox entry is left unsent")?;
-                    Ok(None)
-                }
-            },
-            None => Ok(None),
+        Ok(self
+            .get(db, &k, "the outbox entry is left unsent")?
+            .and_then(Result::ok))
+    }
+
+    /// The versioned record stored under `key`: `Ok` when it decodes,
+    /// `Err(())` when it did not (it has been kept aside first, and `then`
+    /// says what that means for the reader), `None` when there is none.
+    fn get<T: crate::versioned::Versioned>(
+        &self,
+        db: &sled::Db,
+        key: &[u8],
+        then: &str,
+    ) -> Result<Option<Result<T, ()>>, StoreError> {
+        let Some(v) = db.get(key)? else {
+            return Ok(None);
+        };
+        match decode(&v) {
+            Ok(value) => Ok(Some(Ok(value))),
+            Err(reason) => {
+                self.shared.keep_aside(key, &v, &reason, then)?;
+                Ok(Some(Err(())))
+            }
         }
     }
 
@@ -715,16 +728,10 @@ impl Store for SledStore {
 
     fn delivery_status(&self, message_sid: &str) -> Result<Option<DeliveryStatus>, StoreError> {
         let key = prefixed(b"s\0", message_sid);
-        self.shared.with_db(|db| match db.get(&key)? {
-            Some(v) => match decode(&v) {
-                Ok(status) => Ok(Some(status)),
-                Err(reason) => {
-                    self.shared
-                        .keep_aside(&key, &v, &reason, "it reads as unknown")?;
-                    Ok(None)
-                }
-            },
-            None => Ok(None),
+        self.shared.with_db(|db| {
+            Ok(self
+                .get(db, &key, "it reads as unknown")?
+                .and_then(Result::ok))
         })
     }
 
@@ -738,25 +745,16 @@ impl Store for SledStore {
 
     fn opt_out(&self, scope: &str, number: &str) -> Result<Option<OptOut>, StoreError> {
         let key = two_part(b"o\0", scope, number);
-        self.shared.with_db(|db| match db.get(&key)? {
-            Some(v) => match decode(&v) {
-                Ok(state) => Ok(Some(state)),
-                // Never text someone who may have opted out: an unreadable
-                // consent record counts as an opt-out (START clears it).
-                Err(reason) => {
-                    self.shared.keep_aside(
-                        &key,
-                        &v,
-                        &reason,
-                        "the number is treated as opted out until it texts START",
-                    )?;
-                    Ok(Some(OptOut {
-                        opted_out: true,
-                        at: 0,
-                    }))
-                }
-            },
-            None => Ok(None),
+        self.shared.with_db(|db| {
+            let then = "the number is treated as opted out until it texts START";
+            // Never text someone who may have opted out: an unreadable
+            // consent record counts as an opt-out (START clears it).
+            Ok(self.get(db, &key, then)?.map(|state| {
+                state.unwrap_or(OptOut {
+                    opted_out: true,
+                    at: 0,
+                })
+            }))
         })
     }
 
@@ -975,18 +973,7 @@ impl Store for SledStore {
     }
 
     fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
-        let k = outbox::db_key(key);
-        self.shared.with_db(|db| match db.get(&k)? {
-            Some(v) => match decode(&v) {
-                Ok(entry) => Ok(Some(entry)),
-                Err(reason) => {
-                    self.shared
-                        .keep_aside(&k, &v, &reason, "the outbox entry is left unsent")?;
-                    Ok(None)
-                }
-            },
-            None => Ok(None),
-        })
+        self.shared.with_db(|db| self.outbound_in(db, key))
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
