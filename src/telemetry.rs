@@ -181,8 +181,9 @@ mod tests {
     use std::io;
     use std::sync::{Arc, Mutex};
 
+    /// A log writer that keeps what it is given (also for `json.rs`).
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Captured(pub(super) Arc<Mutex<Vec<u8>>>);
 
     impl io::Write for Captured {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
