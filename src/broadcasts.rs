@@ -1,21 +1,28 @@
-//! Broadcasts: one message to every contact of one of our numbers that
-//! matches a filter (a field equals a value, or is set), or to an
-//! explicit list (`POST /broadcasts`, `smsflow broadcasts send`).
+//! Broadcasts: one message, or one flow started, for every contact of one
+//! of our numbers that matches a filter (a field equals a value, or is
+//! set), or for an explicit list (`POST /broadcasts`, `smsflow broadcasts
+//! send`).
 //!
-//! A broadcast is its outbox entries: one per recipient, keyed
-//! `broadcast:` + id + `:` + number, so sending the same broadcast again
-//! (after a crash, a timeout, or to catch contacts imported since) adds
-//! only recipients not yet in it, and nobody gets a second copy. The
-//! sender paces them per number, defers them past quiet hours and skips
-//! opted-out contacts. Progress (`GET /broadcasts`) is counted from those
-//! entries' states; cancelling marks the ones still pending `skipped`
+//! A message broadcast is its outbox entries: one per recipient, keyed
+//! `broadcast:` + id + `:` + number (cause `broadcast`), so sending the
+//! same broadcast again (after a crash, a timeout, or to catch contacts
+//! imported since) adds only recipients not yet in it, and nobody gets a
+//! second copy. A flow broadcast is one flow start per recipient
+//! ([`crate::pipeline::Pipeline::start_flow`]) with the idempotency key
+//! `broadcast:` + id + `:` + number, so the same again starts nobody
+//! twice; the first step's messages are outbox entries keyed `start:` +
+//! that key + `:` + part (cause `start`). The sender paces both per
+//! number, defers them past quiet hours and skips opted-out contacts.
+//! Progress (`GET /broadcasts`) is counted from those entries' states:
+//! each message-broadcast entry, and each flow-broadcast recipient's first
+//! message (part 0); cancelling marks the ones still pending `skipped`
 //! (`canceled`).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::starts::{check_field_name, normalize_phone, MAX_VALUE_CHARS};
+use crate::starts::{check_field_name, normalize_phone, IfBusy, MAX_VALUE_CHARS};
 use crate::store::{OutboxEntry, OutboxState};
 
 /// Most recipients one explicit list may name.
@@ -45,8 +52,16 @@ pub struct BroadcastRequest {
     /// Send through this Messaging Service instead of `from`.
     #[serde(default)]
     pub messaging_service_sid: Option<String>,
-    /// The text (at most 1,600 characters), sent as written.
-    pub message: String,
+    /// The text (at most 1,600 characters), sent as written; or `flow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Or the flow to start for each recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
+    /// With `flow`: what to do for a contact already in a flow run
+    /// (default `skip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_busy: Option<IfBusy>,
     /// Contacts of `from` whose field matches.
     #[serde(default, rename = "where")]
     pub filter: Option<Filter>,
@@ -68,8 +83,21 @@ impl BroadcastRequest {
             return Err("id: 1 to 100 letters, digits, `_`, `-` or `.`".into());
         }
         self.from = normalize_phone(&self.from).map_err(|e| format!("from: {e}"))?;
-        if self.message.trim().is_empty() || self.message.chars().count() > MAX_VALUE_CHARS {
-            return Err(format!("message: 1 to {MAX_VALUE_CHARS} characters"));
+        match (&self.message, &self.flow) {
+            (Some(m), None) => {
+                if m.trim().is_empty() || m.chars().count() > MAX_VALUE_CHARS {
+                    return Err(format!("message: 1 to {MAX_VALUE_CHARS} characters"));
+                }
+                if self.if_busy.is_some() {
+                    return Err("if_busy: only with `flow`".into());
+                }
+            }
+            (None, Some(f)) => {
+                if f.is_empty() || f.len() > 200 || f.chars().any(char::is_control) {
+                    return Err("flow: 1 to 200 bytes, no control characters".into());
+                }
+            }
+            _ => return Err("give exactly one of `message` and `flow`".into()),
         }
         match (&self.filter, &mut self.to) {
             (Some(f), None) => check_field_name(&f.field).map_err(|e| format!("where: {e}"))?,
@@ -101,9 +129,36 @@ impl BroadcastRequest {
     }
 }
 
-/// The outbox key prefix of broadcast `id`.
+/// The outbox key prefix of message broadcast `id`, and the idempotency
+/// key prefix of flow broadcast `id`'s starts.
 pub fn key_prefix(id: &str) -> String {
     format!("broadcast:{id}:")
+}
+
+/// The outbox key prefix of flow broadcast `id`'s messages (cause
+/// `start`).
+pub fn start_key_prefix(id: &str) -> String {
+    format!("start:broadcast:{id}:")
+}
+
+/// The broadcast id an outbox entry counts for in progress, if any: a
+/// message broadcast's entry, or the first message (part 0) of a flow
+/// broadcast's start.
+fn counted_id(e: &OutboxEntry) -> Option<&str> {
+    match e.cause.as_str() {
+        "broadcast" => {
+            let rest = e.key.strip_prefix("broadcast:")?;
+            Some(rest.rsplit_once(':')?.0)
+        }
+        "start" => {
+            // start:broadcast:<id>:<number>:<part>; an id has no `:`.
+            let rest = e.key.strip_prefix("start:broadcast:")?;
+            let (id, rest) = rest.split_once(':')?;
+            let (_number, part) = rest.rsplit_once(':')?;
+            (part == "0").then_some(id)
+        }
+        _ => None,
+    }
 }
 
 /// What sending a broadcast did.
@@ -117,9 +172,21 @@ pub struct Sent {
     pub enqueued: usize,
     /// Of those, already in it from an earlier request with this id.
     pub already: usize,
+    /// A flow broadcast: of the new recipients, those whose flow started
+    /// (the same as `enqueued`).
+    #[serde(default)]
+    pub started: usize,
+    /// A flow broadcast: new recipients skipped as already in a flow run
+    /// (`if_busy: skip`).
+    #[serde(default)]
+    pub skipped_busy: usize,
+    /// A flow broadcast: new recipients skipped as opted out.
+    #[serde(default)]
+    pub opted_out: usize,
 }
 
-/// A broadcast's progress, from its outbox entries.
+/// A broadcast's progress, from its outbox entries (a flow broadcast's:
+/// each started recipient's first message).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     /// The broadcast's id.
@@ -141,11 +208,8 @@ pub struct Progress {
 /// Progress of every broadcast in `entries` (the whole outbox), by id.
 pub fn progress(entries: &[OutboxEntry]) -> Vec<Progress> {
     let mut by_id: BTreeMap<String, Progress> = BTreeMap::new();
-    for e in entries.iter().filter(|e| e.cause == "broadcast") {
-        let Some(rest) = e.key.strip_prefix("broadcast:") else {
-            continue;
-        };
-        let Some((id, _)) = rest.rsplit_once(':') else {
+    for e in entries {
+        let Some(id) = counted_id(e) else {
             continue;
         };
         let p = by_id.entry(id.to_owned()).or_insert_with(|| Progress {

@@ -444,9 +444,9 @@ pub struct BroadcastsArgs {
 /// The subcommands of `smsflow broadcasts`.
 #[derive(Debug, Subcommand)]
 pub enum BroadcastsCommand {
-    /// Send one message to the contacts of --from matching --where or
-    /// --where-set, or to the --to numbers. The same --id again adds only
-    /// recipients not yet in it.
+    /// Send one message (--message), or start one flow (--flow), for the
+    /// contacts of --from matching --where or --where-set, or for the --to
+    /// numbers. The same --id again adds only recipients not yet in it.
     Send {
         /// The broadcast's id (letters, digits, _, -, .).
         #[arg(long)]
@@ -455,8 +455,15 @@ pub enum BroadcastsCommand {
         #[arg(long)]
         from: String,
         /// The message text.
-        #[arg(long)]
-        message: String,
+        #[arg(long, required_unless_present = "flow", conflicts_with = "flow")]
+        message: Option<String>,
+        /// Or the flow to start for each recipient.
+        #[arg(long, value_name = "NAME")]
+        flow: Option<String>,
+        /// With --flow: when a contact is already in a flow run, start
+        /// nothing (skip, the default) or end it and start (interrupt).
+        #[arg(long, value_enum, requires = "flow")]
+        if_busy: Option<IfBusyArg>,
         /// Contacts whose field equals a value, FIELD=VALUE.
         #[arg(long = "where", value_name = "FIELD=VALUE", value_parser = parse_pair, conflicts_with_all = ["where_set", "to"])]
         where_equals: Option<(String, String)>,

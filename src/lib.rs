@@ -102,10 +102,11 @@
 //!   numbers, all or nothing) and written per conversation under its
 //!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
 //!   only user of the csv crate. Routes in `http/contacts.rs`.
-//! - [`broadcasts`]: one message to the contacts matching a filter: one
-//!   outbox entry per recipient keyed by the broadcast's id (sending it
-//!   again adds nobody twice), progress counted from their states,
-//!   cancel (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
+//! - [`broadcasts`]: one message, or one flow start, for the contacts
+//!   matching a filter: one outbox entry (or one start, idempotency key)
+//!   per recipient keyed by the broadcast's id (sending it again adds
+//!   nobody twice), progress counted from their states, cancel
+//!   (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
 //!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, the only

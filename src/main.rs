@@ -437,6 +437,8 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
             id,
             from,
             message,
+            flow,
+            if_busy,
             where_equals,
             where_set,
             to,
@@ -458,6 +460,11 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
                 from,
                 messaging_service_sid,
                 message,
+                flow,
+                if_busy: if_busy.map(|b| match b {
+                    smsflow::cli::IfBusyArg::Interrupt => smsflow::starts::IfBusy::Interrupt,
+                    smsflow::cli::IfBusyArg::Skip => smsflow::starts::IfBusy::Skip,
+                }),
                 filter,
                 to: (!to.is_empty()).then_some(to),
             };

@@ -1,5 +1,6 @@
-//! `POST /broadcasts` (send), `GET /broadcasts` (progress) and
-//! `POST /broadcasts/{id}/cancel`, behind the admin token.
+//! `POST /broadcasts` (send a message or start a flow; 404 for an unknown
+//! flow), `GET /broadcasts` (progress) and `POST /broadcasts/{id}/cancel`,
+//! behind the admin token.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -34,7 +35,10 @@ pub(super) async fn send(
         return bad_input(&state, e);
     }
     match state.pipeline.broadcast(&req, unix_now()).await {
-        Ok(sent) => {
+        Ok(None) => HttpError::new(StatusCode::NOT_FOUND, "no such flow")
+            .with_detail(req.flow.unwrap_or_default())
+            .into_response(),
+        Ok(Some(sent)) => {
             tracing::info!(id = %sent.id, recipients = sent.recipients, enqueued = sent.enqueued, "broadcast");
             axum::Json(sent).into_response()
         }

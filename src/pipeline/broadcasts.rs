@@ -2,21 +2,23 @@
 
 use super::Pipeline;
 use crate::broadcasts::{self, BroadcastRequest, Progress, Sent};
+use crate::starts::{IfBusy, StartOutcome, StartRequest};
 use crate::store::{OutboxEntry, OutboxState, Store, StoreError};
 
 impl<S: Store> Pipeline<S> {
-    /// Put broadcast `req` (validated) in the outbox at `now`: one entry
-    /// per recipient not already in it, then flush, then wake the sender.
-    pub async fn broadcast(&self, req: &BroadcastRequest, now: i64) -> Result<Sent, StoreError> {
-        let recipients: Vec<String> = match &req.to {
-            Some(list) => list.clone(),
-            None => self
-                .contacts_of(&req.from)?
-                .into_iter()
-                .filter(|(_, fields)| req.matches(fields))
-                .map(|(phone, _)| phone)
-                .collect(),
+    /// Send broadcast `req` (validated) at `now`. A message: one outbox
+    /// entry per recipient not already in it, then flush, then wake the
+    /// sender. A flow: one [`Self::start_flow`] per recipient (see
+    /// [`crate::broadcasts`]). `None` for an unknown flow.
+    pub async fn broadcast(
+        &self,
+        req: &BroadcastRequest,
+        now: i64,
+    ) -> Result<Option<Sent>, StoreError> {
+        let Some(message) = &req.message else {
+            return self.broadcast_flow(req, now).await;
         };
+        let recipients = self.recipients(req)?;
         let epoch = self.store.epoch();
         let prefix = broadcasts::key_prefix(&req.id);
         let mut enqueued = 0;
@@ -29,7 +31,7 @@ impl<S: Store> Pipeline<S> {
                     to: to.clone(),
                     from: req.from.clone(),
                     messaging_service_sid: req.messaging_service_sid.clone(),
-                    body: req.message.clone(),
+                    body: message.clone(),
                     media: Vec::new(),
                     cause: "broadcast".to_owned(),
                     flow: None,
@@ -48,12 +50,77 @@ impl<S: Store> Pipeline<S> {
         if enqueued > 0 {
             self.outbox.notify_one();
         }
-        Ok(Sent {
+        Ok(Some(Sent {
             id: req.id.clone(),
             recipients: recipients.len(),
             enqueued,
             already: recipients.len() - enqueued,
+            ..Sent::default()
+        }))
+    }
+
+    /// The numbers broadcast `req` goes to: its list, or the contacts of
+    /// `from` its filter matches.
+    fn recipients(&self, req: &BroadcastRequest) -> Result<Vec<String>, StoreError> {
+        Ok(match &req.to {
+            Some(list) => list.clone(),
+            None => self
+                .contacts_of(&req.from)?
+                .into_iter()
+                .filter(|(_, fields)| req.matches(fields))
+                .map(|(phone, _)| phone)
+                .collect(),
         })
+    }
+
+    /// Start flow broadcast `req` (validated, `req.flow` set) at `now`:
+    /// one [`Self::start_flow`] per recipient, idempotency key
+    /// `broadcast:<id>:<number>`, `if_busy` as asked (default skip), one
+    /// after the other, each durable before the next. `None` when there
+    /// is no such flow (nothing started; a flow removed midway stops it
+    /// there, and the same request again goes on).
+    async fn broadcast_flow(
+        &self,
+        req: &BroadcastRequest,
+        now: i64,
+    ) -> Result<Option<Sent>, StoreError> {
+        let Some(flow) = &req.flow else {
+            return Ok(None);
+        };
+        if !self.flows.load().flow_names().any(|f| f == flow) {
+            return Ok(None);
+        }
+        let recipients = self.recipients(req)?;
+        let prefix = broadcasts::key_prefix(&req.id);
+        let mut sent = Sent {
+            id: req.id.clone(),
+            ..Sent::default()
+        };
+        for to in recipients.iter().filter(|to| **to != req.from) {
+            let start = StartRequest {
+                to: to.clone(),
+                from: req.from.clone(),
+                messaging_service_sid: req.messaging_service_sid.clone(),
+                fields: Default::default(),
+                vars: Default::default(),
+                idempotency_key: format!("{prefix}{to}"),
+                if_busy: req.if_busy.unwrap_or(IfBusy::Skip),
+            };
+            match self.start_flow(flow, &start, now).await? {
+                StartOutcome::UnknownFlow => return Ok(None),
+                StartOutcome::Done {
+                    duplicate: true, ..
+                } => sent.already += 1,
+                StartOutcome::Done { record, .. } => match record.result.as_str() {
+                    "started" => sent.started += 1,
+                    "skipped_busy" => sent.skipped_busy += 1,
+                    _ => sent.opted_out += 1,
+                },
+            }
+        }
+        sent.recipients = recipients.len();
+        sent.enqueued = sent.started;
+        Ok(Some(sent))
     }
 
     /// Every broadcast's progress. Reads the whole outbox.
@@ -62,15 +129,20 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// Cancel broadcast `id`: its entries still pending become skipped
-    /// (`canceled`); one being sent finishes. Returns how many were
-    /// canceled, or `None` when there is no such broadcast.
+    /// (`canceled`); one being sent finishes. For a flow broadcast these
+    /// are its starts' messages; the runs stay where they are. Returns
+    /// how many were canceled, or `None` when there is no such broadcast.
     pub async fn cancel_broadcast(&self, id: &str, now: i64) -> Result<Option<usize>, StoreError> {
         let prefix = broadcasts::key_prefix(id);
+        let start_prefix = broadcasts::start_key_prefix(id);
         let entries: Vec<OutboxEntry> = self
             .store
             .outbox()?
             .into_iter()
-            .filter(|e| e.cause == "broadcast" && e.key.starts_with(&prefix))
+            .filter(|e| {
+                (e.cause == "broadcast" && e.key.starts_with(&prefix))
+                    || (e.cause == "start" && e.key.starts_with(&start_prefix))
+            })
             .collect();
         if entries.is_empty() {
             return Ok(None);

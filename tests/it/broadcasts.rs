@@ -1,7 +1,8 @@
 //! Broadcasts through the front door: contacts imported by CSV, one
 //! message to those matching a filter, paced through the outbox to the
 //! fake Twilio, opted-out contacts skipped, the same broadcast sent again
-//! adding nobody twice, progress and cancel.
+//! adding nobody twice, progress and cancel; a broadcast that starts a
+//! flow for each matching contact.
 
 use std::time::{Duration, Instant};
 
@@ -13,11 +14,37 @@ use crate::helpers::*;
 
 const KEYWORDS: &str = "keywords:\n  HOURS: \"9-5\"\n";
 
+const OFFER: &str = r#"
+name: offer
+fields: [name]
+steps:
+  ask:
+    say: "Hi {{contact.name}}, two pizzas for one on Friday? Reply YES or NO."
+    wait:
+      - yes: true
+        say: "Booked for Friday."
+      - no: true
+        say: "Maybe next time."
+"#;
+
+const SURVEY: &str = r#"
+name: survey
+trigger: { keywords: [SURVEY] }
+steps:
+  ask:
+    say: "Rate us 1-5."
+    wait:
+      - regex: '^[1-5]$'
+        say: "Thanks!"
+"#;
+
 async fn start_app(fake: &FakeTwilio, interval: Duration) -> (TestApp, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
     std::fs::create_dir(&flows).unwrap();
     std::fs::write(flows.join("keywords.yaml"), KEYWORDS).unwrap();
+    std::fs::write(flows.join("offer.yaml"), OFFER).unwrap();
+    std::fs::write(flows.join("survey.yaml"), SURVEY).unwrap();
     let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
     config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
     config.listen = "127.0.0.1:0".parse().unwrap();
@@ -203,6 +230,167 @@ async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!((cells[1], cells[6]), ("5", "0"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("b3 ")), "{table}");
+}
+
+/// The message bodies the fake Twilio accepted for `to`, once there are
+/// at least `n` (at most 20 s).
+async fn bodies_sent(fake: &FakeTwilio, to: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<String> = fake
+            .requests_to(to)
+            .iter()
+            .filter(|r| r.answered == 201)
+            .map(|r| r.param("Body").unwrap_or("").to_owned())
+            .collect();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{to}: only {got:?} sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_broadcast_starts_each_matching_contact_once_and_replies_continue_it() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let mut csv = String::from("phone,list,name\n");
+    let names = ["Ana", "Ben", "Cy", "Dee"];
+    for (i, name) in names.iter().enumerate() {
+        let list = if i < 3 { "pizza" } else { "other" };
+        csv.push_str(&format!("+1555771{i:04},{list},{name}\n"));
+    }
+    let (code, r) = admin_post(&app, "/contacts?from=%2B15550001111", "text/csv", csv).await;
+    assert_eq!(code, 200, "{r}");
+    let body = serde_json::json!({
+        "id": "fri-flow", "from": OUR_NUMBER, "flow": "offer",
+        "where": { "field": "list", "equals": "pizza" },
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(
+        (&sent["recipients"], &sent["started"], &sent["already"]),
+        (&3.into(), &3.into(), &0.into()),
+        "{sent}"
+    );
+    // The same broadcast again starts nobody twice.
+    let (code, again) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(
+        (&again["started"], &again["already"]),
+        (&0.into(), &3.into()),
+        "{again}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let p = loop {
+        let p = progress(&app, "fri-flow").await;
+        if p["remaining"] == 0 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((&p["total"], &p["sent"]), (&3.into(), &3.into()), "{p}");
+    for (i, name) in names.iter().take(3).enumerate() {
+        let to = format!("+1555771{i:04}");
+        assert_eq!(
+            bodies_sent(&fake, &to, 1).await,
+            [format!(
+                "Hi {name}, two pizzas for one on Friday? Reply YES or NO."
+            )]
+        );
+    }
+    // A reply continues the flow through the signed webhook.
+    assert_eq!(
+        bodies(&app.send_sms("+15557710001", "yes").await.body),
+        ["Booked for Friday."]
+    );
+    // Still one first message each, and nothing to the non-matching one.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let accepted = fake.requests().iter().filter(|r| r.answered == 201).count();
+    assert_eq!(accepted, 3, "{:?}", fake.requests());
+    assert!(fake.requests_to("+15557710003").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_broadcast_skips_busy_contacts_by_default_and_refuses_bad_requests() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let (ben, cy, dee) = ("+15557720001", "+15557720002", "+15557720003");
+    for who in [ben, dee] {
+        assert_eq!(
+            bodies(&app.send_sms(who, "survey").await.body),
+            ["Rate us 1-5."]
+        );
+    }
+    let body = serde_json::json!({
+        "id": "busy", "from": OUR_NUMBER, "flow": "offer", "to": [ben, cy],
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(
+        (&sent["started"], &sent["skipped_busy"]),
+        (&1.into(), &1.into()),
+        "{sent}"
+    );
+    // Ben's survey goes on; Cy got the offer.
+    assert_eq!(bodies(&app.send_sms(ben, "4").await.body), ["Thanks!"]);
+    assert_eq!(bodies_sent(&fake, cy, 1).await.len(), 1);
+    // `interrupt` when asked: Dee's survey ends, the offer starts.
+    let body = serde_json::json!({
+        "id": "int", "from": OUR_NUMBER, "flow": "offer", "to": [dee],
+        "if_busy": "interrupt",
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!((code, &sent["started"]), (200, &1.into()), "{sent}");
+    assert_eq!(
+        bodies(&app.send_sms(dee, "no").await.body),
+        ["Maybe next time."]
+    );
+    assert!(fake.requests_to(ben).is_empty());
+    for bad in [
+        serde_json::json!({ "id": "x", "from": OUR_NUMBER, "message": "hi", "flow": "offer", "to": [cy] }),
+        serde_json::json!({ "id": "x", "from": OUR_NUMBER, "to": [cy] }),
+        serde_json::json!({ "id": "x", "from": OUR_NUMBER, "message": "hi", "if_busy": "skip", "to": [cy] }),
+    ] {
+        let (code, r) = admin_post(&app, "/broadcasts", "application/json", bad.to_string()).await;
+        assert_eq!(code, 400, "{bad}: {r}");
+    }
+    let unknown = serde_json::json!({ "id": "x", "from": OUR_NUMBER, "flow": "nope", "to": [cy] });
+    let (code, r) = admin_post(&app, "/broadcasts", "application/json", unknown.to_string()).await;
+    assert_eq!(code, 404, "{r}");
+    // The CLI starts a flow broadcast through the same API.
+    let server = format!("http://{}", app.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args([
+                "broadcasts",
+                "send",
+                "--id",
+                "cli-flow",
+                "--from",
+                "+15550001111",
+                "--flow",
+                "offer",
+                "--to",
+                "+15557720009",
+            ])
+            .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SMSFLOW_SERVER", server)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["started"], 1, "{answer}");
+    assert_eq!(bodies_sent(&fake, "+15557720009", 1).await.len(), 1);
 }
 
 /// A measurement, not a check: how close a broadcast gets to its pace.
