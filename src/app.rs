@@ -40,6 +40,9 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// Wakes the outbound sender when something is enqueued.
     outbound_wake: Wake,
+    /// The HTTP client flows' calls go through; the call worker uses it
+    /// for `after_answer` calls.
+    caller: Arc<crate::calls::HttpCaller>,
 }
 
 impl App {
@@ -106,9 +109,10 @@ impl App {
             crate::calls::Allow::parse(&config.http_allow).map_err(anyhow::Error::msg)?,
         )
         .context("building the HTTP client for flow calls")?;
+        let caller = Arc::new(caller);
         let pipeline = Arc::new(
             Pipeline::new(store.clone(), flows.clone(), options, metrics.clone())
-                .with_caller(Arc::new(caller)),
+                .with_caller(caller.clone()),
         );
         // Whoever enqueues outbox entries wakes the sender with this; the
         // pipeline's timer firings do, after each enqueue is flushed.
@@ -194,6 +198,7 @@ impl App {
             shutting_down,
             metrics,
             outbound_wake,
+            caller,
         })
     }
 
@@ -299,6 +304,14 @@ impl App {
         };
         let purger = (self.config.retention_days > 0).then(|| self.spawn_purger());
         let sender = self.start_sender()?;
+        // Makes `after_answer` calls from the store's call jobs, including
+        // those left pending by a previous run.
+        let call_worker = crate::call_jobs::spawn(
+            self.store.clone(),
+            self.caller.clone(),
+            self.metrics.clone(),
+            self.pipeline.call_jobs_waker(),
+        );
         // Fires the timers that came due while the server was down first,
         // then each one as it comes due. What they say goes to the store's
         // outbox, and the sender is woken after each enqueue.
@@ -337,6 +350,7 @@ impl App {
         if let Some(s) = sender {
             s.stop().await;
         }
+        call_worker.stop().await;
         served?;
         self.store
             .flush_blocking()

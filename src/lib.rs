@@ -26,7 +26,7 @@
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
 //! [`messages`], [`starts`], [`contacts`], [`broadcasts`],
-//! [`compliance`], [`telemetry`], [`service`], [`calls`],
+//! [`compliance`], [`telemetry`], [`service`], [`calls`], [`call_jobs`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
 //! public item is documented (`missing_docs` is on); everything else
@@ -121,6 +121,10 @@
 //!   renders requests and reads answers (`flow/calls.rs`); the pipeline's
 //!   call loop (`pipeline/calls.rs`) runs the engine again with each
 //!   answer, under the conversation's lock, within `call_budget_ms`.
+//! - [`call_jobs`]: the call worker: makes `after_answer` calls from the
+//!   store's durable call jobs (recorded by the pipeline before the
+//!   state change) through the same client, with retries and an
+//!   `Idempotency-Key`, at least once.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically; owns the flow
 //!   status `/status` reports and the one test a set passes to go live
@@ -224,6 +228,7 @@ pub mod admin_client;
 pub mod app;
 pub mod author;
 pub mod broadcasts;
+pub mod call_jobs;
 pub mod calls;
 pub mod cli;
 pub(crate) mod clock;

@@ -220,6 +220,9 @@ pub struct Pipeline<S: Store> {
     /// flushed): the sender waits on it rather than poll. The app hands
     /// it to the sender ([`Pipeline::outbox_waker`]).
     outbox: Arc<tokio::sync::Notify>,
+    /// Notified after after-answer call jobs were recorded and made
+    /// durable ([`Pipeline::call_jobs_waker`]).
+    call_jobs: Arc<tokio::sync::Notify>,
 }
 
 /// What the consent phase decided before (or instead of) running a flow.
@@ -238,6 +241,8 @@ struct Decided {
     /// The flow and step that answered, for the message log.
     flow: Option<String>,
     step: Option<String>,
+    /// `after_answer` calls to record with the state change.
+    after: Vec<flow::calls::CallRequest>,
 }
 
 impl<S: Store> Pipeline<S> {
@@ -261,6 +266,7 @@ impl<S: Store> Pipeline<S> {
             metrics,
             timers: Arc::new(TimerWaker::default()),
             outbox: Arc::new(tokio::sync::Notify::new()),
+            call_jobs: Arc::new(tokio::sync::Notify::new()),
             caller: calls::no_calls(),
         }
     }
@@ -364,6 +370,11 @@ impl<S: Store> Pipeline<S> {
             step: decided.step,
         };
         let due = flow::next_due(&self.flows.load(), &decided.conversation);
+        // Before the state change: a crash in between leaves the jobs and
+        // the message unprocessed, and the retried webhook records the
+        // same keys again, which changes nothing.
+        let jobs =
+            self.record_call_jobs(&format!("msg:{}", msg.message_sid), &decided.after, now)?;
         self.commit(
             &key,
             &record,
@@ -380,6 +391,9 @@ impl<S: Store> Pipeline<S> {
 
         // 7. flush.
         self.store.flush(epoch).await?;
+        if jobs > 0 {
+            self.call_jobs.notify_one();
+        }
         // Per message only at debug: the message log (`smsflow messages`)
         // is the per-message record, and an info line per message cost
         // about 9% of the server's CPU under load.
@@ -537,6 +551,7 @@ impl<S: Store> Pipeline<S> {
             events: handled.events,
             flow: handled.flow,
             step: handled.step,
+            after: handled.after,
         }
     }
 
@@ -818,6 +833,7 @@ impl Decided {
             events: Vec::new(),
             flow: None,
             step: None,
+            after: Vec::new(),
         }
     }
 }

@@ -19,6 +19,8 @@
 //! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
 //! | `y\0` | 8-byte not_before, outbox key | empty: the due index of pending outbox entries (`outbox.rs`) |
 //! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
+//! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
+//! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
 //!
 //! # Format versions
 //!
@@ -110,6 +112,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod call_jobs;
 mod files;
 mod message_log;
 mod open;
@@ -120,6 +123,7 @@ mod sled_store;
 mod starts;
 mod worker;
 
+pub use call_jobs::{CallJob, CallJobState};
 pub use open::OpenError;
 pub use outbox::{OutboxEntry, OutboxState};
 pub use records::{
@@ -334,6 +338,16 @@ pub trait Store: Send + Sync + 'static {
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError>;
     /// The outbox entry stored under `key`, if any.
     fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError>;
+    /// Record after-answer call jobs; a key already recorded is left as it
+    /// is. Returns how many were new.
+    fn enqueue_call_jobs(&self, jobs: &[CallJob]) -> Result<usize, StoreError>;
+    /// Pending call jobs due at `now` (earliest first), at most `limit`,
+    /// read from the due index.
+    fn due_call_jobs(&self, now: i64, limit: usize) -> Result<Vec<CallJob>, StoreError>;
+    /// Replace the stored call job `job.key` by `job` (its index follows).
+    fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError>;
+    /// The call job stored under `key`, if any.
+    fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError>;
     /// Every outbox entry, by key.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Pending entries due at `now` (`not_before <= now`), earliest first,

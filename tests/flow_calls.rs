@@ -175,3 +175,38 @@ fn failures_and_statuses_route() {
     let h = send(&set, &[answered(500, serde_json::json!({}))]);
     assert_eq!(replies(&h), vec!["Sorry: 500"]);
 }
+
+/// An `after_answer` call does not stop the run: the flow answers at once
+/// and hands the rendered request back in `after`, to be made later.
+#[test]
+fn an_after_answer_call_is_handed_back_without_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("order.yaml"),
+        r#"
+trigger: {keywords: [STATUS]}
+steps:
+  send:
+    call:
+      method: POST
+      url: https://shop.example/orders
+      json: {who: "{{message.from}}"}
+      after_answer: true
+    say: "Sent."
+"#,
+    )
+    .unwrap();
+    let set = load_dir(dir.path()).unwrap().set;
+    let h = send(&set, &[]);
+    assert_eq!(h.call, None);
+    assert_eq!(replies(&h), vec!["Sent."]);
+    assert_eq!(h.after.len(), 1);
+    assert_eq!(h.after[0].url, "https://shop.example/orders");
+    assert_eq!(
+        h.after[0].body,
+        Some((
+            "application/json".to_owned(),
+            r#"{"who":"+15550001234"}"#.to_owned()
+        ))
+    );
+}

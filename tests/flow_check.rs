@@ -725,3 +725,21 @@ fn fields_and_vars_given_from_outside_are_declared_by_the_flow() {
         ],
     );
 }
+
+/// An `after_answer` call has no answer for the flow: `save`, `on_error`
+/// and `on_status` are refused there, and `on_error` is not required.
+#[test]
+fn after_answer_calls_have_no_answer_paths() {
+    let flow = |extra: &str| {
+        format!(
+            "trigger: {{keywords: [GO]}}\nsteps:\n  send:\n    call:\n      method: POST\n      url: https://shop.example/orders\n      after_answer: true\n{extra}    say: ok\n"
+        )
+    };
+    let dir = temp_flows(&[("shop.yaml", &flow(""))]);
+    assert_diags(&check_dir(dir.path()), &[]);
+    let dir = temp_flows(&[("shop.yaml", &flow("      on_error: send\n"))]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &["shop.yaml:8:7: error: an `after_answer` call is made after the reply and has no answer for the flow: remove `on_error`"],
+    );
+}

@@ -50,7 +50,12 @@ pub(crate) struct Call {
     /// `save:`: a run variable or contact field, and the path of the
     /// answer (`status`, `json.order.eta`) it gets.
     pub save: Vec<(Var, String)>,
-    pub on_error: Target,
+    /// `on_error:`; `None` only for an `after_answer` call (it has no
+    /// answer to route on).
+    pub on_error: Option<Target>,
+    /// `after_answer: true`: not awaited; recorded as a durable job and
+    /// made after the reply (see `crate::call_jobs`).
+    pub after_answer: bool,
     /// `on_status:`: status patterns and the step each goes to, in the
     /// order written; the first that matches wins.
     pub on_status: Vec<(StatusPattern, Target)>,
@@ -139,7 +144,8 @@ pub(crate) fn is_call_path(path: &str) -> bool {
 }
 
 /// One header of a request, as the engine hands it to the caller.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HeaderValue {
     /// Rendered text.
     Text(String),
@@ -291,7 +297,7 @@ pub(crate) fn percent_encode(text: &str) -> String {
 /// with its `say` and transition), or to a step.
 pub(crate) fn route<'c>(call: &'c Call, response: &CallResponse) -> Option<&'c Target> {
     match response {
-        CallResponse::Failed { .. } => Some(&call.on_error),
+        CallResponse::Failed { .. } => call.on_error.as_ref(),
         CallResponse::Answered { status, .. } => {
             if let Some((_, t)) = call.on_status.iter().find(|(p, _)| p.matches(*status)) {
                 return Some(t);
@@ -299,7 +305,7 @@ pub(crate) fn route<'c>(call: &'c Call, response: &CallResponse) -> Option<&'c T
             if (200..300).contains(status) {
                 None
             } else {
-                Some(&call.on_error)
+                call.on_error.as_ref()
             }
         }
     }

@@ -406,8 +406,10 @@ fn targets(set: &SetInner, flow: &Flow, diags: &mut Vec<Diagnostic>) {
     }
     for step in flow.steps.values() {
         if let Some(call) = &step.call {
-            let call_targets =
-                std::iter::once(&call.on_error).chain(call.on_status.iter().map(|(_, t)| t));
+            let call_targets = call
+                .on_error
+                .iter()
+                .chain(call.on_status.iter().map(|(_, t)| t));
             for t in call_targets {
                 if !flow.steps.contains_key(&t.name) {
                     err(
@@ -486,7 +488,9 @@ fn suggest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
 fn successors(step: &super::model::Step) -> Vec<&str> {
     let mut out = Vec::new();
     if let Some(call) = &step.call {
-        out.push(call.on_error.name.as_str());
+        if let Some(t) = &call.on_error {
+            out.push(t.name.as_str());
+        }
         out.extend(call.on_status.iter().map(|(_, t)| t.name.as_str()));
     }
     match &step.next {

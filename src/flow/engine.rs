@@ -216,6 +216,10 @@ pub struct Handled {
     /// runs the engine again on the same input with the answers so far
     /// ([`handle_with_calls`]).
     pub call: Option<CallRequest>,
+    /// `after_answer` calls the flow reached, in order: not made by the
+    /// engine's caller but recorded as durable jobs with the state change
+    /// and made after the answer (see `crate::call_jobs`).
+    pub after: Vec<CallRequest>,
 }
 
 /// Notable things that happened while handling a message.
@@ -519,6 +523,8 @@ struct Exec<'a> {
     call_vars: BTreeMap<String, String>,
     /// The call reached without an answer: the run stops here.
     pending: Option<CallRequest>,
+    /// `after_answer` calls reached so far.
+    after: Vec<CallRequest>,
 }
 
 impl<'a> Exec<'a> {
@@ -552,6 +558,7 @@ impl<'a> Exec<'a> {
             calls_reached: 0,
             call_vars: BTreeMap::new(),
             pending: None,
+            after: Vec::new(),
         }
     }
 
@@ -935,6 +942,15 @@ impl<'a> Exec<'a> {
     /// A step's `call:`: with its answer, save what it says and tell where
     /// to go; without one, render the request and stop the run there.
     fn call(&mut self, call: &'a Call) -> CallNext<'a> {
+        if call.after_answer {
+            // Made after the answer: recorded, never awaited; the flow
+            // goes on as if it had succeeded.
+            if self.after.len() < calls::MAX_CALLS_PER_MESSAGE {
+                let request = self.call_request(call);
+                self.after.push(request);
+            }
+            return CallNext::On;
+        }
         let index = self.calls_reached;
         self.calls_reached += 1;
         let request = self.call_request(call);
@@ -963,7 +979,7 @@ impl<'a> Exec<'a> {
         });
         self.call_vars = response.vars();
         let target = calls::route(call, &response);
-        if target.is_none_or(|t| !std::ptr::eq(t, &call.on_error)) {
+        if target.is_none_or(|t| !call.on_error.as_ref().is_some_and(|e| std::ptr::eq(t, e))) {
             for (var, path) in &call.save {
                 let value = self.call_vars.get(path).cloned().unwrap_or_default();
                 match var {
@@ -1321,6 +1337,7 @@ impl<'a> Exec<'a> {
             step: self.step,
             events: self.events,
             call: None,
+            after: Vec::new(),
         }
     }
 
@@ -1351,6 +1368,11 @@ impl<'a> Exec<'a> {
             flow: self.flow,
             step: self.step,
             events: self.events,
+            after: if self.pending.is_some() {
+                Vec::new()
+            } else {
+                self.after
+            },
             call: self.pending,
         }
     }

@@ -132,11 +132,13 @@ impl FlowSet {
                 // A call's failures and status branches leave the step
                 // before it says anything; dashed, like retries.
                 if let Some(call) = &step.call {
-                    edges.push(Edge {
-                        label: format!("{} {}: on_error", call.method, call.url.source()),
-                        to: EdgeTarget::Step(call.on_error.name.clone()),
-                        retry: true,
-                    });
+                    if let Some(on_error) = &call.on_error {
+                        edges.push(Edge {
+                            label: format!("{} {}: on_error", call.method, call.url.source()),
+                            to: EdgeTarget::Step(on_error.name.clone()),
+                            retry: true,
+                        });
+                    }
                     for (status, t) in &call.on_status {
                         edges.push(Edge {
                             label: format!("{} {}: {status}", call.method, call.url.source()),

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::calls::{Caller, NoCalls};
-use crate::flow::calls::CallResponse;
+use crate::flow::calls::{CallRequest, CallResponse};
 use crate::flow::Handled;
-use crate::store::Store;
+use crate::store::{CallJob, CallJobState, Store, StoreError};
 
 use super::Pipeline;
 
@@ -39,6 +39,47 @@ impl<S: Store> Pipeline<S> {
     pub fn with_caller(mut self, caller: Arc<dyn Caller>) -> Self {
         self.caller = caller;
         self
+    }
+
+    /// Notified whenever after-answer call jobs were recorded and made
+    /// durable: the call worker waits on it rather than poll.
+    pub fn call_jobs_waker(&self) -> Arc<tokio::sync::Notify> {
+        self.call_jobs.clone()
+    }
+
+    /// Record `after` (a message's or timer firing's `after_answer` calls)
+    /// as call jobs keyed by `origin`, the flow, step and position, so
+    /// running the same input again records nothing new. Returns how many
+    /// were new.
+    pub(super) fn record_call_jobs(
+        &self,
+        origin: &str,
+        after: &[CallRequest],
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        if after.is_empty() {
+            return Ok(0);
+        }
+        let jobs: Vec<CallJob> = after
+            .iter()
+            .enumerate()
+            .map(|(i, r)| CallJob {
+                key: format!("{origin}:{}:{}:{i}", r.flow, r.step),
+                method: r.method.clone(),
+                url: r.url.clone(),
+                headers: r.headers.clone(),
+                body: r.body.clone(),
+                timeout_ms: r.timeout.as_millis() as u64,
+                flow: r.flow.clone(),
+                step: r.step.clone(),
+                created_at: now,
+                state: CallJobState::Pending {
+                    not_before: now,
+                    attempts: 0,
+                },
+            })
+            .collect();
+        self.store.enqueue_call_jobs(&jobs)
     }
 
     /// Makes later calls through `caller` (the author tools' mocks).

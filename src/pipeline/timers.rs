@@ -186,6 +186,13 @@ impl<S: Store> Pipeline<S> {
                 }
             }
         }
+        // Like a message's: recorded before the state change, keyed by
+        // this firing, so firing again after a crash records nothing new.
+        let jobs = self.record_call_jobs(
+            &format!("timer:{}:{}:{}", key.to, key.from, timer.due),
+            &handled.after,
+            now,
+        )?;
         let conversation = &handled.conversation;
         let due = flow::next_due(&flows, conversation);
         let stored =
@@ -203,6 +210,9 @@ impl<S: Store> Pipeline<S> {
         self.store.flush(epoch).await?;
         if !enqueued.is_empty() {
             self.outbox.notify_one();
+        }
+        if jobs > 0 {
+            self.call_jobs.notify_one();
         }
         tracing::debug!(
             due = timer.due,

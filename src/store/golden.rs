@@ -484,6 +484,70 @@ fn outbox_entries_of_version_1_decode_and_are_written_exactly() {
     );
 }
 
+/// Call jobs of version 1 (one pending with a secret header, one
+/// delivered) decode, and this release writes them byte for byte
+/// (`SMSFLOW_WRITE_GOLDEN=1` writes missing files).
+#[test]
+fn call_jobs_of_version_1_decode_and_are_written_exactly() {
+    use crate::flow::calls::HeaderValue;
+    let pending = CallJob {
+        key: format!("msg:{}:pizza:send:0", sid(30)),
+        method: "POST".into(),
+        url: "https://shop.example/orders".into(),
+        headers: vec![
+            (
+                "Authorization".into(),
+                HeaderValue::Secret("SHOP_TOKEN".into()),
+            ),
+            ("X-Source".into(), HeaderValue::Text("smsflow".into())),
+        ],
+        body: Some(("application/json".into(), r#"{"item":"pizza"}"#.into())),
+        timeout_ms: 5000,
+        flow: "pizza".into(),
+        step: "send".into(),
+        created_at: 1_700_000_000,
+        state: CallJobState::Pending {
+            not_before: 1_700_000_002,
+            attempts: 1,
+        },
+    };
+    let delivered = CallJob {
+        body: None,
+        state: CallJobState::Delivered {
+            status: 201,
+            attempts: 2,
+            at: 1_700_000_003,
+        },
+        ..pending.clone()
+    };
+    let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
+    for (name, job) in [
+        ("call_job.json", pending),
+        ("call_job_delivered.json", delivered),
+    ] {
+        let path = dir(1).join(name);
+        if write && !path.exists() {
+            std::fs::write(&path, encode(&job)).unwrap();
+        }
+        assert_eq!(decode::<CallJob>(&read(1, name)), Ok(job.clone()));
+        assert_eq!(
+            read(1, name),
+            encode(&job),
+            "v1/{name}: this release no longer writes version 1 as committed"
+        );
+    }
+    assert_eq!(
+        super::call_jobs::db_key("k"),
+        b"h\0k",
+        "call job keys are part of the format"
+    );
+    assert_eq!(
+        super::call_jobs::due_key(1, "k"),
+        b"i\0\0\0\0\0\0\0\0\x01k",
+        "the due index's keys are part of the format"
+    );
+}
+
 /// A flow start record of version 1 decodes, and this release writes it
 /// byte for byte (`SMSFLOW_WRITE_GOLDEN=1` writes it when missing).
 #[test]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use super::call_jobs::{self, CallJob};
 use super::message_log::{LogLine, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::outbox;
@@ -531,6 +532,23 @@ impl SledStore {
         }
     }
 
+    /// The call job `key` read inside `with_db`; an undecodable one is
+    /// kept aside and reads as absent.
+    fn call_job_in(&self, db: &sled::Db, key: &str) -> Result<Option<CallJob>, StoreError> {
+        let k = call_jobs::db_key(key);
+        match db.get(&k)? {
+            Some(v) => match decode(&v) {
+                Ok(job) => Ok(Some(job)),
+                Err(reason) => {
+                    self.shared
+                        .keep_aside(&k, &v, &reason, "the call is not made")?;
+                    Ok(None)
+                }
+            },
+            None => Ok(None),
+        }
+    }
+
     fn scan<T: crate::versioned::Versioned>(
         &self,
         db: &sled::Db,
@@ -970,6 +988,56 @@ impl Store for SledStore {
             self.shared.wrote();
         }
         result.map(|()| new)
+    }
+
+    fn enqueue_call_jobs(&self, jobs: &[CallJob]) -> Result<usize, StoreError> {
+        let mut new = 0;
+        let result = self.shared.with_db(|db| {
+            for job in jobs {
+                new += usize::from(call_jobs::insert_new(db, job)?);
+            }
+            Ok(())
+        });
+        if new > 0 {
+            self.shared.wrote();
+        }
+        result.map(|()| new)
+    }
+
+    fn due_call_jobs(&self, now: i64, limit: usize) -> Result<Vec<CallJob>, StoreError> {
+        let end = call_jobs::due_key(now.saturating_add(1), "");
+        self.shared.with_db(|db| {
+            let mut due = Vec::new();
+            for item in db.range(call_jobs::DUE.to_vec()..end) {
+                if due.len() >= limit {
+                    break;
+                }
+                let (ix, _) = item?;
+                let live = match call_jobs::parse_due_key(&ix) {
+                    Some(key) => self.call_job_in(db, &key)?,
+                    None => None,
+                }
+                .filter(|job| call_jobs::indexed_by(job, &ix));
+                match live {
+                    Some(job) => due.push(job),
+                    // Points at nothing, or at a job in another state.
+                    None => {
+                        db.remove(&ix)?;
+                    }
+                }
+            }
+            Ok(due)
+        })
+    }
+
+    fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError> {
+        self.shared.with_db(|db| call_jobs::replace(db, job))?;
+        self.shared.wrote();
+        Ok(())
+    }
+
+    fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError> {
+        self.shared.with_db(|db| self.call_job_in(db, key))
     }
 
     fn outbound(&self, key: &str) -> Result<Option<OutboxEntry>, StoreError> {

@@ -34,6 +34,8 @@ struct Received {
 struct Shop {
     addr: SocketAddr,
     answer: Arc<Mutex<Answer>>,
+    /// Answers for the next requests, before `answer`.
+    next: Arc<Mutex<std::collections::VecDeque<Answer>>>,
     received: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -43,6 +45,7 @@ impl Shop {
         let shop = Shop {
             addr: listener.local_addr().unwrap(),
             answer: Arc::new(Mutex::new(answer)),
+            next: Arc::default(),
             received: Arc::default(),
         };
         let me = shop.clone();
@@ -80,7 +83,8 @@ impl Shop {
                         }
                     };
                     me.received.lock().unwrap().push(Received { head, body });
-                    let answer = me.answer.lock().unwrap().clone();
+                    let next = me.next.lock().unwrap().pop_front();
+                    let answer = next.unwrap_or_else(|| me.answer.lock().unwrap().clone());
                     let reply = match answer {
                         Answer::Json(status, json) => format!(
                             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
@@ -504,4 +508,133 @@ steps:
     let got = shop.received();
     assert_eq!(got.len(), 1, "the redirect was not followed");
     assert!(got[0].head.starts_with("GET /status "));
+}
+
+/// An order sent to the shop after the answer: the sender never waits.
+fn pizza_after(url: &str) -> String {
+    format!(
+        r#"
+trigger: {{keywords: [PIZZA]}}
+start: ask
+steps:
+  ask:
+    say: "What would you like?"
+    wait:
+      - anything: true
+        save: item
+        goto: send
+  send:
+    call:
+      method: POST
+      url: "{url}/orders"
+      json:
+        item: "{{{{item}}}}"
+      timeout: 2s
+      after_answer: true
+    say: "Thanks, your {{{{item}}}} is on its way to the shop."
+"#
+    )
+}
+
+fn after_config() -> impl FnOnce(&mut smsflow::config::Config) {
+    |c: &mut smsflow::config::Config| {
+        c.http_allow = vec!["127.0.0.1".into()];
+        c.call_budget = Duration::from_millis(1000);
+    }
+}
+
+/// Waits (generously) until the shop has received `n` requests.
+async fn received_at_least(shop: &Shop, n: usize) -> Vec<Received> {
+    let until = Instant::now() + Duration::from_secs(40);
+    loop {
+        let got = shop.received();
+        if got.len() >= n || Instant::now() > until {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn idempotency_key(r: &Received) -> Option<String> {
+    r.head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("idempotency-key")
+            .then(|| v.trim().to_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_answer_call_does_not_keep_the_sender_waiting() {
+    let shop = Shop::start(Answer::Hang).await;
+    let flow = pizza_after(&format!("http://{}", shop.addr));
+    let app = spawn_configured(&[("pizza.yaml", &flow)], after_config()).await;
+    let (replies, took) = order(&app, "margherita").await;
+    assert_eq!(
+        replies,
+        vec!["Thanks, your margherita is on its way to the shop."]
+    );
+    // The shop hangs for 60 s; the answer did not wait for it (nor for
+    // the call budget: the call is not made while the message is handled).
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    // The job was recorded, and the worker makes it.
+    let got = received_at_least(&shop, 1).await;
+    assert!(!got.is_empty(), "the shop got no request");
+    assert!(got[0].head.starts_with("POST /orders "), "{}", got[0].head);
+    assert_eq!(got[0].body, r#"{"item":"margherita"}"#);
+    assert!(idempotency_key(&got[0]).is_some_and(|k| k.starts_with("msg:")));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_answer_call_is_retried_until_delivered() {
+    let shop = Shop::start(Answer::Json(201, r#"{"id": 42}"#.into())).await;
+    shop.next.lock().unwrap().extend([
+        Answer::Json(500, "{}".into()),
+        Answer::Json(500, "{}".into()),
+    ]);
+    let flow = pizza_after(&format!("http://{}", shop.addr));
+    let app = spawn_configured(&[("pizza.yaml", &flow)], after_config()).await;
+    let (replies, _) = order(&app, "calzone").await;
+    assert_eq!(
+        replies,
+        vec!["Thanks, your calzone is on its way to the shop."]
+    );
+    let got = received_at_least(&shop, 3).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    // Delivered on the third: no fourth request.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let got = shop.received();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let keys: Vec<_> = got.iter().map(idempotency_key).collect();
+    assert!(keys[0].is_some());
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pending_after_answer_call_is_delivered_after_a_restart() {
+    let shop = Shop::start(Answer::Json(503, "{}".into())).await;
+    let flow = pizza_after(&format!("http://{}", shop.addr));
+    let app = spawn_configured(&[("pizza.yaml", &flow)], after_config()).await;
+    order(&app, "funghi").await;
+    assert!(!received_at_least(&shop, 1).await.is_empty());
+    let (flows, data) = (app.flows_dir.clone(), app.data_dir.clone());
+    let tmp = app.stop().await;
+    // Let a request the stop cut short reach the shop's log first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = shop.received().len();
+    // The shop is back; the job is still pending in the store.
+    *shop.answer.lock().unwrap() = Answer::Json(201, "{}".into());
+    let mut config = smsflow::config::Config::for_test(&flows, &data, TOKEN);
+    after_config()(&mut config);
+    let app = spawn_with(config).await;
+    let got = received_at_least(&shop, before + 1).await;
+    assert_eq!(got.len(), before + 1, "not delivered after the restart");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let got = shop.received();
+    assert_eq!(got.len(), before + 1, "delivered, then sent again: {got:?}");
+    assert_eq!(got[0].body, r#"{"item":"funghi"}"#);
+    assert_eq!(idempotency_key(&got[0]), idempotency_key(&got[before]));
+    app.stop().await;
+    drop(tmp);
 }

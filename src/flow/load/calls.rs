@@ -32,6 +32,7 @@ impl Cx<'_> {
                 "save",
                 "on_error",
                 "on_status",
+                "after_answer",
             ],
         )?;
         let method = match m.get("method") {
@@ -84,8 +85,24 @@ impl Cx<'_> {
             Some((_, sv)) => self.call_save(sv),
             None => Some(Vec::new()),
         };
+        let after_answer = match m.get("after_answer") {
+            Some((_, av)) => self.flag(av, "`after_answer`")?,
+            None => false,
+        };
+        if after_answer {
+            for key in ["save", "on_error", "on_status"] {
+                if let Some((k, _)) = m.get(key) {
+                    self.err(
+                        k.pos,
+                        format!("an `after_answer` call is made after the reply and has no answer for the flow: remove `{key}`"),
+                    );
+                    return None;
+                }
+            }
+        }
         let on_error = match m.get("on_error") {
-            Some((_, ev)) => self.step_name(ev, "`on_error`"),
+            Some((_, ev)) => self.step_name(ev, "`on_error`").map(Some),
+            None if after_answer => Some(None),
             None => {
                 self.err(
                     node.pos,
@@ -120,6 +137,7 @@ impl Cx<'_> {
             timeout_ms: timeout_ms?,
             save: save?,
             on_error: on_error?,
+            after_answer,
             on_status,
             templates: std::mem::take(&mut self.call_templates),
         })
