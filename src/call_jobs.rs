@@ -18,7 +18,6 @@
 //! jitter, at most [`MAX_ATTEMPTS`] attempts; any other answer (4xx) fails
 //! it at once.
 
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,12 +28,11 @@ use crate::calls::{Caller, HttpCaller};
 use crate::clock::unix_now;
 use crate::flow::calls::{CallRequest, CallResponse, HeaderValue};
 use crate::metrics::Metrics;
+use crate::outbound::backoff_secs;
 use crate::store::{CallJob, CallJobState, Store};
 
 /// Attempts before a job fails for good.
 pub const MAX_ATTEMPTS: u32 = 8;
-/// The longest wait between two attempts, in seconds.
-const MAX_BACKOFF_SECS: i64 = 300;
 /// Jobs read from the due index per pass.
 const BATCH: usize = 64;
 /// Attempts in flight at once.
@@ -234,17 +232,6 @@ async fn attempt<S: Store>(
     if let Err(e) = store.update_call_job(&job) {
         tracing::error!(error = %e, "recording a call job's outcome failed");
     }
-}
-
-/// Exponential backoff with jitter: after attempt n, wait between half of
-/// and the whole of 2^(n-1) seconds, at most five minutes, at least one.
-fn backoff_secs(key: &str, attempts: u32) -> i64 {
-    let full = (1_i64 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF_SECS);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write(key.as_bytes());
-    h.write_u32(attempts);
-    let jitter = (h.finish() % (full as u64 / 2 + 1)) as i64;
-    (full - full / 2 + jitter).clamp(1, MAX_BACKOFF_SECS)
 }
 
 #[cfg(test)]

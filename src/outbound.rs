@@ -27,6 +27,8 @@ mod client;
 mod quiet;
 mod sender;
 
+pub(crate) use sender::backoff_secs;
+
 pub use quiet::{QuietHours, RawQuietHours};
 
 /// Check the `[[quiet_hours]]` rules of the config file, naming the one

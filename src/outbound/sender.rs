@@ -629,7 +629,8 @@ fn retryable(http: u16, code: Option<u32>) -> bool {
 
 /// Exponential backoff with jitter: attempt n waits between half of and
 /// the whole of 2^(n-1) seconds, at most five minutes, at least one second.
-fn backoff_secs(key: &str, attempts: u32) -> i64 {
+/// Also the retry schedule of flows' after-answer calls (`call_jobs.rs`).
+pub(crate) fn backoff_secs(key: &str, attempts: u32) -> i64 {
     let full = (1_i64 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF_SECS);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write(key.as_bytes());
