@@ -11,10 +11,19 @@
 //! `/twilio/status` are recorded monotonically. Flow files are watched and
 //! swapped in whole when valid.
 //!
+//! Not every message is an answer. A timer that comes due (`timers`), a
+//! flow start or a broadcast from the admin API ([`starts`],
+//! [`broadcasts`]) runs the same pipeline under the same per-conversation
+//! lock, and what it says goes to the store's outbox, which the
+//! [`outbound`] sender delivers through Twilio's REST API. A flow's HTTP
+//! calls are made by the pipeline between engine runs ([`calls`]), or
+//! after the answer from a durable queue ([`call_jobs`]).
+//!
 //! ```text
 //! http ─► twilio (verify, parse) ─► pipeline ─► flow::handle (pure) ─► twilio::render ─► store (commit, flush)
-//!                                      ▲
-//!                           reload ────┘ (ArcSwap<FlowSet>)
+//!                                    ▲  ▲  │ calls ◄─► calls::Caller                          │ outbox, call jobs
+//!           reload (ArcSwap<FlowSet>)┘  │  ▼                                                  ▼
+//!       timers, starts, broadcasts ─────┘                     outbound sender ─► Twilio REST; call_jobs ─► HTTP
 //! ```
 //!
 //! # The public API
