@@ -638,3 +638,45 @@ async fn a_pending_after_answer_call_is_delivered_after_a_restart() {
     app.stop().await;
     drop(tmp);
 }
+
+/// An after-answer call pending when the server is SIGKILLed (the shop was
+/// failing) is delivered once after the restart, with the same
+/// Idempotency-Key: the job was on disk before the webhook answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_answer_call_pending_across_sigkill_is_delivered_after_restart() {
+    let shop = Shop::start(Answer::Json(503, "{}".into())).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (flows, data) = (tmp.path().join("flows"), tmp.path().join("data"));
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(
+        flows.join("pizza.yaml"),
+        pizza_after(&format!("http://{}", shop.addr)),
+    )
+    .unwrap();
+    let config = tmp.path().join("smsflow.toml");
+    std::fs::write(&config, "http_allow = [\"127.0.0.1\"]\n").unwrap();
+    let args = ["--no-watch", "--config", config.to_str().unwrap()];
+    let first = spawn_server_env(&flows, &data, &args, &[]);
+    first.send(FROM, "pizza", &new_sid()).await.unwrap();
+    assert_eq!(
+        bodies(&first.send(FROM, "funghi", &new_sid()).await.unwrap()),
+        vec!["Thanks, your funghi is on its way to the shop."]
+    );
+    assert!(!received_at_least(&shop, 1).await.is_empty());
+    first.signal("KILL");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = shop.received().len();
+    *shop.answer.lock().unwrap() = Answer::Json(201, "{}".into());
+
+    let mut second = spawn_server_env(&flows, &data, &args, &[]);
+    let got = received_at_least(&shop, before + 1).await;
+    assert_eq!(got.len(), before + 1, "not delivered after the restart");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let got = shop.received();
+    assert_eq!(got.len(), before + 1, "delivered, then sent again: {got:?}");
+    assert_eq!(got[before].body, r#"{"item":"funghi"}"#);
+    assert_eq!(idempotency_key(&got[0]), idempotency_key(&got[before]));
+    second.signal("TERM");
+    assert!(second.wait_exit(Duration::from_secs(30)).success());
+}
