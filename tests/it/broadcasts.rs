@@ -6,11 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use smsflow::config::Config;
-use smsflow::outbound::Credentials;
-
-use crate::fake_twilio::{FakeTwilio, ACCOUNT_SID, API_SECRET};
+use crate::fake_twilio::{bodies_sent, FakeTwilio};
 use crate::helpers::*;
+use crate::outbound::sending_config;
 
 const KEYWORDS: &str = "keywords:\n  HOURS: \"9-5\"\n";
 
@@ -45,13 +43,7 @@ async fn start_app(fake: &FakeTwilio, interval: Duration) -> (TestApp, tempfile:
     std::fs::write(flows.join("keywords.yaml"), KEYWORDS).unwrap();
     std::fs::write(flows.join("offer.yaml"), OFFER).unwrap();
     std::fs::write(flows.join("survey.yaml"), SURVEY).unwrap();
-    let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.public_url = "http://127.0.0.1:0".into();
-    config.outbound.api_base = fake.base();
-    config.outbound.credentials = Some(Credentials::with_auth_token(ACCOUNT_SID, API_SECRET));
-    config.outbound.send_timeout = Duration::from_millis(1500);
+    let mut config = sending_config(fake, &flows, &tmp.path().join("data"));
     config.outbound.send_interval = interval;
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
@@ -230,25 +222,6 @@ async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!((cells[1], cells[6]), ("5", "0"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("b3 ")), "{table}");
-}
-
-/// The message bodies the fake Twilio accepted for `to`, once there are
-/// at least `n` (at most 20 s).
-async fn bodies_sent(fake: &FakeTwilio, to: &str, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got: Vec<String> = fake
-            .requests_to(to)
-            .iter()
-            .filter(|r| r.answered == 201)
-            .map(|r| r.param("Body").unwrap_or("").to_owned())
-            .collect();
-        if got.len() >= n {
-            return got;
-        }
-        assert!(Instant::now() < deadline, "{to}: only {got:?} sent");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -327,20 +327,7 @@ async fn secrets_are_not_logged() {
         vec!["Order 7 placed (7), ready in 5 min."]
     );
     assert!(shop.received()[0].head.contains("tok-LOGGED-NEVER-999"));
-    server.signal("TERM");
-    assert!(server.wait_exit(Duration::from_secs(30)).success());
-    let started = Instant::now();
-    while !server
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("smsflow stopped"))
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "no final line");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let log = server.log.lock().unwrap().join("\n");
+    let log = server.stop_and_read_log().await.join("\n");
     assert!(log.contains("flow call answered"), "{log}");
     assert!(!log.contains("tok-LOGGED-NEVER"), "{log}");
 }

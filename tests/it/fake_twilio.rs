@@ -453,3 +453,22 @@ async fn read_request(socket: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     body.truncate(length);
     Some((head, body))
 }
+
+/// The bodies Twilio accepted (201) for `to`, once there are at least `n`
+/// (waiting up to 20 s).
+pub async fn bodies_sent(fake: &FakeTwilio, to: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got: Vec<String> = fake
+            .requests_to(to)
+            .iter()
+            .filter(|r| r.answered == 201)
+            .map(|r| r.param("Body").unwrap_or("").to_owned())
+            .collect();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{to}: only {got:?} sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -61,21 +61,7 @@ async fn message_text_cannot_forge_a_log_line() {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    server.signal("TERM");
-    assert!(server.wait_exit(Duration::from_secs(30)).success());
-    // The last line a clean stop writes: everything before it is in.
-    let started = Instant::now();
-    while !server
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("smsflow stopped"))
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "no final line");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let log = server.log.lock().unwrap().clone();
+    let log = server.stop_and_read_log().await;
     let all = log.join("\n");
 
     for line in &log {

@@ -146,6 +146,25 @@ impl ChildServer {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// SIGTERM, a clean exit, then every log line up to the last one a
+    /// clean stop writes (`smsflow stopped`), so nothing is still in flight.
+    pub async fn stop_and_read_log(&mut self) -> Vec<String> {
+        self.signal("TERM");
+        assert!(self.wait_exit(Duration::from_secs(30)).success());
+        let started = Instant::now();
+        while !self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("smsflow stopped"))
+        {
+            assert!(started.elapsed() < Duration::from_secs(30), "no final line");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.log.lock().unwrap().clone()
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {

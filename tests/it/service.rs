@@ -142,20 +142,7 @@ async fn the_auth_token_can_come_from_a_systemd_credential() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    server.signal("TERM");
-    assert!(server.wait_exit(Duration::from_secs(30)).success());
-    let started = Instant::now();
-    while !server
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("smsflow stopped"))
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "no final line");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let log = server.log.lock().unwrap().join("\n");
+    let log = server.stop_and_read_log().await.join("\n");
     assert!(!log.contains("could not notify"), "{log}");
 }
 

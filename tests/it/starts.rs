@@ -2,14 +2,13 @@
 //! door: the running server with the admin token, sending through the fake
 //! Twilio REST API; the contact's replies come back as signed webhooks.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use smsflow::config::Config;
-use smsflow::outbound::Credentials;
 use smsflow::store::Store;
 
-use crate::fake_twilio::{FakeTwilio, ACCOUNT_SID, API_SECRET};
+use crate::fake_twilio::{bodies_sent, FakeTwilio};
 use crate::helpers::*;
+use crate::outbound::sending_config;
 
 const APPOINTMENT: &str = r#"
 name: appointment
@@ -42,13 +41,7 @@ async fn start_app(fake: &FakeTwilio) -> (TestApp, tempfile::TempDir) {
     std::fs::create_dir(&flows).unwrap();
     std::fs::write(flows.join("appointment.yaml"), APPOINTMENT).unwrap();
     std::fs::write(flows.join("survey.yaml"), SURVEY).unwrap();
-    let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
-    config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.public_url = "http://127.0.0.1:0".into();
-    config.outbound.api_base = fake.base();
-    config.outbound.credentials = Some(Credentials::with_auth_token(ACCOUNT_SID, API_SECRET));
-    config.outbound.send_timeout = Duration::from_millis(1500);
+    let config = sending_config(fake, &flows, &tmp.path().join("data"));
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
     (app, tmp)
@@ -80,25 +73,6 @@ async fn post_start(
         .await;
     let json = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body));
     (r.status, json)
-}
-
-/// The message bodies the fake Twilio received for `to`, once there are
-/// at least `n` (at most 20 s).
-async fn bodies_sent(fake: &FakeTwilio, to: &str, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got: Vec<String> = fake
-            .requests_to(to)
-            .iter()
-            .filter(|r| r.answered == 201)
-            .map(|r| r.param("Body").unwrap_or("").to_owned())
-            .collect();
-        if got.len() >= n {
-            return got;
-        }
-        assert!(Instant::now() < deadline, "{to}: only {got:?} sent");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
