@@ -494,6 +494,24 @@ impl<S: Store> Pipeline<S> {
         Ok((gate, consent))
     }
 
+    /// Run the engine (`f`) for a set that has Rhai (`scripts`) or not.
+    /// Rhai runs synchronously for up to its wall-clock budget. On the
+    /// multi-thread runtime (the server's) `block_in_place` moves this
+    /// worker's other tasks to another thread meanwhile, so a slow script
+    /// does not stall unrelated requests; while the set's runs are quick
+    /// they run inline instead (`offload.rs` says why). It panics on a
+    /// current-thread runtime, where we simply run inline. Messages, timer
+    /// firings, flow starts and the call loop all run the engine here.
+    pub(crate) fn run_flow<T>(&self, scripts: bool, f: impl FnOnce() -> T) -> T {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if scripts && multi_thread {
+            self.offload.run(f)
+        } else {
+            f()
+        }
+    }
+
     /// Phase 4, engine: run the flow set on the message, log its events.
     async fn run_engine(
         &self,
@@ -510,14 +528,6 @@ impl<S: Store> Pipeline<S> {
             media: &media,
             message_sid: &msg.message_sid,
         };
-        // Rhai runs synchronously for up to its wall-clock budget. On the
-        // multi-thread runtime (the server's) `block_in_place` moves this
-        // worker's other tasks to another thread meanwhile, so a slow script
-        // does not stall unrelated requests; while the set's runs are quick
-        // they run inline instead (`offload.rs` says why). It panics on a
-        // current-thread runtime, where we simply run inline.
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let handled = if flows.has_calls() {
             // A flow may stop at a call: run it again with each answer.
             self.with_calls(flows.has_scripts(), |answers| {
@@ -532,12 +542,9 @@ impl<S: Store> Pipeline<S> {
             })
             .await
         } else {
-            let run = || flow::handle(&flows, &self.options.engine, conversation, &inbound, now);
-            if flows.has_scripts() && multi_thread {
-                self.offload.run(run)
-            } else {
-                run()
-            }
+            self.run_flow(flows.has_scripts(), || {
+                flow::handle(&flows, &self.options.engine, conversation, &inbound, now)
+            })
         };
         for event in &handled.events {
             self.log_event(event);

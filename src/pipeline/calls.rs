@@ -21,18 +21,6 @@ pub(super) fn no_calls() -> Arc<dyn Caller> {
     Arc::new(NoCalls("HTTP calls are not enabled here".to_owned()))
 }
 
-/// Runs `f` (the engine) off the async workers when Rhai may run long
-/// (see `run_engine`).
-pub(super) fn engine_blocking<T>(scripts: bool, f: impl FnOnce() -> T) -> T {
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if scripts && multi_thread {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
-}
-
 impl<S: Store> Pipeline<S> {
     /// This pipeline, making flows' HTTP calls through `caller` (the
     /// real client in `serve`, declared answers in transcripts).
@@ -97,7 +85,7 @@ impl<S: Store> Pipeline<S> {
         let mut answers: Vec<CallResponse> = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
-            let handled = engine_blocking(scripts, || engine(&answers));
+            let handled = self.run_flow(scripts, || engine(&answers));
             let Some(request) = &handled.call else {
                 return handled;
             };

@@ -82,14 +82,9 @@ impl<S: Store> Pipeline<S> {
             vars: &req.vars,
             wake,
         };
-        let run = || flow::start_flow(&flows, conversation, &start, now);
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let handled = if flows.has_scripts() && multi_thread {
-            tokio::task::block_in_place(run)
-        } else {
-            run()
-        };
+        let handled = self.run_flow(flows.has_scripts(), || {
+            flow::start_flow(&flows, conversation, &start, now)
+        });
         for event in &handled.events {
             self.log_event(event);
         }
