@@ -512,6 +512,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Messages we send on our own that wait in the outbox or are being sent.",
             crate::store::Store::outbox_depth(state.pipeline.store().as_ref()) as u64,
         ),
+        Sample::gauge(
+            "smsflow_call_jobs_pending",
+            "After-answer HTTP calls recorded and not yet delivered or given up.",
+            crate::store::Store::call_jobs_pending(state.pipeline.store().as_ref()) as u64,
+        ),
     ];
     let mut text = state.metrics.render(&samples);
     state.pipeline.store().flush_latency().write(

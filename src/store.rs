@@ -226,6 +226,8 @@ pub struct Purged {
     pub status_events: usize,
     /// Idle conversations removed.
     pub conversations: usize,
+    /// Finished (delivered or failed) after-answer call jobs removed.
+    pub call_jobs: usize,
 }
 
 /// Result of offering a status callback to the store.
@@ -298,8 +300,9 @@ pub trait Store: Send + Sync + 'static {
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError>;
     /// Outbound messages with a known status, newest first.
     fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError>;
-    /// Remove dedupe records, delivery records and ended conversations last
-    /// touched before `cutoff` (unix seconds). Consent records are kept.
+    /// Remove dedupe records, delivery records, ended conversations last
+    /// touched before `cutoff` (unix seconds), and call jobs delivered or
+    /// failed before it. Consent records and pending call jobs are kept.
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
     /// Delete the conversation for `key` (contact fields and run); returns
     /// whether one was stored. Recorded answers stay, so a retried
@@ -348,6 +351,13 @@ pub trait Store: Send + Sync + 'static {
     fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError>;
     /// The call job stored under `key`, if any.
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError>;
+    /// Call jobs still to be made (pending), for `/metrics`. This default
+    /// reads the whole due index; a backend that can count them in
+    /// constant time (the sled store keeps a counter) overrides it.
+    fn call_jobs_pending(&self) -> usize {
+        self.due_call_jobs(i64::MAX, usize::MAX)
+            .map_or(0, |jobs| jobs.len())
+    }
     /// Every outbox entry, by key.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Pending entries due at `now` (`not_before <= now`), earliest first,

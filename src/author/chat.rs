@@ -54,7 +54,7 @@ const CHAT_HELP: &str = "\
 #   /from NUMBER  text as another sender; /to NUMBER  text another of our numbers
 #   /reload       re-read the flows directory, keeping conversations
 #   /http POST https://shop.example/orders -> 201 {\"id\": 42}
-#                 the answer to the flow's next such call (-> error why: it
+#                 the answer to the flow's next such call (-> error timeout: it
 #                 fails); without --real-calls no call leaves the machine
 #   /help         this list; /quit ends (so does end of input)";
 

@@ -294,8 +294,8 @@ pub const SETTINGS: &[Setting] = &[
         key: "retention_days",
         flag: None,
         env: None,
-        help: "Purge dedupe and delivery records and ended conversations older than \
-               this many days (0 keeps everything)",
+        help: "Purge dedupe and delivery records, ended conversations and finished \
+               call jobs older than this many days (0 keeps everything)",
         default_note: None,
         unset: "",
         value: |c| int(c.retention_days),

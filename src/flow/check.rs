@@ -720,6 +720,39 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
         }
     }
 
+    // Flows where a call's answer can be there: those that make a call
+    // (an awaited one: an after-answer call sets no `{{call.*}}`), and
+    // those another flow enters with `flow:` in the same message.
+    let mut after_call: BTreeSet<String> = BTreeSet::new();
+    for flow in set.flows.values() {
+        let calls = flow
+            .steps
+            .values()
+            .any(|s| s.call.as_ref().is_some_and(|c| !c.after_answer));
+        if calls {
+            after_call.insert(flow.name.clone());
+        }
+        for step in flow.steps.values() {
+            let mut entered = |t: &Transition| {
+                if let Transition::Flow(f) = t {
+                    after_call.insert(f.name.clone());
+                }
+            };
+            match &step.next {
+                Next::Go(t) => entered(t),
+                Next::Wait {
+                    routes, timeouts, ..
+                } => {
+                    routes.iter().for_each(|r| entered(&r.then));
+                    timeouts
+                        .iter()
+                        .filter_map(|t| t.then.as_ref())
+                        .for_each(entered);
+                }
+            }
+        }
+    }
+
     let check_template = |t: &Template,
                           pos: Pos,
                           file: &Path,
@@ -727,6 +760,21 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                           diags: &mut Vec<Diagnostic>| {
         for var in t.vars() {
             match var {
+                Var::Call(path) => match run_vars {
+                    Some((flow, _)) if after_call.contains(flow) => {}
+                    Some((flow, _)) => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{call.{path}}}}}`: no step of flow `{flow}` makes a call (`call:` without `after_answer`), so it is always empty"),
+                    ),
+                    None => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{call.{path}}}}}`: keyword replies make no calls (use a flow step with `call:`)"),
+                    ),
+                },
                 Var::Run(n) => match run_vars {
                     Some((_, vars)) if vars.contains(n) => {}
                     Some((flow, _)) => err(

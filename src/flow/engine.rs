@@ -654,12 +654,15 @@ impl<'a> Exec<'a> {
             .iter()
             .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
             .collect();
-        let Some(out) = self.rhai(at, |sandbox| {
+        let Some(mut out) = self.rhai(at, |sandbox| {
             sandbox.run_timeout(script, &name, &input, &state, pending)
         }) else {
             self.run = None;
             return;
         };
+        if self.script_calls(&mut out) {
+            return;
+        }
         self.script_done(flow, out, (run.started_at, run.last_active));
     }
     /// Give the message to the waiting run. Returns false when the message
@@ -956,10 +959,7 @@ impl<'a> Exec<'a> {
         let request = self.call_request(call);
         let response = match self.responses.get(index) {
             Some(r) => r.clone(),
-            None if index >= calls::MAX_CALLS_PER_MESSAGE => CallResponse::failed(format!(
-                "more than {} calls for one message",
-                calls::MAX_CALLS_PER_MESSAGE
-            )),
+            None if index >= calls::MAX_CALLS_PER_MESSAGE => calls::too_many_calls(),
             None => {
                 self.pending = Some(request);
                 return CallNext::Stop;
@@ -967,7 +967,7 @@ impl<'a> Exec<'a> {
         };
         let (status, error) = match &response {
             CallResponse::Answered { status, .. } => (Some(*status), None),
-            CallResponse::Failed { error } => (None, Some(error.clone())),
+            CallResponse::Failed { error, detail } => (None, Some(format!("{error}: {detail}"))),
         };
         self.events.push(Event::Call {
             flow: request.flow.clone(),
@@ -1113,10 +1113,14 @@ impl<'a> Exec<'a> {
         self.step = Some(ENTRY_POINT.to_owned());
         let input = self.script_input();
         let at = (script.file(), (1, 1));
-        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
+        let Some(mut out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state))
+        else {
             self.run = None;
             return;
         };
+        if self.script_calls(&mut out) {
+            return;
+        }
         self.script_done(flow, out, (started_at, self.now));
     }
 
@@ -1129,6 +1133,55 @@ impl<'a> Exec<'a> {
             message_sid: self.msg.message_sid.to_owned(),
             received_at: self.now,
             contact: self.contact.clone(),
+            answers: self
+                .responses
+                .get(self.calls_reached..)
+                .unwrap_or_default()
+                .to_vec(),
+            call_room: calls::MAX_CALLS_PER_MESSAGE.saturating_sub(self.calls_reached),
+        }
+    }
+
+    /// The `http()` calls a script run made (events, `after_answer` jobs),
+    /// and whether it stopped at one with no answer yet: then the message
+    /// stops there too ([`Handled::call`]).
+    fn script_calls(&mut self, out: &mut ScriptOutput) -> bool {
+        let flow = self.flow.clone().unwrap_or_default();
+        let step = self.step.clone().unwrap_or_default();
+        let stamp = |mut r: CallRequest| {
+            r.flow.clone_from(&flow);
+            r.step.clone_from(&step);
+            r
+        };
+        for (request, response) in std::mem::take(&mut out.made) {
+            self.calls_reached += 1;
+            let (status, error) = match &response {
+                CallResponse::Answered { status, .. } => (Some(*status), None),
+                CallResponse::Failed { error, detail } => {
+                    (None, Some(format!("{error}: {detail}")))
+                }
+            };
+            self.events.push(Event::Call {
+                flow: flow.clone(),
+                step: step.clone(),
+                method: request.method.clone(),
+                host: request.host().to_owned(),
+                status,
+                error,
+            });
+        }
+        for request in std::mem::take(&mut out.after) {
+            if self.after.len() < calls::MAX_CALLS_PER_MESSAGE {
+                self.after.push(stamp(request));
+            }
+        }
+        match out.call.take() {
+            Some(request) => {
+                self.calls_reached += 1;
+                self.pending = Some(stamp(request));
+                true
+            }
+            None => false,
         }
     }
 

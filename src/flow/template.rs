@@ -102,6 +102,8 @@ pub(crate) enum TemplateError {
     EmptyExpr,
     #[error("invalid variable name `{0}` in template (letters, digits and `_`, optionally `contact.`/`message.`/`match.` prefix)")]
     BadName(String),
+    #[error("`{{{{call.{0}}}}}` is not part of a call's answer (use call.status, call.ok, call.error, call.json or call.json.a.b)")]
+    BadCallPath(String),
 }
 
 /// Is `s` a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`)?
@@ -162,7 +164,10 @@ impl Template {
             if name.is_empty() {
                 return Err(TemplateError::Empty);
             }
-            let var = parse_var(name).ok_or_else(|| TemplateError::BadName(name.to_owned()))?;
+            let var = parse_var(name).ok_or_else(|| match name.strip_prefix("call.") {
+                Some(path) => TemplateError::BadCallPath(path.to_owned()),
+                None => TemplateError::BadName(name.to_owned()),
+            })?;
             parts.push(Part::Var { var, fallback });
         }
         if !rest.is_empty() {

@@ -115,7 +115,7 @@ pub enum Line {
     To(String),
     /// `@ http POST https://shop.example/orders -> 201 {"id": 42}`: the
     /// answer for the next call to this method and URL (a URL ending in
-    /// `*` matches any URL it starts); `-> error why` makes the call fail.
+    /// `*` matches any URL it starts); `-> error timeout` (a category of [`CallError`](super::calls::CallError)) makes the call fail.
     /// No real call is ever made by a transcript.
     Http(HttpMock),
     /// `? what = value`.
@@ -152,7 +152,7 @@ impl HttpMock {
     /// Parse what follows `@ http ` (or `/http ` in `chat`).
     pub fn parse(arg: &str) -> Result<HttpMock, String> {
         const FORM: &str =
-            "write `@ http METHOD URL -> STATUS [JSON]` or `@ http METHOD URL -> error WHY`";
+            "write `@ http METHOD URL -> STATUS [JSON]` or `@ http METHOD URL -> error timeout` (or connection, refused, invalid, too_large, redirects)";
         let (req, answer) = arg.split_once("->").ok_or(FORM)?;
         let (method, url) = req.trim().split_once(' ').ok_or(FORM)?;
         let method = method.trim().to_ascii_uppercase();
@@ -166,11 +166,24 @@ impl HttpMock {
         let answer = answer.trim();
         let (head, rest) = answer.split_once(' ').unwrap_or((answer, ""));
         let answer = if head == "error" {
-            super::calls::CallResponse::failed(if rest.trim().is_empty() {
-                "error (mocked)"
-            } else {
-                rest.trim()
-            })
+            let word = rest.split_whitespace().next().unwrap_or("timeout");
+            let error = super::calls::CallError::parse(word).ok_or_else(|| {
+                let words: Vec<&str> = super::calls::CallError::ALL
+                    .iter()
+                    .filter(|e| **e != super::calls::CallError::Status)
+                    .map(|e| e.as_str())
+                    .collect();
+                format!(
+                    "`{word}` is not a call error (one of {}); {FORM}",
+                    words.join(", ")
+                )
+            })?;
+            if error == super::calls::CallError::Status {
+                return Err(format!(
+                    "a status is an answer: write `-> 503` instead of `-> error status`; {FORM}"
+                ));
+            }
+            super::calls::CallResponse::failed(error, "mocked")
         } else {
             let status: u16 = head
                 .parse()

@@ -72,6 +72,9 @@ pub(super) struct Shared {
     /// Outbox entries pending or being sent (its index entries): counted
     /// at open, then kept up to date by every outbox write.
     outbox_depth: AtomicI64,
+    /// Pending call jobs (their due-index entries): counted at open, then
+    /// kept up to date by every call job write.
+    call_jobs_pending: AtomicI64,
     /// How long each grouped flush (sled's flush and the fsyncs) took,
     /// for `/metrics`.
     flush_latency: Histogram,
@@ -135,6 +138,7 @@ impl SledStore {
             fsyncs: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
+            call_jobs_pending: AtomicI64::new(0),
             flush_latency: Histogram::default(),
         });
         let (count, timers) = shared.scan_conversations(&open.db).map_err(|e| match e {
@@ -155,6 +159,11 @@ impl SledStore {
             detail: e.to_string(),
         })?;
         shared.outbox_depth.store(depth, Ordering::Relaxed);
+        let pending = call_jobs::count_pending(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        shared.call_jobs_pending.store(pending, Ordering::Relaxed);
         shared.timers.store(timers, Ordering::Relaxed);
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
@@ -324,6 +333,7 @@ impl Shared {
             .scan_conversations(&open.db)
             .map_err(|e| e.to_string())?;
         let depth = outbox::count_indexed(&open.db).map_err(|e| e.to_string())?;
+        let pending = call_jobs::count_pending(&open.db).map_err(|e| e.to_string())?;
         // Recovered only when a write reaches the disk.
         let seq = recovered + 1;
         open.db
@@ -334,6 +344,7 @@ impl Shared {
         self.marker.store(seq, Ordering::Relaxed);
         self.conversations.store(count, Ordering::Relaxed);
         self.outbox_depth.store(depth, Ordering::Relaxed);
+        self.call_jobs_pending.store(pending, Ordering::Relaxed);
         self.timers.store(timers, Ordering::Relaxed);
         *write(&self.db) = Some(open);
         let was = lock(&self.failure).take();
@@ -846,6 +857,14 @@ impl Store for SledStore {
                     purged.status_events += 1;
                 }
             }
+            for (k, job) in self.scan::<CallJob>(db, call_jobs::PREFIX)? {
+                // Finished jobs only: a pending one has its index entry
+                // and is still to be made, however old.
+                if call_jobs::finished_before(&job, cutoff) {
+                    db.remove(k)?;
+                    purged.call_jobs += 1;
+                }
+            }
             for item in db.scan_prefix(b"c\0") {
                 let (k, v) = item?;
                 if let Some((at, flags)) = conv_header(&v) {
@@ -994,7 +1013,14 @@ impl Store for SledStore {
         let mut new = 0;
         let result = self.shared.with_db(|db| {
             for job in jobs {
-                new += usize::from(call_jobs::insert_new(db, job)?);
+                if call_jobs::insert_new(db, job)? {
+                    new += 1;
+                    if matches!(job.state, call_jobs::CallJobState::Pending { .. }) {
+                        self.shared
+                            .call_jobs_pending
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             Ok(())
         });
@@ -1022,7 +1048,11 @@ impl Store for SledStore {
                     Some(job) => due.push(job),
                     // Points at nothing, or at a job in another state.
                     None => {
-                        db.remove(&ix)?;
+                        if db.remove(&ix)?.is_some() {
+                            self.shared
+                                .call_jobs_pending
+                                .fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -1031,9 +1061,16 @@ impl Store for SledStore {
     }
 
     fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError> {
-        self.shared.with_db(|db| call_jobs::replace(db, job))?;
+        let change = self.shared.with_db(|db| call_jobs::replace(db, job))?;
+        self.shared
+            .call_jobs_pending
+            .fetch_add(change, Ordering::Relaxed);
         self.shared.wrote();
         Ok(())
+    }
+
+    fn call_jobs_pending(&self) -> usize {
+        self.shared.call_jobs_pending.load(Ordering::Relaxed).max(0) as usize
     }
 
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError> {

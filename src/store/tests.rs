@@ -157,7 +157,8 @@ fn purge_removes_old_records_and_ended_conversations_only() {
             processed: 2,
             statuses: 1,
             status_events: 1,
-            conversations: 1
+            conversations: 1,
+            call_jobs: 0,
         }
     );
     assert!(store.conversation(&k_old).unwrap().is_none());
