@@ -218,10 +218,11 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
+    // A script flow may call `http()`.
     inner.has_calls = inner
         .flows
         .values()
-        .any(|f| f.steps.values().any(|s| s.call.is_some()));
+        .any(|f| f.script.is_some() || f.steps.values().any(|s| s.call.is_some()));
     check::check(&inner, reserved, &mut diags);
     diags.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.severity).cmp(&(&b.file, b.line, b.column, b.severity))

@@ -104,8 +104,8 @@ pub(crate) struct SetInner {
     /// The Rhai sandbox the set's scripts and expressions were compiled
     /// with and run in; `None` when the set has neither.
     pub sandbox: Option<Arc<Sandbox>>,
-    /// Some step has a `call:`: the pipeline then runs the engine in its
-    /// call loop (flow/calls.rs).
+    /// Some step has a `call:`, or a script flow may call `http()`: the
+    /// pipeline then runs the engine in its call loop (pipeline/calls.rs).
     pub has_calls: bool,
 }
 
@@ -162,8 +162,9 @@ impl FlowSet {
         })
     }
 
-    /// Does any step make an HTTP call (`call:`)? A message of such a set
-    /// may stop at a call ([`Handled::call`](super::Handled::call)).
+    /// May a flow make an HTTP call (a step's `call:`, or a script flow's
+    /// `http()`)? A message of such a set may stop at a call
+    /// ([`Handled::call`](super::Handled::call)).
     pub fn has_calls(&self) -> bool {
         self.inner.has_calls
     }

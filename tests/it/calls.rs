@@ -17,6 +17,8 @@ use crate::process::spawn_server_env;
 #[derive(Clone, Debug)]
 enum Answer {
     Json(u16, String),
+    /// JSON after this many milliseconds.
+    Slow(u64, String),
     Hang,
     Big,
     Redirect(String),
@@ -90,6 +92,13 @@ impl Shop {
                             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
                             json.len()
                         ),
+                        Answer::Slow(ms, json) => {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                                json.len()
+                            )
+                        }
                         Answer::Hang => {
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             return;
@@ -729,6 +738,79 @@ async fn a_retried_after_answer_call_is_counted_as_pending() {
             .await
             .as_deref(),
         Some("smsflow_call_jobs_pending 1")
+    );
+    app.stop().await;
+}
+
+/// A script flow asking the shop with `http()`: the order's state, and
+/// an after-answer call telling the shop the sender asked.
+fn lookup_script(url: &str) -> String {
+    format!(
+        r#"
+fn on_message(msg, state) {{
+    let r = http(#{{
+        url: "{url}/orders/" + url_encode(msg.body),
+        headers: #{{ Authorization: #{{ secret: "CARGO_PKG_NAME" }} }},
+        timeout_ms: 8000,
+    }});
+    if !r.ok {{ return `failed: ${{r.error}}`; }}
+    http(#{{ method: "POST", url: "{url}/seen", json: #{{ order: msg.body }}, after_answer: true }});
+    `Order ${{msg.body}}: ${{r.json.state}}`
+}}
+"#
+    )
+}
+
+const LOOKUP_YAML: &str =
+    "trigger: {regex: '^A\\d+$'}\nscript: lookup.rhai\nfallback: \"script failed\"\n";
+
+/// A script's `http()` is made by the server between runs of the script,
+/// outside its limits: a shop slower than the script's 50 ms time budget
+/// still answers it; a hanging one costs the call budget and the script
+/// sees `timeout`; the after-answer call is made after the reply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_flow_calls_through_the_server_outside_its_time_budget() {
+    let shop = Shop::start(Answer::Json(201, "{}".into())).await;
+    shop.next
+        .lock()
+        .unwrap()
+        .push_back(Answer::Slow(800, r#"{"state": "baking"}"#.into()));
+    let url = format!("http://{}", shop.addr);
+    let app = spawn_configured(
+        &[
+            ("lookup.yaml", LOOKUP_YAML),
+            ("lookup.rhai", &lookup_script(&url)),
+        ],
+        |c| {
+            c.http_allow = vec!["127.0.0.1".into()];
+            c.call_budget = Duration::from_millis(1500);
+        },
+    )
+    .await;
+    let reply = app.send_sms(FROM, "A17").await;
+    assert_eq!(bodies(&reply.body), vec!["Order A17: baking"]);
+    let got = received_at_least(&shop, 2).await;
+    assert!(
+        got[0].head.starts_with("GET /orders/A17 "),
+        "{}",
+        got[0].head
+    );
+    assert!(
+        got[0].head.contains("authorization: smsflow"),
+        "{}",
+        got[0].head
+    );
+    assert!(got[1].head.starts_with("POST /seen "), "{}", got[1].head);
+    assert_eq!(got[1].body, r#"{"order":"A17"}"#);
+
+    *shop.answer.lock().unwrap() = Answer::Hang;
+    let started = Instant::now();
+    let reply = app.send_sms(FROM, "A18").await;
+    assert_eq!(bodies(&reply.body), vec!["failed: timeout"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
     );
     app.stop().await;
 }

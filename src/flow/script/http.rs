@@ -267,3 +267,211 @@ fn header_value(name: &str, value: Dynamic) -> Result<HeaderValue, Box<EvalAltRe
         "http(): header `{name}` is a {type_name}; expected text or #{{secret: \"NAME\"}}"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::super::testing::*;
+    use super::super::ScriptOutput;
+    use crate::flow::calls::{CallError, CallResponse, HeaderValue};
+
+    const LOOKUP: &str = r#"
+fn on_message(msg, state) {
+    state.asked = true;
+    let r = http(#{
+        url: "https://shop.example/orders/" + url_encode(msg.body),
+        headers: #{ Authorization: #{ secret: "SHOP_TOKEN" }, "X-From": msg.from },
+        timeout_ms: 2000,
+    });
+    if r.ok { return `${r.status}: ${r.json.order.state}`; }
+    `failed: ${r.error} ${r.status}`
+}
+"#;
+
+    fn run_with_answers(source: &str, body: &str, answers: Vec<CallResponse>) -> ScriptOutput {
+        let sandbox = sandbox();
+        let script = compile(&sandbox, source);
+        let mut message = input(body);
+        message.answers = answers;
+        sandbox
+            .run_script(&script, &message, &BTreeMap::new())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_call_without_an_answer_ends_the_run_with_the_request() {
+        let out = run_with_answers(LOOKUP, "a/b 1", vec![]);
+        let call = out.call.expect("a pending call");
+        assert_eq!(call.method, "GET");
+        assert_eq!(call.url, "https://shop.example/orders/a%2Fb%201");
+        assert_eq!(
+            call.headers,
+            vec![
+                (
+                    "Authorization".to_owned(),
+                    HeaderValue::Secret("SHOP_TOKEN".into())
+                ),
+                (
+                    "X-From".to_owned(),
+                    HeaderValue::Text("+15550001111".into())
+                ),
+            ]
+        );
+        assert_eq!(call.timeout, Duration::from_millis(2000));
+        // Nothing else of the run is kept: it runs again with the answer.
+        assert!(out.replies.is_empty() && out.state.is_empty() && out.made.is_empty());
+    }
+
+    #[test]
+    fn the_run_again_with_the_answer_goes_on() {
+        let answer = CallResponse::Answered {
+            status: 200,
+            json: Some(json!({"order": {"state": "baking"}})),
+        };
+        let out = run_with_answers(LOOKUP, "42", vec![answer.clone()]);
+        assert_eq!(out.call, None);
+        assert_eq!(bodies(&out), ["200: baking"]);
+        assert_eq!(out.state["asked"], json!(true));
+        assert_eq!(out.made.len(), 1);
+        assert_eq!(out.made[0].1, answer);
+
+        let failed = CallResponse::failed(CallError::Timeout, "timed out after 2000 ms");
+        let out = run_with_answers(LOOKUP, "42", vec![failed]);
+        assert_eq!(bodies(&out), ["failed: timeout "]);
+        let status = CallResponse::Answered {
+            status: 503,
+            json: None,
+        };
+        let out = run_with_answers(LOOKUP, "42", vec![status]);
+        assert_eq!(bodies(&out), ["failed: status 503"]);
+    }
+
+    #[test]
+    fn a_script_cannot_catch_the_pending_call() {
+        let source = on_message(
+            r#"try { http(#{url: "https://shop.example/"}); } catch (e) { return "caught"; } "after""#,
+        );
+        let out = run_with_answers(&source, "x", vec![]);
+        assert!(out.call.is_some());
+        assert!(out.replies.is_empty());
+    }
+
+    #[test]
+    fn bodies_after_answer_calls_and_the_call_limit() {
+        let source = on_message(
+            r#"
+            http(#{method: "post", url: "https://shop.example/o", json: #{n: 1, who: msg.from, tags: ["a"]}, after_answer: true});
+            http(#{method: "PUT", url: "https://shop.example/f", form: #{b: "x y", a: 2}, after_answer: true});
+            let r = http(#{url: "https://shop.example/s"});
+            `${r.ok} ${r.error}`
+            "#,
+        );
+        let sandbox = sandbox();
+        let script = compile(&sandbox, &source);
+        let mut message = input("x");
+        message.call_room = 0;
+        let out = sandbox
+            .run_script(&script, &message, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(out.after.len(), 2);
+        assert_eq!(out.after[0].method, "POST");
+        assert_eq!(
+            out.after[0].body,
+            Some((
+                "application/json".to_owned(),
+                r#"{"n":1,"tags":["a"],"who":"+15550001111"}"#.to_owned()
+            ))
+        );
+        assert_eq!(
+            out.after[1].body,
+            Some((
+                "application/x-www-form-urlencoded".to_owned(),
+                "a=2&b=x%20y".to_owned()
+            ))
+        );
+        // No room left for a call this message: it fails without a request.
+        assert_eq!(out.call, None);
+        assert_eq!(bodies(&out), ["false refused"]);
+    }
+
+    #[test]
+    fn bad_requests_are_script_errors() {
+        for (code, expected) in [
+            (r#"http(#{})"#, "the request has no url"),
+            (
+                r#"http(#{url: "ftp://x/"})"#,
+                "is not an http:// or https:// URL",
+            ),
+            (r#"http(#{url: "https:///x"})"#, "with a host"),
+            (
+                r#"http(#{url: "https://x/", method: "FETCH"})"#,
+                "unknown method",
+            ),
+            (
+                r#"http(#{url: "https://x/", json: #{a: 1}})"#,
+                "a GET has no body",
+            ),
+            (
+                r#"http(#{url: "https://x/", timeout_ms: 60000})"#,
+                "timeout_ms must be",
+            ),
+            (
+                r#"http(#{url: "https://x/", headers: #{Host: "y"}})"#,
+                "set from the URL",
+            ),
+            (
+                r#"http(#{url: "https://x/", headers: #{a: #{secret: "no way"}}})"#,
+                "not an environment variable",
+            ),
+            (
+                r#"http(#{url: "https://x/", tiemout_ms: 5})"#,
+                "unknown key `tiemout_ms`",
+            ),
+        ] {
+            let err = run(&on_message(code)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{code}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_answer_larger_than_the_limits_is_too_large() {
+        let sandbox = sized(1_000_000);
+        let script = compile(
+            &sandbox,
+            &on_message(
+                r#"let r = http(#{url: "https://x/"}); `${r.ok} ${r.error} ${r.status} ${r.json}`"#,
+            ),
+        );
+        let mut message = input("x");
+        message.answers = vec![CallResponse::Answered {
+            status: 200,
+            json: Some(json!(vec![1; 100_000])),
+        }];
+        let out = sandbox
+            .run_script(&script, &message, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(bodies(&out), ["false too_large 200 "]);
+    }
+
+    #[test]
+    fn yaml_expressions_cannot_call() {
+        let sandbox = sandbox();
+        let expr = sandbox
+            .compile_expr(
+                std::path::Path::new("flows/a.yaml"),
+                3,
+                9,
+                r#"http(#{url: "https://x/"})"#,
+            )
+            .unwrap();
+        let err = sandbox.eval_string(&expr, &ctx("x")).unwrap_err();
+        assert!(
+            err.to_string().contains("only available in script flows"),
+            "{err}"
+        );
+    }
+}
