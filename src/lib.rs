@@ -69,9 +69,12 @@
 //!     (messages, `{{ }}` and `{{= }}`),
 //!     `scripts` (`script:` and `*.rhai` files);
 //!   - `script.rs` builds the engine and runs script flows; `script/` holds
-//!     `expr` (`when:`, `{{= }}`), `helpers`, `modules` (imports), `limits`
-//!     and `bounded` (functions that refuse before building too much),
-//!     `errors`, `values` (message, state, replies) and `run` (per-run state).
+//!     `expr` (`when:`, `{{= }}`), `helpers`, `http` (a script's `http()`:
+//!     answered from the answers it is run with, or the run ends at the
+//!     call and the pipeline makes it, like a YAML `call:`), `modules`
+//!     (imports), `limits` and `bounded` (functions that refuse before
+//!     building too much), `errors`, `values` (message, state, replies)
+//!     and `run` (per-run state).
 //! - [`store`]: the only module that knows sled; the [`store::Store`]
 //!   trait. A conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
@@ -127,13 +130,17 @@
 //!   pipeline makes a `call:` through and the real client (reqwest), with
 //!   the allow-list (`http_allow`), the public-address-only resolver,
 //!   redirects, the answer size cap and secret headers. The engine only
-//!   renders requests and reads answers (`flow/calls.rs`); the pipeline's
-//!   call loop (`pipeline/calls.rs`) runs the engine again with each
-//!   answer, under the conversation's lock, within `call_budget_ms`.
+//!   renders requests and reads answers (`flow/calls.rs`; a script's
+//!   `http()` in `flow/script/http.rs`); the pipeline's call loop
+//!   (`pipeline/calls.rs`) runs the engine again with each answer, under
+//!   the conversation's lock, within `call_budget_ms`. Flows see a
+//!   failure only as a category (`flow::calls::CallError`); the detail
+//!   goes to the logs.
 //! - [`call_jobs`]: the call worker: makes `after_answer` calls from the
 //!   store's durable call jobs (recorded by the pipeline before the
 //!   state change) through the same client, with retries and an
-//!   `Idempotency-Key`, at least once.
+//!   `Idempotency-Key`, at least once; a call our own checks refuse
+//!   fails at once.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically; owns the flow
 //!   status `/status` reports and the one test a set passes to go live
