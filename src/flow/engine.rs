@@ -43,7 +43,7 @@ use super::template::{Template, Var, Vars};
 use crate::twilio::{limits, twiml};
 
 mod start;
-pub use start::{live_run, start_flow, Start};
+pub use start::{live_run, start_flow, start_flow_with_calls, Start};
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and

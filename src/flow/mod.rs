@@ -44,7 +44,7 @@ pub use engine::{
     EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run, SilenceReason, StepRef, Wake,
     MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
-pub use engine::{live_run, start_flow, Start};
+pub use engine::{live_run, start_flow, start_flow_with_calls, Start};
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub(crate) use load::{parse_duration, show_secs};
 pub use matcher::normalize;

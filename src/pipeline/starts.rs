@@ -82,9 +82,12 @@ impl<S: Store> Pipeline<S> {
             vars: &req.vars,
             wake,
         };
-        let handled = self.run_flow(flows.has_scripts(), || {
-            flow::start_flow(&flows, conversation, &start, now)
-        });
+        // A first step may call (the same loop and budget as a message).
+        let handled = self
+            .with_calls(flows.has_scripts(), |answers| {
+                flow::start_flow_with_calls(&flows, conversation.clone(), &start, now, answers)
+            })
+            .await;
         for event in &handled.events {
             self.log_event(event);
         }
@@ -120,6 +123,13 @@ impl<S: Store> Pipeline<S> {
         }
         record.result = "started".to_owned();
         record.outbox = entries.iter().map(|e| e.key.clone()).collect();
+        // After-answer calls, recorded before the start like a message's,
+        // keyed by its idempotency key: a repeat records nothing new.
+        let jobs = self.record_call_jobs(
+            &format!("start:{}", req.idempotency_key),
+            &handled.after,
+            now,
+        )?;
         let conversation = &handled.conversation;
         let due = flow::next_due(&flows, conversation);
         let bytes =
@@ -143,6 +153,9 @@ impl<S: Store> Pipeline<S> {
         self.store.flush(epoch).await?;
         if taken.is_none() && !entries.is_empty() {
             self.outbox.notify_one();
+        }
+        if jobs > 0 {
+            self.call_jobs.notify_one();
         }
         tracing::info!(
             flow = name,

@@ -814,3 +814,77 @@ async fn a_script_flow_calls_through_the_server_outside_its_time_budget() {
     );
     app.stop().await;
 }
+
+/// A flow started from outside (`POST /flows/{name}/start`) whose first
+/// step calls: the call is made (through the same loop and budget as a
+/// message's) and what the step says with its answer is sent; an
+/// after-answer call of the start is made after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_started_flow_makes_its_first_steps_calls() {
+    use crate::fake_twilio::{bodies_sent, FakeTwilio};
+    let shop = Shop::start(Answer::Json(200, r#"{"slot": "Tue 3pm"}"#.into())).await;
+    let fake = FakeTwilio::start(TOKEN).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(
+        flows.join("remind.yaml"),
+        format!(
+            r#"
+name: remind
+steps:
+  look:
+    call:
+      url: "http://{addr}/slots/{{{{message.from}}}}"
+      on_error: sorry
+    say: "Your appointment is {{{{call.json.slot}}}}."
+    goto: tell
+  tell:
+    call:
+      method: POST
+      url: "http://{addr}/reminded"
+      json: {{who: "{{{{message.from}}}}"}}
+      after_answer: true
+    end: true
+  sorry:
+    say: "Please call us about your appointment."
+"#,
+            addr = shop.addr
+        ),
+    )
+    .unwrap();
+    let mut config = crate::outbound::sending_config(&fake, &flows, &tmp.path().join("data"));
+    config.http_allow = vec!["127.0.0.1".into()];
+    let app = spawn_with(config).await;
+    let ana = "+15557400031";
+    let r = app
+        .raw(
+            app.client
+                .post(app.url("/flows/remind/start"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "application/json")
+                .body(
+                    serde_json::json!({"to": ana, "from": OUR_NUMBER, "idempotency_key": "r-1"})
+                        .to_string(),
+                ),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        bodies_sent(&fake, ana, 1).await,
+        ["Your appointment is Tue 3pm."]
+    );
+    let got = received_at_least(&shop, 2).await;
+    assert!(
+        got[0].head.starts_with("GET /slots/%2B15557400031 "),
+        "{}",
+        got[0].head
+    );
+    assert!(
+        got[1].head.starts_with("POST /reminded "),
+        "{}",
+        got[1].head
+    );
+    assert!(idempotency_key(&got[1]).is_some_and(|k| k.starts_with("start:r-1:")));
+    app.stop().await;
+}
