@@ -172,7 +172,7 @@ impl Cx<'_> {
         let entries = self.map(node, "`headers`", &[])?;
         let mut out = Vec::new();
         for (name, (k, v)) in entries {
-            if let Some(problem) = header_name_problem(&name) {
+            if let Some(problem) = header_name_problem(name) {
                 self.err(k.pos, problem);
                 continue;
             }
