@@ -347,8 +347,17 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     }
     run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
     let fsyncs_before = fsyncs(client_rt, &client, ours.addr);
+    let calls_before = upstream
+        .as_ref()
+        .map(|u| u.received.load(Ordering::Relaxed));
     let our_report = run(client_rt, &client, &ours, &sc, &measured, args.concurrency);
     let fsyncs_after = fsyncs(client_rt, &client, ours.addr);
+    if let (Some(u), Some(before)) = (&upstream, calls_before) {
+        println!(
+            "upstream  {} calls received during the measured run",
+            u.received.load(Ordering::Relaxed) - before
+        );
+    }
     let our_rss = ours.peak_rss();
     if args.soak_secs > 0 {
         let soak_load = Load {
@@ -1167,6 +1176,8 @@ impl Server {
 /// request costs it nothing).
 struct Upstream {
     addr: SocketAddr,
+    /// Requests received so far.
+    received: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -1175,7 +1186,10 @@ impl Upstream {
             .await
             .expect("bind the upstream");
         let addr = listener.local_addr().expect("upstream addr");
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
         let app = axum::Router::new().fallback(move || async move {
+            counter.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             (
                 [(header::CONTENT_TYPE, "application/json")],
@@ -1185,7 +1199,7 @@ impl Upstream {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Upstream { addr }
+        Upstream { addr, received }
     }
 }
 
