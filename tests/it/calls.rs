@@ -888,3 +888,39 @@ steps:
     assert!(idempotency_key(&got[1]).is_some_and(|k| k.starts_with("start:r-1:")));
     app.stop().await;
 }
+
+/// The sender's flow sees only the category of a failure; the detail
+/// (here the allow-list's wording, naming the address) is in the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failures_detail_is_logged_not_shown() {
+    let shop = Shop::start(Answer::Json(201, r#"{"id": 7}"#.into())).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(
+        flows.join("pizza.yaml"),
+        in_process(pizza(&format!("http://{}", shop.addr))),
+    )
+    .unwrap();
+    let config = tmp.path().join("smsflow.toml");
+    std::fs::write(&config, "http_allow = [\"shop.example\"]\n").unwrap();
+    let mut server = spawn_server_env(
+        &flows,
+        &tmp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    server.send(FROM, "pizza", &new_sid()).await.unwrap();
+    assert_eq!(
+        bodies(&server.send(FROM, "margherita", &new_sid()).await.unwrap()),
+        vec!["Sorry, the shop cannot take orders right now (refused)."]
+    );
+    let log = server.stop_and_read_log().await.join("\n");
+    let line = log
+        .lines()
+        .find(|l| l.contains("flow call failed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("error=refused"), "{line}");
+    assert!(line.contains("127.0.0.1 is not in http_allow"), "{line}");
+    assert!(shop.received().is_empty());
+}
