@@ -19,8 +19,9 @@
 //! - `y\x01` + key → empty: one per `Sending` entry (a request may be in
 //!   flight), so a restart finds them without a scan.
 //!
-//! Every change of an entry's state rewrites the entry and its index
-//! entries in one sled transaction, so they cannot disagree after a crash.
+//! Every change of an entry's state rewrites the entry, its index
+//! entries and its broadcast's tally (`tallies.rs`) in one sled
+//! transaction, so they cannot disagree after a crash.
 //! An index entry that points at an entry in another state anyway (a
 //! record kept aside, an older release's leftovers) is stale: readers skip
 //! and remove it. The outbox depth (pending and sending entries) is the
@@ -189,6 +190,7 @@ pub(super) fn insert_new(db: &sled::Db, entry: &OutboxEntry) -> Result<Option<i6
             return Ok(None);
         }
         tx.insert(k.as_slice(), v.as_slice())?;
+        super::tallies::count(tx, &entry.key, None, &entry.state)?;
         let mut delta = 0;
         if let Some(ix) = &index {
             delta += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
@@ -247,6 +249,7 @@ pub(super) fn transition(
         if let Some(old) = index_key(&entry.state, key) {
             depth -= i64::from(tx.remove(old)?.is_some());
         }
+        super::tallies::count(tx, key, Some(&entry.state), to)?;
         entry.state = to.clone();
         if let Some(new) = index_key(&entry.state, key) {
             depth += i64::from(tx.insert(new, &[] as &[u8])?.is_none());

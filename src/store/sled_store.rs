@@ -18,6 +18,7 @@ use super::records::{
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
 use super::starts::{self, StartRecord};
+use super::tallies::{self, OutboxTally};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
@@ -156,6 +157,16 @@ impl SledStore {
         })?;
         shared.outbox_depth.store(depth, Ordering::Relaxed);
         shared.timers.store(timers, Ordering::Relaxed);
+        let counted = tallies::count_once(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        if counted > 0 {
+            tracing::info!(
+                broadcasts = counted,
+                "counted the outbox tallies of an older store once"
+            );
+        }
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
         Ok(SledStore { shared, worker })
@@ -1049,6 +1060,17 @@ impl Store for SledStore {
             .shared
             .with_db(|db| self.scan::<OutboxEntry>(db, outbox::PREFIX))?;
         Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<OutboxEntry>(db, &outbox::db_key(prefix)))?;
+        Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError> {
+        self.shared.with_db(tallies::all)
     }
 
     fn due_outbound(&self, now: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {

@@ -191,8 +191,8 @@ async fn starts_are_refused_without_token_for_unknown_flows_bad_input_and_opted_
             "idempotency_key",
         ),
         (
-            serde_json::json!({ "to": dee, "from": OUR_NUMBER, "idempotency_key": "k", "if_busy": "queue" }),
-            "unknown variant `queue`",
+            serde_json::json!({ "to": dee, "from": OUR_NUMBER, "idempotency_key": "k", "if_busy": "later" }),
+            "unknown variant `later`",
         ),
     ] {
         let (code, answer) = post_start(&app, "appointment", &body).await;

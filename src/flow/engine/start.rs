@@ -44,6 +44,7 @@ pub fn start_flow(set: &FlowSet, conv: Conversation, start: &Start<'_>, now: i64
     let mut contact = conv.contact;
     contact.extend(start.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut ex = Exec::new(set, msg, now, contact);
+    ex.queued = conv.queued;
     ex.answered = true;
     if let Some(flow) = set.inner.flows.get(start.flow) {
         ex.events.push(Event::Triggered {
