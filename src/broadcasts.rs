@@ -178,6 +178,10 @@ pub struct Sent {
     /// A flow broadcast: new recipients skipped as opted out.
     #[serde(default)]
     pub opted_out: usize,
+    /// A flow broadcast: new recipients whose start waits for their
+    /// current run to end (`if_busy: queue`).
+    #[serde(default)]
+    pub queued: usize,
 }
 
 /// A broadcast's progress, from its outbox entries (a flow broadcast's:

@@ -156,6 +156,7 @@ impl<S: Store> Pipeline<S> {
                 StartOutcome::Done { record, .. } => match record.result.as_str() {
                     "started" => sent.started += 1,
                     "skipped_busy" => sent.skipped_busy += 1,
+                    "queued" => sent.queued += 1,
                     _ => sent.opted_out += 1,
                 },
             }

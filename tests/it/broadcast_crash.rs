@@ -47,7 +47,7 @@ fn start(flows: &std::path::Path, data: &std::path::Path, config: &std::path::Pa
     server
 }
 
-async fn admin(
+pub(crate) async fn admin(
     server: &ChildServer,
     method: reqwest::Method,
     path: &str,

@@ -395,3 +395,93 @@ async fn broadcast_rate_against_the_pace() {
         1.0 / interval.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_broadcast_speaks_to_each_contact_by_name_and_bad_templates_are_refused() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let csv = "phone,name,list\n+15557730001,Ana,pizza\n+15557730002,,pizza\n+15557730003,Cy,other\n";
+    let (code, r) = admin_post(&app, "/contacts?from=%2B15550001111", "text/csv", csv.into()).await;
+    assert_eq!(code, 200, "{r}");
+    let body = serde_json::json!({
+        "id": "named", "from": OUR_NUMBER,
+        "message": "Hi {{contact.name|there}}, Friday: 2 for 1",
+        "where": { "field": "list", "equals": "pizza" },
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!((code, &sent["enqueued"]), (200, &2.into()), "{sent}");
+    assert_eq!(
+        bodies_sent(&fake, "+15557730001", 1).await,
+        ["Hi Ana, Friday: 2 for 1"]
+    );
+    assert_eq!(
+        bodies_sent(&fake, "+15557730002", 1).await,
+        ["Hi there, Friday: 2 for 1"]
+    );
+    // An explicit list reads each contact's fields too; a text that
+    // renders empty is skipped, not sent.
+    let body = serde_json::json!({
+        "id": "listed", "from": OUR_NUMBER, "message": "{{contact.name}}",
+        "to": ["+15557730003", "+15557730002"],
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!((code, &sent["enqueued"]), (200, &2.into()), "{sent}");
+    assert_eq!(bodies_sent(&fake, "+15557730003", 1).await, ["Cy"]);
+    let p = progress(&app, "listed").await;
+    assert_eq!((&p["sent"], &p["skipped"]), (&1.into(), &1.into()), "{p}");
+    for (message, why) in [
+        ("Hi {{name}}", "only contact fields"),
+        ("Hi {{contact.name", "unclosed"),
+        ("{{= 1 + 1 }}", "expressions"),
+    ] {
+        let body = serde_json::json!({
+            "id": "bad", "from": OUR_NUMBER, "message": message, "to": ["+15557730001"],
+        });
+        let (code, r) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+        assert_eq!(code, 400, "{message}: {r}");
+        assert!(r.to_string().contains(why), "{message}: {r}");
+    }
+    assert!(app.admin_json("/broadcasts").await["broadcasts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["id"] != "bad"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_broadcast_gives_fields_and_vars_and_queues_behind_busy_contacts() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let (ana, ben) = ("+15557740001", "+15557740002");
+    assert_eq!(
+        bodies(&app.send_sms(ben, "survey").await.body),
+        ["Rate us 1-5."]
+    );
+    let body = serde_json::json!({
+        "id": "fri-queue", "from": OUR_NUMBER, "flow": "offer", "to": [ana, ben],
+        "fields": { "name": "friend" }, "if_busy": "queue",
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(
+        (&sent["started"], &sent["queued"]),
+        (&1.into(), &1.into()),
+        "{sent}"
+    );
+    assert_eq!(
+        bodies_sent(&fake, ana, 1).await,
+        ["Hi friend, two pizzas for one on Friday? Reply YES or NO."]
+    );
+    assert!(fake.requests_to(ben).is_empty());
+    // Ben finishes his survey: his offer follows.
+    assert_eq!(bodies(&app.send_sms(ben, "5").await.body), ["Thanks!"]);
+    assert_eq!(bodies_sent(&fake, ben, 1).await.len(), 1);
+    let p = progress(&app, "fri-queue").await;
+    assert_eq!(p["total"], 2, "{p}");
+    // Fields and vars are for flows only.
+    let bad = serde_json::json!({
+        "id": "x", "from": OUR_NUMBER, "message": "hi", "to": [ana], "fields": { "a": "b" },
+    });
+    let (code, r) = admin_post(&app, "/broadcasts", "application/json", bad.to_string()).await;
+    assert_eq!(code, 400, "{r}");
+}
