@@ -444,6 +444,8 @@ pub struct BroadcastsArgs {
 }
 
 /// The subcommands of `smsflow broadcasts`.
+// Parsed once per run of the command: the size of `Send` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BroadcastsCommand {
     /// Send one message (--message), or start one flow (--flow), for the

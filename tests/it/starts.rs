@@ -355,7 +355,10 @@ async fn a_queued_start_waits_for_the_run_to_end_and_survives_sigkill() {
 
     let server = spawn_server_env(&flows, &data, &args, &env);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(fake.requests_to(ana).is_empty(), "started before the run ended");
+    assert!(
+        fake.requests_to(ana).is_empty(),
+        "started before the run ended"
+    );
     // Her answer ends the survey; the queued start goes then, once.
     let thanks = server.send(ana, "4", &new_sid()).await.unwrap();
     assert_eq!(bodies(&thanks), ["Thanks!"]);
