@@ -32,10 +32,12 @@
 //! - Every record says its version. A conversation record starts with its
 //!   layout version byte (now 2: version 2 added the due time of the
 //!   conversation's next timer to the header); JSON records (the
-//!   conversation inside it, now at version 2, which added the run's timer
-//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
-//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`],
-//!   [`StartRecord`], [`OutboxTally`], at version 1) start with `"v":N`, written and read by
+//!   conversation inside it, now at version 3: version 2 added the run's
+//!   timer fields, version 3 the queued starts, and a conversation with
+//!   none queued is still written as version 2; [`DeliveryStatus`],
+//!   [`StatusEvent`], [`OptOut`], [`AuditRecord`], the lines of
+//!   `messages.jsonl`, [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
+//!   at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version

@@ -44,7 +44,7 @@ use crate::twilio::MessageStatus;
 /// Most entries read from the due index per pass.
 const BATCH: usize = 256;
 /// Entries a pass reads first (see `pass`).
-const WINDOW: usize = 32;
+const WINDOW: usize = 2 * IN_FLIGHT;
 /// Sends in flight at once (across numbers; each number is paced).
 const IN_FLIGHT: usize = 8;
 /// Attempts (requests Twilio refused before processing) before a message

@@ -178,24 +178,34 @@ pub(super) fn count_indexed(db: &sled::Db) -> Result<i64, StoreError> {
     Ok(n)
 }
 
-/// Store `entry` under its key unless the key is taken, with its index
-/// entry, atomically. `None`: the key was taken; `Some(d)`: stored, and
-/// the depth changed by `d`.
-pub(super) fn insert_new(db: &sled::Db, entry: &OutboxEntry) -> Result<Option<i64>, StoreError> {
-    let k = db_key(&entry.key);
-    let v = encode(entry);
-    let index = index_key(&entry.state, &entry.key);
+/// Store each of `entries` under its key unless the key is taken, with
+/// its index entry and its tally, in one transaction (a broadcast's
+/// thousands of entries cost one commit, and one write of its tally, per
+/// call). Returns how many were new and the change of the depth.
+pub(super) fn insert_new(
+    db: &sled::Db,
+    entries: &[OutboxEntry],
+) -> Result<(usize, i64), StoreError> {
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| (db_key(&e.key), encode(e), index_key(&e.state, &e.key)))
+        .collect();
     db.transaction(|tx| {
-        if tx.get(&k)?.is_some() {
-            return Ok(None);
+        let (mut new, mut depth) = (0, 0);
+        let mut counts = super::tallies::Counts::default();
+        for (entry, (k, v, index)) in entries.iter().zip(&rows) {
+            if tx.get(k)?.is_some() {
+                continue;
+            }
+            tx.insert(k.as_slice(), v.as_slice())?;
+            counts.add(&entry.key, &entry.state);
+            new += 1;
+            if let Some(ix) = index {
+                depth += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
+            }
         }
-        tx.insert(k.as_slice(), v.as_slice())?;
-        super::tallies::count(tx, &entry.key, None, &entry.state)?;
-        let mut delta = 0;
-        if let Some(ix) = &index {
-            delta += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
-        }
-        Ok(Some(delta))
+        counts.write(tx)?;
+        Ok((new, depth))
     })
     .map_err(storage_error)
 }

@@ -985,12 +985,12 @@ impl Store for SledStore {
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {
         let (mut new, mut depth) = (0, 0);
         let result = self.shared.with_db(|db| {
-            for entry in entries {
-                // The entry and its due-index entry in one transaction.
-                if let Some(d) = outbox::insert_new(db, entry)? {
-                    new += 1;
-                    depth += d;
-                }
+            // The entries, their index entries and tallies: one
+            // transaction per chunk.
+            for chunk in entries.chunks(1000) {
+                let (n, d) = outbox::insert_new(db, chunk)?;
+                new += n;
+                depth += d;
             }
             Ok(())
         });

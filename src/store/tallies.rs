@@ -132,6 +132,43 @@ pub(super) fn count(
     Ok(())
 }
 
+/// New entries counted in memory within one transaction, then added to
+/// their tallies with one write each ([`Counts::write`]).
+#[derive(Default)]
+pub(super) struct Counts(std::collections::BTreeMap<String, OutboxTally>);
+
+impl Counts {
+    /// Count a new entry `key` in `state` (if it counts toward a tally).
+    pub(super) fn add(&mut self, key: &str, state: &OutboxState) {
+        if let Some(id) = tally_of(key) {
+            self.0.entry(id.to_owned()).or_default().add(state);
+        }
+    }
+
+    /// Add the counts to the stored tallies. A tally that does not decode
+    /// is left as it is (it is counted again when read).
+    pub(super) fn write(&self, tx: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
+        for (id, more) in &self.0 {
+            let k = db_key(id);
+            let mut tally = match tx.get(&k)? {
+                Some(v) => match decode::<OutboxTally>(&v) {
+                    Ok(t) => t,
+                    Err(_) => continue,
+                },
+                None => OutboxTally::default(),
+            };
+            tally.pending += more.pending;
+            tally.sending += more.sending;
+            tally.sent += more.sent;
+            tally.failed += more.failed;
+            tally.skipped += more.skipped;
+            tally.unknown += more.unknown;
+            tx.insert(k, encode(&tally))?;
+        }
+        Ok(())
+    }
+}
+
 /// Count every tally from the outbox, if that was never done in this
 /// database (see the module doc). Returns how many tallies were written.
 pub(super) fn count_once(db: &sled::Db) -> Result<usize, StoreError> {

@@ -201,6 +201,7 @@ async fn a_ten_thousand_contact_broadcast_survives_sigkill_without_duplicates() 
         assert!(Instant::now() < deadline, "only {n} sent before the kill");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let killed_after = started.elapsed();
     server.signal("KILL");
     let mut server = server;
     assert!(!server.wait_exit(Duration::from_secs(10)).success());
@@ -256,10 +257,23 @@ async fn a_ten_thousand_contact_broadcast_survives_sigkill_without_duplicates() 
         "{q}"
     );
     assert!(received(&fake, QUIET_NUMBER).is_empty());
+    // CPU the restarted server used (user + system, in clock ticks).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.child.id())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     eprintln!(
-        "{CONTACTS} contacts: {at_kill} requests before the kill, all done {took:?} after the \
-         broadcast was sent ({:.0}/s overall, pace 1000/s); {unknown} unknown, {} missing",
+        "{CONTACTS} contacts: {at_kill} requests before the kill ({:?}), all done {took:?} after \
+         the broadcast was sent ({:.0}/s overall, pace 1000/s); the second server used {:.1} s \
+         of CPU for {} sends; {unknown} unknown, {} missing",
+        killed_after,
         CONTACTS as f64 / took.as_secs_f64(),
+        ticks as f64 / 100.0,
+        CONTACTS - at_kill,
         missing.len()
     );
 }
