@@ -36,7 +36,7 @@ fn start(flows: &std::path::Path, data: &std::path::Path, config: &std::path::Pa
             ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
             ("TWILIO_API_KEY_SID", API_KEY_SID),
             ("TWILIO_API_KEY_SECRET", API_KEY_SECRET),
-            ("RUST_LOG", "warn,smsflow=info"),
+            ("RUST_LOG", "warn,smsflow=info,smsflow::outbound=warn"),
         ],
     );
     // A liveness bound, not a performance assertion.
