@@ -495,6 +495,46 @@ async fn a_flow_broadcast_gives_fields_and_vars_and_queues_behind_busy_contacts(
     assert_eq!(bodies_sent(&fake, ben, 1).await.len(), 1);
     let p = progress(&app, "fri-queue").await;
     assert_eq!(p["total"], 2, "{p}");
+    // The CLI says the same with --field and --if-busy queue (Ben is in
+    // his offer now).
+    let server = format!("http://{}", app.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args([
+                "broadcasts",
+                "send",
+                "--id",
+                "cli-queue",
+                "--from",
+                "+15550001111",
+            ])
+            .args([
+                "--flow",
+                "offer",
+                "--if-busy",
+                "queue",
+                "--field",
+                "name=pal",
+            ])
+            .args(["--to", "+15557740002", "--to", "+15557740003"])
+            .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SMSFLOW_SERVER", server)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        (&answer["started"], &answer["queued"]),
+        (&1.into(), &1.into()),
+        "{answer}"
+    );
+    assert_eq!(
+        bodies_sent(&fake, "+15557740003", 1).await,
+        ["Hi pal, two pizzas for one on Friday? Reply YES or NO."]
+    );
     // Fields and vars are for flows only.
     let bad = serde_json::json!({
         "id": "x", "from": OUR_NUMBER, "message": "hi", "to": [ana], "fields": { "a": "b" },
