@@ -367,7 +367,7 @@ pub struct StartArgs {
     #[arg(long, value_name = "KEY")]
     pub key: String,
     /// When the contact is already in a flow run: end it and start
-    /// (interrupt), or start nothing (skip).
+    /// (interrupt), start nothing (skip), or start when it ends (queue).
     #[arg(long, value_enum, default_value = "interrupt")]
     pub if_busy: IfBusyArg,
     /// The running server's admin address.
@@ -382,6 +382,8 @@ pub enum IfBusyArg {
     Interrupt,
     /// Start nothing.
     Skip,
+    /// Wait until the run ends, then start.
+    Queue,
 }
 
 /// `NAME=VALUE` of `--field` and `--var`.
@@ -442,6 +444,8 @@ pub struct BroadcastsArgs {
 }
 
 /// The subcommands of `smsflow broadcasts`.
+// Parsed once per run of the command: the size of `Send` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BroadcastsCommand {
     /// Send one message (--message), or start one flow (--flow), for the
@@ -461,7 +465,8 @@ pub enum BroadcastsCommand {
         #[arg(long, value_name = "NAME")]
         flow: Option<String>,
         /// With --flow: when a contact is already in a flow run, start
-        /// nothing (skip, the default) or end it and start (interrupt).
+        /// nothing (skip, the default), end it and start (interrupt), or
+        /// start when it ends (queue).
         #[arg(long, value_enum, requires = "flow")]
         if_busy: Option<IfBusyArg>,
         /// Contacts whose field equals a value, FIELD=VALUE.
@@ -476,6 +481,14 @@ pub enum BroadcastsCommand {
         /// Send through this Messaging Service (MG...) instead of --from.
         #[arg(long, value_name = "SID")]
         messaging_service_sid: Option<String>,
+        /// With --flow: a contact field set for every recipient,
+        /// NAME=VALUE (repeatable).
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_pair, requires = "flow")]
+        field: Vec<(String, String)>,
+        /// With --flow: a run variable every run begins with, NAME=VALUE
+        /// (repeatable).
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_pair, requires = "flow")]
+        var: Vec<(String, String)>,
     },
     /// Cancel a broadcast: what is still pending is not sent.
     Cancel {

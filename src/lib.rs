@@ -109,15 +109,21 @@
 //!   pure `flow::start_flow` in `flow/engine/start.rs`, then the outbox
 //!   entries, the conversation and the result under the idempotency key
 //!   in one store transaction, `store/starts.rs`); the route is
-//!   `http/starts.rs`.
-//! - [`contacts`]: contact fields from outside: CSV checked whole (line
-//!   numbers, all or nothing) and written per conversation under its
-//!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
-//!   only user of the csv crate. Routes in `http/contacts.rs`.
-//! - [`broadcasts`]: one message, or one flow start, for the contacts
+//!   `http/starts.rs`. A start queued behind a live run (`if_busy:
+//!   queue`) is kept in the conversation itself and made due by
+//!   `flow::next_due`; the timer fires it under the lock once no run is
+//!   live.
+//! - [`contacts`]: contact fields from outside: CSV or a JSON list
+//!   checked whole (line numbers or indexes, all or nothing) and written
+//!   per conversation under its lock (`pipeline/contacts.rs`), exported
+//!   back spreadsheet-safe; the only user of the csv crate. Routes in `http/contacts.rs`.
+//! - [`broadcasts`]: one message (its text rendered per contact,
+//!   [`flow::ContactText`]), or one flow start, for the contacts
 //!   matching a filter: one outbox entry (or one start, idempotency key)
 //!   per recipient keyed by the broadcast's id (sending it again adds
-//!   nobody twice), progress counted from their states, cancel
+//!   nobody twice), progress from the per-broadcast tallies the store
+//!   keeps with every outbox write (`store/tallies.rs`: listing never
+//!   reads the outbox), cancel over the broadcast's key range
 //!   (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,

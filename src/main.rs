@@ -308,6 +308,7 @@ fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
         if_busy: match args.if_busy {
             IfBusyArg::Interrupt => IfBusy::Interrupt,
             IfBusyArg::Skip => IfBusy::Skip,
+            IfBusyArg::Queue => IfBusy::Queue,
         },
     };
     let path = format!("/flows/{}/start", percent_encode_segment(&args.flow));
@@ -318,7 +319,7 @@ fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
         Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
         Err(_) => eprintln!("{} answered {code}: {}", args.server, answer.trim()),
     }
-    Ok(if code == 200 || code == 201 {
+    Ok(if matches!(code, 200..=202) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -443,6 +444,8 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
             where_set,
             to,
             messaging_service_sid,
+            field,
+            var,
         }) => {
             let filter = match (where_equals, where_set) {
                 (Some((field, value)), _) => Some(Filter {
@@ -464,9 +467,12 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
                 if_busy: if_busy.map(|b| match b {
                     smsflow::cli::IfBusyArg::Interrupt => smsflow::starts::IfBusy::Interrupt,
                     smsflow::cli::IfBusyArg::Skip => smsflow::starts::IfBusy::Skip,
+                    smsflow::cli::IfBusyArg::Queue => smsflow::starts::IfBusy::Queue,
                 }),
                 filter,
                 to: (!to.is_empty()).then_some(to),
+                fields: field.into_iter().collect(),
+                vars: var.into_iter().collect(),
             };
             post("/broadcasts", serde_json::to_vec(&request)?)
         }

@@ -19,6 +19,7 @@
 //! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
 //! | `y\0` | 8-byte not_before, outbox key | empty: the due index of pending outbox entries (`outbox.rs`) |
 //! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
+//! | `g\0` | tally name (a broadcast's id) | [`OutboxTally`]: how many of its outbox entries are in each state, written with each of them (`tallies.rs`); `m\0tallies` says they were counted |
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
 //!
@@ -31,10 +32,12 @@
 //! - Every record says its version. A conversation record starts with its
 //!   layout version byte (now 2: version 2 added the due time of the
 //!   conversation's next timer to the header); JSON records (the
-//!   conversation inside it, now at version 2, which added the run's timer
-//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
-//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`],
-//!   [`StartRecord`], at version 1) start with `"v":N`, written and read by
+//!   conversation inside it, now at version 3: version 2 added the run's
+//!   timer fields, version 3 the queued starts, and a conversation with
+//!   none queued is still written as version 2; [`DeliveryStatus`],
+//!   [`StatusEvent`], [`OptOut`], [`AuditRecord`], the lines of
+//!   `messages.jsonl`, [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
+//!   at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
@@ -105,7 +108,8 @@
 //! Files: this one holds the contract (the [`Store`] trait and its types);
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
-//! `open.rs` opening and its failures; `starts.rs` flow start results; `files.rs` private files and real
+//! `open.rs` opening and its failures; `starts.rs` flow start results; `tallies.rs` per-broadcast
+//! counts of outbox states; `files.rs` private files and real
 //! fsyncs; `quarantine.rs` records kept aside.
 
 use std::time::Duration;
@@ -121,6 +125,7 @@ mod quarantine;
 mod records;
 mod sled_store;
 mod starts;
+mod tallies;
 mod worker;
 
 pub use call_jobs::{CallJob, CallJobState};
@@ -131,6 +136,7 @@ pub use records::{
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
 pub use starts::StartRecord;
+pub use tallies::{tally_of, tally_prefixes, OutboxTally};
 
 /// One entry of the timer index: a conversation whose timer is due at
 /// `due` (unless the entry is stale: the record's own due time decides).
@@ -360,6 +366,14 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every outbox entry, by key.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// The outbox entries whose key starts with `prefix`, by key (one
+    /// broadcast's entries: [`tally_prefixes`]). Reads that key range
+    /// only.
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Per tally (a broadcast's id: [`tally_of`] names the entries that
+    /// count), how many entries are in each state, by name. Kept with
+    /// every outbox write; reads one record per tally, never the outbox.
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError>;
     /// Pending entries due at `now` (`not_before <= now`), earliest first,
     /// at most `limit`. Reads the due index, never the whole outbox; stale
     /// index entries met on the way are removed.

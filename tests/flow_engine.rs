@@ -171,6 +171,7 @@ fn an_edited_flow_ends_a_stale_run_cleanly() {
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
         }),
+        queued: Vec::new(),
     };
     let h = send(&b, gone, "hello", 1);
     assert_eq!(
@@ -581,7 +582,11 @@ fn arb_conversation() -> impl Strategy<Value = Conversation> {
         prop::collection::btree_map(".{0,8}", ".{0,8}", 0..4),
         prop::option::of(run),
     )
-        .prop_map(|(contact, run)| Conversation { contact, run })
+        .prop_map(|(contact, run)| Conversation {
+            contact,
+            run,
+            queued: Vec::new(),
+        })
 }
 
 proptest! {

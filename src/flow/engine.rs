@@ -141,6 +141,33 @@ pub struct Conversation {
     pub contact: BTreeMap<String, String>,
     /// The flow run waiting for this sender's next message, if any.
     pub run: Option<Run>,
+    /// Flow starts waiting for the run to end (`if_busy: queue`), oldest
+    /// first. The engine carries them through unchanged; the pipeline
+    /// starts the first when no run is live ([`next_due`] makes it due).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queued: Vec<QueuedStart>,
+}
+
+/// A flow start from outside that waits for the conversation's run to
+/// end (`if_busy: queue`), kept in the conversation until it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedStart {
+    /// The flow to start.
+    pub flow: String,
+    /// The start's idempotency key (its messages' outbox keys derive from
+    /// it, as a start's do).
+    pub key: String,
+    /// Contact fields to set before the first step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    /// Run variables the run begins with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+    /// The Messaging Service to send through, if the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging_service_sid: Option<String>,
+    /// Unix seconds when it was queued.
+    pub at: i64,
 }
 
 /// A flow in progress, parked at a step that waits for a reply.
@@ -370,6 +397,7 @@ pub fn handle_with_calls(
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.queued = conv.queued;
     ex.responses = calls;
     let norm = normalize(msg.body);
     let mut run = conv.run;
@@ -437,6 +465,7 @@ pub fn handle_timeout_with_calls(
     };
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.queued = conv.queued;
     ex.responses = calls;
     ex.touch = false;
     if let Some(run) = conv.run {
@@ -463,11 +492,37 @@ pub fn handle_timeout_with_calls(
 }
 
 /// When the conversation's next timer is due under `set` (unix seconds):
-/// the waiting step's next timeout, or a script flow's earliest wake.
-/// `None` when nothing is pending (no run, no timeout left, or the run's
-/// flow or step no longer exists). The store indexes conversations by
-/// this time.
+/// the waiting step's next timeout, or a script flow's earliest wake;
+/// with a queued start, no later than when the run stops being live
+/// ([`live_run`]: at once without a run, else when it expires). `None`
+/// when nothing is pending (no run, no timeout left, or the run's flow or
+/// step no longer exists, and nothing queued). The store indexes
+/// conversations by this time.
 pub fn next_due(set: &FlowSet, conv: &Conversation) -> Option<i64> {
+    let timer = run_due(set, conv);
+    let Some(first) = conv.queued.first() else {
+        return timer;
+    };
+    // A queued start is due when no run is live: now (the time it was
+    // queued) without one, else the moment the run expires.
+    let free = conv
+        .run
+        .as_ref()
+        .and_then(|run| {
+            let flow = set.inner.flows.get(&run.flow)?;
+            let step_there = flow.script.is_some() || flow.steps.contains_key(&run.step);
+            step_there.then(|| {
+                run.last_active
+                    .saturating_add(flow.expire_after)
+                    .saturating_add(1)
+            })
+        })
+        .unwrap_or(first.at);
+    Some(timer.map_or(free, |t| t.min(free)))
+}
+
+/// The run's own next timer (see [`next_due`]).
+fn run_due(set: &FlowSet, conv: &Conversation) -> Option<i64> {
     let run = conv.run.as_ref()?;
     let flow = set.inner.flows.get(&run.flow)?;
     if flow.script.is_some() {
@@ -525,6 +580,8 @@ struct Exec<'a> {
     pending: Option<CallRequest>,
     /// `after_answer` calls reached so far.
     after: Vec<CallRequest>,
+    /// The conversation's queued starts, handed back as they came.
+    queued: Vec<QueuedStart>,
 }
 
 impl<'a> Exec<'a> {
@@ -559,6 +616,7 @@ impl<'a> Exec<'a> {
             call_vars: BTreeMap::new(),
             pending: None,
             after: Vec::new(),
+            queued: Vec::new(),
         }
     }
 
@@ -1417,6 +1475,7 @@ impl<'a> Exec<'a> {
             conversation: Conversation {
                 contact: self.contact,
                 run: self.run,
+                queued: self.queued,
             },
             flow: self.flow,
             step: self.step,

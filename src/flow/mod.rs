@@ -41,8 +41,8 @@ mod yaml;
 pub use check::ReservedWords;
 pub use engine::{
     handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,
-    EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run, SilenceReason, StepRef, Wake,
-    MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    EngineOptions, Event, Handled, Inbound, Outcome, QueuedStart, Reply, Run, SilenceReason,
+    StepRef, Wake, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
 };
 pub use engine::{live_run, start_flow, start_flow_with_calls, Start};
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
@@ -50,6 +50,7 @@ pub(crate) use load::{parse_duration, show_secs};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub(crate) use outline::{EdgeTarget, Outline};
+pub use template::ContactText;
 pub use transcript::{
     assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };

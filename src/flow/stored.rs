@@ -9,10 +9,13 @@ use super::Conversation;
 use crate::versioned::{self, Versioned};
 
 /// Version 2 added the run's timer fields (`waiting_since`,
-/// `timeouts_fired`, `wakes`).
+/// `timeouts_fired`, `wakes`); version 3 the queued starts (`queued`,
+/// `if_busy: queue`). A conversation with nothing queued is written as
+/// version 2, which it is byte for byte: only a conversation holding a
+/// queued start needs a release that reads version 3.
 impl Versioned for Conversation {
     const KIND: &'static str = "conversation";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn upgrade(from: u32, mut record: serde_json::Value) -> Result<serde_json::Value, String> {
         match from {
@@ -33,6 +36,8 @@ impl Versioned for Conversation {
                 }
                 Ok(record)
             }
+            // Nothing was queued before version 3.
+            2 => Ok(record),
             _ => Err(format!("no migration from version {from}")),
         }
     }
@@ -41,7 +46,11 @@ impl Versioned for Conversation {
 impl Conversation {
     /// The bytes to store, in the current version.
     pub fn to_stored(&self) -> Vec<u8> {
-        versioned::encode(self)
+        if self.queued.is_empty() {
+            versioned::encode_as(self, 2)
+        } else {
+            versioned::encode(self)
+        }
     }
 
     /// A stored conversation of any version this release reads, migrated
@@ -49,5 +58,69 @@ impl Conversation {
     /// the record aside before anything replaces it).
     pub fn from_stored(bytes: &[u8]) -> Result<Conversation, String> {
         versioned::decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::flow::{QueuedStart, Run};
+
+    fn queued() -> Conversation {
+        Conversation {
+            contact: BTreeMap::from([("name".to_owned(), "Ana".to_owned())]),
+            run: Some(Run {
+                flow: "survey".into(),
+                step: "ask".into(),
+                vars: BTreeMap::new(),
+                retries: 0,
+                started_at: 1_700_000_000,
+                last_active: 1_700_000_000,
+                waiting_since: 1_700_000_000,
+                timeouts_fired: 0,
+                wakes: BTreeMap::new(),
+            }),
+            queued: vec![QueuedStart {
+                flow: "appointment".into(),
+                key: "appt-2026-12-01-ana".into(),
+                fields: BTreeMap::from([("appt".to_owned(), "Tue 3pm".to_owned())]),
+                vars: BTreeMap::from([("ref".to_owned(), "A-17".to_owned())]),
+                messaging_service_sid: None,
+                at: 1_700_000_100,
+            }],
+        }
+    }
+
+    /// Version 3 (a queued start) decodes and is written byte for byte
+    /// (`SMSFLOW_WRITE_GOLDEN=1` writes the file when missing); without a
+    /// queued start a conversation is still written as version 2.
+    #[test]
+    fn queued_starts_are_version_3_and_the_rest_stays_version_2() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/store/golden/v3/conversation_queued.json");
+        let conv = queued();
+        if std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some() && !path.exists() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, conv.to_stored()).unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(b"{\"v\":3,"));
+        assert_eq!(Conversation::from_stored(&bytes), Ok(conv.clone()));
+        assert_eq!(
+            bytes,
+            conv.to_stored(),
+            "v3/conversation_queued.json changed"
+        );
+        let plain = Conversation {
+            queued: Vec::new(),
+            ..conv
+        };
+        let v2 = plain.to_stored();
+        assert!(v2.starts_with(b"{\"v\":2,"));
+        assert!(!String::from_utf8_lossy(&v2).contains("queued"));
+        assert_eq!(Conversation::from_stored(&v2), Ok(plain));
     }
 }

@@ -338,6 +338,7 @@ impl Transcript {
         Ok(Conversation {
             contact: self.contact.clone(),
             run,
+            queued: Vec::new(),
         })
     }
 }

@@ -1,9 +1,10 @@
-//! `POST /contacts?from=OUR_NUMBER` (a CSV file: import) and
+//! `POST /contacts?from=OUR_NUMBER` (a CSV file, or with `Content-Type:
+//! application/json` a JSON list of `{phone, fields}`: import) and
 //! `GET /contacts?from=OUR_NUMBER` (CSV: export), behind the admin token.
 //!
-//! Answers: 200 JSON summary / CSV; 400 with every bad line
-//! (`{"errors":[{"line":N,"message":…}]}`, nothing imported); 401 without
-//! the token; 503 when the store fails.
+//! Answers: 200 JSON summary / CSV; 400 with every bad line or contact
+//! (`{"errors":[{"line":N,"message":…}]}`, for JSON `{"index":N,…}`,
+//! nothing imported); 401 without the token; 503 when the store fails.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -47,11 +48,31 @@ pub(super) async fn import(
         Ok(n) => n,
         Err(e) => return bad_input(&state, e),
     };
-    let rows = match contacts::parse_csv(&body) {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let parsed = if json {
+        contacts::parse_json(&body).map_err(|e| match e {
+            contacts::JsonImportError::Body(reason) => Err(reason),
+            contacts::JsonImportError::Items(errors) => Ok(serde_json::json!(errors)),
+        })
+    } else {
+        contacts::parse_csv(&body).map_err(|errors| Ok(serde_json::json!(errors)))
+    };
+    let rows = match parsed {
         Ok(rows) => rows,
-        Err(errors) => {
+        Err(Err(reason)) => return bad_input(&state, reason),
+        Err(Ok(errors)) => {
             Metrics::inc(&state.metrics.bad_requests);
-            tracing::warn!(errors = errors.len(), "rejected contact import");
+            tracing::warn!(
+                errors = errors.as_array().map_or(0, Vec::len),
+                "rejected contact import"
+            );
             return (
                 StatusCode::BAD_REQUEST,
                 axum::Json(serde_json::json!({ "imported": 0, "errors": errors })),

@@ -88,8 +88,10 @@ impl<S: Store> Pipeline<S> {
     /// under the conversation's lock: re-read the record; if its due time
     /// is no longer `timer.due` the entry is stale (a reply or an earlier
     /// firing moved it) and is removed; otherwise run the engine's
-    /// timeout, put what it says in the outbox, then commit the
-    /// conversation with its next due time, then flush.
+    /// timeout, then, when no run is live any more and a start is queued
+    /// (`if_busy: queue`), start the first queued flow; put what they say
+    /// in the outbox, then commit the conversation with its next due
+    /// time, then flush.
     ///
     /// The outbox entries are written before the conversation: a crash in
     /// between fires the timer again after restart, and the entries' keys
@@ -177,6 +179,15 @@ impl<S: Store> Pipeline<S> {
         } else if fired.is_some() {
             Metrics::inc(&self.metrics.timers_fired);
         }
+        // The run may have ended (or expired) with a start queued behind
+        // it: that start goes now, its messages after the timeout's.
+        let mut conversation = handled.conversation.clone();
+        let mut started = false;
+        if let Some((after, start)) = self.start_queued(&flows, key, &conversation, now)? {
+            conversation = after;
+            entries.extend(start);
+            started = true;
+        }
         let mut enqueued = Vec::new();
         if !entries.is_empty() {
             // Only the entries this firing added count as sent by it.
@@ -193,14 +204,13 @@ impl<S: Store> Pipeline<S> {
             &handled.after,
             now,
         )?;
-        let conversation = &handled.conversation;
-        let due = flow::next_due(&flows, conversation);
+        let due = flow::next_due(&flows, &conversation);
         let stored =
-            (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+            (conversation != flow::Conversation::default()).then(|| conversation.to_stored());
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.run.is_none() && conversation.queued.is_empty(),
             due,
             recent: &record.recent,
             at: now,
@@ -221,7 +231,7 @@ impl<S: Store> Pipeline<S> {
             "timer fired"
         );
         Ok(TimerFired {
-            ran: fired.is_some(),
+            ran: fired.is_some() || started,
             enqueued,
             events: handled.events,
         })

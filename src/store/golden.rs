@@ -62,6 +62,7 @@ fn ana() -> Conversation {
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
         }),
+        queued: Vec::new(),
     }
 }
 
@@ -321,7 +322,7 @@ fn newer_records_do_not_decode() {
     let mut v = read(2, "conversation.bin");
     v[0] = 3;
     assert!(decode_conv(&v).is_err());
-    assert!(Conversation::from_stored(br#"{"v":3,"contact":{},"run":null}"#).is_err());
+    assert!(Conversation::from_stored(br#"{"v":4,"contact":{},"run":null}"#).is_err());
     assert!(decode::<OptOut>(br#"{"v":2,"opted_out":true,"at":1}"#).is_err());
 }
 

@@ -18,6 +18,7 @@ use super::records::{
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
 use super::starts::{self, StartRecord};
+use super::tallies::{self, OutboxTally};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
@@ -165,6 +166,16 @@ impl SledStore {
         })?;
         shared.call_jobs_pending.store(pending, Ordering::Relaxed);
         shared.timers.store(timers, Ordering::Relaxed);
+        let counted = tallies::count_once(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        if counted > 0 {
+            tracing::info!(
+                broadcasts = counted,
+                "counted the outbox tallies of an older store once"
+            );
+        }
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
         Ok(SledStore { shared, worker })
@@ -993,12 +1004,12 @@ impl Store for SledStore {
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {
         let (mut new, mut depth) = (0, 0);
         let result = self.shared.with_db(|db| {
-            for entry in entries {
-                // The entry and its due-index entry in one transaction.
-                if let Some(d) = outbox::insert_new(db, entry)? {
-                    new += 1;
-                    depth += d;
-                }
+            // The entries, their index entries and tallies: one
+            // transaction per chunk.
+            for chunk in entries.chunks(1000) {
+                let (n, d) = outbox::insert_new(db, chunk)?;
+                new += n;
+                depth += d;
             }
             Ok(())
         });
@@ -1086,6 +1097,17 @@ impl Store for SledStore {
             .shared
             .with_db(|db| self.scan::<OutboxEntry>(db, outbox::PREFIX))?;
         Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<OutboxEntry>(db, &outbox::db_key(prefix)))?;
+        Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError> {
+        self.shared.with_db(tallies::all)
     }
 
     fn due_outbound(&self, now: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {

@@ -96,6 +96,8 @@ pub(super) fn commit(
         .iter()
         .map(|e| {
             (
+                e.key.as_str(),
+                &e.state,
                 outbox::db_key(&e.key),
                 encode(e),
                 outbox::index_key(&e.state, &e.key),
@@ -107,11 +109,12 @@ pub(super) fn commit(
             return Ok((Some(existing), None, 0));
         }
         let mut depth = 0;
-        for (ek, ev, ix) in &rows {
+        for (key, state, ek, ev, ix) in &rows {
             if tx.get(ek)?.is_some() {
                 continue;
             }
             tx.insert(ek.as_slice(), ev.as_slice())?;
+            super::tallies::count(tx, key, None, state)?;
             if let Some(ix) = ix {
                 depth += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
             }

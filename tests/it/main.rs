@@ -3,6 +3,7 @@
 //! every shipped transcript compared with the server over HTTP.
 
 mod author;
+mod broadcast_crash;
 mod broadcasts;
 mod calls;
 mod compliance;

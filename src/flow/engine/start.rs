@@ -57,6 +57,7 @@ pub fn start_flow_with_calls(
     contact.extend(start.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut ex = Exec::new(set, msg, now, contact);
     ex.responses = calls;
+    ex.queued = conv.queued;
     ex.answered = true;
     if let Some(flow) = set.inner.flows.get(start.flow) {
         ex.events.push(Event::Triggered {
