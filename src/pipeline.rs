@@ -658,7 +658,7 @@ impl<S: Store> Pipeline<S> {
             key,
             recent: &record.recent,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.is_idle(),
             message_sid: &msg.message_sid,
             processed,
             consent,
@@ -740,7 +740,7 @@ impl<S: Store> Pipeline<S> {
         self.store.commit_state(StateCommit {
             key,
             conversation: Some(&bytes),
-            ended: conversation.run.is_none(),
+            ended: conversation.is_idle(),
             due,
             recent: &record.recent,
             at: now,

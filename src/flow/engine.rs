@@ -148,6 +148,15 @@ pub struct Conversation {
     pub queued: Vec<QueuedStart>,
 }
 
+impl Conversation {
+    /// Whether nothing is running or waiting to run: no live run and no
+    /// queued start. Only such a conversation is stored as ended (and may
+    /// be purged once idle past `retention_days`).
+    pub fn is_idle(&self) -> bool {
+        self.run.is_none() && self.queued.is_empty()
+    }
+}
+
 /// A flow start from outside that waits for the conversation's run to
 /// end (`if_busy: queue`), kept in the conversation until it starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -156,7 +156,7 @@ impl<S: Store> Pipeline<S> {
             Some(StateCommit {
                 key: &key,
                 conversation: bytes.as_deref(),
-                ended: conversation.run.is_none() && conversation.queued.is_empty(),
+                ended: conversation.is_idle(),
                 due,
                 recent: &stored.recent,
                 at: now,

@@ -210,7 +210,7 @@ impl<S: Store> Pipeline<S> {
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none() && conversation.queued.is_empty(),
+            ended: conversation.is_idle(),
             due,
             recent: &record.recent,
             at: now,
