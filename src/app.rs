@@ -381,6 +381,7 @@ impl App {
                         statuses = n.statuses,
                         status_events = n.status_events,
                         conversations = n.conversations,
+                        results = n.results,
                         "purged records older than the retention period"
                     ),
                     Ok(Err(e)) => tracing::error!(error = %e, "purge failed"),

@@ -251,6 +251,7 @@ pub(crate) mod metrics;
 pub mod outbound;
 pub mod pipeline;
 pub mod reload;
+pub mod results;
 pub mod service;
 pub mod starts;
 pub mod store;

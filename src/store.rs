@@ -119,6 +119,7 @@ mod open;
 mod outbox;
 mod quarantine;
 mod records;
+mod results;
 mod sled_store;
 mod starts;
 mod worker;
@@ -130,6 +131,7 @@ pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
+pub use results::RunResult;
 pub use starts::StartRecord;
 
 /// One entry of the timer index: a conversation whose timer is due at
@@ -160,6 +162,9 @@ pub struct StateCommit<'a> {
     pub recent: &'a RecentAnswers,
     /// Unix seconds: the record's last-touched time.
     pub at: i64,
+    /// The results of the runs this change ended, written atomically
+    /// with it (see [`Commit::results`]).
+    pub results: &'a [RunResult],
 }
 pub use sled_store::SledStore;
 
@@ -213,6 +218,12 @@ pub struct Commit<'a> {
     /// When the conversation's next timer is due, if one is pending
     /// (indexed by due time; see the store's "Timers").
     pub due: Option<i64>,
+    /// The results of the flow runs this message ended (usually none),
+    /// written in the same atomic write as the conversation: after a
+    /// crash both are there or neither. Writing the same results again
+    /// (same flow, numbers, start and end times, in the same order)
+    /// replaces them: nothing is doubled.
+    pub results: &'a [RunResult],
 }
 
 /// How many records a purge removed, by kind.
@@ -226,6 +237,29 @@ pub struct Purged {
     pub status_events: usize,
     /// Idle conversations removed.
     pub conversations: usize,
+    /// Flow results removed.
+    pub results: usize,
+}
+
+/// What [`Store::forget_contact`] removed, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Conversation records (one per number of ours), with any pending
+    /// timer.
+    pub conversations: usize,
+    /// Flow results.
+    pub results: usize,
+    /// Lines of the message log (inbound messages, with their text).
+    pub log_lines: usize,
+    /// Delivery status records of messages sent to the number.
+    pub statuses: usize,
+    /// Status callback events of those messages.
+    pub status_events: usize,
+    /// Outbox entries to the number, whatever their state (pending ones
+    /// are never sent).
+    pub outbox: usize,
+    /// Flow start records naming the number.
+    pub starts: usize,
 }
 
 /// Result of offering a status callback to the store.
@@ -298,8 +332,10 @@ pub trait Store: Send + Sync + 'static {
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError>;
     /// Outbound messages with a known status, newest first.
     fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError>;
-    /// Remove dedupe records, delivery records and ended conversations last
-    /// touched before `cutoff` (unix seconds). Consent records are kept.
+    /// Remove dedupe records and message log lines (with their text),
+    /// delivery records, ended conversations last touched before `cutoff`
+    /// (unix seconds), and flow results of runs that ended before it.
+    /// Consent records are kept.
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
     /// Delete the conversation for `key` (contact fields and run); returns
     /// whether one was stored. Recorded answers stay, so a retried
@@ -395,6 +431,34 @@ pub trait Store: Send + Sync + 'static {
         entries: &[OutboxEntry],
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError>;
+
+    // Flow results and erasure (issue 20). Results are written by
+    // `commit`, `commit_state` and `commit_start` (their `results`) and
+    // removed by `purge` and `forget_contact`.
+
+    /// The results of `flow`'s runs that ended at or after `since` (unix
+    /// seconds), in end-time order (then our number, the contact's number,
+    /// start time). A record that does not decode is kept aside and left
+    /// out. Reads only that flow's results.
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError>;
+    /// The keys of every stored conversation whose contact (`from`) is
+    /// `number`, on any of our numbers, in key order. Reads every
+    /// conversation key: for erasure, not for the message path.
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError>;
+    /// Erase everything stored about `number`: its conversation records on
+    /// every number of ours (with their recent answers and timer index
+    /// entries), flow results whose contact it is, message log lines from
+    /// or to it (the file is rewritten), delivery records and status
+    /// events of messages sent to it, outbox entries to it in any state
+    /// (with their index entries), and flow start records naming it.
+    /// Kept: its consent state and consent audit records (the legal
+    /// record of an opt-out). `audit` (action `forget`, counts only) is
+    /// added to the audit log. Idempotent: a second call removes nothing
+    /// and still adds its audit record. The caller holds the
+    /// conversations' locks (see `Pipeline::forget_contact`) so that no
+    /// message in flight writes them back. Not yet durable: see
+    /// `flush_durable`.
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

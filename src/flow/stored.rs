@@ -9,10 +9,11 @@ use super::Conversation;
 use crate::versioned::{self, Versioned};
 
 /// Version 2 added the run's timer fields (`waiting_since`,
-/// `timeouts_fired`, `wakes`).
+/// `timeouts_fired`, `wakes`); version 3 the run's `path` (the steps it
+/// entered, for its result).
 impl Versioned for Conversation {
     const KIND: &'static str = "conversation";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn upgrade(from: u32, mut record: serde_json::Value) -> Result<serde_json::Value, String> {
         match from {
@@ -30,6 +31,20 @@ impl Versioned for Conversation {
                     run.insert("waiting_since".into(), since.into());
                     run.insert("timeouts_fired".into(), 0.into());
                     run.insert("wakes".into(), serde_json::json!({}));
+                }
+                Ok(record)
+            }
+            // A run of version 2 kept no path: it is known to have
+            // entered the step it waits at.
+            2 => {
+                if let Some(run) = record.get_mut("run").and_then(|r| r.as_object_mut()) {
+                    let path = match run.get("step") {
+                        Some(serde_json::Value::String(step)) if !step.is_empty() => {
+                            serde_json::json!([step])
+                        }
+                        _ => serde_json::json!([]),
+                    };
+                    run.insert("path".into(), path);
                 }
                 Ok(record)
             }

@@ -124,6 +124,7 @@ impl<S: Store> Pipeline<S> {
         let due = flow::next_due(&flows, conversation);
         let bytes =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        let results = super::results::of(&key, &handled.ended, &conversation.contact, now);
         let taken = self.store.commit_start(
             Some(StateCommit {
                 key: &key,
@@ -132,6 +133,7 @@ impl<S: Store> Pipeline<S> {
                 due,
                 recent: &stored.recent,
                 at: now,
+                results: &results,
             }),
             &entries,
             &record,

@@ -197,6 +197,7 @@ impl<S: Store> Pipeline<S> {
         let due = flow::next_due(&flows, conversation);
         let stored =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        let results = super::results::of(key, &handled.ended, &conversation.contact, now);
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
@@ -204,6 +205,7 @@ impl<S: Store> Pipeline<S> {
             due,
             recent: &record.recent,
             at: now,
+            results: &results,
         })?;
         drop(guard);
         self.timers.set(due);

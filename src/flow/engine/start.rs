@@ -45,6 +45,10 @@ pub fn start_flow(set: &FlowSet, conv: Conversation, start: &Start<'_>, now: i64
     contact.extend(start.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut ex = Exec::new(set, msg, now, contact);
     ex.answered = true;
+    // The caller decided a busy conversation may be interrupted.
+    if let Some(run) = conv.run {
+        ex.ended(run, super::RunEnd::Interrupted);
+    }
     if let Some(flow) = set.inner.flows.get(start.flow) {
         ex.events.push(Event::Triggered {
             flow: flow.name.clone(),
