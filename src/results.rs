@@ -219,18 +219,4 @@ pub fn parse_since(s: &str) -> Result<i64, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_round_trip() {
-        assert_eq!(iso_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso_utc(1_796_026_500), "2026-11-30T08:15:00Z");
-        assert_eq!(parse_since("2026-11-30T08:15:00Z"), Ok(1_796_026_500));
-        assert_eq!(parse_since("2026-11-30"), Ok(1_796_026_500 - 8 * 3600 - 15 * 60));
-        assert_eq!(parse_since("1796026500"), Ok(1_796_026_500));
-        assert_eq!(parse_since("2024-02-29"), Ok(1_709_164_800));
-        assert!(parse_since("yesterday").is_err());
-        assert!(parse_since("2026-13-01").is_err());
-    }
-}
+mod tests;
