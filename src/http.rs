@@ -127,10 +127,7 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
             )
             .route("/contacts", get(contacts::export).post(contacts::import))
             .route("/flows/{name}/results", get(results::export))
-            .route(
-                "/contacts/{number}",
-                axum::routing::delete(results::forget),
-            )
+            .route("/contacts/{number}", axum::routing::delete(results::forget))
             .route("/broadcasts", get(broadcasts::list).post(broadcasts::send))
             .route(
                 "/broadcasts/{id}/cancel",

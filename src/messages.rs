@@ -151,8 +151,8 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
             .status
             .as_deref()
             .is_none_or(|s| r.status == s || r.status.split(':').next() == Some(s));
-        let time_ok = filter.since.is_none_or(|t| r.at >= t)
-            && filter.until.is_none_or(|t| r.at < t);
+        let time_ok =
+            filter.since.is_none_or(|t| r.at >= t) && filter.until.is_none_or(|t| r.at < t);
         let text_ok = needle.as_deref().is_none_or(|n| {
             r.body
                 .iter()

@@ -1,4 +1,5 @@
-//! Persistent state: conversations, dedupe records and delivery statuses.
+//! Persistent state: conversations, dedupe records, delivery statuses,
+//! the outbox, flow results.
 //!
 //! This is the only module that knows sled. Everything above it talks to the
 //! [`Store`] trait in terms of opaque, already-serialised records, so another
@@ -21,6 +22,8 @@
 //! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
+//! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
+//! | `r\0` | flow `\0` 8-byte end time, to `\0` from `\0` 8-byte start time, 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
 //!
 //! # Format versions
 //!
@@ -31,10 +34,12 @@
 //! - Every record says its version. A conversation record starts with its
 //!   layout version byte (now 2: version 2 added the due time of the
 //!   conversation's next timer to the header); JSON records (the
-//!   conversation inside it, now at version 2, which added the run's timer
-//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
-//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`],
-//!   [`StartRecord`], at version 1) start with `"v":N`, written and read by
+//!   conversation inside it, now at version 3: version 2 added the run's
+//!   timer fields, version 3 its path of steps; the lines of
+//!   `messages.jsonl`, at version 2, which added the message texts;
+//!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`], [`AuditRecord`],
+//!   [`OutboxEntry`], [`StartRecord`], [`RunResult`], at version 1)
+//!   start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
@@ -71,8 +76,10 @@
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe
 //! record are a single insert. A sled batch would force a synchronous log
-//! write per message (measured: 5-6x slower than an insert). Only a consent
-//! change, which must be atomic with its message and is rare, uses a batch.
+//! write per message (measured: 5-6x slower than an insert). Only what
+//! must be atomic with its message and is rare uses a transaction: a
+//! consent change, and the results of the runs a step ended (once per
+//! run, not per message; a run in progress is only in its conversation).
 //!
 //! The inbound message log is not in sled: it is an append-only JSON-lines
 //! file (`messages.jsonl` beside the database). A new sled key per message
@@ -81,7 +88,10 @@
 //! log is informational: it is written after the record, flushed to the
 //! file with each grouped flush (not fsynced), and a crash can lose its
 //! last lines, never conversation state. It holds sender, number, outcome,
-//! flow and step, not the TwiML.
+//! flow and step, not the TwiML; the texts of the message and of our
+//! replies only when the operator chose `store_message_text`. Removing
+//! lines (retention, [`Store::forget_contact`]) rewrites the file under
+//! its lock (`message_log.rs`).
 //!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
 //! durable: sled's flush (which only `sync_file_range`s its log), then an
@@ -105,8 +115,9 @@
 //! Files: this one holds the contract (the [`Store`] trait and its types);
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
-//! `open.rs` opening and its failures; `starts.rs` flow start results; `files.rs` private files and real
-//! fsyncs; `quarantine.rs` records kept aside.
+//! `open.rs` opening and its failures; `starts.rs` flow start results;
+//! `results.rs` flow results; `files.rs` private files and real fsyncs;
+//! `quarantine.rs` records kept aside.
 
 use std::time::Duration;
 
@@ -277,7 +288,9 @@ pub enum StatusUpdate {
 /// The storage interface the pipeline relies on.
 ///
 /// Implementations must make [`Store::commit`] atomic: either both the
-/// conversation and the dedupe record are written, or neither.
+/// conversation and the dedupe record are written, or neither (with its
+/// consent change and run results, when it has them; likewise
+/// [`Store::commit_state`] and [`Store::commit_start`] with theirs).
 pub trait Store: Send + Sync + 'static {
     /// The conversation record for `key` (empty if none). A record that
     /// does not decode is kept aside first, then read as empty.

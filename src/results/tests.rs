@@ -88,7 +88,11 @@ impl Harness {
             ("Body".to_owned(), body.to_owned()),
         ])
         .unwrap();
-        self.pipeline.handle_inbound(&msg, at).await.unwrap().outcome
+        self.pipeline
+            .handle_inbound(&msg, at)
+            .await
+            .unwrap()
+            .outcome
     }
 }
 
@@ -121,8 +125,12 @@ async fn five_orders(h: &mut Harness) {
     // Completed, with hostile text in the address.
     h.send(EVE, "pizza", T0 + 700).await;
     h.send(EVE, "large", T0 + 760).await;
-    h.send(EVE, "=HYPERLINK(\"http://x.example\",\"win\"), \"now\"\nline 2", T0 + 820)
-        .await;
+    h.send(
+        EVE,
+        "=HYPERLINK(\"http://x.example\",\"win\"), \"now\"\nline 2",
+        T0 + 820,
+    )
+    .await;
     h.send(EVE, "yes", T0 + 880).await;
     // Still waiting: not a result yet.
     h.send("+15557000006", "pizza", T0 + 900).await;
@@ -145,7 +153,12 @@ async fn a_flows_results_export_matches_the_golden_csv() {
         std::fs::write(&path, &csv).unwrap();
     }
     let expected = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(csv, expected, "the export no longer matches {}", path.display());
+    assert_eq!(
+        csv,
+        expected,
+        "the export no longer matches {}",
+        path.display()
+    );
 
     // Each run ended its own way, in end-time order.
     let results = store.results("pizza", 0).unwrap();

@@ -23,9 +23,8 @@ use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
     Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer,
-    RecentAnswers,
-    StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError, StoreHealth,
-    StoredConversation,
+    RecentAnswers, StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError,
+    StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 use crate::metrics::Histogram;
@@ -1242,12 +1241,10 @@ impl Store for SledStore {
                 }
                 match decode(&v) {
                     Ok(result) => out.push(result),
-                    Err(reason) => self.shared.keep_aside(
-                        &k,
-                        &v,
-                        &reason,
-                        "it is left out of exports",
-                    )?,
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, &reason, "it is left out of exports")?
+                    }
                 }
             }
             Ok(out)

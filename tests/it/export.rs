@@ -91,8 +91,7 @@ fn mentions(app: &TestApp, number: &str) -> Vec<String> {
     if !s.contact_conversations(number).unwrap().is_empty() {
         found.push("conversation".to_owned());
     }
-    if s
-        .inbound_log()
+    if s.inbound_log()
         .unwrap()
         .iter()
         .any(|(_, p)| p.from == number || p.to == number)
@@ -153,11 +152,7 @@ async fn forgetting_a_contact_erases_an_active_conversation_and_its_pending_time
                 ),
         )
         .await;
-    assert!(
-        start.status == 200 || start.status == 201,
-        "{}",
-        start.body
-    );
+    assert!(start.status == 200 || start.status == 201, "{}", start.body);
     // The start interrupted Ana's appointment: it has a result too.
     assert_eq!(app.store.health().pending_timers, 2, "Ben's, Ana's on 2222");
     assert_eq!(
@@ -234,7 +229,10 @@ async fn a_message_racing_an_erasure_never_leaves_half_a_state() {
     for round in 0..20 {
         let from = format!("+155571002{round:02}");
         assert_eq!(text_to(&app, OUR_NUMBER, &from, "BOOK").await.status, 200);
-        let (a, b) = tokio::join!(text_to(&app, OUR_NUMBER, &from, "BOOK"), forget(&app, &from));
+        let (a, b) = tokio::join!(
+            text_to(&app, OUR_NUMBER, &from, "BOOK"),
+            forget(&app, &from)
+        );
         assert_eq!((a.status, b.status), (200, 200));
         let conversation = app
             .store
