@@ -537,6 +537,17 @@ pub enum ExportCommand {
         #[command(flatten)]
         from: StoreOrServer,
     },
+    /// Print every contact of every number of ours: our number, the
+    /// contact's, its consent state and last activity, then a column per
+    /// contact field.
+    Contacts {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::Format::Csv)]
+        format: crate::results::Format,
+        /// The store or server to read.
+        #[command(flatten)]
+        from: StoreOrServer,
+    },
 }
 
 /// Flags of `smsflow forget`.

@@ -508,7 +508,8 @@ fn open_store(data: &std::path::Path) -> anyhow::Result<smsflow::store::SledStor
     })
 }
 
-/// `smsflow export results`: from a data directory, or a running server.
+/// `smsflow export results|contacts`: from a data directory, or a running
+/// server.
 fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
     use smsflow::cli::ExportCommand;
     use smsflow::results::{self, Format};
@@ -548,6 +549,31 @@ fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
                 None => {
                     let store = open_store(&from.data)?;
                     results::export(&store, &flow, since.unwrap_or(0), format)?
+                }
+            };
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ExportCommand::Contacts { format, from } => {
+            let jsonl = format == Format::Jsonl;
+            let body = match &from.server {
+                Some(base) => {
+                    let token = admin_token()?;
+                    let path = if jsonl {
+                        "/contacts?format=jsonl"
+                    } else {
+                        "/contacts?format=csv"
+                    };
+                    smsflow::admin_client::get(base, path, &token)?
+                }
+                None => {
+                    let store = open_store(&from.data)?;
+                    let rows = smsflow::contacts::export_all(&store)?;
+                    if jsonl {
+                        smsflow::contacts::export_all_jsonl(&rows)
+                    } else {
+                        smsflow::contacts::export_all_csv(&rows)
+                    }
                 }
             };
             print!("{body}");

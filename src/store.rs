@@ -472,6 +472,13 @@ pub trait Store: Send + Sync + 'static {
     /// message in flight writes them back. Not yet durable: see
     /// `flush_durable`.
     fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError>;
+    /// Every stored conversation record, on every number of ours, in key
+    /// order, each with its last activity (unix seconds: the record's
+    /// last-touched time); one without state (only recent answers, e.g.
+    /// after a STOP) has `conversation: None`. A record that does not
+    /// decode is kept aside and left out. Reads every conversation: for exports
+    /// (`smsflow export contacts`), not for the message path.
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -1266,6 +1266,27 @@ impl Store for SledStore {
         })
     }
 
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(b"c\0") {
+                let (k, v) = item?;
+                let Some(key) = ConvKey::from_db_key(&k) else {
+                    continue;
+                };
+                let at = conv_header(&v).map_or(0, |(at, _)| at);
+                match decode_conv(&v) {
+                    Ok(stored) => out.push((key, at, stored)),
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, reason, "it is left out of exports")?
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
         let mut gone = Forgotten {
             log_lines: self.shared.log.forget(number)?,

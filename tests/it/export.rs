@@ -312,3 +312,60 @@ async fn results_and_texts_are_served_to_the_admin() {
     let none = app.admin_json("/messages?until=946684800").await;
     assert!(none["messages"].as_array().unwrap().is_empty(), "{none}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_contact_is_exported_with_consent_and_last_activity() {
+    let app = spawn().await;
+    text_to(&app, OUR_NUMBER, ANA, "NAME").await;
+    text_to(&app, OUR_NUMBER, ANA, "@Ana, \"the\" first").await;
+    text_to(&app, OTHER_NUMBER, ANA, "STOP").await;
+    text_to(&app, OUR_NUMBER, BEN, "BOOK").await;
+    let get = |query: &'static str| {
+        app.raw(
+            app.client
+                .get(app.url(&format!("/contacts{query}")))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+    };
+    let r = get("").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.content_type.starts_with("text/csv"));
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(r.body.as_bytes());
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        [
+            "our_number",
+            "phone",
+            "consent",
+            "consent_changed_at",
+            "last_activity",
+            "contact.name"
+        ]
+    );
+    let summary: Vec<(&str, &str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str(), r[2].as_str(), r[5].as_str()))
+        .collect();
+    let q = |n: &str| format!("'{n}");
+    let (us, other, ana, ben) = (q(OUR_NUMBER), q(OTHER_NUMBER), q(ANA), q(BEN));
+    assert_eq!(
+        summary,
+        [
+            (us.as_str(), ana.as_str(), "", "'@Ana, \"the\" first"),
+            (us.as_str(), ben.as_str(), "", ""),
+            (other.as_str(), ana.as_str(), "opted_out", ""),
+        ]
+    );
+    assert!(rows[1..].iter().all(|r| r[4].starts_with("20")), "{rows:?}");
+    let r = get("?format=jsonl").await;
+    assert_eq!(r.status, 200);
+    let first: serde_json::Value = serde_json::from_str(r.body.lines().next().unwrap()).unwrap();
+    assert_eq!(first["fields"]["name"], "@Ana, \"the\" first");
+    assert_eq!(get("?format=xml").await.status, 400);
+}
