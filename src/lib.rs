@@ -193,8 +193,8 @@
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender, in a reply or on our own.
-//! - A run's result is written in the same atomic commit as the step
-//!   that ended it; an erased contact's data goes whole, under its
+//! - A run's result is written with the step that ended it, in the same
+//!   flush and never after it; an erased contact's data goes whole, under its
 //!   conversations' locks, and only its consent records stay.
 //! - A flow start's messages, conversation and result are one
 //!   transaction; its idempotency key answers every repeat with the first

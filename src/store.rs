@@ -23,7 +23,7 @@
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
 //! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
-//! | `r\0` | flow `\0` 8-byte end time, to `\0` from `\0` 8-byte start time, 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
+//! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
 //!
 //! # Format versions
 //!
@@ -76,10 +76,15 @@
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe
 //! record are a single insert. A sled batch would force a synchronous log
-//! write per message (measured: 5-6x slower than an insert). Only what
-//! must be atomic with its message and is rare uses a transaction: a
-//! consent change, and the results of the runs a step ended (once per
-//! run, not per message; a run in progress is only in its conversation).
+//! write per message (measured: 5-6x slower than an insert). Only a
+//! consent change, which must be atomic with its message and is rare,
+//! uses a transaction. The results of the runs a step ended (once per
+//! run; a run in progress is only in its conversation) are inserted
+//! just before the conversation record, in the same flush: sled's log
+//! keeps the order, so a crash can leave a result whose step was not
+//! acknowledged (Twilio retries it, and the retry writes the same key),
+//! never a step without its result. (A transaction there doubled the
+//! CPU per message of the loadgen's `multistep` scenario.)
 //!
 //! The inbound message log is not in sled: it is an append-only JSON-lines
 //! file (`messages.jsonl` beside the database). A new sled key per message
@@ -173,8 +178,8 @@ pub struct StateCommit<'a> {
     pub recent: &'a RecentAnswers,
     /// Unix seconds: the record's last-touched time.
     pub at: i64,
-    /// The results of the runs this change ended, written atomically
-    /// with it (see [`Commit::results`]).
+    /// The results of the runs this change ended, written with it (see
+    /// [`Commit::results`]).
     pub results: &'a [RunResult],
 }
 pub use sled_store::SledStore;
@@ -230,10 +235,13 @@ pub struct Commit<'a> {
     /// (indexed by due time; see the store's "Timers").
     pub due: Option<i64>,
     /// The results of the flow runs this message ended (usually none),
-    /// written in the same atomic write as the conversation: after a
-    /// crash both are there or neither. Writing the same results again
-    /// (same flow, numbers, start and end times, in the same order)
-    /// replaces them: nothing is doubled.
+    /// written with the conversation and made durable by the same flush:
+    /// after a crash the conversation change is never there without
+    /// them (a backend may write them in the same transaction; sled
+    /// writes them just before the record). A result is named by its
+    /// flow, conversation, start time and position in this list, so
+    /// handling the same step again (a retried message) replaces it:
+    /// nothing is doubled.
     pub results: &'a [RunResult],
 }
 
@@ -289,8 +297,9 @@ pub enum StatusUpdate {
 ///
 /// Implementations must make [`Store::commit`] atomic: either both the
 /// conversation and the dedupe record are written, or neither (with its
-/// consent change and run results, when it has them; likewise
-/// [`Store::commit_state`] and [`Store::commit_start`] with theirs).
+/// consent change, when it has one); its run results are never missing
+/// when its conversation change is there (see [`Commit::results`]);
+/// likewise for [`Store::commit_state`] and [`Store::commit_start`].
 pub trait Store: Send + Sync + 'static {
     /// The conversation record for `key` (empty if none). A record that
     /// does not decode is kept aside first, then read as empty.
@@ -452,7 +461,7 @@ pub trait Store: Send + Sync + 'static {
     /// The results of `flow`'s runs that ended at or after `since` (unix
     /// seconds), in end-time order (then our number, the contact's number,
     /// start time). A record that does not decode is kept aside and left
-    /// out. Reads only that flow's results.
+    /// out. Reads all of that flow's results, no other flow's.
     fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError>;
     /// The keys of every stored conversation whose contact (`from`) is
     /// `number`, on any of our numbers, in key order. Reads every

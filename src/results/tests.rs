@@ -57,6 +57,13 @@ struct Harness {
 
 impl Harness {
     fn new(store_message_text: bool) -> Harness {
+        Harness::with(PipelineOptions {
+            store_message_text,
+            ..PipelineOptions::default()
+        })
+    }
+
+    fn with(options: PipelineOptions) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
         let flows = tmp.path().join("flows");
         std::fs::create_dir(&flows).unwrap();
@@ -66,10 +73,7 @@ impl Harness {
         let pipeline = Pipeline::new(
             Arc::new(store),
             Arc::new(ArcSwap::from_pointee(set)),
-            PipelineOptions {
-                store_message_text,
-                ..PipelineOptions::default()
-            },
+            options,
             Arc::new(Metrics::default()),
         );
         Harness {
@@ -305,4 +309,76 @@ async fn message_texts_are_kept_only_when_chosen() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].1.body, None);
     assert!(log[0].1.replies.is_empty());
+}
+
+#[tokio::test]
+async fn an_interrupt_keyword_and_a_new_order_each_end_a_run() {
+    let mut h = Harness::with(PipelineOptions {
+        engine: crate::flow::EngineOptions {
+            interrupt_keywords: vec!["MENU".into()],
+        },
+        ..PipelineOptions::default()
+    });
+    h.send(ANA, "pizza", T0).await;
+    h.send(ANA, "small", T0 + 10).await;
+    h.send(ANA, "menu", T0 + 20).await;
+    h.send(ANA, "pizza", T0 + 30).await;
+    h.send(ANA, "large", T0 + 40).await;
+    h.send(ANA, "menu", T0 + 50).await;
+    let results = h.pipeline.store().results("pizza", 0).unwrap();
+    let got: Vec<(i64, i64, &str, Vec<&str>)> = results
+        .iter()
+        .map(|r| {
+            (
+                r.started_at - T0,
+                r.ended_at - T0,
+                r.ended.as_str(),
+                r.vars.values().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, 20, "interrupted", vec!["small"]),
+            (30, 50, "interrupted", vec!["large"]),
+        ]
+    );
+}
+
+/// Handling the step that ended a run again (a message Twilio retries
+/// after a crash, a timer firing again) ends it at another time, but
+/// names the same result: it is replaced, never doubled.
+#[test]
+fn a_result_written_again_replaces_itself() {
+    use crate::store::{ConvKey, RecentAnswers, StateCommit, Store};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&tmp.path().join("data"), &Default::default()).unwrap();
+    let key = ConvKey::new(US, ANA);
+    let mut result = RunResult {
+        flow: "pizza".into(),
+        to: US.into(),
+        contact: ANA.into(),
+        started_at: T0,
+        ended_at: T0 + 60,
+        ended: "completed".into(),
+        path: vec!["size".into()],
+        vars: BTreeMap::new(),
+        fields: BTreeMap::new(),
+    };
+    for ended_at in [T0 + 60, T0 + 75] {
+        result.ended_at = ended_at;
+        store
+            .commit_state(StateCommit {
+                key: &key,
+                conversation: None,
+                ended: true,
+                due: None,
+                recent: &RecentAnswers::default(),
+                at: ended_at,
+                results: std::slice::from_ref(&result),
+            })
+            .unwrap();
+    }
+    assert_eq!(store.results("pizza", 0).unwrap(), [result]);
 }

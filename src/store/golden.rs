@@ -638,9 +638,8 @@ fn run_results_of_version_1_decode_and_are_written_exactly() {
         "v1/{name}: this release no longer writes version 1 as committed"
     );
     let mut key = b"r\0signup\0".to_vec();
-    key.extend_from_slice(&1_700_000_300_u64.to_be_bytes());
-    key.extend_from_slice(format!("{US}\0{ANA}\0").as_bytes());
     key.extend_from_slice(&1_700_000_000_u64.to_be_bytes());
+    key.extend_from_slice(format!("{US}\0{ANA}\0").as_bytes());
     key.extend_from_slice(&[0, 1]);
     assert_eq!(
         super::results::db_key(&result, 1),

@@ -1,13 +1,14 @@
 //! Flow results: what each ended flow run collected, one record per run,
-//! written in the same atomic commit as the step that ended it (see
-//! [`super::Commit::results`]).
+//! written with the commit of the step that ended it, just before the
+//! conversation record (see [`super::Commit::results`]).
 //!
-//! Keys: `r\0` flow `\0` 8-byte big-endian end time, our number `\0` the
-//! contact's number `\0` 8-byte start time, 2-byte position in its commit
-//! → [`RunResult`] (versioned JSON). One flow's results are one key
-//! range in end-time order, so an export `--since` a time reads only
-//! what it returns. The same commit written again (a timer firing again
-//! after a crash) writes the same keys: nothing is doubled.
+//! Keys: `r\0` flow `\0` 8-byte big-endian start time, our number `\0`
+//! the contact's number `\0` 2-byte position in its commit →
+//! [`RunResult`] (versioned JSON). A run is named by its conversation
+//! and start time, not by when it ended: the same step handled again (a
+//! message Twilio retries after a crash, a timer firing again) ends the
+//! run at another time but writes the same key, so nothing is doubled.
+//! One flow's results are one key range; an export reads that range.
 
 use std::collections::BTreeMap;
 
@@ -62,20 +63,12 @@ pub(super) fn flow_prefix(flow: &str) -> Vec<u8> {
 /// The key of `result`, the `n`th of its commit.
 pub(super) fn db_key(result: &RunResult, n: usize) -> Vec<u8> {
     let mut k = flow_prefix(&result.flow);
-    k.extend_from_slice(&(result.ended_at.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&(result.started_at.max(0) as u64).to_be_bytes());
     k.extend_from_slice(result.to.as_bytes());
     k.push(0);
     k.extend_from_slice(result.contact.as_bytes());
     k.push(0);
-    k.extend_from_slice(&(result.started_at.max(0) as u64).to_be_bytes());
     k.extend_from_slice(&(n.min(u16::MAX as usize) as u16).to_be_bytes());
-    k
-}
-
-/// The first key of `flow`'s results that ended at or after `since`.
-pub(super) fn since_key(flow: &str, since: i64) -> Vec<u8> {
-    let mut k = flow_prefix(flow);
-    k.extend_from_slice(&(since.max(0) as u64).to_be_bytes());
     k
 }
 

@@ -589,6 +589,18 @@ impl SledStore {
 type Entry = (Vec<u8>, Vec<u8>);
 
 impl SledStore {
+    /// Write the results of the runs a commit ended, before its
+    /// conversation record: sled's log keeps the order, so a crash leaves
+    /// at most results whose conversation has not moved yet, and handling
+    /// that step again writes the same keys (a transaction with the
+    /// record would cost a synchronous log write, once per run).
+    fn write_results(db: &sled::Db, rows: &[Entry]) -> Result<(), StoreError> {
+        for (k, v) in rows {
+            db.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    }
+
     /// Insert the conversation record `record` under `k`, and `extra`
     /// with it in one transaction when there is any; returns the record
     /// it replaced.
@@ -663,15 +675,17 @@ impl Store for SledStore {
         let recent = c.recent.keep_with(&answer);
         let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
+            Self::write_results(db, &results)?;
             self.shared.write_conversation(db, c.key, c.due, || {
-                // A consent change or an ended run is rare, and must be
-                // atomic with the message: a transaction. The common case
-                // is one insert carrying state and dedupe.
-                let mut extra = results::rows(c.results);
-                if let Some(change) = &c.consent {
-                    extra.extend(Self::consent_entries(db, change)?);
-                }
+                // A consent change is rare, and must be atomic with the
+                // message: a transaction. The common case is one insert
+                // carrying state and dedupe.
+                let extra = match &c.consent {
+                    Some(change) => Self::consent_entries(db, change)?.to_vec(),
+                    None => Vec::new(),
+                };
                 Self::insert_with(db, &k, &record, &extra)
             })
         })?;
@@ -945,11 +959,11 @@ impl Store for SledStore {
     fn commit_state(&self, c: StateCommit<'_>) -> Result<(), StoreError> {
         let record = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
-        let extra = results::rows(c.results);
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
-            self.shared.write_conversation(db, c.key, c.due, || {
-                Self::insert_with(db, &k, &record, &extra)
-            })
+            Self::write_results(db, &results)?;
+            self.shared
+                .write_conversation(db, c.key, c.due, || Ok(db.insert(&k, record.as_slice())?))
         })?;
         self.shared.count_change(old.as_deref(), Some(&record));
         Ok(())
@@ -1230,25 +1244,23 @@ impl Store for SledStore {
     }
 
     fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
-        let start = results::since_key(flow, since);
         let prefix = results::flow_prefix(flow);
-        self.shared.with_db(|db| {
-            let mut out = Vec::new();
-            for item in db.range(start..) {
-                let (k, v) = item?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                match decode(&v) {
-                    Ok(result) => out.push(result),
-                    Err(reason) => {
-                        self.shared
-                            .keep_aside(&k, &v, &reason, "it is left out of exports")?
-                    }
-                }
-            }
-            Ok(out)
-        })
+        let mut out: Vec<RunResult> = self
+            .shared
+            .with_db(|db| self.scan::<RunResult>(db, &prefix))?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.ended_at >= since)
+            .collect();
+        out.sort_by(|a, b| {
+            (a.ended_at, &a.to, &a.contact, a.started_at).cmp(&(
+                b.ended_at,
+                &b.to,
+                &b.contact,
+                b.started_at,
+            ))
+        });
+        Ok(out)
     }
 
     fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError> {
