@@ -75,6 +75,15 @@ pub enum Command {
     /// List broadcasts with sent/skipped/failed/remaining, send one, or
     /// cancel one, through a running server; needs SMSFLOW_ADMIN_TOKEN.
     Broadcasts(BroadcastsArgs),
+    /// Export what flows collected: one row per ended run (see README,
+    /// "Flow results").
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Erase everything stored about one contact (conversations, contact
+    /// fields, message log lines and texts, delivery records, pending
+    /// timers and outbox messages, flow results); the consent record is
+    /// kept. Idempotent; audited.
+    Forget(ForgetArgs),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -111,6 +120,17 @@ pub struct MessagesArgs {
     /// At most this many rows [default: 50].
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Only messages at or after this time: unix seconds, 2026-11-30 or
+    /// 2026-11-30T08:15:00Z (UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only messages before this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only messages whose kept text contains this (ignoring case; texts
+    /// are kept only with store_message_text = true).
+    #[arg(long)]
+    pub text: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -495,4 +515,60 @@ pub enum BroadcastsCommand {
         /// The broadcast's id.
         id: String,
     },
+}
+
+/// Where a data command reads: a data directory no server uses, or a
+/// running server's admin API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreOrServer {
+    /// Read the store in this data directory (only while no server uses it).
+    #[arg(long, default_value = "data", conflicts_with = "server")]
+    pub data: PathBuf,
+    /// Ask a running server instead, e.g. http://127.0.0.1:8080; needs
+    /// SMSFLOW_ADMIN_TOKEN (the server's admin token) in the environment.
+    #[arg(long)]
+    pub server: Option<String>,
+}
+
+/// `smsflow export …`.
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Print one flow's results: one row per ended run (flow, numbers,
+    /// start and end time, how it ended, its steps), then a column per
+    /// variable it saved and per contact field.
+    Results {
+        /// The flow's name.
+        flow: String,
+        /// Only runs that ended at or after this time: unix seconds,
+        /// 2026-11-30 or 2026-11-30T08:15:00Z (UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::Format::Csv)]
+        format: crate::results::Format,
+        /// The store or server to read.
+        #[command(flatten)]
+        from: StoreOrServer,
+    },
+    /// Print every contact of every number of ours: our number, the
+    /// contact's, its consent state and last activity, then a column per
+    /// contact field.
+    Contacts {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::Format::Csv)]
+        format: crate::results::Format,
+        /// The store or server to read.
+        #[command(flatten)]
+        from: StoreOrServer,
+    },
+}
+
+/// Flags of `smsflow forget`.
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    /// The contact's number (E.164).
+    pub number: String,
+    /// The store or server to erase it from.
+    #[command(flatten)]
+    pub from: StoreOrServer,
 }

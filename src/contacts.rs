@@ -582,3 +582,118 @@ mod tests {
             .all(|(a, b)| a.phone == b.phone && a.fields == b.fields));
     }
 }
+
+/// One contact as `smsflow export contacts` writes it: a conversation of
+/// one of our numbers, its consent state there and its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContactExport {
+    /// Our number.
+    pub our_number: String,
+    /// The contact's number.
+    pub phone: String,
+    /// `opted_out` or `opted_in` (after a STOP, then START), `None` when
+    /// the contact never changed consent towards `our_number`.
+    pub consent: Option<&'static str>,
+    /// Unix seconds of the last consent change.
+    pub consent_changed_at: Option<i64>,
+    /// Unix seconds of the conversation's last activity.
+    pub last_activity: i64,
+    /// The contact's fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Every contact of every number of ours in `store` (every conversation
+/// record: one that texted us, or was imported or started, and is not
+/// purged yet), in (our number, phone) order, with its consent state
+/// towards that number (its Messaging Service's, if it opted out
+/// through one, is not shown) and last activity. A conversation that
+/// does not decode is left out.
+pub fn export_all(
+    store: &impl crate::store::Store,
+) -> Result<Vec<ContactExport>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    for (key, last_activity, stored) in store.all_conversations()? {
+        let conversation = match stored.conversation {
+            Some(bytes) => match crate::flow::Conversation::from_stored(&bytes) {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+            None => crate::flow::Conversation::default(),
+        };
+        let consent = store.opt_out(&key.to, &key.from)?;
+        out.push(ContactExport {
+            consent: consent
+                .as_ref()
+                .map(|c| if c.opted_out { "opted_out" } else { "opted_in" }),
+            consent_changed_at: consent.map(|c| c.at),
+            our_number: key.to,
+            phone: key.from,
+            last_activity,
+            fields: conversation.contact,
+        });
+    }
+    Ok(out)
+}
+
+/// The fixed columns of [`export_all_csv`], before one `contact.NAME`
+/// column per field (sorted by name).
+pub const EXPORT_COLUMNS: [&str; 5] = [
+    "our_number",
+    "phone",
+    "consent",
+    "consent_changed_at",
+    "last_activity",
+];
+
+/// `rows` as CSV: [`EXPORT_COLUMNS`] (times in UTC), then a
+/// `contact.NAME` column per field any contact has, sorted; every cell
+/// through [`neutralize`].
+pub fn export_all_csv(rows: &[ContactExport]) -> String {
+    let names: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.fields.keys().map(String::as_str))
+        .collect();
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    let header: Vec<String> = EXPORT_COLUMNS
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(names.iter().map(|n| neutralize(&format!("contact.{n}"))))
+        .collect();
+    // Writing to a Vec cannot fail.
+    let _ = writer.write_record(&header);
+    for r in rows {
+        let fixed = [
+            r.our_number.clone(),
+            r.phone.clone(),
+            r.consent.unwrap_or("").to_owned(),
+            r.consent_changed_at
+                .map(crate::results::iso_utc)
+                .unwrap_or_default(),
+            crate::results::iso_utc(r.last_activity),
+        ];
+        let row: Vec<String> = fixed
+            .iter()
+            .map(|c| neutralize(c))
+            .chain(
+                names
+                    .iter()
+                    .map(|n| neutralize(r.fields.get(*n).map_or("", String::as_str))),
+            )
+            .collect();
+        let _ = writer.write_record(&row);
+    }
+    String::from_utf8(writer.into_inner().unwrap_or_default()).unwrap_or_default()
+}
+
+/// `rows` as JSON lines, one contact per line.
+pub fn export_all_jsonl(rows: &[ContactExport]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        // Serialising a plain struct cannot fail.
+        out.push_str(&serde_json::to_string(r).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}

@@ -32,6 +32,7 @@ use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallba
 
 mod broadcasts;
 mod contacts;
+mod results;
 mod serve;
 mod starts;
 pub use serve::{serve, ConnectionLimits};
@@ -125,6 +126,8 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
                 axum::routing::post(starts::start_flow),
             )
             .route("/contacts", get(contacts::export).post(contacts::import))
+            .route("/flows/{name}/results", get(results::export))
+            .route("/contacts/{number}", axum::routing::delete(results::forget))
             .route("/broadcasts", get(broadcasts::list).post(broadcasts::send))
             .route(
                 "/broadcasts/{id}/cancel",

@@ -34,7 +34,7 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`starts`], [`contacts`], [`broadcasts`],
+//! [`messages`], [`results`], [`starts`], [`contacts`], [`broadcasts`],
 //! [`compliance`], [`telemetry`], [`service`], [`calls`], [`call_jobs`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
@@ -101,7 +101,18 @@
 //!   timeouts, and at most `max_connections`, closing the longest-idle
 //!   connection to make room for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
-//!   `smsflow messages`.
+//!   `smsflow messages` (with the message texts, when the operator keeps
+//!   them, and their search).
+//! - [`results`]: flow results out (`smsflow export results`,
+//!   `GET /flows/{name}/results`): the engine reports each run that
+//!   ended and how ([`flow::EndedRun`]), the pipeline turns them into
+//!   [`store::RunResult`]s committed with the step that ended them
+//!   (`pipeline/results.rs`), this module renders CSV (spreadsheet-safe,
+//!   through [`contacts::neutralize`]) or JSON lines; the route is
+//!   `http/results.rs`, which also erases one contact
+//!   (`DELETE /contacts/{number}`, [`pipeline::Pipeline::forget_contact`]:
+//!   under the locks of all its conversations, then
+//!   [`store::Store::forget_contact`]).
 //! - [`starts`]: flow starts from outside (`POST /flows/{name}/start`,
 //!   `smsflow start`): the request, its validation and E.164 phone
 //!   numbers. The work is [`pipeline::Pipeline::start_flow`]
@@ -195,6 +206,9 @@
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender, in a reply or on our own.
+//! - A run's result is written with the step that ended it, in the same
+//!   flush and never after it; an erased contact's data goes whole, under its
+//!   conversations' locks, and only its consent records stay.
 //! - A flow start's messages, conversation and result are one
 //!   transaction; its idempotency key answers every repeat with the first
 //!   result, and its outbox keys derive from that key.
@@ -264,6 +278,7 @@ pub(crate) mod metrics;
 pub mod outbound;
 pub mod pipeline;
 pub mod reload;
+pub mod results;
 pub mod service;
 pub mod starts;
 pub mod store;

@@ -1,4 +1,5 @@
-//! Persistent state: conversations, dedupe records and delivery statuses.
+//! Persistent state: conversations, dedupe records, delivery statuses,
+//! the outbox, flow results.
 //!
 //! This is the only module that knows sled. Everything above it talks to the
 //! [`Store`] trait in terms of opaque, already-serialised records, so another
@@ -22,6 +23,8 @@
 //! | `g\0` | tally name (a broadcast's id) | [`OutboxTally`]: how many of its outbox entries are in each state, written with each of them (`tallies.rs`); `m\0tallies` says they were counted |
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
+//! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
+//! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
 //!
 //! # Format versions
 //!
@@ -33,11 +36,11 @@
 //!   layout version byte (now 2: version 2 added the due time of the
 //!   conversation's next timer to the header); JSON records (the
 //!   conversation inside it, now at version 3: version 2 added the run's
-//!   timer fields, version 3 the queued starts, and a conversation with
-//!   none queued is still written as version 2; [`DeliveryStatus`],
-//!   [`StatusEvent`], [`OptOut`], [`AuditRecord`], the lines of
-//!   `messages.jsonl`, [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
-//!   at version 1) start with `"v":N`, written and read by
+//!   timer fields, version 3 its path of steps and the queued starts; the
+//!   lines of `messages.jsonl`, at version 2, which added the message
+//!   texts; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
+//!   [`AuditRecord`], [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
+//!   [`RunResult`], at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
@@ -74,8 +77,15 @@
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe
 //! record are a single insert. A sled batch would force a synchronous log
-//! write per message (measured: 5-6x slower than an insert). Only a consent
-//! change, which must be atomic with its message and is rare, uses a batch.
+//! write per message (measured: 5-6x slower than an insert). Only a
+//! consent change, which must be atomic with its message and is rare,
+//! uses a transaction. The results of the runs a step ended (once per
+//! run; a run in progress is only in its conversation) are inserted
+//! just before the conversation record, in the same flush: sled's log
+//! keeps the order, so a crash can leave a result whose step was not
+//! acknowledged (Twilio retries it, and the retry writes the same key),
+//! never a step without its result. (A transaction there doubled the
+//! CPU per message of the loadgen's `multistep` scenario.)
 //!
 //! The inbound message log is not in sled: it is an append-only JSON-lines
 //! file (`messages.jsonl` beside the database). A new sled key per message
@@ -84,7 +94,10 @@
 //! log is informational: it is written after the record, flushed to the
 //! file with each grouped flush (not fsynced), and a crash can lose its
 //! last lines, never conversation state. It holds sender, number, outcome,
-//! flow and step, not the TwiML.
+//! flow and step, not the TwiML; the texts of the message and of our
+//! replies only when the operator chose `store_message_text`. Removing
+//! lines (retention, [`Store::forget_contact`]) rewrites the file under
+//! its lock (`message_log.rs`).
 //!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
 //! durable: sled's flush (which only `sync_file_range`s its log), then an
@@ -108,9 +121,10 @@
 //! Files: this one holds the contract (the [`Store`] trait and its types);
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
-//! `open.rs` opening and its failures; `starts.rs` flow start results; `tallies.rs` per-broadcast
-//! counts of outbox states; `files.rs` private files and real
-//! fsyncs; `quarantine.rs` records kept aside.
+//! `open.rs` opening and its failures; `starts.rs` flow start results;
+//! `tallies.rs` per-broadcast counts of outbox states; `results.rs` flow
+//! results; `files.rs` private files and real fsyncs; `quarantine.rs`
+//! records kept aside.
 
 use std::time::Duration;
 
@@ -123,6 +137,7 @@ mod open;
 mod outbox;
 mod quarantine;
 mod records;
+mod results;
 mod sled_store;
 mod starts;
 mod tallies;
@@ -135,6 +150,7 @@ pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
+pub use results::RunResult;
 pub use starts::StartRecord;
 pub use tallies::{tally_of, tally_prefixes, OutboxTally};
 
@@ -166,6 +182,9 @@ pub struct StateCommit<'a> {
     pub recent: &'a RecentAnswers,
     /// Unix seconds: the record's last-touched time.
     pub at: i64,
+    /// The results of the runs this change ended, written with it (see
+    /// [`Commit::results`]).
+    pub results: &'a [RunResult],
 }
 pub use sled_store::SledStore;
 
@@ -219,6 +238,15 @@ pub struct Commit<'a> {
     /// When the conversation's next timer is due, if one is pending
     /// (indexed by due time; see the store's "Timers").
     pub due: Option<i64>,
+    /// The results of the flow runs this message ended (usually none),
+    /// written with the conversation and made durable by the same flush:
+    /// after a crash the conversation change is never there without
+    /// them (a backend may write them in the same transaction; sled
+    /// writes them just before the record). A result is named by its
+    /// flow, conversation, start time and position in this list, so
+    /// handling the same step again (a retried message) replaces it:
+    /// nothing is doubled.
+    pub results: &'a [RunResult],
 }
 
 /// How many records a purge removed, by kind.
@@ -234,6 +262,29 @@ pub struct Purged {
     pub conversations: usize,
     /// Finished (delivered or failed) after-answer call jobs removed.
     pub call_jobs: usize,
+    /// Flow results removed.
+    pub results: usize,
+}
+
+/// What [`Store::forget_contact`] removed, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Conversation records (one per number of ours), with any pending
+    /// timer.
+    pub conversations: usize,
+    /// Flow results.
+    pub results: usize,
+    /// Lines of the message log (inbound messages, with their text).
+    pub log_lines: usize,
+    /// Delivery status records of messages sent to the number.
+    pub statuses: usize,
+    /// Status callback events of those messages.
+    pub status_events: usize,
+    /// Outbox entries to the number, whatever their state (pending ones
+    /// are never sent).
+    pub outbox: usize,
+    /// Flow start records naming the number.
+    pub starts: usize,
 }
 
 /// Result of offering a status callback to the store.
@@ -251,7 +302,10 @@ pub enum StatusUpdate {
 /// The storage interface the pipeline relies on.
 ///
 /// Implementations must make [`Store::commit`] atomic: either both the
-/// conversation and the dedupe record are written, or neither.
+/// conversation and the dedupe record are written, or neither (with its
+/// consent change, when it has one); its run results are never missing
+/// when its conversation change is there (see [`Commit::results`]);
+/// likewise for [`Store::commit_state`] and [`Store::commit_start`].
 pub trait Store: Send + Sync + 'static {
     /// The conversation record for `key` (empty if none). A record that
     /// does not decode is kept aside first, then read as empty.
@@ -306,9 +360,11 @@ pub trait Store: Send + Sync + 'static {
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError>;
     /// Outbound messages with a known status, newest first.
     fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError>;
-    /// Remove dedupe records, delivery records, ended conversations last
-    /// touched before `cutoff` (unix seconds), and call jobs delivered or
-    /// failed before it. Consent records and pending call jobs are kept.
+    /// Remove dedupe records and message log lines (with their text),
+    /// delivery records, ended conversations last touched before `cutoff`
+    /// (unix seconds), flow results of runs that ended before it, and call
+    /// jobs delivered or failed before it. Consent records and pending
+    /// call jobs are kept.
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
     /// Delete the conversation for `key` (contact fields and run); returns
     /// whether one was stored. Recorded answers stay, so a retried
@@ -419,6 +475,41 @@ pub trait Store: Send + Sync + 'static {
         entries: &[OutboxEntry],
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError>;
+
+    // Flow results and erasure (issue 20). Results are written by
+    // `commit`, `commit_state` and `commit_start` (their `results`) and
+    // removed by `purge` and `forget_contact`.
+
+    /// The results of `flow`'s runs that ended at or after `since` (unix
+    /// seconds), in end-time order (then our number, the contact's number,
+    /// start time). A record that does not decode is kept aside and left
+    /// out. Reads all of that flow's results, no other flow's.
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError>;
+    /// The keys of every stored conversation whose contact (`from`) is
+    /// `number`, on any of our numbers, in key order. Reads every
+    /// conversation key: for erasure, not for the message path.
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError>;
+    /// Erase everything stored about `number`: its conversation records on
+    /// every number of ours (with their recent answers and timer index
+    /// entries), flow results whose contact it is, message log lines from
+    /// or to it (the file is rewritten), delivery records and status
+    /// events of messages sent to it, outbox entries to it in any state
+    /// (with their index entries), and flow start records naming it.
+    /// Kept: its consent state and consent audit records (the legal
+    /// record of an opt-out). `audit` (action `forget`, counts only) is
+    /// added to the audit log. Idempotent: a second call removes nothing
+    /// and still adds its audit record. The caller holds the
+    /// conversations' locks (see `Pipeline::forget_contact`) so that no
+    /// message in flight writes them back. Not yet durable: see
+    /// `flush_durable`.
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError>;
+    /// Every stored conversation record, on every number of ours, in key
+    /// order, each with its last activity (unix seconds: the record's
+    /// last-touched time); one without state (only recent answers, e.g.
+    /// after a STOP) has `conversation: None`. A record that does not
+    /// decode is kept aside and left out. Reads every conversation: for exports
+    /// (`smsflow export contacts`), not for the message path.
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

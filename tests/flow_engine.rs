@@ -170,6 +170,7 @@ fn an_edited_flow_ends_a_stale_run_cleanly() {
             waiting_since: 0,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         }),
         queued: Vec::new(),
     };
@@ -577,6 +578,7 @@ fn arb_conversation() -> impl Strategy<Value = Conversation> {
             waiting_since: last_active,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         });
     (
         prop::collection::btree_map(".{0,8}", ".{0,8}", 0..4),

@@ -206,6 +206,59 @@ pub struct Run {
     /// seconds. A message handled by `on_message` clears them (the script
     /// asks again if it still wants one).
     pub wakes: BTreeMap<String, i64>,
+    /// The steps the run entered, in order (a `goto` back to a step
+    /// enters it again), at most [`MAX_PATH`] (the earliest dropped
+    /// first). Empty for a script flow. Version 3 of the stored
+    /// conversation added it; older runs read with their current step.
+    pub path: Vec<String>,
+}
+
+/// A run's [`Run::path`] keeps at most this many steps: the record is
+/// rewritten on every message, so it must not grow without bound.
+pub const MAX_PATH: usize = 50;
+
+/// How a flow run ended, as its result records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunEnd {
+    /// It reached an end (`end`, `silence:`, a step with nothing after
+    /// it, or it went on into another flow), or a script left no state.
+    Completed,
+    /// It was idle longer than its flow's `expire_after` (noticed at the
+    /// contact's next message or at a timer).
+    Expired,
+    /// An interrupt keyword, or a flow start from outside, ended it.
+    Interrupted,
+    /// The contact opted out (STOP) while it ran.
+    OptedOut,
+    /// Its retries ran out without a `give_up` step, or it ran into the
+    /// step limit of one message.
+    GaveUp,
+    /// Its flow or step no longer exists (the flows were edited).
+    Stale,
+}
+
+impl RunEnd {
+    /// The snake_case name used in exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunEnd::Completed => "completed",
+            RunEnd::Expired => "expired",
+            RunEnd::Interrupted => "interrupted",
+            RunEnd::OptedOut => "opted_out",
+            RunEnd::GaveUp => "gave_up",
+            RunEnd::Stale => "stale",
+        }
+    }
+}
+
+/// A run that ended while handling one input: what its result records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndedRun {
+    /// The run as it was when it ended (its variables and path).
+    pub run: Run,
+    /// How it ended.
+    pub how: RunEnd,
 }
 
 impl Run {
@@ -221,7 +274,16 @@ impl Run {
             waiting_since: now,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         }
+    }
+
+    /// Record that the run entered `step`.
+    fn entered(&mut self, step: &str) {
+        if self.path.len() >= MAX_PATH {
+            self.path.remove(0);
+        }
+        self.path.push(step.to_owned());
     }
 }
 
@@ -256,6 +318,10 @@ pub struct Handled {
     /// engine's caller but recorded as durable jobs with the state change
     /// and made after the answer (see `crate::call_jobs`).
     pub after: Vec<CallRequest>,
+    /// The runs that ended while handling this input, in order (a run
+    /// that goes on into another flow ends as completed, and the new one
+    /// may end too). Their results are stored with the state change.
+    pub ended: Vec<EndedRun>,
 }
 
 /// Notable things that happened while handling a message.
@@ -417,7 +483,12 @@ pub fn handle_with_calls(
             .find(|k| normalize(k) == norm)
         {
             ex.events.push(Event::Interrupted { keyword: k.clone() });
-            run = None;
+            if let Some(run) = run.take() {
+                ex.ended.push(EndedRun {
+                    run,
+                    how: RunEnd::Interrupted,
+                });
+            }
         }
     }
     let consumed = match run {
@@ -591,6 +662,8 @@ struct Exec<'a> {
     after: Vec<CallRequest>,
     /// The conversation's queued starts, handed back as they came.
     queued: Vec<QueuedStart>,
+    /// Runs ended so far (see [`Handled::ended`]).
+    ended: Vec<EndedRun>,
 }
 
 impl<'a> Exec<'a> {
@@ -626,7 +699,20 @@ impl<'a> Exec<'a> {
             pending: None,
             after: Vec::new(),
             queued: Vec::new(),
+            ended: Vec::new(),
         }
+    }
+
+    /// End the current run, if there is one, recording how.
+    fn end_run(&mut self, how: RunEnd) {
+        if let Some(run) = self.run.take() {
+            self.ended.push(EndedRun { run, how });
+        }
+    }
+
+    /// Record that `run` (already taken out of `self.run`) ended.
+    fn ended(&mut self, run: Run, how: RunEnd) {
+        self.ended.push(EndedRun { run, how });
     }
 
     /// Run the timer of `run` that is due (see [`handle_timeout`]).
@@ -642,7 +728,10 @@ impl<'a> Exec<'a> {
             return;
         };
         if self.now.saturating_sub(run.last_active) > flow.expire_after {
-            self.events.push(Event::Expired { flow: run.flow });
+            self.events.push(Event::Expired {
+                flow: run.flow.clone(),
+            });
+            self.ended(run, RunEnd::Expired);
             return;
         }
         if flow.script.is_some() {
@@ -724,6 +813,8 @@ impl<'a> Exec<'a> {
         let Some(mut out) = self.rhai(at, |sandbox| {
             sandbox.run_timeout(script, &name, &input, &state, pending)
         }) else {
+            // A script error: the caller hands the conversation back as
+            // it came in, so nothing ended.
             self.run = None;
             return;
         };
@@ -731,7 +822,11 @@ impl<'a> Exec<'a> {
             return;
         }
         self.script_done(flow, out, (run.started_at, run.last_active));
+        if self.run.is_none() {
+            self.ended(run, RunEnd::Completed);
+        }
     }
+
     /// Give the message to the waiting run. Returns false when the message
     /// must be handled as new instead (run gone stale, expired, or gave up
     /// without anything to say).
@@ -743,7 +838,10 @@ impl<'a> Exec<'a> {
             .filter(|f| f.script.is_some() && run.step == ENTRY_POINT);
         if let Some(flow) = script_flow {
             if self.now.saturating_sub(run.last_active) > flow.expire_after {
-                self.events.push(Event::Expired { flow: run.flow });
+                self.events.push(Event::Expired {
+                    flow: run.flow.clone(),
+                });
+                self.ended(run, RunEnd::Expired);
                 return false;
             }
             // Unreadable state (a hand-edited store) starts the script over.
@@ -753,6 +851,10 @@ impl<'a> Exec<'a> {
                 .and_then(|json| serde_json::from_str(json).ok())
                 .unwrap_or_default();
             self.run_script(flow, &state, run.started_at);
+            if self.run.is_none() && self.failed.is_none() {
+                // The script left no state: its run is done.
+                self.ended(run, RunEnd::Completed);
+            }
             return true;
         }
         let found = set.flows.get(&run.flow).and_then(|flow| {
@@ -764,13 +866,17 @@ impl<'a> Exec<'a> {
         });
         let Some((flow, step, routes, retry)) = found else {
             self.events.push(Event::StaleStep {
-                flow: run.flow,
-                step: run.step,
+                flow: run.flow.clone(),
+                step: run.step.clone(),
             });
+            self.ended(run, RunEnd::Stale);
             return false;
         };
         if self.now.saturating_sub(run.last_active) > flow.expire_after {
-            self.events.push(Event::Expired { flow: run.flow });
+            self.events.push(Event::Expired {
+                flow: run.flow.clone(),
+            });
+            self.ended(run, RunEnd::Expired);
             return false;
         }
         self.answered = true;
@@ -828,7 +934,7 @@ impl<'a> Exec<'a> {
                 true
             }
             None => {
-                self.run = None;
+                self.end_run(RunEnd::GaveUp);
                 if retry.give_up_say.is_empty() {
                     // Nothing left to say in this flow: let keywords or the
                     // default reply answer the message instead.
@@ -902,9 +1008,11 @@ impl<'a> Exec<'a> {
     fn start_flow(&mut self, name: &str) {
         let Some(flow) = self.set.flows.get(name) else {
             // Validation guarantees flow targets exist; end cleanly anyway.
-            self.run = None;
+            self.end_run(RunEnd::Stale);
             return;
         };
+        // The run that led here (`then: {flow: …}`) is done.
+        self.end_run(RunEnd::Completed);
         self.events.push(Event::Triggered {
             flow: flow.name.clone(),
         });
@@ -920,9 +1028,9 @@ impl<'a> Exec<'a> {
         match t {
             Transition::Goto(target) => self.run_steps(flow, &target.name),
             Transition::Flow(target) => self.start_flow(&target.name),
-            Transition::End => self.run = None,
+            Transition::End => self.end_run(RunEnd::Completed),
             Transition::Silence(reason) => {
-                self.run = None;
+                self.end_run(RunEnd::Completed);
                 self.silence = Some(reason.clone());
             }
         }
@@ -938,16 +1046,17 @@ impl<'a> Exec<'a> {
                 self.events.push(Event::StepLimit {
                     flow: flow.name.clone(),
                 });
-                self.run = None;
+                self.end_run(RunEnd::GaveUp);
                 return;
             }
             let Some(step): Option<&'a Step> = flow.steps.get(&name) else {
-                self.run = None;
+                self.end_run(RunEnd::Stale);
                 return;
             };
             self.flow = Some(flow.name.clone());
             self.step = Some(name.clone());
             if let Some(run) = &mut self.run {
+                run.entered(&name);
                 run.step.clone_from(&name);
                 run.retries = 0;
                 run.waiting_since = self.now;
@@ -970,7 +1079,7 @@ impl<'a> Exec<'a> {
                 Next::Go(Transition::Goto(t)) => name.clone_from(&t.name),
                 Next::Go(Transition::Flow(t)) => {
                     let Some(next) = self.set.flows.get(&t.name) else {
-                        self.run = None;
+                        self.end_run(RunEnd::Stale);
                         return;
                     };
                     if next.script.is_some() {
@@ -980,16 +1089,17 @@ impl<'a> Exec<'a> {
                     self.events.push(Event::Triggered {
                         flow: next.name.clone(),
                     });
+                    self.end_run(RunEnd::Completed);
                     self.run = Some(Run::entering(&next.name, &next.start.name, self.now));
                     flow = next;
                     name.clone_from(&next.start.name);
                 }
                 Next::Go(Transition::End) => {
-                    self.run = None;
+                    self.end_run(RunEnd::Completed);
                     return;
                 }
                 Next::Go(Transition::Silence(reason)) => {
-                    self.run = None;
+                    self.end_run(RunEnd::Completed);
                     self.silence = Some(reason.clone());
                     return;
                 }
@@ -1458,6 +1568,8 @@ impl<'a> Exec<'a> {
             events: self.events,
             call: None,
             after: Vec::new(),
+            // The conversation comes back as it came in: no run ended.
+            ended: Vec::new(),
         }
     }
 
@@ -1493,6 +1605,11 @@ impl<'a> Exec<'a> {
                 Vec::new()
             } else {
                 self.after
+            },
+            ended: if self.pending.is_some() {
+                Vec::new()
+            } else {
+                self.ended
             },
             call: self.pending,
         }

@@ -41,8 +41,9 @@ mod yaml;
 pub use check::ReservedWords;
 pub use engine::{
     handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,
-    EngineOptions, Event, Handled, Inbound, Outcome, QueuedStart, Reply, Run, SilenceReason,
-    StepRef, Wake, MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    EndedRun, EngineOptions, Event, Handled, Inbound, Outcome, QueuedStart, Reply, Run, RunEnd,
+    SilenceReason, StepRef, Wake, MAX_BODY_CHARS, MAX_PATH, MAX_REPLIES, MAX_TRANSITIONS,
+    SCRIPT_STATE_VAR,
 };
 pub use engine::{live_run, start_flow, start_flow_with_calls, Start};
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};

@@ -9,10 +9,9 @@ use super::Conversation;
 use crate::versioned::{self, Versioned};
 
 /// Version 2 added the run's timer fields (`waiting_since`,
-/// `timeouts_fired`, `wakes`); version 3 the queued starts (`queued`,
-/// `if_busy: queue`). A conversation with nothing queued is written as
-/// version 2, which it is byte for byte: only a conversation holding a
-/// queued start needs a release that reads version 3.
+/// `timeouts_fired`, `wakes`); version 3 the run's `path` (the steps it
+/// entered, for its result) and the queued starts (`queued`, `if_busy:
+/// queue`; left out when there are none).
 impl Versioned for Conversation {
     const KIND: &'static str = "conversation";
     const VERSION: u32 = 3;
@@ -36,8 +35,21 @@ impl Versioned for Conversation {
                 }
                 Ok(record)
             }
-            // Nothing was queued before version 3.
-            2 => Ok(record),
+            // A run of version 2 kept no path: it is known to have
+            // entered the step it waits at. Nothing was queued before
+            // version 3.
+            2 => {
+                if let Some(run) = record.get_mut("run").and_then(|r| r.as_object_mut()) {
+                    let path = match run.get("step") {
+                        Some(serde_json::Value::String(step)) if !step.is_empty() => {
+                            serde_json::json!([step])
+                        }
+                        _ => serde_json::json!([]),
+                    };
+                    run.insert("path".into(), path);
+                }
+                Ok(record)
+            }
             _ => Err(format!("no migration from version {from}")),
         }
     }
@@ -46,11 +58,7 @@ impl Versioned for Conversation {
 impl Conversation {
     /// The bytes to store, in the current version.
     pub fn to_stored(&self) -> Vec<u8> {
-        if self.queued.is_empty() {
-            versioned::encode_as(self, 2)
-        } else {
-            versioned::encode(self)
-        }
+        versioned::encode(self)
     }
 
     /// A stored conversation of any version this release reads, migrated
@@ -82,6 +90,7 @@ mod tests {
                 waiting_since: 1_700_000_000,
                 timeouts_fired: 0,
                 wakes: BTreeMap::new(),
+                path: vec!["ask".into()],
             }),
             queued: vec![QueuedStart {
                 flow: "appointment".into(),
@@ -94,11 +103,11 @@ mod tests {
         }
     }
 
-    /// Version 3 (a queued start) decodes and is written byte for byte
-    /// (`SMSFLOW_WRITE_GOLDEN=1` writes the file when missing); without a
-    /// queued start a conversation is still written as version 2.
+    /// A version 3 conversation with a queued start decodes and is written
+    /// byte for byte (`SMSFLOW_WRITE_GOLDEN=1` writes the file when
+    /// missing); without one, no `queued` key is written.
     #[test]
-    fn queued_starts_are_version_3_and_the_rest_stays_version_2() {
+    fn queued_starts_are_kept_in_version_3() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("src/store/golden/v3/conversation_queued.json");
         let conv = queued();
@@ -118,9 +127,8 @@ mod tests {
             queued: Vec::new(),
             ..conv
         };
-        let v2 = plain.to_stored();
-        assert!(v2.starts_with(b"{\"v\":2,"));
-        assert!(!String::from_utf8_lossy(&v2).contains("queued"));
-        assert_eq!(Conversation::from_stored(&v2), Ok(plain));
+        let stored = plain.to_stored();
+        assert!(!String::from_utf8_lossy(&stored).contains("queued"));
+        assert_eq!(Conversation::from_stored(&stored), Ok(plain));
     }
 }

@@ -332,6 +332,7 @@ impl Transcript {
                     waiting_since: now,
                     timeouts_fired: 0,
                     wakes: BTreeMap::new(),
+                    path: vec![step.clone()],
                 })
             }
         };

@@ -55,6 +55,7 @@ impl<S: Store> Pipeline<S> {
                 due,
                 recent: &stored.recent,
                 at: now,
+                results: &[],
             })?;
             drop(guard);
             self.timers.set(due);

@@ -84,6 +84,8 @@ impl<S: Store> Pipeline<S> {
                     due,
                     recent: &stored.recent,
                     at: now,
+                    // Queueing ends no run.
+                    results: &[],
                 }),
                 &[],
                 &record,
@@ -152,6 +154,7 @@ impl<S: Store> Pipeline<S> {
         let due = flow::next_due(&flows, conversation);
         let bytes =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        let results = super::results::of(&key, &handled.ended, &conversation.contact, now);
         let taken = self.store.commit_start(
             Some(StateCommit {
                 key: &key,
@@ -160,6 +163,7 @@ impl<S: Store> Pipeline<S> {
                 due,
                 recent: &stored.recent,
                 at: now,
+                results: &results,
             }),
             &entries,
             &record,
@@ -191,15 +195,17 @@ impl<S: Store> Pipeline<S> {
     /// out and start it at `now` (or drop it, when the contact opted out
     /// meanwhile). Returns the conversation after it and the start's
     /// outbox entries, keyed as a start's (`start:<key>:<part>`: started
-    /// again after a crash, it records nothing twice); `None` when nothing
-    /// was due.
-    pub(super) fn start_queued(
+    /// again after a crash, it records nothing twice), and the runs it
+    /// ended (an expired one it replaced); `None` when nothing was due.
+    /// Its first steps make their calls like any start's, and its
+    /// after-answer calls are recorded keyed by the start.
+    pub(super) async fn start_queued(
         &self,
         flows: &FlowSet,
         key: &ConvKey,
         conversation: &Conversation,
         now: i64,
-    ) -> Result<Option<(Conversation, Vec<OutboxEntry>)>, StoreError> {
+    ) -> Result<Option<QueuedStarted>, StoreError> {
         if conversation.queued.is_empty() || flow::live_run(flows, conversation, now).is_some() {
             return Ok(None);
         }
@@ -212,7 +218,12 @@ impl<S: Store> Pipeline<S> {
             .is_some_and(|o| o.opted_out)
         {
             tracing::info!(flow = %queued.flow, "queued flow start dropped: the contact opted out");
-            return Ok(Some((conversation, Vec::new())));
+            return Ok(Some(QueuedStarted {
+                conversation,
+                entries: Vec::new(),
+                ended: Vec::new(),
+                jobs: 0,
+            }));
         }
         let wake = Wake {
             from: &key.from,
@@ -224,9 +235,12 @@ impl<S: Store> Pipeline<S> {
             vars: &queued.vars,
             wake,
         };
-        let handled = self.run_flow(flows.has_scripts(), || {
-            flow::start_flow(flows, conversation, &start, now)
-        });
+        let handled = self
+            .with_calls(flows.has_scripts(), |answers| {
+                flow::start_flow_with_calls(flows, conversation.clone(), &start, now, answers)
+            })
+            .await;
+        let jobs = self.record_call_jobs(&format!("start:{}", queued.key), &handled.after, now)?;
         for event in &handled.events {
             self.log_event(event);
         }
@@ -243,8 +257,25 @@ impl<S: Store> Pipeline<S> {
             waited_secs = now - queued.at,
             "queued flow started"
         );
-        Ok(Some((handled.conversation, entries)))
+        Ok(Some(QueuedStarted {
+            conversation: handled.conversation,
+            entries,
+            ended: handled.ended,
+            jobs,
+        }))
     }
+}
+
+/// What starting a queued start did (see `Pipeline::start_queued`).
+pub(super) struct QueuedStarted {
+    /// The conversation after it.
+    pub conversation: Conversation,
+    /// Its first messages, to enqueue.
+    pub entries: Vec<OutboxEntry>,
+    /// The runs it ended (an expired run it replaced).
+    pub ended: Vec<flow::EndedRun>,
+    /// After-answer call jobs it recorded.
+    pub jobs: usize,
 }
 
 /// The outbox entries of a start's first messages: keys `start:` +

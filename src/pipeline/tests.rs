@@ -180,6 +180,7 @@ async fn a_firing_repeated_after_a_lost_commit_enqueues_nothing_twice() {
             due: before.due,
             recent: &before.recent,
             at: 1_000,
+            results: &[],
         })
         .unwrap();
     let again = p.store().due_timers(2_000, 10).unwrap();

@@ -182,10 +182,14 @@ impl<S: Store> Pipeline<S> {
         // The run may have ended (or expired) with a start queued behind
         // it: that start goes now, its messages after the timeout's.
         let mut conversation = handled.conversation.clone();
+        let mut ended = handled.ended.clone();
         let mut started = false;
-        if let Some((after, start)) = self.start_queued(&flows, key, &conversation, now)? {
-            conversation = after;
-            entries.extend(start);
+        let mut start_jobs = 0;
+        if let Some(start) = self.start_queued(&flows, key, &conversation, now).await? {
+            conversation = start.conversation;
+            entries.extend(start.entries);
+            ended.extend(start.ended);
+            start_jobs = start.jobs;
             started = true;
         }
         let mut enqueued = Vec::new();
@@ -207,6 +211,7 @@ impl<S: Store> Pipeline<S> {
         let due = flow::next_due(&flows, &conversation);
         let stored =
             (conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        let results = super::results::of(key, &ended, &conversation.contact, now);
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
@@ -214,6 +219,7 @@ impl<S: Store> Pipeline<S> {
             due,
             recent: &record.recent,
             at: now,
+            results: &results,
         })?;
         drop(guard);
         self.timers.set(due);
@@ -221,7 +227,7 @@ impl<S: Store> Pipeline<S> {
         if !enqueued.is_empty() {
             self.outbox.notify_one();
         }
-        if jobs > 0 {
+        if jobs + start_jobs > 0 {
             self.call_jobs.notify_one();
         }
         tracing::debug!(

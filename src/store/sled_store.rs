@@ -17,14 +17,15 @@ use super::records::{
     conv_due, conv_header, conv_value, decode, decode_conv, encode, has_conversation,
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
+use super::results::{self, RunResult};
 use super::starts::{self, StartRecord};
 use super::tallies::{self, OutboxTally};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
-    Epoch, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers,
-    StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError, StoreHealth,
-    StoredConversation,
+    Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer,
+    RecentAnswers, StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError,
+    StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 use crate::metrics::Histogram;
@@ -609,6 +610,42 @@ impl SledStore {
 /// A raw key and value to write.
 type Entry = (Vec<u8>, Vec<u8>);
 
+impl SledStore {
+    /// Write the results of the runs a commit ended, before its
+    /// conversation record: sled's log keeps the order, so a crash leaves
+    /// at most results whose conversation has not moved yet, and handling
+    /// that step again writes the same keys (a transaction with the
+    /// record would cost a synchronous log write, once per run).
+    fn write_results(db: &sled::Db, rows: &[Entry]) -> Result<(), StoreError> {
+        for (k, v) in rows {
+            db.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Insert the conversation record `record` under `k`, and `extra`
+    /// with it in one transaction when there is any; returns the record
+    /// it replaced.
+    fn insert_with(
+        db: &sled::Db,
+        k: &[u8],
+        record: &[u8],
+        extra: &[Entry],
+    ) -> Result<Option<sled::IVec>, StoreError> {
+        if extra.is_empty() {
+            return Ok(db.insert(k, record)?);
+        }
+        db.transaction(|tx| {
+            let old = tx.insert(k, record)?;
+            for (ek, ev) in extra {
+                tx.insert(ek.as_slice(), ev.as_slice())?;
+            }
+            Ok(old)
+        })
+        .map_err(transaction_error)
+    }
+}
+
 fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
     match e {
         sled::transaction::TransactionError::Storage(e) => e.into(),
@@ -660,24 +697,19 @@ impl Store for SledStore {
         let recent = c.recent.keep_with(&answer);
         let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
-            self.shared
-                .write_conversation(db, c.key, c.due, || match &c.consent {
-                    // Rare, and must be atomic with the message: a
-                    // transaction (which also tells us what it replaced).
-                    Some(change) => {
-                        let [state, audit] = Self::consent_entries(db, change)?;
-                        db.transaction(|tx| {
-                            let old = tx.insert(k.as_slice(), record.as_slice())?;
-                            tx.insert(state.0.as_slice(), state.1.as_slice())?;
-                            tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
-                            Ok(old)
-                        })
-                        .map_err(transaction_error)
-                    }
-                    // The common case: one insert carries state and dedupe.
-                    None => Ok(db.insert(&k, record.as_slice())?),
-                })
+            Self::write_results(db, &results)?;
+            self.shared.write_conversation(db, c.key, c.due, || {
+                // A consent change is rare, and must be atomic with the
+                // message: a transaction. The common case is one insert
+                // carrying state and dedupe.
+                let extra = match &c.consent {
+                    Some(change) => Self::consent_entries(db, change)?.to_vec(),
+                    None => Vec::new(),
+                };
+                Self::insert_with(db, &k, &record, &extra)
+            })
         })?;
         self.shared.count_change(old.as_deref(), Some(&record));
         let p = c.processed;
@@ -689,6 +721,8 @@ impl Store for SledStore {
             outcome: p.outcome.clone(),
             flow: p.flow.clone(),
             step: p.step.clone(),
+            body: p.body.clone(),
+            replies: p.replies.clone(),
         })?;
         Ok(())
     }
@@ -876,6 +910,12 @@ impl Store for SledStore {
                     purged.call_jobs += 1;
                 }
             }
+            for (k, v) in self.scan::<RunResult>(db, results::PREFIX)? {
+                if v.ended_at < cutoff {
+                    db.remove(k)?;
+                    purged.results += 1;
+                }
+            }
             for item in db.scan_prefix(b"c\0") {
                 let (k, v) = item?;
                 if let Some((at, flags)) = conv_header(&v) {
@@ -949,7 +989,9 @@ impl Store for SledStore {
     fn commit_state(&self, c: StateCommit<'_>) -> Result<(), StoreError> {
         let record = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
+            Self::write_results(db, &results)?;
             self.shared
                 .write_conversation(db, c.key, c.due, || Ok(db.insert(&k, record.as_slice())?))
         })?;
@@ -1233,7 +1275,7 @@ impl Store for SledStore {
         let Some(c) = commit else {
             let done = self
                 .shared
-                .with_db(|db| starts::commit(db, entries, None, record))?;
+                .with_db(|db| starts::commit(db, entries, None, &[], record))?;
             self.shared.outbox_changed(done.depth);
             if done.taken.is_none() {
                 self.shared.wrote();
@@ -1242,11 +1284,12 @@ impl Store for SledStore {
         };
         let value = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
+        let extra = results::rows(c.results);
         let mut taken = None;
         let mut depth = 0;
         let old = self.shared.with_db(|db| {
             self.shared.write_conversation(db, c.key, c.due, || {
-                let done = starts::commit(db, entries, Some((&k, &value)), record)?;
+                let done = starts::commit(db, entries, Some((&k, &value)), &extra, record)?;
                 taken = done.taken;
                 depth = done.depth;
                 Ok(done.old)
@@ -1257,6 +1300,124 @@ impl Store for SledStore {
             self.shared.count_change(old.as_deref(), Some(&value));
         }
         Ok(taken)
+    }
+
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
+        let prefix = results::flow_prefix(flow);
+        let mut out: Vec<RunResult> = self
+            .shared
+            .with_db(|db| self.scan::<RunResult>(db, &prefix))?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.ended_at >= since)
+            .collect();
+        out.sort_by(|a, b| {
+            (a.ended_at, &a.to, &a.contact, a.started_at).cmp(&(
+                b.ended_at,
+                &b.to,
+                &b.contact,
+                b.started_at,
+            ))
+        });
+        Ok(out)
+    }
+
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(b"c\0") {
+                let (k, _) = item?;
+                if let Some(key) = ConvKey::from_db_key(&k) {
+                    if key.from == number {
+                        out.push(key);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(b"c\0") {
+                let (k, v) = item?;
+                let Some(key) = ConvKey::from_db_key(&k) else {
+                    continue;
+                };
+                let at = conv_header(&v).map_or(0, |(at, _)| at);
+                match decode_conv(&v) {
+                    Ok(stored) => out.push((key, at, stored)),
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, reason, "it is left out of exports")?
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        let mut gone = Forgotten {
+            log_lines: self.shared.log.forget(number)?,
+            ..Forgotten::default()
+        };
+        let mut depth = 0;
+        let result = self.shared.with_db(|db| {
+            for key in self.contact_conversations(number)? {
+                let k = key.db_key();
+                if let Some(old) = db.remove(&k)? {
+                    if let Some(due) = conv_due(&old) {
+                        db.remove(timer_key(due, &key))?;
+                    }
+                    self.shared.count_change(Some(&old[..]), None);
+                    gone.conversations += 1;
+                }
+            }
+            for (k, r) in self.scan::<RunResult>(db, results::PREFIX)? {
+                if r.contact == number {
+                    db.remove(k)?;
+                    gone.results += 1;
+                }
+            }
+            for (k, s) in self.scan::<DeliveryStatus>(db, b"s\0")? {
+                if s.to.as_deref() == Some(number) {
+                    let sid = String::from_utf8_lossy(&k[2..]).into_owned();
+                    for item in db.scan_prefix(two_part(b"l\0", &sid, "")) {
+                        let (ek, _) = item?;
+                        db.remove(ek)?;
+                        gone.status_events += 1;
+                    }
+                    db.remove(k)?;
+                    gone.statuses += 1;
+                }
+            }
+            for (k, e) in self.scan::<OutboxEntry>(db, outbox::PREFIX)? {
+                if e.to == number {
+                    if let Some(ix) = outbox::index_key(&e.state, &e.key) {
+                        depth -= i64::from(db.remove(ix)?.is_some());
+                    }
+                    db.remove(k)?;
+                    gone.outbox += 1;
+                }
+            }
+            for (k, s) in self.scan::<StartRecord>(db, starts::PREFIX)? {
+                if s.to == number {
+                    db.remove(k)?;
+                    gone.starts += 1;
+                }
+            }
+            let mut audit_key = Vec::with_capacity(18);
+            audit_key.extend_from_slice(b"a\0");
+            audit_key.extend_from_slice(&audit.at.to_be_bytes());
+            audit_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+            db.insert(audit_key, encode(audit))?;
+            Ok(())
+        });
+        self.shared.outbox_changed(depth);
+        self.shared.wrote();
+        result.map(|()| gone)
     }
 }
 

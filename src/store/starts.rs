@@ -88,6 +88,7 @@ pub(super) fn commit(
     db: &sled::Db,
     entries: &[OutboxEntry],
     conv: Option<(&[u8], &[u8])>,
+    extra: &[(Vec<u8>, Vec<u8>)],
     record: &StartRecord,
 ) -> Result<Committed, StoreError> {
     let k = db_key(&record.key);
@@ -123,6 +124,10 @@ pub(super) fn commit(
             Some((ck, cv)) => tx.insert(ck, cv)?,
             None => None,
         };
+        // The results of runs the start ended (it interrupted one).
+        for (ek, ev) in extra {
+            tx.insert(ek.as_slice(), ev.as_slice())?;
+        }
         tx.insert(k.as_slice(), v.as_slice())?;
         Ok::<_, ConflictableTransactionError<()>>((None, old, depth))
     });

@@ -387,7 +387,7 @@ fn graph_of_signup_has_its_steps_and_routes() {
     let err = author::mermaid(&set, "signpu").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no flow named `signpu` (flows: appointment, order, order_status, quiz, signup, survey)"
+        "no flow named `signpu` (flows: appointment, order, order_status, pizza, quiz, signup, survey)"
     );
 }
 

@@ -889,6 +889,76 @@ steps:
     app.stop().await;
 }
 
+/// A start queued behind a running conversation makes its first step's
+/// calls when it starts (after the run ends), like a start made at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_start_makes_its_first_steps_calls() {
+    use crate::fake_twilio::{bodies_sent, FakeTwilio};
+    let shop = Shop::start(Answer::Json(200, r#"{"slot": "Wed 9am"}"#.into())).await;
+    let fake = FakeTwilio::start(TOKEN).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(
+        flows.join("remind.yaml"),
+        format!(
+            r#"
+name: remind
+steps:
+  look:
+    call:
+      url: "http://{addr}/slots/{{{{message.from}}}}"
+      on_error: sorry
+    say: "Your appointment is {{{{call.json.slot}}}}."
+    end: true
+  sorry:
+    say: "Please call us about your appointment."
+"#,
+            addr = shop.addr
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        flows.join("busy.yaml"),
+        "name: busy\ntrigger:\n  keywords: [BUSY]\nsteps:\n  ask:\n    say: Which day?\n    \
+         wait:\n      - anything: true\n        goto: done\n  done:\n    say: Noted.\n",
+    )
+    .unwrap();
+    let mut config = crate::outbound::sending_config(&fake, &flows, &tmp.path().join("data"));
+    config.http_allow = vec!["127.0.0.1".into()];
+    let mut app = spawn_with(config).await;
+    app.public_url = format!("http://{}", app.addr);
+    let ana = "+15557400032";
+    let r = app.send_sms(ana, "busy").await;
+    assert!(r.body.contains("Which day?"), "{}", r.body);
+    let r = app
+        .raw(
+            app.client
+                .post(app.url("/flows/remind/start"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "application/json")
+                .body(
+                    serde_json::json!({"to": ana, "from": OUR_NUMBER,
+                        "idempotency_key": "q-1", "if_busy": "queue"})
+                    .to_string(),
+                ),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(app.send_sms(ana, "monday").await.body.contains("Noted."));
+    assert_eq!(
+        bodies_sent(&fake, ana, 1).await,
+        ["Your appointment is Wed 9am."]
+    );
+    let got = received_at_least(&shop, 1).await;
+    assert!(
+        got[0].head.starts_with("GET /slots/%2B15557400032 "),
+        "{}",
+        got[0].head
+    );
+    app.stop().await;
+}
+
 /// The sender's flow sees only the category of a failure; the detail
 /// (here the allow-list's wording, naming the address) is in the log.
 #[tokio::test(flavor = "multi_thread")]

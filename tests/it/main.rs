@@ -10,6 +10,7 @@ mod compliance;
 mod contacts;
 mod conversation;
 mod crash;
+mod export;
 mod fake_twilio;
 mod health;
 mod helpers;

@@ -59,6 +59,10 @@ pub fn start_flow_with_calls(
     ex.responses = calls;
     ex.queued = conv.queued;
     ex.answered = true;
+    // The caller decided a busy conversation may be interrupted.
+    if let Some(run) = conv.run {
+        ex.ended(run, super::RunEnd::Interrupted);
+    }
     if let Some(flow) = set.inner.flows.get(start.flow) {
         ex.events.push(Event::Triggered {
             flow: flow.name.clone(),
