@@ -28,6 +28,7 @@ use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod contacts;
 mod locks;
 mod offload;
@@ -35,6 +36,7 @@ mod starts;
 mod timers;
 use locks::KeyLocks;
 use offload::Offload;
+pub use campaigns::Rescheduled;
 pub use timers::{TimerFired, TimerWaker};
 
 /// What the HTTP layer sends back for one inbound webhook.
@@ -140,6 +142,13 @@ pub struct PipelineOptions {
     /// The time all HTTP calls of one message share (`None`: the
     /// default, [`crate::calls::DEFAULT_CALL_BUDGET_MS`]).
     pub call_budget: Option<std::time::Duration>,
+    /// Our numbers' time zones, for campaign events of contacts without
+    /// a zone field of their own (from the `[[quiet_hours]]` rules).
+    pub time_zones: flow::NumberZones,
+    /// How late a campaign event may still fire, in seconds (the
+    /// sender's `max_late_secs`): an event further in the past when its
+    /// field is set, or when the server comes back up, is skipped.
+    pub campaign_grace_secs: i64,
 }
 
 impl PipelineOptions {
@@ -158,6 +167,14 @@ impl PipelineOptions {
                 .track_delivery
                 .then(|| format!("{}/twilio/status", config.public_url)),
             call_budget: Some(config.call_budget),
+            time_zones: flow::NumberZones::new(
+                config
+                    .outbound
+                    .quiet_hours
+                    .iter()
+                    .map(|q| (q.raw().number.as_str(), q.raw().time_zone.as_str())),
+            ),
+            campaign_grace_secs: config.outbound.max_late.as_secs() as i64,
         }
     }
 }
@@ -369,7 +386,7 @@ impl<S: Store> Pipeline<S> {
             flow: decided.flow,
             step: decided.step,
         };
-        let due = flow::next_due(&self.flows.load(), &decided.conversation);
+        let due = self.due_of(&self.flows.load(), &key, &decided.conversation, now);
         // Before the state change: a crash in between leaves the jobs and
         // the message unprocessed, and the retried webhook records the
         // same keys again, which changes nothing.
@@ -658,7 +675,7 @@ impl<S: Store> Pipeline<S> {
             key,
             recent: &record.recent,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.run.is_none() && due.is_none(),
             message_sid: &msg.message_sid,
             processed,
             consent,
@@ -733,7 +750,7 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
-        let due = flow::next_due(&self.flows.load(), conversation);
+        let due = self.due_of(&self.flows.load(), key, conversation, now);
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;

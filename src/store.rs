@@ -395,6 +395,19 @@ pub trait Store: Send + Sync + 'static {
         entries: &[OutboxEntry],
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError>;
+
+    // ---- campaigns (the schedule itself is the timer index above) ----
+
+    /// The keys of stored conversations after `after` (exclusive; from the
+    /// first when `None`), in key order (our number, then the contact), at
+    /// most `limit`. Reads keys, not records: for walking every
+    /// conversation in pages when the campaign set changed, never on the
+    /// message path.
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -107,6 +107,8 @@ pub(crate) struct SetInner {
     /// Some step has a `call:`: the pipeline then runs the engine in its
     /// call loop (flow/calls.rs).
     pub has_calls: bool,
+    /// Campaigns (from campaign files), in file and name order.
+    pub campaigns: Vec<super::campaigns::Campaign>,
 }
 
 impl FlowSet {
@@ -119,6 +121,22 @@ impl FlowSet {
     /// The flow files this set was built from, sorted.
     pub fn files(&self) -> &[PathBuf] {
         &self.inner.files
+    }
+
+    /// Does the set have campaigns (a file with `campaigns:`)?
+    pub fn has_campaigns(&self) -> bool {
+        !self.inner.campaigns.is_empty()
+    }
+
+    /// Changes whenever a campaign's definition does (empty without
+    /// campaigns): the timer scheduler reschedules every conversation
+    /// when it changes.
+    pub fn campaigns_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        if self.inner.campaigns.is_empty() {
+            return String::new();
+        }
+        hex(&Sha256::digest(format!("{:?}", self.inner.campaigns)))
     }
 
     /// A set with no flows: every message is answered with silence.

@@ -121,14 +121,14 @@ impl<S: Store> Pipeline<S> {
         record.result = "started".to_owned();
         record.outbox = entries.iter().map(|e| e.key.clone()).collect();
         let conversation = &handled.conversation;
-        let due = flow::next_due(&flows, conversation);
+        let due = self.due_of(&flows, &key, conversation, now);
         let bytes =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
         let taken = self.store.commit_start(
             Some(StateCommit {
                 key: &key,
                 conversation: bytes.as_deref(),
-                ended: conversation.run.is_none(),
+                ended: conversation.run.is_none() && due.is_none(),
                 due,
                 recent: &stored.recent,
                 at: now,

@@ -98,6 +98,21 @@ impl<S: Store> Pipeline<S> {
     /// once.
     pub async fn fire_timer(&self, timer: &DueTimer, now: i64) -> Result<TimerFired, StoreError> {
         let key = &timer.key;
+        // Campaign events first, each a flow start under its own key (it
+        // takes the conversation's lock itself): a crash after one leaves
+        // the index entry, and firing again starts nothing twice.
+        let mut campaign_sent = Vec::new();
+        let mut campaigns_fired = 0;
+        let flows = self.flows.load_full();
+        if flows.has_campaigns() && timer.due <= now {
+            let record = self.store.load(key)?;
+            if record.due == Some(timer.due) && record.conversation.is_some() {
+                let conversation = self.conversation_of(key, &record)?;
+                (campaign_sent, campaigns_fired) = self
+                    .fire_campaigns(&flows, key, &conversation, now)
+                    .await?;
+            }
+        }
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
@@ -107,13 +122,12 @@ impl<S: Store> Pipeline<S> {
             }
             drop(guard);
             return Ok(TimerFired {
-                ran: false,
-                enqueued: Vec::new(),
+                ran: campaigns_fired > 0,
+                enqueued: campaign_sent,
                 events: Vec::new(),
             });
         }
         let conversation = self.conversation_of(key, &record)?;
-        let flows = self.flows.load_full();
         let wake = Wake {
             from: &key.from,
             to: &key.to,
@@ -177,7 +191,7 @@ impl<S: Store> Pipeline<S> {
         } else if fired.is_some() {
             Metrics::inc(&self.metrics.timers_fired);
         }
-        let mut enqueued = Vec::new();
+        let mut enqueued = campaign_sent;
         if !entries.is_empty() {
             // Only the entries this firing added count as sent by it.
             for entry in entries {
@@ -194,13 +208,14 @@ impl<S: Store> Pipeline<S> {
             now,
         )?;
         let conversation = &handled.conversation;
-        let due = flow::next_due(&flows, conversation);
+        // Campaign events due by now were fired above: the next is later.
+        let due = self.due_after(&flows, key, conversation, now);
         let stored =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.run.is_none() && due.is_none(),
             due,
             recent: &record.recent,
             at: now,
@@ -221,7 +236,7 @@ impl<S: Store> Pipeline<S> {
             "timer fired"
         );
         Ok(TimerFired {
-            ran: fired.is_some(),
+            ran: fired.is_some() || campaigns_fired > 0,
             enqueued,
             events: handled.events,
         })
