@@ -5,6 +5,7 @@
 mod author;
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod compliance;
 mod contacts;
 mod conversation;

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::flow::campaigns::{parse_when, Campaign, CampaignEvent, DEFAULT_ZONE_FIELD};
+use crate::flow::campaigns::{
+    parse_when, Campaign, CampaignEvent, Offset, When, DEFAULT_ZONE_FIELD,
+};
 use crate::flow::model::{Diagnostic, SetInner, Severity, Target};
 use crate::flow::template::is_ident;
 use crate::flow::yaml::Node;
@@ -41,85 +43,105 @@ impl Cx<'_> {
             &what,
             &["field", "time_zone_field", "events", "description"],
         )?;
-        let Some((_, field_node)) = m.get("field") else {
-            self.err(node.pos, format!("{what} needs `field:` (the contact field holding the date)"));
-            return None;
-        };
-        let field = self.ident(field_node, "`field`")?;
-        let zone_field = match m.get("time_zone_field") {
-            Some((_, v)) => self.ident(v, "`time_zone_field`")?,
-            None => DEFAULT_ZONE_FIELD.to_owned(),
-        };
-        let Some((_, events_node)) = m.get("events") else {
-            self.err(node.pos, format!("{what} needs `events:`"));
-            return None;
-        };
-        let entries = self.map(events_node, "`events`", &[])?;
-        if entries.is_empty() {
-            self.err(events_node.pos, format!("{what} has no events"));
-        }
-        let mut events = Vec::new();
-        for (ev, (k, v)) in entries {
-            if !is_ident(ev) {
-                self.err(k.pos, format!("event name `{ev}` must be letters, digits and `_`"));
-                continue;
+        // Every part is read before giving up, so one pass reports all.
+        let field = match m.get("field") {
+            Some((_, f)) => self.ident(f, "`field`").map(|n| (n, f.pos)),
+            None => {
+                self.err(
+                    node.pos,
+                    format!("{what} needs `field:` (the contact field holding the date)"),
+                );
+                None
             }
-            let Some(em) = self.map(v, "a campaign event", &["when", "start", "if_busy"]) else {
-                continue;
-            };
-            let when = match em.get("when") {
-                Some((_, w)) => {
-                    let Some(text) = self.text(w, "`when`") else {
-                        continue;
-                    };
-                    match parse_when(&text) {
-                        Ok(when) => when,
-                        Err(e) => {
-                            self.err(w.pos, e);
-                            continue;
-                        }
-                    }
+        };
+        let zone_field = match m.get("time_zone_field") {
+            Some((_, v)) => self.ident(v, "`time_zone_field`"),
+            None => Some(DEFAULT_ZONE_FIELD.to_owned()),
+        };
+        let mut events = Vec::new();
+        match m.get("events") {
+            None => self.err(node.pos, format!("{what} needs `events:`")),
+            Some((_, events_node)) => {
+                let entries = self.map(events_node, "`events`", &[])?;
+                if entries.is_empty() {
+                    self.err(events_node.pos, format!("{what} has no events"));
                 }
-                None => {
-                    self.err(v.pos, format!("event `{ev}` needs `when:` (like `1 day before at 10:00`)"));
-                    continue;
-                }
-            };
-            let Some(flow) = em.get("start").and_then(|(_, f)| self.step_name(f, "`start`")) else {
-                if !em.contains_key("start") {
-                    self.err(v.pos, format!("event `{ev}` needs `start:` (the flow it starts)"));
-                }
-                continue;
-            };
-            let interrupt = match em.get("if_busy") {
-                None => true,
-                Some((_, b)) => match self.text(b, "`if_busy`").as_deref() {
-                    Some("interrupt") => true,
-                    Some("skip") => false,
-                    Some(other) => {
-                        self.err(
-                            b.pos,
-                            format!("`if_busy` is `interrupt` or `skip`, not `{other}`"),
-                        );
-                        continue;
-                    }
-                    None => continue,
-                },
-            };
-            events.push(CampaignEvent {
-                name: ev.to_owned(),
-                when,
-                flow,
-                interrupt,
-            });
+                events.extend(
+                    entries
+                        .into_iter()
+                        .filter_map(|(ev, (k, v))| self.campaign_event(ev, k, v)),
+                );
+            }
         }
+        let (field, field_pos) = field?;
         Some(Campaign {
             name: name.to_owned(),
             field,
-            field_pos: field_node.pos,
-            zone_field,
+            field_pos,
+            zone_field: zone_field.unwrap_or_else(|| DEFAULT_ZONE_FIELD.to_owned()),
             events,
             file: self.file.clone(),
+        })
+    }
+
+    fn campaign_event(&mut self, ev: &str, k: &Node, v: &Node) -> Option<CampaignEvent> {
+        if !is_ident(ev) {
+            self.err(
+                k.pos,
+                format!("event name `{ev}` must be letters, digits and `_`"),
+            );
+            return None;
+        }
+        let em = self.map(v, "a campaign event", &["when", "start", "if_busy"])?;
+        let when = match em.get("when") {
+            Some((_, w)) => self.text(w, "`when`").and_then(|text| {
+                parse_when(&text)
+                    .map_err(|e| self.err(w.pos, e))
+                    .ok()
+            }),
+            None => {
+                self.err(
+                    v.pos,
+                    format!("event `{ev}` needs `when:` (like `1 day before at 10:00`)"),
+                );
+                None
+            }
+        };
+        let flow = match em.get("start") {
+            Some((_, f)) => self.step_name(f, "`start`"),
+            None => {
+                self.err(
+                    v.pos,
+                    format!("event `{ev}` needs `start:` (the flow it starts)"),
+                );
+                None
+            }
+        };
+        let interrupt = match em.get("if_busy") {
+            None => Some(true),
+            Some((_, b)) => match self.text(b, "`if_busy`").as_deref() {
+                Some("interrupt") => Some(true),
+                Some("skip") => Some(false),
+                Some(other) => {
+                    self.err(
+                        b.pos,
+                        format!("`if_busy` is `interrupt` or `skip`, not `{other}`"),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        // With an error reported the set is refused anyway; an event kept
+        // with a placeholder still has its flow checked across files.
+        Some(CampaignEvent {
+            name: ev.to_owned(),
+            when: when.unwrap_or(When {
+                offset: Offset::Days(0),
+                at: None,
+            }),
+            flow: flow?,
+            interrupt: interrupt.unwrap_or(true),
         })
     }
 }
