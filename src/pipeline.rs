@@ -34,9 +34,9 @@ mod locks;
 mod offload;
 mod starts;
 mod timers;
+pub use campaigns::Rescheduled;
 use locks::KeyLocks;
 use offload::Offload;
-pub use campaigns::Rescheduled;
 pub use timers::{TimerFired, TimerWaker};
 
 /// What the HTTP layer sends back for one inbound webhook.

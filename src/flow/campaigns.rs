@@ -93,7 +93,11 @@ pub(crate) fn parse_when(s: &str) -> Result<When, String> {
             let sign = match *dir {
                 "before" => -1,
                 "after" => 1,
-                other => return Err(format!("expected `before` or `after`, got `{other}`; {FORM}")),
+                other => {
+                    return Err(format!(
+                        "expected `before` or `after`, got `{other}`; {FORM}"
+                    ))
+                }
             };
             let unit = unit.to_ascii_lowercase();
             let (days, secs) = match unit.trim_end_matches('s') {
@@ -101,7 +105,11 @@ pub(crate) fn parse_when(s: &str) -> Result<When, String> {
                 "hour" | "h" => (None, Some(3600)),
                 "day" | "d" => (Some(1), None),
                 "week" | "w" => (Some(7), None),
-                _ => return Err(format!("unknown unit `{unit}` (minutes, hours, days, weeks); {FORM}")),
+                _ => {
+                    return Err(format!(
+                        "unknown unit `{unit}` (minutes, hours, days, weeks); {FORM}"
+                    ))
+                }
             };
             Some(match (days, secs) {
                 (Some(d), _) => {
@@ -125,7 +133,9 @@ pub(crate) fn parse_when(s: &str) -> Result<When, String> {
     };
     let at = match at_words {
         None => None,
-        Some([t]) => Some(hh_mm(t).ok_or_else(|| format!("`{t}` is not a time like 10:00 (HH:MM, 24-hour)"))?),
+        Some([t]) => Some(
+            hh_mm(t).ok_or_else(|| format!("`{t}` is not a time like 10:00 (HH:MM, 24-hour)"))?,
+        ),
         Some(_) => return Err(FORM.to_owned()),
     };
     if offset.is_none() && at.is_none() {
@@ -220,7 +230,9 @@ pub(crate) fn parse_date(value: &str, zone: &TimeZone) -> Option<DateTime> {
     if let Ok(dt) = v.parse::<DateTime>() {
         return Some(dt);
     }
-    v.parse::<Date>().ok().map(|d| d.to_datetime(Time::midnight()))
+    v.parse::<Date>()
+        .ok()
+        .map(|d| d.to_datetime(Time::midnight()))
 }
 
 /// When `when` falls for a field holding `base` (local time in `zone`).
@@ -314,7 +326,10 @@ mod tests {
             parse_when("2 hours before").unwrap().offset,
             Offset::Secs(-7200)
         );
-        assert_eq!(parse_when("3 weeks after").unwrap().offset, Offset::Days(21));
+        assert_eq!(
+            parse_when("3 weeks after").unwrap().offset,
+            Offset::Days(21)
+        );
         assert_eq!(
             parse_when("at 9:30").unwrap(),
             When {

@@ -159,25 +159,36 @@ impl FlowSet {
 
     /// The first flow (by name) that sends messages on its own, not as an
     /// answer to a message: a `timeout:` that says something, or a script
-    /// flow with an `on_timeout`. `None` when every flow only answers. With
-    /// such a flow, serving needs the outbound credentials.
+    /// flow with an `on_timeout`, or a flow a campaign starts. `None` when
+    /// every flow only answers. With such a flow, serving needs the
+    /// outbound credentials.
     pub fn sends_on_its_own(&self) -> Option<(&str, &'static str)> {
-        self.inner.flows.values().find_map(|flow| {
-            let says = flow.steps.values().any(|step| match &step.next {
-                Next::Wait { timeouts, .. } => timeouts.iter().any(|t| !t.say.is_empty()),
-                Next::Go(_) => false,
-            });
-            let wakes = flow
-                .script
-                .as_ref()
-                .and_then(|s| s.script.as_ref())
-                .is_some_and(|s| s.has_on_timeout());
-            match (says, wakes) {
-                (true, _) => Some((flow.name.as_str(), "a timeout: that says something")),
-                (_, true) => Some((flow.name.as_str(), "an on_timeout that may say something")),
-                _ => None,
-            }
-        })
+        let started = self
+            .inner
+            .campaigns
+            .iter()
+            .flat_map(|c| &c.events)
+            .map(|e| (e.flow.name.as_str(), "a campaign starts it"));
+        self.inner
+            .flows
+            .values()
+            .find_map(|flow| {
+                let says = flow.steps.values().any(|step| match &step.next {
+                    Next::Wait { timeouts, .. } => timeouts.iter().any(|t| !t.say.is_empty()),
+                    Next::Go(_) => false,
+                });
+                let wakes = flow
+                    .script
+                    .as_ref()
+                    .and_then(|s| s.script.as_ref())
+                    .is_some_and(|s| s.has_on_timeout());
+                match (says, wakes) {
+                    (true, _) => Some((flow.name.as_str(), "a timeout: that says something")),
+                    (_, true) => Some((flow.name.as_str(), "an on_timeout that may say something")),
+                    _ => None,
+                }
+            })
+            .or_else(|| started.min())
     }
 
     /// Does any step make an HTTP call (`call:`)? A message of such a set

@@ -193,3 +193,119 @@ impl<S: Store> Pipeline<S> {
         Ok(done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::contacts::ContactRow;
+    use crate::metrics::Metrics;
+    use crate::pipeline::PipelineOptions;
+    use crate::store::{DueTimer, SledStore};
+
+    const REMINDER: &str =
+        "fields: [appt]\nsteps:\n  ask:\n    say: \"See you {{contact.appt}}\"\n";
+    const CAMPAIGNS: &str = "campaigns:\n  appts:\n    field: appt\n    events:\n      before:\n        when: 2 hours before\n        start: reminder\n";
+
+    fn set(dir: &std::path::Path, campaigns: bool) -> FlowSet {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("reminder.yaml"), REMINDER).unwrap();
+        if campaigns {
+            std::fs::write(dir.join("campaigns.yaml"), CAMPAIGNS).unwrap();
+        }
+        crate::flow::load_dir(dir).unwrap().set
+    }
+
+    /// A campaign added to a running set reaches contacts whose fields
+    /// were set before it existed (the walk over every conversation), and
+    /// its event fires once however often its index entry comes due.
+    #[tokio::test]
+    async fn a_campaign_added_later_is_scheduled_for_existing_contacts_and_fires_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let flows = tmp.path().join("flows");
+        let store = SledStore::open(&tmp.path().join("data"), &Default::default()).unwrap();
+        let pipeline = Pipeline::new(
+            Arc::new(store),
+            Arc::new(ArcSwap::from_pointee(set(&flows, false))),
+            PipelineOptions {
+                campaign_grace_secs: 3600,
+                ..PipelineOptions::default()
+            },
+            Arc::new(Metrics::default()),
+        );
+        // 2026-09-21; the appointment is months later, its event at 06:00.
+        let now = 1_790_000_000;
+        let appt = "2027-01-15T08:00:00Z";
+        let rows = [ContactRow {
+            line: 2,
+            phone: "+15557700001".into(),
+            fields: [("appt".to_owned(), appt.to_owned())].into(),
+        }];
+        pipeline
+            .import_contacts("+15550001111", &rows, now)
+            .await
+            .unwrap();
+        let key = ConvKey::new("+15550001111", "+15557700001");
+        assert_eq!(pipeline.store().load(&key).unwrap().due, None);
+
+        pipeline.flows().store(Arc::new(set(&flows, true)));
+        let done = pipeline.reschedule_campaigns(now).await.unwrap();
+        assert_eq!(
+            done,
+            Rescheduled {
+                conversations: 1,
+                moved: 1
+            }
+        );
+        let due: i64 = "2027-01-15T06:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_second();
+        assert_eq!(pipeline.store().load(&key).unwrap().due, Some(due));
+        // Walking again changes nothing.
+        assert_eq!(pipeline.reschedule_campaigns(now).await.unwrap().moved, 0);
+
+        let timer = DueTimer {
+            due,
+            key: key.clone(),
+        };
+        let fired = pipeline.fire_timer(&timer, due + 5).await.unwrap();
+        assert!(fired.ran);
+        let bodies: Vec<_> = fired.enqueued.iter().map(|e| e.body.as_str()).collect();
+        assert_eq!(bodies, [format!("See you {appt}")]);
+        // Past the event: nothing more is due, and a repeated firing (an
+        // index entry left by a crash) starts nothing again.
+        assert_eq!(pipeline.store().load(&key).unwrap().due, None);
+        let again = pipeline.fire_timer(&timer, due + 6).await.unwrap();
+        assert!(again.enqueued.is_empty());
+        let (sent, fired) = pipeline
+            .fire_campaigns(
+                &pipeline.flows().load_full(),
+                &key,
+                &{
+                    let record = pipeline.store().load(&key).unwrap();
+                    pipeline.conversation_of(&key, &record).unwrap()
+                },
+                due + 7,
+            )
+            .await
+            .unwrap();
+        assert_eq!((sent.len(), fired), (0, 0));
+        // Later than the grace period, an event is not fired at all.
+        let late = ConvKey::new("+15550001111", "+15557700002");
+        let rows = [ContactRow {
+            line: 2,
+            phone: late.from.clone(),
+            fields: [("appt".to_owned(), appt.to_owned())].into(),
+        }];
+        pipeline
+            .import_contacts("+15550001111", &rows, due + 3601)
+            .await
+            .unwrap();
+        assert_eq!(pipeline.store().load(&late).unwrap().due, None);
+    }
+}

@@ -108,9 +108,8 @@ impl<S: Store> Pipeline<S> {
             let record = self.store.load(key)?;
             if record.due == Some(timer.due) && record.conversation.is_some() {
                 let conversation = self.conversation_of(key, &record)?;
-                (campaign_sent, campaigns_fired) = self
-                    .fire_campaigns(&flows, key, &conversation, now)
-                    .await?;
+                (campaign_sent, campaigns_fired) =
+                    self.fire_campaigns(&flows, key, &conversation, now).await?;
             }
         }
         let guard = self.locks.lock(key).await;

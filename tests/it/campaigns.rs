@@ -126,10 +126,7 @@ async fn a_field_change_schedules_the_event_which_fires_once_per_date_across_a_r
     );
     assert_eq!(fired(&app, &key(ana, &first)).await.result, "started");
     // The reply goes on in the flow the campaign started.
-    assert_eq!(
-        bodies(&app.send_sms(ana, "yes").await.body),
-        ["Confirmed."]
-    );
+    assert_eq!(bodies(&app.send_sms(ana, "yes").await.body), ["Confirmed."]);
     app.stop().await;
 
     // After a restart (the startup pass over every conversation included),
@@ -210,9 +207,36 @@ async fn quiet_hours_defer_a_campaign_message_to_their_end() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "never deferred: {:?}", entry.state);
+        assert!(
+            Instant::now() < deadline,
+            "never deferred: {:?}",
+            entry.state
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(fake.requests_to(dee).is_empty());
     app.stop().await;
+}
+
+/// A campaign sends on its own even when the flow it starts has no
+/// timeout: without outbound credentials, a reload that adds one is
+/// refused, naming the flow, and the set without it stays live.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_credentials_a_campaign_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("reminder.yaml"), REMINDER).unwrap();
+    let config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
+    let app = smsflow::app::App::build(config).await.unwrap();
+    let live = app.reloader().status().version;
+    std::fs::write(flows.join("campaigns.yaml"), CAMPAIGNS).unwrap();
+    match app.reloader().reload_now() {
+        smsflow::reload::ReloadOutcome::Refused { errors } => assert!(
+            errors.contains("flow `reminder` sends messages on its own (a campaign starts it)"),
+            "{errors}"
+        ),
+        other => panic!("not refused: {other:?}"),
+    }
+    assert_eq!(app.reloader().status().version, live);
 }

@@ -94,11 +94,9 @@ impl Cx<'_> {
         }
         let em = self.map(v, "a campaign event", &["when", "start", "if_busy"])?;
         let when = match em.get("when") {
-            Some((_, w)) => self.text(w, "`when`").and_then(|text| {
-                parse_when(&text)
-                    .map_err(|e| self.err(w.pos, e))
-                    .ok()
-            }),
+            Some((_, w)) => self
+                .text(w, "`when`")
+                .and_then(|text| parse_when(&text).map_err(|e| self.err(w.pos, e)).ok()),
             None => {
                 self.err(
                     v.pos,
@@ -164,7 +162,11 @@ pub(super) fn check_campaigns(inner: &SetInner, diags: &mut Vec<Diagnostic>) {
     let mut names = BTreeSet::new();
     for c in &inner.campaigns {
         if !names.insert(c.name.as_str()) {
-            err(&c.file, c.field_pos, format!("campaign `{}` is defined twice", c.name));
+            err(
+                &c.file,
+                c.field_pos,
+                format!("campaign `{}` is defined twice", c.name),
+            );
         }
         if declared {
             if let Some(known) = &known {
