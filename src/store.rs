@@ -67,6 +67,12 @@
 //! time is counted at open and kept up to date by every write, like the
 //! conversation count.
 //!
+//! Campaigns add no records: a contact's next campaign event is its
+//! conversation's due time (the earlier of it and the run's timer), and a
+//! fired event is a [`StartRecord`] under a key made of campaign, event,
+//! contact and date. [`Store::conversation_keys`] pages through the
+//! conversations when the campaigns change.
+//!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe

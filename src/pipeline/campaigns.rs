@@ -309,3 +309,141 @@ mod tests {
         assert_eq!(pipeline.store().load(&late).unwrap().due, None);
     }
 }
+
+/// Figures for the README: how long scheduling 100,000 campaign events
+/// takes, and the memory it needs. Run in release:
+/// `cargo test --release --lib -- --ignored schedule_100k --nocapture`.
+#[cfg(test)]
+mod measure {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::contacts::ContactRow;
+    use crate::metrics::Metrics;
+    use crate::pipeline::PipelineOptions;
+    use crate::store::SledStore;
+
+    fn rss_kib(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn write_set(dir: &std::path::Path, when: &str) -> FlowSet {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("reminder.yaml"),
+            "fields: [appt]\nsteps:\n  ask:\n    say: \"See you {{contact.appt}}\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("campaigns.yaml"),
+            format!(
+                "campaigns:\n  appts:\n    field: appt\n    events:\n      before:\n        when: {when}\n        start: reminder\n"
+            ),
+        )
+        .unwrap();
+        crate::flow::load_dir(dir).unwrap().set
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "a measurement: run in release with --nocapture"]
+    async fn schedule_100k() {
+        const N: usize = 100_000;
+        const CHUNK: usize = 1_000;
+        let tmp = tempfile::tempdir().unwrap();
+        let flows = tmp.path().join("flows");
+        let store = SledStore::open(&tmp.path().join("data"), &Default::default()).unwrap();
+        let pipeline = Pipeline::new(
+            Arc::new(store),
+            Arc::new(ArcSwap::from_pointee(write_set(
+                &flows,
+                "1 day before at 10:00",
+            ))),
+            PipelineOptions {
+                campaign_grace_secs: 6 * 3600,
+                time_zones: flow::NumberZones::new([("*", "America/New_York")]),
+                ..PipelineOptions::default()
+            },
+            Arc::new(Metrics::default()),
+        );
+        let now = 1_790_000_000; // 2026-09-21
+        let rss0 = rss_kib("VmRSS:");
+        // Appointments spread over the following 100 days.
+        let rows: Vec<ContactRow> = (0..N)
+            .map(|i| ContactRow {
+                line: i as u64 + 2,
+                phone: format!("+1555{:07}", i),
+                fields: [(
+                    "appt".to_owned(),
+                    jiff::Timestamp::from_second(now + 86_400 * 2 + (i as i64 * 86))
+                        .unwrap()
+                        .to_zoned(jiff::tz::TimeZone::UTC)
+                        .datetime()
+                        .to_string(),
+                )]
+                .into(),
+            })
+            .collect();
+        let started = Instant::now();
+        for chunk in rows.chunks(CHUNK) {
+            pipeline
+                .import_contacts("+15550001111", chunk, now)
+                .await
+                .unwrap();
+        }
+        let import = started.elapsed();
+        let rss1 = rss_kib("VmRSS:");
+        assert_eq!(pipeline.store().pending_timers(), N);
+
+        // The campaign moves earlier: every conversation is walked and
+        // rewritten with its new due time.
+        pipeline
+            .flows()
+            .store(Arc::new(write_set(&flows, "2 days before at 09:00")));
+        let started = Instant::now();
+        let done = pipeline.reschedule_campaigns(now).await.unwrap();
+        let walk = started.elapsed();
+        assert_eq!(done.moved, N);
+        // Nothing changed: a walk that only reads.
+        let started = Instant::now();
+        let again = pipeline.reschedule_campaigns(now).await.unwrap();
+        let idle_walk = started.elapsed();
+        assert_eq!(again.moved, 0);
+        let rss2 = rss_kib("VmRSS:");
+        let disk: u64 = walkdir(&tmp.path().join("data"));
+        println!(
+            "schedule_100k: import {N} contacts with a date field (chunks of {CHUNK}, each flushed): {:.2} s ({:.0}/s)\n\
+             schedule_100k: reschedule after a campaign edit, all {N} moved: {:.2} s; walk with nothing to move: {:.2} s\n\
+             schedule_100k: RSS {} MiB before, {} MiB after the import, {} MiB after the walks (peak {} MiB); data directory {} MiB",
+            import.as_secs_f64(),
+            N as f64 / import.as_secs_f64(),
+            walk.as_secs_f64(),
+            idle_walk.as_secs_f64(),
+            rss0 / 1024,
+            rss1 / 1024,
+            rss2 / 1024,
+            rss_kib("VmHWM:") / 1024,
+            disk / (1024 * 1024),
+        );
+    }
+
+    fn walkdir(dir: &std::path::Path) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            total += if m.is_dir() {
+                walkdir(&e.path())
+            } else {
+                m.len()
+            };
+        }
+        total
+    }
+}

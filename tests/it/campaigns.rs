@@ -240,3 +240,105 @@ async fn without_credentials_a_campaign_is_refused() {
     }
     assert_eq!(app.reloader().status().version, live);
 }
+
+/// README's appointment reminder, end to end with the shipped flows
+/// (campaigns.yaml, reminder.yaml): contacts imported from CSV with an
+/// appointment tomorrow, the reminder sent "the day before at 10:00" in
+/// each contact's time zone, YES confirming and NO cancelling, and the
+/// message log showing each message with its delivery status. The
+/// contacts' zone is one where it is now past noon, so 10:00 today has
+/// passed by less than the grace period and the reminder goes out at
+/// once. (The no-answer reminder three hours later is the shipped
+/// transcript's, on the virtual clock.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_appointment_reminder_runs_end_to_end() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    fake.callbacks(&["sent", "delivered"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("flows");
+    for e in std::fs::read_dir(&shipped).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), flows.join(e.file_name())).unwrap();
+        }
+    }
+    let config = sending_config(&fake, &flows, &tmp.path().join("data"));
+    let mut app = spawn_with(config).await;
+    app.public_url = format!("http://{}", app.addr);
+
+    // A fixed-offset zone where it is now 12:xx.
+    let utc_hour = i64::from(
+        jiff::Timestamp::now()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .hour(),
+    );
+    let offset = 12 - utc_hour;
+    let tz = match offset {
+        0 => "Etc/GMT".to_owned(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    };
+    let zone = jiff::tz::TimeZone::get(&tz).unwrap();
+    let today = jiff::Timestamp::now().to_zoned(zone).date();
+    let appt = format!("{} 15:00", today.tomorrow().unwrap());
+    let (ana, ben) = ("+15557600011", "+15557600012");
+    import(
+        &app,
+        &format!("phone,name,appt,tz\n{ana},Ana,{appt},{tz}\n{ben},Ben,{appt},{tz}\n"),
+    )
+    .await;
+    let reminder = |name: &str| {
+        format!("Hi {name}, this is a reminder of your appointment on {appt}. Reply YES to confirm or NO to cancel.")
+    };
+    assert_eq!(bodies_sent(&fake, ana, 1).await, [reminder("Ana")]);
+    assert_eq!(bodies_sent(&fake, ben, 1).await, [reminder("Ben")]);
+    assert_eq!(
+        bodies(&app.send_sms(ana, "Yes").await.body),
+        ["Thank you, see you then!"]
+    );
+    assert_eq!(
+        bodies(&app.send_sms(ben, "no").await.body),
+        ["Your appointment is cancelled. Call 555-0100 to book another."]
+    );
+    let fields = |who: &str| {
+        let bytes = app
+            .store
+            .conversation(&smsflow::store::ConvKey::new(OUR_NUMBER, who))
+            .unwrap()
+            .unwrap();
+        smsflow::flow::Conversation::from_stored(&bytes)
+            .unwrap()
+            .contact
+    };
+    assert_eq!(fields(ana)["appt_status"], "confirmed");
+    assert_eq!(fields(ben)["appt_status"], "cancelled");
+
+    // The message log: each reminder with its delivery status (from the
+    // fake's callbacks), each reply and the answer to it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let log = app
+            .admin_json(&format!("/messages?number=%2B{}", &ana[1..]))
+            .await;
+        let rows = log["messages"].as_array().cloned().unwrap_or_default();
+        let delivered = rows.iter().any(|r| {
+            r["direction"] == "outbound"
+                && r["status"] == "delivered"
+                && r["outbox"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("start:campaign:appointments:day_before:"))
+        });
+        if delivered {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        rows.iter()
+            .any(|r| r["direction"] == "inbound" && r["status"] == "reply"),
+        "{rows:?}"
+    );
+    app.stop().await;
+}
