@@ -55,7 +55,7 @@ pub(crate) use outline::{EdgeTarget, Outline};
 pub use transcript::{
     assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
-pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
+pub(crate) use transcript::{compare_replies, escape, parse_start, split_media, unescape};
 
 /// Why [`load_flows`] refused a flows directory.
 #[derive(Debug, thiserror::Error)]

@@ -525,7 +525,7 @@ fn state_header_text(value: &str) -> &str {
 /// What follows `@ start `: a flow name, then `field.name=value` and
 /// `var.name=value` pairs; a value with spaces is written in double
 /// quotes (`\"` and `\\` inside them).
-fn parse_start(arg: &str) -> Result<Line, String> {
+pub(crate) fn parse_start(arg: &str) -> Result<Line, String> {
     const FORM: &str = "write `@ start FLOW field.name=value var.name=\"two words\"`";
     let mut rest = arg.trim();
     let (flow, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
@@ -923,7 +923,7 @@ mod tests {
         assert!(parse("nonsense\n> hi\n< x").is_err());
         assert_eq!(
             parse("< x\n").unwrap_err().1,
-            "`<` line without a `>` message or `@ wait` before it"
+            "`<` line without a `>` message, `@ wait` or `@ start` before it"
         );
         assert!(parse("> hi\n< x\n@ reset\n< y\n").is_err());
     }

@@ -9,6 +9,10 @@
 //! moves the conversation (or, for a reminder, marks that timeout fired)
 //! before the reply is routed. Exactly one of "the reply's route from the
 //! waiting step" and "the timeout" runs.
+//!
+//! A conversation's due time may be its next campaign event instead
+//! (`campaigns.rs`): firing first starts the flows of the events due, each
+//! under its own key, then records the next due time.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -72,12 +76,14 @@ impl TimerWaker {
 /// What firing one timer index entry did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimerFired {
-    /// Whether the conversation's timer was due and ran (false: the entry
-    /// was stale, e.g. a reply won the race, and was removed).
+    /// Whether the conversation's timer was due and ran, or a campaign
+    /// event due with it started its flow (false: the entry was stale,
+    /// e.g. a reply won the race, and was removed).
     pub ran: bool,
     /// The outbox entries this firing created (one per message part), in
-    /// order; empty when it said nothing, or when they were already
-    /// enqueued by an earlier firing that crashed before its commit.
+    /// order, a campaign's first; empty when it said nothing, or when
+    /// they were already enqueued by an earlier firing that crashed
+    /// before its commit.
     pub enqueued: Vec<OutboxEntry>,
     /// The engine's events.
     pub events: Vec<flow::Event>,
@@ -127,6 +133,30 @@ impl<S: Store> Pipeline<S> {
             });
         }
         let conversation = self.conversation_of(key, &record)?;
+        if flows.has_campaigns() && flow::next_due(&flows, &conversation).is_none_or(|d| d > now) {
+            // Only campaign events were due (fired above), not the run's
+            // own timer: the engine is not asked (it would count a stale
+            // timer); the record gets its next due time.
+            let due = self.due_after(&flows, key, &conversation, now);
+            let stored =
+                (conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+            self.store.commit_state(StateCommit {
+                key,
+                conversation: stored.as_deref(),
+                ended: conversation.run.is_none() && due.is_none(),
+                due,
+                recent: &record.recent,
+                at: now,
+            })?;
+            drop(guard);
+            self.timers.set(due);
+            self.store.flush(epoch).await?;
+            return Ok(TimerFired {
+                ran: campaigns_fired > 0,
+                enqueued: campaign_sent,
+                events: Vec::new(),
+            });
+        }
         let wake = Wake {
             from: &key.from,
             to: &key.to,
