@@ -268,6 +268,8 @@ mod tests {
         assert_eq!(pipeline.store().load(&key).unwrap().due, Some(due));
         // Walking again changes nothing.
         assert_eq!(pipeline.reschedule_campaigns(now).await.unwrap().moved, 0);
+        // A contact with an event to come is not purged as idle.
+        assert_eq!(pipeline.store().purge(due * 2).unwrap().conversations, 0);
 
         let timer = DueTimer {
             due,
