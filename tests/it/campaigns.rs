@@ -342,3 +342,24 @@ async fn the_shipped_appointment_reminder_runs_end_to_end() {
     );
     app.stop().await;
 }
+
+/// An event that came due while the server was down fires when it is back
+/// (within `max_late_secs`), once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_due_while_the_server_was_down_fires_at_startup() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let dirs = Dirs::new();
+    let app = dirs.start(&fake, |_| {}).await;
+    let eve = "+15557600005";
+    // Due after the server stopped (a stop takes well under a second).
+    let appt = appt_due_in(4);
+    import(&app, &format!("phone,appt\n{eve},{appt}\n")).await;
+    app.stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(fake.requests_to(eve).is_empty());
+    let app = dirs.start(&fake, |_| {}).await;
+    bodies_sent(&fake, eve, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.requests_to(eve).len(), 1);
+    app.stop().await;
+}
