@@ -11,7 +11,8 @@
 //! `/twilio/status` are recorded monotonically. Flow files are watched and
 //! swapped in whole when valid.
 //!
-//! Not every message is an answer. A timer that comes due (`timers`), a
+//! Not every message is an answer. A timer that comes due (`timers`; a
+//! campaign event is one too), a
 //! flow start or a broadcast from the admin API ([`starts`],
 //! [`broadcasts`]) runs the same pipeline under the same per-conversation
 //! lock, and what it says goes to the store's outbox, which the
@@ -61,13 +62,16 @@
 //!     rules), `template.rs`, `outline.rs` (steps and routes for diagrams),
 //!     `transcript.rs` (`.chat` tests), `segments.rs` (SMS segment counts),
 //!     `invitations.rs` (answers a reply asks for), `yaml.rs` (the only
-//!     user of yaml-rust2: a tree with a position on every node);
+//!     user of yaml-rust2: a tree with a position on every node),
+//!     `campaigns.rs` (campaigns: the `when:` grammar and each contact's
+//!     event times from its date field, in its time zone, with jiff);
 //!   - `load.rs` runs a load; `load/` reads the format, one file per section
 //!     of flows/README.md: `files` (directory walk, symlinks), `keywords`,
 //!     `flows` (flow files, triggers, durations), `steps` (steps, routes,
 //!     retries), `calls` (a step's `call:`), `matchers`, `templates`
 //!     (messages, `{{ }}` and `{{= }}`),
-//!     `scripts` (`script:` and `*.rhai` files);
+//!     `scripts` (`script:` and `*.rhai` files), `campaigns` (campaign
+//!     files);
 //!   - `script.rs` builds the engine and runs script flows; `script/` holds
 //!     `expr` (`when:`, `{{= }}`), `helpers`, `http` (a script's `http()`:
 //!     answered from the answers it is run with, or the run ends at the
@@ -94,6 +98,10 @@
 //!   by due time says a timer is due (woken early when a commit sets an
 //!   earlier one), then fires it through [`pipeline::Pipeline::fire_timer`]
 //!   (same lock as messages; what it says goes to the store's outbox).
+//!   A contact's next campaign event is part of its conversation's due
+//!   time (`pipeline/campaigns.rs`): written with every change of its
+//!   fields, fired as a flow start keyed per contact and date; when the
+//!   campaigns change, the scheduler walks the conversations once.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - `http`: axum router, request checks, error-to-status mapping. Its
@@ -138,8 +146,8 @@
 //!   (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
-//!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, the only
-//!   user of jiff) and the sender task (`outbound/sender.rs`), which claims
+//!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, with
+//!   jiff, as `flow/campaigns.rs`) and the sender task (`outbound/sender.rs`), which claims
 //!   due outbox entries from the store's due index, applies consent,
 //!   `max_late`, quiet hours and the per-number pace, and records each
 //!   send before and after the request (at most once).
@@ -212,6 +220,8 @@
 //! - A flow start's messages, conversation and result are one
 //!   transaction; its idempotency key answers every repeat with the first
 //!   result, and its outbox keys derive from that key.
+//! - A campaign event starts its flow at most once per contact and date:
+//!   the start's idempotency key is made of them.
 //! - A message we send on our own is in the outbox before any request,
 //!   and marked `Sending` durably before it; one that may have reached
 //!   Twilio is never sent again.

@@ -28,12 +28,14 @@ use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod contacts;
 mod locks;
 mod offload;
 mod results;
 mod starts;
 mod timers;
+pub use campaigns::Rescheduled;
 use locks::KeyLocks;
 use offload::Offload;
 pub use timers::{TimerFired, TimerWaker};
@@ -144,6 +146,13 @@ pub struct PipelineOptions {
     /// Keep the text of inbound messages and of our replies in the
     /// message log (`store_message_text`; off by default).
     pub store_message_text: bool,
+    /// Our numbers' time zones, for campaign events of contacts without
+    /// a zone field of their own (from the `[[quiet_hours]]` rules).
+    pub time_zones: flow::NumberZones,
+    /// How late a campaign event may still fire, in seconds (the
+    /// sender's `max_late_secs`): an event further in the past when its
+    /// field is set, or when the server comes back up, is skipped.
+    pub campaign_grace_secs: i64,
 }
 
 impl PipelineOptions {
@@ -163,6 +172,14 @@ impl PipelineOptions {
                 .then(|| format!("{}/twilio/status", config.public_url)),
             call_budget: Some(config.call_budget),
             store_message_text: config.store_message_text,
+            time_zones: flow::NumberZones::new(
+                config
+                    .outbound
+                    .quiet_hours
+                    .iter()
+                    .map(|q| (q.raw().number.as_str(), q.raw().time_zone.as_str())),
+            ),
+            campaign_grace_secs: config.outbound.max_late.as_secs() as i64,
         }
     }
 }
@@ -387,7 +404,7 @@ impl<S: Store> Pipeline<S> {
                 _ => Vec::new(),
             },
         };
-        let due = flow::next_due(&self.flows.load(), &decided.conversation);
+        let due = self.due_of(&self.flows.load(), &key, &decided.conversation, now);
         // Before the state change: a crash in between leaves the jobs and
         // the message unprocessed, and the retried webhook records the
         // same keys again, which changes nothing.
@@ -684,7 +701,7 @@ impl<S: Store> Pipeline<S> {
             key,
             recent: &record.recent,
             conversation: stored.as_deref(),
-            ended: conversation.is_idle(),
+            ended: conversation.is_idle() && due.is_none(),
             message_sid: &msg.message_sid,
             processed,
             consent,
@@ -816,7 +833,7 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
-        let due = flow::next_due(&self.flows.load(), conversation);
+        let due = self.due_of(&self.flows.load(), key, conversation, now);
         let guard = self.locks.lock(key).await;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;

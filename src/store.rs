@@ -73,6 +73,12 @@
 //! time is counted at open and kept up to date by every write, like the
 //! conversation count.
 //!
+//! Campaigns add no records: a contact's next campaign event is its
+//! conversation's due time (the earlier of it and the run's timer), and a
+//! fired event is a [`StartRecord`] under a key made of campaign, event,
+//! contact and date. [`Store::conversation_keys`] pages through the
+//! conversations when the campaigns change.
+//!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe
@@ -510,6 +516,19 @@ pub trait Store: Send + Sync + 'static {
     /// decode is kept aside and left out. Reads every conversation: for exports
     /// (`smsflow export contacts`), not for the message path.
     fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError>;
+
+    // ---- campaigns (the schedule itself is the timer index above) ----
+
+    /// The keys of stored conversations after `after` (exclusive; from the
+    /// first when `None`), in key order (our number, then the contact), at
+    /// most `limit`. Reads keys, not records: for walking every
+    /// conversation in pages when the campaign set changed, never on the
+    /// message path.
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -681,10 +681,9 @@ fn report_cycle(set: &SetInner, cycle: &[((&str, &str), Pos)], diags: &mut Vec<D
     }
 }
 
-/// Templates may only name run variables their flow sets, contact fields
-/// some flow sets, and the built-ins. A fallback (`{{x|friend}}`) does not
-/// exempt a name: a typo would otherwise silently always print the fallback.
-fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+/// The contact fields some flow declares (`fields:`) or sets; `None`
+/// when a script computes field names, so any field may exist.
+pub(crate) fn contact_fields(set: &SetInner) -> Option<BTreeSet<&str>> {
     let mut contact_fields: BTreeSet<&str> = BTreeSet::new();
     // A script that computes field names could set any of them.
     let mut any_contact_field = false;
@@ -719,6 +718,17 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
+
+    (!any_contact_field).then_some(contact_fields)
+}
+
+/// Templates may only name run variables their flow sets, contact fields
+/// some flow sets, and the built-ins. A fallback (`{{x|friend}}`) does not
+/// exempt a name: a typo would otherwise silently always print the fallback.
+fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    let known = contact_fields(set);
+    let any_contact_field = known.is_none();
+    let contact_fields = known.unwrap_or_default();
 
     // Flows where a call's answer can be there: those that make a call
     // (an awaited one: an after-answer call sets no `{{call.*}}`), and

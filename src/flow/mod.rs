@@ -24,6 +24,7 @@
 //! as `twilio::twiml` splits it.
 
 pub mod calls;
+mod campaigns;
 mod check;
 mod engine;
 mod invitations;
@@ -38,6 +39,7 @@ mod template;
 mod transcript;
 mod yaml;
 
+pub use campaigns::{campaign_events, next_campaign_due, CampaignDue, NumberZones};
 pub use check::ReservedWords;
 pub use engine::{
     handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,
@@ -55,7 +57,7 @@ pub use template::ContactText;
 pub use transcript::{
     assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
-pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
+pub(crate) use transcript::{compare_replies, escape, parse_start, split_media, unescape};
 
 /// Why [`load_flows`] refused a flows directory.
 #[derive(Debug, thiserror::Error)]

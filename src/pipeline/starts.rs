@@ -151,7 +151,7 @@ impl<S: Store> Pipeline<S> {
             now,
         )?;
         let conversation = &handled.conversation;
-        let due = flow::next_due(&flows, conversation);
+        let due = self.due_of(&flows, &key, conversation, now);
         let bytes =
             (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
         let results = super::results::of(&key, &handled.ended, &conversation.contact, now);
@@ -159,7 +159,7 @@ impl<S: Store> Pipeline<S> {
             Some(StateCommit {
                 key: &key,
                 conversation: bytes.as_deref(),
-                ended: conversation.is_idle(),
+                ended: conversation.is_idle() && due.is_none(),
                 due,
                 recent: &stored.recent,
                 at: now,

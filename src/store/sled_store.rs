@@ -1262,6 +1262,46 @@ impl Store for SledStore {
         })
     }
 
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError> {
+        const PREFIX: &[u8] = b"c\0";
+        self.shared.with_db(|db| {
+            let start = match after {
+                // The smallest key after `after`'s.
+                Some(k) => {
+                    let mut s = k.db_key();
+                    s.push(0);
+                    s
+                }
+                None => PREFIX.to_vec(),
+            };
+            let mut out = Vec::new();
+            for item in db.range(start..) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = item?;
+                let Some(rest) = k.strip_prefix(PREFIX) else {
+                    break;
+                };
+                let Some(i) = rest.iter().position(|b| *b == 0) else {
+                    continue;
+                };
+                let (Ok(to), Ok(from)) = (
+                    std::str::from_utf8(&rest[..i]),
+                    std::str::from_utf8(&rest[i + 1..]),
+                ) else {
+                    continue;
+                };
+                out.push(ConvKey::new(to, from));
+            }
+            Ok(out)
+        })
+    }
+
     fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError> {
         self.shared.with_db(|db| starts::get(db, key))
     }

@@ -6,6 +6,7 @@ mod author;
 mod broadcast_crash;
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod compliance;
 mod contacts;
 mod conversation;
