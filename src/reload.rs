@@ -105,9 +105,9 @@ pub fn load_checked(
 ) -> anyhow::Result<Loaded> {
     let loaded = flow::load_flows(dir)?;
     if !can_send {
-        if let Some((flow, what)) = loaded.set.sends_on_its_own() {
+        if let Some((who, what)) = loaded.set.sends_on_its_own() {
             anyhow::bail!(
-                "flow `{flow}` sends messages on its own ({what}), and the outbound \
+                "{who} sends messages on its own ({what}), and the outbound \
                  credentials are not set: set TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN \
                  (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET); see \"Sending on our own\" \
                  in README.md"

@@ -133,6 +133,24 @@ fn timeout_problems_are_reported_with_positions() {
     );
 }
 
+/// A campaign file: `when:` grammar, exactly one of `start:` and `send:`,
+/// `if_busy` only with `start:`, the flow started exists, a `send:` text
+/// names contact fields only.
+#[test]
+fn campaign_problems_are_reported_with_positions() {
+    assert_diags(
+        &check_dir(&fixture("broken/campaigns")),
+        &[
+            "campaigns.yaml:6:15: error: unknown unit `fortnights` (minutes, hours, days, weeks); write `when:` like `1 day before at 10:00`, `2 hours before`, `3 days after` or `at 09:00` (the day itself)",
+            "campaigns.yaml:11:15: error: event `both` has both `start:` and `send:`: one of them",
+            "campaigns.yaml:13:9: error: event `neither` needs `start:` (the flow it starts) or `send:` (the message)",
+            "campaigns.yaml:17:9: error: `if_busy` is for `start:` events: a `send:` message goes whatever the contact is doing",
+            "campaigns.yaml:20:16: error: event `ghost` starts unknown flow `nowhere` (flows: remind)",
+            "campaigns.yaml:23:15: error: `send`: `{{time}}`: only contact fields can be used here, like {{contact.name}} (or {{contact.name|friend}} for a fallback)",
+        ],
+    );
+}
+
 #[test]
 fn cross_file_collisions_name_the_first_definition() {
     assert_diags(

@@ -1,5 +1,6 @@
 //! Campaigns: events at a time relative to a contact's date field
-//! (`1 day before appt at 10:00`) that start a flow for that contact.
+//! (`1 day before appt at 10:00`) that start a flow for that contact or
+//! send it a message.
 //!
 //! This file holds the validated model (read by `load/campaigns.rs` from a
 //! file with a top-level `campaigns:`), the `when:` grammar, and the pure
@@ -19,6 +20,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
 use super::model::{FlowSet, Pos, Target};
+use super::template::ContactText;
 
 /// The contact field a campaign reads the contact's time zone from when
 /// the campaign does not name one.
@@ -42,11 +44,21 @@ pub(crate) struct Campaign {
 pub(crate) struct CampaignEvent {
     pub name: String,
     pub when: When,
-    /// The flow it starts.
-    pub flow: Target,
+    /// What it does.
+    pub action: Action,
     /// End a run in progress (`if_busy: interrupt`, the default), or start
-    /// nothing while the contact is in one (`skip`).
+    /// nothing while the contact is in one (`skip`). Only for `start:`.
     pub interrupt: bool,
+}
+
+/// What a campaign event does.
+#[derive(Clone, Debug)]
+pub(crate) enum Action {
+    /// `start: FLOW`: start the flow for the contact.
+    Start(Target),
+    /// `send: TEXT`: send the contact one message (contact fields only),
+    /// whatever conversation it is in.
+    Send(ContactText),
 }
 
 /// A parsed `when:`: an offset from the field's date, and the time of day.
@@ -198,10 +210,20 @@ pub struct CampaignDue {
     pub date: String,
     /// Unix seconds it is due.
     pub due: i64,
-    /// The flow it starts.
-    pub flow: String,
+    /// What it does for this contact.
+    pub action: DueAction,
     /// Whether it ends a run in progress (else it skips a busy contact).
     pub interrupt: bool,
+}
+
+/// What a due campaign event does for one contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DueAction {
+    /// Start this flow.
+    Start(String),
+    /// Send this text (rendered with the contact's fields; empty when
+    /// every part of it was a missing field).
+    Send(String),
 }
 
 impl CampaignDue {
@@ -282,7 +304,10 @@ pub fn campaign_events(
                     event: e.name.clone(),
                     date: value.trim().to_owned(),
                     due,
-                    flow: e.flow.name.clone(),
+                    action: match &e.action {
+                        Action::Start(flow) => DueAction::Start(flow.name.clone()),
+                        Action::Send(text) => DueAction::Send(text.render(contact)),
+                    },
                     interrupt: e.interrupt,
                 });
             }

@@ -39,7 +39,7 @@ mod template;
 mod transcript;
 mod yaml;
 
-pub use campaigns::{campaign_events, next_campaign_due, CampaignDue, NumberZones};
+pub use campaigns::{campaign_events, next_campaign_due, CampaignDue, DueAction, NumberZones};
 pub use check::ReservedWords;
 pub use engine::{
     handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,

@@ -159,16 +159,28 @@ impl FlowSet {
 
     /// The first flow (by name) that sends messages on its own, not as an
     /// answer to a message: a `timeout:` that says something, or a script
-    /// flow with an `on_timeout`, or a flow a campaign starts. `None` when
-    /// every flow only answers. With such a flow, serving needs the
-    /// outbound credentials.
-    pub fn sends_on_its_own(&self) -> Option<(&str, &'static str)> {
-        let started = self
-            .inner
-            .campaigns
-            .iter()
-            .flat_map(|c| &c.events)
-            .map(|e| (e.flow.name.as_str(), "a campaign starts it"));
+    /// flow with an `on_timeout`, or a flow a campaign starts; else the
+    /// first campaign with a `send:` event. Said as ``flow `NAME` `` or
+    /// ``campaign `NAME` ``, with why. `None` when every flow only answers.
+    /// With such a flow, serving needs the outbound credentials.
+    pub fn sends_on_its_own(&self) -> Option<(String, &'static str)> {
+        use super::campaigns::Action;
+        let events = || {
+            self.inner
+                .campaigns
+                .iter()
+                .flat_map(|c| c.events.iter().map(move |e| (c, e)))
+        };
+        let started = events()
+            .filter_map(|(_, e)| match &e.action {
+                Action::Start(flow) => Some(flow.name.as_str()),
+                Action::Send(_) => None,
+            })
+            .min()
+            .map(|f| (format!("flow `{f}`"), "a campaign starts it"));
+        let sent = events()
+            .find(|(_, e)| matches!(e.action, Action::Send(_)))
+            .map(|(c, _)| (format!("campaign `{}`", c.name), "a `send:` event"));
         self.inner
             .flows
             .values()
@@ -182,13 +194,15 @@ impl FlowSet {
                     .as_ref()
                     .and_then(|s| s.script.as_ref())
                     .is_some_and(|s| s.has_on_timeout());
+                let named = || format!("flow `{}`", flow.name);
                 match (says, wakes) {
-                    (true, _) => Some((flow.name.as_str(), "a timeout: that says something")),
-                    (_, true) => Some((flow.name.as_str(), "an on_timeout that may say something")),
+                    (true, _) => Some((named(), "a timeout: that says something")),
+                    (_, true) => Some((named(), "an on_timeout that may say something")),
                     _ => None,
                 }
             })
-            .or_else(|| started.min())
+            .or(started)
+            .or(sent)
     }
 
     /// May a flow make an HTTP call (a step's `call:`, or a script flow's

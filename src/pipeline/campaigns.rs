@@ -22,7 +22,7 @@
 use super::Pipeline;
 use crate::flow::{self, Conversation, FlowSet};
 use crate::starts::{IfBusy, StartOutcome, StartRequest};
-use crate::store::{ConvKey, OutboxEntry, StateCommit, Store, StoreError};
+use crate::store::{ConvKey, OutboxEntry, OutboxState, StateCommit, Store, StoreError};
 
 /// Conversations walked per page by [`Pipeline::reschedule_campaigns`].
 const PAGE: usize = 512;
@@ -98,7 +98,53 @@ impl<S: Store> Pipeline<S> {
         due.sort_by_key(|e| e.due);
         let mut sent = Vec::new();
         let mut fired = 0;
+        let epoch = self.store.epoch();
+        let mut messages = 0;
         for event in due {
+            let flow = match &event.action {
+                flow::DueAction::Start(flow) => flow,
+                flow::DueAction::Send(text) => {
+                    // One message, keyed like a start: enqueued once per
+                    // contact and date whatever fires it again. The sender
+                    // applies opt-outs, quiet hours and the pace.
+                    if text.trim().is_empty() {
+                        tracing::info!(
+                            campaign = %event.campaign,
+                            event = %event.event,
+                            "campaign message skipped: empty for this contact"
+                        );
+                        continue;
+                    }
+                    let entry = OutboxEntry {
+                        key: format!("{}:0", event.key(&key.to, &key.from)),
+                        to: key.from.clone(),
+                        from: key.to.clone(),
+                        messaging_service_sid: None,
+                        body: text.clone(),
+                        media: Vec::new(),
+                        cause: "campaign".to_owned(),
+                        flow: None,
+                        step: None,
+                        created_at: now,
+                        due_at: event.due,
+                        state: OutboxState::Pending {
+                            not_before: now,
+                            attempts: 0,
+                        },
+                    };
+                    if self.store.enqueue_outbound(std::slice::from_ref(&entry))? == 1 {
+                        tracing::info!(
+                            campaign = %event.campaign,
+                            event = %event.event,
+                            "campaign message"
+                        );
+                        fired += 1;
+                        messages += 1;
+                        sent.push(entry);
+                    }
+                    continue;
+                }
+            };
             let req = StartRequest {
                 to: key.from.clone(),
                 from: key.to.clone(),
@@ -112,8 +158,7 @@ impl<S: Store> Pipeline<S> {
                     IfBusy::Skip
                 },
             };
-            let StartOutcome::Done { record, duplicate } =
-                self.start_flow(&event.flow, &req, now).await?
+            let StartOutcome::Done { record, duplicate } = self.start_flow(flow, &req, now).await?
             else {
                 // The flow went away with a reload since the set was read.
                 continue;
@@ -125,7 +170,7 @@ impl<S: Store> Pipeline<S> {
             tracing::info!(
                 campaign = %event.campaign,
                 event = %event.event,
-                flow = %event.flow,
+                flow = %flow,
                 result = %record.result,
                 "campaign event"
             );
@@ -134,6 +179,9 @@ impl<S: Store> Pipeline<S> {
                     sent.push(entry);
                 }
             }
+        }
+        if messages > 0 {
+            self.store.flush(epoch).await?;
         }
         Ok((sent, fired))
     }

@@ -363,3 +363,54 @@ async fn an_event_due_while_the_server_was_down_fires_at_startup() {
     assert_eq!(fake.requests_to(eve).len(), 1);
     app.stop().await;
 }
+
+/// A `send:` event sends one message (the contact's fields filled in)
+/// whatever the contact is doing, once per date across a restart; an
+/// opted-out contact gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_event_messages_the_contact_once_per_date() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let dirs = Dirs::new();
+    std::fs::write(
+        dirs.tmp.path().join("flows/campaigns.yaml"),
+        r#"
+campaigns:
+  appointments:
+    field: appt
+    events:
+      day_before:
+        when: 1 day before
+        send: "Hi {{contact.name|there}}, see you tomorrow."
+"#,
+    )
+    .unwrap();
+    let app = dirs.start(&fake, |_| {}).await;
+    let dee = "+15557600011";
+    let eve = "+15557600012";
+    app.send_sms(eve, "STOP").await;
+    let appt = appt_due_in(1);
+    import(
+        &app,
+        &format!("phone,appt,name\n{dee},{appt},Dee\n{eve},{appt},Eve\n"),
+    )
+    .await;
+    assert_eq!(
+        bodies_sent(&fake, dee, 1).await,
+        ["Hi Dee, see you tomorrow."]
+    );
+    let entry = app
+        .store
+        .outbound(&format!("{}:0", key(dee, &appt)))
+        .unwrap()
+        .expect("the campaign message is in the outbox under its key");
+    assert_eq!(entry.cause, "campaign");
+    app.stop().await;
+
+    let app = dirs.start(&fake, |_| {}).await;
+    // The same date again (an import repeating it): nothing new.
+    import(&app, &format!("phone,appt\n{dee},{appt}\n")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fake.requests_to(dee).len(), 1);
+    assert!(fake.requests_to(eve).is_empty());
+    app.stop().await;
+}

@@ -1,17 +1,18 @@
 //! Campaign files: a top-level `campaigns:` mapping each campaign's name to
 //! its `field`, optional `time_zone_field` and `events` (each a `when:`,
-//! the flow to `start:` and `if_busy`); see "Campaigns" in
+//! then the flow to `start:` with its `if_busy`, or a message to `send:`); see "Campaigns" in
 //! flows/README.md. Whether the flows exist and the field is known is
 //! checked across files by `check_campaigns`.
 
 use std::collections::BTreeSet;
 
 use crate::flow::campaigns::{
-    parse_when, Campaign, CampaignEvent, Offset, When, DEFAULT_ZONE_FIELD,
+    parse_when, Action, Campaign, CampaignEvent, Offset, When, DEFAULT_ZONE_FIELD,
 };
 use crate::flow::model::{Diagnostic, SetInner, Severity, Target};
-use crate::flow::template::is_ident;
+use crate::flow::template::{is_ident, ContactText};
 use crate::flow::yaml::Node;
+use crate::flow::MAX_BODY_CHARS;
 
 use super::{Cx, Doc};
 
@@ -92,7 +93,7 @@ impl Cx<'_> {
             );
             return None;
         }
-        let em = self.map(v, "a campaign event", &["when", "start", "if_busy"])?;
+        let em = self.map(v, "a campaign event", &["when", "start", "send", "if_busy"])?;
         let when = match em.get("when") {
             Some((_, w)) => self
                 .text(w, "`when`")
@@ -105,16 +106,38 @@ impl Cx<'_> {
                 None
             }
         };
-        let flow = match em.get("start") {
-            Some((_, f)) => self.step_name(f, "`start`"),
-            None => {
+        let action = match (em.get("start"), em.get("send")) {
+            (Some((_, f)), None) => self.step_name(f, "`start`").map(Action::Start),
+            (None, Some((_, t))) => self.text(t, "`send`").and_then(|text| {
+                ContactText::parse(&text, MAX_BODY_CHARS)
+                    .map(Action::Send)
+                    .map_err(|e| self.err(t.pos, format!("`send`: {e}")))
+                    .ok()
+            }),
+            (Some(_), Some((_, t))) => {
+                self.err(
+                    t.pos,
+                    format!("event `{ev}` has both `start:` and `send:`: one of them"),
+                );
+                None
+            }
+            (None, None) => {
                 self.err(
                     v.pos,
-                    format!("event `{ev}` needs `start:` (the flow it starts)"),
+                    format!(
+                        "event `{ev}` needs `start:` (the flow it starts) or `send:` (the message)"
+                    ),
                 );
                 None
             }
         };
+        if let (Some(Action::Send(_)), Some((k, _))) = (&action, em.get("if_busy")) {
+            self.err(
+                k.pos,
+                "`if_busy` is for `start:` events: a `send:` message goes whatever the contact is doing"
+                    .to_owned(),
+            );
+        }
         let interrupt = match em.get("if_busy") {
             None => Some(true),
             Some((_, b)) => match self.text(b, "`if_busy`").as_deref() {
@@ -138,7 +161,7 @@ impl Cx<'_> {
                 offset: Offset::Days(0),
                 at: None,
             }),
-            flow: flow?,
+            action: action?,
             interrupt: interrupt.unwrap_or(true),
         })
     }
@@ -183,7 +206,9 @@ pub(super) fn check_campaigns(inner: &SetInner, diags: &mut Vec<Diagnostic>) {
             }
         }
         for e in &c.events {
-            let Target { name, pos } = &e.flow;
+            let Action::Start(Target { name, pos }) = &e.action else {
+                continue;
+            };
             if !inner.flows.contains_key(name) {
                 let known: Vec<&str> = inner.flows.keys().map(String::as_str).collect();
                 err(
