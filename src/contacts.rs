@@ -689,11 +689,5 @@ pub fn export_all_csv(rows: &[ContactExport]) -> String {
 
 /// `rows` as JSON lines, one contact per line.
 pub fn export_all_jsonl(rows: &[ContactExport]) -> String {
-    let mut out = String::new();
-    for r in rows {
-        // Serialising a plain struct cannot fail.
-        out.push_str(&serde_json::to_string(r).unwrap_or_default());
-        out.push('\n');
-    }
-    out
+    crate::results::to_jsonl(rows)
 }

@@ -125,10 +125,10 @@ pub fn to_csv(results: &[RunResult]) -> String {
     String::from_utf8(writer.into_inner().unwrap_or_default()).unwrap_or_default()
 }
 
-/// `results` as JSON lines: one object per run.
-pub fn to_jsonl(results: &[RunResult]) -> String {
+/// `rows` as JSON lines: one object per row (a run's result, a contact).
+pub fn to_jsonl<T: serde::Serialize>(rows: &[T]) -> String {
     let mut out = String::new();
-    for r in results {
+    for r in rows {
         // Serialising a plain struct cannot fail.
         out.push_str(&serde_json::to_string(r).unwrap_or_default());
         out.push('\n');
