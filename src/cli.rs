@@ -79,6 +79,17 @@ pub enum Command {
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
     Config(ServeArgs),
+    /// Apply the PostgreSQL schema's migrations that the database lacks
+    /// (`serve --store` applies them too when it starts).
+    Migrate(MigrateArgs),
+}
+
+/// Flags of `smsflow migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The database: postgres://user:password@host:port/db.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+    pub store: String,
 }
 
 /// `--config` for the author tools: the server's TOML file, so consent
@@ -227,6 +238,9 @@ pub struct ServeArgs {
     /// The data directory.
     #[arg(long, env = "SMSFLOW_DATA", help = config::flag_help("--data"))]
     pub data: Option<PathBuf>,
+    /// The PostgreSQL database, instead of sled in --data.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL", help = config::flag_help("--store"))]
+    pub store: Option<String>,
     /// sled's page cache, in MiB.
     #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
     pub cache_mb: Option<u64>,
@@ -281,6 +295,7 @@ impl ServeArgs {
             public_url: self.public_url.clone(),
             flows: self.flows.clone(),
             data: self.data.clone(),
+            store: self.store.clone(),
             cache_mb: self.cache_mb,
             durability: self.durability.map(|d| match d {
                 DurabilityArg::Flush => Durability::Flush,

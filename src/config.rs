@@ -63,6 +63,9 @@ pub struct Config {
     pub flows_dir: PathBuf,
     /// The directory the store keeps its data in.
     pub data_dir: PathBuf,
+    /// The PostgreSQL database URL, when the store is PostgreSQL rather
+    /// than sled in `data_dir` (`--store`, `SMSFLOW_DATABASE_URL`).
+    pub store: Option<String>,
     /// How webhook requests are authenticated.
     pub auth: Auth,
     /// sled's page cache size, in bytes.
@@ -152,6 +155,7 @@ impl Config {
             public_url: "http://localhost".into(),
             flows_dir: flows_dir.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
+            store: None,
             auth: Auth::Verify(AuthToken::new(token)),
             cache_bytes: 16 * 1024 * 1024,
             durability: Durability::Flush,
@@ -189,6 +193,7 @@ pub struct FileConfig {
     pub(crate) public_url: Option<String>,
     pub(crate) flows: Option<PathBuf>,
     pub(crate) data: Option<PathBuf>,
+    pub(crate) store: Option<String>,
     pub(crate) cache_mb: Option<u64>,
     pub(crate) durability: Option<Durability>,
     pub(crate) max_body_bytes: Option<usize>,
@@ -261,6 +266,7 @@ pub struct Overrides {
     pub(crate) public_url: Option<String>,
     pub(crate) flows: Option<PathBuf>,
     pub(crate) data: Option<PathBuf>,
+    pub(crate) store: Option<String>,
     pub(crate) cache_mb: Option<u64>,
     pub(crate) durability: Option<Durability>,
     /// Accept unsigned webhooks (`--insecure-no-signature`).
@@ -384,7 +390,20 @@ pub fn resolve(
         );
     }
 
+    let store = o.store.or(file.store).filter(|s| !s.is_empty());
+    if let Some(url) = store
+        .as_deref()
+        .filter(|u| !crate::store::pg::is_database_url(u))
+    {
+        bail!(
+            "--store {:?} is not a PostgreSQL URL like postgres://user:password@host:5432/smsflow \
+             (leave it unset for the embedded store in --data)",
+            crate::store::pg::redact_url(url)
+        );
+    }
+
     Ok(Config {
+        store,
         outbound,
         admin_listen,
         log_format,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use std::io::IsTerminal;
 
+use anyhow::Context as _;
 use clap::Parser;
 use smsflow::cli::{Cli, Command, GraphFormat};
 use smsflow::pipeline::PipelineOptions;
@@ -88,6 +89,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign(args) => sign(args),
+        Command::Migrate(args) => {
+            let url = &args.store;
+            if !smsflow::store::pg::is_database_url(url) {
+                anyhow::bail!("--store must be a PostgreSQL URL like postgres://user:password@host:5432/smsflow");
+            }
+            let applied = smsflow::store::pg::migrate(url)
+                .with_context(|| format!("migrating {}", smsflow::store::pg::redact_url(url)))?;
+            let newest = smsflow::store::pg::MIGRATIONS.last().map_or(0, |m| m.0);
+            if applied.is_empty() {
+                println!("schema at version {newest}: nothing to apply");
+            } else {
+                let names: Vec<String> = applied.iter().map(|v| format!("{v:04}")).collect();
+                println!("applied {}; schema at version {newest}", names.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Messages(args) => messages(args),
         Command::Start(args) => start(args),
         Command::Contacts(command) => contacts(command),

@@ -225,6 +225,13 @@ pub struct Pipeline<S: Store> {
     call_jobs: Arc<tokio::sync::Notify>,
 }
 
+/// A conversation's lock, in-process and (PostgreSQL) across processes;
+/// released when dropped, the shared one first.
+struct ConvGuard {
+    _shared: Option<crate::store::ConvLock>,
+    _local: locks::KeyGuard,
+}
+
 /// What the consent phase decided before (or instead of) running a flow.
 enum Gate {
     Silence(Silence),
@@ -297,6 +304,18 @@ impl<S: Store> Pipeline<S> {
         &self.loop_guard
     }
 
+    /// Take the conversation's lock: this process's first, then, when
+    /// the store is shared by several processes (PostgreSQL), the
+    /// store's ([`Store::lock_conversation`]). Held until dropped.
+    async fn lock(&self, key: &ConvKey) -> Result<ConvGuard, StoreError> {
+        let local = self.locks.lock(key).await;
+        let shared = self.store.lock_conversation(key).await?;
+        Ok(ConvGuard {
+            _shared: shared,
+            _local: local,
+        })
+    }
+
     /// Handle one verified inbound message at time `now` (unix seconds).
     pub async fn handle_inbound(
         &self,
@@ -316,7 +335,7 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<Detailed, StoreError> {
         let key = ConvKey::new(&msg.to, &msg.from);
-        let guard = self.locks.lock(&key).await;
+        let guard = self.lock(&key).await?;
         // Read before anything the answer depends on: if the store is
         // reopened after a failure in between, the flush below fails
         // rather than acknowledge what may be gone.
@@ -714,7 +733,7 @@ impl<S: Store> Pipeline<S> {
     /// Returns whether there was one. For tools (`smsflow chat`'s `/reset`);
     /// the webhook never deletes conversations this way.
     pub async fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let existed = self.store.delete_conversation(key)?;
         drop(guard);
@@ -734,7 +753,7 @@ impl<S: Store> Pipeline<S> {
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
         let due = flow::next_due(&self.flows.load(), conversation);
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
         self.store.commit_state(StateCommit {

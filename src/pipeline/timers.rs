@@ -98,7 +98,7 @@ impl<S: Store> Pipeline<S> {
     /// once.
     pub async fn fire_timer(&self, timer: &DueTimer, now: i64) -> Result<TimerFired, StoreError> {
         let key = &timer.key;
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
         if record.due != Some(timer.due) || timer.due > now {

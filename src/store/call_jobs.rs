@@ -140,22 +140,32 @@ pub(super) fn insert_new(db: &sled::Db, job: &CallJob) -> Result<bool, StoreErro
 /// Replace the stored job `job.key` (in any state) by `job`, moving its
 /// index entry, atomically.
 pub(super) fn replace(db: &sled::Db, job: &CallJob) -> Result<(), StoreError> {
+    replace_if(db, job, None).map(|_| ())
+}
+
+/// [`replace`], only when the stored job is in state `from` (when given):
+/// compare and swap. Whether it was replaced.
+pub(super) fn replace_if(
+    db: &sled::Db,
+    job: &CallJob,
+    from: Option<&CallJobState>,
+) -> Result<bool, StoreError> {
     let k = db_key(&job.key);
     let v = encode(job);
     let index = index_key(job);
     db.transaction(|tx| {
-        if let Some(old) = tx.get(&k)? {
-            if let Ok(old) = decode::<CallJob>(&old) {
-                if let Some(ix) = index_key(&old) {
-                    tx.remove(ix)?;
-                }
-            }
+        let old = tx.get(&k)?.and_then(|old| decode::<CallJob>(&old).ok());
+        if from.is_some_and(|from| old.as_ref().map(|o| &o.state) != Some(from)) {
+            return Ok(false);
+        }
+        if let Some(ix) = old.as_ref().and_then(index_key) {
+            tx.remove(ix)?;
         }
         tx.insert(k.as_slice(), v.as_slice())?;
         if let Some(ix) = &index {
             tx.insert(ix.as_slice(), &[] as &[u8])?;
         }
-        Ok(())
+        Ok(true)
     })
     .map_err(storage_error)
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use super::call_jobs::{self, CallJob};
+use super::call_jobs::{self, CallJob, CallJobState};
 use super::message_log::{LogLine, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::outbox;
@@ -1034,6 +1034,16 @@ impl Store for SledStore {
         self.shared.with_db(|db| call_jobs::replace(db, job))?;
         self.shared.wrote();
         Ok(())
+    }
+
+    fn claim_call_job(&self, job: &CallJob, from: &CallJobState) -> Result<bool, StoreError> {
+        let claimed = self
+            .shared
+            .with_db(|db| call_jobs::replace_if(db, job, Some(from)))?;
+        if claimed {
+            self.shared.wrote();
+        }
+        Ok(claimed)
     }
 
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError> {

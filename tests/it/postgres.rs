@@ -1,0 +1,262 @@
+//! The server on PostgreSQL (`--store postgres://…`): a conversation
+//! through signed webhooks, the database going away and coming back, and
+//! two instances sharing one database. Each test has a schema of its own
+//! (`pg.rs`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use smsflow::store::{AnyStore, PgConfig, Store};
+
+use crate::helpers::*;
+use crate::pg::test_db;
+use crate::process::spawn_server;
+
+fn signup() -> String {
+    std::fs::read_to_string(format!("{}/flows/signup.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_runs_on_postgres_and_survives_a_restart() {
+    let Some(db) = test_db() else { return };
+    let flows = signup();
+    let url = db.url.clone();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    assert!(matches!(*app.store, AnyStore::Pg(_)));
+    let me = "+15557000001";
+    let r = app.send_sms(me, "JOIN").await;
+    assert_eq!(bodies(&r.body), ["Hi! What's your name?"]);
+    let sid = new_sid();
+    let r = app.send_sms_sid(me, "Ada", &sid).await;
+    assert_eq!(bodies(&r.body), ["Thanks Ada! How old are you?"]);
+    // Twilio retries: the identical TwiML, and the flow does not advance.
+    let again = app.send_sms_sid(me, "Ada", &sid).await;
+    assert_eq!(again.body, r.body);
+    let status = app.admin_json("/status").await;
+    assert_eq!(status["store"]["backend"], "postgres");
+    assert_eq!(status["store"]["writable"], true);
+    let ready = app.raw(app.client.get(app.url("/readyz"))).await;
+    assert_eq!(ready.status, 200);
+    app.stop().await;
+
+    // Another server on the same database (and a new data directory)
+    // carries on where the first one stopped.
+    let url = db.url.clone();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let r = app.send_sms(me, "34").await;
+    assert_eq!(bodies(&r.body), ["You're signed up, Ada."]);
+    let again = app.send_sms_sid(me, "Ada", &sid).await;
+    assert_eq!(
+        bodies(&again.body),
+        ["Thanks Ada! How old are you?"],
+        "a retry after the restart still replays"
+    );
+    let log = app.store.inbound_log().unwrap();
+    assert_eq!(log.len(), 3, "each MessageSid logged once: {log:?}");
+    app.stop().await;
+}
+
+/// A TCP proxy in front of the database that the test can cut: while
+/// down it drops every connection and refuses new ones.
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (flag, list) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let upstream = upstream.clone();
+                list.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        Proxy { addr, up, conns }
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `url` with its `host:port` replaced by `addr`.
+fn through(url: &str, addr: SocketAddr) -> (String, String) {
+    let start = url.find('@').expect("user@host in the test URL") + 1;
+    let end = start + url[start..].find('/').expect("/database in the test URL");
+    let upstream = url[start..end].to_string();
+    (format!("{}{addr}{}", &url[..start], &url[end..]), upstream)
+}
+
+async fn wait_ready(app: &TestApp, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = app.raw(app.client.get(app.url("/readyz"))).await;
+        if r.status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {}", r.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_503_until_it_is_back_without_a_restart() {
+    let Some(db) = test_db() else { return };
+    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
+    let proxy = Proxy::start(upstream).await;
+    let (url, _) = through(&db.url, proxy.addr);
+    let flows = signup();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let me = "+15557000002";
+    let r = app.send_sms(me, "JOIN").await;
+    assert_eq!(bodies(&r.body), ["Hi! What's your name?"]);
+
+    proxy.down();
+    let r = app.send_sms(me, "Grace").await;
+    assert_eq!(
+        r.status, 503,
+        "nothing is acknowledged that was not committed"
+    );
+    wait_ready(&app, 503).await;
+
+    proxy.up();
+    wait_ready(&app, 200).await;
+    let r = app.send_sms(me, "Grace").await;
+    assert_eq!(bodies(&r.body), ["Thanks Grace! How old are you?"]);
+    app.stop().await;
+}
+
+const COUNTER_YAML: &str =
+    "trigger: {keywords: [COUNT]}\nscript: counter.rhai\nfallback: \"Sorry!\"\n";
+/// Replies with how many messages the run has had, then the message: a
+/// lost update (two instances reading the same state) repeats a number.
+const COUNTER_RHAI: &str = "fn on_message(msg, state) {\n  if state.n == () { state.n = 0; }\n  state.n += 1;\n  `${state.n} ${msg.body}`\n}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_one_database_serialise_each_conversation() {
+    let Some(db) = test_db() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("counter.yaml"), COUNTER_YAML).unwrap();
+    std::fs::write(flows.join("counter.rhai"), COUNTER_RHAI).unwrap();
+    let args = ["--store", db.url.as_str()];
+    let a = Arc::new(spawn_server(&flows, &tmp.path().join("a"), &args));
+    let b = Arc::new(spawn_server(&flows, &tmp.path().join("b"), &args));
+    let servers = [a.clone(), b.clone()];
+    let me = "+15557000003";
+
+    // Alternated one at a time: strict order across the instances; each
+    // one retried on the other instance (as Twilio retries after a
+    // timeout) gets the identical TwiML and changes nothing.
+    for i in 1..=10 {
+        let body = if i == 1 {
+            "COUNT".to_string()
+        } else {
+            format!("m{i}")
+        };
+        let sid = new_sid();
+        let twiml = servers[i % 2].send(me, &body, &sid).await.unwrap();
+        assert_eq!(bodies(&twiml), [format!("{i} {body}")]);
+        let retried = servers[(i + 1) % 2].send(me, &body, &sid).await.unwrap();
+        assert_eq!(retried, twiml);
+    }
+
+    // Concurrently, half to each: every message sees the one before it
+    // (no number twice), whichever instance it reached.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let server = servers[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let twiml = server.send(me, &format!("c{i}"), &new_sid()).await.unwrap();
+            let reply = bodies(&twiml).join("");
+            reply.split(' ').next().unwrap().parse::<u32>().unwrap()
+        }));
+    }
+    let mut counts = Vec::new();
+    for t in tasks {
+        counts.push(t.await.unwrap());
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, (11..=30).collect::<Vec<u32>>());
+
+    // Each MessageSid was processed once.
+    let store = AnyStore::open_pg(&db.url, &PgConfig::default()).unwrap();
+    let log = store.inbound_log().unwrap();
+    let mut logged: Vec<&str> = log.iter().map(|(sid, _)| sid.as_str()).collect();
+    logged.sort_unstable();
+    logged.dedup();
+    assert_eq!((log.len(), logged.len()), (30, 30));
+}
+
+/// `smsflow migrate`, twice at once on a fresh database (as two
+/// instances starting together would), then again: each migration is
+/// applied exactly once.
+#[test]
+fn migrate_applies_each_migration_once_even_when_run_together() {
+    let Some(db) = test_db() else { return };
+    let bin = env!("CARGO_BIN_EXE_smsflow");
+    let run = || {
+        std::process::Command::new(bin)
+            .args(["migrate", "--store", &db.url])
+            .output()
+            .unwrap()
+    };
+    let (first, second) = std::thread::scope(|s| {
+        let a = s.spawn(run);
+        let b = s.spawn(run);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let mut said: Vec<String> = [&first, &second]
+        .iter()
+        .map(|o| {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        })
+        .collect();
+    said.sort();
+    assert_eq!(
+        said,
+        [
+            "applied 0001; schema at version 1",
+            "schema at version 1: nothing to apply"
+        ]
+    );
+    let again = run();
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "schema at version 1: nothing to apply"
+    );
+
+    let bad = std::process::Command::new(bin)
+        .args(["migrate", "--store", "/var/lib/smsflow"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("PostgreSQL URL"));
+}
