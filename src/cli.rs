@@ -82,6 +82,26 @@ pub enum Command {
     /// Apply the PostgreSQL schema's migrations that the database lacks
     /// (`serve --store` applies them too when it starts).
     Migrate(MigrateArgs),
+    /// Move a store: `store copy --from DATA_DIR --to postgres://…`.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `smsflow store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every record of a sled data directory into an empty
+    /// PostgreSQL database (migrated first), in one transaction. Stop the
+    /// server using the data directory first; the directory is left as
+    /// it is.
+    Copy {
+        /// The sled data directory (`--data` of the server).
+        #[arg(long)]
+        from: PathBuf,
+        /// The database: postgres://user:password@host:port/db.
+        #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+        to: String,
+    },
 }
 
 /// Flags of `smsflow migrate`.

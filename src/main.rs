@@ -89,6 +89,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign(args) => sign(args),
+        Command::Store(smsflow::cli::StoreCommand::Copy { from, to }) => {
+            if !smsflow::store::pg::is_database_url(&to) {
+                anyhow::bail!(
+                    "--to must be a PostgreSQL URL like postgres://user:password@host:5432/smsflow"
+                );
+            }
+            let c = smsflow::store::pg::copy_from_sled(&from, &to).with_context(|| {
+                format!(
+                    "copying {} to {}",
+                    from.display(),
+                    smsflow::store::pg::redact_url(&to)
+                )
+            })?;
+            println!(
+                "copied {} conversations, {} messages, {} delivery statuses ({} events), \
+                 {} consent states ({} audit records), {} outbox entries, {} call jobs, {} flow starts",
+                c.conversations,
+                c.messages,
+                c.statuses,
+                c.status_events,
+                c.consent,
+                c.audit,
+                c.outbox,
+                c.call_jobs,
+                c.starts
+            );
+            if c.undecodable > 0 {
+                eprintln!(
+                    "warning: {} conversation records do not decode and were not copied \
+                     (sled keeps them in {}/quarantine/ once a server opens it)",
+                    c.undecodable,
+                    from.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate(args) => {
             let url = &args.store;
             if !smsflow::store::pg::is_database_url(url) {

@@ -260,3 +260,82 @@ fn migrate_applies_each_migration_once_even_when_run_together() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("PostgreSQL URL"));
 }
+
+/// `smsflow store copy` moves a sled store into PostgreSQL: a server on
+/// the database carries on the conversations, replays recorded answers,
+/// keeps consent and its audit, the message log and the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_sled_store_to_postgres() {
+    let Some(db) = test_db() else { return };
+    let flows = signup();
+    let app = spawn_app(&[("signup.yaml", &flows)]).await;
+    let (ada, bob) = ("+15557000011", "+15557000012");
+    app.send_sms(ada, "JOIN").await;
+    let sid = new_sid();
+    let asked = app.send_sms_sid(ada, "Ada", &sid).await;
+    assert_eq!(bodies(&asked.body), ["Thanks Ada! How old are you?"]);
+    assert_eq!(app.send_sms(bob, "STOP").await.status, 200);
+    let entry = smsflow::store::OutboxEntry {
+        key: "sent-one".into(),
+        to: ada.into(),
+        from: OUR_NUMBER.into(),
+        messaging_service_sid: None,
+        body: "Reminder".into(),
+        media: Vec::new(),
+        cause: "timeout".into(),
+        flow: None,
+        step: None,
+        created_at: 1,
+        due_at: 1,
+        state: smsflow::store::OutboxState::Sent {
+            sid: "SMsent".into(),
+            at: 2,
+        },
+    };
+    app.store
+        .enqueue_outbound(std::slice::from_ref(&entry))
+        .unwrap();
+    let data = app.data_dir.clone();
+    let _tmp = app.stop().await;
+
+    let copy = |to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["store", "copy", "--from"])
+            .arg(&data)
+            .args(["--to", to])
+            .output()
+            .unwrap()
+    };
+    let out = copy(&db.url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("copied 2 conversations, 3 messages,"),
+        "{said}"
+    );
+    // A second copy would mix two stores: refused.
+    let again = copy(&db.url);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("copy into an empty one"));
+
+    let url = db.url.clone();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let replay = app.send_sms_sid(ada, "Ada", &sid).await;
+    assert_eq!(replay.body, asked.body, "a retry replays the copied answer");
+    let r = app.send_sms(ada, "34").await;
+    assert_eq!(bodies(&r.body), ["You're signed up, Ada."]);
+    assert_eq!(
+        bodies(&app.send_sms(bob, "JOIN").await.body),
+        Vec::<String>::new()
+    );
+    let audit = app.store.audit_log().unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].number, bob);
+    assert_eq!(app.store.outbound("sent-one").unwrap(), Some(entry));
+    assert_eq!(app.store.inbound_log().unwrap().len(), 5);
+    app.stop().await;
+}

@@ -66,9 +66,11 @@ use super::{
 };
 use crate::clock::unix_now;
 
+mod copy;
 mod lock;
 mod schema;
 
+pub use copy::{copy_from_sled, Copied};
 pub use lock::ConvLock;
 pub use schema::{migrate, MIGRATIONS};
 
