@@ -339,3 +339,51 @@ async fn store_copy_moves_a_sled_store_to_postgres() {
     assert_eq!(app.store.inbound_log().unwrap().len(), 5);
     app.stop().await;
 }
+
+/// An entry another instance is sending (marked `Sending` moments ago)
+/// is left to it: only past the send time limit does an instance take it
+/// over as interrupted (`unknown`, never sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instances_send_in_flight_is_not_taken_over_before_its_time_limit() {
+    use smsflow::store::{OutboxEntry, OutboxState};
+    let Some(db) = test_db() else { return };
+    let other = AnyStore::open_pg(&db.url, &PgConfig::default()).unwrap();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let entry = OutboxEntry {
+        key: "in-flight".into(),
+        to: "+15557000021".into(),
+        from: OUR_NUMBER.into(),
+        messaging_service_sid: None,
+        body: "Reminder".into(),
+        media: Vec::new(),
+        cause: "timeout".into(),
+        flow: None,
+        step: None,
+        created_at: since,
+        due_at: since,
+        state: OutboxState::Sending { since, attempts: 1 },
+    };
+    other.enqueue_outbound(&[entry]).unwrap();
+    let url = db.url.clone();
+    let app = spawn_configured(&[], |c| {
+        c.store = Some(url);
+        c.outbound.send_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let state = || app.store.outbound("in-flight").unwrap().unwrap().state;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        matches!(state(), OutboxState::Sending { .. }),
+        "{:?}",
+        state()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(state(), OutboxState::Unknown { .. }) {
+        assert!(Instant::now() < deadline, "{:?}", state());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}
