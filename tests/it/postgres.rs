@@ -387,3 +387,71 @@ async fn another_instances_send_in_flight_is_not_taken_over_before_its_time_limi
     }
     app.stop().await;
 }
+
+/// SIGKILL one of two instances in the middle of load: what it
+/// acknowledged is in the database, the other instance keeps serving,
+/// and a message the killed one never answered, sent again to the other
+/// (as a balancer would), is processed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_one_instance_loses_nothing_acknowledged() {
+    let Some(db) = test_db() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("counter.yaml"), COUNTER_YAML).unwrap();
+    std::fs::write(flows.join("counter.rhai"), COUNTER_RHAI).unwrap();
+    let args = ["--store", db.url.as_str()];
+    let a = Arc::new(spawn_server(&flows, &tmp.path().join("a"), &args));
+    let b = Arc::new(spawn_server(&flows, &tmp.path().join("b"), &args));
+    const SENDERS: usize = 8;
+    const STEPS: usize = 15;
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let (a, b, killed) = (a.clone(), b.clone(), killed.clone());
+        tasks.push(tokio::spawn(async move {
+            let me = format!("+1555710{s:04}");
+            let mut replies = Vec::new();
+            for i in 1..=STEPS {
+                let body = if i == 1 {
+                    "COUNT".to_string()
+                } else {
+                    format!("m{i}")
+                };
+                let sid = new_sid();
+                let first = if i % 2 == 0 && !killed.load(Ordering::SeqCst) {
+                    a.send(&me, &body, &sid).await.ok()
+                } else {
+                    None
+                };
+                let twiml = match first {
+                    Some(t) => t,
+                    // A refused or never answered: the balancer sends it
+                    // to B, with the same MessageSid.
+                    None => b.send(&me, &body, &sid).await.expect("B keeps serving"),
+                };
+                replies.push(bodies(&twiml).join(""));
+            }
+            replies
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal("KILL");
+    killed.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let replies = t.await.unwrap();
+        let want: Vec<String> = (1..=STEPS)
+            .map(|i| {
+                let body = if i == 1 {
+                    "COUNT".to_string()
+                } else {
+                    format!("m{i}")
+                };
+                format!("{i} {body}")
+            })
+            .collect();
+        assert_eq!(replies, want, "every step once, in order");
+    }
+    let store = AnyStore::open_pg(&db.url, &PgConfig::default()).unwrap();
+    assert_eq!(store.inbound_log().unwrap().len(), SENDERS * STEPS);
+}

@@ -37,7 +37,8 @@
 //! a probe once a second clears it when the database answers again, with
 //! no restart. The counts health checks read (conversations, pending
 //! timers, outbox depth) are counted by the same probe, so they are up to
-//! a second old and cover every instance's writes.
+//! a second old after this instance's writes, up to five after other
+//! instances'.
 //!
 //! Several instances: conversations are serialised across instances by a
 //! per-conversation advisory lock ([`PgStore::lock_conversation`]); the
@@ -139,10 +140,8 @@ struct Inner {
     conversations: AtomicI64,
     timers: AtomicI64,
     outbox_depth: AtomicI64,
-    /// A write happened since the last count: the probe counts again
-    /// without waiting for its next second.
+    /// A write happened since the last count: the probe counts again.
     dirty: AtomicBool,
-    wake_probe: tokio::sync::Notify,
     /// Durable flushes in relaxed durability (`/metrics`).
     flush_latency: crate::metrics::Histogram,
 }
@@ -386,7 +385,6 @@ impl PgStore {
             timers: AtomicI64::new(0),
             outbox_depth: AtomicI64::new(0),
             dirty: AtomicBool::new(false),
-            wake_probe: tokio::sync::Notify::new(),
             flush_latency: crate::metrics::Histogram::default(),
         });
         Ok(PgStore { inner, bridge })
@@ -525,7 +523,6 @@ impl PgStore {
 
     fn wrote(&self) {
         self.inner.dirty.store(true, Ordering::Relaxed);
-        self.inner.wake_probe.notify_one();
     }
 }
 
@@ -632,21 +629,34 @@ impl Inner {
         Ok(())
     }
 
-    /// Once a second (sooner after a write, at most ten times a second):
-    /// reach the database and count; clears a failure when it answers.
+    /// Once a second: reach the database (clearing a failure when it
+    /// answers) and, when this instance wrote since or five seconds
+    /// passed (other instances write too), count.
     async fn probe_forever(self: Arc<Self>) {
+        let mut counted = std::time::Instant::now();
         loop {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake_probe.notified()).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let recount =
+                self.dirty.load(Ordering::Relaxed) || counted.elapsed() >= Duration::from_secs(5);
             let round = async {
                 let c = self.pool.get().await?;
-                self.count(&c).await
+                if recount {
+                    self.count(&c).await
+                } else {
+                    c.simple_query("SELECT 1").await?;
+                    Ok(())
+                }
             };
             match tokio::time::timeout(Duration::from_secs(3), round).await {
-                Ok(Ok(())) => self.recovered(),
+                Ok(Ok(())) => {
+                    if recount {
+                        counted = std::time::Instant::now();
+                    }
+                    self.recovered();
+                }
                 Ok(Err(e)) => self.fail(&e.to_string()),
                 Err(_) => self.fail("the database did not answer the probe within 3 s"),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
