@@ -97,6 +97,7 @@ impl App {
         // migrations first.
         let store: AnyStore = match &config.store {
             Some(url) => {
+                let url = url.expose();
                 // The data directory still holds this instance's own
                 // files (the log's phone number hash key).
                 {

@@ -41,6 +41,33 @@ impl fmt::Debug for AuthToken {
     }
 }
 
+/// A PostgreSQL URL (`--store`); `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a `postgres://` URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+    /// The URL, password included: for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        DatabaseUrl(url)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", crate::store::pg::redact_url(&self.0))
+    }
+}
+
 /// How inbound requests are authenticated.
 #[derive(Debug, Clone)]
 pub enum Auth {
@@ -65,7 +92,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The PostgreSQL database URL, when the store is PostgreSQL rather
     /// than sled in `data_dir` (`--store`, `SMSFLOW_DATABASE_URL`).
-    pub store: Option<String>,
+    pub store: Option<DatabaseUrl>,
     /// How webhook requests are authenticated.
     pub auth: Auth,
     /// sled's page cache size, in bytes.
@@ -403,7 +430,7 @@ pub fn resolve(
     }
 
     Ok(Config {
-        store,
+        store: store.map(DatabaseUrl::new),
         outbound,
         admin_listen,
         log_format,
@@ -707,6 +734,28 @@ mod tests {
                 "README.md's \"Running it\" table has no row naming {names:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_database_password_is_never_shown() {
+        let o = Overrides {
+            store: Some("postgres://smsflow:s3cret@db:5432/smsflow".into()),
+            ..Overrides::default()
+        };
+        let c = resolve(o, FileConfig::default(), Some("t".into()), None).unwrap();
+        assert_eq!(
+            c.store.as_ref().map(DatabaseUrl::expose),
+            Some("postgres://smsflow:s3cret@db:5432/smsflow")
+        );
+        let shown = format!("{c:?}\n{}", describe(&c, false));
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("store = \"postgres://smsflow:***@db:5432/smsflow\""));
+        let o = Overrides {
+            store: Some("/var/lib/smsflow".into()),
+            ..Overrides::default()
+        };
+        let err = resolve(o, FileConfig::default(), Some("t".into()), None).unwrap_err();
+        assert!(err.to_string().contains("is not a PostgreSQL URL"), "{err}");
     }
 
     #[test]

@@ -112,8 +112,8 @@ pub const SETTINGS: &[Setting] = &[
         unset: "not set: the embedded sled store in `data`",
         value: |c| {
             c.store
-                .as_deref()
-                .map(|u| text(&crate::store::pg::redact_url(u)))?
+                .as_ref()
+                .and_then(|u| text(&crate::store::pg::redact_url(u.expose())))
         },
     },
     Setting {

@@ -23,7 +23,7 @@ async fn a_conversation_runs_on_postgres_and_survives_a_restart() {
     let Some(db) = test_db() else { return };
     let flows = signup();
     let url = db.url.clone();
-    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url.into())).await;
     assert!(matches!(*app.store, AnyStore::Pg(_)));
     let me = "+15557000001";
     let r = app.send_sms(me, "JOIN").await;
@@ -44,7 +44,7 @@ async fn a_conversation_runs_on_postgres_and_survives_a_restart() {
     // Another server on the same database (and a new data directory)
     // carries on where the first one stopped.
     let url = db.url.clone();
-    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url.into())).await;
     let r = app.send_sms(me, "34").await;
     assert_eq!(bodies(&r.body), ["You're signed up, Ada."]);
     let again = app.send_sms_sid(me, "Ada", &sid).await;
@@ -131,7 +131,7 @@ async fn an_unreachable_database_is_503_until_it_is_back_without_a_restart() {
     let proxy = Proxy::start(upstream).await;
     let (url, _) = through(&db.url, proxy.addr);
     let flows = signup();
-    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url.into())).await;
     let me = "+15557000002";
     let r = app.send_sms(me, "JOIN").await;
     assert_eq!(bodies(&r.body), ["Hi! What's your name?"]);
@@ -323,7 +323,7 @@ async fn store_copy_moves_a_sled_store_to_postgres() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("copy into an empty one"));
 
     let url = db.url.clone();
-    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url)).await;
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| c.store = Some(url.into())).await;
     let replay = app.send_sms_sid(ada, "Ada", &sid).await;
     assert_eq!(replay.body, asked.body, "a retry replays the copied answer");
     let r = app.send_sms(ada, "34").await;
@@ -369,7 +369,7 @@ async fn another_instances_send_in_flight_is_not_taken_over_before_its_time_limi
     other.enqueue_outbound(&[entry]).unwrap();
     let url = db.url.clone();
     let app = spawn_configured(&[], |c| {
-        c.store = Some(url);
+        c.store = Some(url.into());
         c.outbound.send_timeout = Duration::from_secs(2);
     })
     .await;

@@ -98,20 +98,39 @@ impl Default for PgConfig {
     }
 }
 
-/// The URL with its password replaced by `***`, for logs and `/status`.
+/// The URL with its password replaced by `***` (in the user part and in
+/// a `password=` parameter), for logs and `/status`.
 pub fn redact_url(url: &str) -> String {
-    // postgres://user:password@host/db
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    // postgres://user:password@host/db?password=…
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (url, None),
     };
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    let (creds, host) = rest.split_at(at);
-    match creds.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) => {
+                let (creds, host) = rest.split_at(at);
+                match creds.split_once(':') {
+                    Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+                    None => format!("{scheme}://{rest}"),
+                }
+            }
+            None => format!("{scheme}://{rest}"),
+        },
         None => url.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// Whether `s` names a PostgreSQL database (`postgres://` or
@@ -1545,4 +1564,22 @@ fn decode_start(key: &str, bytes: &[u8]) -> Result<StartRecord, StoreError> {
             "flow start record {key:?} does not decode: {reason}"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_hidden_wherever_the_url_has_them() {
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@db:5432/x?sslmode=require"),
+            "postgres://u:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgresql://u@db/x?password=secret&application_name=a"),
+            "postgresql://u@db/x?password=***&application_name=a"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    }
 }
