@@ -76,3 +76,27 @@ pub fn sql(url: &str, statements: &str) {
     .join()
     .unwrap();
 }
+
+/// The first column of the first row of `query` on `url`, as a number.
+pub fn query_i64(url: &str, query: &str) -> i64 {
+    let (url, query) = (url.to_string(), query.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
+            tokio::spawn(conn);
+            let row = client
+                .query_one(&query, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+            row.get::<_, i64>(0)
+        })
+    })
+    .join()
+    .unwrap()
+}

@@ -455,3 +455,45 @@ async fn sigkill_of_one_instance_loses_nothing_acknowledged() {
     let store = AnyStore::open_pg(&db.url, &PgConfig::default()).unwrap();
     assert_eq!(store.inbound_log().unwrap().len(), SENDERS * STEPS);
 }
+
+/// A request that stops waiting for a conversation's lock (its time
+/// limit ran out) leaves no lock behind: once the holder is done, the
+/// conversation is free again for every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_wait_for_a_conversation_lock_leaves_no_lock_behind() {
+    let Some(db) = test_db() else { return };
+    let app_name = format!("smsflow_locktest_{}", std::process::id());
+    let url = format!("{}&application_name={app_name}", db.url);
+    let AnyStore::Pg(store) = AnyStore::open_pg(&url, &PgConfig::default()).unwrap() else {
+        unreachable!()
+    };
+    let held = || {
+        crate::pg::query_i64(
+            &db.url,
+            &format!(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = '{app_name}'"
+            ),
+        )
+    };
+    let key = smsflow::store::ConvKey::new(OUR_NUMBER, "+15557000031");
+    let first = store.lock_conversation(&key).await.unwrap();
+    assert_eq!(held(), 1);
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), store.lock_conversation(&key)).await;
+    assert!(
+        abandoned.is_err(),
+        "the second waits while the first holds it"
+    );
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while held() != 0 {
+        assert!(Instant::now() < deadline, "a lock is still held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = tokio::time::timeout(Duration::from_secs(5), store.lock_conversation(&key))
+        .await
+        .expect("free again")
+        .unwrap();
+    drop(again);
+}

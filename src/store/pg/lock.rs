@@ -54,11 +54,12 @@ impl PgStore {
         let id = lock_id(key);
         let pool = self.inner.locks.clone();
         let rt = self.bridge.rt().handle().clone();
+        let handle = rt.clone();
+        // The lock is made a `ConvLock` in the task that takes it: should
+        // the caller stop waiting (its request timed out), dropping the
+        // result anywhere still releases the lock.
         let taken = rt.spawn(async move {
             let client = pool.get().await?;
-            // The lock is the session's: should this wait be abandoned,
-            // the connection is closed rather than pooled, which releases
-            // a lock granted meanwhile.
             let wait = async {
                 let st = client.prepare_cached("SELECT pg_advisory_lock($1)").await?;
                 client.execute(&st, &[&id]).await?;
@@ -66,39 +67,38 @@ impl PgStore {
             };
             let waited = tokio::time::timeout(OP_TIMEOUT, wait).await;
             match waited {
-                Ok(Ok(())) => Ok(client),
+                Ok(Ok(())) => Ok(ConvLock {
+                    client: Some(client),
+                    id,
+                    rt: handle,
+                }),
+                // The lock is the session's: an abandoned wait may still
+                // be granted, so the connection is closed, not pooled.
                 Ok(Err(e)) => {
                     drop(Object::take(client));
                     Err(e)
                 }
+                // One conversation held too long (not the database
+                // failing: the store stays ready for the others).
                 Err(_) => {
                     drop(Object::take(client));
-                    Err(StoreError::Unavailable(format!(
+                    Err(StoreError::Backend(format!(
                         "a conversation stayed locked for {} s",
                         OP_TIMEOUT.as_secs()
                     )))
                 }
             }
         });
-        let client = match taken.await {
+        let lock = match taken.await {
             Ok(r) => r,
             Err(e) => Err(StoreError::Backend(format!(
                 "taking a conversation lock: {e}"
             ))),
         };
-        match client {
-            Ok(client) => Ok(ConvLock {
-                client: Some(client),
-                id,
-                rt,
-            }),
-            Err(e) => {
-                if let StoreError::Unavailable(msg) = &e {
-                    self.inner.fail(msg);
-                }
-                Err(e)
-            }
+        if let Err(StoreError::Unavailable(msg)) = &lock {
+            self.inner.fail(msg);
         }
+        lock
     }
 }
 
