@@ -497,3 +497,71 @@ async fn an_abandoned_wait_for_a_conversation_lock_leaves_no_lock_behind() {
         .unwrap();
     drop(again);
 }
+
+/// Two instances on one database, each with its timer scheduler and its
+/// sender: every reminder is fired once and reaches Twilio once, whichever
+/// instance set it and whichever finds it due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_fire_and_send_each_reminder_once() {
+    use crate::fake_twilio::{FakeTwilio, ACCOUNT_SID, API_KEY_SECRET, API_KEY_SID};
+    use crate::process::spawn_server_env;
+    let Some(db) = test_db() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    let flow = "name: remind\ntrigger: { keywords: [GO] }\nsteps:\n  ask:\n    say: \"Reply YES.\"\n    wait: [ { yes: true } ]\n    timeout: { after: 2s, say: \"Reminder: reply YES.\" }\n";
+    std::fs::write(flows.join("remind.yaml"), flow).unwrap();
+    let fake = FakeTwilio::start(TOKEN).await;
+    let config = tmp.path().join("smsflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "twilio_api_base = \"{}\"\nsend_interval_ms = 1\n",
+            fake.base()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--no-watch",
+        "--config",
+        config.to_str().unwrap(),
+        "--store",
+        db.url.as_str(),
+    ];
+    let env = [
+        ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
+        ("TWILIO_API_KEY_SID", API_KEY_SID),
+        ("TWILIO_API_KEY_SECRET", API_KEY_SECRET),
+    ];
+    let a = spawn_server_env(&flows, &tmp.path().join("a"), &args, &env);
+    let b = spawn_server_env(&flows, &tmp.path().join("b"), &args, &env);
+    let senders: Vec<String> = (0..6).map(|i| format!("+155573100{i:02}")).collect();
+    for (i, from) in senders.iter().enumerate() {
+        let server = if i % 2 == 0 { &a } else { &b };
+        let answer = server.send(from, "go", &new_sid()).await.unwrap();
+        assert_eq!(bodies(&answer), ["Reply YES."]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while senders.iter().any(|s| fake.requests_to(s).is_empty()) {
+        assert!(Instant::now() < deadline, "not every reminder was sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time for a second firing or a second send, if either could happen.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for s in &senders {
+        let got = fake.requests_to(s);
+        assert_eq!(got.len(), 1, "{s}: {got:?}");
+        assert_eq!(got[0].param("Body"), Some("Reminder: reply YES."));
+    }
+    let fired = |server: &crate::process::ChildServer| {
+        let url = format!("http://{}/metrics", server.addr);
+        let client = server.client.clone();
+        async move {
+            let m = client.get(url).send().await.unwrap().text().await.unwrap();
+            m.lines()
+                .find_map(|l| l.strip_prefix("smsflow_timers_fired_total "))
+                .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+        }
+    };
+    assert_eq!(fired(&a).await + fired(&b).await, senders.len() as u64);
+}
