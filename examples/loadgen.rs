@@ -21,7 +21,16 @@
 //! $L --scenario multistep --senders 100000 --prefill 100000 --soak-secs 300   # RSS over 5 minutes
 //! $L --scenario timers --senders 1000 --prefill 100000        # with 100,000 pending timers
 //! SMSFLOW_DATABASE_URL=postgres://… $L --instances 2          # two instances on PostgreSQL, round robin
+//! $L --scenario calls --requests 2000 --upstream-delay-ms 3000 --call-budget-ms 1000
+//! $L --scenario calls_mixed --requests 5000 --upstream-delay-ms 3000 --call-budget-ms 1000
 //! ```
+//!
+//! The `calls` scenarios make HTTP calls from the flow (every message in
+//! `calls`, one sender in ten in `calls_mixed`, the others a keyword) to
+//! an upstream this program serves on loopback, answering after
+//! `--upstream-delay-ms`; the server allows `127.0.0.1` and gives each
+//! message `--call-budget-ms`. A delay past the budget shows what a slow
+//! upstream costs in webhook latency.
 //!
 //! Both servers run as child processes by default: smsflow is the `smsflow`
 //! binary next to this example's directory (`target/release/smsflow`, or
@@ -75,7 +84,8 @@ const WARM_UP: usize = 2_000;
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for smsflow (commands: the doc comment of examples/loadgen.rs)")]
 struct Args {
-    /// What each sender texts: keyword | multistep | rhai.
+    /// What each sender texts: keyword | multistep | rhai | timers |
+    /// calls | calls_mixed.
     #[arg(long, default_value = "multistep")]
     scenario: String,
     /// The server's durability setting.
@@ -108,6 +118,12 @@ struct Args {
     /// and print its RSS every `--sample-secs` (0: no soak).
     #[arg(long, default_value_t = 0)]
     soak_secs: u64,
+    /// The `calls` scenarios' upstream answers after this many ms.
+    #[arg(long, default_value_t = 0)]
+    upstream_delay_ms: u64,
+    /// The server's `call_budget_ms` in the `calls` scenarios.
+    #[arg(long, default_value_t = 1000)]
+    call_budget_ms: u64,
     /// How often the soak prints the server's RSS.
     #[arg(long, default_value_t = 30)]
     sample_secs: u64,
@@ -138,6 +154,8 @@ struct Scenario {
     /// outbound credentials (placeholders here, and an API base on a
     /// closed loopback port: nothing comes due during a run).
     sends: bool,
+    /// Whether its flows make HTTP calls to the upstream.
+    calls: bool,
 }
 
 fn scenario(name: &str) -> Option<Scenario> {
@@ -148,6 +166,7 @@ fn scenario(name: &str) -> Option<Scenario> {
             message: |_, _| "HOURS".to_string(),
             stateful: false,
             sends: false,
+            calls: false,
         }),
         // JOIN -> name -> age -> done, and again.
         "multistep" => Some(Scenario {
@@ -163,6 +182,7 @@ fn scenario(name: &str) -> Option<Scenario> {
             },
             stateful: true,
             sends: false,
+            calls: false,
         }),
         // The same conversation as a Rhai script.
         "rhai" => Some(Scenario {
@@ -178,6 +198,7 @@ fn scenario(name: &str) -> Option<Scenario> {
             },
             stateful: true,
             sends: false,
+            calls: false,
         }),
         // The multi-step conversation with a week-long reminder on each
         // waiting step: every stored conversation holds a pending timer.
@@ -191,6 +212,28 @@ fn scenario(name: &str) -> Option<Scenario> {
             },
             stateful: true,
             sends: true,
+            calls: false,
+        }),
+        // Every message looks an order up in the upstream.
+        "calls" => Some(Scenario {
+            name: "calls",
+            flow: &[("calls.yaml", include_str!("loadgen_flows/calls.yaml"))],
+            message: |_, _| "STATUS".to_string(),
+            stateful: false,
+            sends: false,
+            calls: true,
+        }),
+        // One sender in ten looks an order up; the others text a keyword.
+        "calls_mixed" => Some(Scenario {
+            name: "calls_mixed",
+            flow: &[
+                ("calls.yaml", include_str!("loadgen_flows/calls.yaml")),
+                ("keyword.yaml", include_str!("loadgen_flows/keyword.yaml")),
+            ],
+            message: |sender, _| if sender % 10 == 0 { "STATUS" } else { "HOURS" }.to_string(),
+            stateful: false,
+            sends: false,
+            calls: true,
         }),
         _ => None,
     }
@@ -219,7 +262,7 @@ fn main() {
 fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let Some(sc) = scenario(&args.scenario) else {
         panic!(
-            "unknown --scenario {}: keyword | multistep | rhai | timers",
+            "unknown --scenario {}: keyword | multistep | rhai | timers | calls | calls_mixed",
             args.scenario
         );
     };
@@ -231,7 +274,14 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let flows = tmp.path().join("flows");
     std::fs::create_dir(&flows).expect("flows dir");
+    let upstream = sc
+        .calls
+        .then(|| client_rt.block_on(Upstream::start(args.upstream_delay_ms)));
     for (name, text) in sc.flow {
+        let text = match &upstream {
+            Some(u) => text.replace("UPSTREAM", &u.addr.to_string()),
+            None => text.to_string(),
+        };
         std::fs::write(flows.join(name), text).expect("write flow");
     }
     let client = client(args.concurrency);
@@ -246,6 +296,12 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         args.concurrency
     );
     println!("servers: {}", mode.describe());
+    if upstream.is_some() {
+        println!(
+            "upstream answers after {} ms; call_budget_ms {}",
+            args.upstream_delay_ms, args.call_budget_ms
+        );
+    }
 
     let measured = Load {
         phase: 1,
@@ -274,6 +330,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         &tmp.path().join("data"),
         args.durability,
         sc.sends,
+        sc.calls.then_some(args.call_budget_ms),
     );
     assert!(
         args.instances <= 1 || std::env::var_os("SMSFLOW_DATABASE_URL").is_some(),
@@ -287,6 +344,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
             &tmp.path().join(format!("data{i}")),
             args.durability,
             sc.sends,
+            sc.calls.then_some(args.call_budget_ms),
         ));
     }
     if args.prefill > 0 {
@@ -312,8 +370,17 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     }
     run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
     let fsyncs_before = fsyncs(client_rt, &client, ours.addr);
+    let calls_before = upstream
+        .as_ref()
+        .map(|u| u.received.load(Ordering::Relaxed));
     let our_report = run(client_rt, &client, &ours, &sc, &measured, args.concurrency);
     let fsyncs_after = fsyncs(client_rt, &client, ours.addr);
+    if let (Some(u), Some(before)) = (&upstream, calls_before) {
+        println!(
+            "upstream  {} calls received during the measured run",
+            u.received.load(Ordering::Relaxed) - before
+        );
+    }
     let our_rss = ours.peak_rss();
     if args.soak_secs > 0 {
         let soak_load = Load {
@@ -803,6 +870,7 @@ fn startup(rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args, n: usize) {
             &tmp.path().join(format!("data{run}")),
             args.durability,
             false,
+            None,
         );
         rt.block_on(wait_healthy(&client, server.addr));
         let took = started.elapsed();
@@ -946,6 +1014,7 @@ impl Server {
         data: &Path,
         durability: DurabilityArg,
         sends: bool,
+        call_budget_ms: Option<u64>,
     ) -> Server {
         match mode {
             Mode::Child(bin) => {
@@ -965,13 +1034,10 @@ impl Server {
                 // Simulated senders text far faster than people: with the
                 // loop guard on, a long run would measure cheap
                 // `rate_limited` silences instead of the flow.
-                .env("SMSFLOW_CONFIG", server_config(data, sends))
+                .env("SMSFLOW_CONFIG", server_config(data, sends, call_budget_ms))
                 .env("TWILIO_AUTH_TOKEN", TOKEN)
                 .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("RUST_LOG", "info");
-                if sends {
-                    cmd.env("TWILIO_ACCOUNT_SID", PLACEHOLDER_ACCOUNT);
-                }
                 if sends {
                     cmd.env("TWILIO_ACCOUNT_SID", PLACEHOLDER_ACCOUNT);
                 }
@@ -989,6 +1055,10 @@ impl Server {
                         smsflow::outbound::Credentials::with_auth_token(PLACEHOLDER_ACCOUNT, TOKEN),
                     );
                     config.outbound.api_base = CLOSED_API_BASE.into();
+                }
+                if let Some(ms) = call_budget_ms {
+                    config.http_allow = vec!["127.0.0.1".into()];
+                    config.call_budget = Duration::from_millis(ms);
                 }
                 config.durability = match durability {
                     DurabilityArg::Flush => Durability::Flush,
@@ -1146,6 +1216,38 @@ impl Server {
     }
 }
 
+/// The `calls` scenarios' upstream: answers `GET /orders/...` with JSON
+/// after a fixed delay, on this program's client runtime (a sleeping
+/// request costs it nothing).
+struct Upstream {
+    addr: SocketAddr,
+    /// Requests received so far.
+    received: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    async fn start(delay_ms: u64) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let app = axum::Router::new().fallback(move || async move {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"state": "baking"}"#,
+            )
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { addr, received }
+    }
+}
+
 /// A config file turning the loop guard off, written beside the data dir.
 /// Placeholder outbound credentials for scenarios whose flows send on
 /// their own, and an API base nothing listens on: no timer comes due
@@ -1154,12 +1256,18 @@ const PLACEHOLDER_ACCOUNT: &str = "AC00000000000000000000000000000000";
 const CLOSED_API_BASE: &str = "http://127.0.0.1:1";
 
 /// The server's config file: the loop guard off; for a scenario that
-/// sends on its own, the closed API base.
-fn server_config(data: &Path, sends: bool) -> PathBuf {
+/// sends on its own, the closed API base; for one that calls, the
+/// upstream's address allowed and the call budget.
+fn server_config(data: &Path, sends: bool, call_budget_ms: Option<u64>) -> PathBuf {
     let path = data.with_extension("toml");
     let mut text = String::from("loop_max_replies = 0\n");
     if sends {
         text.push_str(&format!("twilio_api_base = \"{CLOSED_API_BASE}\"\n"));
+    }
+    if let Some(ms) = call_budget_ms {
+        text.push_str(&format!(
+            "http_allow = [\"127.0.0.1\"]\ncall_budget_ms = {ms}\n"
+        ));
     }
     std::fs::write(&path, text).expect("write loadgen config");
     path

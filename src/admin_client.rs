@@ -34,6 +34,13 @@ pub fn post(
     Ok((code, body))
 }
 
+/// DELETE `path` on `base` with a bearer token; the status code and the
+/// body, whatever the status.
+pub fn delete(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+    let (code, _, body) = exchange(base, "DELETE", path, token, None)?;
+    Ok((code, body))
+}
+
 /// One request and its answer: status code, status line, body.
 fn exchange(
     base: &str,

@@ -408,6 +408,8 @@ impl App {
                         statuses = n.statuses,
                         status_events = n.status_events,
                         conversations = n.conversations,
+                        call_jobs = n.call_jobs,
+                        results = n.results,
                         "purged records older than the retention period"
                     ),
                     Ok(Err(e)) => tracing::error!(error = %e, "purge failed"),

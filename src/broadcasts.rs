@@ -15,15 +15,20 @@
 //! number, defers them past quiet hours and skips opted-out contacts.
 //! Progress (`GET /broadcasts`) is counted from those entries' states:
 //! each message-broadcast entry, and each flow-broadcast recipient's first
-//! message (part 0); cancelling marks the ones still pending `skipped`
-//! (`canceled`).
+//! message (part 0). The store keeps these counts per broadcast with every
+//! outbox write ([`crate::store::OutboxTally`]), so listing reads one small
+//! record per broadcast, whatever the size of the outbox. Cancelling marks
+//! the entries still pending `skipped` (`canceled`), reading only the
+//! broadcast's own key range.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::starts::{check_field_name, normalize_phone, IfBusy, MAX_VALUE_CHARS};
-use crate::store::{OutboxEntry, OutboxState};
+use crate::flow::ContactText;
+use crate::starts::{check_field_name, check_names, normalize_phone, IfBusy, MAX_VALUE_CHARS};
+use crate::store::{tally_prefixes, OutboxTally};
+use crate::twilio::limits::MAX_BODY_CHARS;
 
 /// Most recipients one explicit list may name.
 pub const MAX_LIST: usize = 10_000;
@@ -52,7 +57,9 @@ pub struct BroadcastRequest {
     /// Send through this Messaging Service instead of `from`.
     #[serde(default)]
     pub messaging_service_sid: Option<String>,
-    /// The text (at most 1,600 characters), sent as written; or `flow`.
+    /// The text (at most 1,600 characters); `{{contact.x}}` (or
+    /// `{{contact.x|fallback}}`) is the recipient's field `x`
+    /// ([`ContactText`]). Or `flow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Or the flow to start for each recipient.
@@ -68,6 +75,13 @@ pub struct BroadcastRequest {
     /// Or these numbers (E.164).
     #[serde(default)]
     pub to: Option<Vec<String>>,
+    /// With `flow`: contact fields set for every recipient before the
+    /// flow's first step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    /// With `flow`: run variables every recipient's run begins with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
 }
 
 impl BroadcastRequest {
@@ -88,14 +102,20 @@ impl BroadcastRequest {
                 if m.trim().is_empty() || m.chars().count() > MAX_VALUE_CHARS {
                     return Err(format!("message: 1 to {MAX_VALUE_CHARS} characters"));
                 }
+                ContactText::parse(m, MAX_BODY_CHARS).map_err(|e| format!("message: {e}"))?;
                 if self.if_busy.is_some() {
                     return Err("if_busy: only with `flow`".into());
+                }
+                if !self.fields.is_empty() || !self.vars.is_empty() {
+                    return Err("fields, vars: only with `flow`".into());
                 }
             }
             (None, Some(f)) => {
                 if f.is_empty() || f.len() > 200 || f.chars().any(char::is_control) {
                     return Err("flow: 1 to 200 bytes, no control characters".into());
                 }
+                check_names("fields", &self.fields)?;
+                check_names("vars", &self.vars)?;
             }
             _ => return Err("give exactly one of `message` and `flow`".into()),
         }
@@ -132,33 +152,8 @@ impl BroadcastRequest {
 /// The outbox key prefix of message broadcast `id`, and the idempotency
 /// key prefix of flow broadcast `id`'s starts.
 pub fn key_prefix(id: &str) -> String {
-    format!("broadcast:{id}:")
-}
-
-/// The outbox key prefix of flow broadcast `id`'s messages (cause
-/// `start`).
-pub fn start_key_prefix(id: &str) -> String {
-    format!("start:broadcast:{id}:")
-}
-
-/// The broadcast id an outbox entry counts for in progress, if any: a
-/// message broadcast's entry, or the first message (part 0) of a flow
-/// broadcast's start.
-fn counted_id(e: &OutboxEntry) -> Option<&str> {
-    match e.cause.as_str() {
-        "broadcast" => {
-            let rest = e.key.strip_prefix("broadcast:")?;
-            Some(rest.rsplit_once(':')?.0)
-        }
-        "start" => {
-            // start:broadcast:<id>:<number>:<part>; an id has no `:`.
-            let rest = e.key.strip_prefix("start:broadcast:")?;
-            let (id, rest) = rest.split_once(':')?;
-            let (_number, part) = rest.rsplit_once(':')?;
-            (part == "0").then_some(id)
-        }
-        _ => None,
-    }
+    let [prefix, _] = tally_prefixes(id);
+    prefix
 }
 
 /// What sending a broadcast did.
@@ -183,6 +178,10 @@ pub struct Sent {
     /// A flow broadcast: new recipients skipped as opted out.
     #[serde(default)]
     pub opted_out: usize,
+    /// A flow broadcast: new recipients whose start waits for their
+    /// current run to end (`if_busy: queue`).
+    #[serde(default)]
+    pub queued: usize,
 }
 
 /// A broadcast's progress, from its outbox entries (a flow broadcast's:
@@ -205,27 +204,20 @@ pub struct Progress {
     pub remaining: usize,
 }
 
-/// Progress of every broadcast in `entries` (the whole outbox), by id.
-pub fn progress(entries: &[OutboxEntry]) -> Vec<Progress> {
-    let mut by_id: BTreeMap<String, Progress> = BTreeMap::new();
-    for e in entries {
-        let Some(id) = counted_id(e) else {
-            continue;
-        };
-        let p = by_id.entry(id.to_owned()).or_insert_with(|| Progress {
-            id: id.to_owned(),
-            ..Progress::default()
-        });
-        p.total += 1;
-        match e.state {
-            OutboxState::Sent { .. } => p.sent += 1,
-            OutboxState::Skipped { .. } => p.skipped += 1,
-            OutboxState::Failed { .. } => p.failed += 1,
-            OutboxState::Unknown { .. } => p.unknown += 1,
-            OutboxState::Pending { .. } | OutboxState::Sending { .. } => p.remaining += 1,
-        }
-    }
-    by_id.into_values().collect()
+/// Progress of every broadcast, from the store's outbox tallies.
+pub fn progress(tallies: Vec<(String, OutboxTally)>) -> Vec<Progress> {
+    tallies
+        .into_iter()
+        .map(|(id, t)| Progress {
+            id,
+            total: t.total() as usize,
+            sent: t.sent as usize,
+            skipped: t.skipped as usize,
+            failed: t.failed as usize,
+            unknown: t.unknown as usize,
+            remaining: (t.pending + t.sending) as usize,
+        })
+        .collect()
 }
 
 /// The progress rows as a table for the terminal.

@@ -14,9 +14,12 @@
 //! before its answer is recorded repeats it. Every attempt carries the
 //! job's key as the `Idempotency-Key` header so the receiver can drop the
 //! repeats. A 2xx answer delivers the job; 408, 429, 5xx, connection
-//! errors, timeouts and refusals are retried with exponential backoff and
-//! jitter, at most [`MAX_ATTEMPTS`] attempts; any other answer (4xx) fails
-//! it at once.
+//! errors and timeouts are retried with exponential backoff and jitter, at
+//! most [`MAX_ATTEMPTS`] attempts; any other answer (4xx), and a call our
+//! own checks refuse (`http_allow`, a non-public address, a secret that is
+//! not set; [`CallError::retryable`]), fails it at once.
+//!
+//! [`CallError::retryable`]: crate::flow::calls::CallError::retryable
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -191,7 +194,18 @@ async fn attempt<S: Store>(
             None
         }
         CallResponse::Answered { status, .. } => Some(format!("answered {status}")),
-        CallResponse::Failed { error } => Some(error.clone()),
+        // Our own checks refused it (host not allowed, a non-public
+        // address, a secret not set) or it cannot be built: the same
+        // request would be refused again, so it fails now.
+        CallResponse::Failed { error, detail } if !error.retryable() => {
+            job.state = CallJobState::Failed {
+                reason: format!("{error}: {detail}"),
+                attempts,
+                at: now,
+            };
+            None
+        }
+        CallResponse::Failed { error, detail } => Some(format!("{error}: {detail}")),
     };
     if let Some(reason) = retry {
         if attempts >= MAX_ATTEMPTS {

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use reqwest::Url;
 
-use crate::flow::calls::{CallRequest, CallResponse, HeaderValue};
+use crate::flow::calls::{CallError, CallRequest, CallResponse, HeaderValue};
 
 /// The default `call_budget_ms`: all calls of one message share 5 s.
 pub const DEFAULT_CALL_BUDGET_MS: u64 = 5_000;
@@ -54,7 +54,7 @@ pub struct NoCalls(pub String);
 impl Caller for NoCalls {
     fn call<'a>(&'a self, _request: &'a CallRequest, _deadline: Instant) -> CallFuture<'a> {
         let reason = self.0.clone();
-        Box::pin(async move { CallResponse::failed(reason) })
+        Box::pin(async move { CallResponse::failed(CallError::Refused, reason) })
     }
 }
 
@@ -199,16 +199,31 @@ impl reqwest::dns::Resolve for PublicOnly {
                 return Err(format!("{host} has no address").into());
             }
             if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-                return Err(format!(
+                return Err(Box::new(NotPublic(format!(
                     "{host} resolves to {} (not a public address; name the address itself in http_allow to allow it)",
                     bad.ip()
-                )
-                .into());
+                ))) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
 }
+
+/// The resolver's refusal of a non-public address: found again in a
+/// reqwest error's causes to tell a refusal from a connection error.
+#[derive(Debug)]
+struct NotPublic(String);
+
+impl std::fmt::Display for NotPublic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotPublic {}
+
+/// Why a request failed: the category flows see and the words for logs.
+type Failure = (CallError, String);
 
 /// The real client: HTTP(S) over rustls, with the checks above.
 pub struct HttpCaller {
@@ -235,20 +250,25 @@ impl HttpCaller {
     /// Checks `url` before any connection: allowed, and an address written
     /// as the host is one the allow-list names (only a listed host can
     /// pass, so a literal private address passes only when listed).
-    fn check(&self, url: &Url) -> Result<(), String> {
+    fn check(&self, url: &Url) -> Result<(), Failure> {
         if !self.allow.permits(url) {
-            return Err(format!(
-                "{} is not in http_allow",
-                url.host_str().unwrap_or("a URL without a host")
+            return Err((
+                CallError::Refused,
+                format!(
+                    "{} is not in http_allow",
+                    url.host_str().unwrap_or("a URL without a host")
+                ),
             ));
         }
         Ok(())
     }
 
-    async fn call_inner(&self, request: &CallRequest) -> Result<CallResponse, String> {
-        let mut url = Url::parse(&request.url).map_err(|e| format!("bad URL: {e}"))?;
+    async fn call_inner(&self, request: &CallRequest) -> Result<CallResponse, Failure> {
+        let invalid = |text: String| (CallError::Invalid, text);
+        let refused = |text: String| (CallError::Refused, text);
+        let mut url = Url::parse(&request.url).map_err(|e| invalid(format!("bad URL: {e}")))?;
         let mut method = reqwest::Method::from_bytes(request.method.as_bytes())
-            .map_err(|_| format!("bad method {}", request.method))?;
+            .map_err(|_| invalid(format!("bad method {}", request.method)))?;
         let mut body = request.body.clone();
         let origin = url.origin();
         let has_secret = request
@@ -258,16 +278,17 @@ impl HttpCaller {
         let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in &request.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("bad header name {name}"))?;
+                .map_err(|_| invalid(format!("bad header name {name}")))?;
             let value = match value {
                 HeaderValue::Text(t) => reqwest::header::HeaderValue::from_str(t)
-                    .map_err(|_| format!("bad value for header {name}"))?,
+                    .map_err(|_| invalid(format!("bad value for header {name}")))?,
                 HeaderValue::Secret(var) => {
                     let secret = crate::config::secret(var)
-                        .map_err(|_| format!("secret {var} cannot be read"))?
-                        .ok_or_else(|| format!("secret {var} is not set"))?;
-                    let mut v = reqwest::header::HeaderValue::from_str(&secret)
-                        .map_err(|_| format!("secret {var} is not a valid header value"))?;
+                        .map_err(|_| refused(format!("secret {var} cannot be read")))?
+                        .ok_or_else(|| refused(format!("secret {var} is not set")))?;
+                    let mut v = reqwest::header::HeaderValue::from_str(&secret).map_err(|_| {
+                        invalid(format!("secret {var} is not a valid header value"))
+                    })?;
                     v.set_sensitive(true);
                     v
                 }
@@ -299,13 +320,18 @@ impl HttpCaller {
                     });
                 };
                 if hop == MAX_REDIRECTS {
-                    return Err(format!("more than {MAX_REDIRECTS} redirects"));
+                    return Err((
+                        CallError::Redirects,
+                        format!("more than {MAX_REDIRECTS} redirects"),
+                    ));
                 }
                 let next = url
                     .join(location)
-                    .map_err(|_| "redirect to a bad URL".to_owned())?;
+                    .map_err(|_| invalid("redirect to a bad URL".to_owned()))?;
                 if has_secret && next.origin() != origin {
-                    return Err("redirect to another origin with a secret header".to_owned());
+                    return Err(refused(
+                        "redirect to another origin with a secret header".to_owned(),
+                    ));
                 }
                 // 301, 302 and 303 turn a POST into a GET without a body
                 // (as browsers do); 307 and 308 repeat the request.
@@ -320,18 +346,12 @@ impl HttpCaller {
                 .content_length()
                 .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
             {
-                return Err(format!(
-                    "answer larger than {} KiB",
-                    MAX_RESPONSE_BYTES / 1024
-                ));
+                return Err(too_large());
             }
             let mut bytes = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(describe)? {
                 if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                    return Err(format!(
-                        "answer larger than {} KiB",
-                        MAX_RESPONSE_BYTES / 1024
-                    ));
+                    return Err(too_large());
                 }
                 bytes.extend_from_slice(&chunk);
             }
@@ -340,17 +360,37 @@ impl HttpCaller {
                 json: serde_json::from_slice(&bytes).ok(),
             });
         }
-        Err(format!("more than {MAX_REDIRECTS} redirects"))
+        Err((
+            CallError::Redirects,
+            format!("more than {MAX_REDIRECTS} redirects"),
+        ))
     }
 }
 
-/// A reqwest error without its URL (which may hold a sender's data),
-/// with its causes (the resolver's refusal, a connection error).
-fn describe(err: reqwest::Error) -> String {
+fn too_large() -> Failure {
+    (
+        CallError::TooLarge,
+        format!("answer larger than {} KiB", MAX_RESPONSE_BYTES / 1024),
+    )
+}
+
+/// A reqwest error's category (a refusal when the resolver refused a
+/// non-public address) and its words without its URL (which may hold a
+/// sender's data), with its causes (the resolver's refusal, a connection
+/// error).
+fn describe(err: reqwest::Error) -> Failure {
     let err = err.without_url();
     let mut text = err.to_string();
+    let mut error = if err.is_timeout() {
+        CallError::Timeout
+    } else {
+        CallError::Connection
+    };
     let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
+        if cause.is::<NotPublic>() {
+            error = CallError::Refused;
+        }
         let c = cause.to_string();
         if !text.contains(&c) {
             text.push_str(": ");
@@ -358,7 +398,7 @@ fn describe(err: reqwest::Error) -> String {
         }
         source = cause.source();
     }
-    text
+    (error, text)
 }
 
 impl Caller for HttpCaller {
@@ -366,15 +406,20 @@ impl Caller for HttpCaller {
         Box::pin(async move {
             let now = Instant::now();
             if now >= deadline {
-                return CallResponse::failed("call budget spent");
+                return CallResponse::failed(CallError::Timeout, "call budget spent");
             }
             let until = deadline.min(now + request.timeout);
             let budget_cut = until == deadline && now + request.timeout > deadline;
             match tokio::time::timeout_at(until.into(), self.call_inner(request)).await {
                 Ok(Ok(answer)) => answer,
-                Ok(Err(reason)) => CallResponse::failed(reason),
-                Err(_) if budget_cut => CallResponse::failed("call budget spent"),
-                Err(_) => CallResponse::failed("timed out"),
+                Ok(Err((error, detail))) => CallResponse::failed(error, detail),
+                Err(_) if budget_cut => {
+                    CallResponse::failed(CallError::Timeout, "call budget spent")
+                }
+                Err(_) => CallResponse::failed(
+                    CallError::Timeout,
+                    format!("timed out after {} ms", request.timeout.as_millis()),
+                ),
             }
         })
     }

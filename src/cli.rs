@@ -75,6 +75,15 @@ pub enum Command {
     /// List broadcasts with sent/skipped/failed/remaining, send one, or
     /// cancel one, through a running server; needs SMSFLOW_ADMIN_TOKEN.
     Broadcasts(BroadcastsArgs),
+    /// Export what flows collected: one row per ended run (see README,
+    /// "Flow results").
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Erase everything stored about one contact (conversations, contact
+    /// fields, message log lines and texts, delivery records, pending
+    /// timers and outbox messages, flow results); the consent record is
+    /// kept. Idempotent; audited.
+    Forget(ForgetArgs),
     /// Print the configuration `serve` would run with, flags, environment,
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
@@ -142,6 +151,17 @@ pub struct MessagesArgs {
     /// At most this many rows [default: 50].
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Only messages at or after this time: unix seconds, 2026-11-30 or
+    /// 2026-11-30T08:15:00Z (UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only messages before this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only messages whose kept text contains this (ignoring case; texts
+    /// are kept only with store_message_text = true).
+    #[arg(long)]
+    pub text: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -402,7 +422,7 @@ pub struct StartArgs {
     #[arg(long, value_name = "KEY")]
     pub key: String,
     /// When the contact is already in a flow run: end it and start
-    /// (interrupt), or start nothing (skip).
+    /// (interrupt), start nothing (skip), or start when it ends (queue).
     #[arg(long, value_enum, default_value = "interrupt")]
     pub if_busy: IfBusyArg,
     /// The running server's admin address.
@@ -417,6 +437,8 @@ pub enum IfBusyArg {
     Interrupt,
     /// Start nothing.
     Skip,
+    /// Wait until the run ends, then start.
+    Queue,
 }
 
 /// `NAME=VALUE` of `--field` and `--var`.
@@ -477,6 +499,8 @@ pub struct BroadcastsArgs {
 }
 
 /// The subcommands of `smsflow broadcasts`.
+// Parsed once per run of the command: the size of `Send` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BroadcastsCommand {
     /// Send one message (--message), or start one flow (--flow), for the
@@ -496,7 +520,8 @@ pub enum BroadcastsCommand {
         #[arg(long, value_name = "NAME")]
         flow: Option<String>,
         /// With --flow: when a contact is already in a flow run, start
-        /// nothing (skip, the default) or end it and start (interrupt).
+        /// nothing (skip, the default), end it and start (interrupt), or
+        /// start when it ends (queue).
         #[arg(long, value_enum, requires = "flow")]
         if_busy: Option<IfBusyArg>,
         /// Contacts whose field equals a value, FIELD=VALUE.
@@ -511,10 +536,74 @@ pub enum BroadcastsCommand {
         /// Send through this Messaging Service (MG...) instead of --from.
         #[arg(long, value_name = "SID")]
         messaging_service_sid: Option<String>,
+        /// With --flow: a contact field set for every recipient,
+        /// NAME=VALUE (repeatable).
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_pair, requires = "flow")]
+        field: Vec<(String, String)>,
+        /// With --flow: a run variable every run begins with, NAME=VALUE
+        /// (repeatable).
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_pair, requires = "flow")]
+        var: Vec<(String, String)>,
     },
     /// Cancel a broadcast: what is still pending is not sent.
     Cancel {
         /// The broadcast's id.
         id: String,
     },
+}
+
+/// Where a data command reads: a data directory no server uses, or a
+/// running server's admin API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreOrServer {
+    /// Read the store in this data directory (only while no server uses it).
+    #[arg(long, default_value = "data", conflicts_with = "server")]
+    pub data: PathBuf,
+    /// Ask a running server instead, e.g. http://127.0.0.1:8080; needs
+    /// SMSFLOW_ADMIN_TOKEN (the server's admin token) in the environment.
+    #[arg(long)]
+    pub server: Option<String>,
+}
+
+/// `smsflow export …`.
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Print one flow's results: one row per ended run (flow, numbers,
+    /// start and end time, how it ended, its steps), then a column per
+    /// variable it saved and per contact field.
+    Results {
+        /// The flow's name.
+        flow: String,
+        /// Only runs that ended at or after this time: unix seconds,
+        /// 2026-11-30 or 2026-11-30T08:15:00Z (UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::Format::Csv)]
+        format: crate::results::Format,
+        /// The store or server to read.
+        #[command(flatten)]
+        from: StoreOrServer,
+    },
+    /// Print every contact of every number of ours: our number, the
+    /// contact's, its consent state and last activity, then a column per
+    /// contact field.
+    Contacts {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::Format::Csv)]
+        format: crate::results::Format,
+        /// The store or server to read.
+        #[command(flatten)]
+        from: StoreOrServer,
+    },
+}
+
+/// Flags of `smsflow forget`.
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    /// The contact's number (E.164).
+    pub number: String,
+    /// The store or server to erase it from.
+    #[command(flatten)]
+    pub from: StoreOrServer,
 }

@@ -130,9 +130,14 @@ pub struct Config {
     pub track_delivery: bool,
     /// Bearer token for `GET /messages`; the endpoint is off without it.
     pub admin_token: Option<AuthToken>,
-    /// Age after which dedupe records, delivery records and ended
-    /// conversations are purged (0 keeps everything).
+    /// Age after which dedupe records, delivery records, ended
+    /// conversations, message texts and flow results are purged (0 keeps
+    /// everything).
     pub retention_days: u64,
+    /// Keep the text of inbound messages and of our replies in the
+    /// message log (for `retention_days`); off: only who, when and the
+    /// outcome are logged.
+    pub store_message_text: bool,
     /// How often the purge of old records runs.
     pub purge_interval: Duration,
     /// Sending on our own: Twilio's API base, pace, quiet hours,
@@ -200,6 +205,7 @@ impl Config {
             track_delivery: false,
             admin_token: None,
             retention_days: 0,
+            store_message_text: false,
             purge_interval: Duration::from_secs(3600),
             outbound: crate::outbound::OutboundConfig::default(),
             admin_listen: None,
@@ -240,6 +246,7 @@ pub struct FileConfig {
     pub(crate) track_delivery: Option<bool>,
     pub(crate) admin_token: Option<String>,
     pub(crate) retention_days: Option<u64>,
+    pub(crate) store_message_text: Option<bool>,
     pub(crate) purge_interval_secs: Option<u64>,
     pub(crate) twilio_api_base: Option<String>,
     pub(crate) send_interval_ms: Option<u64>,
@@ -462,6 +469,7 @@ pub fn resolve(
         track_delivery: file.track_delivery.unwrap_or(false),
         admin_token: admin_token.map(AuthToken::new),
         retention_days: file.retention_days.unwrap_or(30),
+        store_message_text: file.store_message_text.unwrap_or(false),
         purge_interval: Duration::from_secs(purge_secs),
         listen,
         public_url,

@@ -1,14 +1,15 @@
 //! Contacts from outside: CSV import (`POST /contacts`, `smsflow contacts
-//! import`) and export (`GET /contacts`, `smsflow contacts export`).
+//! import`), JSON import (`POST /contacts` with a JSON list) and export
+//! (`GET /contacts`, `smsflow contacts export`).
 //!
 //! Contact fields belong to a conversation: one of our numbers and the
 //! contact's number. An import names our number once (`from`); each row
 //! names the contact (`phone`, E.164) and sets the other columns as
 //! contact fields. An empty cell leaves that field as it is.
 //!
-//! A file is checked whole before anything is written: every bad row is
-//! reported with its line number, and a file with any error imports
-//! nothing. Writing is [`crate::pipeline::Pipeline::import_contacts`].
+//! A file (or JSON list) is checked whole before anything is written:
+//! every bad row is reported with its line number (a JSON contact with
+//! its index), and a file with any error imports nothing. Writing is [`crate::pipeline::Pipeline::import_contacts`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,7 +30,8 @@ pub type Contact = (String, BTreeMap<String, String>);
 /// One valid row: the contact and the fields to set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactRow {
-    /// The line it starts on (1 is the header).
+    /// The line it starts on (1 is the header); in a JSON import, its
+    /// index in the list.
     pub line: u64,
     /// The contact's number, E.164.
     pub phone: String,
@@ -182,20 +184,8 @@ pub fn parse_csv(bytes: &[u8]) -> Result<Vec<ContactRow>, Vec<RowError>> {
                 continue;
             }
             let value = unquote(value);
-            if value.chars().count() > MAX_VALUE_CHARS {
-                errors.push(RowError {
-                    line,
-                    message: format!("{name}: longer than {MAX_VALUE_CHARS} characters"),
-                });
-                ok = false;
-            } else if value
-                .chars()
-                .any(|c| c.is_control() && c != '\n' && c != '\t')
-            {
-                errors.push(RowError {
-                    line,
-                    message: format!("{name}: control characters"),
-                });
+            if let Err(message) = check_value(name, value) {
+                errors.push(RowError { line, message });
                 ok = false;
             }
             fields.insert(name.clone(), value.to_owned());
@@ -212,6 +202,133 @@ pub fn parse_csv(bytes: &[u8]) -> Result<Vec<ContactRow>, Vec<RowError>> {
         Ok(rows)
     } else {
         Err(errors)
+    }
+}
+
+/// A field value's limits, the same for CSV and JSON imports.
+fn check_value(name: &str, value: &str) -> Result<(), String> {
+    if value.chars().count() > MAX_VALUE_CHARS {
+        Err(format!("{name}: longer than {MAX_VALUE_CHARS} characters"))
+    } else if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        Err(format!("{name}: control characters"))
+    } else {
+        Ok(())
+    }
+}
+
+/// One contact of a JSON import: its number and the fields to set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonContact {
+    phone: String,
+    #[serde(default)]
+    fields: BTreeMap<String, String>,
+}
+
+/// A problem with one contact of a JSON import (`index` 0 is the first
+/// of the list).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ItemError {
+    /// The contact's place in the list, from 0.
+    pub index: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why a JSON import was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonImportError {
+    /// The body is not a JSON list.
+    Body(String),
+    /// Every contact with a problem.
+    Items(Vec<ItemError>),
+}
+
+/// Parse and check a whole JSON import: a list of
+/// `{"phone": "+1…", "fields": {"name": "Ana"}}`, with the same rules as
+/// a CSV file's rows ([`parse_csv`]): E.164 numbers, field names, value
+/// limits, each contact once, an empty value changes nothing. Every
+/// problem is reported with the contact's index; any problem means no
+/// rows.
+pub fn parse_json(bytes: &[u8]) -> Result<Vec<ContactRow>, JsonImportError> {
+    let items: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| {
+        JsonImportError::Body(format!(
+            "expected a JSON list of contacts like [{{\"phone\": \"+15551230001\", \"fields\": {{\"name\": \"Ana\"}}}}]: {e}"
+        ))
+    })?;
+    if items.len() > MAX_ROWS {
+        return Err(JsonImportError::Body(format!(
+            "more than {MAX_ROWS} contacts: split the list"
+        )));
+    }
+    let mut errors = Vec::new();
+    let mut rows = Vec::new();
+    let mut first: BTreeMap<String, usize> = BTreeMap::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let mut fail = |message: String| errors.push(ItemError { index, message });
+        let contact: JsonContact = match serde_json::from_value(item) {
+            Ok(c) => c,
+            Err(e) => {
+                fail(format!(
+                    "expected {{\"phone\": …, \"fields\": {{…}}}} with text values: {e}"
+                ));
+                continue;
+            }
+        };
+        let phone = match normalize_phone(&contact.phone) {
+            Ok(p) => p,
+            Err(e) => {
+                fail(format!("phone: {e}"));
+                continue;
+            }
+        };
+        if let Some(at) = first.get(&phone) {
+            fail(format!("{phone} is already at index {at}"));
+            continue;
+        }
+        first.insert(phone.clone(), index);
+        let mut ok = true;
+        if contact.fields.len() > MAX_COLUMNS {
+            fail(format!("more than {MAX_COLUMNS} fields"));
+            ok = false;
+        }
+        let mut fields = BTreeMap::new();
+        for (name, value) in contact.fields {
+            let checked = if name == PHONE_COLUMN {
+                Err(format!(
+                    "fields: `{PHONE_COLUMN}` is the contact's number, not a field"
+                ))
+            } else {
+                check_field_name(&name)
+                    .map_err(|e| format!("fields: {e}"))
+                    .and_then(|()| check_value(&name, &value))
+            };
+            match checked {
+                Err(message) => {
+                    fail(message);
+                    ok = false;
+                }
+                Ok(()) if value.is_empty() => {}
+                Ok(()) => {
+                    fields.insert(name, value);
+                }
+            }
+        }
+        if ok {
+            rows.push(ContactRow {
+                line: index as u64,
+                phone,
+                fields,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(rows)
+    } else {
+        Err(JsonImportError::Items(errors))
     }
 }
 
@@ -358,6 +475,42 @@ mod tests {
     }
 
     #[test]
+    fn json_imports_follow_the_csv_rules_with_indexes() {
+        let good = br#"[{"phone": "+1 (555) 123-0001", "fields": {"name": "Ana", "appt": ""}},
+                        {"phone": "+15551230002"}]"#;
+        let rows = parse_json(good).unwrap();
+        assert_eq!(rows[0].phone, "+15551230001");
+        assert_eq!(
+            rows[0].fields,
+            BTreeMap::from([("name".into(), "Ana".into())])
+        );
+        assert!(rows[1].fields.is_empty());
+        let bad = br#"[{"phone": "+15551230001", "fields": {"name": "Ana"}},
+                       {"phone": "5551230002"},
+                       {"phone": "+15551230001"},
+                       {"phone": "+15551230003", "fields": {"na me": "x", "phone": "y"}},
+                       {"phone": "+15551230004", "fields": {"age": 3}},
+                       {"fone": "+15551230005"},
+                       {"phone": "+15551230006", "fields": {"n": "a\u0007"}}]"#;
+        let JsonImportError::Items(errors) = parse_json(bad).unwrap_err() else {
+            panic!("not per item")
+        };
+        let at: Vec<usize> = errors.iter().map(|e| e.index).collect();
+        assert_eq!(at, [1, 2, 3, 3, 4, 5, 6], "{errors:?}");
+        assert!(errors[0].message.contains("country code"), "{errors:?}");
+        assert_eq!(errors[1].message, "+15551230001 is already at index 0");
+        assert!(errors[2].message.contains("not a valid name"), "{errors:?}");
+        assert!(errors[3].message.contains("contact's number"), "{errors:?}");
+        assert!(
+            errors[6].message.contains("control characters"),
+            "{errors:?}"
+        );
+        for body in [&b"{}"[..], b"not json", b"[1"] {
+            assert!(matches!(parse_json(body), Err(JsonImportError::Body(_))));
+        }
+    }
+
+    #[test]
     fn headers_are_checked() {
         for (csv, want) in [
             ("name,appt\n+15551230001,x\n", "no `phone` column"),
@@ -428,4 +581,119 @@ mod tests {
             .zip(&rows)
             .all(|(a, b)| a.phone == b.phone && a.fields == b.fields));
     }
+}
+
+/// One contact as `smsflow export contacts` writes it: a conversation of
+/// one of our numbers, its consent state there and its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContactExport {
+    /// Our number.
+    pub our_number: String,
+    /// The contact's number.
+    pub phone: String,
+    /// `opted_out` or `opted_in` (after a STOP, then START), `None` when
+    /// the contact never changed consent towards `our_number`.
+    pub consent: Option<&'static str>,
+    /// Unix seconds of the last consent change.
+    pub consent_changed_at: Option<i64>,
+    /// Unix seconds of the conversation's last activity.
+    pub last_activity: i64,
+    /// The contact's fields.
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Every contact of every number of ours in `store` (every conversation
+/// record: one that texted us, or was imported or started, and is not
+/// purged yet), in (our number, phone) order, with its consent state
+/// towards that number (its Messaging Service's, if it opted out
+/// through one, is not shown) and last activity. A conversation that
+/// does not decode is left out.
+pub fn export_all(
+    store: &impl crate::store::Store,
+) -> Result<Vec<ContactExport>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    for (key, last_activity, stored) in store.all_conversations()? {
+        let conversation = match stored.conversation {
+            Some(bytes) => match crate::flow::Conversation::from_stored(&bytes) {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+            None => crate::flow::Conversation::default(),
+        };
+        let consent = store.opt_out(&key.to, &key.from)?;
+        out.push(ContactExport {
+            consent: consent
+                .as_ref()
+                .map(|c| if c.opted_out { "opted_out" } else { "opted_in" }),
+            consent_changed_at: consent.map(|c| c.at),
+            our_number: key.to,
+            phone: key.from,
+            last_activity,
+            fields: conversation.contact,
+        });
+    }
+    Ok(out)
+}
+
+/// The fixed columns of [`export_all_csv`], before one `contact.NAME`
+/// column per field (sorted by name).
+pub const EXPORT_COLUMNS: [&str; 5] = [
+    "our_number",
+    "phone",
+    "consent",
+    "consent_changed_at",
+    "last_activity",
+];
+
+/// `rows` as CSV: [`EXPORT_COLUMNS`] (times in UTC), then a
+/// `contact.NAME` column per field any contact has, sorted; every cell
+/// through [`neutralize`].
+pub fn export_all_csv(rows: &[ContactExport]) -> String {
+    let names: BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.fields.keys().map(String::as_str))
+        .collect();
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    let header: Vec<String> = EXPORT_COLUMNS
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(names.iter().map(|n| neutralize(&format!("contact.{n}"))))
+        .collect();
+    // Writing to a Vec cannot fail.
+    let _ = writer.write_record(&header);
+    for r in rows {
+        let fixed = [
+            r.our_number.clone(),
+            r.phone.clone(),
+            r.consent.unwrap_or("").to_owned(),
+            r.consent_changed_at
+                .map(crate::results::iso_utc)
+                .unwrap_or_default(),
+            crate::results::iso_utc(r.last_activity),
+        ];
+        let row: Vec<String> = fixed
+            .iter()
+            .map(|c| neutralize(c))
+            .chain(
+                names
+                    .iter()
+                    .map(|n| neutralize(r.fields.get(*n).map_or("", String::as_str))),
+            )
+            .collect();
+        let _ = writer.write_record(&row);
+    }
+    String::from_utf8(writer.into_inner().unwrap_or_default()).unwrap_or_default()
+}
+
+/// `rows` as JSON lines, one contact per line.
+pub fn export_all_jsonl(rows: &[ContactExport]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        // Serialising a plain struct cannot fail.
+        out.push_str(&serde_json::to_string(r).unwrap_or_default());
+        out.push('\n');
+    }
+    out
 }

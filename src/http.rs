@@ -32,6 +32,7 @@ use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallba
 
 mod broadcasts;
 mod contacts;
+mod results;
 mod serve;
 mod starts;
 pub use serve::{serve, ConnectionLimits};
@@ -125,6 +126,8 @@ pub fn router(state: AppState, max_body_bytes: usize, surface: Surface) -> Route
                 axum::routing::post(starts::start_flow),
             )
             .route("/contacts", get(contacts::export).post(contacts::import))
+            .route("/flows/{name}/results", get(results::export))
+            .route("/contacts/{number}", axum::routing::delete(results::forget))
             .route("/broadcasts", get(broadcasts::list).post(broadcasts::send))
             .route(
                 "/broadcasts/{id}/cancel",
@@ -511,6 +514,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "smsflow_outbox_depth",
             "Messages we send on our own that wait in the outbox or are being sent.",
             crate::store::Store::outbox_depth(state.pipeline.store().as_ref()) as u64,
+        ),
+        Sample::gauge(
+            "smsflow_call_jobs_pending",
+            "After-answer HTTP calls recorded and not yet delivered or given up.",
+            crate::store::Store::call_jobs_pending(state.pipeline.store().as_ref()) as u64,
         ),
     ];
     let mut text = state.metrics.render(&samples);

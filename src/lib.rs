@@ -11,7 +11,8 @@
 //! `/twilio/status` are recorded monotonically. Flow files are watched and
 //! swapped in whole when valid.
 //!
-//! Not every message is an answer. A timer that comes due (`timers`), a
+//! Not every message is an answer. A timer that comes due (`timers`; a
+//! campaign event is one too), a
 //! flow start or a broadcast from the admin API ([`starts`],
 //! [`broadcasts`]) runs the same pipeline under the same per-conversation
 //! lock, and what it says goes to the store's outbox, which the
@@ -34,7 +35,7 @@
 //! ([`store::Store`] and its sled backend), and what the `smsflow` binary,
 //! the integration tests and the examples build on ([`app::App`],
 //! [`config`], [`cli`], [`pipeline::PipelineOptions`], [`reload`],
-//! [`messages`], [`starts`], [`contacts`], [`broadcasts`],
+//! [`messages`], [`results`], [`starts`], [`contacts`], [`broadcasts`],
 //! [`compliance`], [`telemetry`], [`service`], [`calls`], [`call_jobs`],
 //! [`admin_client`]), and [`outbound`] (credentials, settings and the
 //! sender's wake-up handle). Every
@@ -61,17 +62,23 @@
 //!     rules), `template.rs`, `outline.rs` (steps and routes for diagrams),
 //!     `transcript.rs` (`.chat` tests), `segments.rs` (SMS segment counts),
 //!     `invitations.rs` (answers a reply asks for), `yaml.rs` (the only
-//!     user of yaml-rust2: a tree with a position on every node);
+//!     user of yaml-rust2: a tree with a position on every node),
+//!     `campaigns.rs` (campaigns: the `when:` grammar and each contact's
+//!     event times from its date field, in its time zone, with jiff);
 //!   - `load.rs` runs a load; `load/` reads the format, one file per section
 //!     of flows/README.md: `files` (directory walk, symlinks), `keywords`,
 //!     `flows` (flow files, triggers, durations), `steps` (steps, routes,
 //!     retries), `calls` (a step's `call:`), `matchers`, `templates`
 //!     (messages, `{{ }}` and `{{= }}`),
-//!     `scripts` (`script:` and `*.rhai` files);
+//!     `scripts` (`script:` and `*.rhai` files), `campaigns` (campaign
+//!     files);
 //!   - `script.rs` builds the engine and runs script flows; `script/` holds
-//!     `expr` (`when:`, `{{= }}`), `helpers`, `modules` (imports), `limits`
-//!     and `bounded` (functions that refuse before building too much),
-//!     `errors`, `values` (message, state, replies) and `run` (per-run state).
+//!     `expr` (`when:`, `{{= }}`), `helpers`, `http` (a script's `http()`:
+//!     answered from the answers it is run with, or the run ends at the
+//!     call and the pipeline makes it, like a YAML `call:`), `modules`
+//!     (imports), `limits` and `bounded` (functions that refuse before
+//!     building too much), `errors`, `values` (message, state, replies)
+//!     and `run` (per-run state).
 //! - [`store`]: the only module that knows sled and PostgreSQL; the
 //!   [`store::Store`] trait, with two backends that pass one conformance
 //!   suite: sled (embedded, the default, one process) and `store/pg/`
@@ -97,6 +104,10 @@
 //!   by due time says a timer is due (woken early when a commit sets an
 //!   earlier one), then fires it through [`pipeline::Pipeline::fire_timer`]
 //!   (same lock as messages; what it says goes to the store's outbox).
+//!   A contact's next campaign event is part of its conversation's due
+//!   time (`pipeline/campaigns.rs`): written with every change of its
+//!   fields, fired as a flow start keyed per contact and date; when the
+//!   campaigns change, the scheduler walks the conversations once.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
 //! - `http`: axum router, request checks, error-to-status mapping. Its
@@ -104,7 +115,18 @@
 //!   timeouts, and at most `max_connections`, closing the longest-idle
 //!   connection to make room for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
-//!   `smsflow messages`.
+//!   `smsflow messages` (with the message texts, when the operator keeps
+//!   them, and their search).
+//! - [`results`]: flow results out (`smsflow export results`,
+//!   `GET /flows/{name}/results`): the engine reports each run that
+//!   ended and how ([`flow::EndedRun`]), the pipeline turns them into
+//!   [`store::RunResult`]s committed with the step that ended them
+//!   (`pipeline/results.rs`), this module renders CSV (spreadsheet-safe,
+//!   through [`contacts::neutralize`]) or JSON lines; the route is
+//!   `http/results.rs`, which also erases one contact
+//!   (`DELETE /contacts/{number}`, [`pipeline::Pipeline::forget_contact`]:
+//!   under the locks of all its conversations, then
+//!   [`store::Store::forget_contact`]).
 //! - [`starts`]: flow starts from outside (`POST /flows/{name}/start`,
 //!   `smsflow start`): the request, its validation and E.164 phone
 //!   numbers. The work is [`pipeline::Pipeline::start_flow`]
@@ -112,20 +134,26 @@
 //!   pure `flow::start_flow` in `flow/engine/start.rs`, then the outbox
 //!   entries, the conversation and the result under the idempotency key
 //!   in one store transaction, `store/starts.rs`); the route is
-//!   `http/starts.rs`.
-//! - [`contacts`]: contact fields from outside: CSV checked whole (line
-//!   numbers, all or nothing) and written per conversation under its
-//!   lock (`pipeline/contacts.rs`), exported back spreadsheet-safe; the
-//!   only user of the csv crate. Routes in `http/contacts.rs`.
-//! - [`broadcasts`]: one message, or one flow start, for the contacts
+//!   `http/starts.rs`. A start queued behind a live run (`if_busy:
+//!   queue`) is kept in the conversation itself and made due by
+//!   `flow::next_due`; the timer fires it under the lock once no run is
+//!   live.
+//! - [`contacts`]: contact fields from outside: CSV or a JSON list
+//!   checked whole (line numbers or indexes, all or nothing) and written
+//!   per conversation under its lock (`pipeline/contacts.rs`), exported
+//!   back spreadsheet-safe; the only user of the csv crate. Routes in `http/contacts.rs`.
+//! - [`broadcasts`]: one message (its text rendered per contact,
+//!   [`flow::ContactText`]), or one flow start, for the contacts
 //!   matching a filter: one outbox entry (or one start, idempotency key)
 //!   per recipient keyed by the broadcast's id (sending it again adds
-//!   nobody twice), progress counted from their states, cancel
+//!   nobody twice), progress from the per-broadcast tallies the store
+//!   keeps with every outbox write (`store/tallies.rs`: listing never
+//!   reads the outbox), cancel over the broadcast's key range
 //!   (`pipeline/broadcasts.rs`, `http/broadcasts.rs`).
 //! - [`outbound`]: sending on our own through Twilio's REST API: the
 //!   credentials (environment only), the REST client (`outbound/client.rs`,
-//!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, the only
-//!   user of jiff) and the sender task (`outbound/sender.rs`), which claims
+//!   reqwest for Twilio's API), quiet hours (`outbound/quiet.rs`, with
+//!   jiff, as `flow/campaigns.rs`) and the sender task (`outbound/sender.rs`), which claims
 //!   due outbox entries from the store's due index, applies consent,
 //!   `max_late`, quiet hours and the per-number pace, and records each
 //!   send before and after the request (at most once).
@@ -133,13 +161,17 @@
 //!   pipeline makes a `call:` through and the real client (reqwest), with
 //!   the allow-list (`http_allow`), the public-address-only resolver,
 //!   redirects, the answer size cap and secret headers. The engine only
-//!   renders requests and reads answers (`flow/calls.rs`); the pipeline's
-//!   call loop (`pipeline/calls.rs`) runs the engine again with each
-//!   answer, under the conversation's lock, within `call_budget_ms`.
+//!   renders requests and reads answers (`flow/calls.rs`; a script's
+//!   `http()` in `flow/script/http.rs`); the pipeline's call loop
+//!   (`pipeline/calls.rs`) runs the engine again with each answer, under
+//!   the conversation's lock, within `call_budget_ms`. Flows see a
+//!   failure only as a category (`flow::calls::CallError`); the detail
+//!   goes to the logs.
 //! - [`call_jobs`]: the call worker: makes `after_answer` calls from the
 //!   store's durable call jobs (recorded by the pipeline before the
 //!   state change) through the same client, with retries and an
-//!   `Idempotency-Key`, at least once.
+//!   `Idempotency-Key`, at least once; a call our own checks refuse
+//!   fails at once.
 //! - [`reload`]: watches the flows directory (and its parent, to follow a
 //!   replaced directory), validates, swaps atomically; owns the flow
 //!   status `/status` reports and the one test a set passes to go live
@@ -188,9 +220,14 @@
 //! - A script error never changes a conversation and never becomes a 5xx.
 //! - Consent (STOP/START/HELP) is decided before any flow runs; nothing is
 //!   sent to an opted-out sender, in a reply or on our own.
+//! - A run's result is written with the step that ended it, in the same
+//!   flush and never after it; an erased contact's data goes whole, under its
+//!   conversations' locks, and only its consent records stay.
 //! - A flow start's messages, conversation and result are one
 //!   transaction; its idempotency key answers every repeat with the first
 //!   result, and its outbox keys derive from that key.
+//! - A campaign event starts its flow at most once per contact and date:
+//!   the start's idempotency key is made of them.
 //! - A message we send on our own is in the outbox before any request,
 //!   and marked `Sending` durably before it; one that may have reached
 //!   Twilio is never sent again.
@@ -257,6 +294,7 @@ pub(crate) mod metrics;
 pub mod outbound;
 pub mod pipeline;
 pub mod reload;
+pub mod results;
 pub mod service;
 pub mod starts;
 pub mod store;

@@ -145,6 +145,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start(args) => start(args),
         Command::Contacts(command) => contacts(command),
         Command::Broadcasts(args) => broadcasts(args),
+        Command::Export(command) => export(command),
+        Command::Forget(args) => forget(args),
         Command::Chat(args) => {
             let stdin = std::io::stdin();
             let config = author::config_for_tools(args.config.path.as_deref())?;
@@ -280,10 +282,20 @@ fn shell_quote(s: &str) -> String {
 /// `smsflow messages`: from the store directly, or from a running server.
 fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
     use smsflow::messages::{self, Filter, MessageView};
+    let time = |flag: &str, value: &Option<String>| -> anyhow::Result<Option<i64>> {
+        value
+            .as_deref()
+            .map(smsflow::results::parse_since)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{flag} {e}"))
+    };
     let filter = Filter {
         number: args.number.clone(),
         status: args.status.clone(),
         limit: args.limit,
+        since: time("--since", &args.since)?,
+        until: time("--until", &args.until)?,
+        text: args.text.clone(),
     };
     let rows: Vec<MessageView> = match &args.server {
         Some(base) => {
@@ -304,6 +316,15 @@ fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
             }
             if let Some(l) = filter.limit {
                 query.push(("limit".to_string(), l.to_string()));
+            }
+            if let Some(t) = filter.since {
+                query.push(("since".to_string(), t.to_string()));
+            }
+            if let Some(t) = filter.until {
+                query.push(("until".to_string(), t.to_string()));
+            }
+            if let Some(t) = &filter.text {
+                query.push(("text".to_string(), t.clone()));
             }
             let path = format!("/messages?{}", twilio::encode_form(&query));
             let body = smsflow::admin_client::get(base, &path, &token)?;
@@ -361,6 +382,7 @@ fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
         if_busy: match args.if_busy {
             IfBusyArg::Interrupt => IfBusy::Interrupt,
             IfBusyArg::Skip => IfBusy::Skip,
+            IfBusyArg::Queue => IfBusy::Queue,
         },
     };
     let path = format!("/flows/{}/start", percent_encode_segment(&args.flow));
@@ -371,7 +393,7 @@ fn start(args: smsflow::cli::StartArgs) -> anyhow::Result<ExitCode> {
         Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
         Err(_) => eprintln!("{} answered {code}: {}", args.server, answer.trim()),
     }
-    Ok(if code == 200 || code == 201 {
+    Ok(if matches!(code, 200..=202) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -496,6 +518,8 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
             where_set,
             to,
             messaging_service_sid,
+            field,
+            var,
         }) => {
             let filter = match (where_equals, where_set) {
                 (Some((field, value)), _) => Some(Filter {
@@ -517,9 +541,12 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
                 if_busy: if_busy.map(|b| match b {
                     smsflow::cli::IfBusyArg::Interrupt => smsflow::starts::IfBusy::Interrupt,
                     smsflow::cli::IfBusyArg::Skip => smsflow::starts::IfBusy::Skip,
+                    smsflow::cli::IfBusyArg::Queue => smsflow::starts::IfBusy::Queue,
                 }),
                 filter,
                 to: (!to.is_empty()).then_some(to),
+                fields: field.into_iter().collect(),
+                vars: var.into_iter().collect(),
             };
             post("/broadcasts", serde_json::to_vec(&request)?)
         }
@@ -528,4 +555,141 @@ fn broadcasts(args: smsflow::cli::BroadcastsArgs) -> anyhow::Result<ExitCode> {
             Vec::new(),
         ),
     }
+}
+
+/// Open the store of `--data` for a command that runs without a server.
+fn open_store(data: &std::path::Path) -> anyhow::Result<smsflow::store::SledStore> {
+    smsflow::store::SledStore::open(data, &Default::default()).map_err(|e| {
+        anyhow::anyhow!(
+            "opening the store in {}: {e} (if a server is running on it, use --server URL)",
+            data.display()
+        )
+    })
+}
+
+/// `smsflow export results|contacts`: from a data directory, or a running
+/// server.
+fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
+    use smsflow::cli::ExportCommand;
+    use smsflow::results::{self, Format};
+    match command {
+        ExportCommand::Results {
+            flow,
+            since,
+            format,
+            from,
+        } => {
+            let since = match since.as_deref().map(results::parse_since) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => anyhow::bail!("--since {e}"),
+            };
+            let body = match &from.server {
+                Some(base) => {
+                    let token = admin_token()?;
+                    let mut query = vec![(
+                        "format".to_string(),
+                        match format {
+                            Format::Csv => "csv",
+                            Format::Jsonl => "jsonl",
+                        }
+                        .to_string(),
+                    )];
+                    if let Some(t) = since {
+                        query.push(("since".to_string(), t.to_string()));
+                    }
+                    let path = format!(
+                        "/flows/{}/results?{}",
+                        percent_encode_segment(&flow),
+                        twilio::encode_form(&query)
+                    );
+                    smsflow::admin_client::get(base, &path, &token)?
+                }
+                None => {
+                    let store = open_store(&from.data)?;
+                    results::export(&store, &flow, since.unwrap_or(0), format)?
+                }
+            };
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ExportCommand::Contacts { format, from } => {
+            let jsonl = format == Format::Jsonl;
+            let body = match &from.server {
+                Some(base) => {
+                    let token = admin_token()?;
+                    let path = if jsonl {
+                        "/contacts?format=jsonl"
+                    } else {
+                        "/contacts?format=csv"
+                    };
+                    smsflow::admin_client::get(base, path, &token)?
+                }
+                None => {
+                    let store = open_store(&from.data)?;
+                    let rows = smsflow::contacts::export_all(&store)?;
+                    if jsonl {
+                        smsflow::contacts::export_all_jsonl(&rows)
+                    } else {
+                        smsflow::contacts::export_all_csv(&rows)
+                    }
+                }
+            };
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `smsflow forget NUMBER`: through a running server (under its
+/// conversation locks), or on a data directory no server uses.
+fn forget(args: smsflow::cli::ForgetArgs) -> anyhow::Result<ExitCode> {
+    use smsflow::store::{AuditRecord, Forgotten, Store};
+    let number = smsflow::starts::normalize_phone(&args.number)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.number))?;
+    let gone: Forgotten = match &args.from.server {
+        Some(base) => {
+            let token = admin_token()?;
+            let path = format!("/contacts/{}", percent_encode_segment(&number));
+            let (code, answer) = smsflow::admin_client::delete(base, &path, &token)?;
+            if code != 200 {
+                anyhow::bail!("{base} answered {code}: {}", answer.trim());
+            }
+            #[derive(serde::Deserialize)]
+            struct Answer {
+                forgotten: Forgotten,
+            }
+            let a: Answer = serde_json::from_str(&answer)
+                .map_err(|e| anyhow::anyhow!("unexpected answer from {base}: {e}"))?;
+            a.forgotten
+        }
+        None => {
+            let store = open_store(&args.from.data)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let audit = AuditRecord {
+                at: now,
+                scope: "*".into(),
+                number: number.clone(),
+                action: "forget".into(),
+                cause: "cli".into(),
+                message_sid: String::new(),
+            };
+            let gone = store.forget_contact(&number, &audit)?;
+            store.flush_blocking()?;
+            gone
+        }
+    };
+    println!(
+        "forgot {number}: {} conversations, {} results, {} message log lines, {} delivery records, {} status events, {} outbox messages, {} flow starts (consent records kept)",
+        gone.conversations,
+        gone.results,
+        gone.log_lines,
+        gone.statuses,
+        gone.status_events,
+        gone.outbox,
+        gone.starts
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -37,6 +37,12 @@ pub struct MessageView {
     /// A message we sent on our own: its outbox key (absent on replies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox: Option<String>,
+    /// Inbound: the message's text, when `store_message_text` kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Inbound: the texts of our replies to it, when kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<String>,
 }
 
 /// Which rows to return.
@@ -49,6 +55,13 @@ pub struct Filter {
     pub status: Option<String>,
     /// At most this many rows (newest first); the default is 50, at most 1000.
     pub limit: Option<usize>,
+    /// Only rows at or after this time (unix seconds).
+    pub since: Option<i64>,
+    /// Only rows before this time (unix seconds).
+    pub until: Option<i64>,
+    /// Only inbound rows whose kept text (the message or a reply to it)
+    /// contains this, ignoring case.
+    pub text: Option<String>,
 }
 
 pub(crate) const DEFAULT_LIMIT: usize = 50;
@@ -71,6 +84,8 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
             flow: p.flow,
             step: p.step,
             outbox: None,
+            body: p.body,
+            replies: p.replies,
         })
         .collect();
     // Messages we send on our own: sent ones are linked to their delivery
@@ -102,6 +117,8 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
             flow: entry.flow,
             step: entry.step,
             outbox: Some(entry.key),
+            body: None,
+            replies: Vec::new(),
         });
     }
     rows.extend(
@@ -120,8 +137,11 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
                 step: d.step,
                 outbox: sent_from_outbox.remove(&sid),
                 sid,
+                body: None,
+                replies: Vec::new(),
             }),
     );
+    let needle = filter.text.as_deref().map(str::to_lowercase);
     rows.retain(|r| {
         let number_ok = filter
             .number
@@ -131,7 +151,15 @@ pub fn list(store: &impl Store, filter: &Filter) -> Result<Vec<MessageView>, Sto
             .status
             .as_deref()
             .is_none_or(|s| r.status == s || r.status.split(':').next() == Some(s));
-        number_ok && status_ok
+        let time_ok =
+            filter.since.is_none_or(|t| r.at >= t) && filter.until.is_none_or(|t| r.at < t);
+        let text_ok = needle.as_deref().is_none_or(|n| {
+            r.body
+                .iter()
+                .chain(&r.replies)
+                .any(|t| t.to_lowercase().contains(n))
+        });
+        number_ok && status_ok && time_ok && text_ok
     });
     rows.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| b.sid.cmp(&a.sid)));
     rows.truncate(filter.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT));
@@ -166,6 +194,21 @@ pub fn render_table(rows: &[MessageView]) -> String {
             r.error_code.as_deref().unwrap_or("-"),
             linked
         ));
+        // Kept texts (store_message_text), each on its own indented line.
+        if let Some(body) = &r.body {
+            out.push_str(&format!("            > {}\n", one_line(body)));
+        }
+        for reply in &r.replies {
+            out.push_str(&format!("            < {}\n", one_line(reply)));
+        }
     }
     out
+}
+
+/// A text on one terminal line: line breaks and other control
+/// characters shown as spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }

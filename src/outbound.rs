@@ -16,7 +16,7 @@
 //!
 //! Files: this one holds the settings and credentials; `client.rs` the
 //! Twilio REST client (the only user of reqwest); `quiet.rs` quiet hours
-//! (the only user of jiff); `sender.rs` the sending task. Knows the store
+//! (with jiff); `sender.rs` the sending task. Knows the store
 //! trait and the pipeline (consent scope, loop guard), not axum or sled.
 
 use std::fmt;

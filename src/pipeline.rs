@@ -18,21 +18,24 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
-use crate::flow::{self, Conversation, EngineOptions, FlowSet, Inbound, Outcome, Reply};
+use crate::flow::{self, Conversation, EndedRun, EngineOptions, FlowSet, Inbound, Outcome, Reply};
 use crate::metrics::Metrics;
 use crate::store::{
-    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
-    StateCommit, StatusUpdate, Store, StoreError, StoredConversation,
+    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Forgotten, OptOut, Processed,
+    RecentAnswer, RunResult, StateCommit, StatusUpdate, Store, StoreError, StoredConversation,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod contacts;
 mod locks;
 mod offload;
+mod results;
 mod starts;
 mod timers;
+pub use campaigns::Rescheduled;
 use locks::KeyLocks;
 use offload::Offload;
 pub use timers::{TimerFired, TimerWaker};
@@ -140,6 +143,16 @@ pub struct PipelineOptions {
     /// The time all HTTP calls of one message share (`None`: the
     /// default, [`crate::calls::DEFAULT_CALL_BUDGET_MS`]).
     pub call_budget: Option<std::time::Duration>,
+    /// Keep the text of inbound messages and of our replies in the
+    /// message log (`store_message_text`; off by default).
+    pub store_message_text: bool,
+    /// Our numbers' time zones, for campaign events of contacts without
+    /// a zone field of their own (from the `[[quiet_hours]]` rules).
+    pub time_zones: flow::NumberZones,
+    /// How late a campaign event may still fire, in seconds (the
+    /// sender's `max_late_secs`): an event further in the past when its
+    /// field is set, or when the server comes back up, is skipped.
+    pub campaign_grace_secs: i64,
 }
 
 impl PipelineOptions {
@@ -158,6 +171,15 @@ impl PipelineOptions {
                 .track_delivery
                 .then(|| format!("{}/twilio/status", config.public_url)),
             call_budget: Some(config.call_budget),
+            store_message_text: config.store_message_text,
+            time_zones: flow::NumberZones::new(
+                config
+                    .outbound
+                    .quiet_hours
+                    .iter()
+                    .map(|q| (q.raw().number.as_str(), q.raw().time_zone.as_str())),
+            ),
+            campaign_grace_secs: config.outbound.max_late.as_secs() as i64,
         }
     }
 }
@@ -250,6 +272,8 @@ struct Decided {
     step: Option<String>,
     /// `after_answer` calls to record with the state change.
     after: Vec<flow::calls::CallRequest>,
+    /// Runs that ended, whose results are stored with the state change.
+    ended: Vec<EndedRun>,
 }
 
 impl<S: Store> Pipeline<S> {
@@ -355,7 +379,7 @@ impl<S: Store> Pipeline<S> {
         let mut conversation = self.conversation_of(&key, &record)?;
 
         // 2. consent, 3. loop guard, 4. engine.
-        let (gate, consent) = self.consent(msg, &mut conversation, now)?;
+        let (gate, consent, stopped) = self.consent(msg, &mut conversation, now)?;
         let gate = match gate {
             Gate::Pass if self.loop_guard.exceeded(&key, now) => {
                 tracing::warn!("loop guard: too many replies to this sender; staying silent");
@@ -376,9 +400,13 @@ impl<S: Store> Pipeline<S> {
             ),
             Gate::Pass => self.run_engine(msg, conversation, now).await,
         };
+        let mut ended = decided.ended;
+        ended.extend(stopped);
+        let results = results::of(&key, &ended, &decided.conversation.contact, now);
 
         // 5. render, 6. commit.
         let (twiml, outcome) = self.render(&key, &msg.message_sid, &decided.verdict, now);
+        let keep_text = self.options.store_message_text;
         let processed = Processed {
             twiml,
             outcome,
@@ -387,8 +415,15 @@ impl<S: Store> Pipeline<S> {
             to: msg.to.clone(),
             flow: decided.flow,
             step: decided.step,
+            body: keep_text.then(|| msg.body.clone()),
+            replies: match &decided.verdict {
+                Verdict::Reply(replies) if keep_text => {
+                    replies.iter().map(|r| r.body.clone()).collect()
+                }
+                _ => Vec::new(),
+            },
         };
-        let due = flow::next_due(&self.flows.load(), &decided.conversation);
+        let due = self.due_of(&self.flows.load(), &key, &decided.conversation, now);
         // Before the state change: a crash in between leaves the jobs and
         // the message unprocessed, and the retried webhook records the
         // same keys again, which changes nothing.
@@ -400,7 +435,7 @@ impl<S: Store> Pipeline<S> {
             &decided.conversation,
             msg,
             &processed,
-            (consent, due),
+            (consent, due, &results),
         )?;
         self.timers.set(due);
         // The next message of this conversation may read the new state now;
@@ -467,13 +502,14 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         conversation: &mut Conversation,
         now: i64,
-    ) -> Result<(Gate, Option<ConsentChange>), StoreError> {
+    ) -> Result<(Gate, Option<ConsentChange>, Option<EndedRun>), StoreError> {
         let scope = consent_scope(msg.messaging_service_sid.as_deref(), &msg.to);
         let opted_out = self
             .store
             .opt_out(scope, &msg.from)?
             .is_some_and(|o| o.opted_out);
         let mut consent = None;
+        let mut stopped = None;
         let change = |opt_out: bool, cause: &str| {
             consent_change(scope, &msg.from, opt_out, cause, &msg.message_sid, now)
         };
@@ -481,7 +517,10 @@ impl<S: Store> Pipeline<S> {
         let gate = match compliance.classify(&msg.body, msg.opt_out_type.as_deref()) {
             Consent::Stop { cause } => {
                 // Twilio sends its own confirmation; the conversation ends.
-                conversation.run = None;
+                stopped = conversation.run.take().map(|run| EndedRun {
+                    run,
+                    how: flow::RunEnd::OptedOut,
+                });
                 if !opted_out {
                     consent = Some(change(true, &cause));
                     tracing::info!(cause = %cause, "sender opted out");
@@ -489,7 +528,10 @@ impl<S: Store> Pipeline<S> {
                 Gate::Silence(Silence::OptOut)
             }
             Consent::Start { cause, .. } if opted_out => {
-                conversation.run = None;
+                stopped = conversation.run.take().map(|run| EndedRun {
+                    run,
+                    how: flow::RunEnd::Interrupted,
+                });
                 consent = Some(change(false, &cause));
                 tracing::info!(cause = %cause, "sender opted back in");
                 Gate::Silence(Silence::OptIn)
@@ -510,7 +552,7 @@ impl<S: Store> Pipeline<S> {
             },
             _ => Gate::Pass,
         };
-        Ok((gate, consent))
+        Ok((gate, consent, stopped))
     }
 
     /// Run the engine (`f`) for a set that has Rhai (`scripts`) or not.
@@ -578,6 +620,7 @@ impl<S: Store> Pipeline<S> {
             flow: handled.flow,
             step: handled.step,
             after: handled.after,
+            ended: handled.ended,
         }
     }
 
@@ -665,7 +708,7 @@ impl<S: Store> Pipeline<S> {
         conversation: &Conversation,
         msg: &InboundMessage,
         processed: &Processed,
-        (consent, due): (Option<ConsentChange>, Option<i64>),
+        (consent, due, results): (Option<ConsentChange>, Option<i64>, &[RunResult]),
     ) -> Result<(), StoreError> {
         let stored = if *conversation == Conversation::default() {
             None
@@ -677,11 +720,12 @@ impl<S: Store> Pipeline<S> {
             key,
             recent: &record.recent,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.is_idle() && due.is_none(),
             message_sid: &msg.message_sid,
             processed,
             consent,
             due,
+            results,
         })?;
         if let Some(action) = action {
             self.metrics.consent_change(&action);
@@ -741,6 +785,62 @@ impl<S: Store> Pipeline<S> {
         Ok(existed)
     }
 
+    /// Erase everything stored about the contact `number` (see
+    /// [`Store::forget_contact`] for what is removed and what is kept),
+    /// while the server runs: every conversation of the number is locked
+    /// first, as a message of it would be, so a message in flight either
+    /// commits before the erasure (and is erased) or runs after it on an
+    /// empty conversation; none writes back half a state. Idempotent; the
+    /// audit log gets a `forget` record (the number, when and `cause`,
+    /// with the counts, never the data). Durable when it returns.
+    pub async fn forget_contact(
+        &self,
+        number: &str,
+        cause: &str,
+        now: i64,
+    ) -> Result<Forgotten, StoreError> {
+        // Lock every conversation of the number. One may be created
+        // between listing and locking (a message to another number of
+        // ours): list again under the locks until nothing is new.
+        let mut keys = self.store.contact_conversations(number)?;
+        let guards = loop {
+            keys.sort();
+            keys.dedup();
+            let mut guards = Vec::with_capacity(keys.len());
+            for key in &keys {
+                guards.push(self.lock(key).await?);
+            }
+            let now_there = self.store.contact_conversations(number)?;
+            if now_there.iter().all(|k| keys.contains(k)) {
+                break guards;
+            }
+            drop(guards);
+            keys.extend(now_there);
+        };
+        let epoch = self.store.epoch();
+        let audit = AuditRecord {
+            at: now,
+            scope: "*".into(),
+            number: number.to_owned(),
+            action: "forget".into(),
+            cause: cause.to_owned(),
+            message_sid: String::new(),
+        };
+        let gone = self.store.forget_contact(number, &audit)?;
+        drop(guards);
+        self.store.flush_durable(epoch).await?;
+        tracing::info!(
+            conversations = gone.conversations,
+            results = gone.results,
+            log_lines = gone.log_lines,
+            statuses = gone.statuses,
+            outbox = gone.outbox,
+            cause,
+            "contact forgotten"
+        );
+        Ok(gone)
+    }
+
     /// Store `conversation` as the state of `key` at time `now`, under the
     /// same per-conversation lock as messages, and make that durable. For
     /// tools (a transcript's seeded state); the webhook changes state only
@@ -752,17 +852,18 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
-        let due = flow::next_due(&self.flows.load(), conversation);
+        let due = self.due_of(&self.flows.load(), key, conversation, now);
         let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
         self.store.commit_state(StateCommit {
             key,
             conversation: Some(&bytes),
-            ended: conversation.run.is_none(),
+            ended: conversation.is_idle(),
             due,
             recent: &record.recent,
             at: now,
+            results: &[],
         })?;
         drop(guard);
         self.timers.set(due);
@@ -860,6 +961,7 @@ impl Decided {
             flow: None,
             step: None,
             after: Vec::new(),
+            ended: Vec::new(),
         }
     }
 }

@@ -30,6 +30,9 @@ pub enum IfBusy {
     Interrupt,
     /// Start nothing; the result says `skipped_busy`.
     Skip,
+    /// Wait until the run ends (or expires), then start; the result says
+    /// `queued`. Kept in the conversation, so it survives a restart.
+    Queue,
 }
 
 /// A flow start, as the API takes it (the flow's name comes from the path).
@@ -87,7 +90,9 @@ impl StartRequest {
     }
 }
 
-fn check_names(what: &str, map: &BTreeMap<String, String>) -> Result<(), String> {
+/// Check a map of contact fields or run variables (`what` names it in
+/// the error): at most [`MAX_FIELDS`], valid names, bounded values.
+pub(crate) fn check_names(what: &str, map: &BTreeMap<String, String>) -> Result<(), String> {
     if map.len() > MAX_FIELDS {
         return Err(format!("{what}: at most {MAX_FIELDS}"));
     }

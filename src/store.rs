@@ -1,4 +1,5 @@
-//! Persistent state: conversations, dedupe records and delivery statuses.
+//! Persistent state: conversations, dedupe records, delivery statuses,
+//! the outbox, flow results.
 //!
 //! This is the only module that knows sled and PostgreSQL. Everything
 //! above it talks to the [`Store`] trait in terms of opaque,
@@ -28,8 +29,11 @@
 //! | `x\0` | outbox key | [`OutboxEntry`]: a message we send on our own, recorded before it is sent (`outbox.rs`) |
 //! | `y\0` | 8-byte not_before, outbox key | empty: the due index of pending outbox entries (`outbox.rs`) |
 //! | `y\x01` | outbox key | empty: the index of outbox entries being sent |
+//! | `g\0` | tally name (a broadcast's id) | [`OutboxTally`]: how many of its outbox entries are in each state, written with each of them (`tallies.rs`); `m\0tallies` says they were counted |
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
+//! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
+//! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
 //!
 //! # Format versions
 //!
@@ -40,10 +44,12 @@
 //! - Every record says its version. A conversation record starts with its
 //!   layout version byte (now 2: version 2 added the due time of the
 //!   conversation's next timer to the header); JSON records (the
-//!   conversation inside it, now at version 2, which added the run's timer
-//!   fields; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
-//!   [`AuditRecord`], the lines of `messages.jsonl`, [`OutboxEntry`],
-//!   [`StartRecord`], at version 1) start with `"v":N`, written and read by
+//!   conversation inside it, now at version 3: version 2 added the run's
+//!   timer fields, version 3 its path of steps and the queued starts; the
+//!   lines of `messages.jsonl`, at version 2, which added the message
+//!   texts; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
+//!   [`AuditRecord`], [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
+//!   [`RunResult`], at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
 //!   neither; each is version 1's shape without it and still reads.
 //! - Decode by version, migrate on read: a reader dispatches on the version
@@ -76,12 +82,25 @@
 //! time is counted at open and kept up to date by every write, like the
 //! conversation count.
 //!
+//! Campaigns add no records: a contact's next campaign event is its
+//! conversation's due time (the earlier of it and the run's timer), and a
+//! fired event is a [`StartRecord`] under a key made of campaign, event,
+//! contact and date. [`Store::conversation_keys`] pages through the
+//! conversations when the campaigns change.
+//!
 //! Atomicity without batches: the conversation and the answers recently
 //! given to that sender ([`RecentAnswer`], what a retried MessageSid
 //! replays) live in ONE value, so a message's state change and its dedupe
 //! record are a single insert. A sled batch would force a synchronous log
-//! write per message (measured: 5-6x slower than an insert). Only a consent
-//! change, which must be atomic with its message and is rare, uses a batch.
+//! write per message (measured: 5-6x slower than an insert). Only a
+//! consent change, which must be atomic with its message and is rare,
+//! uses a transaction. The results of the runs a step ended (once per
+//! run; a run in progress is only in its conversation) are inserted
+//! just before the conversation record, in the same flush: sled's log
+//! keeps the order, so a crash can leave a result whose step was not
+//! acknowledged (Twilio retries it, and the retry writes the same key),
+//! never a step without its result. (A transaction there doubled the
+//! CPU per message of the loadgen's `multistep` scenario.)
 //!
 //! The inbound message log is not in sled: it is an append-only JSON-lines
 //! file (`messages.jsonl` beside the database). A new sled key per message
@@ -90,7 +109,10 @@
 //! log is informational: it is written after the record, flushed to the
 //! file with each grouped flush (not fsynced), and a crash can lose its
 //! last lines, never conversation state. It holds sender, number, outcome,
-//! flow and step, not the TwiML.
+//! flow and step, not the TwiML; the texts of the message and of our
+//! replies only when the operator chose `store_message_text`. Removing
+//! lines (retention, [`Store::forget_contact`]) rewrites the file under
+//! its lock (`message_log.rs`).
 //!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
 //! durable: sled's flush (which only `sync_file_range`s its log), then an
@@ -115,8 +137,10 @@
 //! `any.rs` the server's choice of backend; `pg/` the PostgreSQL backend;
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
-//! `open.rs` opening and its failures; `starts.rs` flow start results; `files.rs` private files and real
-//! fsyncs; `quarantine.rs` records kept aside.
+//! `open.rs` opening and its failures; `starts.rs` flow start results;
+//! `tallies.rs` per-broadcast counts of outbox states; `results.rs` flow
+//! results; `files.rs` private files and real fsyncs; `quarantine.rs`
+//! records kept aside.
 
 use std::time::Duration;
 
@@ -131,8 +155,10 @@ mod outbox;
 pub mod pg;
 mod quarantine;
 mod records;
+mod results;
 mod sled_store;
 mod starts;
+mod tallies;
 mod worker;
 
 pub use any::AnyStore;
@@ -144,7 +170,9 @@ pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
 };
+pub use results::RunResult;
 pub use starts::StartRecord;
+pub use tallies::{tally_of, tally_prefixes, OutboxTally};
 
 /// One entry of the timer index: a conversation whose timer is due at
 /// `due` (unless the entry is stale: the record's own due time decides).
@@ -174,6 +202,9 @@ pub struct StateCommit<'a> {
     pub recent: &'a RecentAnswers,
     /// Unix seconds: the record's last-touched time.
     pub at: i64,
+    /// The results of the runs this change ended, written with it (see
+    /// [`Commit::results`]).
+    pub results: &'a [RunResult],
 }
 pub use sled_store::SledStore;
 
@@ -227,6 +258,15 @@ pub struct Commit<'a> {
     /// When the conversation's next timer is due, if one is pending
     /// (indexed by due time; see the store's "Timers").
     pub due: Option<i64>,
+    /// The results of the flow runs this message ended (usually none),
+    /// written with the conversation and made durable by the same flush:
+    /// after a crash the conversation change is never there without
+    /// them (a backend may write them in the same transaction; sled
+    /// writes them just before the record). A result is named by its
+    /// flow, conversation, start time and position in this list, so
+    /// handling the same step again (a retried message) replaces it:
+    /// nothing is doubled.
+    pub results: &'a [RunResult],
 }
 
 /// How many records a purge removed, by kind.
@@ -240,6 +280,31 @@ pub struct Purged {
     pub status_events: usize,
     /// Idle conversations removed.
     pub conversations: usize,
+    /// Finished (delivered or failed) after-answer call jobs removed.
+    pub call_jobs: usize,
+    /// Flow results removed.
+    pub results: usize,
+}
+
+/// What [`Store::forget_contact`] removed, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Conversation records (one per number of ours), with any pending
+    /// timer.
+    pub conversations: usize,
+    /// Flow results.
+    pub results: usize,
+    /// Lines of the message log (inbound messages, with their text).
+    pub log_lines: usize,
+    /// Delivery status records of messages sent to the number.
+    pub statuses: usize,
+    /// Status callback events of those messages.
+    pub status_events: usize,
+    /// Outbox entries to the number, whatever their state (pending ones
+    /// are never sent).
+    pub outbox: usize,
+    /// Flow start records naming the number.
+    pub starts: usize,
 }
 
 /// Result of offering a status callback to the store.
@@ -257,7 +322,10 @@ pub enum StatusUpdate {
 /// The storage interface the pipeline relies on.
 ///
 /// Implementations must make [`Store::commit`] atomic: either both the
-/// conversation and the dedupe record are written, or neither.
+/// conversation and the dedupe record are written, or neither (with its
+/// consent change, when it has one); its run results are never missing
+/// when its conversation change is there (see [`Commit::results`]);
+/// likewise for [`Store::commit_state`] and [`Store::commit_start`].
 pub trait Store: Send + Sync + 'static {
     /// The conversation record for `key` (empty if none). A record that
     /// does not decode is kept aside first, then read as empty.
@@ -312,8 +380,11 @@ pub trait Store: Send + Sync + 'static {
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError>;
     /// Outbound messages with a known status, newest first.
     fn outbound_log(&self) -> Result<Vec<(String, DeliveryStatus)>, StoreError>;
-    /// Remove dedupe records, delivery records and ended conversations last
-    /// touched before `cutoff` (unix seconds). Consent records are kept.
+    /// Remove dedupe records and message log lines (with their text),
+    /// delivery records, ended conversations last touched before `cutoff`
+    /// (unix seconds), flow results of runs that ended before it, and call
+    /// jobs delivered or failed before it. Consent records and pending
+    /// call jobs are kept.
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError>;
     /// Delete the conversation for `key` (contact fields and run); returns
     /// whether one was stored. Recorded answers stay, so a retried
@@ -367,8 +438,23 @@ pub trait Store: Send + Sync + 'static {
     fn claim_call_job(&self, job: &CallJob, from: &CallJobState) -> Result<bool, StoreError>;
     /// The call job stored under `key`, if any.
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError>;
+    /// Call jobs still to be made (pending), for `/metrics`. This default
+    /// reads the whole due index; a backend that can count them in
+    /// constant time (the sled store keeps a counter) overrides it.
+    fn call_jobs_pending(&self) -> usize {
+        self.due_call_jobs(i64::MAX, usize::MAX)
+            .map_or(0, |jobs| jobs.len())
+    }
     /// Every outbox entry, by key.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// The outbox entries whose key starts with `prefix`, by key (one
+    /// broadcast's entries: [`tally_prefixes`]). Reads that key range
+    /// only.
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Per tally (a broadcast's id: [`tally_of`] names the entries that
+    /// count), how many entries are in each state, by name. Kept with
+    /// every outbox write; reads one record per tally, never the outbox.
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError>;
     /// Pending entries due at `now` (`not_before <= now`), earliest first,
     /// at most `limit`. Reads the due index, never the whole outbox; stale
     /// index entries met on the way are removed.
@@ -426,6 +512,54 @@ pub trait Store: Send + Sync + 'static {
         let _ = key;
         std::future::ready(Ok(None))
     }
+
+    // Flow results and erasure (issue 20). Results are written by
+    // `commit`, `commit_state` and `commit_start` (their `results`) and
+    // removed by `purge` and `forget_contact`.
+
+    /// The results of `flow`'s runs that ended at or after `since` (unix
+    /// seconds), in end-time order (then our number, the contact's number,
+    /// start time). A record that does not decode is kept aside and left
+    /// out. Reads all of that flow's results, no other flow's.
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError>;
+    /// The keys of every stored conversation whose contact (`from`) is
+    /// `number`, on any of our numbers, in key order. Reads every
+    /// conversation key: for erasure, not for the message path.
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError>;
+    /// Erase everything stored about `number`: its conversation records on
+    /// every number of ours (with their recent answers and timer index
+    /// entries), flow results whose contact it is, message log lines from
+    /// or to it (the file is rewritten), delivery records and status
+    /// events of messages sent to it, outbox entries to it in any state
+    /// (with their index entries), and flow start records naming it.
+    /// Kept: its consent state and consent audit records (the legal
+    /// record of an opt-out). `audit` (action `forget`, counts only) is
+    /// added to the audit log. Idempotent: a second call removes nothing
+    /// and still adds its audit record. The caller holds the
+    /// conversations' locks (see `Pipeline::forget_contact`) so that no
+    /// message in flight writes them back. Not yet durable: see
+    /// `flush_durable`.
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError>;
+    /// Every stored conversation record, on every number of ours, in key
+    /// order, each with its last activity (unix seconds: the record's
+    /// last-touched time); one without state (only recent answers, e.g.
+    /// after a STOP) has `conversation: None`. A record that does not
+    /// decode is kept aside and left out. Reads every conversation: for exports
+    /// (`smsflow export contacts`), not for the message path.
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError>;
+
+    // ---- campaigns (the schedule itself is the timer index above) ----
+
+    /// The keys of stored conversations after `after` (exclusive; from the
+    /// first when `None`), in key order (our number, then the contact), at
+    /// most `limit`. Reads keys, not records: for walking every
+    /// conversation in pages when the campaign set changed, never on the
+    /// message path.
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError>;
 }
 
 /// How hard a commit tries to reach the disk before we answer Twilio.

@@ -6,7 +6,10 @@
 //! that sets an earlier timer wakes it early ([`TimerWaker`]). At startup
 //! it first fires whatever came due while the server was down, oldest
 //! first. A store error is logged and retried a second later; firing never
-//! takes the server down. Sending what the timers said is the outbound
+//! takes the server down. Campaign events are timers too (see
+//! `pipeline/campaigns.rs`); at startup and after a reload that changed the
+//! campaigns (noticed within `MAX_SLEEP`), every conversation's next due
+//! time is brought forward where a campaign event comes earlier. Sending what the timers said is the outbound
 //! sender's work (the outbox); this module knows nothing of Twilio.
 
 use std::sync::Arc;
@@ -33,6 +36,8 @@ pub async fn run<S: Store>(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let waker: Arc<TimerWaker> = pipeline.timer_waker();
+    // The flow set version and campaigns last scheduled for.
+    let mut scheduled: Option<(String, String)> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -40,6 +45,11 @@ pub async fn run<S: Store>(
         waker.arm();
         let now_ms = unix_millis();
         let now = now_ms.div_euclid(1000);
+        if let Err(e) = campaigns_changed(&pipeline, &mut scheduled, now).await {
+            tracing::error!(error = %e, "rescheduling campaigns failed; retrying in a second");
+            pause(&mut stop, Duration::from_secs(1)).await;
+            continue;
+        }
         match fire_due(&pipeline, now).await {
             Ok(0) => {}
             // More may be due (a batch was full, or a firing set the next
@@ -74,6 +84,35 @@ pub async fn run<S: Store>(
             _ = stop.changed() => {}
         }
     }
+}
+
+/// At startup, and when a reload changed the campaigns, move every
+/// conversation's next due time to its first campaign event where that is
+/// earlier (see [`Pipeline::reschedule_campaigns`]). A set without
+/// campaigns costs a string comparison per loop.
+async fn campaigns_changed<S: Store>(
+    pipeline: &Arc<Pipeline<S>>,
+    scheduled: &mut Option<(String, String)>,
+    now: i64,
+) -> Result<(), crate::store::StoreError> {
+    let set = pipeline.flows().load_full();
+    if scheduled.as_ref().is_some_and(|(v, _)| v == set.version()) {
+        return Ok(());
+    }
+    let fingerprint = set.campaigns_fingerprint();
+    let same = scheduled.as_ref().is_some_and(|(_, f)| *f == fingerprint);
+    if !same && !fingerprint.is_empty() {
+        let started = std::time::Instant::now();
+        let done = pipeline.reschedule_campaigns(now).await?;
+        tracing::info!(
+            conversations = done.conversations,
+            moved = done.moved,
+            ms = started.elapsed().as_millis() as u64,
+            "campaigns scheduled"
+        );
+    }
+    *scheduled = Some((set.version().to_owned(), fingerprint));
+    Ok(())
 }
 
 /// Sleep for `d`, or until `stop` changes.

@@ -39,6 +39,14 @@ pub trait Versioned: Serialize + DeserializeOwned {
 
 /// `record` as JSON, its version first.
 pub fn encode<T: Versioned>(record: &T) -> Vec<u8> {
+    encode_as(record, T::VERSION)
+}
+
+/// `record` as JSON under an older `version` whose shape it has (a kind
+/// whose new version only adds a field that is often empty writes the
+/// older version when it is: a release that reads only that one still
+/// reads most records, and a record it cannot read says so).
+pub fn encode_as<T: Versioned>(record: &T, version: u32) -> Vec<u8> {
     #[derive(Serialize)]
     struct Tagged<'a, T> {
         v: u32,
@@ -46,11 +54,7 @@ pub fn encode<T: Versioned>(record: &T) -> Vec<u8> {
         record: &'a T,
     }
     // Serialising these plain structs to JSON cannot fail.
-    serde_json::to_vec(&Tagged {
-        v: T::VERSION,
-        record,
-    })
-    .unwrap_or_default()
+    serde_json::to_vec(&Tagged { v: version, record }).unwrap_or_default()
 }
 
 /// Decode a record of any version up to [`Versioned::VERSION`], or say why

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use smsflow::flow::calls::{CallResponse, HeaderValue};
+use smsflow::flow::calls::{CallError, CallResponse, HeaderValue};
 use smsflow::flow::{
     handle, handle_with_calls, load_dir, Conversation, EngineOptions, Handled, Inbound, Outcome,
 };
@@ -164,8 +164,24 @@ fn answers_resume_the_flow_in_order() {
 #[test]
 fn failures_and_statuses_route() {
     let set = set();
-    let h = send(&set, &[CallResponse::failed("timed out")]);
-    assert_eq!(replies(&h), vec!["Sorry: timed out"]);
+    // The sender sees the category, never the detail (resolver and
+    // allow-list wording stay in the logs).
+    let h = send(
+        &set,
+        &[CallResponse::failed(
+            CallError::Refused,
+            "shop.example resolves to 10.0.0.7 (not a public address; name the address itself in http_allow to allow it)",
+        )],
+    );
+    assert_eq!(replies(&h), vec!["Sorry: refused"]);
+    let h = send(
+        &set,
+        &[CallResponse::failed(
+            CallError::Timeout,
+            "timed out after 1500 ms",
+        )],
+    );
+    assert_eq!(replies(&h), vec!["Sorry: timeout"]);
     // Nothing is saved from a failed call.
     assert!(h.conversation.contact.is_empty());
     let h = send(&set, &[answered(404, serde_json::json!({}))]);
@@ -173,7 +189,7 @@ fn failures_and_statuses_route() {
     let h = send(&set, &[answered(422, serde_json::json!({}))]);
     assert_eq!(replies(&h), vec!["Client error 422."]);
     let h = send(&set, &[answered(500, serde_json::json!({}))]);
-    assert_eq!(replies(&h), vec!["Sorry: 500"]);
+    assert_eq!(replies(&h), vec!["Sorry: status500"]);
 }
 
 /// An `after_answer` call does not stop the run: the flow answers at once

@@ -699,6 +699,37 @@ fn call_problems_are_reported_with_positions() {
     );
 }
 
+/// `{{call.*}}` names what a call's answer has, and only where a call's
+/// answer can be: in a flow that makes a call, or one such a flow enters
+/// with `flow:`; never in keyword replies.
+#[test]
+fn call_answer_names_are_checked_where_a_call_precedes_them() {
+    let dir = temp_flows(&[
+        (
+            "look.yaml",
+            "trigger: {keywords: [LOOK]}\nsteps:\n  look:\n    call:\n      url: https://shop.example/x\n      on_error: sorry\n    say: \"{{call.stauts}} {{call.status}} {{call.json.order.eta}}\"\n    flow: after\n  sorry:\n    say: \"{{call.error}}\"\n",
+        ),
+        (
+            "after.yaml",
+            "steps:\n  show:\n    say: \"{{call.ok}}\"\n",
+        ),
+        (
+            "plain.yaml",
+            "trigger: {keywords: [PLAIN]}\nsteps:\n  a:\n    say: \"{{call.status}}\"\n    goto: b\n  b:\n    call:\n      method: POST\n      url: https://shop.example/x\n      after_answer: true\n    say: \"{{call.json.id}}\"\n",
+        ),
+        ("keywords.yaml", "keywords:\n  HI: \"{{call.ok}}\"\n"),
+    ]);
+    assert_diags(
+        &check_dir(dir.path()),
+        &[
+            "look.yaml:7:10: error: `{{call.stauts}}` is not part of a call's answer (use call.status, call.ok, call.error, call.json or call.json.a.b)",
+            "plain.yaml:4:10: error: `{{call.status}}`: no step of flow `plain` makes a call (`call:` without `after_answer`), so it is always empty",
+            "plain.yaml:11:10: error: `{{call.json.id}}`: no step of flow `plain` makes a call (`call:` without `after_answer`), so it is always empty",
+            "keywords.yaml:2:7: error: `{{call.ok}}`: keyword replies make no calls (use a flow step with `call:`)",
+        ],
+    );
+}
+
 #[test]
 fn fields_and_vars_given_from_outside_are_declared_by_the_flow() {
     let flow = |decl: &str| {

@@ -170,7 +170,9 @@ fn an_edited_flow_ends_a_stale_run_cleanly() {
             waiting_since: 0,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         }),
+        queued: Vec::new(),
     };
     let h = send(&b, gone, "hello", 1);
     assert_eq!(
@@ -576,12 +578,17 @@ fn arb_conversation() -> impl Strategy<Value = Conversation> {
             waiting_since: last_active,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         });
     (
         prop::collection::btree_map(".{0,8}", ".{0,8}", 0..4),
         prop::option::of(run),
     )
-        .prop_map(|(contact, run)| Conversation { contact, run })
+        .prop_map(|(contact, run)| Conversation {
+            contact,
+            run,
+            queued: Vec::new(),
+        })
 }
 
 proptest! {

@@ -53,8 +53,11 @@ const CHAT_HELP: &str = "\
 #   /reset        forget this conversation (contact fields and run)
 #   /from NUMBER  text as another sender; /to NUMBER  text another of our numbers
 #   /reload       re-read the flows directory, keeping conversations
+#   /start FLOW field.appt=\"Tue 3pm\" var.ref=A-17
+#                 start a flow for this sender from outside (as the API
+#                 does) and show what it sends
 #   /http POST https://shop.example/orders -> 201 {\"id\": 42}
-#                 the answer to the flow's next such call (-> error why: it
+#                 the answer to the flow's next such call (-> error timeout: it
 #                 fails); without --real-calls no call leaves the machine
 #   /help         this list; /quit ends (so does end of input)";
 
@@ -188,6 +191,25 @@ pub fn chat(opts: &ChatOptions, input: impl BufRead, mut out: impl Write) -> any
                         }
                         writeln!(out, "# reload refused: still using the previous flows")?;
                     }
+                },
+                "start" => match flow::parse_start(arg) {
+                    Ok(flow::Line::Start {
+                        flow: name,
+                        fields,
+                        vars,
+                        ..
+                    }) => match runtime.block_on(session.start(&name, &fields, &vars))? {
+                        None => writeln!(out, "# no flow `{name}` in this set")?,
+                        Some(sent) => {
+                            // A transcript line: a saved chat replays it.
+                            writeln!(out, "@ start {arg}")?;
+                            for line in sent {
+                                writeln!(out, "{}", line.render())?;
+                            }
+                        }
+                    },
+                    Ok(_) => {}
+                    Err(e) => writeln!(out, "# {e}")?,
                 },
                 "http" if opts.real_calls.is_some() => {
                     writeln!(out, "# --real-calls: calls are made for real, /http is off")?

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::calls::{CallFuture, Caller};
-use crate::flow::calls::{CallRequest, CallResponse};
+use crate::flow::calls::{CallError, CallRequest, CallResponse};
 use crate::flow::HttpMock;
 
 #[derive(Default)]
@@ -64,7 +64,10 @@ impl Caller for Mocks {
                 None => {
                     let call = format!("{} {}", request.method, request.url);
                     state.unexpected.push(call.clone());
-                    CallResponse::failed(format!("no answer declared for {call}"))
+                    CallResponse::failed(
+                        CallError::Refused,
+                        format!("no answer declared for {call}"),
+                    )
                 }
             }
         };

@@ -6,6 +6,7 @@
 //! body Twilio would refuse is refused here too; what comes back is read
 //! from the TwiML the webhook would answer with ([`reply_lines`]).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use arc_swap::ArcSwap;
 use crate::flow::{self, Conversation, FlowSet};
 use crate::metrics::Metrics;
 use crate::pipeline::{Detailed, Pipeline, PipelineOptions, TimerFired};
+use crate::starts::{IfBusy, StartOutcome, StartRequest};
 use crate::store::{ConvKey, SledStore, Store, StoreConfig, StoreError};
 use crate::twilio::{self, InboundMessage};
 
@@ -146,6 +148,52 @@ impl Session {
         }
         self.now = target;
         Ok(fired)
+    }
+
+    /// Start `flow` for this sender from outside, as `POST
+    /// /flows/{name}/start` does (the same [`Pipeline::start_flow`]), at
+    /// the next second. What the phone receives: the messages the start
+    /// put in the outbox, or the silence and why (`opted_out`,
+    /// `skipped_busy`); `None` when the set has no such flow.
+    pub(super) async fn start(
+        &mut self,
+        flow: &str,
+        fields: &BTreeMap<String, String>,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Option<Vec<flow::ReplyLine>>, StoreError> {
+        self.now = self.now.saturating_add(1);
+        self.sent += 1;
+        let req = StartRequest {
+            to: self.from.clone(),
+            from: self.to.clone(),
+            messaging_service_sid: None,
+            fields: fields.clone(),
+            vars: vars.clone(),
+            idempotency_key: format!("transcript:{:016x}:{}", self.sid_prefix, self.sent),
+            if_busy: IfBusy::Interrupt,
+        };
+        let StartOutcome::Done { record, .. } =
+            self.pipeline.start_flow(flow, &req, self.now).await?
+        else {
+            return Ok(None);
+        };
+        if record.result != "started" {
+            return Ok(Some(vec![flow::ReplyLine::Silence(Some(record.result))]));
+        }
+        let mut lines = Vec::new();
+        for key in &record.outbox {
+            if let Some(e) = self.pipeline.store().outbound(key)? {
+                lines.push(flow::ReplyLine::Reply(flow::Reply {
+                    body: e.body,
+                    media: e.media,
+                    origin: None,
+                }));
+            }
+        }
+        if lines.is_empty() {
+            lines.push(flow::ReplyLine::Silence(None));
+        }
+        Ok(Some(lines))
     }
 
     /// The stored conversation, as the pipeline would read it.

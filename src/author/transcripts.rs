@@ -197,6 +197,28 @@ async fn drive(
                 }
                 unexpected(run, lno);
             }
+            Line::Start {
+                flow: name,
+                fields,
+                vars,
+                expect,
+            } => match session.start(name, fields, vars).await? {
+                None => {
+                    run.failures.push(fail(
+                        lno,
+                        format!("`@ start {name}`: there is no flow `{name}`"),
+                    ));
+                }
+                Some(actual) => {
+                    if let Err(diff) = flow::compare_replies(expect, &actual) {
+                        run.failures.push(fail(
+                            lno,
+                            format!("what `@ start {name}` sent differs\n{diff}"),
+                        ));
+                    }
+                    unexpected(run, lno);
+                }
+            },
             Line::Load(dir) => {
                 let dir = base.join(dir);
                 match flow::load_dir(&dir) {

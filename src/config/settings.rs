@@ -308,11 +308,22 @@ pub const SETTINGS: &[Setting] = &[
         key: "retention_days",
         flag: None,
         env: None,
-        help: "Purge dedupe and delivery records and ended conversations older than \
-               this many days (0 keeps everything)",
+        help: "Purge dedupe and delivery records, ended conversations, message texts, \
+               flow results and finished call jobs older than this many days (0 keeps \
+               everything)",
         default_note: None,
         unset: "",
         value: |c| int(c.retention_days),
+    },
+    Setting {
+        key: "store_message_text",
+        flag: None,
+        env: None,
+        help: "Keep the text of inbound messages and replies in the message log \
+               (for retention_days)",
+        default_note: None,
+        unset: "",
+        value: |c| flag(c.store_message_text),
     },
     Setting {
         key: "purge_interval_secs",

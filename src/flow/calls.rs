@@ -143,6 +143,25 @@ pub(crate) fn is_call_path(path: &str) -> bool {
     }
 }
 
+/// Why `name` cannot be a call's header name, if it cannot: not an HTTP
+/// token, or a header the client sets itself (`Host`, `Content-Length`).
+/// For YAML's `headers:` and a script's `http()` alike.
+pub(crate) fn header_name_problem(name: &str) -> Option<String> {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+    if !token {
+        return Some(format!("`{name}` is not a header name"));
+    }
+    if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("content-length") {
+        return Some(format!(
+            "the `{name}` header is set from the URL and body; remove it"
+        ));
+    }
+    None
+}
+
 /// One header of a request, as the engine hands it to the caller.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,8 +214,78 @@ impl CallRequest {
     }
 }
 
+/// Why a call got no usable answer, as flows see it in `{{call.error}}`:
+/// a short, stable word. The wording of the resolver, the TLS stack or the
+/// allow-list stays in the logs ([`CallResponse::Failed`]'s `detail`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CallError {
+    /// The call's `timeout:` or the message's `call_budget_ms` ran out.
+    Timeout,
+    /// No connection, or it broke: DNS found no address, refused, reset,
+    /// TLS failed, the answer was cut short.
+    Connection,
+    /// Our own checks refused it before any request: not in `http_allow`,
+    /// a non-public address, a redirect to another origin with a secret, a
+    /// secret that is not set, too many calls, calls not enabled. Never
+    /// retried.
+    Refused,
+    /// The request could not be built (a bad URL or header value). Never
+    /// retried.
+    Invalid,
+    /// The answer was larger than the cap (64 KiB).
+    TooLarge,
+    /// More redirects than allowed (3).
+    Redirects,
+    /// The server answered with a status that is not 2xx (only in
+    /// `{{call.error}}`: such an answer is [`CallResponse::Answered`]).
+    Status,
+}
+
+impl CallError {
+    /// Every category, in the order the docs list them.
+    pub const ALL: [CallError; 7] = [
+        CallError::Timeout,
+        CallError::Connection,
+        CallError::Refused,
+        CallError::Invalid,
+        CallError::TooLarge,
+        CallError::Redirects,
+        CallError::Status,
+    ];
+
+    /// The word flows see (`timeout`, `too_large`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallError::Timeout => "timeout",
+            CallError::Connection => "connection",
+            CallError::Refused => "refused",
+            CallError::Invalid => "invalid",
+            CallError::TooLarge => "too_large",
+            CallError::Redirects => "redirects",
+            CallError::Status => "status",
+        }
+    }
+
+    /// The category a word names.
+    pub fn parse(word: &str) -> Option<CallError> {
+        CallError::ALL.into_iter().find(|e| e.as_str() == word)
+    }
+
+    /// Whether trying again later can help: not when our own checks
+    /// refused the call or it cannot be built.
+    pub fn retryable(self) -> bool {
+        !matches!(self, CallError::Refused | CallError::Invalid)
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What became of a request.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallResponse {
     /// The server answered (any status).
     Answered {
@@ -208,16 +297,20 @@ pub enum CallResponse {
     /// No answer: refused (allow-list, private address, missing secret),
     /// connection error, timeout or budget spent, too large an answer.
     Failed {
-        /// Why, for logs and `{{call.error}}`; never holds a secret.
-        error: String,
+        /// The category, for `{{call.error}}`, retries and metrics.
+        error: CallError,
+        /// What happened, in words, for logs and `chat`; never holds a
+        /// secret, never shown to the sender.
+        detail: String,
     },
 }
 
 impl CallResponse {
-    /// A failure for `error`.
-    pub fn failed(error: impl Into<String>) -> CallResponse {
+    /// A failure of category `error`, described by `detail`.
+    pub fn failed(error: CallError, detail: impl Into<String>) -> CallResponse {
         CallResponse::Failed {
-            error: error.into(),
+            error,
+            detail: detail.into(),
         }
     }
 
@@ -232,26 +325,40 @@ impl CallResponse {
     }
 
     /// The answer as `{{call.*}}` variables: `status`, `ok` (`true` or
-    /// `false`), `error`, and every leaf of the JSON under `json.` (list
-    /// items by index); `json` itself is the compact JSON text.
+    /// `false`), `error` (a [`CallError`] word: set on a failure and on a
+    /// status that is not 2xx), and every leaf of the JSON under `json.`
+    /// (list items by index); `json` itself is the compact JSON text.
     pub(crate) fn vars(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         match self {
             CallResponse::Answered { status, json } => {
+                let ok = (200..300).contains(status);
                 out.insert("status".to_owned(), status.to_string());
-                out.insert("ok".to_owned(), (200..300).contains(status).to_string());
+                out.insert("ok".to_owned(), ok.to_string());
+                if !ok {
+                    out.insert("error".to_owned(), CallError::Status.to_string());
+                }
                 if let Some(json) = json {
                     out.insert("json".to_owned(), json.to_string());
                     flatten("json", json, &mut out);
                 }
             }
-            CallResponse::Failed { error } => {
+            CallResponse::Failed { error, .. } => {
                 out.insert("ok".to_owned(), "false".to_owned());
-                out.insert("error".to_owned(), error.clone());
+                out.insert("error".to_owned(), error.to_string());
             }
         }
         out
     }
+}
+
+/// The answer a call past [`MAX_CALLS_PER_MESSAGE`] gets, without a
+/// request.
+pub(crate) fn too_many_calls() -> CallResponse {
+    CallResponse::failed(
+        CallError::Refused,
+        format!("more than {MAX_CALLS_PER_MESSAGE} calls for one message"),
+    )
 }
 
 /// Every leaf of `value` under `prefix` (`json.order.eta`, `json.items.0`).
@@ -347,9 +454,19 @@ mod tests {
         assert_eq!(v["json.order.eta"], "20 min");
         assert_eq!(v["json.items.0"], "a");
         assert_eq!(v["json.items.1"], "");
-        let f = CallResponse::failed("timed out").vars();
-        assert_eq!(f["error"], "timed out");
+        assert!(!v.contains_key("error"));
+        let f = CallResponse::failed(CallError::Timeout, "timed out after 3000 ms").vars();
+        assert_eq!(f["error"], "timeout");
         assert_eq!(f["ok"], "false");
+        let s = CallResponse::Answered {
+            status: 503,
+            json: None,
+        }
+        .vars();
+        assert_eq!((s["error"].as_str(), s["ok"].as_str()), ("status", "false"));
+        for e in CallError::ALL {
+            assert_eq!(CallError::parse(e.as_str()), Some(e));
+        }
     }
 
     #[test]

@@ -681,10 +681,9 @@ fn report_cycle(set: &SetInner, cycle: &[((&str, &str), Pos)], diags: &mut Vec<D
     }
 }
 
-/// Templates may only name run variables their flow sets, contact fields
-/// some flow sets, and the built-ins. A fallback (`{{x|friend}}`) does not
-/// exempt a name: a typo would otherwise silently always print the fallback.
-fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+/// The contact fields some flow declares (`fields:`) or sets; `None`
+/// when a script computes field names, so any field may exist.
+pub(crate) fn contact_fields(set: &SetInner) -> Option<BTreeSet<&str>> {
     let mut contact_fields: BTreeSet<&str> = BTreeSet::new();
     // A script that computes field names could set any of them.
     let mut any_contact_field = false;
@@ -720,6 +719,50 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
         }
     }
 
+    (!any_contact_field).then_some(contact_fields)
+}
+
+/// Templates may only name run variables their flow sets, contact fields
+/// some flow sets, and the built-ins. A fallback (`{{x|friend}}`) does not
+/// exempt a name: a typo would otherwise silently always print the fallback.
+fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
+    let known = contact_fields(set);
+    let any_contact_field = known.is_none();
+    let contact_fields = known.unwrap_or_default();
+
+    // Flows where a call's answer can be there: those that make a call
+    // (an awaited one: an after-answer call sets no `{{call.*}}`), and
+    // those another flow enters with `flow:` in the same message.
+    let mut after_call: BTreeSet<String> = BTreeSet::new();
+    for flow in set.flows.values() {
+        let calls = flow
+            .steps
+            .values()
+            .any(|s| s.call.as_ref().is_some_and(|c| !c.after_answer));
+        if calls {
+            after_call.insert(flow.name.clone());
+        }
+        for step in flow.steps.values() {
+            let mut entered = |t: &Transition| {
+                if let Transition::Flow(f) = t {
+                    after_call.insert(f.name.clone());
+                }
+            };
+            match &step.next {
+                Next::Go(t) => entered(t),
+                Next::Wait {
+                    routes, timeouts, ..
+                } => {
+                    routes.iter().for_each(|r| entered(&r.then));
+                    timeouts
+                        .iter()
+                        .filter_map(|t| t.then.as_ref())
+                        .for_each(entered);
+                }
+            }
+        }
+    }
+
     let check_template = |t: &Template,
                           pos: Pos,
                           file: &Path,
@@ -727,6 +770,21 @@ fn variables(set: &SetInner, diags: &mut Vec<Diagnostic>) {
                           diags: &mut Vec<Diagnostic>| {
         for var in t.vars() {
             match var {
+                Var::Call(path) => match run_vars {
+                    Some((flow, _)) if after_call.contains(flow) => {}
+                    Some((flow, _)) => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{call.{path}}}}}`: no step of flow `{flow}` makes a call (`call:` without `after_answer`), so it is always empty"),
+                    ),
+                    None => err(
+                        diags,
+                        file,
+                        pos,
+                        format!("`{{{{call.{path}}}}}`: keyword replies make no calls (use a flow step with `call:`)"),
+                    ),
+                },
                 Var::Run(n) => match run_vars {
                     Some((_, vars)) if vars.contains(n) => {}
                     Some((flow, _)) => err(

@@ -43,7 +43,7 @@ use super::template::{Template, Var, Vars};
 use crate::twilio::{limits, twiml};
 
 mod start;
-pub use start::{live_run, start_flow, Start};
+pub use start::{live_run, start_flow, start_flow_with_calls, Start};
 
 /// The run variable a script flow's `state` map is kept in, as JSON text.
 /// YAML flows cannot name it (`$` is not allowed in variable names), and
@@ -141,6 +141,42 @@ pub struct Conversation {
     pub contact: BTreeMap<String, String>,
     /// The flow run waiting for this sender's next message, if any.
     pub run: Option<Run>,
+    /// Flow starts waiting for the run to end (`if_busy: queue`), oldest
+    /// first. The engine carries them through unchanged; the pipeline
+    /// starts the first when no run is live ([`next_due`] makes it due).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queued: Vec<QueuedStart>,
+}
+
+impl Conversation {
+    /// Whether nothing is running or waiting to run: no live run and no
+    /// queued start. Only such a conversation is stored as ended (and may
+    /// be purged once idle past `retention_days`).
+    pub fn is_idle(&self) -> bool {
+        self.run.is_none() && self.queued.is_empty()
+    }
+}
+
+/// A flow start from outside that waits for the conversation's run to
+/// end (`if_busy: queue`), kept in the conversation until it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedStart {
+    /// The flow to start.
+    pub flow: String,
+    /// The start's idempotency key (its messages' outbox keys derive from
+    /// it, as a start's do).
+    pub key: String,
+    /// Contact fields to set before the first step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    /// Run variables the run begins with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+    /// The Messaging Service to send through, if the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging_service_sid: Option<String>,
+    /// Unix seconds when it was queued.
+    pub at: i64,
 }
 
 /// A flow in progress, parked at a step that waits for a reply.
@@ -170,6 +206,59 @@ pub struct Run {
     /// seconds. A message handled by `on_message` clears them (the script
     /// asks again if it still wants one).
     pub wakes: BTreeMap<String, i64>,
+    /// The steps the run entered, in order (a `goto` back to a step
+    /// enters it again), at most [`MAX_PATH`] (the earliest dropped
+    /// first). Empty for a script flow. Version 3 of the stored
+    /// conversation added it; older runs read with their current step.
+    pub path: Vec<String>,
+}
+
+/// A run's [`Run::path`] keeps at most this many steps: the record is
+/// rewritten on every message, so it must not grow without bound.
+pub const MAX_PATH: usize = 50;
+
+/// How a flow run ended, as its result records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunEnd {
+    /// It reached an end (`end`, `silence:`, a step with nothing after
+    /// it, or it went on into another flow), or a script left no state.
+    Completed,
+    /// It was idle longer than its flow's `expire_after` (noticed at the
+    /// contact's next message or at a timer).
+    Expired,
+    /// An interrupt keyword, or a flow start from outside, ended it.
+    Interrupted,
+    /// The contact opted out (STOP) while it ran.
+    OptedOut,
+    /// Its retries ran out without a `give_up` step, or it ran into the
+    /// step limit of one message.
+    GaveUp,
+    /// Its flow or step no longer exists (the flows were edited).
+    Stale,
+}
+
+impl RunEnd {
+    /// The snake_case name used in exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunEnd::Completed => "completed",
+            RunEnd::Expired => "expired",
+            RunEnd::Interrupted => "interrupted",
+            RunEnd::OptedOut => "opted_out",
+            RunEnd::GaveUp => "gave_up",
+            RunEnd::Stale => "stale",
+        }
+    }
+}
+
+/// A run that ended while handling one input: what its result records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndedRun {
+    /// The run as it was when it ended (its variables and path).
+    pub run: Run,
+    /// How it ended.
+    pub how: RunEnd,
 }
 
 impl Run {
@@ -185,7 +274,16 @@ impl Run {
             waiting_since: now,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: Vec::new(),
         }
+    }
+
+    /// Record that the run entered `step`.
+    fn entered(&mut self, step: &str) {
+        if self.path.len() >= MAX_PATH {
+            self.path.remove(0);
+        }
+        self.path.push(step.to_owned());
     }
 }
 
@@ -220,6 +318,10 @@ pub struct Handled {
     /// engine's caller but recorded as durable jobs with the state change
     /// and made after the answer (see `crate::call_jobs`).
     pub after: Vec<CallRequest>,
+    /// The runs that ended while handling this input, in order (a run
+    /// that goes on into another flow ends as completed, and the new one
+    /// may end too). Their results are stored with the state change.
+    pub ended: Vec<EndedRun>,
 }
 
 /// Notable things that happened while handling a message.
@@ -370,6 +472,7 @@ pub fn handle_with_calls(
     // Handed back untouched if a script or expression fails.
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.queued = conv.queued;
     ex.responses = calls;
     let norm = normalize(msg.body);
     let mut run = conv.run;
@@ -380,7 +483,12 @@ pub fn handle_with_calls(
             .find(|k| normalize(k) == norm)
         {
             ex.events.push(Event::Interrupted { keyword: k.clone() });
-            run = None;
+            if let Some(run) = run.take() {
+                ex.ended.push(EndedRun {
+                    run,
+                    how: RunEnd::Interrupted,
+                });
+            }
         }
     }
     let consumed = match run {
@@ -437,6 +545,7 @@ pub fn handle_timeout_with_calls(
     };
     let original = set.has_scripts().then(|| conv.clone());
     let mut ex = Exec::new(set, msg, now, conv.contact);
+    ex.queued = conv.queued;
     ex.responses = calls;
     ex.touch = false;
     if let Some(run) = conv.run {
@@ -463,11 +572,37 @@ pub fn handle_timeout_with_calls(
 }
 
 /// When the conversation's next timer is due under `set` (unix seconds):
-/// the waiting step's next timeout, or a script flow's earliest wake.
-/// `None` when nothing is pending (no run, no timeout left, or the run's
-/// flow or step no longer exists). The store indexes conversations by
-/// this time.
+/// the waiting step's next timeout, or a script flow's earliest wake;
+/// with a queued start, no later than when the run stops being live
+/// ([`live_run`]: at once without a run, else when it expires). `None`
+/// when nothing is pending (no run, no timeout left, or the run's flow or
+/// step no longer exists, and nothing queued). The store indexes
+/// conversations by this time.
 pub fn next_due(set: &FlowSet, conv: &Conversation) -> Option<i64> {
+    let timer = run_due(set, conv);
+    let Some(first) = conv.queued.first() else {
+        return timer;
+    };
+    // A queued start is due when no run is live: now (the time it was
+    // queued) without one, else the moment the run expires.
+    let free = conv
+        .run
+        .as_ref()
+        .and_then(|run| {
+            let flow = set.inner.flows.get(&run.flow)?;
+            let step_there = flow.script.is_some() || flow.steps.contains_key(&run.step);
+            step_there.then(|| {
+                run.last_active
+                    .saturating_add(flow.expire_after)
+                    .saturating_add(1)
+            })
+        })
+        .unwrap_or(first.at);
+    Some(timer.map_or(free, |t| t.min(free)))
+}
+
+/// The run's own next timer (see [`next_due`]).
+fn run_due(set: &FlowSet, conv: &Conversation) -> Option<i64> {
     let run = conv.run.as_ref()?;
     let flow = set.inner.flows.get(&run.flow)?;
     if flow.script.is_some() {
@@ -525,6 +660,10 @@ struct Exec<'a> {
     pending: Option<CallRequest>,
     /// `after_answer` calls reached so far.
     after: Vec<CallRequest>,
+    /// The conversation's queued starts, handed back as they came.
+    queued: Vec<QueuedStart>,
+    /// Runs ended so far (see [`Handled::ended`]).
+    ended: Vec<EndedRun>,
 }
 
 impl<'a> Exec<'a> {
@@ -559,7 +698,21 @@ impl<'a> Exec<'a> {
             call_vars: BTreeMap::new(),
             pending: None,
             after: Vec::new(),
+            queued: Vec::new(),
+            ended: Vec::new(),
         }
+    }
+
+    /// End the current run, if there is one, recording how.
+    fn end_run(&mut self, how: RunEnd) {
+        if let Some(run) = self.run.take() {
+            self.ended.push(EndedRun { run, how });
+        }
+    }
+
+    /// Record that `run` (already taken out of `self.run`) ended.
+    fn ended(&mut self, run: Run, how: RunEnd) {
+        self.ended.push(EndedRun { run, how });
     }
 
     /// Run the timer of `run` that is due (see [`handle_timeout`]).
@@ -575,7 +728,10 @@ impl<'a> Exec<'a> {
             return;
         };
         if self.now.saturating_sub(run.last_active) > flow.expire_after {
-            self.events.push(Event::Expired { flow: run.flow });
+            self.events.push(Event::Expired {
+                flow: run.flow.clone(),
+            });
+            self.ended(run, RunEnd::Expired);
             return;
         }
         if flow.script.is_some() {
@@ -654,14 +810,23 @@ impl<'a> Exec<'a> {
             .iter()
             .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
             .collect();
-        let Some(out) = self.rhai(at, |sandbox| {
+        let Some(mut out) = self.rhai(at, |sandbox| {
             sandbox.run_timeout(script, &name, &input, &state, pending)
         }) else {
+            // A script error: the caller hands the conversation back as
+            // it came in, so nothing ended.
             self.run = None;
             return;
         };
+        if self.script_calls(&mut out) {
+            return;
+        }
         self.script_done(flow, out, (run.started_at, run.last_active));
+        if self.run.is_none() {
+            self.ended(run, RunEnd::Completed);
+        }
     }
+
     /// Give the message to the waiting run. Returns false when the message
     /// must be handled as new instead (run gone stale, expired, or gave up
     /// without anything to say).
@@ -673,7 +838,10 @@ impl<'a> Exec<'a> {
             .filter(|f| f.script.is_some() && run.step == ENTRY_POINT);
         if let Some(flow) = script_flow {
             if self.now.saturating_sub(run.last_active) > flow.expire_after {
-                self.events.push(Event::Expired { flow: run.flow });
+                self.events.push(Event::Expired {
+                    flow: run.flow.clone(),
+                });
+                self.ended(run, RunEnd::Expired);
                 return false;
             }
             // Unreadable state (a hand-edited store) starts the script over.
@@ -683,6 +851,10 @@ impl<'a> Exec<'a> {
                 .and_then(|json| serde_json::from_str(json).ok())
                 .unwrap_or_default();
             self.run_script(flow, &state, run.started_at);
+            if self.run.is_none() && self.failed.is_none() {
+                // The script left no state: its run is done.
+                self.ended(run, RunEnd::Completed);
+            }
             return true;
         }
         let found = set.flows.get(&run.flow).and_then(|flow| {
@@ -694,13 +866,17 @@ impl<'a> Exec<'a> {
         });
         let Some((flow, step, routes, retry)) = found else {
             self.events.push(Event::StaleStep {
-                flow: run.flow,
-                step: run.step,
+                flow: run.flow.clone(),
+                step: run.step.clone(),
             });
+            self.ended(run, RunEnd::Stale);
             return false;
         };
         if self.now.saturating_sub(run.last_active) > flow.expire_after {
-            self.events.push(Event::Expired { flow: run.flow });
+            self.events.push(Event::Expired {
+                flow: run.flow.clone(),
+            });
+            self.ended(run, RunEnd::Expired);
             return false;
         }
         self.answered = true;
@@ -758,7 +934,7 @@ impl<'a> Exec<'a> {
                 true
             }
             None => {
-                self.run = None;
+                self.end_run(RunEnd::GaveUp);
                 if retry.give_up_say.is_empty() {
                     // Nothing left to say in this flow: let keywords or the
                     // default reply answer the message instead.
@@ -832,9 +1008,11 @@ impl<'a> Exec<'a> {
     fn start_flow(&mut self, name: &str) {
         let Some(flow) = self.set.flows.get(name) else {
             // Validation guarantees flow targets exist; end cleanly anyway.
-            self.run = None;
+            self.end_run(RunEnd::Stale);
             return;
         };
+        // The run that led here (`then: {flow: …}`) is done.
+        self.end_run(RunEnd::Completed);
         self.events.push(Event::Triggered {
             flow: flow.name.clone(),
         });
@@ -850,9 +1028,9 @@ impl<'a> Exec<'a> {
         match t {
             Transition::Goto(target) => self.run_steps(flow, &target.name),
             Transition::Flow(target) => self.start_flow(&target.name),
-            Transition::End => self.run = None,
+            Transition::End => self.end_run(RunEnd::Completed),
             Transition::Silence(reason) => {
-                self.run = None;
+                self.end_run(RunEnd::Completed);
                 self.silence = Some(reason.clone());
             }
         }
@@ -868,16 +1046,17 @@ impl<'a> Exec<'a> {
                 self.events.push(Event::StepLimit {
                     flow: flow.name.clone(),
                 });
-                self.run = None;
+                self.end_run(RunEnd::GaveUp);
                 return;
             }
             let Some(step): Option<&'a Step> = flow.steps.get(&name) else {
-                self.run = None;
+                self.end_run(RunEnd::Stale);
                 return;
             };
             self.flow = Some(flow.name.clone());
             self.step = Some(name.clone());
             if let Some(run) = &mut self.run {
+                run.entered(&name);
                 run.step.clone_from(&name);
                 run.retries = 0;
                 run.waiting_since = self.now;
@@ -900,7 +1079,7 @@ impl<'a> Exec<'a> {
                 Next::Go(Transition::Goto(t)) => name.clone_from(&t.name),
                 Next::Go(Transition::Flow(t)) => {
                     let Some(next) = self.set.flows.get(&t.name) else {
-                        self.run = None;
+                        self.end_run(RunEnd::Stale);
                         return;
                     };
                     if next.script.is_some() {
@@ -910,16 +1089,17 @@ impl<'a> Exec<'a> {
                     self.events.push(Event::Triggered {
                         flow: next.name.clone(),
                     });
+                    self.end_run(RunEnd::Completed);
                     self.run = Some(Run::entering(&next.name, &next.start.name, self.now));
                     flow = next;
                     name.clone_from(&next.start.name);
                 }
                 Next::Go(Transition::End) => {
-                    self.run = None;
+                    self.end_run(RunEnd::Completed);
                     return;
                 }
                 Next::Go(Transition::Silence(reason)) => {
-                    self.run = None;
+                    self.end_run(RunEnd::Completed);
                     self.silence = Some(reason.clone());
                     return;
                 }
@@ -956,10 +1136,7 @@ impl<'a> Exec<'a> {
         let request = self.call_request(call);
         let response = match self.responses.get(index) {
             Some(r) => r.clone(),
-            None if index >= calls::MAX_CALLS_PER_MESSAGE => CallResponse::failed(format!(
-                "more than {} calls for one message",
-                calls::MAX_CALLS_PER_MESSAGE
-            )),
+            None if index >= calls::MAX_CALLS_PER_MESSAGE => calls::too_many_calls(),
             None => {
                 self.pending = Some(request);
                 return CallNext::Stop;
@@ -967,7 +1144,7 @@ impl<'a> Exec<'a> {
         };
         let (status, error) = match &response {
             CallResponse::Answered { status, .. } => (Some(*status), None),
-            CallResponse::Failed { error } => (None, Some(error.clone())),
+            CallResponse::Failed { error, detail } => (None, Some(format!("{error}: {detail}"))),
         };
         self.events.push(Event::Call {
             flow: request.flow.clone(),
@@ -1113,10 +1290,14 @@ impl<'a> Exec<'a> {
         self.step = Some(ENTRY_POINT.to_owned());
         let input = self.script_input();
         let at = (script.file(), (1, 1));
-        let Some(out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state)) else {
+        let Some(mut out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state))
+        else {
             self.run = None;
             return;
         };
+        if self.script_calls(&mut out) {
+            return;
+        }
         self.script_done(flow, out, (started_at, self.now));
     }
 
@@ -1129,6 +1310,55 @@ impl<'a> Exec<'a> {
             message_sid: self.msg.message_sid.to_owned(),
             received_at: self.now,
             contact: self.contact.clone(),
+            answers: self
+                .responses
+                .get(self.calls_reached..)
+                .unwrap_or_default()
+                .to_vec(),
+            call_room: calls::MAX_CALLS_PER_MESSAGE.saturating_sub(self.calls_reached),
+        }
+    }
+
+    /// The `http()` calls a script run made (events, `after_answer` jobs),
+    /// and whether it stopped at one with no answer yet: then the message
+    /// stops there too ([`Handled::call`]).
+    fn script_calls(&mut self, out: &mut ScriptOutput) -> bool {
+        let flow = self.flow.clone().unwrap_or_default();
+        let step = self.step.clone().unwrap_or_default();
+        let stamp = |mut r: CallRequest| {
+            r.flow.clone_from(&flow);
+            r.step.clone_from(&step);
+            r
+        };
+        for (request, response) in std::mem::take(&mut out.made) {
+            self.calls_reached += 1;
+            let (status, error) = match &response {
+                CallResponse::Answered { status, .. } => (Some(*status), None),
+                CallResponse::Failed { error, detail } => {
+                    (None, Some(format!("{error}: {detail}")))
+                }
+            };
+            self.events.push(Event::Call {
+                flow: flow.clone(),
+                step: step.clone(),
+                method: request.method.clone(),
+                host: request.host().to_owned(),
+                status,
+                error,
+            });
+        }
+        for request in std::mem::take(&mut out.after) {
+            if self.after.len() < calls::MAX_CALLS_PER_MESSAGE {
+                self.after.push(stamp(request));
+            }
+        }
+        match out.call.take() {
+            Some(request) => {
+                self.calls_reached += 1;
+                self.pending = Some(stamp(request));
+                true
+            }
+            None => false,
         }
     }
 
@@ -1338,6 +1568,8 @@ impl<'a> Exec<'a> {
             events: self.events,
             call: None,
             after: Vec::new(),
+            // The conversation comes back as it came in: no run ended.
+            ended: Vec::new(),
         }
     }
 
@@ -1364,6 +1596,7 @@ impl<'a> Exec<'a> {
             conversation: Conversation {
                 contact: self.contact,
                 run: self.run,
+                queued: self.queued,
             },
             flow: self.flow,
             step: self.step,
@@ -1372,6 +1605,11 @@ impl<'a> Exec<'a> {
                 Vec::new()
             } else {
                 self.after
+            },
+            ended: if self.pending.is_some() {
+                Vec::new()
+            } else {
+                self.ended
             },
             call: self.pending,
         }

@@ -21,13 +21,15 @@
 //! - `steps`: steps, routes, retries and transitions;
 //! - `matchers`: the route matchers;
 //! - `templates`: reply messages, templates and `{{= }}` expressions;
-//! - `scripts`: `script:` flows and the set's `*.rhai` files.
+//! - `scripts`: `script:` flows and the set's `*.rhai` files;
+//! - `campaigns`: campaign files (`campaigns:`).
 //!
 //! This file runs a load ([`load_dir`]): it reads the files, hands each
 //! to the per-file context `Cx` (whose YAML accessors are here), puts
 //! the documents together and runs `check`.
 
 mod calls;
+mod campaigns;
 mod files;
 mod flows;
 mod keywords;
@@ -218,11 +220,13 @@ fn build(dir: &Path, limits: Limits, reserved: &ReservedWords) -> (FlowSet, Vec<
         ..SetInner::default()
     };
     assemble(&mut inner, docs, &mut diags);
+    // A script flow may call `http()`.
     inner.has_calls = inner
         .flows
         .values()
-        .any(|f| f.steps.values().any(|s| s.call.is_some()));
+        .any(|f| f.script.is_some() || f.steps.values().any(|s| s.call.is_some()));
     check::check(&inner, reserved, &mut diags);
+    campaigns::check_campaigns(&inner, &mut diags);
     diags.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.severity).cmp(&(&b.file, b.line, b.column, b.severity))
     });
@@ -246,6 +250,8 @@ pub(crate) enum Doc {
         name_pos: Pos,
         trigger: Trigger,
     },
+    /// A campaign file's campaigns.
+    Campaigns(Vec<super::campaigns::Campaign>),
 }
 
 pub(crate) struct Trigger {
@@ -258,6 +264,7 @@ pub(crate) struct Trigger {
 fn assemble(inner: &mut SetInner, docs: Vec<Doc>, diags: &mut Vec<Diagnostic>) {
     for doc in docs {
         match doc {
+            Doc::Campaigns(campaigns) => inner.campaigns.extend(campaigns),
             Doc::Keywords {
                 keywords, default, ..
             } => {
@@ -516,14 +523,16 @@ impl Cx<'_> {
                 .iter()
                 .any(|(key, _)| matches!(&key.kind, Kind::Scalar(s, _) if s == k))
         };
-        if has("steps") || has("script") {
+        if has("campaigns") {
+            self.campaign_file(root)
+        } else if has("steps") || has("script") {
             self.flow_file(root, stem)
         } else if has("keywords") || has("default") {
             self.keyword_file(root)
         } else {
             self.err(
                 root.pos,
-                "expected `keywords:` (a keyword file), or `steps:` or `script:` (a flow file)",
+                "expected `keywords:` (a keyword file), `steps:` or `script:` (a flow file), or `campaigns:` (a campaign file)",
             );
             None
         }

@@ -24,6 +24,7 @@
 //! as `twilio::twiml` splits it.
 
 pub mod calls;
+mod campaigns;
 mod check;
 mod engine;
 mod invitations;
@@ -38,22 +39,25 @@ mod template;
 mod transcript;
 mod yaml;
 
+pub use campaigns::{campaign_events, next_campaign_due, CampaignDue, NumberZones};
 pub use check::ReservedWords;
 pub use engine::{
     handle, handle_timeout, handle_timeout_with_calls, handle_with_calls, next_due, Conversation,
-    EngineOptions, Event, Handled, Inbound, Outcome, Reply, Run, SilenceReason, StepRef, Wake,
-    MAX_BODY_CHARS, MAX_REPLIES, MAX_TRANSITIONS, SCRIPT_STATE_VAR,
+    EndedRun, EngineOptions, Event, Handled, Inbound, Outcome, QueuedStart, Reply, Run, RunEnd,
+    SilenceReason, StepRef, Wake, MAX_BODY_CHARS, MAX_PATH, MAX_REPLIES, MAX_TRANSITIONS,
+    SCRIPT_STATE_VAR,
 };
-pub use engine::{live_run, start_flow, Start};
+pub use engine::{live_run, start_flow, start_flow_with_calls, Start};
 pub use load::{check_dir, check_dir_with, load_dir, load_dir_with, Loaded, MAX_FILE_BYTES};
 pub(crate) use load::{parse_duration, show_secs};
 pub use matcher::normalize;
 pub use model::{Diagnostic, FlowSet, Severity};
 pub(crate) use outline::{EdgeTarget, Outline};
+pub use template::ContactText;
 pub use transcript::{
     assertion_value, HttpMock, Line, ReplyLine, Transcript, TranscriptFailure, TRANSCRIPT_EPOCH,
 };
-pub(crate) use transcript::{compare_replies, escape, split_media, unescape};
+pub(crate) use transcript::{compare_replies, escape, parse_start, split_media, unescape};
 
 /// Why [`load_flows`] refused a flows directory.
 #[derive(Debug, thiserror::Error)]

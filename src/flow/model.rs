@@ -104,9 +104,11 @@ pub(crate) struct SetInner {
     /// The Rhai sandbox the set's scripts and expressions were compiled
     /// with and run in; `None` when the set has neither.
     pub sandbox: Option<Arc<Sandbox>>,
-    /// Some step has a `call:`: the pipeline then runs the engine in its
-    /// call loop (flow/calls.rs).
+    /// Some step has a `call:`, or a script flow may call `http()`: the
+    /// pipeline then runs the engine in its call loop (pipeline/calls.rs).
     pub has_calls: bool,
+    /// Campaigns (from campaign files), in file and name order.
+    pub campaigns: Vec<super::campaigns::Campaign>,
 }
 
 impl FlowSet {
@@ -119,6 +121,22 @@ impl FlowSet {
     /// The flow files this set was built from, sorted.
     pub fn files(&self) -> &[PathBuf] {
         &self.inner.files
+    }
+
+    /// Does the set have campaigns (a file with `campaigns:`)?
+    pub fn has_campaigns(&self) -> bool {
+        !self.inner.campaigns.is_empty()
+    }
+
+    /// Changes whenever a campaign's definition does (empty without
+    /// campaigns): the timer scheduler reschedules every conversation
+    /// when it changes.
+    pub fn campaigns_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        if self.inner.campaigns.is_empty() {
+            return String::new();
+        }
+        hex(&Sha256::digest(format!("{:?}", self.inner.campaigns)))
     }
 
     /// A set with no flows: every message is answered with silence.
@@ -141,29 +159,41 @@ impl FlowSet {
 
     /// The first flow (by name) that sends messages on its own, not as an
     /// answer to a message: a `timeout:` that says something, or a script
-    /// flow with an `on_timeout`. `None` when every flow only answers. With
-    /// such a flow, serving needs the outbound credentials.
+    /// flow with an `on_timeout`, or a flow a campaign starts. `None` when
+    /// every flow only answers. With such a flow, serving needs the
+    /// outbound credentials.
     pub fn sends_on_its_own(&self) -> Option<(&str, &'static str)> {
-        self.inner.flows.values().find_map(|flow| {
-            let says = flow.steps.values().any(|step| match &step.next {
-                Next::Wait { timeouts, .. } => timeouts.iter().any(|t| !t.say.is_empty()),
-                Next::Go(_) => false,
-            });
-            let wakes = flow
-                .script
-                .as_ref()
-                .and_then(|s| s.script.as_ref())
-                .is_some_and(|s| s.has_on_timeout());
-            match (says, wakes) {
-                (true, _) => Some((flow.name.as_str(), "a timeout: that says something")),
-                (_, true) => Some((flow.name.as_str(), "an on_timeout that may say something")),
-                _ => None,
-            }
-        })
+        let started = self
+            .inner
+            .campaigns
+            .iter()
+            .flat_map(|c| &c.events)
+            .map(|e| (e.flow.name.as_str(), "a campaign starts it"));
+        self.inner
+            .flows
+            .values()
+            .find_map(|flow| {
+                let says = flow.steps.values().any(|step| match &step.next {
+                    Next::Wait { timeouts, .. } => timeouts.iter().any(|t| !t.say.is_empty()),
+                    Next::Go(_) => false,
+                });
+                let wakes = flow
+                    .script
+                    .as_ref()
+                    .and_then(|s| s.script.as_ref())
+                    .is_some_and(|s| s.has_on_timeout());
+                match (says, wakes) {
+                    (true, _) => Some((flow.name.as_str(), "a timeout: that says something")),
+                    (_, true) => Some((flow.name.as_str(), "an on_timeout that may say something")),
+                    _ => None,
+                }
+            })
+            .or_else(|| started.min())
     }
 
-    /// Does any step make an HTTP call (`call:`)? A message of such a set
-    /// may stop at a call ([`Handled::call`](super::Handled::call)).
+    /// May a flow make an HTTP call (a step's `call:`, or a script flow's
+    /// `http()`)? A message of such a set may stop at a call
+    /// ([`Handled::call`](super::Handled::call)).
     pub fn has_calls(&self) -> bool {
         self.inner.has_calls
     }

@@ -53,6 +53,8 @@
 //!
 //! - `expr`: Rhai in YAML flows (`when:`, `{{= }}`);
 //! - `helpers`: the functions registered for scripts and expressions;
+//! - `http`: `http()`, a script's HTTP call, answered by re-running the
+//!   script with the answers so far (the host makes the request);
 //! - `modules`: `import` and the flows-directory resolver;
 //! - `limits`: [`Limits`] and the fixed bounds; `bounded`: the standard
 //!   functions replaced to refuse before they build an oversized value;
@@ -65,6 +67,7 @@ mod bounded;
 mod errors;
 mod expr;
 mod helpers;
+mod http;
 mod limits;
 mod modules;
 mod run;
@@ -84,6 +87,8 @@ use rhai::packages::{
 };
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope, AST};
 use serde_json::Value;
+
+use crate::flow::calls::{CallRequest, CallResponse};
 
 pub(crate) use errors::ScriptError;
 pub(crate) use expr::{Expr, ExprContext};
@@ -156,6 +161,10 @@ pub(crate) struct ScriptInput {
     /// Unix seconds, from the flow engine's clock; also what `now()` returns.
     pub received_at: i64,
     pub contact: BTreeMap<String, String>,
+    /// Answers to the run's first `http()` calls, in order (see `http`).
+    pub answers: Vec<CallResponse>,
+    /// How many more calls the message may make.
+    pub call_room: usize,
 }
 
 /// What a script run produced.
@@ -172,6 +181,14 @@ pub(crate) struct ScriptOutput {
     pub contact: BTreeMap<String, String>,
     /// The script chose not to answer.
     pub silence: bool,
+    /// An `http()` call the run reached without an answer: the run ended
+    /// there and everything else here is empty; run it again with the
+    /// answer.
+    pub call: Option<CallRequest>,
+    /// The calls the run made with the answers it was given, in order.
+    pub made: Vec<(CallRequest, CallResponse)>,
+    /// `http()` calls with `after_answer: true`, in order.
+    pub after: Vec<CallRequest>,
 }
 
 /// One outgoing message.
@@ -397,6 +414,12 @@ impl Sandbox {
         );
         run.contact = Some(input.contact.clone());
         run.wakes = Some(pending);
+        run.calls = Some(http::RunCalls {
+            answers: input.answers.clone(),
+            room: input.call_room,
+            limits: self.limits.clone(),
+            ..http::RunCalls::default()
+        });
         let guard = RunGuard::enter(run);
         let result = catch_engine_panic(|| {
             self.engine.call_fn_with_options::<Dynamic>(
@@ -407,7 +430,21 @@ impl Sandbox {
                 (first, state_cell.clone()),
             )
         });
-        let run = guard.finish();
+        let mut run = guard.finish();
+        let calls = run
+            .as_mut()
+            .and_then(|r| r.calls.take())
+            .unwrap_or_default();
+        if let Some(call) = calls.pending {
+            // `http()` reached a call with no answer and ended the run
+            // (uncatchably): the caller makes it and runs us again.
+            return Ok(ScriptOutput {
+                call: Some(call),
+                made: calls.made,
+                after: calls.after,
+                ..ScriptOutput::default()
+            });
+        }
         let returned = match result {
             Ok(value) => value,
             // `exit(value)` ends the script with that value as its answer.
@@ -454,6 +491,9 @@ impl Sandbox {
             state,
             contact,
             wakes,
+            call: None,
+            made: calls.made,
+            after: calls.after,
         })
     }
 

@@ -102,6 +102,8 @@ pub(crate) enum TemplateError {
     EmptyExpr,
     #[error("invalid variable name `{0}` in template (letters, digits and `_`, optionally `contact.`/`message.`/`match.` prefix)")]
     BadName(String),
+    #[error("`{{{{call.{0}}}}}` is not part of a call's answer (use call.status, call.ok, call.error, call.json or call.json.a.b)")]
+    BadCallPath(String),
 }
 
 /// Is `s` a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`)?
@@ -162,7 +164,10 @@ impl Template {
             if name.is_empty() {
                 return Err(TemplateError::Empty);
             }
-            let var = parse_var(name).ok_or_else(|| TemplateError::BadName(name.to_owned()))?;
+            let var = parse_var(name).ok_or_else(|| match name.strip_prefix("call.") {
+                Some(path) => TemplateError::BadCallPath(path.to_owned()),
+                None => TemplateError::BadName(name.to_owned()),
+            })?;
             parts.push(Part::Var { var, fallback });
         }
         if !rest.is_empty() {
@@ -280,6 +285,63 @@ impl Template {
     }
 }
 
+/// A text whose only variables are contact fields (`{{contact.name}}`,
+/// `{{contact.name|friend}}`): a broadcast's message, checked once when
+/// the broadcast is made and rendered per contact.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContactText(Template);
+
+impl ContactText {
+    /// Check `src`: a template as in flows, with contact fields only (no
+    /// run variables, `message.`, `match.`, `call.` or `{{= }}`), whose
+    /// shortest rendering fits in `max_chars`. The error says why.
+    pub fn parse(src: &str, max_chars: usize) -> Result<ContactText, String> {
+        let t = Template::parse(src).map_err(|e| e.to_string())?;
+        if t.has_exprs() {
+            return Err(
+                "`{{= }}` expressions are not allowed here: use contact fields, \
+                        like {{contact.name}}"
+                    .into(),
+            );
+        }
+        if let Some(var) = t.vars().find(|v| !matches!(v, Var::Contact(_))) {
+            return Err(format!(
+                "`{{{{{var}}}}}`: only contact fields can be used here, like {{{{contact.name}}}} \
+                 (or {{{{contact.name|friend}}}} for a fallback)"
+            ));
+        }
+        let shortest = t.literal_text().chars().count();
+        if shortest > max_chars {
+            return Err(format!(
+                "{shortest} characters without its fields: at most {max_chars}"
+            ));
+        }
+        Ok(ContactText(t))
+    }
+
+    /// Whether it names no field (the same text for everyone).
+    pub fn is_literal(&self) -> bool {
+        self.0.vars().next().is_none()
+    }
+
+    /// The text for a contact with these fields (a missing or empty field
+    /// renders as its fallback, or nothing).
+    pub fn render(&self, contact: &BTreeMap<String, String>) -> String {
+        let vars = Vars {
+            run: None,
+            contact,
+            body: "",
+            from: "",
+            to: "",
+            captures: &[],
+            call: &BTreeMap::new(),
+        };
+        self.0
+            .try_render(&vars, &mut |_| Ok(String::new()))
+            .unwrap_or_default()
+    }
+}
+
 /// What a template can see while rendering.
 pub(crate) struct Vars<'a> {
     pub run: Option<&'a BTreeMap<String, String>>,
@@ -344,6 +406,27 @@ mod tests {
         assert_eq!(render("Hi {{missing|friend}}.", &[]), "Hi friend.");
         assert_eq!(render("Hi {{x|friend}}.", &[("x", "")]), "Hi friend.");
         assert_eq!(render("a }} b { c", &[]), "a }} b { c");
+    }
+
+    #[test]
+    fn contact_texts_take_contact_fields_only() {
+        let t = ContactText::parse("Hi {{contact.name|friend}}, {{ contact.day }}!", 1600).unwrap();
+        assert!(!t.is_literal());
+        let ana = BTreeMap::from([("name".to_owned(), "Ana".to_owned())]);
+        assert_eq!(t.render(&ana), "Hi Ana, !");
+        assert_eq!(t.render(&BTreeMap::new()), "Hi friend, !");
+        assert!(ContactText::parse("plain", 1600).unwrap().is_literal());
+        for (src, why) in [
+            ("Hi {{name}}", "only contact fields"),
+            ("Hi {{message.body}}", "only contact fields"),
+            ("{{= 1 + 1 }}", "expressions"),
+            ("Hi {{contact.name", "unclosed"),
+            ("{{contact.na me}}", "invalid variable name"),
+            ("12345{{contact.x|678}}", "at most 6"),
+        ] {
+            let e = ContactText::parse(src, 6).unwrap_err();
+            assert!(e.contains(why), "{src}: {e}");
+        }
     }
 
     #[test]

@@ -105,6 +105,20 @@ pub enum Line {
         /// The messages the timers are expected to send, in order.
         expect: Vec<ReplyLine>,
     },
+    /// `@ start appointment field.appt="Tue 3pm"`: start a flow for the
+    /// sender from outside (as `POST /flows/{name}/start` does), with
+    /// contact fields and run variables; `expect` holds the `<` lines
+    /// that follow it: what the start sends.
+    Start {
+        /// The flow started.
+        flow: String,
+        /// Contact fields set before its first step (`field.x=v`).
+        fields: BTreeMap<String, String>,
+        /// Run variables it begins with (`var.x=v`).
+        vars: BTreeMap<String, String>,
+        /// The messages the start is expected to send, in order.
+        expect: Vec<ReplyLine>,
+    },
     /// `@ load DIR`: switch to the flows in DIR (relative to the file).
     Load(PathBuf),
     /// `@ reset`: forget the conversation.
@@ -115,7 +129,7 @@ pub enum Line {
     To(String),
     /// `@ http POST https://shop.example/orders -> 201 {"id": 42}`: the
     /// answer for the next call to this method and URL (a URL ending in
-    /// `*` matches any URL it starts); `-> error why` makes the call fail.
+    /// `*` matches any URL it starts); `-> error timeout` (a category of [`CallError`](super::calls::CallError)) makes the call fail.
     /// No real call is ever made by a transcript.
     Http(HttpMock),
     /// `? what = value`.
@@ -152,7 +166,7 @@ impl HttpMock {
     /// Parse what follows `@ http ` (or `/http ` in `chat`).
     pub fn parse(arg: &str) -> Result<HttpMock, String> {
         const FORM: &str =
-            "write `@ http METHOD URL -> STATUS [JSON]` or `@ http METHOD URL -> error WHY`";
+            "write `@ http METHOD URL -> STATUS [JSON]` or `@ http METHOD URL -> error timeout` (or connection, refused, invalid, too_large, redirects)";
         let (req, answer) = arg.split_once("->").ok_or(FORM)?;
         let (method, url) = req.trim().split_once(' ').ok_or(FORM)?;
         let method = method.trim().to_ascii_uppercase();
@@ -166,11 +180,24 @@ impl HttpMock {
         let answer = answer.trim();
         let (head, rest) = answer.split_once(' ').unwrap_or((answer, ""));
         let answer = if head == "error" {
-            super::calls::CallResponse::failed(if rest.trim().is_empty() {
-                "error (mocked)"
-            } else {
-                rest.trim()
-            })
+            let word = rest.split_whitespace().next().unwrap_or("timeout");
+            let error = super::calls::CallError::parse(word).ok_or_else(|| {
+                let words: Vec<&str> = super::calls::CallError::ALL
+                    .iter()
+                    .filter(|e| **e != super::calls::CallError::Status)
+                    .map(|e| e.as_str())
+                    .collect();
+                format!(
+                    "`{word}` is not a call error (one of {}); {FORM}",
+                    words.join(", ")
+                )
+            })?;
+            if error == super::calls::CallError::Status {
+                return Err(format!(
+                    "a status is an answer: write `-> 503` instead of `-> error status`; {FORM}"
+                ));
+            }
+            super::calls::CallResponse::failed(error, "mocked")
         } else {
             let status: u16 = head
                 .parse()
@@ -319,12 +346,14 @@ impl Transcript {
                     waiting_since: now,
                     timeouts_fired: 0,
                     wakes: BTreeMap::new(),
+                    path: vec![step.clone()],
                 })
             }
         };
         Ok(Conversation {
             contact: self.contact.clone(),
             run,
+            queued: Vec::new(),
         })
     }
 }
@@ -508,6 +537,66 @@ fn state_header_text(value: &str) -> &str {
     }
 }
 
+/// What follows `@ start `: a flow name, then `field.name=value` and
+/// `var.name=value` pairs; a value with spaces is written in double
+/// quotes (`\"` and `\\` inside them).
+pub(crate) fn parse_start(arg: &str) -> Result<Line, String> {
+    const FORM: &str = "write `@ start FLOW field.name=value var.name=\"two words\"`";
+    let mut rest = arg.trim();
+    let (flow, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if flow.is_empty() {
+        return Err(format!("`@ start` needs a flow; {FORM}"));
+    }
+    let (mut fields, mut vars) = (BTreeMap::new(), BTreeMap::new());
+    rest = after.trim_start();
+    while !rest.is_empty() {
+        let (name, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("`{rest}`: expected name=value; {FORM}"))?;
+        let (value, after) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                let end = end.ok_or_else(|| format!("unclosed quote; {FORM}"))?;
+                (value, &quoted[end..])
+            }
+            None => {
+                let (v, after) = after.split_once(char::is_whitespace).unwrap_or((after, ""));
+                (v.to_owned(), after)
+            }
+        };
+        let (map, short) = if let Some(n) = name.strip_prefix("field.") {
+            (&mut fields, n)
+        } else if let Some(n) = name.strip_prefix("var.") {
+            (&mut vars, n)
+        } else {
+            return Err(format!("`{name}`: name a `field.x` or a `var.x`; {FORM}"));
+        };
+        if !is_ident(short) {
+            return Err(format!("`{name}`: `{short}` is not a valid name"));
+        }
+        map.insert(short.to_owned(), value);
+        rest = after.trim_start();
+    }
+    Ok(Line::Start {
+        flow: flow.to_owned(),
+        fields,
+        vars,
+        expect: Vec::new(),
+    })
+}
+
 fn parse(text: &str) -> Result<Transcript, (usize, String)> {
     let mut script = Transcript {
         from: "+15551230001".into(),
@@ -566,13 +655,17 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                     }
                 };
                 match script.lines.last_mut() {
-                    Some((_, Line::Send { expect, .. } | Line::Wait { expect, .. })) => {
-                        expect.push(e)
-                    }
+                    Some((
+                        _,
+                        Line::Send { expect, .. }
+                        | Line::Wait { expect, .. }
+                        | Line::Start { expect, .. },
+                    )) => expect.push(e),
                     _ => {
                         return Err((
                             lno,
-                            "`<` line without a `>` message or `@ wait` before it".into(),
+                            "`<` line without a `>` message, `@ wait` or `@ start` before it"
+                                .into(),
                         ))
                     }
                 }
@@ -593,6 +686,7 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                             .ok_or((lno, format!("bad duration `{arg}` (like 90s, 3h, 2d)")))?,
                         expect: Vec::new(),
                     },
+                    "start" => parse_start(arg).map_err(|e| (lno, e))?,
                     "load" if !arg.is_empty() => Line::Load(PathBuf::from(arg)),
                     "reset" => Line::Reset,
                     "from" if !arg.is_empty() => Line::From(arg.to_owned()),
@@ -601,7 +695,7 @@ fn parse(text: &str) -> Result<Transcript, (usize, String)> {
                         return Err((
                             lno,
                             format!(
-                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ load DIR`, `@ reset`, `@ from +1555…`, `@ to +1555…` or `@ http POST URL -> 201 {{…}}`)"
+                                "unknown `@ {cmd}` (use `@ wait 3h`, `@ start FLOW field.x=v`, `@ load DIR`, `@ reset`, `@ from +1555…`, `@ to +1555…` or `@ http POST URL -> 201 {{…}}`)"
                             ),
                         ))
                     }
@@ -761,6 +855,36 @@ mod tests {
     }
 
     #[test]
+    fn parses_starts_with_quoted_values() {
+        let s = parse(
+            "@ start appointment field.appt=\"Tue 3pm\" var.n=2 field.q=\"a \\\"b\\\"\"\n< Hi\n",
+        )
+        .unwrap();
+        let Line::Start {
+            flow,
+            fields,
+            vars,
+            expect,
+        } = &s.lines[0].1
+        else {
+            panic!("not a start: {:?}", s.lines[0]);
+        };
+        assert_eq!(flow, "appointment");
+        assert_eq!(fields["appt"], "Tue 3pm");
+        assert_eq!(fields["q"], "a \"b\"");
+        assert_eq!(vars["n"], "2");
+        assert_eq!(expect, &vec![reply("Hi")]);
+        for bad in [
+            "@ start",
+            "@ start f field.x=\"open",
+            "@ start f other.x=1",
+            "@ start f field.x",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn parses_seed_headers() {
         let s = parse(
             "contact.name: Ann Lee # seeded\nvar.name: Ann\nstep: signup/ask_age\n> 34\n< ok\n",
@@ -814,7 +938,7 @@ mod tests {
         assert!(parse("nonsense\n> hi\n< x").is_err());
         assert_eq!(
             parse("< x\n").unwrap_err().1,
-            "`<` line without a `>` message or `@ wait` before it"
+            "`<` line without a `>` message, `@ wait` or `@ start` before it"
         );
         assert!(parse("> hi\n< x\n@ reset\n< y\n").is_err());
     }

@@ -89,6 +89,7 @@ pub(super) async fn start_flow(
             let code = match record.result.as_str() {
                 "opted_out" => StatusCode::CONFLICT,
                 "started" if !duplicate => StatusCode::CREATED,
+                "queued" if !duplicate => StatusCode::ACCEPTED,
                 _ => StatusCode::OK,
             };
             let mut body = serde_json::to_value(&record).unwrap_or_default();

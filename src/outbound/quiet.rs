@@ -1,7 +1,7 @@
 //! Quiet hours: a daily window, in an IANA time zone, when a sending number
 //! sends nothing on its own. A message due inside it is deferred to the
-//! window's end, never dropped. The only user of jiff (its zone data is
-//! bundled, so the machine's zoneinfo does not matter).
+//! window's end, never dropped. Uses jiff (as campaigns do; its zone data
+//! is bundled, so the machine's zoneinfo does not matter).
 
 use serde::Deserialize;
 

@@ -41,8 +41,10 @@ use crate::pipeline::{consent_change, consent_scope, Pipeline};
 use crate::store::{ConvKey, DeliveryStatus, OutboxEntry, OutboxState, Store, StoreError};
 use crate::twilio::MessageStatus;
 
-/// Entries read from the due index per pass.
+/// Most entries read from the due index per pass.
 const BATCH: usize = 256;
+/// Entries a pass reads first (see `pass`).
+const WINDOW: usize = 2 * IN_FLIGHT;
 /// Sends in flight at once (across numbers; each number is paced).
 const IN_FLIGHT: usize = 8;
 /// Attempts (requests Twilio refused before processing) before a message
@@ -272,48 +274,60 @@ impl<S: Store> Sender<S> {
     async fn pass(self: &Arc<Self>, tasks: &mut JoinSet<()>) -> Result<(), StoreError> {
         let now_ms = unix_millis();
         let now = now_ms.div_euclid(1000);
-        let due = self.store().due_outbound(now, BATCH)?;
-        if due.is_empty() {
-            return Ok(());
-        }
         let epoch = self.store().epoch();
         let mut wrote = false;
-        for entry in due {
-            if lock(&self.claimed).contains(&entry.key) {
-                continue;
-            }
-            let decision = self.decide(&entry, now, now_ms)?;
-            match decision {
-                Decision::Nothing => {}
-                Decision::Write(state, outcome) => {
-                    if self
-                        .store()
-                        .update_outbound(&entry.key, &entry.state, state)?
-                        .is_some()
-                    {
-                        wrote = true;
-                        if let Some(outcome) = outcome {
-                            self.metrics.outbound(outcome);
+        // Most passes (one per finished send) have a place or two to fill:
+        // a small window of the due index is enough, and reading all of
+        // BATCH each time cost more than the sends themselves in a long
+        // broadcast. A window that holds only entries already claimed or
+        // written away (skipped, deferred) is read again, larger.
+        let mut window = WINDOW;
+        loop {
+            let due = self.store().due_outbound(now, window)?;
+            let read = due.len();
+            let mut full = false;
+            for entry in due {
+                if lock(&self.claimed).contains(&entry.key) {
+                    continue;
+                }
+                let decision = self.decide(&entry, now, now_ms)?;
+                match decision {
+                    Decision::Nothing => {}
+                    Decision::Write(state, outcome) => {
+                        if self
+                            .store()
+                            .update_outbound(&entry.key, &entry.state, state)?
+                            .is_some()
+                        {
+                            wrote = true;
+                            if let Some(outcome) = outcome {
+                                self.metrics.outbound(outcome);
+                            }
                         }
                     }
-                }
-                Decision::Send(slot) => {
-                    if tasks.len() >= IN_FLIGHT {
-                        // Its slot is kept; the next pass picks it up.
-                        lock(&self.pacing).reserve(&entry.key, slot);
-                        break;
-                    }
-                    lock(&self.claimed).insert(entry.key.clone());
-                    let me = self.clone();
-                    tasks.spawn(async move {
-                        let key = entry.key.clone();
-                        if let Err(e) = me.send(entry, slot).await {
-                            tracing::error!(key = %short(&key), error = %e, "outbound send could not be recorded");
+                    Decision::Send(slot) => {
+                        if tasks.len() >= IN_FLIGHT {
+                            // Its slot is kept; the next pass picks it up.
+                            lock(&self.pacing).reserve(&entry.key, slot);
+                            full = true;
+                            break;
                         }
-                        lock(&me.claimed).remove(&key);
-                    });
+                        lock(&self.claimed).insert(entry.key.clone());
+                        let me = self.clone();
+                        tasks.spawn(async move {
+                            let key = entry.key.clone();
+                            if let Err(e) = me.send(entry, slot).await {
+                                tracing::error!(key = %short(&key), error = %e, "outbound send could not be recorded");
+                            }
+                            lock(&me.claimed).remove(&key);
+                        });
+                    }
                 }
             }
+            if full || read < window || window >= BATCH {
+                break;
+            }
+            window = (window * 4).min(BATCH);
         }
         if wrote {
             self.store().flush(epoch).await?;

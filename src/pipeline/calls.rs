@@ -109,12 +109,13 @@ impl<S: Store> Pipeline<S> {
                     ms = elapsed.as_millis() as u64,
                     "flow call answered"
                 ),
-                CallResponse::Failed { error } => tracing::warn!(
+                CallResponse::Failed { error, detail } => tracing::warn!(
                     flow = %request.flow,
                     step = %request.step,
                     method = %request.method,
                     host = %request.host(),
                     error = %error,
+                    detail = %detail,
                     ms = elapsed.as_millis() as u64,
                     "flow call failed; the flow takes its on_error"
                 ),

@@ -5,7 +5,7 @@
 
 use super::Pipeline;
 use crate::contacts::{Contact, ContactRow, ImportSummary};
-use crate::flow::{self, Conversation};
+use crate::flow::Conversation;
 use crate::store::{ConvKey, StateCommit, Store, StoreError};
 
 impl<S: Store> Pipeline<S> {
@@ -46,15 +46,16 @@ impl<S: Store> Pipeline<S> {
             if conversation == Conversation::default() {
                 continue; // a row with no fields for a new contact
             }
-            let due = flow::next_due(&flows, &conversation);
+            let due = self.due_of(&flows, &key, &conversation, now);
             let bytes = conversation.to_stored();
             self.store.commit_state(StateCommit {
                 key: &key,
                 conversation: Some(&bytes),
-                ended: conversation.run.is_none(),
+                ended: conversation.is_idle() && due.is_none(),
                 due,
                 recent: &stored.recent,
                 at: now,
+                results: &[],
             })?;
             drop(guard);
             self.timers.set(due);

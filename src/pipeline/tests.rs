@@ -180,6 +180,7 @@ async fn a_firing_repeated_after_a_lost_commit_enqueues_nothing_twice() {
             due: before.due,
             recent: &before.recent,
             at: 1_000,
+            results: &[],
         })
         .unwrap();
     let again = p.store().due_timers(2_000, 10).unwrap();
@@ -333,4 +334,39 @@ mod race {
             });
         }
     }
+}
+
+/// A conversation with no run but a start queued is not "ended": stored
+/// as ended, a purge could remove the queued start with it.
+#[tokio::test]
+async fn a_queued_start_keeps_its_conversation_from_the_purge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = timer_pipeline(tmp.path());
+    let key = ConvKey::new(US, "+15551239876");
+    let waiting = flow::Conversation {
+        queued: vec![flow::QueuedStart {
+            flow: "appt".to_owned(),
+            key: "queued-1".to_owned(),
+            fields: Default::default(),
+            vars: Default::default(),
+            messaging_service_sid: None,
+            at: 1_000,
+        }],
+        ..Default::default()
+    };
+    pipeline
+        .store
+        .put_conversation(&key, &waiting.to_stored(), false, 1_000)
+        .unwrap();
+    // An import touches the conversation (and rewrites its record) while
+    // the start still waits.
+    let row = crate::contacts::ContactRow {
+        line: 2,
+        phone: "+15551239876".to_owned(),
+        fields: [("name".to_owned(), "Ada".to_owned())].into(),
+    };
+    pipeline.import_contacts(US, &[row], 1_000).await.unwrap();
+    pipeline.store.purge(2_000).unwrap();
+    let kept = pipeline.store.conversation(&key).unwrap();
+    assert!(kept.is_some(), "the queued start was purged");
 }

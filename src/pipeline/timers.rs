@@ -9,6 +9,10 @@
 //! moves the conversation (or, for a reminder, marks that timeout fired)
 //! before the reply is routed. Exactly one of "the reply's route from the
 //! waiting step" and "the timeout" runs.
+//!
+//! A conversation's due time may be its next campaign event instead
+//! (`campaigns.rs`): firing first starts the flows of the events due, each
+//! under its own key, then records the next due time.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -72,12 +76,14 @@ impl TimerWaker {
 /// What firing one timer index entry did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimerFired {
-    /// Whether the conversation's timer was due and ran (false: the entry
-    /// was stale, e.g. a reply won the race, and was removed).
+    /// Whether the conversation's timer was due and ran, or a campaign
+    /// event due with it started its flow (false: the entry was stale,
+    /// e.g. a reply won the race, and was removed).
     pub ran: bool,
     /// The outbox entries this firing created (one per message part), in
-    /// order; empty when it said nothing, or when they were already
-    /// enqueued by an earlier firing that crashed before its commit.
+    /// order, a campaign's first; empty when it said nothing, or when
+    /// they were already enqueued by an earlier firing that crashed
+    /// before its commit.
     pub enqueued: Vec<OutboxEntry>,
     /// The engine's events.
     pub events: Vec<flow::Event>,
@@ -88,8 +94,10 @@ impl<S: Store> Pipeline<S> {
     /// under the conversation's lock: re-read the record; if its due time
     /// is no longer `timer.due` the entry is stale (a reply or an earlier
     /// firing moved it) and is removed; otherwise run the engine's
-    /// timeout, put what it says in the outbox, then commit the
-    /// conversation with its next due time, then flush.
+    /// timeout, then, when no run is live any more and a start is queued
+    /// (`if_busy: queue`), start the first queued flow; put what they say
+    /// in the outbox, then commit the conversation with its next due
+    /// time, then flush.
     ///
     /// The outbox entries are written before the conversation: a crash in
     /// between fires the timer again after restart, and the entries' keys
@@ -98,6 +106,20 @@ impl<S: Store> Pipeline<S> {
     /// once.
     pub async fn fire_timer(&self, timer: &DueTimer, now: i64) -> Result<TimerFired, StoreError> {
         let key = &timer.key;
+        // Campaign events first, each a flow start under its own key (it
+        // takes the conversation's lock itself): a crash after one leaves
+        // the index entry, and firing again starts nothing twice.
+        let mut campaign_sent = Vec::new();
+        let mut campaigns_fired = 0;
+        let flows = self.flows.load_full();
+        if flows.has_campaigns() && timer.due <= now {
+            let record = self.store.load(key)?;
+            if record.due == Some(timer.due) && record.conversation.is_some() {
+                let conversation = self.conversation_of(key, &record)?;
+                (campaign_sent, campaigns_fired) =
+                    self.fire_campaigns(&flows, key, &conversation, now).await?;
+            }
+        }
         let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
@@ -107,13 +129,37 @@ impl<S: Store> Pipeline<S> {
             }
             drop(guard);
             return Ok(TimerFired {
-                ran: false,
-                enqueued: Vec::new(),
+                ran: campaigns_fired > 0,
+                enqueued: campaign_sent,
                 events: Vec::new(),
             });
         }
         let conversation = self.conversation_of(key, &record)?;
-        let flows = self.flows.load_full();
+        if flows.has_campaigns() && flow::next_due(&flows, &conversation).is_none_or(|d| d > now) {
+            // Only campaign events were due (fired above), not the run's
+            // own timer: the engine is not asked (it would count a stale
+            // timer); the record gets its next due time.
+            let due = self.due_after(&flows, key, &conversation, now);
+            let stored =
+                (conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+            self.store.commit_state(StateCommit {
+                key,
+                conversation: stored.as_deref(),
+                ended: conversation.is_idle() && due.is_none(),
+                due,
+                recent: &record.recent,
+                at: now,
+                results: &[],
+            })?;
+            drop(guard);
+            self.timers.set(due);
+            self.store.flush(epoch).await?;
+            return Ok(TimerFired {
+                ran: campaigns_fired > 0,
+                enqueued: campaign_sent,
+                events: Vec::new(),
+            });
+        }
         let wake = Wake {
             from: &key.from,
             to: &key.to,
@@ -177,7 +223,20 @@ impl<S: Store> Pipeline<S> {
         } else if fired.is_some() {
             Metrics::inc(&self.metrics.timers_fired);
         }
-        let mut enqueued = Vec::new();
+        // The run may have ended (or expired) with a start queued behind
+        // it: that start goes now, its messages after the timeout's.
+        let mut conversation = handled.conversation.clone();
+        let mut ended = handled.ended.clone();
+        let mut started = false;
+        let mut start_jobs = 0;
+        if let Some(start) = self.start_queued(&flows, key, &conversation, now).await? {
+            conversation = start.conversation;
+            entries.extend(start.entries);
+            ended.extend(start.ended);
+            start_jobs = start.jobs;
+            started = true;
+        }
+        let mut enqueued = campaign_sent;
         if !entries.is_empty() {
             // Only the entries this firing added count as sent by it.
             for entry in entries {
@@ -193,17 +252,19 @@ impl<S: Store> Pipeline<S> {
             &handled.after,
             now,
         )?;
-        let conversation = &handled.conversation;
-        let due = flow::next_due(&flows, conversation);
+        // Campaign events due by now were fired above: the next is later.
+        let due = self.due_after(&flows, key, &conversation, now);
         let stored =
-            (*conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+            (conversation != flow::Conversation::default()).then(|| conversation.to_stored());
+        let results = super::results::of(key, &ended, &conversation.contact, now);
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
-            ended: conversation.run.is_none(),
+            ended: conversation.is_idle() && due.is_none(),
             due,
             recent: &record.recent,
             at: now,
+            results: &results,
         })?;
         drop(guard);
         self.timers.set(due);
@@ -211,7 +272,7 @@ impl<S: Store> Pipeline<S> {
         if !enqueued.is_empty() {
             self.outbox.notify_one();
         }
-        if jobs > 0 {
+        if jobs + start_jobs > 0 {
             self.call_jobs.notify_one();
         }
         tracing::debug!(
@@ -221,7 +282,7 @@ impl<S: Store> Pipeline<S> {
             "timer fired"
         );
         Ok(TimerFired {
-            ran: fired.is_some(),
+            ran: fired.is_some() || started || campaigns_fired > 0,
             enqueued,
             events: handled.events,
         })

@@ -5,9 +5,9 @@
 use super::pg::{PgConfig, PgStore};
 use super::{
     AuditRecord, CallJob, CallJobState, Commit, ConsentChange, ConvKey, ConvLock, DeliveryStatus,
-    DueTimer, Durability, Epoch, OptOut, OutboxEntry, OutboxState, Processed, Purged, SledStore,
-    StartRecord, StateCommit, StatusEvent, StatusUpdate, Store, StoreError, StoreHealth,
-    StoredConversation,
+    DueTimer, Durability, Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, OutboxTally,
+    Processed, Purged, RunResult, SledStore, StartRecord, StateCommit, StatusEvent, StatusUpdate,
+    Store, StoreError, StoreHealth, StoredConversation,
 };
 use crate::metrics::Histogram;
 
@@ -236,6 +236,34 @@ impl Store for AnyStore {
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError> {
         each!(self, s => s.commit_start(commit, entries, record))
+    }
+    fn call_jobs_pending(&self) -> usize {
+        each!(self, s => s.call_jobs_pending())
+    }
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        each!(self, s => s.outbox_with_prefix(prefix))
+    }
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError> {
+        each!(self, s => s.outbox_tallies())
+    }
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
+        each!(self, s => s.results(flow, since))
+    }
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError> {
+        each!(self, s => s.contact_conversations(number))
+    }
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        each!(self, s => s.forget_contact(number, audit))
+    }
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError> {
+        each!(self, s => s.all_conversations())
+    }
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError> {
+        each!(self, s => s.conversation_keys(after, limit))
     }
     async fn lock_conversation(&self, key: &ConvKey) -> Result<Option<ConvLock>, StoreError> {
         match self {

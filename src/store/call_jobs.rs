@@ -118,6 +118,25 @@ pub(super) fn indexed_by(job: &CallJob, ix: &[u8]) -> bool {
     index_key(job).as_deref() == Some(ix)
 }
 
+/// How many jobs are pending (their due-index entries).
+pub(super) fn count_pending(db: &sled::Db) -> Result<i64, StoreError> {
+    let mut n = 0;
+    for item in db.scan_prefix(DUE) {
+        item?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Whether a finished job (delivered or failed) was finished before
+/// `cutoff`: the store's purge removes it.
+pub(super) fn finished_before(job: &CallJob, cutoff: i64) -> bool {
+    match job.state {
+        CallJobState::Delivered { at, .. } | CallJobState::Failed { at, .. } => at < cutoff,
+        CallJobState::Pending { .. } => false,
+    }
+}
+
 /// Store `job` unless its key is taken, with its index entry, atomically.
 /// Whether it was stored.
 pub(super) fn insert_new(db: &sled::Db, job: &CallJob) -> Result<bool, StoreError> {
@@ -138,34 +157,41 @@ pub(super) fn insert_new(db: &sled::Db, job: &CallJob) -> Result<bool, StoreErro
 }
 
 /// Replace the stored job `job.key` (in any state) by `job`, moving its
-/// index entry, atomically.
-pub(super) fn replace(db: &sled::Db, job: &CallJob) -> Result<(), StoreError> {
-    replace_if(db, job, None).map(|_| ())
+/// index entry, atomically. Returns how the number of pending jobs (index
+/// entries) changed.
+pub(super) fn replace(db: &sled::Db, job: &CallJob) -> Result<i64, StoreError> {
+    replace_if(db, job, None).map(|changed| changed.unwrap_or(0))
 }
 
 /// [`replace`], only when the stored job is in state `from` (when given):
-/// compare and swap. Whether it was replaced.
+/// compare and swap. `None` when it was not replaced, else how the number
+/// of pending jobs (index entries) changed.
 pub(super) fn replace_if(
     db: &sled::Db,
     job: &CallJob,
     from: Option<&CallJobState>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let k = db_key(&job.key);
     let v = encode(job);
     let index = index_key(job);
     db.transaction(|tx| {
         let old = tx.get(&k)?.and_then(|old| decode::<CallJob>(&old).ok());
         if from.is_some_and(|from| old.as_ref().map(|o| &o.state) != Some(from)) {
-            return Ok(false);
+            return Ok(None);
         }
+        let mut change = 0;
         if let Some(ix) = old.as_ref().and_then(index_key) {
-            tx.remove(ix)?;
+            if tx.remove(ix)?.is_some() {
+                change -= 1;
+            }
         }
         tx.insert(k.as_slice(), v.as_slice())?;
         if let Some(ix) = &index {
-            tx.insert(ix.as_slice(), &[] as &[u8])?;
+            if tx.insert(ix.as_slice(), &[] as &[u8])?.is_none() {
+                change += 1;
+            }
         }
-        Ok(true)
+        Ok(Some(change))
     })
     .map_err(storage_error)
 }
@@ -232,5 +258,54 @@ mod tests {
         store.update_call_job(&a).unwrap();
         assert_eq!(keys(1000), ["b"]);
         assert_eq!(store.call_job("a").unwrap(), Some(a));
+    }
+
+    /// The pending count follows every write and survives a reopen; the
+    /// purge removes jobs finished before the cutoff and nothing pending.
+    #[test]
+    fn pending_jobs_are_counted_and_old_finished_ones_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        let batch = [job("a", 100), job("b", 100), job("c", 100), job("d", 100)];
+        store.enqueue_call_jobs(&batch).unwrap();
+        store.enqueue_call_jobs(&batch).unwrap();
+        assert_eq!(store.call_jobs_pending(), 4);
+        let finish = |key: &str, at: i64, delivered: bool| {
+            let mut j = job(key, 0);
+            j.state = if delivered {
+                CallJobState::Delivered {
+                    status: 200,
+                    attempts: 1,
+                    at,
+                }
+            } else {
+                CallJobState::Failed {
+                    reason: "refused: x is not in http_allow".into(),
+                    attempts: 1,
+                    at,
+                }
+            };
+            store.update_call_job(&j).unwrap();
+        };
+        finish("a", 100, true);
+        finish("b", 900, true);
+        finish("c", 100, false);
+        // Moved, still pending: counted once.
+        store.update_call_job(&job("d", 700)).unwrap();
+        assert_eq!(store.call_jobs_pending(), 1);
+        let purged = store.purge(500).unwrap();
+        assert_eq!(purged.call_jobs, 2);
+        assert!(store.call_job("a").unwrap().is_none());
+        assert!(store.call_job("c").unwrap().is_none());
+        assert!(store.call_job("b").unwrap().is_some());
+        assert!(store.call_job("d").unwrap().is_some());
+        drop(store);
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.call_jobs_pending(), 1);
+        // What the trait's default reads (the due index) agrees.
+        assert_eq!(
+            store.due_call_jobs(i64::MAX, usize::MAX).unwrap().len(),
+            store.call_jobs_pending()
+        );
     }
 }

@@ -4,10 +4,14 @@
 //! wrote them (a signup conversation waiting at `ask_age`, a sender who
 //! texted STOP, a delivery status and its event, the consent state and its
 //! audit record, the message log). `golden/v1/` holds the same records as
-//! the first versioned release wrote them, and `golden/v2/` as this
-//! release writes them (version 2: the conversation record's header holds
-//! its next timer's due time, and the conversation's run its timer fields;
-//! the other records are still at version 1). Every version's records must
+//! the first versioned release wrote them, `golden/v2/` as the next
+//! (version 2: the conversation record's header holds its next timer's
+//! due time, and the conversation's run its timer fields), and
+//! `golden/v3/` as this release writes them (the conversation at version
+//! 3: its run keeps its path of steps; message log lines at version 2:
+//! they may hold texts; the other records are still at version 1; kinds
+//! added later, such as flow results, start at version 1 in
+//! `golden/v1/`). Every version's records must
 //! keep decoding to the same values, and this release must write the
 //! current version byte for byte. A format change is a new version: see "Format versions" in the
 //! store's module doc. `SMSFLOW_WRITE_GOLDEN=1 cargo test --lib golden`
@@ -61,7 +65,9 @@ fn ana() -> Conversation {
             waiting_since: 1_700_000_002,
             timeouts_fired: 0,
             wakes: BTreeMap::new(),
+            path: vec!["ask_age".into()],
         }),
+        queued: Vec::new(),
     }
 }
 
@@ -234,11 +240,16 @@ fn version_2_records_decode() {
     check_decodes(2);
 }
 
+#[test]
+fn version_3_records_decode() {
+    check_decodes(3);
+}
+
 /// The bytes this release writes for the golden values: the current
 /// version, exactly. A test failing here means the format changed: give
 /// it a new version instead (see the store's module doc).
 #[test]
-fn this_release_writes_version_2_exactly() {
+fn this_release_writes_version_3_exactly() {
     let v0 = decode_conv(&read(0, "conversation.bin")).unwrap();
     let conversation = Conversation::from_stored(v0.conversation.as_deref().unwrap()).unwrap();
     let stopped = decode_conv(&read(0, "conversation_opted_out.bin")).unwrap();
@@ -252,6 +263,8 @@ fn this_release_writes_version_2_exactly() {
             outcome: outcome.into(),
             flow: step.map(|_| "signup".into()),
             step: step.map(Into::into),
+            body: None,
+            replies: Vec::new(),
         }));
         log.push(b'\n');
     }
@@ -278,20 +291,23 @@ fn this_release_writes_version_2_exactly() {
     ];
     let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
     for (name, bytes) in written {
-        let path = dir(2).join(name);
+        let path = dir(3).join(name);
         if write && !path.exists() {
-            std::fs::create_dir_all(dir(2)).unwrap();
+            std::fs::create_dir_all(dir(3)).unwrap();
             std::fs::write(&path, &bytes).unwrap();
         }
         assert_eq!(
-            read(2, name),
+            read(3, name),
             bytes,
-            "v2/{name}: this release no longer writes version 2 as committed"
+            "v3/{name}: this release no longer writes version 3 as committed"
         );
     }
-    // The JSON records other than the conversation are still version 1.
-    assert_eq!(read(2, "opt_out.json"), read(1, "opt_out.json"));
-    assert!(read(2, "conversation.bin")[0] == 2);
+    // The JSON records other than the conversation and the message log
+    // lines are still version 1; the conversation record's layout is
+    // still version 2 (version 3 changed the conversation inside it).
+    assert_eq!(read(3, "opt_out.json"), read(1, "opt_out.json"));
+    assert!(read(3, "conversation.bin")[0] == 2);
+    assert!(read(3, "messages.jsonl").starts_with(b"{\"v\":2,"));
 }
 
 #[test]
@@ -321,7 +337,7 @@ fn newer_records_do_not_decode() {
     let mut v = read(2, "conversation.bin");
     v[0] = 3;
     assert!(decode_conv(&v).is_err());
-    assert!(Conversation::from_stored(br#"{"v":3,"contact":{},"run":null}"#).is_err());
+    assert!(Conversation::from_stored(br#"{"v":4,"contact":{},"run":null}"#).is_err());
     assert!(decode::<OptOut>(br#"{"v":2,"opted_out":true,"at":1}"#).is_err());
 }
 
@@ -393,6 +409,15 @@ async fn a_store_written_before_versions_keeps_working() {
         .await
         .unwrap();
     assert_eq!(answer.twiml, twiml("You're signed up, Ana."));
+    // The run that ended has its result, with the path its old record
+    // is known to have taken (it waited at ask_age).
+    let results = store.results("signup", 0).unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].ended, "completed");
+    assert_eq!(results[0].path, ["ask_age", "done"]);
+    assert_eq!(results[0].vars["name"], "Ana");
+    assert_eq!(results[0].vars["age"], "34");
+    assert_eq!(results[0].fields["member"], "yes");
     // Written back in the current version.
     let raw = store.load(&ConvKey::new(US, ANA)).unwrap();
     let conv = Conversation::from_stored(raw.conversation.as_deref().unwrap()).unwrap();
@@ -578,5 +603,48 @@ fn start_records_of_version_1_decode_and_are_written_exactly() {
         super::starts::db_key("k"),
         b"f\0k",
         "start record keys are part of the format"
+    );
+}
+
+/// A flow result of version 1 decodes, and this release writes it byte
+/// for byte (`SMSFLOW_WRITE_GOLDEN=1` writes it when missing).
+#[test]
+fn run_results_of_version_1_decode_and_are_written_exactly() {
+    let result = RunResult {
+        flow: "signup".into(),
+        to: US.into(),
+        contact: ANA.into(),
+        started_at: 1_700_000_000,
+        ended_at: 1_700_000_300,
+        ended: "completed".into(),
+        path: vec!["ask_name".into(), "ask_age".into(), "done".into()],
+        vars: BTreeMap::from([
+            ("name".to_owned(), "Ana".to_owned()),
+            ("age".to_owned(), "34".to_owned()),
+        ]),
+        fields: BTreeMap::from([
+            ("name".to_owned(), "Ana".to_owned()),
+            ("member".to_owned(), "yes".to_owned()),
+        ]),
+    };
+    let name = "run_result.json";
+    let path = dir(1).join(name);
+    if std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some() && !path.exists() {
+        std::fs::write(&path, encode(&result)).unwrap();
+    }
+    assert_eq!(decode::<RunResult>(&read(1, name)), Ok(result.clone()));
+    assert_eq!(
+        read(1, name),
+        encode(&result),
+        "v1/{name}: this release no longer writes version 1 as committed"
+    );
+    let mut key = b"r\0signup\0".to_vec();
+    key.extend_from_slice(&1_700_000_000_u64.to_be_bytes());
+    key.extend_from_slice(format!("{US}\0{ANA}\0").as_bytes());
+    key.extend_from_slice(&[0, 1]);
+    assert_eq!(
+        super::results::db_key(&result, 1),
+        key,
+        "result keys are part of the format"
     );
 }

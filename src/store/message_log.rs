@@ -1,6 +1,12 @@
 //! The inbound message log: an append-only JSON-lines file beside the
 //! database (`messages.jsonl`), one line per processed message. See the
 //! store's module doc for why it is not in sled.
+//!
+//! Removing lines (retention, erasing one contact) rewrites the file
+//! under the writer's lock: the kept lines go to a new file that is
+//! fsynced and renamed over the old one (`files::write_durably`), so a
+//! crash leaves either the old file or the new one, and no append is
+//! lost in between (appends wait for the lock).
 
 use std::io;
 
@@ -21,11 +27,28 @@ pub(super) struct LogLine {
     pub(super) flow: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) step: Option<String>,
+    /// Version 2: the inbound text, when `store_message_text` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) body: Option<String>,
+    /// Version 2: the texts of our replies, when `store_message_text` is on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) replies: Vec<String>,
 }
 
+/// Version 2 added the message texts (`body`, `replies`), kept only when
+/// the operator chose `store_message_text`.
 impl crate::versioned::Versioned for LogLine {
     const KIND: &'static str = "message log line";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
+
+    fn upgrade(from: u32, record: serde_json::Value) -> Result<serde_json::Value, String> {
+        match from {
+            // Before versions: the shape of version 1. Version 1 kept no
+            // text: a line of it reads with none.
+            0 | 1 => Ok(record),
+            _ => Err(format!("no migration from version {from}")),
+        }
+    }
 }
 
 impl LogLine {
@@ -40,6 +63,8 @@ impl LogLine {
                 to: self.to,
                 flow: self.flow,
                 step: self.step,
+                body: self.body,
+                replies: self.replies,
             },
         )
     }
@@ -101,8 +126,22 @@ impl MessageLog {
     /// Rewrite the file without lines older than `cutoff`; returns how many
     /// were dropped.
     pub(super) fn purge(&self, cutoff: i64) -> Result<usize, StoreError> {
+        self.rewrite("purging", |l| l.at < cutoff)
+    }
+
+    /// Rewrite the file without the lines from or to `number`; returns
+    /// how many were dropped.
+    pub(super) fn forget(&self, number: &str) -> Result<usize, StoreError> {
+        self.rewrite("erasing a contact from", |l| {
+            l.from == number || l.to == number
+        })
+    }
+
+    /// Rewrite the file without the lines `drop` picks (and lines that do
+    /// not decode), under the writer's lock; returns how many were dropped.
+    fn rewrite(&self, what: &str, drop: impl Fn(&LogLine) -> bool) -> Result<usize, StoreError> {
         use std::io::Write;
-        let io = |e: std::io::Error| StoreError::Backend(format!("purging the message log: {e}"));
+        let io = |e: std::io::Error| StoreError::Backend(format!("{what} the message log: {e}"));
         let mut writer = self.writer();
         writer.flush().map_err(io)?;
         let lines = match std::fs::read(&self.path) {
@@ -114,7 +153,7 @@ impl MessageLog {
         let mut dropped = 0;
         for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             match decode::<LogLine>(line) {
-                Ok(l) if l.at < cutoff => dropped += 1,
+                Ok(l) if drop(&l) => dropped += 1,
                 Ok(_) => {
                     kept.extend_from_slice(line);
                     kept.push(b'\n');

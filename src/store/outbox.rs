@@ -19,8 +19,9 @@
 //! - `y\x01` + key → empty: one per `Sending` entry (a request may be in
 //!   flight), so a restart finds them without a scan.
 //!
-//! Every change of an entry's state rewrites the entry and its index
-//! entries in one sled transaction, so they cannot disagree after a crash.
+//! Every change of an entry's state rewrites the entry, its index
+//! entries and its broadcast's tally (`tallies.rs`) in one sled
+//! transaction, so they cannot disagree after a crash.
 //! An index entry that points at an entry in another state anyway (a
 //! record kept aside, an older release's leftovers) is stale: readers skip
 //! and remove it. The outbox depth (pending and sending entries) is the
@@ -177,23 +178,34 @@ pub(super) fn count_indexed(db: &sled::Db) -> Result<i64, StoreError> {
     Ok(n)
 }
 
-/// Store `entry` under its key unless the key is taken, with its index
-/// entry, atomically. `None`: the key was taken; `Some(d)`: stored, and
-/// the depth changed by `d`.
-pub(super) fn insert_new(db: &sled::Db, entry: &OutboxEntry) -> Result<Option<i64>, StoreError> {
-    let k = db_key(&entry.key);
-    let v = encode(entry);
-    let index = index_key(&entry.state, &entry.key);
+/// Store each of `entries` under its key unless the key is taken, with
+/// its index entry and its tally, in one transaction (a broadcast's
+/// thousands of entries cost one commit, and one write of its tally, per
+/// call). Returns how many were new and the change of the depth.
+pub(super) fn insert_new(
+    db: &sled::Db,
+    entries: &[OutboxEntry],
+) -> Result<(usize, i64), StoreError> {
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| (db_key(&e.key), encode(e), index_key(&e.state, &e.key)))
+        .collect();
     db.transaction(|tx| {
-        if tx.get(&k)?.is_some() {
-            return Ok(None);
+        let (mut new, mut depth) = (0, 0);
+        let mut counts = super::tallies::Counts::default();
+        for (entry, (k, v, index)) in entries.iter().zip(&rows) {
+            if tx.get(k)?.is_some() {
+                continue;
+            }
+            tx.insert(k.as_slice(), v.as_slice())?;
+            counts.add(&entry.key, &entry.state);
+            new += 1;
+            if let Some(ix) = index {
+                depth += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
+            }
         }
-        tx.insert(k.as_slice(), v.as_slice())?;
-        let mut delta = 0;
-        if let Some(ix) = &index {
-            delta += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
-        }
-        Ok(Some(delta))
+        counts.write(tx)?;
+        Ok((new, depth))
     })
     .map_err(storage_error)
 }
@@ -247,6 +259,7 @@ pub(super) fn transition(
         if let Some(old) = index_key(&entry.state, key) {
             depth -= i64::from(tx.remove(old)?.is_some());
         }
+        super::tallies::count(tx, key, Some(&entry.state), to)?;
         entry.state = to.clone();
         if let Some(new) = index_key(&entry.state, key) {
             depth += i64::from(tx.insert(new, &[] as &[u8])?.is_none());

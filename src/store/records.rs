@@ -26,6 +26,16 @@ impl ConvKey {
         }
     }
 
+    /// The key of a conversation record (`c\0` to `\0` from), if `k` is one.
+    pub(super) fn from_db_key(k: &[u8]) -> Option<ConvKey> {
+        let rest = k.strip_prefix(b"c\0")?;
+        let split = rest.iter().position(|b| *b == 0)?;
+        Some(ConvKey::new(
+            std::str::from_utf8(&rest[..split]).ok()?,
+            std::str::from_utf8(&rest[split + 1..]).ok()?,
+        ))
+    }
+
     pub(super) fn db_key(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(3 + self.to.len() + self.from.len());
         k.extend_from_slice(b"c\0");
@@ -58,6 +68,13 @@ pub struct Processed {
     /// The step within `flow` that produced the answer, if any.
     #[serde(default)]
     pub step: Option<String>,
+    /// The inbound text, kept in the message log only when the operator
+    /// chose `store_message_text` (else `None`).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The texts of our replies, likewise (empty when not kept).
+    #[serde(default)]
+    pub replies: Vec<String>,
 }
 
 /// The latest known delivery status of a message we sent.

@@ -17,13 +17,15 @@ use super::records::{
     conv_due, conv_header, conv_value, decode, decode_conv, encode, has_conversation,
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
+use super::results::{self, RunResult};
 use super::starts::{self, StartRecord};
+use super::tallies::{self, OutboxTally};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
-    Epoch, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer, RecentAnswers,
-    StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError, StoreHealth,
-    StoredConversation,
+    Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer,
+    RecentAnswers, StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError,
+    StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 use crate::metrics::Histogram;
@@ -72,6 +74,9 @@ pub(super) struct Shared {
     /// Outbox entries pending or being sent (its index entries): counted
     /// at open, then kept up to date by every outbox write.
     outbox_depth: AtomicI64,
+    /// Pending call jobs (their due-index entries): counted at open, then
+    /// kept up to date by every call job write.
+    call_jobs_pending: AtomicI64,
     /// How long each grouped flush (sled's flush and the fsyncs) took,
     /// for `/metrics`.
     flush_latency: Histogram,
@@ -135,6 +140,7 @@ impl SledStore {
             fsyncs: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
+            call_jobs_pending: AtomicI64::new(0),
             flush_latency: Histogram::default(),
         });
         let (count, timers) = shared.scan_conversations(&open.db).map_err(|e| match e {
@@ -155,7 +161,22 @@ impl SledStore {
             detail: e.to_string(),
         })?;
         shared.outbox_depth.store(depth, Ordering::Relaxed);
+        let pending = call_jobs::count_pending(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        shared.call_jobs_pending.store(pending, Ordering::Relaxed);
         shared.timers.store(timers, Ordering::Relaxed);
+        let counted = tallies::count_once(&open.db).map_err(|e| OpenError::Damaged {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        if counted > 0 {
+            tracing::info!(
+                broadcasts = counted,
+                "counted the outbox tallies of an older store once"
+            );
+        }
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
         Ok(SledStore { shared, worker })
@@ -324,6 +345,7 @@ impl Shared {
             .scan_conversations(&open.db)
             .map_err(|e| e.to_string())?;
         let depth = outbox::count_indexed(&open.db).map_err(|e| e.to_string())?;
+        let pending = call_jobs::count_pending(&open.db).map_err(|e| e.to_string())?;
         // Recovered only when a write reaches the disk.
         let seq = recovered + 1;
         open.db
@@ -334,6 +356,7 @@ impl Shared {
         self.marker.store(seq, Ordering::Relaxed);
         self.conversations.store(count, Ordering::Relaxed);
         self.outbox_depth.store(depth, Ordering::Relaxed);
+        self.call_jobs_pending.store(pending, Ordering::Relaxed);
         self.timers.store(timers, Ordering::Relaxed);
         *write(&self.db) = Some(open);
         let was = lock(&self.failure).take();
@@ -587,6 +610,42 @@ impl SledStore {
 /// A raw key and value to write.
 type Entry = (Vec<u8>, Vec<u8>);
 
+impl SledStore {
+    /// Write the results of the runs a commit ended, before its
+    /// conversation record: sled's log keeps the order, so a crash leaves
+    /// at most results whose conversation has not moved yet, and handling
+    /// that step again writes the same keys (a transaction with the
+    /// record would cost a synchronous log write, once per run).
+    fn write_results(db: &sled::Db, rows: &[Entry]) -> Result<(), StoreError> {
+        for (k, v) in rows {
+            db.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Insert the conversation record `record` under `k`, and `extra`
+    /// with it in one transaction when there is any; returns the record
+    /// it replaced.
+    fn insert_with(
+        db: &sled::Db,
+        k: &[u8],
+        record: &[u8],
+        extra: &[Entry],
+    ) -> Result<Option<sled::IVec>, StoreError> {
+        if extra.is_empty() {
+            return Ok(db.insert(k, record)?);
+        }
+        db.transaction(|tx| {
+            let old = tx.insert(k, record)?;
+            for (ek, ev) in extra {
+                tx.insert(ek.as_slice(), ev.as_slice())?;
+            }
+            Ok(old)
+        })
+        .map_err(transaction_error)
+    }
+}
+
 fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
     match e {
         sled::transaction::TransactionError::Storage(e) => e.into(),
@@ -638,24 +697,19 @@ impl Store for SledStore {
         let recent = c.recent.keep_with(&answer);
         let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
-            self.shared
-                .write_conversation(db, c.key, c.due, || match &c.consent {
-                    // Rare, and must be atomic with the message: a
-                    // transaction (which also tells us what it replaced).
-                    Some(change) => {
-                        let [state, audit] = Self::consent_entries(db, change)?;
-                        db.transaction(|tx| {
-                            let old = tx.insert(k.as_slice(), record.as_slice())?;
-                            tx.insert(state.0.as_slice(), state.1.as_slice())?;
-                            tx.insert(audit.0.as_slice(), audit.1.as_slice())?;
-                            Ok(old)
-                        })
-                        .map_err(transaction_error)
-                    }
-                    // The common case: one insert carries state and dedupe.
-                    None => Ok(db.insert(&k, record.as_slice())?),
-                })
+            Self::write_results(db, &results)?;
+            self.shared.write_conversation(db, c.key, c.due, || {
+                // A consent change is rare, and must be atomic with the
+                // message: a transaction. The common case is one insert
+                // carrying state and dedupe.
+                let extra = match &c.consent {
+                    Some(change) => Self::consent_entries(db, change)?.to_vec(),
+                    None => Vec::new(),
+                };
+                Self::insert_with(db, &k, &record, &extra)
+            })
         })?;
         self.shared.count_change(old.as_deref(), Some(&record));
         let p = c.processed;
@@ -667,6 +721,8 @@ impl Store for SledStore {
             outcome: p.outcome.clone(),
             flow: p.flow.clone(),
             step: p.step.clone(),
+            body: p.body.clone(),
+            replies: p.replies.clone(),
         })?;
         Ok(())
     }
@@ -846,6 +902,20 @@ impl Store for SledStore {
                     purged.status_events += 1;
                 }
             }
+            for (k, job) in self.scan::<CallJob>(db, call_jobs::PREFIX)? {
+                // Finished jobs only: a pending one has its index entry
+                // and is still to be made, however old.
+                if call_jobs::finished_before(&job, cutoff) {
+                    db.remove(k)?;
+                    purged.call_jobs += 1;
+                }
+            }
+            for (k, v) in self.scan::<RunResult>(db, results::PREFIX)? {
+                if v.ended_at < cutoff {
+                    db.remove(k)?;
+                    purged.results += 1;
+                }
+            }
             for item in db.scan_prefix(b"c\0") {
                 let (k, v) = item?;
                 if let Some((at, flags)) = conv_header(&v) {
@@ -919,7 +989,9 @@ impl Store for SledStore {
     fn commit_state(&self, c: StateCommit<'_>) -> Result<(), StoreError> {
         let record = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
+        let results = results::rows(c.results);
         let old = self.shared.with_db(|db| {
+            Self::write_results(db, &results)?;
             self.shared
                 .write_conversation(db, c.key, c.due, || Ok(db.insert(&k, record.as_slice())?))
         })?;
@@ -974,12 +1046,12 @@ impl Store for SledStore {
     fn enqueue_outbound(&self, entries: &[OutboxEntry]) -> Result<usize, StoreError> {
         let (mut new, mut depth) = (0, 0);
         let result = self.shared.with_db(|db| {
-            for entry in entries {
-                // The entry and its due-index entry in one transaction.
-                if let Some(d) = outbox::insert_new(db, entry)? {
-                    new += 1;
-                    depth += d;
-                }
+            // The entries, their index entries and tallies: one
+            // transaction per chunk.
+            for chunk in entries.chunks(1000) {
+                let (n, d) = outbox::insert_new(db, chunk)?;
+                new += n;
+                depth += d;
             }
             Ok(())
         });
@@ -994,7 +1066,14 @@ impl Store for SledStore {
         let mut new = 0;
         let result = self.shared.with_db(|db| {
             for job in jobs {
-                new += usize::from(call_jobs::insert_new(db, job)?);
+                if call_jobs::insert_new(db, job)? {
+                    new += 1;
+                    if matches!(job.state, call_jobs::CallJobState::Pending { .. }) {
+                        self.shared
+                            .call_jobs_pending
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             Ok(())
         });
@@ -1022,7 +1101,11 @@ impl Store for SledStore {
                     Some(job) => due.push(job),
                     // Points at nothing, or at a job in another state.
                     None => {
-                        db.remove(&ix)?;
+                        if db.remove(&ix)?.is_some() {
+                            self.shared
+                                .call_jobs_pending
+                                .fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -1031,7 +1114,10 @@ impl Store for SledStore {
     }
 
     fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError> {
-        self.shared.with_db(|db| call_jobs::replace(db, job))?;
+        let change = self.shared.with_db(|db| call_jobs::replace(db, job))?;
+        self.shared
+            .call_jobs_pending
+            .fetch_add(change, Ordering::Relaxed);
         self.shared.wrote();
         Ok(())
     }
@@ -1040,10 +1126,18 @@ impl Store for SledStore {
         let claimed = self
             .shared
             .with_db(|db| call_jobs::replace_if(db, job, Some(from)))?;
-        if claimed {
-            self.shared.wrote();
-        }
-        Ok(claimed)
+        let Some(change) = claimed else {
+            return Ok(false);
+        };
+        self.shared
+            .call_jobs_pending
+            .fetch_add(change, Ordering::Relaxed);
+        self.shared.wrote();
+        Ok(true)
+    }
+
+    fn call_jobs_pending(&self) -> usize {
+        self.shared.call_jobs_pending.load(Ordering::Relaxed).max(0) as usize
     }
 
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError> {
@@ -1059,6 +1153,17 @@ impl Store for SledStore {
             .shared
             .with_db(|db| self.scan::<OutboxEntry>(db, outbox::PREFIX))?;
         Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self
+            .shared
+            .with_db(|db| self.scan::<OutboxEntry>(db, &outbox::db_key(prefix)))?;
+        Ok(rows.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError> {
+        self.shared.with_db(tallies::all)
     }
 
     fn due_outbound(&self, now: i64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -1171,6 +1276,46 @@ impl Store for SledStore {
         })
     }
 
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError> {
+        const PREFIX: &[u8] = b"c\0";
+        self.shared.with_db(|db| {
+            let start = match after {
+                // The smallest key after `after`'s.
+                Some(k) => {
+                    let mut s = k.db_key();
+                    s.push(0);
+                    s
+                }
+                None => PREFIX.to_vec(),
+            };
+            let mut out = Vec::new();
+            for item in db.range(start..) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = item?;
+                let Some(rest) = k.strip_prefix(PREFIX) else {
+                    break;
+                };
+                let Some(i) = rest.iter().position(|b| *b == 0) else {
+                    continue;
+                };
+                let (Ok(to), Ok(from)) = (
+                    std::str::from_utf8(&rest[..i]),
+                    std::str::from_utf8(&rest[i + 1..]),
+                ) else {
+                    continue;
+                };
+                out.push(ConvKey::new(to, from));
+            }
+            Ok(out)
+        })
+    }
+
     fn start_record(&self, key: &str) -> Result<Option<StartRecord>, StoreError> {
         self.shared.with_db(|db| starts::get(db, key))
     }
@@ -1184,7 +1329,7 @@ impl Store for SledStore {
         let Some(c) = commit else {
             let done = self
                 .shared
-                .with_db(|db| starts::commit(db, entries, None, record))?;
+                .with_db(|db| starts::commit(db, entries, None, &[], record))?;
             self.shared.outbox_changed(done.depth);
             if done.taken.is_none() {
                 self.shared.wrote();
@@ -1193,11 +1338,12 @@ impl Store for SledStore {
         };
         let value = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
+        let extra = results::rows(c.results);
         let mut taken = None;
         let mut depth = 0;
         let old = self.shared.with_db(|db| {
             self.shared.write_conversation(db, c.key, c.due, || {
-                let done = starts::commit(db, entries, Some((&k, &value)), record)?;
+                let done = starts::commit(db, entries, Some((&k, &value)), &extra, record)?;
                 taken = done.taken;
                 depth = done.depth;
                 Ok(done.old)
@@ -1208,6 +1354,124 @@ impl Store for SledStore {
             self.shared.count_change(old.as_deref(), Some(&value));
         }
         Ok(taken)
+    }
+
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
+        let prefix = results::flow_prefix(flow);
+        let mut out: Vec<RunResult> = self
+            .shared
+            .with_db(|db| self.scan::<RunResult>(db, &prefix))?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.ended_at >= since)
+            .collect();
+        out.sort_by(|a, b| {
+            (a.ended_at, &a.to, &a.contact, a.started_at).cmp(&(
+                b.ended_at,
+                &b.to,
+                &b.contact,
+                b.started_at,
+            ))
+        });
+        Ok(out)
+    }
+
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(b"c\0") {
+                let (k, _) = item?;
+                if let Some(key) = ConvKey::from_db_key(&k) {
+                    if key.from == number {
+                        out.push(key);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError> {
+        self.shared.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.scan_prefix(b"c\0") {
+                let (k, v) = item?;
+                let Some(key) = ConvKey::from_db_key(&k) else {
+                    continue;
+                };
+                let at = conv_header(&v).map_or(0, |(at, _)| at);
+                match decode_conv(&v) {
+                    Ok(stored) => out.push((key, at, stored)),
+                    Err(reason) => {
+                        self.shared
+                            .keep_aside(&k, &v, reason, "it is left out of exports")?
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        let mut gone = Forgotten {
+            log_lines: self.shared.log.forget(number)?,
+            ..Forgotten::default()
+        };
+        let mut depth = 0;
+        let result = self.shared.with_db(|db| {
+            for key in self.contact_conversations(number)? {
+                let k = key.db_key();
+                if let Some(old) = db.remove(&k)? {
+                    if let Some(due) = conv_due(&old) {
+                        db.remove(timer_key(due, &key))?;
+                    }
+                    self.shared.count_change(Some(&old[..]), None);
+                    gone.conversations += 1;
+                }
+            }
+            for (k, r) in self.scan::<RunResult>(db, results::PREFIX)? {
+                if r.contact == number {
+                    db.remove(k)?;
+                    gone.results += 1;
+                }
+            }
+            for (k, s) in self.scan::<DeliveryStatus>(db, b"s\0")? {
+                if s.to.as_deref() == Some(number) {
+                    let sid = String::from_utf8_lossy(&k[2..]).into_owned();
+                    for item in db.scan_prefix(two_part(b"l\0", &sid, "")) {
+                        let (ek, _) = item?;
+                        db.remove(ek)?;
+                        gone.status_events += 1;
+                    }
+                    db.remove(k)?;
+                    gone.statuses += 1;
+                }
+            }
+            for (k, e) in self.scan::<OutboxEntry>(db, outbox::PREFIX)? {
+                if e.to == number {
+                    if let Some(ix) = outbox::index_key(&e.state, &e.key) {
+                        depth -= i64::from(db.remove(ix)?.is_some());
+                    }
+                    db.remove(k)?;
+                    gone.outbox += 1;
+                }
+            }
+            for (k, s) in self.scan::<StartRecord>(db, starts::PREFIX)? {
+                if s.to == number {
+                    db.remove(k)?;
+                    gone.starts += 1;
+                }
+            }
+            let mut audit_key = Vec::with_capacity(18);
+            audit_key.extend_from_slice(b"a\0");
+            audit_key.extend_from_slice(&audit.at.to_be_bytes());
+            audit_key.extend_from_slice(&db.generate_id()?.to_be_bytes());
+            db.insert(audit_key, encode(audit))?;
+            Ok(())
+        });
+        self.shared.outbox_changed(depth);
+        self.shared.wrote();
+        result.map(|()| gone)
     }
 }
 

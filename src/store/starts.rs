@@ -88,6 +88,7 @@ pub(super) fn commit(
     db: &sled::Db,
     entries: &[OutboxEntry],
     conv: Option<(&[u8], &[u8])>,
+    extra: &[(Vec<u8>, Vec<u8>)],
     record: &StartRecord,
 ) -> Result<Committed, StoreError> {
     let k = db_key(&record.key);
@@ -96,6 +97,8 @@ pub(super) fn commit(
         .iter()
         .map(|e| {
             (
+                e.key.as_str(),
+                &e.state,
                 outbox::db_key(&e.key),
                 encode(e),
                 outbox::index_key(&e.state, &e.key),
@@ -107,11 +110,12 @@ pub(super) fn commit(
             return Ok((Some(existing), None, 0));
         }
         let mut depth = 0;
-        for (ek, ev, ix) in &rows {
+        for (key, state, ek, ev, ix) in &rows {
             if tx.get(ek)?.is_some() {
                 continue;
             }
             tx.insert(ek.as_slice(), ev.as_slice())?;
+            super::tallies::count(tx, key, None, state)?;
             if let Some(ix) = ix {
                 depth += i64::from(tx.insert(ix.as_slice(), &[] as &[u8])?.is_none());
             }
@@ -120,6 +124,10 @@ pub(super) fn commit(
             Some((ck, cv)) => tx.insert(ck, cv)?,
             None => None,
         };
+        // The results of runs the start ended (it interrupted one).
+        for (ek, ev) in extra {
+            tx.insert(ek.as_slice(), ev.as_slice())?;
+        }
         tx.insert(k.as_slice(), v.as_slice())?;
         Ok::<_, ConflictableTransactionError<()>>((None, old, depth))
     });

@@ -36,6 +36,8 @@ fn processed(at: i64) -> Processed {
         to: "+1555".into(),
         flow: None,
         step: None,
+        body: None,
+        replies: Vec::new(),
     }
 }
 
@@ -56,6 +58,7 @@ fn commit<'a>(
         processed,
         consent: None,
         due: None,
+        results: &[],
     }
 }
 
@@ -157,7 +160,9 @@ fn purge_removes_old_records_and_ended_conversations_only() {
             processed: 2,
             statuses: 1,
             status_events: 1,
-            conversations: 1
+            conversations: 1,
+            call_jobs: 0,
+            results: 0,
         }
     );
     assert!(store.conversation(&k_old).unwrap().is_none());
@@ -602,6 +607,7 @@ fn the_timer_index_follows_commits_and_survives_reopening() {
                 due: Some(150),
                 recent: &before.recent,
                 at: 100,
+                results: &[],
             })
             .unwrap();
         let after = store.load(&b).unwrap();

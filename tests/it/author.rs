@@ -210,6 +210,34 @@ fn chat_wait_fires_timeouts_and_prints_what_they_send() {
     );
 }
 
+/// `/start` starts a flow from outside and prints what it sends; a
+/// field it sets schedules the shipped campaign, whose reminder `/wait`
+/// shows; the session passes as a transcript.
+#[test]
+fn chat_start_sets_a_field_and_the_campaign_fires_at_wait() {
+    let dir = shipped_plus(&[]);
+    let mut opts = chat_opts(dir.path(), None);
+    opts.now = Some(flow::TRANSCRIPT_EPOCH);
+    let session = run_chat(
+        &opts,
+        "/start booked field.appt=\"2023-11-16 15:00\"\n/start nope\n/wait 12h\nno\n",
+    );
+    let expected = "\
+@ start booked field.appt=\"2023-11-16 15:00\"
+< You're booked for 2023-11-16 15:00. We'll remind you the day before.
+# no flow `nope` in this set
+@ wait 12h   # clock now 1700043202
+< Hi there, this is a reminder of your appointment on 2023-11-16 15:00. Reply YES to confirm or NO to cancel.
+> no
+< Your appointment is cancelled. Call 555-0100 to book another.
+";
+    assert_eq!(session, expected);
+    std::fs::write(dir.path().join("session.chat"), &session).unwrap();
+    let set = flow::load_dir(dir.path()).unwrap().set;
+    author::transcripts_pass(dir.path(), &set, &author::server_defaults())
+        .unwrap_or_else(|e| panic!("{e}\n{session}"));
+}
+
 #[test]
 fn graph_draws_timeouts_as_dashed_edges() {
     let set = flow::load_dir(&shipped_dir()).unwrap().set;
@@ -387,7 +415,7 @@ fn graph_of_signup_has_its_steps_and_routes() {
     let err = author::mermaid(&set, "signpu").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no flow named `signpu` (flows: appointment, order, quiz, signup, survey)"
+        "no flow named `signpu` (flows: appointment, booked, order, order_status, pizza, quiz, reminder, signup, survey)"
     );
 }
 

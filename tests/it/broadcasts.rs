@@ -366,32 +366,179 @@ async fn a_flow_broadcast_skips_busy_contacts_by_default_and_refuses_bad_request
     assert_eq!(bodies_sent(&fake, "+15557720009", 1).await.len(), 1);
 }
 
-/// A measurement, not a check: how close a broadcast gets to its pace.
-/// `cargo test --test it -- --ignored broadcast_rate --nocapture`.
+/// A measurement, not a check: how close a broadcast gets to its pace
+/// (one sending number: the pace is per number), from a realistic pace
+/// up to none at all (the sender's own ceiling).
+/// `cargo test --release --test it -- --ignored broadcast_rate --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore]
 async fn broadcast_rate_against_the_pace() {
-    let fake = FakeTwilio::start(TOKEN).await;
-    let interval = Duration::from_millis(10);
-    let (app, _tmp) = start_app(&fake, interval).await;
-    let n = 300;
-    let list: Vec<String> = (0..n).map(|i| format!("+1555790{i:04}")).collect();
-    let body = serde_json::json!({ "id": "rate", "from": OUR_NUMBER, "message": "hi", "to": list });
-    let started = Instant::now();
-    let (code, _) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
-    assert_eq!(code, 200);
-    let enqueued = started.elapsed();
-    loop {
-        if progress(&app, "rate").await["remaining"] == 0 {
-            break;
+    for (n, interval_ms) in [(300, 10), (2000, 2), (3000, 1), (3000, 0)] {
+        let fake = FakeTwilio::start(TOKEN).await;
+        let interval = Duration::from_millis(interval_ms);
+        let (app, _tmp) = start_app(&fake, interval).await;
+        let list: Vec<String> = (0..n).map(|i| format!("+1555790{i:04}")).collect();
+        let body =
+            serde_json::json!({ "id": "rate", "from": OUR_NUMBER, "message": "hi", "to": list });
+        let started = Instant::now();
+        let (code, _) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+        assert_eq!(code, 200);
+        let enqueued = started.elapsed();
+        loop {
+            if progress(&app, "rate").await["remaining"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let took = started.elapsed();
+        let p = progress(&app, "rate").await;
+        let pace = if interval_ms == 0 {
+            "no pace".to_owned()
+        } else {
+            format!("a pace of {:.0}/s", 1000.0 / interval_ms as f64)
+        };
+        println!(
+            "{n} recipients, send_interval_ms = {interval_ms}: enqueued in {enqueued:?}, all sent \
+             in {took:?}: {:.0}/s against {pace}; sent {}",
+            n as f64 / took.as_secs_f64(),
+            p["sent"]
+        );
     }
-    let took = started.elapsed();
-    let p = progress(&app, "rate").await;
-    println!(
-        "{n} recipients: enqueued in {enqueued:?}, all sent in {took:?}: {:.1}/s against a pace of {:.1}/s; {p}",
-        n as f64 / took.as_secs_f64(),
-        1.0 / interval.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_broadcast_speaks_to_each_contact_by_name_and_bad_templates_are_refused() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let csv =
+        "phone,name,list\n+15557730001,Ana,pizza\n+15557730002,,pizza\n+15557730003,Cy,other\n";
+    let (code, r) = admin_post(
+        &app,
+        "/contacts?from=%2B15550001111",
+        "text/csv",
+        csv.into(),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let body = serde_json::json!({
+        "id": "named", "from": OUR_NUMBER,
+        "message": "Hi {{contact.name|there}}, Friday: 2 for 1",
+        "where": { "field": "list", "equals": "pizza" },
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!((code, &sent["enqueued"]), (200, &2.into()), "{sent}");
+    assert_eq!(
+        bodies_sent(&fake, "+15557730001", 1).await,
+        ["Hi Ana, Friday: 2 for 1"]
     );
+    assert_eq!(
+        bodies_sent(&fake, "+15557730002", 1).await,
+        ["Hi there, Friday: 2 for 1"]
+    );
+    // An explicit list reads each contact's fields too; a text that
+    // renders empty is skipped, not sent.
+    let body = serde_json::json!({
+        "id": "listed", "from": OUR_NUMBER, "message": "{{contact.name}}",
+        "to": ["+15557730003", "+15557730002"],
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!((code, &sent["enqueued"]), (200, &2.into()), "{sent}");
+    assert_eq!(bodies_sent(&fake, "+15557730003", 1).await, ["Cy"]);
+    let p = progress(&app, "listed").await;
+    assert_eq!((&p["sent"], &p["skipped"]), (&1.into(), &1.into()), "{p}");
+    for (message, why) in [
+        ("Hi {{name}}", "only contact fields"),
+        ("Hi {{contact.name", "unclosed"),
+        ("{{= 1 + 1 }}", "expressions"),
+    ] {
+        let body = serde_json::json!({
+            "id": "bad", "from": OUR_NUMBER, "message": message, "to": ["+15557730001"],
+        });
+        let (code, r) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+        assert_eq!(code, 400, "{message}: {r}");
+        assert!(r.to_string().contains(why), "{message}: {r}");
+    }
+    assert!(app.admin_json("/broadcasts").await["broadcasts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["id"] != "bad"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_broadcast_gives_fields_and_vars_and_queues_behind_busy_contacts() {
+    let fake = FakeTwilio::start(TOKEN).await;
+    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let (ana, ben) = ("+15557740001", "+15557740002");
+    assert_eq!(
+        bodies(&app.send_sms(ben, "survey").await.body),
+        ["Rate us 1-5."]
+    );
+    let body = serde_json::json!({
+        "id": "fri-queue", "from": OUR_NUMBER, "flow": "offer", "to": [ana, ben],
+        "fields": { "name": "friend" }, "if_busy": "queue",
+    });
+    let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(
+        (&sent["started"], &sent["queued"]),
+        (&1.into(), &1.into()),
+        "{sent}"
+    );
+    assert_eq!(
+        bodies_sent(&fake, ana, 1).await,
+        ["Hi friend, two pizzas for one on Friday? Reply YES or NO."]
+    );
+    assert!(fake.requests_to(ben).is_empty());
+    // Ben finishes his survey: his offer follows.
+    assert_eq!(bodies(&app.send_sms(ben, "5").await.body), ["Thanks!"]);
+    assert_eq!(bodies_sent(&fake, ben, 1).await.len(), 1);
+    let p = progress(&app, "fri-queue").await;
+    assert_eq!(p["total"], 2, "{p}");
+    // The CLI says the same with --field and --if-busy queue (Ben is in
+    // his offer now).
+    let server = format!("http://{}", app.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args([
+                "broadcasts",
+                "send",
+                "--id",
+                "cli-queue",
+                "--from",
+                "+15550001111",
+            ])
+            .args([
+                "--flow",
+                "offer",
+                "--if-busy",
+                "queue",
+                "--field",
+                "name=pal",
+            ])
+            .args(["--to", "+15557740002", "--to", "+15557740003"])
+            .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SMSFLOW_SERVER", server)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        (&answer["started"], &answer["queued"]),
+        (&1.into(), &1.into()),
+        "{answer}"
+    );
+    assert_eq!(
+        bodies_sent(&fake, "+15557740003", 1).await,
+        ["Hi pal, two pizzas for one on Friday? Reply YES or NO."]
+    );
+    // Fields and vars are for flows only.
+    let bad = serde_json::json!({
+        "id": "x", "from": OUR_NUMBER, "message": "hi", "to": [ana], "fields": { "a": "b" },
+    });
+    let (code, r) = admin_post(&app, "/broadcasts", "application/json", bad.to_string()).await;
+    assert_eq!(code, 400, "{r}");
 }

@@ -96,6 +96,8 @@ fn processed(outcome: &str, at: i64, from: &str) -> Processed {
         to: US.into(),
         flow: Some("signup".into()),
         step: Some("ask_name".into()),
+        body: None,
+        replies: Vec::new(),
     }
 }
 
@@ -119,6 +121,7 @@ fn message(
         processed: &processed("reply", at, &key.from),
         consent,
         due: None,
+        results: &[],
     })
     .unwrap();
 }
@@ -282,6 +285,7 @@ fn state(s: &AnyStore, key: &ConvKey, due: Option<i64>, at: i64) {
         due,
         recent: &record.recent,
         at,
+        results: &[],
     })
     .unwrap();
 }
@@ -532,6 +536,7 @@ fn starts_are_idempotent(s: &AnyStore) {
         due: Some(900),
         recent: &recent,
         at: 5,
+        results: &[],
     };
     let first = start("k1", "started");
     assert_eq!(s.start_record("k1").unwrap(), None);
@@ -602,6 +607,8 @@ fn purge_keeps_consent_and_live_state(s: &AnyStore) {
             statuses: 1,
             status_events: 1,
             conversations: 1,
+            call_jobs: 0,
+            results: 0,
         }
     );
     assert!(s.processed("SMold").unwrap().is_none());

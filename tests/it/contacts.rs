@@ -95,6 +95,71 @@ async fn an_import_is_checked_whole_and_its_fields_reach_the_flows() {
     assert_eq!(r.status, 401);
 }
 
+async fn post_json(app: &TestApp, body: &str) -> (u16, serde_json::Value) {
+    let r = app
+        .raw(
+            app.client
+                .post(app.url("/contacts?from=%2B15550001111"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("content-type", "application/json")
+                .body(body.to_owned()),
+        )
+        .await;
+    let json = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::String(r.body));
+    (r.status, json)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_json_import_is_checked_whole_with_indexes_like_csv() {
+    let app = spawn_app(&[("hello.yaml", HELLO)]).await;
+    let bad = r#"[{"phone": "+15557510001", "fields": {"name": "Ana", "appt": "Tue 3pm"}},
+                  {"phone": "555-751-0002", "fields": {"name": "Ben"}},
+                  {"phone": "+15557510003", "fields": {"bad name": "Cy"}},
+                  {"phone": "+15557510001"}]"#;
+    let (code, json) = post_json(&app, bad).await;
+    assert_eq!(code, 400, "{json}");
+    let at: Vec<u64> = json["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        (at, &json["imported"]),
+        (vec![1, 2, 3], &0.into()),
+        "{json}"
+    );
+    // Nothing was imported, not even the good first contact.
+    assert_eq!(export(&app, OUR_NUMBER).await.body, "phone\r\n");
+    let (code, json) = post_json(&app, r#"{"phone": "+15557510001"}"#).await;
+    assert_eq!(code, 400, "{json}");
+    assert!(json.to_string().contains("JSON list"), "{json}");
+
+    let good = r#"[{"phone": "+1 555 751 0001", "fields": {"name": "Ana", "appt": "Tue 3pm"}},
+                   {"phone": "+15557510002", "fields": {"name": "Ben"}}]"#;
+    let (code, summary) = post_json(&app, good).await;
+    assert_eq!(code, 200, "{summary}");
+    assert_eq!(
+        (&summary["rows"], &summary["created"]),
+        (&2.into(), &2.into())
+    );
+    assert_eq!(
+        bodies(&app.send_sms("+15557510001", "appt").await.body),
+        ["Ana: Tue 3pm"]
+    );
+    // An empty value keeps a field, as an empty CSV cell does.
+    let (_, summary) = post_json(
+        &app,
+        r#"[{"phone": "+15557510001", "fields": {"name": "", "appt": "Fri"}}]"#,
+    )
+    .await;
+    assert_eq!(summary["updated"], 1, "{summary}");
+    assert_eq!(
+        bodies(&app.send_sms("+15557510001", "appt").await.body),
+        ["Ana: Fri"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_imports_and_exports_through_the_running_server() {
     let app = spawn_app(&[("hello.yaml", HELLO)]).await;

@@ -3,13 +3,16 @@
 //! every shipped transcript compared with the server over HTTP.
 
 mod author;
+mod broadcast_crash;
 mod broadcasts;
 mod calls;
+mod campaigns;
 mod compliance;
 mod conformance;
 mod contacts;
 mod conversation;
 mod crash;
+mod export;
 mod fake_twilio;
 mod health;
 mod helpers;

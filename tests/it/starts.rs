@@ -191,8 +191,8 @@ async fn starts_are_refused_without_token_for_unknown_flows_bad_input_and_opted_
             "idempotency_key",
         ),
         (
-            serde_json::json!({ "to": dee, "from": OUR_NUMBER, "idempotency_key": "k", "if_busy": "queue" }),
-            "unknown variant `queue`",
+            serde_json::json!({ "to": dee, "from": OUR_NUMBER, "idempotency_key": "k", "if_busy": "later" }),
+            "unknown variant `later`",
         ),
     ] {
         let (code, answer) = post_start(&app, "appointment", &body).await;
@@ -271,4 +271,112 @@ async fn concurrent_requests_with_one_key_start_once() {
     assert_eq!(bodies_sent(&fake, eve, 1).await.len(), 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fake.requests_to(eve).len(), 1);
+}
+
+const SHORT_SURVEY: &str = r#"
+name: quick
+trigger: { keywords: [QUICK] }
+expire_after: 2s
+steps:
+  ask:
+    say: "Quick: 1-5?"
+    wait:
+      - regex: '^[1-5]$'
+        say: "Noted."
+"#;
+
+/// `if_busy: queue`: the start waits in the conversation for the run to
+/// end (a reply that finishes it, or the run expiring), survives a
+/// SIGKILL meanwhile, and then sends its first step once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_start_waits_for_the_run_to_end_and_survives_sigkill() {
+    use crate::broadcast_crash::admin;
+    use crate::fake_twilio::{ACCOUNT_SID, API_KEY_SECRET, API_KEY_SID};
+    use crate::process::spawn_server_env;
+
+    let fake = FakeTwilio::start(TOKEN).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("appointment.yaml"), APPOINTMENT).unwrap();
+    std::fs::write(flows.join("survey.yaml"), SURVEY).unwrap();
+    std::fs::write(flows.join("quick.yaml"), SHORT_SURVEY).unwrap();
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("smsflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "twilio_api_base = \"{}\"\nsend_interval_ms = 10\n",
+            fake.base()
+        ),
+    )
+    .unwrap();
+    let args = ["--no-watch", "--config", config.to_str().unwrap()];
+    let env = [
+        ("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
+        ("TWILIO_API_KEY_SID", API_KEY_SID),
+        ("TWILIO_API_KEY_SECRET", API_KEY_SECRET),
+    ];
+    let (ana, ben) = ("+15557410001", "+15557410002");
+    let queue = |to: &str, key: &str| {
+        let mut body = request(to, key);
+        body["if_busy"] = "queue".into();
+        body.to_string()
+    };
+    let post = reqwest::Method::POST;
+    let json = "application/json";
+
+    let server = spawn_server_env(&flows, &data, &args, &env);
+    let survey = server.send(ana, "survey", &new_sid()).await.unwrap();
+    assert_eq!(bodies(&survey), ["Rate us 1-5."]);
+    let path = "/flows/appointment/start";
+    let (code, queued) = admin(&server, post.clone(), path, json, queue(ana, "q-ana")).await;
+    assert_eq!(code, 202, "{queued}");
+    assert_eq!(
+        (&queued["result"], &queued["busy_with"]),
+        (&"queued".into(), &"survey".into()),
+        "{queued}"
+    );
+    // The same key again answers the same, and queues nothing more.
+    let (code, again) = admin(&server, post.clone(), path, json, queue(ana, "q-ana")).await;
+    assert_eq!((code, &again["duplicate"]), (200, &true.into()), "{again}");
+    // A contact with no run starts at once, queue or not.
+    let (code, free) = admin(&server, post.clone(), path, json, queue(ben, "q-ben")).await;
+    assert_eq!((code, &free["result"]), (201, &"started".into()), "{free}");
+    assert_eq!(bodies_sent(&fake, ben, 1).await.len(), 1);
+    // Ana's run goes on undisturbed, the start waiting behind it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(fake.requests_to(ana).is_empty());
+    server.signal("KILL");
+    let mut server = server;
+    assert!(!server.wait_exit(Duration::from_secs(10)).success());
+    drop(server);
+
+    let server = spawn_server_env(&flows, &data, &args, &env);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        fake.requests_to(ana).is_empty(),
+        "started before the run ended"
+    );
+    // Her answer ends the survey; the queued start goes then, once.
+    let thanks = server.send(ana, "4", &new_sid()).await.unwrap();
+    assert_eq!(bodies(&thanks), ["Thanks!"]);
+    assert_eq!(
+        bodies_sent(&fake, ana, 1).await,
+        ["Hi Ana, your appointment is Tue 3pm (ref A-17). Reply YES or NO."]
+    );
+    let confirmed = server.send(ana, "yes", &new_sid()).await.unwrap();
+    assert_eq!(bodies(&confirmed), ["Confirmed: Tue 3pm."]);
+
+    // A run nobody finishes: the start goes when it expires (2s idle).
+    let carl = "+15557410003";
+    let quick = server.send(carl, "quick", &new_sid()).await.unwrap();
+    assert_eq!(bodies(&quick), ["Quick: 1-5?"]);
+    let (code, r) = admin(&server, post.clone(), path, json, queue(carl, "q-carl")).await;
+    assert_eq!((code, &r["busy_with"]), (202, &"quick".into()), "{r}");
+    assert_eq!(bodies_sent(&fake, carl, 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.requests_to(ana).len(), 1, "a second copy");
+    assert_eq!(fake.requests_to(carl).len(), 1, "a second copy");
 }

@@ -150,6 +150,14 @@ async fn replay(
                     )),
                 }
             }
+            Line::Start { .. } => {
+                return Compared {
+                    exchanges: compared,
+                    stopped: Some(format!(
+                        "{at}: `@ start`: what a start says goes to the outbox, not to a webhook's answer"
+                    )),
+                }
+            }
             Line::Load(_) => {
                 return Compared {
                     exchanges: compared,

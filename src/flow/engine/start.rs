@@ -33,6 +33,18 @@ pub struct Start<'a> {
 /// comes back with only the fields set and no run). A script error gives
 /// the flow's fallback and the conversation as it came in.
 pub fn start_flow(set: &FlowSet, conv: Conversation, start: &Start<'_>, now: i64) -> Handled {
+    start_flow_with_calls(set, conv, start, now, &[])
+}
+
+/// [`start_flow`], given the answers to the calls made so far (see
+/// [`handle_with_calls`](super::handle_with_calls)): a first step may call.
+pub fn start_flow_with_calls(
+    set: &FlowSet,
+    conv: Conversation,
+    start: &Start<'_>,
+    now: i64,
+    calls: &[crate::flow::calls::CallResponse],
+) -> Handled {
     let msg = &Inbound {
         from: start.wake.from,
         to: start.wake.to,
@@ -44,7 +56,13 @@ pub fn start_flow(set: &FlowSet, conv: Conversation, start: &Start<'_>, now: i64
     let mut contact = conv.contact;
     contact.extend(start.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut ex = Exec::new(set, msg, now, contact);
+    ex.responses = calls;
+    ex.queued = conv.queued;
     ex.answered = true;
+    // The caller decided a busy conversation may be interrupted.
+    if let Some(run) = conv.run {
+        ex.ended(run, super::RunEnd::Interrupted);
+    }
     if let Some(flow) = set.inner.flows.get(start.flow) {
         ex.events.push(Event::Triggered {
             flow: flow.name.clone(),

@@ -4,8 +4,8 @@
 //! that `on_error` and `on_status` name steps is `check`'s.
 
 use crate::flow::calls::{
-    is_call_path, BodySpec, Call, HeaderSpec, JsonSpec, StatusPattern, DEFAULT_CALL_TIMEOUT_MS,
-    MAX_CALL_TIMEOUT_MS, METHODS,
+    header_name_problem, is_call_path, BodySpec, Call, HeaderSpec, JsonSpec, StatusPattern,
+    DEFAULT_CALL_TIMEOUT_MS, MAX_CALL_TIMEOUT_MS, METHODS,
 };
 use crate::flow::model::Pos;
 use crate::flow::template::{is_ident, parse_var, Template, Var};
@@ -172,19 +172,8 @@ impl Cx<'_> {
         let entries = self.map(node, "`headers`", &[])?;
         let mut out = Vec::new();
         for (name, (k, v)) in entries {
-            let token = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
-            if !token {
-                self.err(k.pos, format!("`{name}` is not a header name"));
-                continue;
-            }
-            if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("content-length") {
-                self.err(
-                    k.pos,
-                    format!("the `{name}` header is set from the URL and body; remove it"),
-                );
+            if let Some(problem) = header_name_problem(name) {
+                self.err(k.pos, problem);
                 continue;
             }
             let spec = match &v.kind {

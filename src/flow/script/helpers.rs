@@ -1,6 +1,7 @@
 //! The helpers registered for scripts and expressions (see "Helpers" in
 //! flows/README.md): `normalize`, `parse_number`, `matches`/`captures`
-//! (bounded, cached regexes), `set_contact`, `wake_after`, seeded `random_int` and
+//! (bounded, cached regexes), `set_contact`, `wake_after`, `http` and
+//! `url_encode` (in `http`), seeded `random_int` and
 //! `random_choice`, `now()` and
 //! the UTC calendar helpers. The engine's own `sleep` and clock are left
 //! out or replaced here.
@@ -41,6 +42,9 @@ pub(super) fn register_helpers(engine: &mut Engine) {
         "wake_after",
         |seconds: INT, name: &str| -> Result<(), Box<EvalAltResult>> { wake_after(seconds, name) },
     );
+
+    engine.register_fn("http", super::http::http);
+    engine.register_fn("url_encode", super::http::url_encode);
 
     engine.register_fn("normalize", |s: &str| normalize(s));
 

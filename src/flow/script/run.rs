@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use rhai::EvalAltResult;
 
 use super::helpers::{runtime, seed_from_sid};
+use super::http::RunCalls;
 use super::limits::Limits;
 
 pub(super) struct RunState {
@@ -30,6 +31,9 @@ pub(super) struct RunState {
     /// last call for a name wins); `None` where waking makes no sense
     /// (YAML expressions).
     pub(super) wakes: Option<BTreeMap<String, i64>>,
+    /// The run's HTTP calls (`http()`); `None` where calls make no sense
+    /// (YAML expressions, loading).
+    pub(super) calls: Option<RunCalls>,
 }
 
 impl RunState {
@@ -43,6 +47,7 @@ impl RunState {
             loading: false,
             contact: None,
             wakes: None,
+            calls: None,
         }
     }
 }

@@ -37,6 +37,7 @@ pub(super) fn input(body: &str) -> ScriptInput {
         to: "+15559990000".to_string(),
         message_sid: "SM0001".to_string(),
         received_at: 1_700_000_000,
+        call_room: crate::flow::calls::MAX_CALLS_PER_MESSAGE,
         ..ScriptInput::default()
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn json_object_to_map(object: &BTreeMap<String, Value>) -> Map {
         .collect()
 }
 
-fn json_to_dynamic(value: &Value, depth: usize) -> Dynamic {
+pub(super) fn json_to_dynamic(value: &Value, depth: usize) -> Dynamic {
     // Stored state was written by `dynamic_to_json`, which caps the depth;
     // the cap here only protects against a hand-edited store.
     if depth > MAX_STATE_DEPTH {
@@ -65,7 +65,7 @@ fn json_to_dynamic(value: &Value, depth: usize) -> Dynamic {
     }
 }
 
-fn dynamic_to_json(value: Dynamic, path: &str, depth: usize) -> Result<Value, String> {
+pub(super) fn dynamic_to_json(value: Dynamic, path: &str, depth: usize) -> Result<Value, String> {
     if depth > MAX_STATE_DEPTH {
         return Err(format!("{path} nests deeper than {MAX_STATE_DEPTH} levels"));
     }

@@ -61,9 +61,9 @@ use super::outbox::{OutboxEntry, OutboxState};
 use super::records::{decode, encode, RecentAnswer, RecentAnswers};
 use super::starts::StartRecord;
 use super::{
-    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability, Epoch,
-    OptOut, Processed, Purged, StateCommit, StatusEvent, StatusUpdate, Store, StoreError,
-    StoreHealth, StoredConversation,
+    tally_of, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
+    Epoch, Forgotten, OptOut, OutboxTally, Processed, Purged, RunResult, StateCommit, StatusEvent,
+    StatusUpdate, Store, StoreError, StoreHealth, StoredConversation,
 };
 use crate::clock::unix_now;
 
@@ -285,11 +285,51 @@ const UPSERT_CONVERSATION: &str = "INSERT INTO conversations \
      due = EXCLUDED.due, recent = EXCLUDED.recent";
 
 const INSERT_LOG: &str = "INSERT INTO message_log \
-     (sid, at, from_number, to_number, outcome, flow, step) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+     (sid, at, from_number, to_number, outcome, flow, step, body, replies) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-const INSERT_OUTBOX: &str = "INSERT INTO outbox (key, state, not_before, record) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING";
+const INSERT_OUTBOX: &str = "INSERT INTO outbox (key, state, not_before, record, tally) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING";
+
+/// A run result written again (same flow, start, conversation and
+/// position) replaces itself, as sled's key does.
+const UPSERT_RESULT: &str = "INSERT INTO results \
+     (flow, started_at, to_number, from_number, position, ended_at, record) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (flow, started_at, to_number, from_number, position) \
+     DO UPDATE SET ended_at = EXCLUDED.ended_at, record = EXCLUDED.record";
+
+/// The columns of the message log a [`Processed`] is read from.
+const LOG_COLUMNS: &str = "at, from_number, to_number, outcome, flow, step, body, replies";
+
+/// A [`Processed`] from [`LOG_COLUMNS`], starting at column `i`.
+fn processed_at(r: &Row, i: usize) -> Processed {
+    Processed {
+        twiml: String::new(),
+        at: r.get(i),
+        from: r.get(i + 1),
+        to: r.get(i + 2),
+        outcome: r.get(i + 3),
+        flow: r.get(i + 4),
+        step: r.get(i + 5),
+        body: r.get(i + 6),
+        replies: r.get(i + 7),
+    }
+}
+
+/// Count `n` entries in the state named `state` (the `state` column).
+fn tally_add(tally: &mut OutboxTally, state: &str, n: u64) {
+    let slot = match state {
+        "pending" => &mut tally.pending,
+        "sending" => &mut tally.sending,
+        "sent" => &mut tally.sent,
+        "failed" => &mut tally.failed,
+        "skipped" => &mut tally.skipped,
+        "unknown" => &mut tally.unknown,
+        _ => return,
+    };
+    *slot += n;
+}
 
 /// Run `sql` with `params` on `c`, the statement prepared once per
 /// connection.
@@ -338,8 +378,26 @@ async fn write_consent(c: &impl GenericClient, change: &ConsentChange) -> Result
     Ok(())
 }
 
-/// Write a conversation row (a [`StateCommit`]).
+/// Write a conversation row (a [`StateCommit`]) and its run results; the
+/// caller's transaction makes them one write.
 async fn write_state(c: &impl GenericClient, s: &StateCommit<'_>) -> Result<(), StoreError> {
+    for (n, r) in s.results.iter().enumerate() {
+        let position = i16::try_from(n).unwrap_or(i16::MAX);
+        exec(
+            c,
+            UPSERT_RESULT,
+            &[
+                &r.flow,
+                &r.started_at.max(0),
+                &r.to,
+                &r.contact,
+                &position,
+                &r.ended_at,
+                &encode(r),
+            ],
+        )
+        .await?;
+    }
     exec(
         c,
         UPSERT_CONVERSATION,
@@ -365,7 +423,13 @@ async fn insert_outbox(
     let mut new = 0;
     for e in entries {
         let (state, due) = outbox_columns(&e.state);
-        new += exec(c, INSERT_OUTBOX, &[&e.key, &state, &due, &encode(e)]).await? as usize;
+        let tally = tally_of(&e.key);
+        new += exec(
+            c,
+            INSERT_OUTBOX,
+            &[&e.key, &state, &due, &encode(e), &tally],
+        )
+        .await? as usize;
     }
     Ok(new)
 }
@@ -730,22 +794,11 @@ impl Store for PgStore {
     fn processed(&self, message_sid: &str) -> Result<Option<Processed>, StoreError> {
         self.run(async {
             let c = self.inner.pool.get().await?;
-            let row = query_opt(
-                &c,
-                "SELECT at, from_number, to_number, outcome, flow, step FROM message_log \
-                 WHERE sid = $1 ORDER BY id DESC LIMIT 1",
-                &[&message_sid],
-            )
-            .await?;
-            Ok(row.map(|r| Processed {
-                twiml: String::new(),
-                at: r.get(0),
-                from: r.get(1),
-                to: r.get(2),
-                outcome: r.get(3),
-                flow: r.get(4),
-                step: r.get(5),
-            }))
+            let sql = format!(
+                "SELECT {LOG_COLUMNS} FROM message_log WHERE sid = $1 ORDER BY id DESC LIMIT 1"
+            );
+            let row = query_opt(&c, &sql, &[&message_sid]).await?;
+            Ok(row.map(|r| processed_at(&r, 0)))
         })
     }
 
@@ -765,6 +818,7 @@ impl Store for PgStore {
             due: c.due,
             recent: &recent,
             at: p.at,
+            results: c.results,
         };
         self.run(async {
             let mut client = self.inner.pool.get().await?;
@@ -784,6 +838,8 @@ impl Store for PgStore {
                     &p.outcome,
                     &p.flow,
                     &p.step,
+                    &p.body,
+                    &p.replies,
                 ],
             )
             .await?;
@@ -1007,29 +1063,12 @@ impl Store for PgStore {
     fn inbound_log(&self) -> Result<Vec<(String, Processed)>, StoreError> {
         self.run(async {
             let c = self.inner.pool.get().await?;
-            let rows = query(
-                &c,
-                "SELECT sid, at, from_number, to_number, outcome, flow, step FROM message_log \
-                 ORDER BY at DESC, sid DESC",
-                &[],
-            )
-            .await?;
+            let sql =
+                format!("SELECT sid, {LOG_COLUMNS} FROM message_log ORDER BY at DESC, sid DESC");
+            let rows = query(&c, &sql, &[]).await?;
             Ok(rows
                 .into_iter()
-                .map(|r| {
-                    (
-                        r.get(0),
-                        Processed {
-                            twiml: String::new(),
-                            at: r.get(1),
-                            from: r.get(2),
-                            to: r.get(3),
-                            outcome: r.get(4),
-                            flow: r.get(5),
-                            step: r.get(6),
-                        },
-                    )
-                })
+                .map(|r| (r.get(0), processed_at(&r, 1)))
                 .collect())
         })
     }
@@ -1083,6 +1122,8 @@ impl Store for PgStore {
                     &[&cutoff],
                 )
                 .await?),
+                results: n(exec(&tx, "DELETE FROM results WHERE ended_at < $1", &[&cutoff]).await?),
+                call_jobs: self.purge_call_jobs(&tx, cutoff).await?,
             };
             tx.commit().await?;
             Ok(purged)
@@ -1147,8 +1188,11 @@ impl Store for PgStore {
 
     fn commit_state(&self, s: StateCommit<'_>) -> Result<(), StoreError> {
         self.run(async {
-            let c = self.inner.pool.get().await?;
-            write_state(&c, &s).await
+            let mut client = self.inner.pool.get().await?;
+            let tx = client.transaction().await?;
+            write_state(&tx, &s).await?;
+            tx.commit().await?;
+            Ok(())
         })?;
         self.wrote();
         Ok(())
@@ -1393,10 +1437,12 @@ impl Store for PgStore {
             }
             entry.state = to;
             let (state, due) = outbox_columns(&entry.state);
+            let tally = tally_of(key);
             exec(
                 &tx,
-                "UPDATE outbox SET state = $2, not_before = $3, record = $4 WHERE key = $1",
-                &[&key, &state, &due, &encode(&entry)],
+                "UPDATE outbox SET state = $2, not_before = $3, record = $4, tally = $5 \
+                 WHERE key = $1",
+                &[&key, &state, &due, &encode(&entry), &tally],
             )
             .await?;
             tx.commit().await?;
@@ -1524,9 +1570,285 @@ impl Store for PgStore {
         }
         Ok(taken)
     }
+
+    fn call_jobs_pending(&self) -> usize {
+        // The due index (partial, pending jobs only) counted, not read.
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let row = query_opt(
+                &c,
+                "SELECT count(*) FROM call_jobs WHERE not_before IS NOT NULL",
+                &[],
+            )
+            .await?;
+            Ok(row.map_or(0, |r| int(&r, 0)))
+        })
+        .map_or(0, |n| n.max(0) as usize)
+    }
+
+    fn outbox_with_prefix(&self, prefix: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        // The key range [prefix, prefix + U+10FFFF): keys are compared
+        // byte by byte (COLLATE "C"), so this reads the primary key's range.
+        let end = format!("{prefix}\u{10FFFF}");
+        self.outbox_where("key >= $1 AND key < $2", &[&prefix, &end])
+            .map(|entries| {
+                entries
+                    .into_iter()
+                    .filter(|e| e.key.starts_with(prefix))
+                    .collect()
+            })
+    }
+
+    fn outbox_tallies(&self) -> Result<Vec<(String, OutboxTally)>, StoreError> {
+        // Counted from the entries by the `outbox_tally` index rather than
+        // kept as counters: always in step with the entries, in every
+        // transaction that writes one.
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let rows = query(
+                &c,
+                "SELECT tally, state, count(*) FROM outbox WHERE tally IS NOT NULL \
+                 GROUP BY tally, state ORDER BY tally",
+                &[],
+            )
+            .await?;
+            let mut out: Vec<(String, OutboxTally)> = Vec::new();
+            for row in rows {
+                let tally: String = row.get(0);
+                let state: String = row.get(1);
+                let n = int(&row, 2).max(0) as u64;
+                if out.last().is_none_or(|(t, _)| *t != tally) {
+                    out.push((tally, OutboxTally::default()));
+                }
+                if let Some((_, t)) = out.last_mut() {
+                    tally_add(t, &state, n);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let rows = query(
+                &c,
+                "SELECT started_at, to_number, from_number, position, record FROM results \
+                 WHERE flow = $1 AND ended_at >= $2 \
+                 ORDER BY ended_at, to_number, from_number, started_at, position",
+                &[&flow, &since],
+            )
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let started: i64 = row.get(0);
+                let to: String = row.get(1);
+                let from: String = row.get(2);
+                let position: i16 = row.get(3);
+                let bytes: Vec<u8> = row.get(4);
+                let key = format!("{flow}/{started}/{to}/{from}/{position}");
+                let then = "it is left out of exports";
+                if let Some(r) = self.decoded(&c, ("results", &key), &bytes, then).await? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn contact_conversations(&self, number: &str) -> Result<Vec<ConvKey>, StoreError> {
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let rows = query(
+                &c,
+                "SELECT to_number, from_number FROM conversations WHERE from_number = $1 \
+                 ORDER BY to_number",
+                &[&number],
+            )
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| ConvKey::new(r.get::<_, &str>(0), r.get::<_, &str>(1)))
+                .collect())
+        })
+    }
+
+    fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        let gone = self.run(async {
+            let mut client = self.inner.pool.get().await?;
+            let tx = client.transaction().await?;
+            let n = |v: u64| v as usize;
+            let mut gone = Forgotten {
+                conversations: n(exec(
+                    &tx,
+                    "DELETE FROM conversations WHERE from_number = $1",
+                    &[&number],
+                )
+                .await?),
+                results: n(exec(
+                    &tx,
+                    "DELETE FROM results WHERE from_number = $1",
+                    &[&number],
+                )
+                .await?),
+                log_lines: n(exec(
+                    &tx,
+                    "DELETE FROM message_log WHERE from_number = $1 OR to_number = $1",
+                    &[&number],
+                )
+                .await?),
+                ..Forgotten::default()
+            };
+            // The recipient is inside the records (as in sled, which
+            // reads them all too): erasure is rare, never on the message
+            // path.
+            let then = "it is left as it is";
+            for row in query(&tx, "SELECT message_sid, record FROM delivery_status", &[]).await? {
+                let sid: String = row.get(0);
+                let bytes: Vec<u8> = row.get(1);
+                let status: Option<DeliveryStatus> = self
+                    .decoded(&tx, ("delivery_status", &sid), &bytes, then)
+                    .await?;
+                if status.is_some_and(|s| s.to.as_deref() == Some(number)) {
+                    gone.status_events += n(exec(
+                        &tx,
+                        "DELETE FROM status_events WHERE message_sid = $1",
+                        &[&sid],
+                    )
+                    .await?);
+                    gone.statuses += n(exec(
+                        &tx,
+                        "DELETE FROM delivery_status WHERE message_sid = $1",
+                        &[&sid],
+                    )
+                    .await?);
+                }
+            }
+            for row in query(&tx, "SELECT key, record FROM outbox", &[]).await? {
+                let key: String = row.get(0);
+                let bytes: Vec<u8> = row.get(1);
+                let entry: Option<OutboxEntry> =
+                    self.decoded(&tx, ("outbox", &key), &bytes, then).await?;
+                if entry.is_some_and(|e| e.to == number) {
+                    gone.outbox +=
+                        n(exec(&tx, "DELETE FROM outbox WHERE key = $1", &[&key]).await?);
+                }
+            }
+            for row in query(&tx, "SELECT key, record FROM starts", &[]).await? {
+                let key: String = row.get(0);
+                let bytes: Vec<u8> = row.get(1);
+                let start: Option<StartRecord> =
+                    self.decoded(&tx, ("starts", &key), &bytes, then).await?;
+                if start.is_some_and(|s| s.to == number) {
+                    gone.starts +=
+                        n(exec(&tx, "DELETE FROM starts WHERE key = $1", &[&key]).await?);
+                }
+            }
+            exec(
+                &tx,
+                "INSERT INTO consent_audit (at, record) VALUES ($1, $2)",
+                &[&audit.at, &encode(audit)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(gone)
+        })?;
+        self.wrote();
+        Ok(gone)
+    }
+
+    fn all_conversations(&self) -> Result<Vec<(ConvKey, i64, StoredConversation)>, StoreError> {
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let rows = query(
+                &c,
+                "SELECT to_number, from_number, at, conversation, due, recent \
+                 FROM conversations ORDER BY to_number, from_number",
+                &[],
+            )
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        ConvKey::new(r.get::<_, &str>(0), r.get::<_, &str>(1)),
+                        r.get(2),
+                        StoredConversation {
+                            conversation: r.get(3),
+                            due: r.get(4),
+                            recent: RecentAnswers(r.get(5)),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+
+    fn conversation_keys(
+        &self,
+        after: Option<&ConvKey>,
+        limit: usize,
+    ) -> Result<Vec<ConvKey>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async {
+            let c = self.inner.pool.get().await?;
+            let rows = match after {
+                Some(k) => {
+                    query(
+                        &c,
+                        "SELECT to_number, from_number FROM conversations \
+                         WHERE (to_number, from_number) > ($1, $2) \
+                         ORDER BY to_number, from_number LIMIT $3",
+                        &[&k.to, &k.from, &limit],
+                    )
+                    .await?
+                }
+                None => {
+                    query(
+                        &c,
+                        "SELECT to_number, from_number FROM conversations \
+                         ORDER BY to_number, from_number LIMIT $1",
+                        &[&limit],
+                    )
+                    .await?
+                }
+            };
+            Ok(rows
+                .iter()
+                .map(|r| ConvKey::new(r.get::<_, &str>(0), r.get::<_, &str>(1)))
+                .collect())
+        })
+    }
 }
 
 impl PgStore {
+    /// Remove the call jobs delivered or failed before `cutoff` (pending
+    /// ones stay, however old); how many. Their end time is inside the
+    /// record: the finished ones are read (never the pending ones).
+    async fn purge_call_jobs(
+        &self,
+        c: &impl GenericClient,
+        cutoff: i64,
+    ) -> Result<usize, StoreError> {
+        let rows = query(
+            c,
+            "SELECT key, record FROM call_jobs WHERE not_before IS NULL",
+            &[],
+        )
+        .await?;
+        let mut removed = 0;
+        for row in rows {
+            let key: String = row.get(0);
+            let bytes: Vec<u8> = row.get(1);
+            let then = "it is left as it is";
+            let job: Option<CallJob> = self.decoded(c, ("call_jobs", &key), &bytes, then).await?;
+            if job.is_some_and(|j| super::call_jobs::finished_before(&j, cutoff)) {
+                removed += exec(c, "DELETE FROM call_jobs WHERE key = $1", &[&key]).await? as usize;
+            }
+        }
+        Ok(removed)
+    }
+
     fn outbox_where(
         &self,
         condition: &'static str,

@@ -8,8 +8,14 @@ use deadpool_postgres::GenericClient;
 use crate::store::StoreError;
 
 /// Every migration this release has: (version, name, SQL), in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        2,
+        "results_texts_tallies",
+        include_str!("migrations/0002_results_texts_tallies.sql"),
+    ),
+];
 
 /// The advisory lock id held while migrating ("smsflow\0" in ASCII).
 const MIGRATION_LOCK: i64 = 0x736d_7366_6c6f_7700;

@@ -1,0 +1,82 @@
+//! Flow results: what each ended flow run collected, one record per run,
+//! written with the commit of the step that ended it, just before the
+//! conversation record (see [`super::Commit::results`]).
+//!
+//! Keys: `r\0` flow `\0` 8-byte big-endian start time, our number `\0`
+//! the contact's number `\0` 2-byte position in its commit →
+//! [`RunResult`] (versioned JSON). A run is named by its conversation
+//! and start time, not by when it ended: the same step handled again (a
+//! message Twilio retries after a crash, a timer firing again) ends the
+//! run at another time but writes the same key, so nothing is doubled.
+//! One flow's results are one key range; an export reads that range.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::versioned::Versioned;
+
+/// The result of one flow run: the flow, the conversation, when it
+/// started and ended, how it ended, the steps it went through, and what
+/// it collected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The flow's name.
+    pub flow: String,
+    /// Our number (the conversation's `To`).
+    pub to: String,
+    /// The contact's number (the conversation's `From`).
+    pub contact: String,
+    /// Unix seconds when the run started.
+    pub started_at: i64,
+    /// Unix seconds when it ended.
+    pub ended_at: i64,
+    /// How it ended: `completed`, `expired`, `interrupted`, `opted_out`,
+    /// `gave_up` or `stale` (see `flow::RunEnd`).
+    pub ended: String,
+    /// The steps it entered, in order.
+    pub path: Vec<String>,
+    /// Its run variables as it left them (what `save:` and `set:` put
+    /// there).
+    pub vars: BTreeMap<String, String>,
+    /// The contact's fields as the run left them.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Versioned for RunResult {
+    const KIND: &'static str = "flow result";
+    const VERSION: u32 = 1;
+}
+
+/// The results' key prefix.
+pub(super) const PREFIX: &[u8] = b"r\0";
+
+/// The key prefix of one flow's results.
+pub(super) fn flow_prefix(flow: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PREFIX.len() + flow.len() + 1);
+    k.extend_from_slice(PREFIX);
+    k.extend_from_slice(flow.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The key of `result`, the `n`th of its commit.
+pub(super) fn db_key(result: &RunResult, n: usize) -> Vec<u8> {
+    let mut k = flow_prefix(&result.flow);
+    k.extend_from_slice(&(result.started_at.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(result.to.as_bytes());
+    k.push(0);
+    k.extend_from_slice(result.contact.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&(n.min(u16::MAX as usize) as u16).to_be_bytes());
+    k
+}
+
+/// The rows a commit writes for `results`: key and encoded record.
+pub(super) fn rows(results: &[RunResult]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    results
+        .iter()
+        .enumerate()
+        .map(|(n, r)| (db_key(r, n), super::records::encode(r)))
+        .collect()
+}
