@@ -104,7 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             println!(
                 "copied {} conversations, {} messages, {} delivery statuses ({} events), \
-                 {} consent states ({} audit records), {} outbox entries, {} call jobs, {} flow starts",
+                 {} consent states ({} audit records), {} outbox entries, {} call jobs, {} flow starts, {} flow results",
                 c.conversations,
                 c.messages,
                 c.statuses,
@@ -113,7 +113,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.audit,
                 c.outbox,
                 c.call_jobs,
-                c.starts
+                c.starts,
+                c.results
             );
             if c.undecodable > 0 {
                 eprintln!(

@@ -8,8 +8,9 @@
 
 use smsflow::store::{
     AnyStore, AuditRecord, CallJob, CallJobState, Commit, ConsentChange, ConvKey, DeliveryStatus,
-    OptOut, OutboxEntry, OutboxState, PgConfig, Processed, Purged, RecentAnswers, SledStore,
-    StartRecord, StateCommit, StatusUpdate, Store, StoreConfig,
+    Forgotten, OptOut, OutboxEntry, OutboxState, OutboxTally, PgConfig, Processed, Purged,
+    RecentAnswers, RunResult, SledStore, StartRecord, StateCommit, StatusUpdate, Store,
+    StoreConfig,
 };
 
 use crate::pg::{test_db, TestDb};
@@ -83,6 +84,12 @@ conformance!(
     starts_are_idempotent,
     purge_keeps_consent_and_live_state,
     tools_delete_and_put_conversations,
+    results_written_with_their_commit,
+    purge_removes_old_results_and_finished_call_jobs,
+    message_texts_are_kept,
+    forget_contact_erases_all_but_consent,
+    outbox_tallies_follow_their_entries,
+    conversation_keys_in_pages,
 );
 
 const US: &str = "+15550001111";
@@ -646,4 +653,435 @@ fn tools_delete_and_put_conversations(s: &AnyStore) {
     // Put keeps the recorded answers too.
     s.put_conversation(&key, b"again", true, 12).unwrap();
     assert!(s.load(&key).unwrap().answer_to("SMt").is_some());
+}
+
+fn result(flow: &str, contact: &str, started: i64, ended: i64, step: &str) -> RunResult {
+    RunResult {
+        flow: flow.into(),
+        to: US.into(),
+        contact: contact.into(),
+        started_at: started,
+        ended_at: ended,
+        ended: "completed".into(),
+        path: vec!["ask".into(), step.into()],
+        vars: [("size".to_string(), step.to_string())].into(),
+        fields: Default::default(),
+    }
+}
+
+/// A conversation change carrying run results (`commit`, `commit_state`,
+/// `commit_start`); `results` reads one flow's, by end time; the same
+/// run written again replaces itself.
+fn results_written_with_their_commit(s: &AnyStore) {
+    let a = ConvKey::new(US, "+15551230020");
+    let b = ConvKey::new(US, "+15551230021");
+    let first = result("pizza", &a.from, 10, 50, "large");
+    let record = s.load(&a).unwrap();
+    s.commit(Commit {
+        key: &a,
+        conversation: None,
+        ended: true,
+        recent: &record.recent,
+        message_sid: "SMres1",
+        processed: &processed("reply", 50, &a.from),
+        consent: None,
+        due: None,
+        results: std::slice::from_ref(&first),
+    })
+    .unwrap();
+    let other_flow = result("survey", &b.from, 5, 40, "yes");
+    let earlier = result("pizza", &b.from, 20, 30, "small");
+    let recent = RecentAnswers::default();
+    s.commit_state(StateCommit {
+        key: &b,
+        conversation: None,
+        ended: true,
+        due: None,
+        recent: &recent,
+        at: 40,
+        results: &[other_flow.clone(), earlier.clone()],
+    })
+    .unwrap();
+    assert_eq!(
+        s.results("pizza", 0).unwrap(),
+        [earlier.clone(), first.clone()]
+    );
+    assert_eq!(s.results("pizza", 31).unwrap(), [first.clone()]);
+    assert_eq!(s.results("survey", 0).unwrap(), [other_flow]);
+    assert!(s.results("none", 0).unwrap().is_empty());
+
+    // The same step handled again (a retried message) ends the run later
+    // but writes the same result: replaced, not doubled.
+    let again = result("pizza", &a.from, 10, 60, "medium");
+    s.commit_state(StateCommit {
+        key: &a,
+        conversation: None,
+        ended: true,
+        due: None,
+        recent: &recent,
+        at: 60,
+        results: std::slice::from_ref(&again),
+    })
+    .unwrap();
+    assert_eq!(s.results("pizza", 0).unwrap(), [earlier, again]);
+
+    // A flow start that replaces a run keeps that run's result.
+    let c = ConvKey::new(US, "+15551230009");
+    let replaced = result("pizza", &c.from, 3, 5, "small");
+    let change = StateCommit {
+        key: &c,
+        conversation: Some(b"started"),
+        ended: false,
+        due: None,
+        recent: &recent,
+        at: 5,
+        results: std::slice::from_ref(&replaced),
+    };
+    assert_eq!(
+        s.commit_start(Some(change), &[], &start("kres", "started"))
+            .unwrap(),
+        None
+    );
+    assert!(s.results("pizza", 0).unwrap().contains(&replaced));
+}
+
+/// Purge: results of runs that ended before the cutoff, and call jobs
+/// delivered or failed before it; a pending job stays however old.
+fn purge_removes_old_results_and_finished_call_jobs(s: &AnyStore) {
+    let key = ConvKey::new(US, "+15551230030");
+    let recent = RecentAnswers::default();
+    let old = result("pizza", &key.from, 10, 100, "small");
+    let new = result("pizza", &key.from, 900, 1000, "large");
+    s.commit_state(StateCommit {
+        key: &key,
+        conversation: Some(b"running"),
+        ended: false,
+        due: None,
+        recent: &recent,
+        at: 1000,
+        results: &[old, new.clone()],
+    })
+    .unwrap();
+    let mut delivered = job("delivered", 1);
+    delivered.state = CallJobState::Delivered {
+        status: 200,
+        attempts: 1,
+        at: 100,
+    };
+    let mut failed = job("failed", 1);
+    failed.state = CallJobState::Failed {
+        reason: "404".into(),
+        attempts: 1,
+        at: 100,
+    };
+    let mut late = job("late", 1);
+    late.state = CallJobState::Delivered {
+        status: 200,
+        attempts: 1,
+        at: 1000,
+    };
+    let pending = job("pending", 1);
+    s.enqueue_call_jobs(&[delivered, failed, late.clone(), pending.clone()])
+        .unwrap();
+    assert_eq!(s.call_jobs_pending(), 1);
+    let purged = s.purge(500).unwrap();
+    assert_eq!(
+        purged,
+        Purged {
+            call_jobs: 2,
+            results: 1,
+            ..Purged::default()
+        }
+    );
+    assert_eq!(s.results("pizza", 0).unwrap(), [new]);
+    assert_eq!(s.call_job("delivered").unwrap(), None);
+    assert_eq!(s.call_job("failed").unwrap(), None);
+    assert_eq!(s.call_job("late").unwrap(), Some(late));
+    assert_eq!(s.call_job("pending").unwrap(), Some(pending));
+    assert_eq!(s.call_jobs_pending(), 1);
+    assert_eq!(s.purge(500).unwrap(), Purged::default());
+}
+
+/// The texts of a message and our replies, when the pipeline keeps them,
+/// come back from `processed` and `inbound_log`.
+fn message_texts_are_kept(s: &AnyStore) {
+    let key = ConvKey::new(US, "+15551230040");
+    let mut p = processed("reply", 70, &key.from);
+    p.body = Some("LARGE please".into());
+    p.replies = vec!["Got it.".into(), "Anything else?".into()];
+    let record = s.load(&key).unwrap();
+    s.commit(Commit {
+        key: &key,
+        conversation: None,
+        ended: true,
+        recent: &record.recent,
+        message_sid: "SMtext",
+        processed: &p,
+        consent: None,
+        due: None,
+        results: &[],
+    })
+    .unwrap();
+    let back = s.processed("SMtext").unwrap().unwrap();
+    assert_eq!(back.body.as_deref(), Some("LARGE please"));
+    assert_eq!(back.replies, p.replies);
+    let (sid, logged) = s.inbound_log().unwrap().remove(0);
+    assert_eq!(sid, "SMtext");
+    assert_eq!((logged.body, logged.replies), (p.body, p.replies));
+    // Without texts: none.
+    message(s, &key, "SMbare", None, 80, None);
+    let bare = s.processed("SMbare").unwrap().unwrap();
+    assert_eq!((bare.body, bare.replies.len()), (None, 0));
+}
+
+fn forget_audit(number: &str, at: i64) -> AuditRecord {
+    AuditRecord {
+        at,
+        scope: "*".into(),
+        number: number.into(),
+        action: "forget".into(),
+        cause: "request".into(),
+        message_sid: String::new(),
+    }
+}
+
+/// Erasure: the contact's conversations on every number of ours (with
+/// their timers), results, log lines, delivery records and events of
+/// messages to it, outbox entries to it, start records naming it; its
+/// consent and audit stay; someone else's data stays; idempotent.
+fn forget_contact_erases_all_but_consent(s: &AnyStore) {
+    const GONE: &str = "+15551230050";
+    const KEPT: &str = "+15551230051";
+    const OTHER_US: &str = "+15550002222";
+    let conv = |to: &str, from: &str, due: Option<i64>| {
+        let key = ConvKey::new(to, from);
+        let record = s.load(&key).unwrap();
+        s.commit_state(StateCommit {
+            key: &key,
+            conversation: Some(b"running"),
+            ended: false,
+            due,
+            recent: &record.recent,
+            at: 10,
+            results: &[RunResult {
+                to: to.into(),
+                ..result("pizza", from, 1, 2, "large")
+            }],
+        })
+        .unwrap();
+    };
+    message(
+        s,
+        &ConvKey::new(US, GONE),
+        "SMgone",
+        Some(b"running"),
+        20,
+        Some(consent(GONE, true, 20, "SMgone")),
+    );
+    message(
+        s,
+        &ConvKey::new(US, KEPT),
+        "SMkept",
+        Some(b"running"),
+        20,
+        None,
+    );
+    conv(US, GONE, Some(100));
+    conv(OTHER_US, GONE, None);
+    conv(US, KEPT, Some(100));
+    let mut to_gone = status("delivered", 5, 30, None);
+    to_gone.to = Some(GONE.into());
+    s.record_status("SMtogone", &to_gone).unwrap();
+    let mut to_kept = status("delivered", 5, 30, None);
+    to_kept.to = Some(KEPT.into());
+    s.record_status("SMtokept", &to_kept).unwrap();
+    let mut out_gone = entry("broadcast:b1:gone", 5);
+    out_gone.to = GONE.into();
+    let mut out_kept = entry("broadcast:b1:kept", 5);
+    out_kept.to = KEPT.into();
+    s.enqueue_outbound(&[out_gone, out_kept]).unwrap();
+    let mut start_gone = start("kgone", "opted_out");
+    start_gone.to = GONE.into();
+    let mut start_kept = start("kkept", "opted_out");
+    start_kept.to = KEPT.into();
+    s.commit_start(None, &[], &start_gone).unwrap();
+    s.commit_start(None, &[], &start_kept).unwrap();
+
+    assert_eq!(
+        s.contact_conversations(GONE).unwrap(),
+        [ConvKey::new(US, GONE), ConvKey::new(OTHER_US, GONE)]
+    );
+    let gone = s.forget_contact(GONE, &forget_audit(GONE, 40)).unwrap();
+    assert_eq!(
+        gone,
+        Forgotten {
+            conversations: 2,
+            results: 2,
+            log_lines: 1,
+            statuses: 1,
+            status_events: 1,
+            outbox: 1,
+            starts: 1,
+        }
+    );
+    assert!(s.contact_conversations(GONE).unwrap().is_empty());
+    assert_eq!(s.load(&ConvKey::new(US, GONE)).unwrap(), Default::default());
+    let due: Vec<String> = s
+        .due_timers(1000, 10)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.key.from)
+        .collect();
+    assert_eq!(due, [KEPT], "the erased conversation's timer is gone");
+    assert!(s
+        .results("pizza", 0)
+        .unwrap()
+        .iter()
+        .all(|r| r.contact == KEPT));
+    assert_eq!(s.processed("SMgone").unwrap(), None);
+    assert!(s.processed("SMkept").unwrap().is_some());
+    assert_eq!(s.delivery_status("SMtogone").unwrap(), None);
+    assert!(s.status_events("SMtogone").unwrap().is_empty());
+    assert!(s.delivery_status("SMtokept").unwrap().is_some());
+    assert_eq!(keys(&s.outbox().unwrap()), ["broadcast:b1:kept"]);
+    assert_eq!(s.start_record("kgone").unwrap(), None);
+    assert!(s.start_record("kkept").unwrap().is_some());
+    // Kept: the consent state and its audit, with the erasure's record.
+    assert!(s.opt_out(US, GONE).unwrap().unwrap().opted_out);
+    let actions: Vec<String> = s
+        .audit_log()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(actions.len(), 2);
+    assert_eq!(actions.last().map(String::as_str), Some("forget"));
+
+    // Again: nothing left to remove, one more audit record.
+    let again = s.forget_contact(GONE, &forget_audit(GONE, 50)).unwrap();
+    assert_eq!(again, Forgotten::default());
+    assert_eq!(s.audit_log().unwrap().len(), 3);
+}
+
+/// Per-broadcast counts change with every enqueue and state change of a
+/// counted entry (and with the entries of a flow start's first message).
+fn outbox_tallies_follow_their_entries(s: &AnyStore) {
+    assert!(s.outbox_tallies().unwrap().is_empty());
+    s.enqueue_outbound(&[
+        entry("broadcast:b1:+1", 5),
+        entry("broadcast:b1:+2", 5),
+        entry("broadcast:b2:+1", 5),
+        entry("reminder:x", 5),
+    ])
+    .unwrap();
+    let tally = |pending, sending, sent| OutboxTally {
+        pending,
+        sending,
+        sent,
+        ..OutboxTally::default()
+    };
+    assert_eq!(
+        s.outbox_tallies().unwrap(),
+        [
+            ("b1".to_string(), tally(2, 0, 0)),
+            ("b2".to_string(), tally(1, 0, 0))
+        ]
+    );
+    let pending = entry("broadcast:b1:+1", 5).state;
+    let sending = OutboxState::Sending {
+        since: 6,
+        attempts: 1,
+    };
+    s.update_outbound("broadcast:b1:+1", &pending, sending.clone())
+        .unwrap()
+        .unwrap();
+    s.update_outbound(
+        "broadcast:b1:+1",
+        &sending,
+        OutboxState::Sent {
+            sid: "SM1".into(),
+            at: 7,
+        },
+    )
+    .unwrap()
+    .unwrap();
+    // A refused transition changes nothing.
+    assert_eq!(
+        s.update_outbound("broadcast:b1:+1", &pending, sending.clone())
+            .unwrap(),
+        None
+    );
+    s.update_outbound("broadcast:b1:+2", &pending, sending)
+        .unwrap()
+        .unwrap();
+    // A flow broadcast's start: its first message counts, not the others.
+    let record = start("start:broadcast:b3:+1", "started");
+    s.commit_start(
+        None,
+        &[
+            entry("start:broadcast:b3:+1:0", 5),
+            entry("start:broadcast:b3:+1:1", 5),
+        ],
+        &record,
+    )
+    .unwrap();
+    assert_eq!(
+        s.outbox_tallies().unwrap(),
+        [
+            ("b1".to_string(), tally(0, 1, 1)),
+            ("b2".to_string(), tally(1, 0, 0)),
+            ("b3".to_string(), tally(1, 0, 0)),
+        ]
+    );
+    assert_eq!(
+        keys(&s.outbox_with_prefix("broadcast:b1:").unwrap()),
+        ["broadcast:b1:+1", "broadcast:b1:+2"]
+    );
+    assert_eq!(
+        keys(&s.outbox_with_prefix("start:broadcast:b3:").unwrap()),
+        ["start:broadcast:b3:+1:0", "start:broadcast:b3:+1:1"]
+    );
+}
+
+/// Walking every conversation in pages, in key order (our number, then
+/// the contact), with `all_conversations` seeing the same records.
+fn conversation_keys_in_pages(s: &AnyStore) {
+    let ours = ["+15550001111", "+15550002222"];
+    let theirs = ["+15551230060", "+15551230061", "+15551230062"];
+    for to in ours.iter().rev() {
+        for from in theirs.iter().rev() {
+            state(s, &ConvKey::new(*to, *from), None, 10);
+        }
+    }
+    let mut all = Vec::new();
+    let mut after: Option<ConvKey> = None;
+    loop {
+        let page = s.conversation_keys(after.as_ref(), 4).unwrap();
+        assert!(page.len() <= 4);
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        all.extend(page);
+        after = Some(last);
+    }
+    let expected: Vec<ConvKey> = ours
+        .iter()
+        .flat_map(|to| theirs.iter().map(move |from| ConvKey::new(*to, *from)))
+        .collect();
+    assert_eq!(all, expected);
+    let listed: Vec<ConvKey> = s
+        .all_conversations()
+        .unwrap()
+        .into_iter()
+        .map(|(k, at, stored)| {
+            assert_eq!(at, 10);
+            assert_eq!(stored.conversation.as_deref(), Some(&b"waiting"[..]));
+            k
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    assert_eq!(
+        s.conversation_keys(Some(&expected[5]), 4).unwrap(),
+        Vec::<ConvKey>::new()
+    );
 }

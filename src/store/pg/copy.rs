@@ -5,7 +5,9 @@
 //!
 //! Copied: conversations with their recent answers and due times, the
 //! message log, delivery statuses and events, consent and its audit, the
-//! outbox, call jobs and flow starts. A conversation record that does not
+//! outbox, call jobs, flow starts and flow results (the message log with
+//! its texts; broadcast tallies are counted from the copied outbox). A
+//! conversation record that does not
 //! decode is left behind (sled keeps it aside in `quarantine/`) and
 //! counted. The sled directory is left as it is.
 
@@ -15,7 +17,9 @@ use super::{call_job_due, exec, outbox_columns, query_opt, PgConfig, PgStore};
 use crate::store::call_jobs::{self, CallJob};
 use crate::store::outbox::OutboxEntry;
 use crate::store::records::{conv_header, decode, decode_conv, ENDED};
-use crate::store::{starts, AuditRecord, SledStore, Store, StoreConfig, StoreError};
+use crate::store::{
+    results, starts, AuditRecord, RunResult, SledStore, Store, StoreConfig, StoreError,
+};
 
 /// How many records of each kind were copied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,6 +44,8 @@ pub struct Copied {
     pub call_jobs: usize,
     /// Flow start records.
     pub starts: usize,
+    /// Flow results.
+    pub results: usize,
 }
 
 /// A conversation row: to, from, last touched, ended, the conversation,
@@ -68,6 +74,9 @@ struct Export {
     call_jobs: Vec<(String, Option<i64>, Vec<u8>)>,
     /// (key, record)
     starts: Vec<(String, Vec<u8>)>,
+    /// Each result with its position in its commit (the key's last two
+    /// bytes), so that a step handled again after the copy replaces it.
+    results: Vec<(RunResult, i16, Vec<u8>)>,
 }
 
 fn text(b: &[u8]) -> String {
@@ -138,6 +147,18 @@ pub fn copy_from_sled(from: &Path, to: &str) -> Result<Copied, StoreError> {
             x.starts
                 .push((text(&k[starts::PREFIX.len()..]), v.to_vec()));
         }
+        for item in db.scan_prefix(results::PREFIX) {
+            let (k, v) = item?;
+            let position = match k.len().checked_sub(2).and_then(|end| k.get(end..)) {
+                Some(&[hi, lo]) => i16::from_be_bytes([hi, lo]),
+                _ => 0,
+            };
+            // One that does not decode stays behind (sled keeps it aside
+            // when an export reads it).
+            if let Ok(r) = decode::<RunResult>(&v) {
+                x.results.push((r, position, v.to_vec()));
+            }
+        }
         Ok(x)
     })?;
     let mut messages = sled.inbound_log()?;
@@ -182,7 +203,9 @@ pub fn copy_from_sled(from: &Path, to: &str) -> Result<Copied, StoreError> {
             exec(
                 &tx,
                 super::INSERT_LOG,
-                &[sid, &p.at, &p.from, &p.to, &p.outcome, &p.flow, &p.step],
+                &[
+                    sid, &p.at, &p.from, &p.to, &p.outcome, &p.flow, &p.step, &p.body, &p.replies,
+                ],
             )
             .await?;
             c.messages += 1;
@@ -234,7 +257,13 @@ pub fn copy_from_sled(from: &Path, to: &str) -> Result<Copied, StoreError> {
             exec(
                 &tx,
                 super::INSERT_OUTBOX,
-                &[&e.key, &state, &due, &crate::versioned::encode(e)],
+                &[
+                    &e.key,
+                    &state,
+                    &due,
+                    &crate::versioned::encode(e),
+                    &crate::store::tally_of(&e.key),
+                ],
             )
             .await?;
             c.outbox += 1;
@@ -256,6 +285,23 @@ pub fn copy_from_sled(from: &Path, to: &str) -> Result<Copied, StoreError> {
             )
             .await?;
             c.starts += 1;
+        }
+        for (r, position, record) in &export.results {
+            exec(
+                &tx,
+                super::UPSERT_RESULT,
+                &[
+                    &r.flow,
+                    &r.started_at.max(0),
+                    &r.to,
+                    &r.contact,
+                    position,
+                    &r.ended_at,
+                    record,
+                ],
+            )
+            .await?;
+            c.results += 1;
         }
         tx.commit().await?;
         Ok(c)

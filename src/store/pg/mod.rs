@@ -2,13 +2,17 @@
 //! instances behind one URL (sled allows one process). Chosen with
 //! `--store postgres://…` (or `SMSFLOW_DATABASE_URL`).
 //!
-//! The tables (`migrations/0001_init.sql`) hold the same records as sled's
-//! key prefixes: a row per conversation (its bytes, its next due time and
-//! its recent answers, written by one statement, so a message's state
-//! change and its dedupe record are atomic as in sled), the message log as
-//! a table (sled: `messages.jsonl`), delivery statuses and events, consent
-//! and its audit, the outbox, call jobs, flow starts, and records kept
-//! aside. JSON records are the same versioned bytes as in sled
+//! The tables (`migrations/0001_init.sql`, `0002_…`) hold the same
+//! records as sled's key prefixes: a row per conversation (its bytes, its
+//! next due time and its recent answers, written by one statement, so a
+//! message's state change and its dedupe record are atomic as in sled),
+//! the message log as a table (sled: `messages.jsonl`; with the message
+//! texts when kept), delivery statuses and events, consent and its audit,
+//! the outbox, call jobs, flow starts, flow results (written in the
+//! transaction of the conversation change that ended the run), and
+//! records kept aside. Outbox tallies are not stored: each outbox row
+//! names its tally ([`super::tally_of`]) and `outbox_tallies` counts them
+//! by an index, so they change in the transaction of every outbox write. JSON records are the same versioned bytes as in sled
 //! (`crate::versioned`), beside the columns the queries need.
 //!
 //! Schema: versioned SQL files in `migrations/`, applied in order at
