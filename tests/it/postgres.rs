@@ -292,8 +292,39 @@ async fn store_copy_moves_a_sled_store_to_postgres() {
             at: 2,
         },
     };
+    let broadcast = smsflow::store::OutboxEntry {
+        key: format!("broadcast:b9:{bob}"),
+        to: bob.into(),
+        ..entry.clone()
+    };
     app.store
-        .enqueue_outbound(std::slice::from_ref(&entry))
+        .enqueue_outbound(&[entry.clone(), broadcast])
+        .unwrap();
+    // A flow result (written with its conversation change, as a step
+    // that ends a run writes it).
+    let result = smsflow::store::RunResult {
+        flow: "survey".into(),
+        to: OUR_NUMBER.into(),
+        contact: bob.into(),
+        started_at: 10,
+        ended_at: 20,
+        ended: "completed".into(),
+        path: vec!["ask".into()],
+        vars: [("answer".to_string(), "yes".to_string())].into(),
+        fields: Default::default(),
+    };
+    let bob_key = smsflow::store::ConvKey::new(OUR_NUMBER, bob);
+    let record = app.store.load(&bob_key).unwrap();
+    app.store
+        .commit_state(smsflow::store::StateCommit {
+            key: &bob_key,
+            conversation: None,
+            ended: true,
+            due: None,
+            recent: &record.recent,
+            at: 20,
+            results: std::slice::from_ref(&result),
+        })
         .unwrap();
     let data = app.data_dir.clone();
     let _tmp = app.stop().await;
@@ -337,6 +368,10 @@ async fn store_copy_moves_a_sled_store_to_postgres() {
     assert_eq!(audit[0].number, bob);
     assert_eq!(app.store.outbound("sent-one").unwrap(), Some(entry));
     assert_eq!(app.store.inbound_log().unwrap().len(), 5);
+    assert_eq!(app.store.results("survey", 0).unwrap(), [result]);
+    let tallies = app.store.outbox_tallies().unwrap();
+    assert_eq!(tallies.len(), 1);
+    assert_eq!((tallies[0].0.as_str(), tallies[0].1.sent), ("b9", 1));
     app.stop().await;
 }
 
