@@ -20,6 +20,7 @@
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
 //! $L --scenario multistep --senders 100000 --prefill 100000 --soak-secs 300   # RSS over 5 minutes
 //! $L --scenario timers --senders 1000 --prefill 100000        # with 100,000 pending timers
+//! SMSFLOW_DATABASE_URL=postgres://… $L --instances 2          # two instances on PostgreSQL, round robin
 //! $L --scenario calls --requests 2000 --upstream-delay-ms 3000 --call-budget-ms 1000
 //! $L --scenario calls_mixed --requests 5000 --upstream-delay-ms 3000 --call-budget-ms 1000
 //! ```
@@ -126,6 +127,13 @@ struct Args {
     /// How often the soak prints the server's RSS.
     #[arg(long, default_value_t = 30)]
     sample_secs: u64,
+    /// smsflow instances, sent requests round robin (request i to
+    /// instance i mod N: one sender's messages alternate between them).
+    /// More than one needs a store they share: set SMSFLOW_DATABASE_URL
+    /// (PostgreSQL), which the smsflow children inherit. Server CPU is
+    /// then theirs together; peak RSS is the first one's.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Internal: serve the bare handler and print its address.
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -316,7 +324,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let bare_rss = bare.peak_rss();
     bare.stop();
 
-    let ours = Server::smsflow(
+    let mut ours = Server::smsflow(
         mode,
         &flows,
         &tmp.path().join("data"),
@@ -324,6 +332,21 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         sc.sends,
         sc.calls.then_some(args.call_budget_ms),
     );
+    assert!(
+        args.instances <= 1 || std::env::var_os("SMSFLOW_DATABASE_URL").is_some(),
+        "--instances {} needs a shared store: set SMSFLOW_DATABASE_URL",
+        args.instances
+    );
+    for i in 1..args.instances {
+        ours.others.push(Server::smsflow(
+            mode,
+            &flows,
+            &tmp.path().join(format!("data{i}")),
+            args.durability,
+            sc.sends,
+            sc.calls.then_some(args.call_budget_ms),
+        ));
+    }
     if args.prefill > 0 {
         let prefill = Load {
             phase: 3,
@@ -567,7 +590,12 @@ fn run(
     concurrency: usize,
 ) -> Report {
     let requests = Arc::new(load.requests(sc));
-    let url = format!("http://{}/twilio/sms", server.addr);
+    let urls: Arc<Vec<String>> = Arc::new(
+        std::iter::once(server.addr)
+            .chain(server.others.iter().map(|o| o.addr))
+            .map(|addr| format!("http://{addr}/twilio/sms"))
+            .collect(),
+    );
     let server_before = server.cpu_time();
     let client_before = cpu_time(std::process::id());
     let mut total = rt.block_on(async {
@@ -575,14 +603,18 @@ fn run(
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
-            let (client, requests, next, url) =
-                (client.clone(), requests.clone(), next.clone(), url.clone());
+            let (client, requests, next, urls) =
+                (client.clone(), requests.clone(), next.clone(), urls.clone());
             tasks.push(tokio::spawn(async move {
                 let mut rep = Report::default();
-                while let Some((body, sig)) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((body, sig)) = requests.get(n) else {
+                        break;
+                    };
                     let t = Instant::now();
                     let res = client
-                        .post(&url)
+                        .post(&urls[n % urls.len()])
                         .header("content-type", "application/x-www-form-urlencoded")
                         .header("x-twilio-signature", sig)
                         .body(body.clone())
@@ -960,6 +992,9 @@ impl Mode {
 struct Server {
     addr: SocketAddr,
     kind: Kind,
+    /// More smsflow instances sharing its store (`--instances`), sent
+    /// requests round robin with it.
+    others: Vec<Server>,
 }
 
 enum Kind {
@@ -1043,6 +1078,7 @@ impl Server {
                 Server {
                     addr,
                     kind: Kind::InProcess { rt, stop, done },
+                    others: Vec::new(),
                 }
             }
         }
@@ -1072,6 +1108,7 @@ impl Server {
                 Server {
                     addr,
                     kind: Kind::InProcess { rt, stop, done },
+                    others: Vec::new(),
                 }
             }
         }
@@ -1110,15 +1147,20 @@ impl Server {
         Server {
             addr: addr.parse().expect("a socket address"),
             kind: Kind::Child(child),
+            others: Vec::new(),
         }
     }
 
-    /// The server process's CPU time so far (child processes only).
+    /// The server process's CPU time so far, its other instances'
+    /// included (child processes only).
     fn cpu_time(&self) -> Option<Duration> {
-        match &self.kind {
+        let own = match &self.kind {
             Kind::Child(child) => cpu_time(child.id()),
             Kind::InProcess { .. } => None,
-        }
+        };
+        self.others
+            .iter()
+            .try_fold(own?, |sum, o| Some(sum + o.cpu_time()?))
     }
 
     /// Resident set high-water mark in bytes (child processes only).
@@ -1148,6 +1190,9 @@ impl Server {
 
     /// Graceful stop (SIGTERM for a child: the store is flushed), bounded.
     fn stop(self) {
+        for other in self.others {
+            other.stop();
+        }
         match self.kind {
             Kind::Child(mut child) => {
                 let _ = Command::new("kill")

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{self, Wake};
 use crate::pipeline::{Pipeline, PipelineOptions, SharedFlows};
 use crate::reload::{self, Reloader};
-use crate::store::{SledStore, Store, StoreConfig};
+use crate::store::{AnyStore, PgConfig, SledStore, Store, StoreConfig};
 use crate::telemetry::PhoneLog;
 
 /// A bound, ready-to-run server.
@@ -30,8 +30,8 @@ pub struct App {
     router: axum::Router,
     /// The admin listener (`--admin-listen`), its address and routes.
     admin: Option<(TcpListener, SocketAddr, axum::Router)>,
-    store: Arc<SledStore>,
-    pipeline: Arc<Pipeline<SledStore>>,
+    store: Arc<AnyStore>,
+    pipeline: Arc<Pipeline<AnyStore>>,
     reloader: Arc<Reloader>,
     config: Config,
     /// Set once shutdown begins, so `/readyz` answers 503 while in-flight
@@ -93,16 +93,45 @@ impl App {
 
         // The store creates the data directory (private) and says which
         // of a held lock, a permission, a damaged or a truncated database
-        // keeps it from opening.
-        let store = SledStore::open(
-            &config.data_dir,
-            &StoreConfig {
-                cache_bytes: config.cache_bytes,
-                durability: config.durability,
-                ..StoreConfig::default()
-            },
-        )
-        .context("opening the store")?;
+        // keeps it from opening. PostgreSQL (`--store`) applies its
+        // migrations first.
+        let store: AnyStore = match &config.store {
+            Some(url) => {
+                let url = url.expose();
+                // The data directory still holds this instance's own
+                // files (the log's phone number hash key).
+                {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(&config.data_dir)
+                        .with_context(|| {
+                            format!("creating the data directory {}", config.data_dir.display())
+                        })?;
+                }
+                AnyStore::open_pg(
+                    url,
+                    &PgConfig {
+                        durability: config.durability,
+                        ..PgConfig::default()
+                    },
+                )
+                .with_context(|| {
+                    format!("opening the store at {}", crate::store::pg::redact_url(url))
+                })?
+            }
+            None => SledStore::open(
+                &config.data_dir,
+                &StoreConfig {
+                    cache_bytes: config.cache_bytes,
+                    durability: config.durability,
+                    ..StoreConfig::default()
+                },
+            )
+            .context("opening the store")?
+            .into(),
+        };
         let store = Arc::new(store);
         // Flows' HTTP calls: the real client, limited to `http_allow`.
         let caller = crate::calls::HttpCaller::new(
@@ -124,10 +153,7 @@ impl App {
         let status_fn = {
             let reloader = reloader.clone();
             let store = store.clone();
-            let data_dir = std::path::absolute(&config.data_dir)
-                .unwrap_or_else(|_| config.data_dir.clone())
-                .display()
-                .to_string();
+            let data_dir = store.location(&config.data_dir);
             Arc::new(move || {
                 let s = reloader.status();
                 let health = store.health();
@@ -142,6 +168,7 @@ impl App {
                     },
                     "conversations": health.conversations,
                     "store": {
+                        "backend": store.kind(),
                         "dir": data_dir,
                         "durability": store.durability(),
                         "writable": health.writable,
@@ -244,7 +271,7 @@ impl App {
     }
 
     /// The store the server uses.
-    pub fn store(&self) -> &Arc<SledStore> {
+    pub fn store(&self) -> &Arc<AnyStore> {
         &self.store
     }
 

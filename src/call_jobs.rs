@@ -116,15 +116,21 @@ fn pass<S: Store + 'static>(
         let CallJobState::Pending { attempts, .. } = job.state else {
             continue;
         };
+        let from = job.state.clone();
         let attempts = attempts + 1;
         let lease = (job.timeout_ms / 1000) as i64 + 1 + LEASE_MARGIN_SECS;
         job.state = CallJobState::Pending {
             not_before: now + lease,
             attempts,
         };
-        if let Err(e) = store.update_call_job(&job) {
-            tracing::error!(error = %e, "claiming a call job failed");
-            return;
+        match store.claim_call_job(&job, &from) {
+            Ok(true) => {}
+            // Another instance on the same database claimed it first.
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming a call job failed");
+                return;
+            }
         }
         let (store, caller, metrics) = (store.clone(), caller.clone(), metrics.clone());
         running.spawn(async move {

@@ -88,6 +88,37 @@ pub enum Command {
     /// config file and defaults merged: every config file key with its
     /// value, as TOML. Secrets are not shown.
     Config(ServeArgs),
+    /// Apply the PostgreSQL schema's migrations that the database lacks
+    /// (`serve --store` applies them too when it starts).
+    Migrate(MigrateArgs),
+    /// Move a store: `store copy --from DATA_DIR --to postgres://…`.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `smsflow store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every record of a sled data directory into an empty
+    /// PostgreSQL database (migrated first), in one transaction. Stop the
+    /// server using the data directory first; the directory is left as
+    /// it is.
+    Copy {
+        /// The sled data directory (`--data` of the server).
+        #[arg(long)]
+        from: PathBuf,
+        /// The database: postgres://user:password@host:port/db.
+        #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+        to: String,
+    },
+}
+
+/// Flags of `smsflow migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The database: postgres://user:password@host:port/db.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+    pub store: String,
 }
 
 /// `--config` for the author tools: the server's TOML file, so consent
@@ -247,6 +278,9 @@ pub struct ServeArgs {
     /// The data directory.
     #[arg(long, env = "SMSFLOW_DATA", help = config::flag_help("--data"))]
     pub data: Option<PathBuf>,
+    /// The PostgreSQL database, instead of sled in --data.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL", help = config::flag_help("--store"))]
+    pub store: Option<String>,
     /// sled's page cache, in MiB.
     #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
     pub cache_mb: Option<u64>,
@@ -301,6 +335,7 @@ impl ServeArgs {
             public_url: self.public_url.clone(),
             flows: self.flows.clone(),
             data: self.data.clone(),
+            store: self.store.clone(),
             cache_mb: self.cache_mb,
             durability: self.durability.map(|d| match d {
                 DurabilityArg::Flush => Durability::Flush,

@@ -41,6 +41,33 @@ impl fmt::Debug for AuthToken {
     }
 }
 
+/// A PostgreSQL URL (`--store`); `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a `postgres://` URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+    /// The URL, password included: for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        DatabaseUrl(url)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", crate::store::pg::redact_url(&self.0))
+    }
+}
+
 /// How inbound requests are authenticated.
 #[derive(Debug, Clone)]
 pub enum Auth {
@@ -63,6 +90,9 @@ pub struct Config {
     pub flows_dir: PathBuf,
     /// The directory the store keeps its data in.
     pub data_dir: PathBuf,
+    /// The PostgreSQL database URL, when the store is PostgreSQL rather
+    /// than sled in `data_dir` (`--store`, `SMSFLOW_DATABASE_URL`).
+    pub store: Option<DatabaseUrl>,
     /// How webhook requests are authenticated.
     pub auth: Auth,
     /// sled's page cache size, in bytes.
@@ -157,6 +187,7 @@ impl Config {
             public_url: "http://localhost".into(),
             flows_dir: flows_dir.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
+            store: None,
             auth: Auth::Verify(AuthToken::new(token)),
             cache_bytes: 16 * 1024 * 1024,
             durability: Durability::Flush,
@@ -195,6 +226,7 @@ pub struct FileConfig {
     pub(crate) public_url: Option<String>,
     pub(crate) flows: Option<PathBuf>,
     pub(crate) data: Option<PathBuf>,
+    pub(crate) store: Option<String>,
     pub(crate) cache_mb: Option<u64>,
     pub(crate) durability: Option<Durability>,
     pub(crate) max_body_bytes: Option<usize>,
@@ -268,6 +300,7 @@ pub struct Overrides {
     pub(crate) public_url: Option<String>,
     pub(crate) flows: Option<PathBuf>,
     pub(crate) data: Option<PathBuf>,
+    pub(crate) store: Option<String>,
     pub(crate) cache_mb: Option<u64>,
     pub(crate) durability: Option<Durability>,
     /// Accept unsigned webhooks (`--insecure-no-signature`).
@@ -391,7 +424,20 @@ pub fn resolve(
         );
     }
 
+    let store = o.store.or(file.store).filter(|s| !s.is_empty());
+    if let Some(url) = store
+        .as_deref()
+        .filter(|u| !crate::store::pg::is_database_url(u))
+    {
+        bail!(
+            "--store {:?} is not a PostgreSQL URL like postgres://user:password@host:5432/smsflow \
+             (leave it unset for the embedded store in --data)",
+            crate::store::pg::redact_url(url)
+        );
+    }
+
     Ok(Config {
+        store: store.map(DatabaseUrl::new),
         outbound,
         admin_listen,
         log_format,
@@ -696,6 +742,28 @@ mod tests {
                 "README.md's \"Running it\" table has no row naming {names:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_database_password_is_never_shown() {
+        let o = Overrides {
+            store: Some("postgres://smsflow:s3cret@db:5432/smsflow".into()),
+            ..Overrides::default()
+        };
+        let c = resolve(o, FileConfig::default(), Some("t".into()), None).unwrap();
+        assert_eq!(
+            c.store.as_ref().map(DatabaseUrl::expose),
+            Some("postgres://smsflow:s3cret@db:5432/smsflow")
+        );
+        let shown = format!("{c:?}\n{}", describe(&c, false));
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("store = \"postgres://smsflow:***@db:5432/smsflow\""));
+        let o = Overrides {
+            store: Some("/var/lib/smsflow".into()),
+            ..Overrides::default()
+        };
+        let err = resolve(o, FileConfig::default(), Some("t".into()), None).unwrap_err();
+        assert!(err.to_string().contains("is not a PostgreSQL URL"), "{err}");
     }
 
     #[test]

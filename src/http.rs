@@ -26,7 +26,7 @@ use crate::clock::unix_now;
 use crate::config::{Auth, Config};
 use crate::metrics::{self, Endpoint, Metrics, Sample};
 use crate::pipeline::{Pipeline, ReplyLink};
-use crate::store::{SledStore, StatusUpdate, StoreHealth};
+use crate::store::{AnyStore, StatusUpdate, StoreHealth};
 use crate::telemetry::PhoneLog;
 use crate::twilio::{self, InboundMessage, Params, RequestValidator, StatusCallback};
 
@@ -40,7 +40,7 @@ pub use serve::{serve, ConnectionLimits};
 /// State shared by all handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub pipeline: Arc<Pipeline<SledStore>>,
+    pub pipeline: Arc<Pipeline<AnyStore>>,
     pub metrics: Arc<Metrics>,
     /// `None` only in the explicit insecure mode.
     pub validator: Option<Arc<RequestValidator>>,
@@ -59,7 +59,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         config: &Config,
-        pipeline: Arc<Pipeline<SledStore>>,
+        pipeline: Arc<Pipeline<AnyStore>>,
         metrics: Arc<Metrics>,
         status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
         shutting_down: Arc<AtomicBool>,

@@ -79,8 +79,14 @@
 //!     (imports), `limits` and `bounded` (functions that refuse before
 //!     building too much), `errors`, `values` (message, state, replies)
 //!     and `run` (per-run state).
-//! - [`store`]: the only module that knows sled; the [`store::Store`]
-//!   trait. A conversation and its recent answers (for retries) are one
+//! - [`store`]: the only module that knows sled and PostgreSQL; the
+//!   [`store::Store`] trait, with two backends that pass one conformance
+//!   suite: sled (embedded, the default, one process) and `store/pg/`
+//!   (PostgreSQL, several instances on one database: the conversation
+//!   lock is also an advisory lock there, outbox and call jobs are
+//!   claimed by compare and swap in a transaction, the schema is
+//!   versioned SQL in `store/pg/migrations/`). [`store::AnyStore`] is the
+//!   one the server holds. In sled, a conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
 //!   append-only file beside the database. Its own thread groups flushes
 //!   (each ending in a real `fdatasync`), writes checkpoints that expose a

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use std::io::IsTerminal;
 
+use anyhow::Context as _;
 use clap::Parser;
 use smsflow::cli::{Cli, Command, GraphFormat};
 use smsflow::pipeline::PipelineOptions;
@@ -88,6 +89,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign(args) => sign(args),
+        Command::Store(smsflow::cli::StoreCommand::Copy { from, to }) => {
+            if !smsflow::store::pg::is_database_url(&to) {
+                anyhow::bail!(
+                    "--to must be a PostgreSQL URL like postgres://user:password@host:5432/smsflow"
+                );
+            }
+            let c = smsflow::store::pg::copy_from_sled(&from, &to).with_context(|| {
+                format!(
+                    "copying {} to {}",
+                    from.display(),
+                    smsflow::store::pg::redact_url(&to)
+                )
+            })?;
+            println!(
+                "copied {} conversations, {} messages, {} delivery statuses ({} events), \
+                 {} consent states ({} audit records), {} outbox entries, {} call jobs, {} flow starts, {} flow results",
+                c.conversations,
+                c.messages,
+                c.statuses,
+                c.status_events,
+                c.consent,
+                c.audit,
+                c.outbox,
+                c.call_jobs,
+                c.starts,
+                c.results
+            );
+            if c.undecodable > 0 {
+                eprintln!(
+                    "warning: {} conversation records do not decode and were not copied \
+                     (sled keeps them in {}/quarantine/ once a server opens it)",
+                    c.undecodable,
+                    from.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate(args) => {
+            let url = &args.store;
+            if !smsflow::store::pg::is_database_url(url) {
+                anyhow::bail!("--store must be a PostgreSQL URL like postgres://user:password@host:5432/smsflow");
+            }
+            let applied = smsflow::store::pg::migrate(url)
+                .with_context(|| format!("migrating {}", smsflow::store::pg::redact_url(url)))?;
+            let newest = smsflow::store::pg::MIGRATIONS.last().map_or(0, |m| m.0);
+            if applied.is_empty() {
+                println!("schema at version {newest}: nothing to apply");
+            } else {
+                let names: Vec<String> = applied.iter().map(|v| format!("{v:04}")).collect();
+                println!("applied {}; schema at version {newest}", names.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Messages(args) => messages(args),
         Command::Start(args) => start(args),
         Command::Contacts(command) => contacts(command),

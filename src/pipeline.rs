@@ -247,6 +247,13 @@ pub struct Pipeline<S: Store> {
     call_jobs: Arc<tokio::sync::Notify>,
 }
 
+/// A conversation's lock, in-process and (PostgreSQL) across processes;
+/// released when dropped, the shared one first.
+struct ConvGuard {
+    _shared: Option<crate::store::ConvLock>,
+    _local: locks::KeyGuard,
+}
+
 /// What the consent phase decided before (or instead of) running a flow.
 enum Gate {
     Silence(Silence),
@@ -321,6 +328,18 @@ impl<S: Store> Pipeline<S> {
         &self.loop_guard
     }
 
+    /// Take the conversation's lock: this process's first, then, when
+    /// the store is shared by several processes (PostgreSQL), the
+    /// store's ([`Store::lock_conversation`]). Held until dropped.
+    async fn lock(&self, key: &ConvKey) -> Result<ConvGuard, StoreError> {
+        let local = self.locks.lock(key).await;
+        let shared = self.store.lock_conversation(key).await?;
+        Ok(ConvGuard {
+            _shared: shared,
+            _local: local,
+        })
+    }
+
     /// Handle one verified inbound message at time `now` (unix seconds).
     pub async fn handle_inbound(
         &self,
@@ -340,7 +359,7 @@ impl<S: Store> Pipeline<S> {
         now: i64,
     ) -> Result<Detailed, StoreError> {
         let key = ConvKey::new(&msg.to, &msg.from);
-        let guard = self.locks.lock(&key).await;
+        let guard = self.lock(&key).await?;
         // Read before anything the answer depends on: if the store is
         // reopened after a failure in between, the flush below fails
         // rather than acknowledge what may be gone.
@@ -758,7 +777,7 @@ impl<S: Store> Pipeline<S> {
     /// Returns whether there was one. For tools (`smsflow chat`'s `/reset`);
     /// the webhook never deletes conversations this way.
     pub async fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let existed = self.store.delete_conversation(key)?;
         drop(guard);
@@ -789,7 +808,7 @@ impl<S: Store> Pipeline<S> {
             keys.dedup();
             let mut guards = Vec::with_capacity(keys.len());
             for key in &keys {
-                guards.push(self.locks.lock(key).await);
+                guards.push(self.lock(key).await?);
             }
             let now_there = self.store.contact_conversations(number)?;
             if now_there.iter().all(|k| keys.contains(k)) {
@@ -834,7 +853,7 @@ impl<S: Store> Pipeline<S> {
     ) -> Result<(), StoreError> {
         let bytes = conversation.to_stored();
         let due = self.due_of(&self.flows.load(), key, conversation, now);
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
         self.store.commit_state(StateCommit {

@@ -1,12 +1,21 @@
 //! Persistent state: conversations, dedupe records, delivery statuses,
 //! the outbox, flow results.
 //!
-//! This is the only module that knows sled. Everything above it talks to the
-//! [`Store`] trait in terms of opaque, already-serialised records, so another
-//! backend can be added without touching the pipeline. It knows nothing of
-//! HTTP, Rhai or the flow format.
+//! This is the only module that knows sled and PostgreSQL. Everything
+//! above it talks to the [`Store`] trait in terms of opaque,
+//! already-serialised records, so the pipeline does not know which backend
+//! it runs on. It knows nothing of HTTP, Rhai or the flow format.
 //!
-//! Layout: one sled tree with key prefixes:
+//! Two backends implement the trait, with the same semantics (one
+//! conformance suite, `tests/it/conformance.rs`, runs against both):
+//! [`SledStore`], embedded, the default, one process; and [`PgStore`]
+//! (`pg/`), PostgreSQL, several instances on one database, whose tables
+//! hold the same records (`pg/migrations/`). [`AnyStore`] is the one the
+//! server holds: whichever `--store` chose. Conversations are serialised
+//! by the pipeline's in-process lock, and across processes by
+//! [`Store::lock_conversation`] (PostgreSQL: an advisory lock).
+//!
+//! sled's layout: one sled tree with key prefixes:
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
@@ -125,6 +134,7 @@
 //! nothing read or written before the reopen is acknowledged after it.
 //!
 //! Files: this one holds the contract (the [`Store`] trait and its types);
+//! `any.rs` the server's choice of backend; `pg/` the PostgreSQL backend;
 //! `sled_store.rs` the sled backend; `records.rs` the keys and record
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
 //! `open.rs` opening and its failures; `starts.rs` flow start results;
@@ -136,11 +146,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod any;
 mod call_jobs;
 mod files;
 mod message_log;
 mod open;
 mod outbox;
+pub mod pg;
 mod quarantine;
 mod records;
 mod results;
@@ -149,9 +161,11 @@ mod starts;
 mod tallies;
 mod worker;
 
+pub use any::AnyStore;
 pub use call_jobs::{CallJob, CallJobState};
 pub use open::OpenError;
 pub use outbox::{OutboxEntry, OutboxState};
+pub use pg::{ConvLock, PgConfig, PgStore};
 pub use records::{
     AuditRecord, ConsentChange, ConvKey, DeliveryStatus, OptOut, Processed, RecentAnswer,
     RecentAnswers, StatusEvent, StoredConversation, DEDUPE_MAX_ANSWERS, DEDUPE_WINDOW_SECS,
@@ -198,7 +212,7 @@ pub use sled_store::SledStore;
 /// failure; they never carry user input.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Any other error reported by sled.
+    /// Any other error reported by the backend (sled, PostgreSQL).
     #[error("storage backend error: {0}")]
     Backend(String),
     /// A read or write reached the disk and failed (a full disk, an I/O
@@ -417,6 +431,11 @@ pub trait Store: Send + Sync + 'static {
     fn due_call_jobs(&self, now: i64, limit: usize) -> Result<Vec<CallJob>, StoreError>;
     /// Replace the stored call job `job.key` by `job` (its index follows).
     fn update_call_job(&self, job: &CallJob) -> Result<(), StoreError>;
+    /// Replace the stored call job `job.key` by `job` only while it is in
+    /// state `from` (compare and swap, atomically): how the call worker
+    /// claims a due job, so that of several workers (instances on one
+    /// PostgreSQL) exactly one makes the call. Whether it was replaced.
+    fn claim_call_job(&self, job: &CallJob, from: &CallJobState) -> Result<bool, StoreError>;
     /// The call job stored under `key`, if any.
     fn call_job(&self, key: &str) -> Result<Option<CallJob>, StoreError>;
     /// Call jobs still to be made (pending), for `/metrics`. This default
@@ -481,6 +500,18 @@ pub trait Store: Send + Sync + 'static {
         entries: &[OutboxEntry],
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError>;
+    /// Take `key`'s conversation lock across every process sharing this
+    /// store, held until the returned guard is dropped; the caller takes
+    /// its in-process lock first. `None` when the store is one process's
+    /// (sled: the in-process lock is the whole lock). Fails when the
+    /// lock cannot be had (the database is unreachable).
+    fn lock_conversation(
+        &self,
+        key: &ConvKey,
+    ) -> impl std::future::Future<Output = Result<Option<ConvLock>, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(None))
+    }
 
     // Flow results and erasure (issue 20). Results are written by
     // `commit`, `commit_state` and `commit_start` (their `results`) and

@@ -103,6 +103,20 @@ pub const SETTINGS: &[Setting] = &[
         value: |c| text(&c.data_dir.to_string_lossy()),
     },
     Setting {
+        key: "store",
+        flag: Some("--store"),
+        env: Some("SMSFLOW_DATABASE_URL"),
+        help: "PostgreSQL instead of the embedded store: postgres://user:password@host:port/db \
+               (?sslmode=require for TLS); several instances can share one database",
+        default_note: None,
+        unset: "not set: the embedded sled store in `data`",
+        value: |c| {
+            c.store
+                .as_ref()
+                .and_then(|u| text(&crate::store::pg::redact_url(u.expose())))
+        },
+    },
+    Setting {
         key: "cache_mb",
         flag: Some("--cache-mb"),
         env: Some("SMSFLOW_CACHE_MB"),

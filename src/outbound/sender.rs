@@ -141,6 +141,13 @@ impl Pacing {
     }
 }
 
+/// How often the sender looks for entries left `Sending` (see
+/// `Sender::recover`).
+const RECOVER_EVERY: Duration = Duration::from_secs(5);
+/// How long after its send time limit a request left `Sending` counts as
+/// interrupted.
+const STALE_MARGIN_SECS: i64 = 2;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -167,6 +174,7 @@ impl<S: Store> Sender<S> {
             account_sid = %self.client_account(),
             "outbound sender started"
         );
+        let mut recovered_at = std::time::Instant::now();
         if let Err(e) = self.recover().await {
             tracing::error!(error = %e, "could not check the outbox for interrupted sends");
         }
@@ -187,6 +195,14 @@ impl<S: Store> Sender<S> {
                 Err(e) => tracing::debug!(error = %e, "outbox pass failed again"),
             }
             while tasks.try_join_next().is_some() {}
+            // Again from time to time: another instance on the same
+            // database (PostgreSQL) may have died while sending.
+            if recovered_at.elapsed() >= RECOVER_EVERY {
+                recovered_at = std::time::Instant::now();
+                if let Err(e) = self.recover().await {
+                    tracing::debug!(error = %e, "checking for interrupted sends failed");
+                }
+            }
             // A send that finishes frees a place for the next due message:
             // without this, a full set of sends in flight would wait for
             // the next poll, capping a long queue at IN_FLIGHT per second.
@@ -215,13 +231,21 @@ impl<S: Store> Sender<S> {
     }
 
     /// Entries left `Sending` by a previous run may have reached Twilio:
-    /// they become `Unknown`, never sent again.
+    /// they become `Unknown`, never sent again. Only once their request
+    /// is past the send time limit: until then another instance sharing
+    /// the database (PostgreSQL) may still be sending it, and records its
+    /// outcome itself.
     async fn recover(&self) -> Result<(), StoreError> {
         let epoch = self.store().epoch();
         let now = unix_now();
+        let stale = now - self.config.send_timeout.as_secs() as i64 - STALE_MARGIN_SECS;
         let mut n = 0;
         for entry in self.store().sending_outbound()? {
-            let reason = "interrupted while sending (found at startup): it may have reached Twilio";
+            if matches!(entry.state, OutboxState::Sending { since, .. } if since > stale) {
+                continue;
+            }
+            let reason =
+                "interrupted while sending (its server stopped): it may have reached Twilio";
             let unknown = OutboxState::Unknown {
                 reason: reason.into(),
                 at: now,

@@ -205,7 +205,7 @@ impl<S: Store> Pipeline<S> {
             let mut moved = false;
             for key in keys {
                 done.conversations += 1;
-                let guard = self.locks.lock(&key).await;
+                let guard = self.lock(&key).await?;
                 let record = self.store.load(&key)?;
                 let Some(bytes) = &record.conversation else {
                     continue;

@@ -28,7 +28,7 @@ impl<S: Store> Pipeline<S> {
         let flows = self.flows.load();
         for row in rows {
             let key = ConvKey::new(our, row.phone.clone());
-            let guard = self.locks.lock(&key).await;
+            let guard = self.lock(&key).await?;
             let stored = self.store.load(&key)?;
             let mut conversation = self.conversation_of(&key, &stored)?;
             let before = conversation.contact.clone();

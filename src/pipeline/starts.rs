@@ -39,7 +39,7 @@ impl<S: Store> Pipeline<S> {
             return Ok(StartOutcome::UnknownFlow);
         }
         let key = ConvKey::new(req.from.clone(), req.to.clone());
-        let guard = self.locks.lock(&key).await;
+        let guard = self.lock(&key).await?;
         let epoch = self.store.epoch();
         let mut record = StartRecord {
             key: req.idempotency_key.clone(),

@@ -120,7 +120,7 @@ impl<S: Store> Pipeline<S> {
                     self.fire_campaigns(&flows, key, &conversation, now).await?;
             }
         }
-        let guard = self.locks.lock(key).await;
+        let guard = self.lock(key).await?;
         let epoch = self.store.epoch();
         let record = self.store.load(key)?;
         if record.due != Some(timer.due) || timer.due > now {

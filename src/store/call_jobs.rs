@@ -160,18 +160,29 @@ pub(super) fn insert_new(db: &sled::Db, job: &CallJob) -> Result<bool, StoreErro
 /// index entry, atomically. Returns how the number of pending jobs (index
 /// entries) changed.
 pub(super) fn replace(db: &sled::Db, job: &CallJob) -> Result<i64, StoreError> {
+    replace_if(db, job, None).map(|changed| changed.unwrap_or(0))
+}
+
+/// [`replace`], only when the stored job is in state `from` (when given):
+/// compare and swap. `None` when it was not replaced, else how the number
+/// of pending jobs (index entries) changed.
+pub(super) fn replace_if(
+    db: &sled::Db,
+    job: &CallJob,
+    from: Option<&CallJobState>,
+) -> Result<Option<i64>, StoreError> {
     let k = db_key(&job.key);
     let v = encode(job);
     let index = index_key(job);
     db.transaction(|tx| {
+        let old = tx.get(&k)?.and_then(|old| decode::<CallJob>(&old).ok());
+        if from.is_some_and(|from| old.as_ref().map(|o| &o.state) != Some(from)) {
+            return Ok(None);
+        }
         let mut change = 0;
-        if let Some(old) = tx.get(&k)? {
-            if let Ok(old) = decode::<CallJob>(&old) {
-                if let Some(ix) = index_key(&old) {
-                    if tx.remove(ix)?.is_some() {
-                        change -= 1;
-                    }
-                }
+        if let Some(ix) = old.as_ref().and_then(index_key) {
+            if tx.remove(ix)?.is_some() {
+                change -= 1;
             }
         }
         tx.insert(k.as_slice(), v.as_slice())?;
@@ -180,7 +191,7 @@ pub(super) fn replace(db: &sled::Db, job: &CallJob) -> Result<i64, StoreError> {
                 change += 1;
             }
         }
-        Ok(change)
+        Ok(Some(change))
     })
     .map_err(storage_error)
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use super::call_jobs::{self, CallJob};
+use super::call_jobs::{self, CallJob, CallJobState};
 use super::message_log::{LogLine, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::outbox;
@@ -1120,6 +1120,20 @@ impl Store for SledStore {
             .fetch_add(change, Ordering::Relaxed);
         self.shared.wrote();
         Ok(())
+    }
+
+    fn claim_call_job(&self, job: &CallJob, from: &CallJobState) -> Result<bool, StoreError> {
+        let claimed = self
+            .shared
+            .with_db(|db| call_jobs::replace_if(db, job, Some(from)))?;
+        let Some(change) = claimed else {
+            return Ok(false);
+        };
+        self.shared
+            .call_jobs_pending
+            .fetch_add(change, Ordering::Relaxed);
+        self.shared.wrote();
+        Ok(true)
     }
 
     fn call_jobs_pending(&self) -> usize {

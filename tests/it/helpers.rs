@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use smsflow::app::App;
 use smsflow::config::Config;
-use smsflow::store::SledStore;
+use smsflow::store::AnyStore;
 use smsflow::twilio::RequestValidator;
 use tokio::sync::oneshot;
 
@@ -31,7 +31,7 @@ pub struct TestApp {
     pub public_url: String,
     pub client: reqwest::Client,
     pub validator: RequestValidator,
-    pub store: Arc<SledStore>,
+    pub store: Arc<AnyStore>,
     pub flows_dir: PathBuf,
     pub data_dir: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use smsflow::config::Config;
 use smsflow::outbound::{Credentials, RawQuietHours};
-use smsflow::store::{OutboxEntry, OutboxState, SledStore, Store, StoreConfig};
+use smsflow::store::{AnyStore, OutboxEntry, OutboxState, SledStore, Store, StoreConfig};
 
 use crate::fake_twilio::{FakeTwilio, Fault, ACCOUNT_SID, API_KEY_SECRET, API_KEY_SID, API_SECRET};
 use crate::helpers::*;
@@ -100,7 +100,7 @@ fn enqueue(app: &TestApp, entries: &[OutboxEntry]) {
 
 /// Wait (at most 20 s) until the entry `key` satisfies `done`.
 async fn wait_for(
-    store: &SledStore,
+    store: &AnyStore,
     key: &str,
     what: &str,
     done: impl Fn(&OutboxState) -> bool,
