@@ -273,6 +273,29 @@ pub(super) fn transition(
     .map_err(storage_error)
 }
 
+/// Remove the entry `key` with its index entry and its count in its
+/// broadcast's tally, in one transaction (an erasure). Returns whether
+/// it was there, and the change in outbox depth. An entry that does not
+/// decode is removed without touching a tally (its tally, if any, is
+/// recounted when it does not add up: see `tallies`).
+pub(super) fn remove(db: &sled::Db, key: &str) -> Result<(bool, i64), StoreError> {
+    let k = db_key(key);
+    db.transaction(|tx| {
+        let Some(raw) = tx.remove(k.as_slice())? else {
+            return Ok((false, 0));
+        };
+        let mut depth = 0;
+        if let Ok(entry) = decode::<OutboxEntry>(&raw) {
+            if let Some(ix) = index_key(&entry.state, key) {
+                depth -= i64::from(tx.remove(ix)?.is_some());
+            }
+            super::tallies::uncount(tx, key, &entry.state)?;
+        }
+        Ok((true, depth))
+    })
+    .map_err(storage_error)
+}
+
 /// Whether an index entry still describes the entry it points at.
 pub(super) fn indexed_by(entry: &OutboxEntry, index: &[u8]) -> bool {
     index_key(&entry.state, &entry.key).as_deref() == Some(index)

@@ -1447,13 +1447,13 @@ impl Store for SledStore {
                     gone.statuses += 1;
                 }
             }
-            for (k, e) in self.scan::<OutboxEntry>(db, outbox::PREFIX)? {
+            for (_, e) in self.scan::<OutboxEntry>(db, outbox::PREFIX)? {
                 if e.to == number {
-                    if let Some(ix) = outbox::index_key(&e.state, &e.key) {
-                        depth -= i64::from(db.remove(ix)?.is_some());
-                    }
-                    db.remove(k)?;
-                    gone.outbox += 1;
+                    // With its index entry and its broadcast's count, at
+                    // once: a broadcast never waits for an erased entry.
+                    let (removed, change) = outbox::remove(db, &e.key)?;
+                    depth += change;
+                    gone.outbox += usize::from(removed);
                 }
             }
             for (k, s) in self.scan::<StartRecord>(db, starts::PREFIX)? {

@@ -132,6 +132,28 @@ pub(super) fn count(
     Ok(())
 }
 
+/// Within a transaction: entry `key`, in state `state`, was removed.
+pub(super) fn uncount(
+    tx: &TransactionalTree,
+    key: &str,
+    state: &OutboxState,
+) -> Result<(), UnabortableTransactionError> {
+    let Some(id) = tally_of(key) else {
+        return Ok(());
+    };
+    let k = db_key(id);
+    let Some(v) = tx.get(&k)? else {
+        return Ok(());
+    };
+    let Ok(mut tally) = decode::<OutboxTally>(&v) else {
+        return Ok(());
+    };
+    let n = tally.slot(state);
+    *n = n.saturating_sub(1);
+    tx.insert(k, encode(&tally))?;
+    Ok(())
+}
+
 /// New entries counted in memory within one transaction, then added to
 /// their tallies with one write each ([`Counts::write`]).
 #[derive(Default)]

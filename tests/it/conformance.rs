@@ -947,6 +947,18 @@ fn forget_contact_erases_all_but_consent(s: &AnyStore) {
     assert!(s.status_events("SMtogone").unwrap().is_empty());
     assert!(s.delivery_status("SMtokept").unwrap().is_some());
     assert_eq!(keys(&s.outbox().unwrap()), ["broadcast:b1:kept"]);
+    // The broadcast no longer waits for the erased recipient.
+    settle(s);
+    assert_eq!(
+        s.outbox_tallies().unwrap(),
+        [(
+            "b1".to_string(),
+            OutboxTally {
+                pending: 1,
+                ..OutboxTally::default()
+            }
+        )]
+    );
     assert_eq!(s.start_record("kgone").unwrap(), None);
     assert!(s.start_record("kkept").unwrap().is_some());
     // Kept: the consent state and its audit, with the erasure's record.
