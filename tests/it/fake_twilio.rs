@@ -176,27 +176,33 @@ impl FakeTwilio {
         );
         let params = parse_form(&body).unwrap_or_default();
         let fault = self.state().faults.pop_front();
-        let index = {
-            let mut s = self.state();
-            s.requests.push(Request {
-                at: Instant::now(),
+        let at = Instant::now();
+        // A request is listed with the status it is answered with, so a
+        // test that sees it sees its answer too; one never answered (a
+        // fault) is listed with 0 as it arrives.
+        let record = |status: u16| {
+            self.state().requests.push(Request {
+                at,
                 path: path.clone(),
                 params: params.clone(),
-                answered: 0,
-            });
-            s.requests.len() - 1
+                answered: status,
+            })
         };
         let (status, json, created) = match fault {
             Some(Fault::Hang(d)) => {
+                record(0);
                 tokio::time::sleep(d).await;
                 return;
             }
-            Some(Fault::Drop) => return,
+            Some(Fault::Drop) => {
+                record(0);
+                return;
+            }
             Some(Fault::TooManyRequests) => (429, error(20429, "Too Many Requests", 429), None),
             Some(Fault::ServerError) => (500, error(20500, "Internal Server Error", 500), None),
             None => self.answer(&method, &path, &headers, &params),
         };
-        self.state().requests[index].answered = status;
+        record(status);
         let text = json.to_string();
         let reason = match status {
             201 => "CREATED",
