@@ -600,3 +600,365 @@ async fn two_instances_fire_and_send_each_reminder_once() {
     };
     assert_eq!(fired(&a).await + fired(&b).await, senders.len() as u64);
 }
+
+/// A PostgreSQL cluster of the test's own (`initdb` in a temporary
+/// directory, as `.ci/with-postgres` does it), so stopping it disturbs no
+/// other test. Dropping it stops it for good, whatever the test did.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+    /// The directory holding `initdb` and `pg_ctl`.
+    bin: std::path::PathBuf,
+    /// `runuser -u postgres --` when we are root (PostgreSQL refuses to
+    /// run as root), else nothing.
+    as_owner: Vec<String>,
+    owner: String,
+    port: u16,
+}
+
+/// Run a PostgreSQL tool to completion (each one is bounded by its own
+/// `-t`), with no pipe a leftover server could keep open.
+fn run_quietly(mut command: std::process::Command) {
+    use std::process::Stdio;
+    let out = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(out.success(), "{command:?}: {out}");
+}
+
+impl OwnCluster {
+    /// A new cluster, started; `None` (after saying so) when the tools are
+    /// not known and skipping is allowed. `.ci/with-postgres` exports
+    /// `SMSFLOW_TEST_PG_BIN`.
+    fn start() -> Option<OwnCluster> {
+        let Some(bin) = std::env::var_os("SMSFLOW_TEST_PG_BIN").filter(|b| !b.is_empty()) else {
+            let reason = "SMSFLOW_TEST_PG_BIN is not set (run the tests under \
+                          .ci/with-postgres to include PostgreSQL)";
+            if std::env::var_os("SMSFLOW_TEST_NO_SKIP").is_some() {
+                panic!("cannot skip under SMSFLOW_TEST_NO_SKIP: {reason}");
+            }
+            eprintln!("skipped: {reason}");
+            return None;
+        };
+        let id = |arg: &str| {
+            let out = std::process::Command::new("id").arg(arg).output().unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let root = id("-u") == "0";
+        let (as_owner, owner) = if root {
+            (
+                vec![
+                    "runuser".into(),
+                    "-u".into(),
+                    "postgres".into(),
+                    "--".into(),
+                ],
+                "postgres".to_string(),
+            )
+        } else {
+            (Vec::new(), id("-un"))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        if root {
+            let mut chown = std::process::Command::new("chown");
+            chown.arg("postgres:").arg(dir.path());
+            run_quietly(chown);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = OwnCluster {
+            dir,
+            bin: bin.into(),
+            as_owner,
+            owner,
+            port,
+        };
+        let mut initdb = cluster.tool("initdb");
+        initdb.arg("-D").arg(cluster.data()).args([
+            "-U",
+            &cluster.owner,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        run_quietly(initdb);
+        cluster.pg_ctl_start();
+        Some(cluster)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://{}@127.0.0.1:{}/postgres", self.owner, self.port)
+    }
+
+    fn tool(&self, name: &str) -> std::process::Command {
+        let program = self.bin.join(name);
+        match self.as_owner.split_first() {
+            Some((runuser, args)) => {
+                let mut c = std::process::Command::new(runuser);
+                c.args(args).arg(program);
+                c
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// Start the server and wait (`-w`, at most 30 s) until it accepts
+    /// connections; its output goes to a log file, never to a pipe of ours.
+    fn pg_ctl_start(&self) {
+        let mut pg_ctl = self.tool("pg_ctl");
+        pg_ctl
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(["-w", "-t", "30", "start", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.path().display()
+            ));
+        run_quietly(pg_ctl);
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) -> bool {
+        let mut pg_ctl = self.tool("pg_ctl");
+        pg_ctl
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "30", "-m", mode, "stop"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        pg_ctl.status().is_ok_and(|s| s.success())
+    }
+
+    /// Its server log, to explain a failure.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.pg_ctl_stop("immediate");
+    }
+}
+
+/// A signed webhook with a time limit: the status and body, or `None`
+/// when the server did not answer in time.
+async fn post_sms(
+    server: &crate::process::ChildServer,
+    from: &str,
+    body: &str,
+    sid: &str,
+) -> Option<(u16, String)> {
+    let params = sms_params(from, body, sid);
+    let sig = server
+        .validator
+        .compute("http://localhost/twilio/sms", &params);
+    let r = server
+        .client
+        .post(format!("http://{}/twilio/sms", server.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", sig)
+        .body(encode_form(&params))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+async fn readyz(server: &crate::process::ChildServer) -> Option<u16> {
+    let r = server
+        .client
+        .get(format!("http://{}/readyz", server.addr))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?;
+    Some(r.status().as_u16())
+}
+
+/// Poll `/readyz` until it answers `want` (at most 30 s).
+async fn child_ready(server: &crate::process::ChildServer, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = readyz(server).await;
+        if got == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real PostgreSQL server stopped and started again under load: every
+/// webhook that arrives while it is down is a 503 (never a 200 for what
+/// was not committed), `/readyz` fails, and once it is back the same
+/// smsflow process serves again. Each sender retries a 503 with the same
+/// MessageSid (as Twilio's retry would): the counter's replies are then
+/// exactly 1, 2, 3, … per sender, and each MessageSid is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_under_load_is_503_then_recovers_without_a_restart() {
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Phase {
+        Up,
+        Down,
+        Back,
+    }
+    const SENDERS: usize = 4;
+    const STEPS: usize = 40;
+    let Some(cluster) = OwnCluster::start() else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("counter.yaml"), COUNTER_YAML).unwrap();
+    std::fs::write(flows.join("counter.rhai"), COUNTER_RHAI).unwrap();
+    // More replies per sender than the loop guard allows by default.
+    let config = tmp.path().join("smsflow.toml");
+    std::fs::write(&config, "loop_max_replies = 1000\n").unwrap();
+    let url = cluster.url();
+    let server = Arc::new(spawn_server(
+        &flows,
+        &tmp.path().join("data"),
+        &["--config", config.to_str().unwrap(), "--store", &url],
+    ));
+    child_ready(&server, 200).await;
+
+    let phase = Arc::new(Mutex::new(Phase::Up));
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let (server, phase, acked) = (server.clone(), phase.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let me = format!("+1555720{s:04}");
+            let mut replies = Vec::new();
+            // (phase when sent, status) of every answer.
+            let mut seen = Vec::new();
+            for i in 1..=STEPS {
+                let body = if i == 1 {
+                    "COUNT".to_string()
+                } else {
+                    format!("m{i}")
+                };
+                let sid = new_sid();
+                loop {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(50),
+                        "{me}: step {i} never acknowledged: {seen:?}"
+                    );
+                    let sent_in = *phase.lock().unwrap();
+                    let answer = post_sms(&server, &me, &body, &sid).await;
+                    seen.push((sent_in, answer.as_ref().map(|(status, _)| *status)));
+                    match answer {
+                        Some((200, twiml)) => {
+                            replies.push(bodies(&twiml).join(""));
+                            acked.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (me, replies, seen)
+        }));
+    }
+
+    // Twice: some load acknowledged, then the server goes away, first
+    // with a clean shutdown (`fast`: sessions cut, open transactions
+    // rolled back), then as if it crashed (`immediate`: the restart
+    // recovers from the write-ahead log).
+    let mut acked_at_stop = Vec::new();
+    for mode in ["fast", "immediate"] {
+        let before = acked.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acked.load(Ordering::SeqCst) < before + SENDERS * 3 {
+            assert!(Instant::now() < deadline, "no load acknowledged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopper = cluster.clone();
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(40),
+            tokio::task::spawn_blocking(move || stopper.pg_ctl_stop(mode)),
+        )
+        .await
+        .expect("pg_ctl stop within its limit")
+        .unwrap();
+        assert!(stopped, "pg_ctl stop -m {mode}: {}", cluster.log());
+        *phase.lock().unwrap() = Phase::Down;
+        acked_at_stop.push(acked.load(Ordering::SeqCst));
+        child_ready(&server, 503).await;
+        // Long enough for every sender to be refused a few times.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(readyz(&server).await, Some(503));
+        *phase.lock().unwrap() = Phase::Back;
+        let starter = cluster.clone();
+        tokio::time::timeout(
+            Duration::from_secs(40),
+            tokio::task::spawn_blocking(move || starter.pg_ctl_start()),
+        )
+        .await
+        .expect("pg_ctl start within its limit")
+        .unwrap();
+        child_ready(&server, 200).await;
+    }
+
+    let mut refused = 0;
+    for t in tasks {
+        let (me, replies, seen) = tokio::time::timeout(Duration::from_secs(50), t)
+            .await
+            .expect("the senders finish")
+            .unwrap();
+        for (sent_in, status) in &seen {
+            if *sent_in == Phase::Down {
+                assert_eq!(
+                    *status,
+                    Some(503),
+                    "{me}: sent while PostgreSQL was down: {seen:?}"
+                );
+                refused += 1;
+            }
+        }
+        let want: Vec<String> = (1..=STEPS)
+            .map(|i| match i {
+                1 => "1 COUNT".to_string(),
+                _ => format!("{i} m{i}"),
+            })
+            .collect();
+        assert_eq!(replies, want, "{me}: every step once, in order");
+    }
+    assert!(refused >= 2 * SENDERS, "only {refused} requests while down");
+    assert!(
+        acked_at_stop.iter().all(|&n| n < SENDERS * STEPS),
+        "the load ended before a stop: {acked_at_stop:?}"
+    );
+    let store = AnyStore::open_pg(&url, &PgConfig::default()).unwrap();
+    let log = store.inbound_log().unwrap();
+    let mut sids: Vec<&str> = log.iter().map(|(sid, _)| sid.as_str()).collect();
+    sids.sort_unstable();
+    sids.dedup();
+    assert_eq!((log.len(), sids.len()), (SENDERS * STEPS, SENDERS * STEPS));
+    let mut server = Arc::try_unwrap(server).ok().expect("the senders are done");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "smsflow kept running"
+    );
+}
