@@ -39,7 +39,10 @@ pub struct Rescheduled {
 impl<S: Store> Pipeline<S> {
     /// The next due time to record for `conversation` of `key` at `now`:
     /// its run's timer, or its next campaign event up to the grace period
-    /// in the past (see the module doc).
+    /// in the past (see the module doc). An event already past counts only
+    /// while it has not fired (no start record, no outbox entry under its
+    /// key): otherwise every message of the contact in the grace period
+    /// after an event would wake the scheduler for nothing.
     pub(crate) fn due_of(
         &self,
         flows: &FlowSet,
@@ -47,8 +50,41 @@ impl<S: Store> Pipeline<S> {
         conversation: &Conversation,
         now: i64,
     ) -> Option<i64> {
-        let after = now.saturating_sub(self.options.campaign_grace_secs.max(0)) - 1;
-        self.due_after(flows, key, conversation, after)
+        let run = flow::next_due(flows, conversation);
+        if !flows.has_campaigns() || conversation.contact.is_empty() {
+            return run;
+        }
+        let oldest = now.saturating_sub(self.options.campaign_grace_secs.max(0));
+        let campaign = flow::campaign_events(
+            flows,
+            &self.options.time_zones,
+            &key.to,
+            &conversation.contact,
+        )
+        .into_iter()
+        .filter(|e| e.due > now || (e.due >= oldest && !self.campaign_fired(e, key)))
+        .map(|e| e.due)
+        .min();
+        match (run, campaign) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the past event `e` of `key` has fired (its start or its
+    /// message is recorded under its key). A store error reads as not
+    /// fired: the wake-up then finds out, as before.
+    fn campaign_fired(&self, e: &flow::CampaignDue, key: &ConvKey) -> bool {
+        let k = e.key(&key.to, &key.from);
+        match &e.action {
+            flow::DueAction::Start(_) => self.store.start_record(&k).ok().flatten().is_some(),
+            flow::DueAction::Send(_) => self
+                .store
+                .outbound(&format!("{k}:0"))
+                .ok()
+                .flatten()
+                .is_some(),
+        }
     }
 
     /// The earlier of the run's timer and the first campaign event due
