@@ -134,9 +134,50 @@ struct Args {
     /// then theirs together; peak RSS is the first one's.
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// The webhooks' HTTP client: `raw` (each request pre-built as bytes,
+    /// sent over plain keep-alive TCP connections from a single-threaded
+    /// runtime: a few µs of CPU per request) or `reqwest` (on its own
+    /// 2-thread runtime, 20-30 µs per request; for comparison).
+    #[arg(long, value_enum, default_value = "raw")]
+    client: ClientKind,
     /// Internal: serve the bare handler and print its address.
     #[arg(long, hide = true)]
     bare_server: bool,
+}
+
+/// Which HTTP client sends the webhooks (`--client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ClientKind {
+    /// Pre-built request bytes over plain keep-alive TCP connections.
+    Raw,
+    /// reqwest, on the 2-thread client runtime.
+    Reqwest,
+}
+
+/// What sends the webhooks of a load: the `--client` and, for the raw
+/// client, its own single-threaded runtime.
+struct Webhooks {
+    kind: ClientKind,
+    raw_rt: tokio::runtime::Runtime,
+}
+
+impl Webhooks {
+    fn new(kind: ClientKind) -> Webhooks {
+        Webhooks {
+            kind,
+            raw_rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("raw client runtime"),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            ClientKind::Raw => "raw",
+            ClientKind::Reqwest => "reqwest",
+        }
+    }
 }
 
 /// One kind of traffic: the flow file the server loads and what senders
@@ -285,15 +326,17 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         std::fs::write(flows.join(name), text).expect("write flow");
     }
     let client = client(args.concurrency);
+    let hooks = Webhooks::new(args.client);
 
     println!(
-        "scenario {} | durability {} | senders {} | prefill {} | requests {} | concurrency {}",
+        "scenario {} | durability {} | senders {} | prefill {} | requests {} | concurrency {} | client {}",
         sc.name,
         durability_name(args.durability),
         args.senders,
         args.prefill,
         args.requests,
-        args.concurrency
+        args.concurrency,
+        hooks.name()
     );
     println!("servers: {}", mode.describe());
     if upstream.is_some() {
@@ -319,8 +362,24 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     };
 
     let bare = Server::bare(mode);
-    run(client_rt, &client, &bare, &sc, &warm_up, args.concurrency);
-    let bare_report = run(client_rt, &client, &bare, &sc, &measured, args.concurrency);
+    run(
+        client_rt,
+        &client,
+        &hooks,
+        &bare,
+        &sc,
+        &warm_up,
+        args.concurrency,
+    );
+    let bare_report = run(
+        client_rt,
+        &client,
+        &hooks,
+        &bare,
+        &sc,
+        &measured,
+        args.concurrency,
+    );
     let bare_rss = bare.peak_rss();
     bare.stop();
 
@@ -355,7 +414,15 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
             senders: args.prefill,
             prefilled: 0,
         };
-        let rep = run(client_rt, &client, &ours, &sc, &prefill, args.concurrency);
+        let rep = run(
+            client_rt,
+            &client,
+            &hooks,
+            &ours,
+            &sc,
+            &prefill,
+            args.concurrency,
+        );
         println!(
             "prefill  {} conversations in {:.1} s ({:.0} req/s, {} errors); RSS now {}, stored {}, pending timers {}",
             args.prefill,
@@ -368,12 +435,28 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
                 .map_or("?".into(), |n| n.to_string()),
         );
     }
-    run(client_rt, &client, &ours, &sc, &warm_up, args.concurrency);
+    run(
+        client_rt,
+        &client,
+        &hooks,
+        &ours,
+        &sc,
+        &warm_up,
+        args.concurrency,
+    );
     let fsyncs_before = fsyncs(client_rt, &client, ours.addr);
     let calls_before = upstream
         .as_ref()
         .map(|u| u.received.load(Ordering::Relaxed));
-    let our_report = run(client_rt, &client, &ours, &sc, &measured, args.concurrency);
+    let our_report = run(
+        client_rt,
+        &client,
+        &hooks,
+        &ours,
+        &sc,
+        &measured,
+        args.concurrency,
+    );
     let fsyncs_after = fsyncs(client_rt, &client, ours.addr);
     if let (Some(u), Some(before)) = (&upstream, calls_before) {
         println!(
@@ -393,6 +476,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         soak(
             client_rt,
             &client,
+            &hooks,
             &ours,
             &sc,
             soak_load,
@@ -529,6 +613,22 @@ struct Report {
 }
 
 impl Report {
+    /// Counts one request sent at `sent`: a 2xx answer is ok, with its
+    /// latency; any other status or a failure is an error.
+    fn record(&mut self, sent: Instant, result: Result<u16, String>) {
+        let failure = match result {
+            Ok(status) if (200..300).contains(&status) => {
+                self.ok += 1;
+                self.latencies.push(sent.elapsed());
+                return;
+            }
+            Ok(status) => format!("status {status}"),
+            Err(e) => e,
+        };
+        self.errors += 1;
+        self.first_error.get_or_insert(failure);
+    }
+
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -580,80 +680,54 @@ fn client(concurrency: usize) -> reqwest::Client {
         .expect("client")
 }
 
-/// Sends one phase to `server` from `concurrency` workers.
+/// Sends one phase to `server` from `concurrency` connections with the
+/// `--client`. Each connection sends its next request when the last one
+/// is answered, taking the next unsent request in order (one shared
+/// counter), so one sender's consecutive messages, `senders` requests
+/// apart, are sent in order as today whichever client sends them.
+#[allow(clippy::too_many_arguments)]
 fn run(
     rt: &tokio::runtime::Runtime,
     client: &reqwest::Client,
+    hooks: &Webhooks,
     server: &Server,
     sc: &Scenario,
     load: &Load,
     concurrency: usize,
 ) -> Report {
-    let requests = Arc::new(load.requests(sc));
-    let urls: Arc<Vec<String>> = Arc::new(
-        std::iter::once(server.addr)
-            .chain(server.others.iter().map(|o| o.addr))
-            .map(|addr| format!("http://{addr}/twilio/sms"))
-            .collect(),
-    );
+    let requests = load.requests(sc);
+    let addrs: Vec<SocketAddr> = std::iter::once(server.addr)
+        .chain(server.others.iter().map(|o| o.addr))
+        .collect();
+    // Request n goes to instance n mod N (`--instances`), with either client.
+    let raw: Option<Arc<Vec<Vec<u8>>>> = (hooks.kind == ClientKind::Raw).then(|| {
+        Arc::new(
+            requests
+                .iter()
+                .enumerate()
+                .map(|(n, (body, sig))| raw_request(addrs[n % addrs.len()], body, sig))
+                .collect(),
+        )
+    });
     let server_before = server.cpu_time();
     let client_before = cpu_time(std::process::id());
-    let mut total = rt.block_on(async {
-        let next = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let (client, requests, next, urls) =
-                (client.clone(), requests.clone(), next.clone(), urls.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut rep = Report::default();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((body, sig)) = requests.get(n) else {
-                        break;
-                    };
-                    let t = Instant::now();
-                    let res = client
-                        .post(&urls[n % urls.len()])
-                        .header("content-type", "application/x-www-form-urlencoded")
-                        .header("x-twilio-signature", sig)
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    let failure = match res {
-                        Ok(r) if r.status().is_success() => match r.bytes().await {
-                            Ok(_) => None,
-                            Err(e) => Some(e.to_string()),
-                        },
-                        Ok(r) => Some(format!("status {}", r.status())),
-                        Err(e) => Some(e.to_string()),
-                    };
-                    match failure {
-                        None => {
-                            rep.ok += 1;
-                            rep.latencies.push(t.elapsed());
-                        }
-                        Some(e) => {
-                            rep.errors += 1;
-                            rep.first_error.get_or_insert(e);
-                        }
-                    }
-                }
-                rep
-            }));
+    let mut total = match raw {
+        Some(raw) => hooks
+            .raw_rt
+            .block_on(send_raw(raw, Arc::new(addrs), concurrency)),
+        None => {
+            let urls = addrs
+                .iter()
+                .map(|addr| format!("http://{addr}/twilio/sms"))
+                .collect();
+            rt.block_on(send_reqwest(
+                client.clone(),
+                Arc::new(requests),
+                Arc::new(urls),
+                concurrency,
+            ))
         }
-        let mut total = Report::default();
-        for t in tasks {
-            let r = t.await.expect("worker");
-            total.ok += r.ok;
-            total.errors += r.errors;
-            total.first_error = total.first_error.or(r.first_error);
-            total.latencies.extend(r.latencies);
-        }
-        total.elapsed = started.elapsed();
-        total.latencies.sort();
-        total
-    });
+    };
     total.server_cpu = server
         .cpu_time()
         .zip(server_before)
@@ -662,6 +736,107 @@ fn run(
         .zip(client_before)
         .map(|(after, before)| after.saturating_sub(before))
         .unwrap_or_default();
+    total
+}
+
+/// The raw client's run: `requests[n]` is request n's bytes, for
+/// instance `addrs[n % addrs.len()]`.
+async fn send_raw(
+    requests: Arc<Vec<Vec<u8>>>,
+    addrs: Arc<Vec<SocketAddr>>,
+    concurrency: usize,
+) -> Report {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (requests, next, addrs) = (requests.clone(), next.clone(), addrs.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conns: Vec<RawConn> = addrs.iter().map(|&a| RawConn::new(a)).collect();
+            let mut rep = Report {
+                latencies: Vec::with_capacity(requests.len() / concurrency.max(1) + 1),
+                ..Report::default()
+            };
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(request) = requests.get(n) else {
+                    break;
+                };
+                let instances = conns.len();
+                let conn = &mut conns[n % instances];
+                let t = Instant::now();
+                let result = conn.exchange(request).await;
+                rep.record(t, result);
+            }
+            rep
+        }));
+    }
+    gather(tasks, started).await
+}
+
+/// The reqwest client's run: request n is `requests[n]` as (form body,
+/// signature), posted to `urls[n % urls.len()]`.
+async fn send_reqwest(
+    client: reqwest::Client,
+    requests: Arc<Vec<(String, String)>>,
+    urls: Arc<Vec<String>>,
+    concurrency: usize,
+) -> Report {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, requests, next, urls) =
+            (client.clone(), requests.clone(), next.clone(), urls.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rep = Report::default();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some((body, sig)) = requests.get(n) else {
+                    break;
+                };
+                let t = Instant::now();
+                let result = post_reqwest(&client, &urls[n % urls.len()], body.clone(), sig).await;
+                rep.record(t, result);
+            }
+            rep
+        }));
+    }
+    gather(tasks, started).await
+}
+
+/// One webhook through reqwest: its status once the body is read.
+async fn post_reqwest(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    sig: &str,
+) -> Result<u16, String> {
+    let r = client
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    r.bytes().await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+/// The workers' reports summed, latencies sorted, `elapsed` since `started`.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Report>>, started: Instant) -> Report {
+    let mut total = Report::default();
+    for t in tasks {
+        let r = t.await.expect("worker");
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.first_error = total.first_error.or(r.first_error);
+        total.latencies.extend(r.latencies);
+    }
+    total.elapsed = started.elapsed();
+    total.latencies.sort();
     total
 }
 
@@ -674,6 +849,7 @@ fn run(
 fn soak(
     rt: &tokio::runtime::Runtime,
     client: &reqwest::Client,
+    hooks: &Webhooks,
     server: &Server,
     sc: &Scenario,
     load: Load,
@@ -684,13 +860,19 @@ fn soak(
 ) {
     // A hard bound on the count too, whatever the speed.
     const MAX_SOAK_REQUESTS: usize = 50_000_000;
-    let url = format!("http://{}/twilio/sms", server.addr);
+    let addr = server.addr;
+    let url = format!("http://{addr}/twilio/sms");
     let duration = Duration::from_secs(secs);
     let load = Arc::new(load);
     let sc = Arc::new(*sc);
     let sent = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    let kind = hooks.kind;
     println!("soak     {secs} s against smsflow alone, RSS every {every} s:");
+    let rt = match kind {
+        ClientKind::Raw => &hooks.raw_rt,
+        ClientKind::Reqwest => rt,
+    };
     rt.block_on(async {
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -705,21 +887,18 @@ fn soak(
             );
             tasks.push(tokio::spawn(async move {
                 let signer = Signer::new();
+                let mut conn = RawConn::new(addr);
                 while started.elapsed() < duration {
                     let n = sent.fetch_add(1, Ordering::Relaxed);
                     if n >= MAX_SOAK_REQUESTS {
                         break;
                     }
                     let (body, sig) = load.request(&sc, &signer, first + n);
-                    let ok = client
-                        .post(&url)
-                        .header("content-type", "application/x-www-form-urlencoded")
-                        .header("x-twilio-signature", sig)
-                        .body(body)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
-                    if !ok {
+                    let result = match kind {
+                        ClientKind::Raw => conn.exchange(&raw_request(addr, &body, &sig)).await,
+                        ClientKind::Reqwest => post_reqwest(&client, &url, body, &sig).await,
+                    };
+                    if !result.is_ok_and(|status| (200..300).contains(&status)) {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -764,6 +943,257 @@ fn soak(
         sent.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
     );
+}
+
+// ---------------------------------------------------------- raw client
+
+/// How long the raw client waits for one exchange (reqwest's timeout here).
+const RAW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One webhook as the bytes the raw client writes: the same headers that
+/// matter as reqwest's (Host, Content-Type, Content-Length, the signature)
+/// and the form body.
+fn raw_request(addr: SocketAddr, body: &str, sig: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /twilio/sms HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nX-Twilio-Signature: {sig}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body.as_bytes());
+    r
+}
+
+/// One keep-alive HTTP/1.1 connection of the raw client: one request at
+/// a time, connected on first use and again after an error or a
+/// `Connection: close`.
+struct RawConn {
+    addr: SocketAddr,
+    stream: Option<tokio::net::TcpStream>,
+    /// The response being read; responses are a few hundred bytes.
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    fn new(addr: SocketAddr) -> RawConn {
+        RawConn {
+            addr,
+            stream: None,
+            buf: Vec::with_capacity(8 * 1024),
+        }
+    }
+
+    /// Writes `request` and reads its whole response: the status, or the
+    /// error (counted, and the connection dropped). A response this
+    /// client cannot delimit for sure panics instead of being misread.
+    async fn exchange(&mut self, request: &[u8]) -> Result<u16, String> {
+        match tokio::time::timeout(RAW_TIMEOUT, self.exchange_once(request)).await {
+            Ok(Ok((status, close))) => {
+                if close {
+                    self.stream = None;
+                }
+                Ok(status)
+            }
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(format!("{}: {e}", self.addr))
+            }
+            Err(_) => {
+                self.stream = None;
+                Err(format!("{}: no response in {RAW_TIMEOUT:?}", self.addr))
+            }
+        }
+    }
+
+    /// (status, whether the server closes the connection after it).
+    async fn exchange_once(&mut self, request: &[u8]) -> std::io::Result<(u16, bool)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.stream.is_none() {
+            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            unreachable!("connected above");
+        };
+        stream.write_all(request).await?;
+        self.buf.clear();
+        loop {
+            if stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "connection closed after {} bytes of the response",
+                        self.buf.len()
+                    ),
+                ));
+            }
+            match parse_response(&self.buf) {
+                Ok(None) => continue,
+                Ok(Some(r)) if r.len == self.buf.len() => return Ok((r.status, r.close)),
+                Ok(Some(r)) => panic!(
+                    "{}: {} bytes after the end of the response (none was asked for):\n{}",
+                    self.addr,
+                    self.buf.len() - r.len,
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Err(e) => panic!(
+                    "{}: a response the raw client cannot read: {e}:\n{}",
+                    self.addr,
+                    String::from_utf8_lossy(&self.buf[..self.buf.len().min(4096)])
+                ),
+            }
+        }
+    }
+}
+
+/// A complete response at the start of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct RawResponse {
+    status: u16,
+    /// Bytes of head and body.
+    len: usize,
+    /// The server closes the connection after it.
+    close: bool,
+}
+
+/// Bound on a response head: ours are a few hundred bytes.
+const MAX_RAW_HEAD: usize = 64 * 1024;
+
+/// Reads one HTTP/1.x response to a POST from the start of `buf`: `None`
+/// while it is incomplete, an error for anything this client cannot
+/// delimit for sure (no Content-Length nor chunked body, an interim
+/// response, a transfer coding other than chunked, conflicting lengths).
+fn parse_response(buf: &[u8]) -> Result<Option<RawResponse>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > MAX_RAW_HEAD {
+            return Err(format!("no end of the head in {MAX_RAW_HEAD} bytes"));
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "a head that is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let (version, rest) = status_line
+        .split_once(' ')
+        .ok_or_else(|| format!("status line {status_line:?}"))?;
+    let mut close = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        _ => return Err(format!("HTTP version {version:?}")),
+    };
+    let status: u16 = rest
+        .get(..3)
+        .filter(|_| rest.len() == 3 || rest.as_bytes()[3] == b' ')
+        .and_then(|code| code.parse().ok())
+        .filter(|code| (100..600).contains(code))
+        .ok_or_else(|| format!("status line {status_line:?}"))?;
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("header line {line:?}"))?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value
+                .parse()
+                .map_err(|_| format!("Content-Length {value:?}"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("two different Content-Lengths".into());
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(format!(
+                    "Transfer-Encoding {value:?} (only chunked is read)"
+                ));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
+        }
+    }
+    if status < 200 {
+        return Err(format!("interim response {status} (none was asked for)"));
+    }
+    let body = head_end + 4;
+    if status == 204 || status == 304 {
+        return Ok(Some(RawResponse {
+            status,
+            len: body,
+            close,
+        }));
+    }
+    let body_len =
+        match (chunked, length) {
+            (true, Some(_)) => return Err("both Transfer-Encoding and Content-Length".into()),
+            (true, None) => match chunked_len(&buf[body..])? {
+                Some(n) => n,
+                None => return Ok(None),
+            },
+            (false, Some(n)) if buf.len() >= body + n => n,
+            (false, Some(_)) => return Ok(None),
+            (false, None) => return Err(
+                "neither Content-Length nor chunked: the body would end only with the connection"
+                    .into(),
+            ),
+        };
+    Ok(Some(RawResponse {
+        status,
+        len: body + body_len,
+        close,
+    }))
+}
+
+/// The length of a complete chunked body at the start of `body` (chunks,
+/// the last chunk, trailers, the final empty line), `None` while
+/// incomplete.
+fn chunked_len(body: &[u8]) -> Result<Option<usize>, String> {
+    let mut pos = 0;
+    loop {
+        let Some(eol) = find(&body[pos..], b"\r\n") else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&body[pos..pos + eol]).map_err(|_| "a chunk size line")?;
+        let size_text = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("chunk size {size_text:?}"))?;
+        pos += eol + 2;
+        if size == 0 {
+            // Trailer lines, then an empty line.
+            loop {
+                let Some(eol) = find(&body[pos..], b"\r\n") else {
+                    return Ok(None);
+                };
+                pos += eol + 2;
+                if eol == 0 {
+                    return Ok(Some(pos));
+                }
+            }
+        }
+        let end = pos.checked_add(size).ok_or("chunk size overflows")?;
+        if body.len() < end + 2 {
+            return Ok(None);
+        }
+        if &body[end..end + 2] != b"\r\n" {
+            return Err("a chunk not followed by CRLF".into());
+        }
+        pos = end + 2;
+    }
+}
+
+/// Where `needle` first starts in `haystack` (compared only where its
+/// first byte matches: the responses are scanned on every read).
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, _) = needle.split_first()?;
+    (0..(haystack.len() + 1).saturating_sub(needle.len()))
+        .find(|&i| haystack[i] == first && haystack[i..].starts_with(needle))
 }
 
 /// User + system CPU time of process `pid` (all its threads, those that
@@ -1321,4 +1751,188 @@ fn serve_bare() {
             _ = smsflow::app::shutdown_signal() => {}
         }
     });
+}
+
+// `cargo test --example loadgen`
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every proper prefix of `response` is incomplete; the whole is `want`.
+    fn parses_only_whole(response: &[u8], want: RawResponse) {
+        for end in 0..response.len() {
+            assert_eq!(
+                parse_response(&response[..end]),
+                Ok(None),
+                "prefix of {end} bytes"
+            );
+        }
+        assert_eq!(parse_response(response), Ok(Some(want)));
+    }
+
+    #[test]
+    fn a_response_with_content_length_ends_after_its_body() {
+        let r = b"HTTP/1.1 200 OK\r\ncontent-type: text/xml; charset=utf-8\r\ncontent-length: 5\r\ndate: x\r\n\r\nhello";
+        parses_only_whole(
+            r,
+            RawResponse {
+                status: 200,
+                len: r.len(),
+                close: false,
+            },
+        );
+        let r = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        parses_only_whole(
+            r,
+            RawResponse {
+                status: 403,
+                len: r.len(),
+                close: false,
+            },
+        );
+    }
+
+    #[test]
+    fn a_chunked_response_ends_after_its_last_chunk_and_trailers() {
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: y\r\n\r\n";
+        parses_only_whole(
+            r,
+            RawResponse {
+                status: 200,
+                len: r.len(),
+                close: false,
+            },
+        );
+        let r =
+            b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: Chunked\r\n\r\n0\r\n\r\n";
+        parses_only_whole(
+            r,
+            RawResponse {
+                status: 500,
+                len: r.len(),
+                close: false,
+            },
+        );
+    }
+
+    #[test]
+    fn close_is_read_from_the_version_and_the_connection_header() {
+        let closes = |r: &[u8]| parse_response(r).unwrap().unwrap().close;
+        assert!(closes(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(closes(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!closes(
+            b"HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!closes(b"HTTP/1.1 204 No Content\r\n\r\n"));
+    }
+
+    #[test]
+    fn what_cannot_be_delimited_for_sure_is_an_error() {
+        for r in [
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nbody to the end"[..],
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/2 200\r\n\r\n",
+            b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n",
+        ] {
+            assert!(
+                parse_response(r).is_err(),
+                "{:?} should not parse",
+                String::from_utf8_lossy(r)
+            );
+        }
+    }
+
+    /// A server that answers each request (read up to its Content-Length)
+    /// with `response`, written a few bytes at a time.
+    async fn trickling_server(response: &'static [u8]) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            loop {
+                // One whole request at the start of `buf`?
+                let whole = find(&buf, b"\r\n\r\n").and_then(|head| {
+                    let text = std::str::from_utf8(&buf[..head]).ok()?;
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))?
+                        .parse()
+                        .ok()?;
+                    (buf.len() >= head + 4 + len).then_some(head + 4 + len)
+                });
+                match whole {
+                    Some(n) => {
+                        buf.drain(..n);
+                        for piece in response.chunks(7) {
+                            s.write_all(piece).await.unwrap();
+                            s.flush().await.unwrap();
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    None => {
+                        if s.read_buf(&mut buf).await.unwrap() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_raw_client_reads_responses_in_pieces_on_one_connection() {
+        const CHUNKED: &[u8] =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let addr = trickling_server(CHUNKED).await;
+        let mut conn = RawConn::new(addr);
+        for i in 0..3 {
+            let request = raw_request(addr, &format!("Body={i}"), "sig");
+            assert_eq!(conn.exchange(&request).await, Ok(200));
+        }
+        // The server accepts one connection only: all three went over it.
+    }
+
+    #[tokio::test]
+    async fn the_bare_handler_answers_the_raw_client_with_keep_alive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, bare_router()).await });
+        let signer = Signer::new();
+        let load = Load {
+            phase: 1,
+            from_prefix: "+1555",
+            requests: 3,
+            senders: 2,
+            prefilled: 0,
+        };
+        let sc = scenario("multistep").unwrap();
+        let mut conn = RawConn::new(addr);
+        for n in 0..3 {
+            let (body, sig) = load.request(&sc, &signer, n);
+            assert_eq!(
+                conn.exchange(&raw_request(addr, &body, &sig)).await,
+                Ok(200)
+            );
+        }
+        // An error status is read whole too: the connection goes on.
+        let wrong = b"PATCH /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(conn.exchange(wrong).await, Ok(405));
+        let (body, sig) = load.request(&sc, &signer, 0);
+        assert_eq!(
+            conn.exchange(&raw_request(addr, &body, &sig)).await,
+            Ok(200)
+        );
+    }
 }
