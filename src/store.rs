@@ -42,8 +42,9 @@
 //! record never makes a sender's conversation silently start afresh.
 //!
 //! - Every record says its version. A conversation record starts with its
-//!   layout version byte (now 2: version 2 added the due time of the
-//!   conversation's next timer to the header); JSON records (the
+//!   layout version byte (now 3: version 2 added the due time of the
+//!   conversation's next timer to the header, version 3 stores the recent
+//!   answers' TwiML without its constant parts); JSON records (the
 //!   conversation inside it, now at version 3: version 2 added the run's
 //!   timer fields, version 3 its path of steps and the queued starts; the
 //!   lines of `messages.jsonl`, at version 2, which added the message

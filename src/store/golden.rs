@@ -7,11 +7,13 @@
 //! the first versioned release wrote them, `golden/v2/` as the next
 //! (version 2: the conversation record's header holds its next timer's
 //! due time, and the conversation's run its timer fields), and
-//! `golden/v3/` as this release writes them (the conversation at version
-//! 3: its run keeps its path of steps; message log lines at version 2:
-//! they may hold texts; the other records are still at version 1; kinds
-//! added later, such as flow results, start at version 1 in
-//! `golden/v1/`). Every version's records must
+//! `golden/v3/` as the one after (the conversation at version 3: its run
+//! keeps its path of steps; message log lines at version 2: they may hold
+//! texts), and `golden/v4/` as this release writes them (the conversation
+//! record's layout at version 3: its recent answers' TwiML without the
+//! constant parts; the other records as in `golden/v3/`; kinds added
+//! later, such as flow results, start at version 1 in `golden/v1/`).
+//! Every version's records must
 //! keep decoding to the same values, and this release must write the
 //! current version byte for byte. A format change is a new version: see "Format versions" in the
 //! store's module doc. `SMSFLOW_WRITE_GOLDEN=1 cargo test --lib golden`
@@ -245,11 +247,24 @@ fn version_3_records_decode() {
     check_decodes(3);
 }
 
+#[test]
+fn version_4_records_decode() {
+    check_decodes(4);
+}
+
+/// The recent answers of a golden conversation record, encoded by this
+/// release (answer by answer, as commits write them).
+fn reencoded(stored: &StoredConversation, sids: &[u32]) -> RecentAnswers {
+    sids.iter().fold(RecentAnswers::default(), |recent, n| {
+        recent.keep_with(&stored.answer_to(&sid(*n)).expect("golden answer"))
+    })
+}
+
 /// The bytes this release writes for the golden values: the current
 /// version, exactly. A test failing here means the format changed: give
 /// it a new version instead (see the store's module doc).
 #[test]
-fn this_release_writes_version_3_exactly() {
+fn this_release_writes_version_4_exactly() {
     let v0 = decode_conv(&read(0, "conversation.bin")).unwrap();
     let conversation = Conversation::from_stored(v0.conversation.as_deref().unwrap()).unwrap();
     let stopped = decode_conv(&read(0, "conversation_opted_out.bin")).unwrap();
@@ -276,12 +291,12 @@ fn this_release_writes_version_3_exactly() {
                 false,
                 Some(&conversation.to_stored()),
                 Some(DUE),
-                &v0.recent,
+                &reencoded(&v0, &[1, 2, 3]),
             ),
         ),
         (
             "conversation_opted_out.bin",
-            conv_value(1_700_000_100, true, None, None, &stopped.recent),
+            conv_value(1_700_000_100, true, None, None, &reencoded(&stopped, &[10])),
         ),
         ("delivery_status.json", encode(&delivery_status())),
         ("status_event.json", encode(&status_event())),
@@ -291,23 +306,33 @@ fn this_release_writes_version_3_exactly() {
     ];
     let write = std::env::var_os("SMSFLOW_WRITE_GOLDEN").is_some();
     for (name, bytes) in written {
-        let path = dir(3).join(name);
+        let path = dir(4).join(name);
         if write && !path.exists() {
-            std::fs::create_dir_all(dir(3)).unwrap();
+            std::fs::create_dir_all(dir(4)).unwrap();
             std::fs::write(&path, &bytes).unwrap();
         }
         assert_eq!(
-            read(3, name),
+            read(4, name),
             bytes,
-            "v3/{name}: this release no longer writes version 3 as committed"
+            "v4/{name}: this release no longer writes version 4 as committed"
         );
     }
     // The JSON records other than the conversation and the message log
-    // lines are still version 1; the conversation record's layout is
-    // still version 2 (version 3 changed the conversation inside it).
-    assert_eq!(read(3, "opt_out.json"), read(1, "opt_out.json"));
+    // lines are still version 1, those two as in v3; the conversation
+    // record's layout is at version 3, and smaller: each answer's TwiML
+    // lost its 59 constant bytes (38 for a silence).
+    assert_eq!(read(4, "opt_out.json"), read(1, "opt_out.json"));
+    assert_eq!(read(4, "messages.jsonl"), read(3, "messages.jsonl"));
     assert!(read(3, "conversation.bin")[0] == 2);
-    assert!(read(3, "messages.jsonl").starts_with(b"{\"v\":2,"));
+    assert!(read(4, "conversation.bin")[0] == 3);
+    assert_eq!(
+        read(3, "conversation.bin").len() - read(4, "conversation.bin").len(),
+        3 * 59
+    );
+    assert_eq!(
+        read(3, "conversation_opted_out.bin").len() - read(4, "conversation_opted_out.bin").len(),
+        38
+    );
 }
 
 #[test]
@@ -335,7 +360,7 @@ fn keys_are_part_of_the_format() {
 #[test]
 fn newer_records_do_not_decode() {
     let mut v = read(2, "conversation.bin");
-    v[0] = 3;
+    v[0] = 4;
     assert!(decode_conv(&v).is_err());
     assert!(Conversation::from_stored(br#"{"v":4,"contact":{},"run":null}"#).is_err());
     assert!(decode::<OptOut>(br#"{"v":2,"opted_out":true,"at":1}"#).is_err());

@@ -191,7 +191,7 @@ pub struct StoredConversation {
     /// The recent answers, still encoded: they are read on every message
     /// but decoded only for a retry, so they stay in a compact binary form
     /// (per entry: 8-byte time, then sid, outcome and TwiML, each behind
-    /// its length) rather than JSON.
+    /// its length, the TwiML without its constant parts) rather than JSON.
     pub recent: RecentAnswers,
 }
 
@@ -199,8 +199,60 @@ pub struct StoredConversation {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecentAnswers(pub(super) Vec<u8>);
 
-/// One encoded entry: (time, sid, outcome, twiml, the entry's bytes).
-pub(super) type RawAnswer<'a> = (i64, &'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+/// One encoded entry: (time, sid, outcome, twiml as stored, the entry's
+/// bytes).
+pub(super) type RawAnswer<'a> = (i64, &'a [u8], &'a [u8], StoredTwiml<'a>, &'a [u8]);
+
+/// Every TwiML document we answer with starts with this declaration.
+const TWIML_PROLOG: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>";
+/// What a document of replies has between [`TWIML_PROLOG`] and the end.
+const TWIML_OPEN: &str = "<Response>";
+const TWIML_CLOSE: &str = "</Response>";
+/// Layout version 3: flags in the top bits of a recent answer's TwiML
+/// length say which constant parts were left out (the lengths of real
+/// answers are far below 2^30). 59 of the ~110 bytes of a one-message
+/// answer are constant, and the conversation record, with its eight
+/// answers, is rewritten (and its leaf copied and logged by sled) on every
+/// message: the smaller record costs less CPU per message.
+const ELIDED_PROLOG: u32 = 1 << 31;
+/// With [`ELIDED_PROLOG`]: the stored part also sat inside
+/// [`TWIML_OPEN`] and [`TWIML_CLOSE`].
+const ELIDED_RESPONSE: u32 = 1 << 30;
+const TWIML_LEN: u32 = ELIDED_RESPONSE - 1;
+
+/// A recent answer's TwiML as stored: the part kept and what was left out
+/// around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoredTwiml<'a> {
+    flags: u32,
+    kept: &'a [u8],
+}
+
+impl StoredTwiml<'_> {
+    /// The TwiML document, byte for byte as answered.
+    fn document(&self) -> String {
+        let kept = String::from_utf8_lossy(self.kept);
+        match self.flags {
+            0 => kept.into_owned(),
+            ELIDED_PROLOG => format!("{TWIML_PROLOG}{kept}"),
+            _ => format!("{TWIML_PROLOG}{TWIML_OPEN}{kept}{TWIML_CLOSE}"),
+        }
+    }
+
+    /// How `twiml` is stored: its flags and the part kept.
+    fn of(twiml: &str) -> (u32, &[u8]) {
+        let Some(rest) = twiml.strip_prefix(TWIML_PROLOG) else {
+            return (0, twiml.as_bytes());
+        };
+        match rest
+            .strip_prefix(TWIML_OPEN)
+            .and_then(|r| r.strip_suffix(TWIML_CLOSE))
+        {
+            Some(inner) => (ELIDED_PROLOG | ELIDED_RESPONSE, inner.as_bytes()),
+            None => (ELIDED_PROLOG, rest.as_bytes()),
+        }
+    }
+}
 
 impl RecentAnswers {
     pub(super) fn entries(&self) -> impl Iterator<Item = RawAnswer<'_>> {
@@ -209,22 +261,45 @@ impl RecentAnswers {
             let whole = rest;
             let at = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
             rest = &rest[8..];
-            let mut field = || -> Option<&[u8]> {
-                let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            // Each field behind its length; the TwiML's length carries
+            // its flags (layout version 3; none are set in older ones).
+            let mut field = |flagged: bool| -> Option<(u32, &[u8])> {
+                let raw = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+                let (flags, len) = match flagged {
+                    true => (raw & !TWIML_LEN, (raw & TWIML_LEN) as usize),
+                    false => (0, raw as usize),
+                };
+                if flags == ELIDED_RESPONSE {
+                    return None;
+                }
                 let value = rest.get(4..4 + len)?;
                 rest = &rest[4 + len..];
-                Some(value)
+                Some((flags, value))
             };
-            let (sid, outcome, twiml) = (field()?, field()?, field()?);
+            let ((_, sid), (_, outcome)) = (field(false)?, field(false)?);
+            let (flags, kept) = field(true)?;
             let used = whole.len() - rest.len();
+            let twiml = StoredTwiml { flags, kept };
             Some((at, sid, outcome, twiml, &whole[..used]))
         })
     }
 
     fn push(buf: &mut Vec<u8>, a: &RecentAnswer) {
         buf.extend_from_slice(&a.at.to_be_bytes());
-        for field in [a.sid.as_bytes(), a.outcome.as_bytes(), a.twiml.as_bytes()] {
-            buf.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        let (mut flags, mut twiml) = StoredTwiml::of(&a.twiml);
+        if twiml.len() > TWIML_LEN as usize {
+            // Never for a real answer (a few KiB at most); stored whole
+            // rather than cut, and a length this large then makes the
+            // record fail to decode: kept aside, never misread.
+            (flags, twiml) = (0, a.twiml.as_bytes());
+        }
+        let fields = [
+            (0, a.sid.as_bytes()),
+            (0, a.outcome.as_bytes()),
+            (flags, twiml),
+        ];
+        for (flags, field) in fields {
+            buf.extend_from_slice(&(flags | field.len() as u32).to_be_bytes());
             buf.extend_from_slice(field);
         }
     }
@@ -235,7 +310,7 @@ impl RecentAnswers {
             |(at, sid, outcome, twiml, _)| RecentAnswer {
                 sid: String::from_utf8_lossy(sid).into_owned(),
                 outcome: String::from_utf8_lossy(outcome).into_owned(),
-                twiml: String::from_utf8_lossy(twiml).into_owned(),
+                twiml: twiml.document(),
                 at,
             },
         )
@@ -321,8 +396,12 @@ pub(super) const HAS_CONVERSATION: u8 = 2;
 pub(super) const HAS_DUE: u8 = 4;
 
 /// The layout version of the conversation records this release writes:
-/// their first byte. Version 2 added the due time to the header.
-pub(super) const CONV_VERSION: u8 = 2;
+/// their first byte. Version 2 added the due time to the header; version
+/// 3 stores the recent answers' TwiML without its constant parts (flags
+/// in the length: see [`ELIDED_PROLOG`]). Version 3 reads version 2's
+/// answers as they are (no flag set); a release before it refuses a
+/// version 3 record instead of misreading the flags.
+pub(super) const CONV_VERSION: u8 = 3;
 
 /// Encode a conversation record: the version byte, then a 21-byte header
 /// (last activity, flags, the next timer's due time, conversation length)
@@ -363,10 +442,11 @@ pub(super) fn conv_value(
 /// starts with the big-endian last-activity time, whose first byte is 0x00
 /// for any time from 1970 to the year 2 billion (0xFF before 1970), a
 /// value no version byte takes. Version 1 is version 0 behind a version
-/// byte; version 2 adds the due time after the flags.
+/// byte; version 2 adds the due time after the flags; version 3 only flags
+/// the recent answers' TwiML (see [`CONV_VERSION`]).
 fn conv_version(v: &[u8]) -> Result<(u8, &[u8]), &'static str> {
     match v.first() {
-        Some(&n) if n == 1 || n == CONV_VERSION => Ok((n, &v[1..])),
+        Some(&n) if (1..=CONV_VERSION).contains(&n) => Ok((n, &v[1..])),
         Some(0x00 | 0xFF) => Ok((0, v)),
         Some(_) => Err("unknown record version (written by a newer release?)"),
         None => Err("empty record"),
@@ -374,10 +454,10 @@ fn conv_version(v: &[u8]) -> Result<(u8, &[u8]), &'static str> {
 }
 
 /// The due time in a conversation record's header, if a timer is pending
-/// (only version 2 records have one).
+/// (only records of version 2 and later have one).
 pub(super) fn conv_due(v: &[u8]) -> Option<i64> {
     match conv_version(v).ok()? {
-        (CONV_VERSION, body) if body.get(8)? & HAS_DUE != 0 => {
+        (2.., body) if body.get(8)? & HAS_DUE != 0 => {
             Some(i64::from_be_bytes(body.get(9..17)?.try_into().ok()?))
         }
         _ => None,
@@ -427,8 +507,7 @@ pub(super) fn conv_header(v: &[u8]) -> Option<(i64, u8)> {
 pub(super) fn decode_conv(v: &[u8]) -> Result<StoredConversation, &'static str> {
     match conv_version(v)? {
         (0 | 1, body) => decode_conv_body(body, false),
-        (CONV_VERSION, body) => decode_conv_body(body, true),
-        _ => Err("unknown record version"),
+        (2.., body) => decode_conv_body(body, true),
     }
 }
 

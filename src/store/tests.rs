@@ -85,6 +85,60 @@ fn a_commit_records_its_answer_in_the_conversation() {
     assert_eq!(store.conversation_count(), 0);
 }
 
+/// Whatever TwiML an answer holds, a retry gets it back byte for byte,
+/// and the constant parts of ours are not stored.
+#[test]
+fn recent_answers_give_back_their_twiml_exactly() {
+    let prolog = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>";
+    let ours = format!("{prolog}<Response><Message><Body>Hi</Body></Message></Response>");
+    let silence = crate::twilio::SILENCE.to_owned();
+    let cases = [
+        (ours.clone(), 1 + 8 + 4 + 34 + 4 + 5 + 4 + ours.len() - 59),
+        (
+            silence.clone(),
+            1 + 8 + 4 + 34 + 4 + 5 + 4 + silence.len() - 38,
+        ),
+        (format!("{prolog}<Response>unclosed"), 0),
+        (format!("{prolog}<Response></Response>"), 0),
+        (format!("{prolog}"), 0),
+        ("<Response/>".to_owned(), 0),
+        (format!(" {prolog}<Response></Response>"), 0),
+        (String::new(), 0),
+        ("é<Response>\u{0}</Response>".to_owned(), 0),
+    ];
+    let mut recent = RecentAnswers::default();
+    for (n, (twiml, size)) in cases.iter().enumerate() {
+        let a = RecentAnswer {
+            sid: format!("SM{n:032}"),
+            twiml: twiml.clone(),
+            outcome: "reply".into(),
+            at: 100 + n as i64,
+        };
+        let alone = RecentAnswers::default().keep_with(&a);
+        if *size > 0 {
+            assert_eq!(1 + alone.0.len(), *size, "{twiml:?}");
+        }
+        assert_eq!(alone.find(&a.sid).as_ref(), Some(&a));
+        recent = recent.keep_with(&a);
+    }
+    // Kept entries are carried over as they are, flags included.
+    for (n, (twiml, _)) in cases.iter().enumerate().skip(1) {
+        let got = recent.find(&format!("SM{n:032}")).expect("kept");
+        assert_eq!(&got.twiml, twiml);
+    }
+    // A record is well formed only if its flags are: the response flag
+    // alone is no layout of ours.
+    let mut bad = RecentAnswers::default().keep_with(&RecentAnswer {
+        sid: "SM1".into(),
+        twiml: ours,
+        outcome: "reply".into(),
+        at: 1,
+    });
+    let at = 8 + 4 + 3 + 4 + 5;
+    bad.0[at] &= 0x7f;
+    assert!(bad.find("SM1").is_none());
+}
+
 #[test]
 fn recent_answers_are_bounded_by_age_and_count() {
     let answer = |sid: &str, at: i64| RecentAnswer {

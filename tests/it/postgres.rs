@@ -243,14 +243,14 @@ fn migrate_applies_each_migration_once_even_when_run_together() {
     assert_eq!(
         said,
         [
-            "applied 0001, 0002; schema at version 2",
-            "schema at version 2: nothing to apply"
+            "applied 0001, 0002, 0003; schema at version 3",
+            "schema at version 3: nothing to apply"
         ]
     );
     let again = run();
     assert_eq!(
         String::from_utf8_lossy(&again.stdout).trim(),
-        "schema at version 2: nothing to apply"
+        "schema at version 3: nothing to apply"
     );
 
     let bad = std::process::Command::new(bin)

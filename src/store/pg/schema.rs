@@ -15,6 +15,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "results_texts_tallies",
         include_str!("migrations/0002_results_texts_tallies.sql"),
     ),
+    (
+        3,
+        "compact_recent_answers",
+        include_str!("migrations/0003_compact_recent_answers.sql"),
+    ),
 ];
 
 /// The advisory lock id held while migrating ("smsflow\0" in ASCII).
