@@ -37,9 +37,22 @@ mod serve;
 mod starts;
 pub use serve::{serve, ConnectionLimits};
 
-/// State shared by all handlers.
+/// State shared by all handlers: one `Arc`, so that handing it to each
+/// request (axum clones the state per request) is one reference count
+/// rather than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateFields>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateFields;
+
+    fn deref(&self) -> &AppStateFields {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct AppStateFields {
     pub pipeline: Arc<Pipeline<AnyStore>>,
     pub metrics: Arc<Metrics>,
     /// `None` only in the explicit insecure mode.
@@ -69,7 +82,7 @@ impl AppState {
             Auth::Verify(token) => Some(Arc::new(RequestValidator::new(token.expose()))),
             Auth::Insecure => None,
         };
-        AppState {
+        AppState(Arc::new(AppStateFields {
             pipeline,
             metrics,
             validator,
@@ -78,7 +91,7 @@ impl AppState {
             admin_token: config.admin_token.as_ref().map(|t| t.expose().into()),
             shutting_down,
             phones,
-        }
+        }))
     }
 }
 
