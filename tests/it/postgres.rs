@@ -1254,3 +1254,120 @@ async fn writes_under_a_lost_lock_fail_and_change_nothing() {
     drop(lock);
     assert_eq!(stored(&store), None);
 }
+
+/// `smsflow messages`, `export results|contacts` and `forget` with
+/// `--store` (or SMSFLOW_DATABASE_URL) use the database directly while a
+/// server runs on it; a database not at this release's schema is refused
+/// and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_commands_use_the_database_while_a_server_runs() {
+    let Some(db) = test_db() else { return };
+    let flows = signup();
+    let url = db.url.clone();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| {
+        c.store = Some(url.into());
+        c.store_message_text = true;
+    })
+    .await;
+    let me = "+15557000061";
+    for (text, reply) in [
+        ("JOIN", "Hi! What's your name?"),
+        ("Ada", "Thanks Ada! How old are you?"),
+        ("34", "You're signed up, Ada."),
+    ] {
+        assert_eq!(bodies(&app.send_sms(me, text).await.body), [reply]);
+    }
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(args)
+            .env_remove("SMSFLOW_DATABASE_URL")
+            .env_remove("SMSFLOW_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = cli(&["messages", "--store", &db.url, "--json", "--number", me]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bodies_in: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["body"].as_str())
+        .collect();
+    assert_eq!(bodies_in, ["34", "Ada", "JOIN"], "{out}");
+
+    let (ok, out, err) = cli(&["export", "results", "signup", "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.contains(me) && out.contains("completed"), "{out}");
+
+    // The environment variable names the database too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["export", "contacts"])
+        .env("SMSFLOW_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(csv.contains(me) && csv.contains("Ada"), "{csv}");
+
+    // An erasure takes the server's conversation locks: the server then
+    // greets the number as new.
+    let (ok, out, err) = cli(&["forget", me, "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 conversations"), "{out}");
+    let (_, out, _) = cli(&["messages", "--store", &db.url, "--json", "--number", me]);
+    assert_eq!(out.trim(), "[]");
+    assert_eq!(
+        bodies(&app.send_sms(me, "JOIN").await.body),
+        ["Hi! What's your name?"]
+    );
+    let (ok, csv, err) = cli(&["export", "contacts", "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert!(csv.contains(me) && !csv.contains("Ada"), "{csv}");
+
+    // Not this release's schema: refused, nothing created.
+    let other = test_db().unwrap();
+    // (The cluster trusts local connections: the password is only there
+    // to be hidden.)
+    let with_password = other.url.replacen('@', ":secret@", 1);
+    let (ok, _, err) = cli(&["messages", "--store", &with_password]);
+    assert!(!ok);
+    assert!(err.contains("schema is at version 0"), "{err}");
+    assert!(err.contains("smsflow migrate"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    let tables = crate::pg::query_i64(
+        &other.url,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'schema_migrations' \
+         AND schemaname = current_schema()",
+    );
+    assert_eq!(tables, 0);
+    let (ok, _, err) = cli(&["messages", "--store", "mysql://x"]);
+    assert!(!ok);
+    assert!(err.contains("not a database URL"), "{err}");
+    // --help never shows the URL (and its password) the environment holds.
+    for command in [
+        &["messages"][..],
+        &["export", "results"],
+        &["forget"],
+        &["serve"],
+        &["migrate"],
+        &["store", "copy"],
+    ] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(command)
+            .arg("--help")
+            .env("SMSFLOW_DATABASE_URL", &with_password)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("SMSFLOW_DATABASE_URL"), "{command:?}: {help}");
+        assert!(!help.contains("secret"), "{command:?}: {help}");
+    }
+}

@@ -485,6 +485,39 @@ impl PgStore {
         Ok(PgStore { inner, bridge })
     }
 
+    /// Connect to use what the servers on `url` keep there, from a
+    /// command that runs without a server (`smsflow messages`, `export`,
+    /// `forget` with `--store`): nothing is migrated, and a database whose
+    /// schema is not this release's is refused. No health probe runs.
+    pub fn open_existing(url: &str) -> Result<PgStore, StoreError> {
+        let store = PgStore::open_unmigrated(url)?;
+        let version = store.run(async {
+            let c = store.inner.pool.get().await?;
+            let row = query_opt(
+                &c,
+                "SELECT to_regclass('schema_migrations') IS NOT NULL",
+                &[],
+            )
+            .await?;
+            if !row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return Ok(0);
+            }
+            schema::current(&c).await
+        })?;
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        match version.cmp(&newest) {
+            std::cmp::Ordering::Equal => Ok(store),
+            std::cmp::Ordering::Less => Err(StoreError::Backend(format!(
+                "the database's schema is at version {version}, this release's is {newest}: \
+                 run `smsflow migrate` (or start a server of this release on it) first"
+            ))),
+            std::cmp::Ordering::Greater => Err(StoreError::Backend(format!(
+                "the database's schema is at version {version}, newer than this release \
+                 knows ({newest}): use the release that migrated it, or a newer one"
+            ))),
+        }
+    }
+
     /// Connected, not migrated (`smsflow migrate`).
     fn open_unmigrated(url: &str) -> Result<PgStore, StoreError> {
         PgStore::connect(
