@@ -338,7 +338,9 @@ impl<S: Store> Pipeline<S> {
 
     /// Take the conversation's lock: this process's first, then, when
     /// the store is shared by several processes (PostgreSQL), the
-    /// store's ([`Store::lock_conversation`]). Held until dropped.
+    /// store's ([`Store::lock_conversation`]). Held until dropped; the
+    /// store's conversation writes made meanwhile are fenced by it (they
+    /// fail, writing nothing, if the shared lock was lost).
     async fn lock(&self, key: &ConvKey) -> Result<ConvGuard, StoreError> {
         let local = self.locks.lock(key).await;
         let shared = self.store.lock_conversation(key).await?;

@@ -13,7 +13,9 @@
 //! hold the same records (`pg/migrations/`). [`AnyStore`] is the one the
 //! server holds: whichever `--store` chose. Conversations are serialised
 //! by the pipeline's in-process lock, and across processes by
-//! [`Store::lock_conversation`] (PostgreSQL: an advisory lock).
+//! [`Store::lock_conversation`] (PostgreSQL: a session advisory lock, on
+//! whose session the conversation's writes then commit, so a holder that
+//! lost it cannot commit).
 //!
 //! sled's layout: one sled tree with key prefixes:
 //!
