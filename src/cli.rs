@@ -108,7 +108,7 @@ pub enum StoreCommand {
         #[arg(long)]
         from: PathBuf,
         /// The database: postgres://user:password@host:port/db.
-        #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+        #[arg(long, env = "SMSFLOW_DATABASE_URL", hide_env_values = true)]
         to: String,
     },
 }
@@ -117,7 +117,7 @@ pub enum StoreCommand {
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
     /// The database: postgres://user:password@host:port/db.
-    #[arg(long, env = "SMSFLOW_DATABASE_URL")]
+    #[arg(long, env = "SMSFLOW_DATABASE_URL", hide_env_values = true)]
     pub store: String,
 }
 
@@ -142,6 +142,11 @@ pub struct MessagesArgs {
     /// SMSFLOW_ADMIN_TOKEN (the server's admin token) in the environment.
     #[arg(long)]
     pub server: Option<String>,
+    /// Read this PostgreSQL database instead of --data,
+    /// postgres://user:password@host:port/db (servers may be running on
+    /// it); --server, when given, is asked instead.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL", hide_env_values = true)]
+    pub store: Option<String>,
     /// Only messages from or to this number.
     #[arg(long)]
     pub number: Option<String>,
@@ -279,7 +284,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SMSFLOW_DATA", help = config::flag_help("--data"))]
     pub data: Option<PathBuf>,
     /// The PostgreSQL database, instead of sled in --data.
-    #[arg(long, env = "SMSFLOW_DATABASE_URL", help = config::flag_help("--store"))]
+    #[arg(
+        long,
+        env = "SMSFLOW_DATABASE_URL",
+        hide_env_values = true,
+        help = config::flag_help("--store")
+    )]
     pub store: Option<String>,
     /// sled's page cache, in MiB.
     #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
@@ -552,8 +562,8 @@ pub enum BroadcastsCommand {
     },
 }
 
-/// Where a data command reads: a data directory no server uses, or a
-/// running server's admin API.
+/// Where a data command reads: a data directory no server uses, a
+/// PostgreSQL database, or a running server's admin API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreOrServer {
     /// Read the store in this data directory (only while no server uses it).
@@ -563,6 +573,12 @@ pub struct StoreOrServer {
     /// SMSFLOW_ADMIN_TOKEN (the server's admin token) in the environment.
     #[arg(long)]
     pub server: Option<String>,
+    /// Use this PostgreSQL database instead of --data,
+    /// postgres://user:password@host:port/db (servers may be running on
+    /// it: an erasure takes their conversation locks); --server, when
+    /// given, is asked instead.
+    #[arg(long, env = "SMSFLOW_DATABASE_URL", hide_env_values = true)]
+    pub store: Option<String>,
 }
 
 /// `smsflow export …`.

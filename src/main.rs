@@ -338,13 +338,7 @@ fn messages(args: smsflow::cli::MessagesArgs) -> anyhow::Result<ExitCode> {
             page.messages
         }
         None => {
-            let store = smsflow::store::SledStore::open(&args.data, &Default::default())
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "opening the store in {}: {e} (if a server is running on it, use --server URL)",
-                        args.data.display()
-                    )
-                })?;
+            let store = open_read_store(&args.data, args.store.as_deref())?;
             messages::list(&store, &filter)?
         }
     };
@@ -568,8 +562,36 @@ fn open_store(data: &std::path::Path) -> anyhow::Result<smsflow::store::SledStor
     })
 }
 
-/// `smsflow export results|contacts`: from a data directory, or a running
-/// server.
+/// The store a command reads without a server: PostgreSQL with `--store`
+/// (or SMSFLOW_DATABASE_URL), where servers may be running; else sled in
+/// `--data`, which no server may be using.
+fn open_read_store(
+    data: &std::path::Path,
+    url: Option<&str>,
+) -> anyhow::Result<smsflow::store::AnyStore> {
+    use smsflow::store::AnyStore;
+    match url {
+        Some(url) => open_database(url).map(AnyStore::Pg),
+        None => open_store(data).map(AnyStore::Sled),
+    }
+}
+
+/// The PostgreSQL database at `url` for a command that runs without a
+/// server (its schema must be this release's).
+fn open_database(url: &str) -> anyhow::Result<smsflow::store::PgStore> {
+    use smsflow::store::{pg, PgStore};
+    if !pg::is_database_url(url) {
+        anyhow::bail!(
+            "--store {}: not a database URL (postgres://user:password@host:port/db)",
+            pg::redact_url(url)
+        );
+    }
+    PgStore::open_existing(url)
+        .map_err(|e| anyhow::anyhow!("opening the database {}: {e}", pg::redact_url(url)))
+}
+
+/// `smsflow export results|contacts`: from a data directory, a database,
+/// or a running server.
 fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
     use smsflow::cli::ExportCommand;
     use smsflow::results::{self, Format};
@@ -607,7 +629,7 @@ fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
                     smsflow::admin_client::get(base, &path, &token)?
                 }
                 None => {
-                    let store = open_store(&from.data)?;
+                    let store = open_read_store(&from.data, from.store.as_deref())?;
                     results::export(&store, &flow, since.unwrap_or(0), format)?
                 }
             };
@@ -627,7 +649,7 @@ fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
                     smsflow::admin_client::get(base, path, &token)?
                 }
                 None => {
-                    let store = open_store(&from.data)?;
+                    let store = open_read_store(&from.data, from.store.as_deref())?;
                     let rows = smsflow::contacts::export_all(&store)?;
                     if jsonl {
                         smsflow::contacts::export_all_jsonl(&rows)
@@ -643,7 +665,8 @@ fn export(command: smsflow::cli::ExportCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `smsflow forget NUMBER`: through a running server (under its
-/// conversation locks), or on a data directory no server uses.
+/// conversation locks), on a database (under the same locks, which the
+/// servers on it take too), or on a data directory no server uses.
 fn forget(args: smsflow::cli::ForgetArgs) -> anyhow::Result<ExitCode> {
     use smsflow::store::{AuditRecord, Forgotten, Store};
     let number = smsflow::starts::normalize_phone(&args.number)
@@ -665,7 +688,6 @@ fn forget(args: smsflow::cli::ForgetArgs) -> anyhow::Result<ExitCode> {
             a.forgotten
         }
         None => {
-            let store = open_store(&args.from.data)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
@@ -677,9 +699,15 @@ fn forget(args: smsflow::cli::ForgetArgs) -> anyhow::Result<ExitCode> {
                 cause: "cli".into(),
                 message_sid: String::new(),
             };
-            let gone = store.forget_contact(&number, &audit)?;
-            store.flush_blocking()?;
-            gone
+            match &args.from.store {
+                Some(url) => forget_on_database(&open_database(url)?, &number, &audit)?,
+                None => {
+                    let store = open_store(&args.from.data)?;
+                    let gone = store.forget_contact(&number, &audit)?;
+                    store.flush_blocking()?;
+                    gone
+                }
+            }
         }
     };
     println!(
@@ -693,4 +721,36 @@ fn forget(args: smsflow::cli::ForgetArgs) -> anyhow::Result<ExitCode> {
         gone.starts
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Erase `number` on a database servers may be using: its conversations
+/// locked first as a server locks them (listed again under the locks
+/// until none is new), so a message in flight on a server either commits
+/// before the erasure or runs after it; the erasure commits on the locks'
+/// session.
+fn forget_on_database(
+    store: &smsflow::store::PgStore,
+    number: &str,
+    audit: &smsflow::store::AuditRecord,
+) -> anyhow::Result<smsflow::store::Forgotten> {
+    use smsflow::store::Store;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut keys = store.contact_conversations(number)?;
+        loop {
+            keys.sort();
+            keys.dedup();
+            let lock = store.lock_contact(number, &keys).await?;
+            let now_there = store.contact_conversations(number)?;
+            if now_there.iter().all(|k| keys.contains(k)) {
+                let gone = store.forget_contact(number, audit)?;
+                drop(lock);
+                return Ok(gone);
+            }
+            drop(lock);
+            keys.extend(now_there);
+        }
+    })
 }

@@ -254,6 +254,14 @@ struct ConvGuard {
     _local: locks::KeyGuard,
 }
 
+/// The locks of a contact's conversations (erasure), in-process and
+/// (PostgreSQL) across processes on one session; released when dropped,
+/// the shared ones first.
+struct ContactGuard {
+    _shared: Option<crate::store::ConvLock>,
+    _local: Vec<locks::KeyGuard>,
+}
+
 /// What the consent phase decided before (or instead of) running a flow.
 enum Gate {
     Silence(Silence),
@@ -330,7 +338,9 @@ impl<S: Store> Pipeline<S> {
 
     /// Take the conversation's lock: this process's first, then, when
     /// the store is shared by several processes (PostgreSQL), the
-    /// store's ([`Store::lock_conversation`]). Held until dropped.
+    /// store's ([`Store::lock_conversation`]). Held until dropped; the
+    /// store's conversation writes made meanwhile are fenced by it (they
+    /// fail, writing nothing, if the shared lock was lost).
     async fn lock(&self, key: &ConvKey) -> Result<ConvGuard, StoreError> {
         let local = self.locks.lock(key).await;
         let shared = self.store.lock_conversation(key).await?;
@@ -802,14 +812,25 @@ impl<S: Store> Pipeline<S> {
         // Lock every conversation of the number. One may be created
         // between listing and locking (a message to another number of
         // ours): list again under the locks until nothing is new.
+        // Across processes (PostgreSQL) they are locked together, on one
+        // session, which the erasure then commits on: fenced by them all.
         let mut keys = self.store.contact_conversations(number)?;
         let guards = loop {
             keys.sort();
             keys.dedup();
-            let mut guards = Vec::with_capacity(keys.len());
+            let mut local = Vec::with_capacity(keys.len());
             for key in &keys {
-                guards.push(self.lock(key).await?);
+                local.push(self.locks.lock(key).await);
             }
+            let shared = if keys.is_empty() {
+                None
+            } else {
+                self.store.lock_contact(number, &keys).await?
+            };
+            let guards = ContactGuard {
+                _shared: shared,
+                _local: local,
+            };
             let now_there = self.store.contact_conversations(number)?;
             if now_there.iter().all(|k| keys.contains(k)) {
                 break guards;

@@ -13,7 +13,9 @@
 //! hold the same records (`pg/migrations/`). [`AnyStore`] is the one the
 //! server holds: whichever `--store` chose. Conversations are serialised
 //! by the pipeline's in-process lock, and across processes by
-//! [`Store::lock_conversation`] (PostgreSQL: an advisory lock).
+//! [`Store::lock_conversation`] (PostgreSQL: a session advisory lock, on
+//! whose session the conversation's writes then commit, so a holder that
+//! lost it cannot commit).
 //!
 //! sled's layout: one sled tree with key prefixes:
 //!
@@ -505,12 +507,28 @@ pub trait Store: Send + Sync + 'static {
     /// store, held until the returned guard is dropped; the caller takes
     /// its in-process lock first. `None` when the store is one process's
     /// (sled: the in-process lock is the whole lock). Fails when the
-    /// lock cannot be had (the database is unreachable).
+    /// lock cannot be had (the database is unreachable). While it is held,
+    /// the conversation writes for `key` (`commit`, `commit_state`,
+    /// `commit_start`, `delete_conversation`) are fenced by it: they fail,
+    /// writing nothing, once the lock has been lost (PostgreSQL: they run
+    /// on the lock's own session).
     fn lock_conversation(
         &self,
         key: &ConvKey,
     ) -> impl std::future::Future<Output = Result<Option<ConvLock>, StoreError>> + Send {
         let _ = key;
+        std::future::ready(Ok(None))
+    }
+    /// [`Store::lock_conversation`] for all of `keys`, the conversations
+    /// of the contact `number`, as one guard, to erase them: while it is
+    /// held, `forget_contact(number)` is fenced by all of them. The
+    /// caller holds the in-process locks of `keys` first.
+    fn lock_contact(
+        &self,
+        number: &str,
+        keys: &[ConvKey],
+    ) -> impl std::future::Future<Output = Result<Option<ConvLock>, StoreError>> + Send {
+        let _ = (number, keys);
         std::future::ready(Ok(None))
     }
 

@@ -271,4 +271,14 @@ impl Store for AnyStore {
             AnyStore::Pg(p) => p.lock_conversation(key).await.map(Some),
         }
     }
+    async fn lock_contact(
+        &self,
+        number: &str,
+        keys: &[ConvKey],
+    ) -> Result<Option<ConvLock>, StoreError> {
+        match self {
+            AnyStore::Sled(_) => Ok(None),
+            AnyStore::Pg(p) => p.lock_contact(number, keys).await.map(Some),
+        }
+    }
 }

@@ -962,3 +962,412 @@ async fn a_postgres_restart_under_load_is_503_then_recovers_without_a_restart() 
         "smsflow kept running"
     );
 }
+
+/// An HTTP upstream on 127.0.0.1 for flows' calls: answers each order
+/// with the next id (`{"id": n}`), except that it holds the answer to its
+/// first request until the test opens `gate`.
+struct GatedShop {
+    addr: SocketAddr,
+    received: Arc<std::sync::atomic::AtomicUsize>,
+    gate: Arc<tokio::sync::Notify>,
+}
+
+impl GatedShop {
+    async fn start() -> GatedShop {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shop = GatedShop {
+            addr: listener.local_addr().unwrap(),
+            received: Arc::default(),
+            gate: Arc::new(tokio::sync::Notify::new()),
+        };
+        let (received, gate) = (shop.received.clone(), shop.gate.clone());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (received, gate) = (received.clone(), gate.clone());
+                tokio::spawn(async move {
+                    // The head, then Content-Length bytes of body.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let n = received.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == 1 {
+                        gate.notified().await;
+                    }
+                    let json = format!("{{\"id\": {n}}}");
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                        json.len()
+                    );
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        shop
+    }
+}
+
+/// The lock of a conversation is a session advisory lock: if that one
+/// session dies while its holder is between reading the conversation and
+/// committing (here: waiting for a flow's HTTP call), PostgreSQL releases
+/// the lock and another instance takes it, reads and commits. The first
+/// holder must then not commit its step from the same prior state (a lost
+/// step, a second reply from one state): it answers 503, and the stored
+/// conversation is exactly the other instance's step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_whose_lock_session_died_cannot_commit() {
+    let Some(db) = test_db() else { return };
+    let shop = GatedShop::start().await;
+    let flow = format!(
+        r#"
+trigger: {{keywords: [ORDER]}}
+start: ask
+steps:
+  ask:
+    say: "What would you like?"
+    wait:
+      - anything: true
+        save: item
+        goto: place
+  place:
+    call:
+      method: POST
+      url: "http://{}/orders"
+      json:
+        item: "{{{{item}}}}"
+      timeout: 10s
+      save:
+        order_id: json.id
+      on_error: sorry
+    say: "Order {{{{order_id}}}} for {{{{item}}}}."
+  sorry:
+    say: "Sorry ({{{{call.error}}}})."
+"#,
+        shop.addr
+    );
+    // A's connections carry a name of their own, to find its lock's.
+    let app_name = format!("smsflow_fence_a_{}", std::process::id());
+    let url_a = format!("{}&application_name={app_name}", db.url);
+    let configure = |url: String| {
+        move |c: &mut smsflow::config::Config| {
+            c.store = Some(url.into());
+            c.http_allow = vec!["127.0.0.1".into()];
+            c.call_budget = Duration::from_secs(10);
+            c.request_timeout = Duration::from_secs(14);
+            c.store_message_text = true;
+        }
+    };
+    let a = Arc::new(spawn_configured(&[("order.yaml", &flow)], configure(url_a)).await);
+    let b = spawn_configured(&[("order.yaml", &flow)], configure(db.url.clone())).await;
+    let me = "+15557000041";
+    let first = new_sid();
+    let r = a.send_sms_sid(me, "ORDER", &first).await;
+    assert_eq!(bodies(&r.body), ["What would you like?"]);
+
+    // A reads the conversation and waits for the shop, holding the lock.
+    let held = new_sid();
+    let in_flight = {
+        let (a, held) = (a.clone(), held.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = a.send_sms_sid(me, "margherita", &held).await;
+            (r, started.elapsed())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shop.received.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "A's call never reached the shop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A's lock session: the one advisory lock A's connections hold.
+    let lock_pid = format!(
+        "SELECT l.pid::bigint FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND s.application_name = '{app_name}'"
+    );
+    let pid = crate::pg::query_i64(&db.url, &lock_pid);
+    crate::pg::sql(&db.url, &format!("SELECT pg_terminate_backend({pid})"));
+
+    // B now gets the lock, reads the state A read, and commits its step.
+    let next = new_sid();
+    let r = b.send_sms_sid(me, "pepperoni", &next).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(bodies(&r.body), ["Order 2 for pepperoni."]);
+
+    // A's call returns: its step must not commit.
+    shop.gate.notify_one();
+    let (r, took) = in_flight.await.unwrap();
+    assert!(
+        took < Duration::from_secs(12),
+        "A answered only after {took:?}: its request's time limit, not the fence"
+    );
+    assert_eq!(r.status, 503, "A committed with a lost lock: {}", r.body);
+
+    // Stored: exactly B's step after the first message; A's never.
+    let log = b.store.inbound_log().unwrap();
+    let mut sids: Vec<&str> = log.iter().map(|(sid, _)| sid.as_str()).collect();
+    sids.sort_unstable();
+    assert_eq!(sids, [first.as_str(), next.as_str()], "{log:?}");
+    let (_, b_step) = log.iter().find(|(sid, _)| *sid == next).unwrap();
+    assert_eq!(b_step.replies, ["Order 2 for pepperoni."]);
+    // The run B ended is stored once, with what B's step saved.
+    let runs = b.store.results("order", 0).unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].vars.get("order_id").map(String::as_str), Some("2"));
+    assert_eq!(
+        runs[0].vars.get("item").map(String::as_str),
+        Some("pepperoni")
+    );
+
+    // Twilio retries A's message: it is handled once, now on B's state
+    // (the order is done), and A serves again.
+    let r = a.send_sms_sid(me, "margherita", &held).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let log = b.store.inbound_log().unwrap();
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert_eq!(log.iter().filter(|(sid, _)| *sid == held).count(), 1);
+}
+
+/// Every conversation write made under a lock commits on the lock's own
+/// session: once that session has ended (and PostgreSQL released the
+/// lock), a state change, a flow start, a reset or an erasure fails and
+/// changes nothing, without marking the store failed; while it lives
+/// they commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_under_a_lost_lock_fail_and_change_nothing() {
+    use smsflow::store::{AuditRecord, ConvKey, RecentAnswers, StartRecord, StateCommit};
+    let Some(db) = test_db() else { return };
+    let app_name = format!("smsflow_lost_{}", std::process::id());
+    let url = format!("{}&application_name={app_name}", db.url);
+    let AnyStore::Pg(store) = AnyStore::open_pg(&url, &PgConfig::default()).unwrap() else {
+        unreachable!()
+    };
+    // End the session holding the store's one advisory lock, and wait
+    // until its backend is gone.
+    let kill = || async {
+        let pid = crate::pg::query_i64(
+            &db.url,
+            &format!(
+                "SELECT l.pid::bigint FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND s.application_name = '{app_name}'"
+            ),
+        );
+        crate::pg::sql(&db.url, &format!("SELECT pg_terminate_backend({pid})"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+        while crate::pg::query_i64(&db.url, &alive) != 0 {
+            assert!(Instant::now() < deadline, "backend {pid} still there");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let ann = "+15557000051";
+    let key = ConvKey::new(OUR_NUMBER, ann);
+    let recent = RecentAnswers::default();
+    let state = |bytes: &'static [u8]| StateCommit {
+        key: &key,
+        conversation: Some(bytes),
+        ended: false,
+        due: None,
+        recent: &recent,
+        at: 20,
+        results: &[],
+    };
+    let start = StartRecord {
+        key: "k-lost".into(),
+        result: "started".into(),
+        flow: "f".into(),
+        to: ann.into(),
+        from: OUR_NUMBER.into(),
+        messaging_service_sid: None,
+        busy_with: None,
+        outbox: Vec::new(),
+        at: 20,
+    };
+    let audit = AuditRecord {
+        at: 30,
+        scope: "*".into(),
+        number: ann.into(),
+        action: "forget".into(),
+        cause: "test".into(),
+        message_sid: String::new(),
+    };
+    let stored = |store: &smsflow::store::PgStore| store.load(&key).unwrap().conversation;
+
+    // Held: the write commits (on the lock's session).
+    let lock = store.lock_conversation(&key).await.unwrap();
+    store.commit_state(state(b"held")).unwrap();
+    drop(lock);
+    assert_eq!(stored(&store).as_deref(), Some(&b"held"[..]));
+
+    // Lost: nothing the holder writes reaches the database.
+    let lock = store.lock_conversation(&key).await.unwrap();
+    kill().await;
+    let e = store.commit_state(state(b"stale")).unwrap_err();
+    assert!(e.to_string().contains("lock was lost"), "{e}");
+    assert!(store
+        .commit_start(Some(state(b"stale")), &[], &start)
+        .is_err());
+    assert!(store.commit_start(None, &[], &start).is_err());
+    assert!(store.delete_conversation(&key).is_err());
+    assert!(
+        store.health().writable,
+        "a lost lock is not the database failing"
+    );
+    drop(lock);
+    assert_eq!(stored(&store).as_deref(), Some(&b"held"[..]));
+    assert!(store.start_record("k-lost").unwrap().is_none());
+
+    // An erasure locks the contact's conversations on one session and
+    // commits on it: not once that session is gone; then it does.
+    let lock = store
+        .lock_contact(ann, std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    kill().await;
+    assert!(store.forget_contact(ann, &audit).is_err());
+    drop(lock);
+    assert_eq!(stored(&store).as_deref(), Some(&b"held"[..]));
+    let lock = store
+        .lock_contact(ann, std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    assert_eq!(store.forget_contact(ann, &audit).unwrap().conversations, 1);
+    drop(lock);
+    assert_eq!(stored(&store), None);
+}
+
+/// `smsflow messages`, `export results|contacts` and `forget` with
+/// `--store` (or SMSFLOW_DATABASE_URL) use the database directly while a
+/// server runs on it; a database not at this release's schema is refused
+/// and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_commands_use_the_database_while_a_server_runs() {
+    let Some(db) = test_db() else { return };
+    let flows = signup();
+    let url = db.url.clone();
+    let app = spawn_configured(&[("signup.yaml", &flows)], |c| {
+        c.store = Some(url.into());
+        c.store_message_text = true;
+    })
+    .await;
+    let me = "+15557000061";
+    for (text, reply) in [
+        ("JOIN", "Hi! What's your name?"),
+        ("Ada", "Thanks Ada! How old are you?"),
+        ("34", "You're signed up, Ada."),
+    ] {
+        assert_eq!(bodies(&app.send_sms(me, text).await.body), [reply]);
+    }
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(args)
+            .env_remove("SMSFLOW_DATABASE_URL")
+            .env_remove("SMSFLOW_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = cli(&["messages", "--store", &db.url, "--json", "--number", me]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bodies_in: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["body"].as_str())
+        .collect();
+    assert_eq!(bodies_in, ["34", "Ada", "JOIN"], "{out}");
+
+    let (ok, out, err) = cli(&["export", "results", "signup", "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.contains(me) && out.contains("completed"), "{out}");
+
+    // The environment variable names the database too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["export", "contacts"])
+        .env("SMSFLOW_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(csv.contains(me) && csv.contains("Ada"), "{csv}");
+
+    // An erasure takes the server's conversation locks: the server then
+    // greets the number as new.
+    let (ok, out, err) = cli(&["forget", me, "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 conversations"), "{out}");
+    let (_, out, _) = cli(&["messages", "--store", &db.url, "--json", "--number", me]);
+    assert_eq!(out.trim(), "[]");
+    assert_eq!(
+        bodies(&app.send_sms(me, "JOIN").await.body),
+        ["Hi! What's your name?"]
+    );
+    let (ok, csv, err) = cli(&["export", "contacts", "--store", &db.url]);
+    assert!(ok, "{err}");
+    assert!(csv.contains(me) && !csv.contains("Ada"), "{csv}");
+
+    // Not this release's schema: refused, nothing created.
+    let other = test_db().unwrap();
+    // (The cluster trusts local connections: the password is only there
+    // to be hidden.)
+    let with_password = other.url.replacen('@', ":secret@", 1);
+    let (ok, _, err) = cli(&["messages", "--store", &with_password]);
+    assert!(!ok);
+    assert!(err.contains("schema is at version 0"), "{err}");
+    assert!(err.contains("smsflow migrate"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    let tables = crate::pg::query_i64(
+        &other.url,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'schema_migrations' \
+         AND schemaname = current_schema()",
+    );
+    assert_eq!(tables, 0);
+    let (ok, _, err) = cli(&["messages", "--store", "mysql://x"]);
+    assert!(!ok);
+    assert!(err.contains("not a database URL"), "{err}");
+    // --help never shows the URL (and its password) the environment holds.
+    for command in [
+        &["messages"][..],
+        &["export", "results"],
+        &["forget"],
+        &["serve"],
+        &["migrate"],
+        &["store", "copy"],
+    ] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(command)
+            .arg("--help")
+            .env("SMSFLOW_DATABASE_URL", &with_password)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("SMSFLOW_DATABASE_URL"), "{command:?}: {help}");
+        assert!(!help.contains("secret"), "{command:?}: {help}");
+    }
+}

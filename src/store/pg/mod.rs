@@ -45,9 +45,12 @@
 //! instances'.
 //!
 //! Several instances: conversations are serialised across instances by a
-//! per-conversation advisory lock ([`PgStore::lock_conversation`]); the
-//! outbox is claimed by compare-and-swap in a transaction holding the
-//! row (`update_outbound`), so two instances never send one entry.
+//! per-conversation session advisory lock ([`PgStore::lock_conversation`]),
+//! and every conversation write made under it commits on the lock's own
+//! session, so a holder whose session died (and with it the lock) cannot
+//! commit (`lock.rs`); the outbox is claimed by compare-and-swap in a
+//! transaction holding the row (`update_outbound`), so two instances never
+//! send one entry.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -156,6 +159,10 @@ struct Inner {
     /// their own, so that conversations holding every lock connection
     /// still find connections for their queries.
     locks: Pool,
+    /// The sessions of the conversation locks this instance holds: the
+    /// conversation writes made under a lock run on its session
+    /// (`lock.rs`).
+    held: Arc<lock::Registry>,
     durability: Durability,
     url: String,
     failure: Mutex<Option<(String, i64)>>,
@@ -464,6 +471,7 @@ impl PgStore {
         let inner = Arc::new(Inner {
             pool: pool(url, config)?,
             locks: pool(url, config)?,
+            held: Arc::default(),
             durability: config.durability,
             url: redact_url(url),
             failure: Mutex::new(None),
@@ -475,6 +483,39 @@ impl PgStore {
             flush_latency: crate::metrics::Histogram::default(),
         });
         Ok(PgStore { inner, bridge })
+    }
+
+    /// Connect to use what the servers on `url` keep there, from a
+    /// command that runs without a server (`smsflow messages`, `export`,
+    /// `forget` with `--store`): nothing is migrated, and a database whose
+    /// schema is not this release's is refused. No health probe runs.
+    pub fn open_existing(url: &str) -> Result<PgStore, StoreError> {
+        let store = PgStore::open_unmigrated(url)?;
+        let version = store.run(async {
+            let c = store.inner.pool.get().await?;
+            let row = query_opt(
+                &c,
+                "SELECT to_regclass('schema_migrations') IS NOT NULL",
+                &[],
+            )
+            .await?;
+            if !row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return Ok(0);
+            }
+            schema::current(&c).await
+        })?;
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        match version.cmp(&newest) {
+            std::cmp::Ordering::Equal => Ok(store),
+            std::cmp::Ordering::Less => Err(StoreError::Backend(format!(
+                "the database's schema is at version {version}, this release's is {newest}: \
+                 run `smsflow migrate` (or start a server of this release on it) first"
+            ))),
+            std::cmp::Ordering::Greater => Err(StoreError::Backend(format!(
+                "the database's schema is at version {version}, newer than this release \
+                 knows ({newest}): use the release that migrated it, or a newer one"
+            ))),
+        }
     }
 
     /// Connected, not migrated (`smsflow migrate`).
@@ -824,31 +865,39 @@ impl Store for PgStore {
             at: p.at,
             results: c.results,
         };
+        // On the lock's session when this instance holds the lock (it
+        // does, under the pipeline): a holder whose lock is gone cannot
+        // commit (`lock.rs`).
+        let session = self.held_session(c.key);
         self.run(async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            write_state(&tx, &state).await?;
-            if let Some(change) = &c.consent {
-                write_consent(&tx, change).await?;
+            let mut client = self.conn(session).await?;
+            let written = async {
+                let tx = client.transaction().await?;
+                write_state(&tx, &state).await?;
+                if let Some(change) = &c.consent {
+                    write_consent(&tx, change).await?;
+                }
+                exec(
+                    &tx,
+                    INSERT_LOG,
+                    &[
+                        &c.message_sid,
+                        &p.at,
+                        &p.from,
+                        &p.to,
+                        &p.outcome,
+                        &p.flow,
+                        &p.step,
+                        &p.body,
+                        &p.replies,
+                    ],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
             }
-            exec(
-                &tx,
-                INSERT_LOG,
-                &[
-                    &c.message_sid,
-                    &p.at,
-                    &p.from,
-                    &p.to,
-                    &p.outcome,
-                    &p.flow,
-                    &p.step,
-                    &p.body,
-                    &p.replies,
-                ],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(())
+            .await;
+            client.fenced(written)
         })?;
         self.wrote();
         Ok(())
@@ -1139,28 +1188,33 @@ impl Store for PgStore {
     }
 
     fn delete_conversation(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let session = self.held_session(key);
         let existed = self.run(async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            let row = query_opt(
-                &tx,
-                "SELECT conversation IS NOT NULL FROM conversations \
-                 WHERE to_number = $1 AND from_number = $2 FOR UPDATE",
-                &[&key.to, &key.from],
-            )
-            .await?;
-            let Some(row) = row else {
-                return Ok(false);
-            };
-            exec(
-                &tx,
-                "UPDATE conversations SET conversation = NULL, ended = true, due = NULL \
-                 WHERE to_number = $1 AND from_number = $2",
-                &[&key.to, &key.from],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(row.get::<_, bool>(0))
+            let mut client = self.conn(session).await?;
+            let deleted = async {
+                let tx = client.transaction().await?;
+                let row = query_opt(
+                    &tx,
+                    "SELECT conversation IS NOT NULL FROM conversations \
+                     WHERE to_number = $1 AND from_number = $2 FOR UPDATE",
+                    &[&key.to, &key.from],
+                )
+                .await?;
+                let Some(row) = row else {
+                    return Ok(false);
+                };
+                exec(
+                    &tx,
+                    "UPDATE conversations SET conversation = NULL, ended = true, due = NULL \
+                     WHERE to_number = $1 AND from_number = $2",
+                    &[&key.to, &key.from],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(row.get::<_, bool>(0))
+            }
+            .await;
+            client.fenced(deleted)
         })?;
         self.wrote();
         Ok(existed)
@@ -1191,12 +1245,17 @@ impl Store for PgStore {
     }
 
     fn commit_state(&self, s: StateCommit<'_>) -> Result<(), StoreError> {
+        let session = self.held_session(s.key);
         self.run(async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            write_state(&tx, &s).await?;
-            tx.commit().await?;
-            Ok(())
+            let mut client = self.conn(session).await?;
+            let written = async {
+                let tx = client.transaction().await?;
+                write_state(&tx, &s).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            client.fenced(written)
         })?;
         self.wrote();
         Ok(())
@@ -1541,33 +1600,43 @@ impl Store for PgStore {
         entries: &[OutboxEntry],
         record: &StartRecord,
     ) -> Result<Option<StartRecord>, StoreError> {
+        // The start's conversation (ours is `from`, the contact `to`): its
+        // decision was made under that conversation's lock.
+        let session = match &commit {
+            Some(s) => self.held_session(s.key),
+            None => self.held_session(&ConvKey::new(record.from.as_str(), record.to.as_str())),
+        };
         let taken = self.run(async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            // Claims the key; a concurrent start with the same key waits
-            // here for this transaction, then finds it taken.
-            let new = exec(
-                &tx,
-                "INSERT INTO starts (key, record) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-                &[&record.key, &encode(record)],
-            )
-            .await?;
-            if new == 0 {
-                let row = query_opt(
+            let mut client = self.conn(session).await?;
+            let written = async {
+                let tx = client.transaction().await?;
+                // Claims the key; a concurrent start with the same key waits
+                // here for this transaction, then finds it taken.
+                let new = exec(
                     &tx,
-                    "SELECT record FROM starts WHERE key = $1",
-                    &[&record.key],
+                    "INSERT INTO starts (key, record) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    &[&record.key, &encode(record)],
                 )
-                .await?
-                .ok_or_else(|| StoreError::Backend("flow start record vanished".into()))?;
-                return decode_start(&record.key, &row.get::<_, Vec<u8>>(0)).map(Some);
+                .await?;
+                if new == 0 {
+                    let row = query_opt(
+                        &tx,
+                        "SELECT record FROM starts WHERE key = $1",
+                        &[&record.key],
+                    )
+                    .await?
+                    .ok_or_else(|| StoreError::Backend("flow start record vanished".into()))?;
+                    return decode_start(&record.key, &row.get::<_, Vec<u8>>(0)).map(Some);
+                }
+                insert_outbox(&tx, entries).await?;
+                if let Some(s) = &commit {
+                    write_state(&tx, s).await?;
+                }
+                tx.commit().await?;
+                Ok(None)
             }
-            insert_outbox(&tx, entries).await?;
-            if let Some(s) = &commit {
-                write_state(&tx, s).await?;
-            }
-            tx.commit().await?;
-            Ok(None)
+            .await;
+            client.fenced(written)
         })?;
         if taken.is_none() {
             self.wrote();
@@ -1678,84 +1747,94 @@ impl Store for PgStore {
     }
 
     fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        // On the session holding the locks of the contact's conversations
+        // (`lock_contact`), when this instance holds them: an erasure whose
+        // locks were lost cannot commit (`lock.rs`).
+        let session = self.contact_session(number);
         let gone = self.run(async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            let n = |v: u64| v as usize;
-            let mut gone = Forgotten {
-                conversations: n(exec(
-                    &tx,
-                    "DELETE FROM conversations WHERE from_number = $1",
-                    &[&number],
-                )
-                .await?),
-                results: n(exec(
-                    &tx,
-                    "DELETE FROM results WHERE from_number = $1",
-                    &[&number],
-                )
-                .await?),
-                log_lines: n(exec(
-                    &tx,
-                    "DELETE FROM message_log WHERE from_number = $1 OR to_number = $1",
-                    &[&number],
-                )
-                .await?),
-                ..Forgotten::default()
-            };
-            // The recipient is inside the records (as in sled, which
-            // reads them all too): erasure is rare, never on the message
-            // path.
-            let then = "it is left as it is";
-            for row in query(&tx, "SELECT message_sid, record FROM delivery_status", &[]).await? {
-                let sid: String = row.get(0);
-                let bytes: Vec<u8> = row.get(1);
-                let status: Option<DeliveryStatus> = self
-                    .decoded(&tx, ("delivery_status", &sid), &bytes, then)
-                    .await?;
-                if status.is_some_and(|s| s.to.as_deref() == Some(number)) {
-                    gone.status_events += n(exec(
+            let mut client = self.conn(session).await?;
+            let erased = async {
+                let tx = client.transaction().await?;
+                let n = |v: u64| v as usize;
+                let mut gone = Forgotten {
+                    conversations: n(exec(
                         &tx,
-                        "DELETE FROM status_events WHERE message_sid = $1",
-                        &[&sid],
+                        "DELETE FROM conversations WHERE from_number = $1",
+                        &[&number],
                     )
-                    .await?);
-                    gone.statuses += n(exec(
+                    .await?),
+                    results: n(exec(
                         &tx,
-                        "DELETE FROM delivery_status WHERE message_sid = $1",
-                        &[&sid],
+                        "DELETE FROM results WHERE from_number = $1",
+                        &[&number],
                     )
-                    .await?);
+                    .await?),
+                    log_lines: n(exec(
+                        &tx,
+                        "DELETE FROM message_log WHERE from_number = $1 OR to_number = $1",
+                        &[&number],
+                    )
+                    .await?),
+                    ..Forgotten::default()
+                };
+                // The recipient is inside the records (as in sled, which
+                // reads them all too): erasure is rare, never on the message
+                // path.
+                let then = "it is left as it is";
+                for row in
+                    query(&tx, "SELECT message_sid, record FROM delivery_status", &[]).await?
+                {
+                    let sid: String = row.get(0);
+                    let bytes: Vec<u8> = row.get(1);
+                    let status: Option<DeliveryStatus> = self
+                        .decoded(&tx, ("delivery_status", &sid), &bytes, then)
+                        .await?;
+                    if status.is_some_and(|s| s.to.as_deref() == Some(number)) {
+                        gone.status_events += n(exec(
+                            &tx,
+                            "DELETE FROM status_events WHERE message_sid = $1",
+                            &[&sid],
+                        )
+                        .await?);
+                        gone.statuses += n(exec(
+                            &tx,
+                            "DELETE FROM delivery_status WHERE message_sid = $1",
+                            &[&sid],
+                        )
+                        .await?);
+                    }
                 }
-            }
-            for row in query(&tx, "SELECT key, record FROM outbox", &[]).await? {
-                let key: String = row.get(0);
-                let bytes: Vec<u8> = row.get(1);
-                let entry: Option<OutboxEntry> =
-                    self.decoded(&tx, ("outbox", &key), &bytes, then).await?;
-                if entry.is_some_and(|e| e.to == number) {
-                    gone.outbox +=
-                        n(exec(&tx, "DELETE FROM outbox WHERE key = $1", &[&key]).await?);
+                for row in query(&tx, "SELECT key, record FROM outbox", &[]).await? {
+                    let key: String = row.get(0);
+                    let bytes: Vec<u8> = row.get(1);
+                    let entry: Option<OutboxEntry> =
+                        self.decoded(&tx, ("outbox", &key), &bytes, then).await?;
+                    if entry.is_some_and(|e| e.to == number) {
+                        gone.outbox +=
+                            n(exec(&tx, "DELETE FROM outbox WHERE key = $1", &[&key]).await?);
+                    }
                 }
-            }
-            for row in query(&tx, "SELECT key, record FROM starts", &[]).await? {
-                let key: String = row.get(0);
-                let bytes: Vec<u8> = row.get(1);
-                let start: Option<StartRecord> =
-                    self.decoded(&tx, ("starts", &key), &bytes, then).await?;
-                if start.is_some_and(|s| s.to == number) {
-                    gone.starts +=
-                        n(exec(&tx, "DELETE FROM starts WHERE key = $1", &[&key]).await?);
+                for row in query(&tx, "SELECT key, record FROM starts", &[]).await? {
+                    let key: String = row.get(0);
+                    let bytes: Vec<u8> = row.get(1);
+                    let start: Option<StartRecord> =
+                        self.decoded(&tx, ("starts", &key), &bytes, then).await?;
+                    if start.is_some_and(|s| s.to == number) {
+                        gone.starts +=
+                            n(exec(&tx, "DELETE FROM starts WHERE key = $1", &[&key]).await?);
+                    }
                 }
+                exec(
+                    &tx,
+                    "INSERT INTO consent_audit (at, record) VALUES ($1, $2)",
+                    &[&audit.at, &encode(audit)],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(gone)
             }
-            exec(
-                &tx,
-                "INSERT INTO consent_audit (at, record) VALUES ($1, $2)",
-                &[&audit.at, &encode(audit)],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(gone)
+            .await;
+            client.fenced(erased)
         })?;
         self.wrote();
         Ok(gone)
