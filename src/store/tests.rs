@@ -100,7 +100,7 @@ fn recent_answers_give_back_their_twiml_exactly() {
         ),
         (format!("{prolog}<Response>unclosed"), 0),
         (format!("{prolog}<Response></Response>"), 0),
-        (format!("{prolog}"), 0),
+        (prolog.to_owned(), 0),
         ("<Response/>".to_owned(), 0),
         (format!(" {prolog}<Response></Response>"), 0),
         (String::new(), 0),
