@@ -272,6 +272,19 @@ pub struct Commit<'a> {
     pub results: &'a [RunResult],
 }
 
+impl Commit<'_> {
+    /// The recent answers to store with this commit: those read, plus
+    /// this message's (what every backend writes for [`Commit::recent`]).
+    pub(crate) fn recent_answers(&self) -> RecentAnswers {
+        self.recent.keep(records::AnswerRef {
+            sid: self.message_sid,
+            twiml: &self.processed.twiml,
+            outcome: &self.processed.outcome,
+            at: self.processed.at,
+        })
+    }
+}
+
 /// How many records a purge removed, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Purged {

@@ -195,6 +195,15 @@ pub struct StoredConversation {
     pub recent: RecentAnswers,
 }
 
+/// A [`RecentAnswer`] borrowed from where it was made.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AnswerRef<'a> {
+    pub(super) sid: &'a str,
+    pub(super) twiml: &'a str,
+    pub(super) outcome: &'a str,
+    pub(super) at: i64,
+}
+
 /// Encoded recent answers (see [`StoredConversation::recent`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecentAnswers(pub(super) Vec<u8>);
@@ -284,9 +293,9 @@ impl RecentAnswers {
         })
     }
 
-    fn push(buf: &mut Vec<u8>, a: &RecentAnswer) {
+    fn push(buf: &mut Vec<u8>, a: AnswerRef<'_>) {
         buf.extend_from_slice(&a.at.to_be_bytes());
-        let (mut flags, mut twiml) = StoredTwiml::of(&a.twiml);
+        let (mut flags, mut twiml) = StoredTwiml::of(a.twiml);
         if twiml.len() > TWIML_LEN as usize {
             // Never for a real answer (a few KiB at most); stored whole
             // rather than cut, and a length this large then makes the
@@ -333,7 +342,19 @@ impl RecentAnswers {
     }
 
     /// These answers plus `new`, within the age and count bounds.
+    #[cfg(test)]
     pub(super) fn keep_with(&self, new: &RecentAnswer) -> RecentAnswers {
+        self.keep(AnswerRef {
+            sid: &new.sid,
+            twiml: &new.twiml,
+            outcome: &new.outcome,
+            at: new.at,
+        })
+    }
+
+    /// [`RecentAnswers::keep_with`] of a borrowed answer (a commit's, with
+    /// nothing copied but into the new record).
+    pub(super) fn keep(&self, new: AnswerRef<'_>) -> RecentAnswers {
         let cutoff = new.at - DEDUPE_WINDOW_SECS;
         let kept: Vec<&[u8]> = self
             .entries()

@@ -23,9 +23,9 @@ use super::tallies::{self, OutboxTally};
 use super::worker::Worker;
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
-    Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswer,
-    RecentAnswers, StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError,
-    StoreHealth, StoredConversation,
+    Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswers,
+    StateCommit, StatusEvent, StatusUpdate, Store, StoreConfig, StoreError, StoreHealth,
+    StoredConversation,
 };
 use crate::clock::unix_now;
 use crate::metrics::Histogram;
@@ -688,13 +688,7 @@ impl Store for SledStore {
     }
 
     fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
-        let answer = RecentAnswer {
-            sid: c.message_sid.to_string(),
-            twiml: c.processed.twiml.clone(),
-            outcome: c.processed.outcome.clone(),
-            at: c.processed.at,
-        };
-        let recent = c.recent.keep_with(&answer);
+        let recent = c.recent_answers();
         let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
         let results = results::rows(c.results);

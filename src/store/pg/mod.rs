@@ -65,7 +65,7 @@ use tokio_postgres::Row;
 
 use super::call_jobs::{CallJob, CallJobState};
 use super::outbox::{OutboxEntry, OutboxState};
-use super::records::{decode, encode, RecentAnswer, RecentAnswers};
+use super::records::{decode, encode, RecentAnswers};
 use super::starts::StartRecord;
 use super::{
     tally_of, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
@@ -848,13 +848,7 @@ impl Store for PgStore {
     }
 
     fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
-        let answer = RecentAnswer {
-            sid: c.message_sid.to_string(),
-            twiml: c.processed.twiml.clone(),
-            outcome: c.processed.outcome.clone(),
-            at: c.processed.at,
-        };
-        let recent = c.recent.keep_with(&answer);
+        let recent = c.recent_answers();
         let p = c.processed;
         let state = StateCommit {
             key: c.key,
