@@ -730,7 +730,7 @@ impl<S: Store> Pipeline<S> {
             key,
             recent: &record.recent,
             conversation: stored.as_deref(),
-            ended: conversation.is_idle() && due.is_none(),
+            ended: conversation.is_ended(due),
             message_sid: &msg.message_sid,
             processed,
             consent,

@@ -155,6 +155,12 @@ impl Conversation {
     pub fn is_idle(&self) -> bool {
         self.run.is_none() && self.queued.is_empty()
     }
+
+    /// Whether it is stored as ended when its next due time is `due`:
+    /// idle, and nothing due (a campaign event to come keeps it).
+    pub fn is_ended(&self, due: Option<i64>) -> bool {
+        self.is_idle() && due.is_none()
+    }
 }
 
 /// A flow start from outside that waits for the conversation's run to

@@ -259,7 +259,7 @@ impl<S: Store> Pipeline<S> {
                 self.store.commit_state(StateCommit {
                     key: &key,
                     conversation: Some(bytes),
-                    ended: conversation.is_idle() && due.is_none(),
+                    ended: conversation.is_ended(due),
                     due,
                     recent: &record.recent,
                     at: now,

@@ -51,7 +51,7 @@ impl<S: Store> Pipeline<S> {
             self.store.commit_state(StateCommit {
                 key: &key,
                 conversation: Some(&bytes),
-                ended: conversation.is_idle() && due.is_none(),
+                ended: conversation.is_ended(due),
                 due,
                 recent: &stored.recent,
                 at: now,

@@ -159,7 +159,7 @@ impl<S: Store> Pipeline<S> {
             Some(StateCommit {
                 key: &key,
                 conversation: bytes.as_deref(),
-                ended: conversation.is_idle() && due.is_none(),
+                ended: conversation.is_ended(due),
                 due,
                 recent: &stored.recent,
                 at: now,

@@ -145,7 +145,7 @@ impl<S: Store> Pipeline<S> {
             self.store.commit_state(StateCommit {
                 key,
                 conversation: stored.as_deref(),
-                ended: conversation.is_idle() && due.is_none(),
+                ended: conversation.is_ended(due),
                 due,
                 recent: &record.recent,
                 at: now,
@@ -260,7 +260,7 @@ impl<S: Store> Pipeline<S> {
         self.store.commit_state(StateCommit {
             key,
             conversation: stored.as_deref(),
-            ended: conversation.is_idle() && due.is_none(),
+            ended: conversation.is_ended(due),
             due,
             recent: &record.recent,
             at: now,
