@@ -880,7 +880,7 @@ impl<S: Store> Pipeline<S> {
         self.store.commit_state(StateCommit {
             key,
             conversation: Some(&bytes),
-            ended: conversation.is_idle(),
+            ended: conversation.is_ended(due),
             due,
             recent: &record.recent,
             at: now,
