@@ -18,6 +18,7 @@
 //! $L --scenario rhai                                           # multistep as a Rhai script
 //! $L --scenario multistep --durability relaxed
 //! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
+//! $L --scenario rhai --engine-only --requests 300000            # the flow engine alone, CPU per message
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
 //! $L --scenario multistep --senders 100000 --prefill 100000 --soak-secs 300   # RSS over 5 minutes
 //! $L --scenario timers --senders 1000 --prefill 100000        # with 100,000 pending timers
@@ -167,6 +168,12 @@ struct Args {
     /// 2-thread runtime, 20-30 µs per request; for comparison).
     #[arg(long, value_enum, default_value = "raw")]
     client: ClientKind,
+    /// Instead of a load: run the scenario's messages through the flow
+    /// engine alone, in this process, on one thread (no HTTP, no store),
+    /// `--requests` messages from `--senders` conversations, and print the
+    /// engine's CPU time per message. Scenarios without calls or timers.
+    #[arg(long)]
+    engine_only: bool,
     /// Internal: serve the bare handler and print its address.
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -313,6 +320,10 @@ fn main() {
         serve_bare();
         return;
     }
+    if args.engine_only {
+        engine_only(&args);
+        return;
+    }
     let mode = Mode::from_args(&args);
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -323,6 +334,75 @@ fn main() {
         Some(n) => startup(&client_rt, &mode, &args, n),
         None => load(&client_rt, &mode, &args),
     }
+}
+
+// --------------------------------------------------------- engine only
+
+/// `--engine-only`: the flow engine's own cost per message, without the
+/// server around it. Each sender's conversation is kept in memory between
+/// its messages, as the store would give it back.
+fn engine_only(args: &Args) {
+    use smsflow::flow::{handle, load_dir, Conversation, EngineOptions, Inbound};
+    let Some(sc) = scenario(&args.scenario) else {
+        panic!("unknown --scenario {}", args.scenario);
+    };
+    assert!(
+        !sc.calls && !sc.sends,
+        "--engine-only runs scenarios without calls or timers: keyword | multistep | rhai"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (name, text) in sc.flow {
+        std::fs::write(tmp.path().join(name), text).expect("write flow");
+    }
+    let set = match load_dir(tmp.path()) {
+        Ok(loaded) => loaded.set,
+        Err(d) => panic!("{d:#?}"),
+    };
+    let options = EngineOptions::default();
+    let senders = args.senders.max(1);
+    let froms: Vec<String> = (0..senders).map(|s| format!("+1555{s:07}")).collect();
+    // Built before the clock starts, like the load's requests.
+    let messages: Vec<(String, String)> = (0..args.requests)
+        .map(|n| {
+            (
+                format!("SM{n:032x}"),
+                (sc.message)(n % senders, n / senders),
+            )
+        })
+        .collect();
+    let mut conversations = vec![Conversation::default(); senders];
+    let now = 1_700_000_000;
+    let cpu = thread_cpu_ns();
+    for (n, (sid, body)) in messages.iter().enumerate() {
+        let sender = n % senders;
+        let msg = Inbound {
+            from: &froms[sender],
+            to: OUR_NUMBER,
+            body,
+            media: &[],
+            message_sid: sid,
+        };
+        let conversation = std::mem::take(&mut conversations[sender]);
+        conversations[sender] =
+            handle(&set, &options, conversation, &msg, now + n as i64).conversation;
+    }
+    let spent = thread_cpu_ns() - cpu;
+    println!(
+        "engine     scenario {} | {} messages from {} senders | {:.2} µs of CPU per message (flow engine alone, one thread)",
+        sc.name,
+        args.requests,
+        senders,
+        spent as f64 / 1000.0 / args.requests.max(1) as f64
+    );
+}
+
+/// This thread's time on the CPU so far, in ns (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    text.split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .expect("schedstat's first field")
 }
 
 // ---------------------------------------------------------------- load
