@@ -342,10 +342,33 @@ fn main() {
 /// server around it. Each sender's conversation is kept in memory between
 /// its messages, as the store would give it back.
 fn engine_only(args: &Args) {
-    use smsflow::flow::{handle, load_dir, Conversation, EngineOptions, Inbound};
     let Some(sc) = scenario(&args.scenario) else {
         panic!("unknown --scenario {}", args.scenario);
     };
+    let run = run_engine(&sc, args.senders, args.requests);
+    println!(
+        "engine     scenario {} | {} messages from {} senders, {} conversations completed, {} left mid-run | {:.2} µs of CPU per message (flow engine alone, one thread)",
+        sc.name,
+        args.requests,
+        args.senders.max(1),
+        run.completed,
+        run.conversations.iter().filter(|c| c.run.is_some()).count(),
+        run.cpu_ns as f64 / 1000.0 / args.requests.max(1) as f64
+    );
+}
+
+/// What [`run_engine`] measured.
+struct EngineRun {
+    /// CPU time of the measured loop.
+    cpu_ns: u64,
+    /// Replies that ended a multi-step conversation ("All set, …").
+    completed: usize,
+    /// Each sender's conversation at the end.
+    conversations: Vec<smsflow::flow::Conversation>,
+}
+
+fn run_engine(sc: &Scenario, senders: usize, requests: usize) -> EngineRun {
+    use smsflow::flow::{handle, load_dir, Conversation, EngineOptions, Inbound, Outcome};
     assert!(
         !sc.calls && !sc.sends,
         "--engine-only runs scenarios without calls or timers: keyword | multistep | rhai"
@@ -359,10 +382,10 @@ fn engine_only(args: &Args) {
         Err(d) => panic!("{d:#?}"),
     };
     let options = EngineOptions::default();
-    let senders = args.senders.max(1);
+    let senders = senders.max(1);
     let froms: Vec<String> = (0..senders).map(|s| format!("+1555{s:07}")).collect();
     // Built before the clock starts, like the load's requests.
-    let messages: Vec<(String, String)> = (0..args.requests)
+    let messages: Vec<(String, String)> = (0..requests)
         .map(|n| {
             (
                 format!("SM{n:032x}"),
@@ -371,6 +394,7 @@ fn engine_only(args: &Args) {
         })
         .collect();
     let mut conversations = vec![Conversation::default(); senders];
+    let mut completed = 0;
     let now = 1_700_000_000;
     let cpu = thread_cpu_ns();
     for (n, (sid, body)) in messages.iter().enumerate() {
@@ -383,17 +407,17 @@ fn engine_only(args: &Args) {
             message_sid: sid,
         };
         let conversation = std::mem::take(&mut conversations[sender]);
-        conversations[sender] =
-            handle(&set, &options, conversation, &msg, now + n as i64).conversation;
+        let handled = handle(&set, &options, conversation, &msg, now + n as i64);
+        if let Outcome::Reply(replies) = &handled.outcome {
+            completed += usize::from(replies.iter().any(|r| r.body.starts_with("All set")));
+        }
+        conversations[sender] = handled.conversation;
     }
-    let spent = thread_cpu_ns() - cpu;
-    println!(
-        "engine     scenario {} | {} messages from {} senders | {:.2} µs of CPU per message (flow engine alone, one thread)",
-        sc.name,
-        args.requests,
-        senders,
-        spent as f64 / 1000.0 / args.requests.max(1) as f64
-    );
+    EngineRun {
+        cpu_ns: thread_cpu_ns() - cpu,
+        completed,
+        conversations,
+    }
 }
 
 /// This thread's time on the CPU so far, in ns (`/proc/thread-self/schedstat`).
@@ -1875,6 +1899,22 @@ mod tests {
             );
         }
         assert_eq!(parse_response(response), Ok(Some(want)));
+    }
+
+    #[test]
+    fn the_engine_only_scenarios_complete_their_conversations() {
+        // Otherwise --engine-only would time a flow answering its fallback.
+        for name in ["multistep", "rhai"] {
+            let sc = scenario(name).unwrap();
+            let run = run_engine(&sc, 10, 60);
+            assert_eq!(run.completed, 20, "{name}: two conversations per sender");
+            assert!(
+                run.conversations.iter().all(|c| c.run.is_none()),
+                "{name}: every run ended"
+            );
+        }
+        let keyword = run_engine(&scenario("keyword").unwrap(), 10, 20);
+        assert_eq!(keyword.completed, 0);
     }
 
     #[test]
