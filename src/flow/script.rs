@@ -93,6 +93,7 @@ use crate::flow::calls::{CallRequest, CallResponse};
 pub(crate) use errors::ScriptError;
 pub(crate) use expr::{Expr, ExprContext};
 pub use limits::Limits;
+pub(crate) use run::operations;
 
 use bounded::bound_builtins;
 use errors::{compile_error, describe, locate_entry_point, lowercase_first, runtime_error, Origin};
@@ -247,11 +248,11 @@ impl Sandbox {
         engine.disable_symbol("eval");
 
         engine.on_progress(|operations| {
-            if operations % CLOCK_CHECK_EVERY == 0 && run_over_budget() {
-                Some(Dynamic::from(TIME_BUDGET_TOKEN))
-            } else {
-                None
+            if operations % CLOCK_CHECK_EVERY != 0 {
+                return None;
             }
+            run::count_operations(CLOCK_CHECK_EVERY);
+            run_over_budget().then(|| Dynamic::from(TIME_BUDGET_TOKEN))
         });
         engine.on_print(|text| {
             tracing::debug!(script = %current_file(), text, "script print");

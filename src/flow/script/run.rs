@@ -3,7 +3,7 @@
 //! stream). A run executes entirely on the calling thread, so a thread-local
 //! slot set for the duration of the call is exact, and costs no locking.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,6 +54,22 @@ impl RunState {
 
 thread_local! {
     static RUN: RefCell<Option<RunState>> = const { RefCell::new(None) };
+    /// Rhai operations run on this thread, in steps of
+    /// [`super::limits::CLOCK_CHECK_EVERY`] (see [`operations`]).
+    static OPERATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many Rhai operations this thread has run so far, counted in steps
+/// of [`super::limits::CLOCK_CHECK_EVERY`] (a run of fewer adds nothing).
+/// Whoever runs the engine reads it before and after to tell a run that
+/// was slow because it worked from one whose thread was preempted.
+pub(crate) fn operations() -> u64 {
+    OPERATIONS.with(Cell::get)
+}
+
+/// Counts `n` more operations on this thread (from `on_progress`).
+pub(super) fn count_operations(n: u64) {
+    OPERATIONS.with(|ops| ops.set(ops.get().wrapping_add(n)));
 }
 
 /// Installs a [`RunState`] for the current thread and restores the previous
