@@ -19,10 +19,10 @@
 //! the threads that took the workers over held memory: a 30-s relaxed
 //! soak grew from 117 to 177 MiB (the same soak with every run inline:
 //! 46 to 61 MiB). A script is slow because it works, and Rhai counts its
-//! work: a run of the loadgen's script is about 60 operations, a
-//! millisecond of Rhai some tens of thousands. What the count misses is a
-//! single expensive call (sorting a long array); such a run stays inline
-//! and holds its worker, within the wall-clock budget.
+//! work: each run of the loadgen's script takes fewer than 60 operations,
+//! a millisecond of Rhai thousands. What the count misses is a single
+//! expensive call (sorting a long array); such a run stays inline and
+//! holds its worker, within the wall-clock budget.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
