@@ -421,6 +421,8 @@ fn run_engine(sc: &Scenario, senders: usize, requests: usize) -> EngineRun {
 }
 
 /// This thread's time on the CPU so far, in ns (`/proc/thread-self/schedstat`).
+/// Not [`cpu_time`]: `/proc/<pid>/stat` counts 10-ms ticks, and a keyword
+/// run of 300,000 messages takes under 100 ms of engine time.
 fn thread_cpu_ns() -> u64 {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
     text.split_whitespace()
