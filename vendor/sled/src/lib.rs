@@ -237,6 +237,8 @@ pub use {
     },
 };
 
+pub use self::pagecache::blob_files_written;
+
 pub use self::{
     batch::Batch,
     config::{Config, Mode},

@@ -62,12 +62,25 @@ pub(crate) fn read_blob(
     }
 }
 
+/// smsflow: blob files this process has begun to write, in any database.
+static BLOB_FILES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// smsflow: how many blob files this process has begun to write, in any
+/// database. Counted before each file is created, so a caller that syncs
+/// new blob files after a flush need not look for them while this count
+/// has not changed since it last looked.
+pub fn blob_files_written() -> u64 {
+    BLOB_FILES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 pub(crate) fn write_blob<T: Serialize>(
     config: &Config,
     kind: MessageKind,
     id: Lsn,
     item: &T,
 ) -> Result<()> {
+    BLOB_FILES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = config.blob_path(id);
     let mut f =
         std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
