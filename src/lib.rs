@@ -89,7 +89,9 @@
 //!   one the server holds. In sled, a conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
 //!   append-only file beside the database. Its own thread groups flushes
-//!   (each ending in a real `fdatasync`), writes checkpoints that expose a
+//!   (each ending in a real `fdatasync`; sled is carried in `vendor/sled`
+//!   with its flush writing on that thread instead of waking sled's IO
+//!   pool, see its `SMSFLOW.md`), writes checkpoints that expose a
 //!   database sled silently truncated, and reopens the store after a
 //!   failed write; undecodable records are kept aside in `quarantine/`.
 //!   Every record carries its format version and is migrated on read
