@@ -238,6 +238,7 @@ async fn a_timer_whose_timeout_was_edited_away_is_dropped_after_a_reload() {
 /// outbox entry, one request to Twilio.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timer_pending_across_sigkill_fires_once_after_restart() {
+    const SEND_LIMIT_MS: u64 = 500;
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
     let data = tmp.path().join("data");
@@ -247,7 +248,16 @@ async fn a_timer_pending_across_sigkill_fires_once_after_restart() {
     let from = "+15557300004";
     let fake = FakeTwilio::start(TOKEN).await;
     let config = tmp.path().join("smsflow.toml");
-    std::fs::write(&config, format!("twilio_api_base = \"{}\"\n", fake.base())).unwrap();
+    // A short send limit: a send left `Sending` by the kill is recovered
+    // (as `Unknown`) by a start more than the limit plus 2 s later.
+    std::fs::write(
+        &config,
+        format!(
+            "twilio_api_base = \"{}\"\nsend_timeout_ms = {SEND_LIMIT_MS}\n",
+            fake.base()
+        ),
+    )
+    .unwrap();
     let args = ["--no-watch", "--config", config.to_str().unwrap()];
     let env = [
         ("TWILIO_ACCOUNT_SID", ACCOUNT_SID),
@@ -292,6 +302,11 @@ async fn a_timer_pending_across_sigkill_fires_once_after_restart() {
     }
     second.signal("KILL");
     drop(second);
+    // A send still `Sending` is left alone until it is past the limit
+    // (another instance on a shared database may be sending it): the
+    // third start comes after that, so it finds the send `Sent` or makes
+    // it `Unknown`, never sends it again.
+    tokio::time::sleep(Duration::from_millis(SEND_LIMIT_MS + 2500)).await;
 
     let mut third = spawn();
     tokio::time::sleep(Duration::from_millis(2500)).await;
