@@ -18,6 +18,8 @@ use anyhow::{bail, Context};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::twilio::signature::hex_lower;
+
 /// How phone numbers appear in info-level log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -118,14 +120,8 @@ impl fmt::Display for Shown<'_> {
                 let mut mac = self.log.keyed.clone();
                 mac.update(self.number.as_bytes());
                 let digest = mac.finalize().into_bytes();
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut shown = *b"h:0000000000000000";
-                for (i, b) in digest[..8].iter().enumerate() {
-                    shown[2 + 2 * i] = HEX[usize::from(b >> 4)];
-                    shown[3 + 2 * i] = HEX[usize::from(b & 0xf)];
-                }
-                // ASCII by construction.
-                f.write_str(std::str::from_utf8(&shown).map_err(|_| fmt::Error)?)
+                f.write_str("h:")?;
+                f.write_str(&hex_lower(&digest[..8]))
             }
         }
     }
@@ -152,8 +148,7 @@ fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(&tmp)?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    writeln!(file, "{hex}")?;
+    writeln!(file, "{}", hex_lower(key))?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {

@@ -127,7 +127,8 @@ fn strip_fragment(url: &str) -> &str {
     url.split_once('#').map_or(url, |(before, _)| before)
 }
 
-fn hex_lower(bytes: &[u8]) -> String {
+/// `bytes` as lowercase hex.
+pub(crate) fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
