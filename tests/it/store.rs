@@ -12,7 +12,7 @@ use smsflow::app::App;
 use smsflow::config::Config;
 
 use crate::helpers::*;
-use crate::process::spawn_server_under;
+use crate::process::{spawn_server, spawn_server_under};
 
 fn signup() -> String {
     std::fs::read_to_string(format!("{}/flows/signup.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -217,13 +217,7 @@ async fn a_flush_writes_on_the_store_thread_not_in_sleds_pool() {
     std::fs::create_dir(&flows).unwrap();
     std::fs::write(flows.join("signup.yaml"), signup()).unwrap();
     let data = tmp.path().join("data");
-    let mut server = spawn_server_under(
-        &[],
-        &flows,
-        &data,
-        &["--durability", "flush", "--no-watch"],
-        &[],
-    );
+    let mut server = spawn_server(&flows, &data, &["--durability", "flush", "--no-watch"]);
     let pid = server.child.id();
     let twiml = server
         .send("+15550001000", "JOIN", &new_sid())
