@@ -91,7 +91,7 @@
 //!   append-only file beside the database. Its own thread groups flushes
 //!   (each ending in a real `fdatasync`; sled is carried in `vendor/sled`
 //!   with its flush writing on that thread instead of waking sled's IO
-//!   pool, see its `SMSFLOW.md`), writes checkpoints that expose a
+//!   pool and its cache in 16 parts, see its `SMSFLOW.md`), writes checkpoints that expose a
 //!   database sled silently truncated, and reopens the store after a
 //!   failed write; undecodable records are kept aside in `quarantine/`.
 //!   Every record carries its format version and is migrated on read
