@@ -691,11 +691,8 @@ impl<S: Store> Pipeline<S> {
                     .iter()
                     .map(|r| self.out_message(r, inbound_sid))
                     .collect();
-                let twiml = twilio::render(&out);
-                Metrics::add(
-                    &self.metrics.replies,
-                    twiml.matches("<Message").count() as u64,
-                );
+                let (twiml, messages) = twilio::render_counted(&out);
+                Metrics::add(&self.metrics.replies, messages as u64);
                 self.loop_guard.record(key, now);
                 (twiml, "reply".to_string())
             }

@@ -32,4 +32,4 @@ pub use form::{encode_form, parse_form, FormError, Params, MAX_FORM_PARAMS};
 pub use inbound::{Geo, InboundMessage, Media, ParamError};
 pub use signature::RequestValidator;
 pub use status::{MessageStatus, StatusCallback};
-pub use twiml::{messages_in, render, OutMessage, SILENCE};
+pub use twiml::{messages_in, render, render_counted, OutMessage, SILENCE};

@@ -17,6 +17,7 @@
 //! This module does not decide what to say, nor the HTTP side of the reply
 //! (status, `Content-Type: text/xml`).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use super::limits::{MAX_BODY_CHARS, MAX_MEDIA, MAX_MESSAGES};
@@ -74,8 +75,13 @@ pub enum Verb {
 
 /// Renders reply messages; see [`render_verbs`] for the limits applied.
 pub fn render(messages: &[OutMessage]) -> String {
-    let verbs: Vec<Verb> = messages.iter().cloned().map(Verb::Message).collect();
-    render_verbs(&verbs)
+    render_counted(messages).0
+}
+
+/// [`render`], and how many `<Message>` verbs the document holds (split
+/// parts counted, dropped ones not).
+pub fn render_counted(messages: &[OutMessage]) -> (String, usize) {
+    render_refs(messages.iter().map(VerbRef::Message))
 }
 
 /// Renders a complete TwiML document.
@@ -92,33 +98,56 @@ pub fn render(messages: &[OutMessage]) -> String {
 ///
 /// An empty result is exactly [`SILENCE`].
 pub fn render_verbs(verbs: &[Verb]) -> String {
-    let mut inner = String::new();
+    render_refs(verbs.iter().map(|verb| match verb {
+        Verb::Message(msg) => VerbRef::Message(msg),
+        Verb::Redirect { url, method } => VerbRef::Redirect {
+            url,
+            method: method.as_deref(),
+        },
+    }))
+    .0
+}
+
+/// A [`Verb`] borrowed, so that rendering replies copies none of them.
+enum VerbRef<'a> {
+    Message(&'a OutMessage),
+    Redirect {
+        url: &'a str,
+        method: Option<&'a str>,
+    },
+}
+
+fn render_refs<'a>(verbs: impl Iterator<Item = VerbRef<'a>>) -> (String, usize) {
+    let mut out = String::with_capacity(256);
+    out.push_str(DECLARATION);
+    out.push_str("<Response>");
+    let empty = out.len();
     let mut messages = 0;
     for verb in verbs {
         match verb {
-            Verb::Message(msg) => {
+            VerbRef::Message(msg) => {
                 let body = clean(&msg.body);
-                let media: Vec<String> = msg
+                let media: Vec<Cow<'_, str>> = msg
                     .media
                     .iter()
                     .map(|url| clean(url))
                     .filter(|url| !url.is_empty())
                     .take(MAX_MEDIA)
                     .collect();
-                let mut parts = split_body(&body, MAX_BODY_CHARS);
+                let mut parts = split_parts(&body, MAX_BODY_CHARS);
                 if parts.is_empty() {
                     if media.is_empty() {
                         continue;
                     }
                     // Media-only message: Body is optional with media.
-                    parts.push(String::new());
+                    parts.push("");
                 }
                 for (i, part) in parts.iter().enumerate() {
                     if messages == MAX_MESSAGES {
                         break;
                     }
                     messages += 1;
-                    inner.push_str("<Message");
+                    out.push_str("<Message");
                     let attrs = [
                         ("to", &msg.to),
                         ("from", &msg.from),
@@ -128,40 +157,41 @@ pub fn render_verbs(verbs: &[Verb]) -> String {
                     ];
                     for (name, value) in attrs {
                         if let Some(value) = value {
-                            push_attr(&mut inner, name, value);
+                            push_attr(&mut out, name, value);
                         }
                     }
-                    inner.push('>');
+                    out.push('>');
                     if !part.is_empty() {
-                        inner.push_str("<Body>");
-                        push_text(&mut inner, part);
-                        inner.push_str("</Body>");
+                        out.push_str("<Body>");
+                        push_text(&mut out, part);
+                        out.push_str("</Body>");
                     }
                     if i == 0 {
                         for url in &media {
-                            inner.push_str("<Media>");
-                            push_text(&mut inner, url);
-                            inner.push_str("</Media>");
+                            out.push_str("<Media>");
+                            push_text(&mut out, url);
+                            out.push_str("</Media>");
                         }
                     }
-                    inner.push_str("</Message>");
+                    out.push_str("</Message>");
                 }
             }
-            Verb::Redirect { url, method } => {
-                inner.push_str("<Redirect");
+            VerbRef::Redirect { url, method } => {
+                out.push_str("<Redirect");
                 if let Some(method) = method {
-                    push_attr(&mut inner, "method", method);
+                    push_attr(&mut out, "method", method);
                 }
-                inner.push('>');
-                push_text(&mut inner, url);
-                inner.push_str("</Redirect>");
+                out.push('>');
+                push_text(&mut out, url);
+                out.push_str("</Redirect>");
             }
         }
     }
-    if inner.is_empty() {
-        return SILENCE.to_owned();
+    if out.len() == empty {
+        return (SILENCE.to_owned(), 0);
     }
-    format!("{DECLARATION}<Response>{inner}</Response>")
+    out.push_str("</Response>");
+    (out, messages)
 }
 
 /// Reads back the messages of a TwiML document that [`render_verbs`]
@@ -219,6 +249,14 @@ pub fn messages_in(twiml: &str) -> Result<Vec<OutMessage>, String> {
 /// Parts are never empty; an empty text gives no parts. A `max_chars` of 0
 /// is treated as 1.
 pub fn split_body(text: &str, max_chars: usize) -> Vec<String> {
+    split_parts(text, max_chars)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`split_body`], borrowing the parts.
+fn split_parts(text: &str, max_chars: usize) -> Vec<&str> {
     let max = max_chars.max(1);
     let mut parts = Vec::new();
     let mut rest = text;
@@ -232,17 +270,17 @@ pub fn split_body(text: &str, max_chars: usize) -> Vec<String> {
             .find(|&(i, c)| i > 0 && c.is_whitespace());
         match cut {
             Some((i, space)) => {
-                parts.push(rest[..i].to_owned());
+                parts.push(&rest[..i]);
                 rest = &rest[i + space.len_utf8()..];
             }
             None => {
-                parts.push(rest[..limit].to_owned());
+                parts.push(&rest[..limit]);
                 rest = &rest[limit..];
             }
         }
     }
     if !rest.is_empty() {
-        parts.push(rest.to_owned());
+        parts.push(rest);
     }
     parts
 }
@@ -253,8 +291,13 @@ fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
 }
 
-fn clean(s: &str) -> String {
-    s.chars().filter(|&c| is_xml_char(c)).collect()
+/// `s` without the characters XML cannot carry; borrowed when it has none.
+fn clean(s: &str) -> Cow<'_, str> {
+    if s.chars().all(is_xml_char) {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(s.chars().filter(|&c| is_xml_char(c)).collect())
+    }
 }
 
 fn push_text(out: &mut String, s: &str) {
@@ -644,8 +687,16 @@ mod tests {
         ) {
             let s: String = words.concat();
             let want = expected_clean(&s);
-            let parsed = parse(&render(&[OutMessage::text(s)]));
+            let (xml, count) = render_counted(&[OutMessage::text(s.clone()), OutMessage::text(s)]);
+            let parsed = parse(&xml);
+            // The count is what the document holds, split parts included.
+            proptest::prop_assert_eq!(count, parsed.len());
             let bodies: Vec<String> = parsed.into_iter().map(|p| p.body).collect();
+            // The second message follows the first's parts, up to the limit.
+            let bodies: Vec<String> = bodies
+                .into_iter()
+                .take(split_body(&want, MAX_BODY_CHARS).len().min(MAX_MESSAGES))
+                .collect();
             let mut expected = split_body(&want, MAX_BODY_CHARS);
             expected.truncate(MAX_MESSAGES);
             proptest::prop_assert_eq!(&bodies, &expected);
