@@ -610,6 +610,19 @@ pub struct Hygiene {
 
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Marks a response to a request whose body was not read to its end:
+/// the connection closes after it, and `Connection: close` says so. The
+/// unread rest of the body would otherwise be taken for the next request,
+/// or a client that reuses the connection would write into one the server
+/// has already closed (a broken pipe on its next request).
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 /// Apply [`Hygiene`] to a router: 431 for oversized headers, 413 for a
 /// declared body over the limit (without waiting for it), 503 when the time
 /// limit passes.
@@ -623,11 +636,13 @@ pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
                 .sum();
             if header_bytes > h.max_header_bytes {
                 tracing::warn!(header_bytes, "rejected request: headers too large");
-                return HttpError::new(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request headers too large",
-                )
-                .into_response();
+                return closing(
+                    HttpError::new(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request headers too large",
+                    )
+                    .into_response(),
+                );
             }
             let declared = req
                 .headers()
@@ -639,12 +654,16 @@ pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
                     content_length = declared,
                     "rejected request: declared body too large"
                 );
-                return HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                    .into_response();
+                return closing(
+                    HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                        .into_response(),
+                );
             }
             let method = req.method().clone();
             let uri = req.uri().clone();
             match tokio::time::timeout(h.request_timeout, next.run(req)).await {
+                // The body limit stopped reading part way.
+                Ok(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => closing(resp),
                 Ok(resp) => resp,
                 Err(_) => {
                     // A slow or stalled client, not a fault of ours: one

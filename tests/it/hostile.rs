@@ -264,6 +264,65 @@ async fn a_declared_body_over_the_limit_gets_413_at_once() {
     );
 }
 
+/// A body refused before it was read to its end ends its connection, and
+/// the answer says so: a client that kept the connection would write its
+/// next request into a socket the server has closed (a broken pipe, seen
+/// now and then in `webhook::bad_input_gets_clear_4xx` before).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_body_closes_its_connection_and_says_so() {
+    let app = spawn_keywords(|_| {}).await;
+    let big = format!("Body={}", "a".repeat(200 * 1024));
+    // Declared too large: refused at once.
+    let resp = app
+        .client
+        .post(app.url("/twilio/sms"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    // The same client's next request is served.
+    assert_eq!(
+        bodies(&app.send_sms("+15553300001", "hours").await.body),
+        vec!["open"]
+    );
+
+    // Sent in chunks, with no length: the body limit stops reading it.
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    conn.write_all(
+        b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+          X-Twilio-Signature: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for chunk in big.as_bytes().chunks(16 * 1024) {
+        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+        framed.extend_from_slice(chunk);
+        framed.extend_from_slice(b"\r\n");
+        if conn.write_all(&framed).await.is_err() {
+            break; // the server has answered and closed
+        }
+    }
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !data.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("no answer")
+            .expect("read");
+        assert!(n > 0, "closed before a response");
+        data.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&data).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn thousands_of_parameters_are_refused_before_the_signature_is_checked() {
     let app = spawn_keywords(|_| {}).await;
