@@ -610,68 +610,74 @@ pub struct Hygiene {
 
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Marks a response to a request whose body was not read to its end:
-/// the connection closes after it, and `Connection: close` says so. The
-/// unread rest of the body would otherwise be taken for the next request,
-/// or a client that reuses the connection would write into one the server
-/// has already closed (a broken pipe on its next request).
-fn closing(mut resp: Response) -> Response {
-    resp.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    resp
-}
-
 /// Apply [`Hygiene`] to a router: 431 for oversized headers, 413 for a
 /// declared body over the limit (without waiting for it), 503 when the time
 /// limit passes.
+///
+/// A 413 or 431, from these checks or from the body limit part way
+/// through a body, leaves the rest of the request unread: hyper closes the
+/// connection after it, and `Connection: close` says so. Otherwise a
+/// client that reuses the connection writes its next request into a
+/// socket the server has already closed (a broken pipe).
 pub fn with_hygiene(router: Router, h: Hygiene) -> Router {
     router.layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| async move {
-            let header_bytes: usize = req
-                .headers()
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum();
-            if header_bytes > h.max_header_bytes {
-                tracing::warn!(header_bytes, "rejected request: headers too large");
-                return closing(
-                    HttpError::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "request headers too large",
-                    )
-                    .into_response(),
+            let mut resp = hygiene(req, next, h).await;
+            if matches!(
+                resp.status(),
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            ) {
+                resp.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
                 );
             }
-            let declared = req
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > h.max_body_bytes as u64) {
-                tracing::warn!(
-                    content_length = declared,
-                    "rejected request: declared body too large"
-                );
-                return closing(
-                    HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                        .into_response(),
-                );
-            }
-            let method = req.method().clone();
-            let uri = req.uri().clone();
-            match tokio::time::timeout(h.request_timeout, next.run(req)).await {
-                // The body limit stopped reading part way.
-                Ok(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => closing(resp),
-                Ok(resp) => resp,
-                Err(_) => {
-                    // A slow or stalled client, not a fault of ours: one
-                    // warning each, never an error.
-                    tracing::warn!(%method, path = uri.path(), "request time limit exceeded");
-                    HttpError::unavailable().into_response()
-                }
-            }
+            resp
         },
     ))
+}
+
+/// The checks of [`with_hygiene`], then the route within the time limit.
+async fn hygiene(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    h: Hygiene,
+) -> Response {
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > h.max_header_bytes {
+        tracing::warn!(header_bytes, "rejected request: headers too large");
+        return HttpError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large",
+        )
+        .into_response();
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > h.max_body_bytes as u64) {
+        tracing::warn!(
+            content_length = declared,
+            "rejected request: declared body too large"
+        );
+        return HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            .into_response();
+    }
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    match tokio::time::timeout(h.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            // A slow or stalled client, not a fault of ours: one
+            // warning each, never an error.
+            tracing::warn!(%method, path = uri.path(), "request time limit exceeded");
+            HttpError::unavailable().into_response()
+        }
+    }
 }

@@ -56,17 +56,24 @@ async fn closed_within(conn: &mut (impl AsyncRead + Unpin), wait: Duration) -> b
 }
 
 /// Read one HTTP/1.1 response with a `Content-Length`: (status line, body).
-async fn read_response(conn: &mut TcpStream) -> (String, String) {
+/// Reads until the end of a response head; returns what was read and the
+/// head's length (blank line included).
+async fn read_head(conn: &mut TcpStream) -> (Vec<u8>, usize) {
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
-    let head_end = loop {
+    loop {
         if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+            return (data, i + 4);
         }
         let n = conn.read(&mut buf).await.expect("read");
         assert!(n > 0, "closed before a response");
         data.extend_from_slice(&buf[..n]);
-    };
+    }
+}
+
+async fn read_response(conn: &mut TcpStream) -> (String, String) {
+    let (mut data, head_end) = read_head(conn).await;
+    let mut buf = [0u8; 4096];
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
     let length: usize = head
         .lines()
@@ -308,17 +315,10 @@ async fn a_refused_body_closes_its_connection_and_says_so() {
             break; // the server has answered and closed
         }
     }
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !data.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .expect("no answer")
-            .expect("read");
-        assert!(n > 0, "closed before a response");
-        data.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&data).to_ascii_lowercase();
+    let (data, head_end) = tokio::time::timeout(Duration::from_secs(5), read_head(&mut conn))
+        .await
+        .expect("no answer");
+    let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 413"), "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
 }
