@@ -35,7 +35,7 @@
 //! | `h\0` | call job key | [`CallJob`]: an after-answer HTTP call, recorded before the answer and made by the call worker (`call_jobs.rs`) |
 //! | `i\0` | 8-byte not_before, call job key | empty: the due index of pending call jobs |
 //! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
-//! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`) |
+//! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`), for about a second: then moved to `results/` (below) |
 //!
 //! # Format versions
 //!
@@ -50,7 +50,9 @@
 //!   conversation inside it, now at version 3: version 2 added the run's
 //!   timer fields, version 3 its path of steps and the queued starts; the
 //!   lines of `messages.jsonl`, at version 2, which added the message
-//!   texts; [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
+//!   texts; the lines of `results/<flow>.jsonl`, which are [`RunResult`]
+//!   records with their position `"n"` and follow its version;
+//!   [`DeliveryStatus`], [`StatusEvent`], [`OptOut`],
 //!   [`AuditRecord`], [`OutboxEntry`], [`StartRecord`], [`OutboxTally`],
 //!   [`RunResult`], at version 1) start with `"v":N`, written and read by
 //!   `crate::versioned`. Records from before versions (version 0) have
@@ -117,6 +119,18 @@
 //! lines (retention, [`Store::forget_contact`]) rewrites the file under
 //! its lock (`message_log.rs`).
 //!
+//! Flow results do not stay in sled either: sled keeps a record in memory
+//! for every page it ever wrote, and results only ever grow (two million
+//! of them, five minutes of the loadgen's `multistep` soak, grew the
+//! server by about 35 MiB). A result is committed into sled with its step
+//! as above; about once a second the store's results thread
+//! (`worker.rs`) moves the rows sled holds to one append-only JSON-lines
+//! file per flow (`results/<flow>.jsonl`): append, `fdatasync`, then
+//! remove each moved row if it is unchanged. Reads take the files and
+//! then sled, the last copy of each run's key winning, so a crash
+//! between the two steps, or a step handled again, never shows a run
+//! twice (`result_files.rs`).
+//!
 //! Durability: [`Store::commit`] writes; [`Store::flush`] makes it
 //! durable: sled's flush (which only `sync_file_range`s its log), then an
 //! `fdatasync` of sled's files (`files.rs`). Flushes are grouped by the
@@ -142,7 +156,7 @@
 //! layouts; `message_log.rs` the log file; `worker.rs` the flushing thread;
 //! `open.rs` opening and its failures; `starts.rs` flow start results;
 //! `tallies.rs` per-broadcast counts of outbox states; `results.rs` flow
-//! results; `files.rs` private files and real fsyncs; `quarantine.rs`
+//! results in sled, `result_files.rs` in their files; `files.rs` private files and real fsyncs; `quarantine.rs`
 //! records kept aside.
 
 use std::time::Duration;
@@ -158,6 +172,7 @@ mod outbox;
 pub mod pg;
 mod quarantine;
 mod records;
+mod result_files;
 mod results;
 mod sled_store;
 mod starts;

@@ -80,3 +80,11 @@ pub(super) fn rows(results: &[RunResult]) -> Vec<(Vec<u8>, Vec<u8>)> {
         .map(|(n, r)| (db_key(r, n), super::records::encode(r)))
         .collect()
 }
+
+/// The flow and the position in its commit that a result's key names.
+pub(super) fn parse_key(k: &[u8]) -> Option<(&str, u16)> {
+    let rest = k.strip_prefix(PREFIX)?;
+    let flow = std::str::from_utf8(&rest[..rest.iter().position(|b| *b == 0)?]).ok()?;
+    let n = k.get(k.len().checked_sub(2)?..)?;
+    Some((flow, u16::from_be_bytes([n[0], n[1]])))
+}

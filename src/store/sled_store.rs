@@ -17,10 +17,11 @@ use super::records::{
     conv_due, conv_header, conv_value, decode, decode_conv, encode, has_conversation,
     parse_timer_key, prefixed, timer_key, two_part, ENDED, HAS_CONVERSATION, TIMER_PREFIX,
 };
+use super::result_files::{self, ResultFiles, RunKey};
 use super::results::{self, RunResult};
 use super::starts::{self, StartRecord};
 use super::tallies::{self, OutboxTally};
-use super::worker::Worker;
+use super::worker::{ResultsMover, Worker};
 use super::{
     files, AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, DueTimer, Durability,
     Epoch, Forgotten, OptOut, OutboxEntry, OutboxState, Processed, Purged, RecentAnswers,
@@ -33,6 +34,9 @@ use crate::metrics::Histogram;
 /// The sled-backed [`Store`].
 pub struct SledStore {
     pub(super) shared: Arc<Shared>,
+    /// Moves flow results to their files; stopped (dropped) before the
+    /// worker closes the database.
+    _results: ResultsMover,
     /// The store's own thread: grouped flushes, checkpoints, and reopening
     /// after a failure. Joined on drop, so the database is closed (and
     /// everything flushed) when a `SledStore` is gone.
@@ -51,6 +55,8 @@ pub(super) struct Shared {
     /// flushed may be gone, so a flush for an older [`Epoch`] fails.
     generation: AtomicU64,
     log: MessageLog,
+    /// Flow results moved out of the database (`result_files.rs`).
+    pub(super) result_files: ResultFiles,
     quarantine: Quarantine,
     /// Conversations holding state: counted at open, then kept up to date
     /// by every write, so health checks never scan the store.
@@ -105,6 +111,8 @@ impl SledStore {
         check_marker(dir, recovered, expected)?;
         let log = MessageLog::open(dir.join("messages.jsonl"))
             .map_err(|e| OpenError::io("opening the message log in", dir, e))?;
+        let result_files = ResultFiles::open(dir.join("results"))
+            .map_err(|e| OpenError::io("opening the results directory in", dir, e))?;
         // sled creates its files with the process's umask.
         match files::make_private(dir) {
             Ok(n) if n == 0 || created => {}
@@ -129,6 +137,7 @@ impl SledStore {
             db: RwLock::new(None),
             generation: AtomicU64::new(0),
             log,
+            result_files,
             quarantine,
             conversations: AtomicI64::new(0),
             timers: AtomicI64::new(0),
@@ -179,7 +188,11 @@ impl SledStore {
         }
         *write(&shared.db) = Some(open);
         let worker = Worker::start(shared.clone());
-        Ok(SledStore { shared, worker })
+        Ok(SledStore {
+            _results: ResultsMover::start(shared.clone()),
+            shared,
+            worker,
+        })
     }
 
     /// Blocking flush of everything, used at shutdown whatever the mode:
@@ -187,6 +200,41 @@ impl SledStore {
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.shared.sync()?;
         self.shared.checkpoint()
+    }
+
+    /// Every flow's results, files and sled together (the last copy of
+    /// each run), with their positions in their commits: what `store
+    /// copy` moves.
+    pub(super) fn all_results(&self) -> Result<Vec<(RunResult, u16)>, StoreError> {
+        let held = self.shared.result_files.lock();
+        let mut flows = self
+            .shared
+            .result_files
+            .flows(&held)
+            .map_err(|e| StoreError::Backend(format!("listing the results files: {e}")))?;
+        self.shared.with_db(|db| {
+            for item in db.scan_prefix(results::PREFIX) {
+                let (k, _) = item?;
+                if let Some((flow, _)) = results::parse_key(&k) {
+                    if !flows.iter().any(|f| f == flow) {
+                        flows.push(flow.to_string());
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            for flow in &flows {
+                for ((.., n), r) in self.shared.flow_results(&held, db, flow)? {
+                    out.push((r, n));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Move the results sled holds into their files now (the results
+    /// thread does it about once a second); returns how many moved.
+    pub fn move_results(&self) -> Result<usize, StoreError> {
+        self.shared.move_results()
     }
 
     /// The durability mode the store was opened with.
@@ -288,6 +336,89 @@ impl Shared {
         self.flush_latency.observe(started.elapsed());
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(generation)
+    }
+
+    /// Move the flow results sled holds into their flows' files (see
+    /// `result_files.rs`): append and sync each flow's lines, then remove
+    /// each moved row if it still holds the moved bytes. Returns how many
+    /// rows went; a flow whose file fails keeps its rows for the next
+    /// move.
+    pub(super) fn move_results(&self) -> Result<usize, StoreError> {
+        /// Rows per move, bounding its memory; a move finds the rest.
+        const BATCH: usize = 50_000;
+        let held = self.result_files.lock();
+        if self.failed.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let rows = self.with_db(|db| {
+            let mut rows = Vec::new();
+            for item in db.scan_prefix(results::PREFIX).take(BATCH) {
+                rows.push(item?);
+            }
+            Ok(rows)
+        })?;
+        // Each flow's lines, and the rows they came from.
+        let mut flows: std::collections::BTreeMap<&str, (Vec<u8>, Vec<usize>)> =
+            std::collections::BTreeMap::new();
+        for (i, (k, v)) in rows.iter().enumerate() {
+            let line =
+                results::parse_key(k).and_then(|(flow, n)| Some((flow, result_files::line(v, n)?)));
+            if let Some((flow, line)) = line {
+                let (bytes, moved) = flows.entry(flow).or_default();
+                bytes.extend_from_slice(&line);
+                moved.push(i);
+            }
+        }
+        let mut moved = Vec::new();
+        let mut failed = None;
+        for (flow, (bytes, rows)) in &flows {
+            match self.result_files.append(&held, flow, bytes) {
+                Ok(()) => moved.extend_from_slice(rows),
+                Err(e) => failed = Some(format!("appending to the results of {flow}: {e}")),
+            }
+        }
+        self.with_db(|db| {
+            for &i in &moved {
+                let (k, v) = &rows[i];
+                // Not if a step handled again wrote its run anew meanwhile.
+                let _ = db.compare_and_swap(k, Some(v), None as Option<&[u8]>)?;
+            }
+            Ok(())
+        })?;
+        if !moved.is_empty() {
+            self.wrote();
+        }
+        match failed {
+            Some(e) => Err(StoreError::Io(e)),
+            None => Ok(moved.len()),
+        }
+    }
+
+    /// `flow`'s results, files and sled together, the last copy of each
+    /// run kept (see `result_files.rs`).
+    fn flow_results(
+        &self,
+        held: &result_files::Held<'_>,
+        db: &sled::Db,
+        flow: &str,
+    ) -> Result<std::collections::BTreeMap<RunKey, RunResult>, StoreError> {
+        let mut out = self
+            .result_files
+            .read(held, flow)
+            .map_err(|e| StoreError::Backend(format!("reading the results of {flow}: {e}")))?;
+        for item in db.scan_prefix(results::flow_prefix(flow)) {
+            let (k, v) = item?;
+            let Some((_, n)) = results::parse_key(&k) else {
+                continue;
+            };
+            match decode::<RunResult>(&v) {
+                Ok(r) => {
+                    out.insert(result_files::run_key(&r, n), r);
+                }
+                Err(reason) => self.keep_aside(&k, &v, &reason, "it is left out of listings")?,
+            }
+        }
+        Ok(out)
     }
 
     /// Write the next flush marker into the database, make it durable,
@@ -879,8 +1010,14 @@ impl Store for SledStore {
     }
 
     fn purge(&self, cutoff: i64) -> Result<Purged, StoreError> {
+        let held = self.shared.result_files.lock();
         let mut purged = Purged {
             processed: self.shared.log.purge(cutoff)?,
+            results: self
+                .shared
+                .result_files
+                .remove(&held, |r| r.ended_at < cutoff)
+                .map_err(|e| StoreError::Backend(format!("purging flow results: {e}")))?,
             ..Purged::default()
         };
         self.shared.with_db(|db| {
@@ -1351,12 +1488,11 @@ impl Store for SledStore {
     }
 
     fn results(&self, flow: &str, since: i64) -> Result<Vec<RunResult>, StoreError> {
-        let prefix = results::flow_prefix(flow);
+        let held = self.shared.result_files.lock();
         let mut out: Vec<RunResult> = self
             .shared
-            .with_db(|db| self.scan::<RunResult>(db, &prefix))?
-            .into_iter()
-            .map(|(_, r)| r)
+            .with_db(|db| self.shared.flow_results(&held, db, flow))?
+            .into_values()
             .filter(|r| r.ended_at >= since)
             .collect();
         out.sort_by(|a, b| {
@@ -1407,8 +1543,14 @@ impl Store for SledStore {
     }
 
     fn forget_contact(&self, number: &str, audit: &AuditRecord) -> Result<Forgotten, StoreError> {
+        let held = self.shared.result_files.lock();
         let mut gone = Forgotten {
             log_lines: self.shared.log.forget(number)?,
+            results: self
+                .shared
+                .result_files
+                .remove(&held, |r| r.contact == number)
+                .map_err(|e| StoreError::Backend(format!("erasing flow results: {e}")))?,
             ..Forgotten::default()
         };
         let mut depth = 0;

@@ -693,3 +693,187 @@ fn the_timer_index_follows_commits_and_survives_reopening() {
         [DueTimer { due: 400, key: a }]
     );
 }
+
+fn run_result(flow: &str, contact: &str, started_at: i64, ended_at: i64) -> RunResult {
+    RunResult {
+        flow: flow.into(),
+        to: "+1555".into(),
+        contact: contact.into(),
+        started_at,
+        ended_at,
+        ended: "completed".into(),
+        path: vec!["ask".into(), "done".into()],
+        vars: [("name".to_owned(), format!("n{ended_at}"))].into(),
+        fields: Default::default(),
+    }
+}
+
+/// Commit `results` with a step of `contact`'s conversation.
+fn commit_results(store: &SledStore, contact: &str, sid: &str, results: &[RunResult]) {
+    let key = ConvKey::new("+1555", contact);
+    let p = processed(results.first().map_or(0, |r| r.ended_at));
+    let mut c = commit(&key, None, sid, &p);
+    c.results = results;
+    store.commit(c).unwrap();
+}
+
+fn result_rows_in_sled(store: &SledStore) -> usize {
+    store
+        .shared
+        .with_db(|db| Ok(db.scan_prefix(results::PREFIX).count()))
+        .unwrap()
+}
+
+/// Results leave sled for their flows' files and read the same from
+/// there: one line each, the stored record with its position.
+#[test]
+fn results_move_to_their_flows_files_and_read_the_same() {
+    let (dir, store) = open();
+    let a1 = run_result("signup", "+1666", 100, 110);
+    let a2 = run_result("signup", "+1777", 100, 120);
+    let b = run_result("quiz", "+1666", 200, 210);
+    commit_results(&store, "+1666", "SM1", &[a1.clone(), b.clone()]);
+    commit_results(&store, "+1777", "SM2", std::slice::from_ref(&a2));
+    let before = (
+        store.results("signup", 0).unwrap(),
+        store.results("quiz", 0).unwrap(),
+    );
+    assert_eq!(before.0, vec![a1.clone(), a2.clone()]);
+
+    store.move_results().unwrap();
+    assert_eq!(result_rows_in_sled(&store), 0);
+    assert_eq!(
+        (
+            store.results("signup", 0).unwrap(),
+            store.results("quiz", 0).unwrap()
+        ),
+        before
+    );
+    assert_eq!(store.results("signup", 115).unwrap(), vec![a2]);
+    let quiz = std::fs::read_to_string(dir.path().join("results/quiz.jsonl")).unwrap();
+    assert!(
+        quiz.starts_with("{\"v\":1,\"n\":1,\"flow\":\"quiz\""),
+        "{quiz}"
+    );
+    assert_eq!(quiz.lines().count(), 1);
+    // And over a reopen.
+    drop(store);
+    let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+    assert_eq!(store.results("quiz", 0).unwrap(), vec![b]);
+}
+
+/// A step handled again (a retry after a crash) writes its run's key
+/// again: read once, the last copy, whether the first was moved or not.
+#[test]
+fn a_run_written_again_is_read_once_and_last() {
+    let (dir, store) = open();
+    let first = run_result("signup", "+1666", 100, 110);
+    commit_results(&store, "+1666", "SM1", std::slice::from_ref(&first));
+    store.move_results().unwrap();
+    let again = run_result("signup", "+1666", 100, 130);
+    commit_results(&store, "+1666", "SM1", std::slice::from_ref(&again));
+    assert_eq!(store.results("signup", 0).unwrap(), vec![again.clone()]);
+    store.move_results().unwrap();
+    assert_eq!(store.results("signup", 0).unwrap(), vec![again.clone()]);
+    let file = std::fs::read_to_string(dir.path().join("results/signup.jsonl")).unwrap();
+    assert_eq!(file.lines().count(), 2, "{file}");
+    // `store copy` reads the same.
+    assert_eq!(store.all_results().unwrap(), vec![(again, 0)]);
+}
+
+/// Retention and erasing a contact reach the files; a line that does not
+/// decode is said and kept, never dropped.
+#[test]
+fn retention_and_erasure_reach_the_results_files() {
+    let (dir, store) = open();
+    commit_results(
+        &store,
+        "+1666",
+        "SM1",
+        &[run_result("signup", "+1666", 1, 5)],
+    );
+    commit_results(
+        &store,
+        "+1777",
+        "SM2",
+        &[run_result("signup", "+1777", 1, 50)],
+    );
+    commit_results(
+        &store,
+        "+1888",
+        "SM3",
+        &[run_result("signup", "+1888", 1, 60)],
+    );
+    store.move_results().unwrap();
+    let path = dir.path().join("results/signup.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    io::Write::write_all(&mut file, b"{\"v\":99,\"n\":0,\"flow\":\"signup\"}\n").unwrap();
+
+    assert_eq!(store.purge(10).unwrap().results, 1);
+    let audit = AuditRecord {
+        at: 70,
+        scope: "*".into(),
+        number: "+1777".into(),
+        action: "forget".into(),
+        cause: "test".into(),
+        message_sid: String::new(),
+    };
+    assert_eq!(store.forget_contact("+1777", &audit).unwrap().results, 1);
+    let left = store.results("signup", 0).unwrap();
+    assert_eq!(left, vec![run_result("signup", "+1888", 1, 60)]);
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(file.lines().count(), 2, "{file}");
+    assert!(file.contains("\"v\":99"), "{file}");
+}
+
+/// An append cut short (a crash, a full disk) leaves part of a line whose
+/// rows are still in sled: it is cut off before the next append, and
+/// nothing is lost or doubled.
+#[test]
+fn a_line_cut_short_is_cut_off_before_the_next_move() {
+    let (dir, store) = open();
+    let one = run_result("signup", "+1666", 1, 10);
+    let two = run_result("signup", "+1777", 2, 20);
+    commit_results(&store, "+1666", "SM1", std::slice::from_ref(&one));
+    store.move_results().unwrap();
+    let path = dir.path().join("results/signup.jsonl");
+    let whole = std::fs::read(&path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    io::Write::write_all(&mut file, b"{\"v\":1,\"n\":0,\"flow\":\"sig").unwrap();
+    assert_eq!(store.results("signup", 0).unwrap(), vec![one.clone()]);
+
+    commit_results(&store, "+1777", "SM2", std::slice::from_ref(&two));
+    store.move_results().unwrap();
+    assert_eq!(store.results("signup", 0).unwrap(), vec![one, two]);
+    let file = std::fs::read(&path).unwrap();
+    assert!(file.starts_with(&whole));
+    assert_eq!(file.iter().filter(|b| **b == b'\n').count(), 2);
+    assert!(file.ends_with(b"}\n"));
+}
+
+/// A file that cannot be written keeps its flow's rows in sled (read as
+/// before); another flow's move is not held up.
+#[test]
+fn a_failed_move_keeps_the_rows_in_sled() {
+    let (dir, store) = open();
+    // A directory where the file should be: every open fails.
+    std::fs::create_dir(dir.path().join("results/signup.jsonl")).unwrap();
+    let r = run_result("signup", "+1666", 1, 10);
+    let q = run_result("quiz", "+1666", 1, 10);
+    commit_results(&store, "+1666", "SM1", &[r.clone(), q.clone()]);
+    assert!(store.move_results().is_err());
+    assert_eq!(result_rows_in_sled(&store), 1);
+    assert_eq!(store.results("quiz", 0).unwrap(), vec![q]);
+
+    std::fs::remove_dir(dir.path().join("results/signup.jsonl")).unwrap();
+    assert_eq!(store.results("signup", 0).unwrap(), vec![r.clone()]);
+    store.move_results().unwrap();
+    assert_eq!(result_rows_in_sled(&store), 0);
+    assert_eq!(store.results("signup", 0).unwrap(), vec![r]);
+}

@@ -132,6 +132,65 @@ fn run_worker(shared: &Shared, rx: &mpsc::Receiver<(Epoch, FlushReply)>) {
     shared.close();
 }
 
+/// How often the results thread moves flow results out of sled.
+const MOVE_RESULTS_EVERY: Duration = Duration::from_secs(1);
+
+/// The store's results thread: about once a second it moves the flow
+/// results sled holds into their files (`result_files.rs`), off the
+/// flushing thread so a large move never delays a flush.
+pub(super) struct ResultsMover {
+    /// `None` once dropped, which ends the thread's loop.
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ResultsMover {
+    pub(super) fn start(shared: Arc<Shared>) -> Self {
+        let (stop, rx) = mpsc::channel::<()>();
+        let spawned = thread::Builder::new()
+            .name("smsflow-results".into())
+            .spawn(move || {
+                let mut failures = 0u64;
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(MOVE_RESULTS_EVERY)
+                {
+                    match shared.move_results() {
+                        Ok(_) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            // Nothing is lost (the rows stay in the
+                            // database): once at warn, then every minute.
+                            if failures % 60 == 1 {
+                                tracing::warn!(error = %e, attempts = failures, "moving flow results to their files failed; they stay in the database");
+                            }
+                        }
+                    }
+                }
+            });
+        let thread = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // Results then stay in the database, as before files.
+                tracing::error!(error = %e, "could not start the store's results thread");
+                None
+            }
+        };
+        ResultsMover {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for ResultsMover {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         self.tx.take();

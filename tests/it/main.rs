@@ -25,6 +25,7 @@ mod postgres;
 mod process;
 mod reload;
 mod replies;
+mod results_crash;
 mod scripts;
 mod service;
 mod starts;

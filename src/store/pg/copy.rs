@@ -16,10 +16,8 @@ use std::path::Path;
 use super::{call_job_due, exec, outbox_columns, query_opt, PgConfig, PgStore};
 use crate::store::call_jobs::{self, CallJob};
 use crate::store::outbox::OutboxEntry;
-use crate::store::records::{conv_header, decode, decode_conv, ENDED};
-use crate::store::{
-    results, starts, AuditRecord, RunResult, SledStore, Store, StoreConfig, StoreError,
-};
+use crate::store::records::{conv_header, decode, decode_conv, encode, ENDED};
+use crate::store::{starts, AuditRecord, RunResult, SledStore, Store, StoreConfig, StoreError};
 
 /// How many records of each kind were copied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,20 +145,18 @@ pub fn copy_from_sled(from: &Path, to: &str) -> Result<Copied, StoreError> {
             x.starts
                 .push((text(&k[starts::PREFIX.len()..]), v.to_vec()));
         }
-        for item in db.scan_prefix(results::PREFIX) {
-            let (k, v) = item?;
-            let position = match k.len().checked_sub(2).and_then(|end| k.get(end..)) {
-                Some(&[hi, lo]) => i16::from_be_bytes([hi, lo]),
-                _ => 0,
-            };
-            // One that does not decode stays behind (sled keeps it aside
-            // when an export reads it).
-            if let Ok(r) = decode::<RunResult>(&v) {
-                x.results.push((r, position, v.to_vec()));
-            }
-        }
         Ok(x)
     })?;
+    // Moved into files or still in sled: one copy of each run, and one
+    // that does not decode stays behind (kept aside, or said at warn).
+    export.results = sled
+        .all_results()?
+        .into_iter()
+        .map(|(r, n)| {
+            let bytes = encode(&r);
+            (r, n as i16, bytes)
+        })
+        .collect();
     let mut messages = sled.inbound_log()?;
     messages.reverse(); // oldest first
     let statuses = sled.outbound_log()?;
