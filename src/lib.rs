@@ -88,7 +88,9 @@
 //!   versioned SQL in `store/pg/migrations/`). [`store::AnyStore`] is the
 //!   one the server holds. In sled, a conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
-//!   append-only file beside the database. Its own thread groups flushes
+//!   append-only file beside the database, and so are flow results once
+//!   the store's results thread has moved them out of sled (about once a
+//!   second: `results/<flow>.jsonl`, `result_files.rs`). Its own thread groups flushes
 //!   (each ending in a real `fdatasync`; sled is carried in `vendor/sled`
 //!   with its flush writing on that thread instead of waking sled's IO
 //!   pool and its cache in 16 parts, see its `SMSFLOW.md`), writes checkpoints that expose a
