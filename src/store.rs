@@ -122,7 +122,7 @@
 //! Flow results do not stay in sled either: sled keeps a record in memory
 //! for every page it ever wrote, and results only ever grow (two million
 //! of them, five minutes of the loadgen's `multistep` soak, grew the
-//! server by about 35 MiB). A result is committed into sled with its step
+//! server by about 33 MiB). A result is committed into sled with its step
 //! as above; about once a second the store's results thread
 //! (`worker.rs`) moves the rows sled holds to one append-only JSON-lines
 //! file per flow (`results/<flow>.jsonl`): append, `fdatasync`, then

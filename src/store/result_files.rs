@@ -3,7 +3,7 @@
 //!
 //! Why: sled keeps a record in memory for every page it ever wrote, paged
 //! out or not, and a leaf holds about a dozen results. A flow that stores
-//! two million results grew the server by about 35 MiB (five-minute soak,
+//! two million results grew the server by about 33 MiB (five-minute soak,
 //! README "Performance"). So a result is still committed into sled with
 //! the step that ended it (same flush, same crash guarantees), and about
 //! once a second the store's results thread moves what sled holds into

@@ -47,19 +47,9 @@ pub(super) struct Worker {
 impl Worker {
     pub(super) fn start(shared: Arc<Shared>) -> Self {
         let (tx, rx) = mpsc::channel::<(Epoch, FlushReply)>();
-        let spawned = thread::Builder::new()
-            .name("smsflow-store".into())
-            .spawn(move || run_worker(&shared, &rx));
-        let thread = match spawned {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                // Without the thread every flush reports FlusherGone, which
-                // the pipeline turns into a 503: loud, and nothing is
-                // acknowledged.
-                tracing::error!(error = %e, "could not start the store's thread");
-                None
-            }
-        };
+        // Without the thread every flush reports FlusherGone, which the
+        // pipeline turns into a 503: loud, and nothing is acknowledged.
+        let thread = spawn("smsflow-store", move || run_worker(&shared, &rx));
         Worker {
             tx: Some(tx),
             thread,
@@ -147,37 +137,38 @@ pub(super) struct ResultsMover {
 impl ResultsMover {
     pub(super) fn start(shared: Arc<Shared>) -> Self {
         let (stop, rx) = mpsc::channel::<()>();
-        let spawned = thread::Builder::new()
-            .name("smsflow-results".into())
-            .spawn(move || {
-                let mut failures = 0u64;
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    rx.recv_timeout(MOVE_RESULTS_EVERY)
-                {
-                    match shared.move_results() {
-                        Ok(_) => failures = 0,
-                        Err(e) => {
-                            failures += 1;
-                            // Nothing is lost (the rows stay in the
-                            // database): once at warn, then every minute.
-                            if failures % 60 == 1 {
-                                tracing::warn!(error = %e, attempts = failures, "moving flow results to their files failed; they stay in the database");
-                            }
+        // Without the thread results stay in the database, as before
+        // their files.
+        let thread = spawn("smsflow-results", move || {
+            let mut failures = 0u64;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(MOVE_RESULTS_EVERY) {
+                match shared.move_results() {
+                    Ok(_) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        // Nothing is lost (the rows stay in the
+                        // database): once at warn, then every minute.
+                        if failures % 60 == 1 {
+                            tracing::warn!(error = %e, attempts = failures, "moving flow results to their files failed; they stay in the database");
                         }
                     }
                 }
-            });
-        let thread = match spawned {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                // Results then stay in the database, as before files.
-                tracing::error!(error = %e, "could not start the store's results thread");
-                None
             }
-        };
+        });
         ResultsMover {
             stop: Some(stop),
             thread,
+        }
+    }
+}
+
+/// Start the store's thread `name`, or say at error why it could not.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Option<thread::JoinHandle<()>> {
+    match thread::Builder::new().name(name.into()).spawn(f) {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::error!(error = %e, thread = name, "could not start a thread of the store");
+            None
         }
     }
 }

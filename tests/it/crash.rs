@@ -157,7 +157,9 @@ async fn drive_sender(
     known
 }
 
-fn start(flows: &std::path::Path, data: &std::path::Path) -> ChildServer {
+/// The server on `flows` and `data`, durable, with the admin token and a
+/// client that gives up after 30 s (also for `results_crash`).
+pub(crate) fn start(flows: &std::path::Path, data: &std::path::Path) -> ChildServer {
     let mut server = spawn_server_env(
         flows,
         data,

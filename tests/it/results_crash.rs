@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::crash::start;
 use crate::helpers::*;
-use crate::process::{spawn_server_env, ChildServer};
+use crate::process::ChildServer;
 
 const SENDERS: usize = 24;
 /// Most runs one sender goes through in a round.
@@ -123,21 +124,6 @@ async fn drive(
         }
     }
     known
-}
-
-fn start(flows: &std::path::Path, data: &std::path::Path) -> ChildServer {
-    let mut server = spawn_server_env(
-        flows,
-        data,
-        &["--durability", "flush", "--no-watch"],
-        &[("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)],
-    );
-    // A liveness bound, not a performance assertion.
-    server.client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
-    server
 }
 
 /// Each sender's exported answers (completed runs), in export order.
