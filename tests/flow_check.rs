@@ -186,6 +186,9 @@ fn rhai_errors_are_located_in_the_rhai_or_yaml_file() {
             "noentry.yaml:2:11: error: a fallback cannot use `{{= }}`: it is what is sent when expressions fail",
             "nowake.rhai:3:3: error: the script calls wake_after but defines no fn on_timeout(name, state) to be woken in",
             "paths.yaml:1:9: error: `script` names a .rhai file in the flows directory, like quiz.rhai, not `../secret.rhai`",
+            // A regex written in a call is compiled at load, at the call.
+            "regex.yaml:5:16: error: bad regex \"^[sml\": unclosed character class",
+            "regex.rhai:3:15: error: bad regex \"(a|b\": unclosed group",
             // Scripts: positions in the .rhai file.
             "syntax.rhai:2:23: error: unexpected ';'",
             "typo.rhai:3:3: error: undefined variable: mgs",

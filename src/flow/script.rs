@@ -206,6 +206,8 @@ pub(crate) struct Sandbox {
     /// The one engine, configured once; never mutated after `new`.
     engine: Engine,
     limits: Limits,
+    /// The compiled patterns of `matches` and `captures`.
+    regexes: Arc<helpers::RegexCache>,
 }
 
 impl fmt::Debug for Sandbox {
@@ -268,9 +270,13 @@ impl Sandbox {
         engine.set_module_resolver(FlowsDirResolver::new(module_dir));
 
         bound_builtins(&mut engine, &limits);
-        register_helpers(&mut engine);
+        let regexes = register_helpers(&mut engine);
 
-        Sandbox { engine, limits }
+        Sandbox {
+            engine,
+            limits,
+            regexes,
+        }
     }
 
     /// Starts the wall-clock budget of one message. Each run or evaluation
@@ -282,6 +288,28 @@ impl Sandbox {
             started: Instant::now(),
             budget: self.limits.wall_clock,
         }
+    }
+
+    /// Compiles now the regex patterns `ast` writes as literals in calls
+    /// to `matches` and `captures`: a bad one is an error at load, at its
+    /// call, not a fallback at every message; a good one is cached before
+    /// the first message, whose budget it would have cost.
+    fn compile_patterns(&self, ast: &AST, origin: &Origin) -> Result<(), ScriptError> {
+        for (pattern, pos) in helpers::literal_patterns(ast) {
+            if let Err(err) = self.regexes.get(&pattern) {
+                let (line, column) = origin.translate(pos);
+                return Err(ScriptError::Compile {
+                    file: origin.file.to_path_buf(),
+                    line,
+                    column,
+                    message: match *err {
+                        EvalAltResult::ErrorRuntime(reason, _) => reason.to_string(),
+                        err => describe(err),
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Compiles a whole-flow `.rhai` file. Imports are resolved now (and
@@ -301,6 +329,7 @@ impl Sandbox {
                 .map_err(|err| compile_error(&origin, source, *err))?
         };
         ast.set_source(file.to_string_lossy().as_ref());
+        self.compile_patterns(&ast, &origin)?;
         if let Some(pos) = computed_import(&ast) {
             let (line, column) = origin.translate(pos);
             return Err(ScriptError::Compile {

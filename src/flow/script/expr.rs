@@ -113,6 +113,7 @@ impl Sandbox {
             .compile_expression_with_scope(&expr_scope(&ExprContext::default()), source)
             .map_err(|err| parse_error(&origin, err))?;
         ast.set_source(file.to_string_lossy().as_ref());
+        self.compile_patterns(&ast, &origin)?;
         Ok(Expr {
             ast: Arc::new(ast),
             origin,

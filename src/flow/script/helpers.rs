@@ -23,7 +23,10 @@ use super::limits::{
 };
 use super::run::{run_over_budget, with_run};
 
-pub(super) fn register_helpers(engine: &mut Engine) {
+/// Registers the helpers; returns the regex cache `matches` and
+/// `captures` share, which the loader fills with the patterns written as
+/// literals ([`RegexCache::get`]).
+pub(super) fn register_helpers(engine: &mut Engine) -> Arc<RegexCache> {
     // The language core ships a blocking `sleep`, which the wall-clock check
     // cannot interrupt; shadow it (the engine's own functions win).
     engine.register_fn("sleep", |_: INT| -> Result<(), Box<EvalAltResult>> {
@@ -50,6 +53,7 @@ pub(super) fn register_helpers(engine: &mut Engine) {
 
     let cache = Arc::new(RegexCache::default());
     let regexes = cache.clone();
+    let shared = cache.clone();
     engine.register_fn(
         "matches",
         move |s: &str, pattern: &str| -> Result<bool, Box<EvalAltResult>> {
@@ -109,6 +113,7 @@ pub(super) fn register_helpers(engine: &mut Engine) {
             Ok(items[index].clone())
         },
     );
+    shared
 }
 
 /// Most contact fields one sender may have.
@@ -224,12 +229,12 @@ fn parse_number(text: &str) -> Dynamic {
 /// Compiled patterns, bounded: when full it is simply emptied, which is
 /// cheap and keeps a script that builds patterns from input from growing it.
 #[derive(Default)]
-struct RegexCache {
+pub(super) struct RegexCache {
     compiled: Mutex<HashMap<String, Arc<Regex>>>,
 }
 
 impl RegexCache {
-    fn get(&self, pattern: &str) -> Result<Arc<Regex>, Box<EvalAltResult>> {
+    pub(super) fn get(&self, pattern: &str) -> Result<Arc<Regex>, Box<EvalAltResult>> {
         if pattern.len() > MAX_PATTERN_LEN {
             return Err(runtime(&format!(
                 "regex pattern is longer than {MAX_PATTERN_LEN} bytes"
@@ -243,7 +248,7 @@ impl RegexCache {
             .size_limit(REGEX_SIZE_LIMIT)
             .dfa_size_limit(REGEX_SIZE_LIMIT)
             .build()
-            .map_err(|err| runtime(&format!("bad regex {pattern:?}: {err}")))?;
+            .map_err(|err| runtime(&format!("bad regex {pattern:?}: {}", regex_reason(&err))))?;
         // Compiling a big pattern takes milliseconds without a Rhai
         // operation in between, so the budget is checked here too.
         if run_over_budget() {
@@ -260,6 +265,43 @@ impl RegexCache {
         compiled.insert(pattern.to_string(), re.clone());
         Ok(re)
     }
+}
+
+/// What is wrong with a pattern, on one line: the regex crate shows a
+/// syntax error over several, the pattern with a caret under the place,
+/// then `error: ` and the reason, which is what is kept.
+fn regex_reason(err: &regex::Error) -> String {
+    let text = err.to_string();
+    match text.lines().last() {
+        Some(last) if text.contains('\n') => last.trim_start_matches("error: ").to_string(),
+        _ => text,
+    }
+}
+
+/// The patterns that calls to `matches` and `captures` in `ast` (function
+/// bodies included) write as literals, with where each call is:
+/// `matches(body, "^\\d+$")` and `body.matches("^\\d+$")` alike.
+pub(super) fn literal_patterns(ast: &rhai::AST) -> Vec<(rhai::ImmutableString, Position)> {
+    use rhai::{ASTNode, Expr, Stmt};
+    let mut found = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        let (call, pos, pattern_at) = match path.last() {
+            // A call is a statement of its own, or part of an expression.
+            Some(ASTNode::Stmt(Stmt::FnCall(call, pos)))
+            | Some(ASTNode::Expr(Expr::FnCall(call, pos))) => (call, *pos, 1),
+            Some(ASTNode::Expr(Expr::MethodCall(call, pos))) => (call, *pos, 0),
+            _ => return true,
+        };
+        if call.name == "matches" || call.name == "captures" {
+            if let Some(Expr::StringConstant(pattern, _)) = call.args.get(pattern_at) {
+                if call.args.len() == pattern_at + 1 {
+                    found.push((pattern.clone(), pos));
+                }
+            }
+        }
+        true
+    });
+    found
 }
 
 // Deterministic randomness: a run's stream is seeded from its MessageSid, so
@@ -341,6 +383,7 @@ mod tests {
     use crate::flow::script::testing::*;
     use crate::flow::script::{Limits, Sandbox, ScriptError};
     use std::collections::BTreeMap;
+    use std::path::Path;
     use std::time::Duration;
 
     #[test]
@@ -391,7 +434,9 @@ mod tests {
             },
             None,
         );
-        let out = run_with(&hasty, &on_message(r#"matches(msg.body, "\\w{20}")"#), "hi");
+        // (A pattern written in the call is compiled at load instead.)
+        let source = on_message(r#"let p = "\\w{20}"; matches(msg.body, p)"#);
+        let out = run_with(&hasty, &source, "hi");
         assert_eq!(limit_of(out), "time budget");
     }
 
@@ -408,11 +453,32 @@ mod tests {
             Ok(99_999_999_999_999_999_999.0)
         );
 
-        // A bad pattern is the script's runtime error, not a panic.
-        let err = run(&on_message(r#"matches(msg.body, "(unclosed")"#)).unwrap_err();
+        // A bad pattern written out is an error at load, at its call, on
+        // one line; one computed while a message is handled is the run's
+        // error, not a panic.
+        let at_load = |body: &str| match sandbox()
+            .compile_script(Path::new("flows/test.rhai"), &on_message(body))
+        {
+            Ok(_) => panic!("a bad pattern is refused at load: {body}"),
+            Err(err) => err,
+        };
+        let err = at_load(r#"matches(msg.body, "(unclosed")"#);
+        assert!(matches!(err, ScriptError::Compile { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with(r#"error: bad regex "(unclosed": unclosed group"#),
+            "{err}"
+        );
+        let err = run(&on_message(r#"let p = "(un"; msg.body.captures(p)"#)).unwrap_err();
+        assert!(matches!(err, ScriptError::Runtime { .. }), "{err}");
         assert!(err.to_string().contains("bad regex"), "{err}");
         let huge = "(?:a{1000}){1000}";
-        let err = run(&on_message(&format!(r#"matches(msg.body, "{huge}")"#))).unwrap_err();
+        let err = at_load(&format!(r#"if msg.body.matches("{huge}") {{ "a" }}"#));
+        assert!(matches!(err, ScriptError::Compile { .. }), "{err}");
+        let err = run(&on_message(&format!(
+            r#"let p = "{huge}"; matches(msg.body, p)"#
+        )))
+        .unwrap_err();
         assert!(matches!(err, ScriptError::Runtime { .. }), "{err}");
 
         // print and debug go to tracing and do not disturb the run.
