@@ -523,6 +523,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "Grouped fsyncs of the store's files.",
             store.fsyncs,
         ),
+        Sample::counter(
+            "smsflow_results_moved_total",
+            "Flow results the embedded store moved from its database to their files.",
+            store.results_moved,
+        ),
+        Sample::counter(
+            "smsflow_results_move_failures_total",
+            "Moves of flow results to their files that failed (the results stay in the database).",
+            store.results_move_failures,
+        ),
         Sample::gauge(
             "smsflow_outbox_depth",
             "Messages we send on our own that wait in the outbox or are being sent.",

@@ -671,6 +671,12 @@ pub struct StoreHealth {
     pub pending_timers: usize,
     /// Completed grouped fsyncs.
     pub fsyncs: u64,
+    /// Flow results the embedded store moved from its database to their
+    /// files (0 on PostgreSQL, which keeps them in a table).
+    pub results_moved: u64,
+    /// Moves of flow results that failed; their rows stay in the database
+    /// and are moved again (said at warn once a minute).
+    pub results_move_failures: u64,
 }
 
 #[cfg(test)]

@@ -76,6 +76,9 @@ pub(super) struct Shared {
     /// One checkpoint at a time (the worker, and a shutdown's final one).
     checkpointing: Mutex<()>,
     fsyncs: AtomicU64,
+    /// Flow result rows moved to their files, and moves that failed.
+    results_moved: AtomicU64,
+    results_move_failures: AtomicU64,
     reopens: AtomicU64,
     /// Outbox entries pending or being sent (its index entries): counted
     /// at open, then kept up to date by every outbox write.
@@ -155,6 +158,8 @@ impl SledStore {
             marker: AtomicU64::new(recovered),
             checkpointing: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
+            results_moved: AtomicU64::new(0),
+            results_move_failures: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
             call_jobs_pending: AtomicI64::new(0),
@@ -266,6 +271,8 @@ impl SledStore {
             conversations: self.shared.conversations.load(Ordering::Relaxed).max(0) as usize,
             reopens: self.shared.reopens.load(Ordering::Relaxed),
             fsyncs: self.shared.fsyncs.load(Ordering::Relaxed),
+            results_moved: self.shared.results_moved.load(Ordering::Relaxed),
+            results_move_failures: self.shared.results_move_failures.load(Ordering::Relaxed),
             pending_timers: self.shared.timers.load(Ordering::Relaxed).max(0) as usize,
         }
     }
@@ -355,7 +362,9 @@ impl Shared {
         let started = std::time::Instant::now();
         let mut total = 0;
         loop {
-            let (rows, moved) = self.move_results_batch()?;
+            let (rows, moved) = self.move_results_batch().inspect_err(|_| {
+                self.results_move_failures.fetch_add(1, Ordering::Relaxed);
+            })?;
             total += moved;
             if rows < RESULTS_BATCH {
                 break;
@@ -415,6 +424,8 @@ impl Shared {
         })?;
         if !moved.is_empty() {
             self.wrote();
+            self.results_moved
+                .fetch_add(moved.len() as u64, Ordering::Relaxed);
         }
         match failed {
             Some(e) => Err(StoreError::Io(e)),

@@ -870,10 +870,15 @@ fn a_failed_move_keeps_the_rows_in_sled() {
     assert!(store.move_results().is_err());
     assert_eq!(result_rows_in_sled(&store), 1);
     assert_eq!(store.results("quiz", 0).unwrap(), vec![q]);
+    // Counted for /metrics (the results thread may have tried too).
+    let health = store.health();
+    assert!(health.results_move_failures >= 1, "{health:?}");
+    assert_eq!(health.results_moved, 1, "{health:?}");
 
     std::fs::remove_dir(dir.path().join("results/signup.jsonl")).unwrap();
     assert_eq!(store.results("signup", 0).unwrap(), vec![r.clone()]);
     store.move_results().unwrap();
     assert_eq!(result_rows_in_sled(&store), 0);
     assert_eq!(store.results("signup", 0).unwrap(), vec![r]);
+    assert_eq!(store.health().results_moved, 2);
 }

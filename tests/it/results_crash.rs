@@ -207,10 +207,20 @@ async fn flow_results_survive_sigkill_while_they_move_to_their_files() {
             round.acks.load(Ordering::SeqCst)
         );
     }
-    // The last server's results reach their file.
+    // The last server's results reach their file, one run of its own
+    // included (so that this server surely moves something).
+    let late = phone(SENDERS);
+    assert_eq!(
+        bodies(&server.send(&late, "POLL", &new_sid()).await.unwrap()),
+        ["Your answer?"]
+    );
+    assert_eq!(
+        bodies(&server.send(&late, "late", &new_sid()).await.unwrap()),
+        ["Thanks."]
+    );
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let file = std::fs::read_to_string(data.join("results/poll.jsonl")).expect("results file");
-    let total: usize = known.iter().map(|k| k.acked.len()).sum();
+    let total: usize = known.iter().map(|k| k.acked.len()).sum::<usize>() + 1;
     assert!(
         file.lines().count() >= total,
         "{} lines for {total} runs",
@@ -218,4 +228,22 @@ async fn flow_results_survive_sigkill_while_they_move_to_their_files() {
     );
     let again = exported(&server).await;
     assert_eq!(again.values().map(Vec::len).sum::<usize>(), total);
+    // And /metrics says so.
+    let metrics = server
+        .client
+        .get(format!("http://{}/metrics", server.addr))
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    };
+    assert!(value("smsflow_results_moved_total") > 0, "{metrics}");
+    assert_eq!(value("smsflow_results_move_failures_total"), 0);
 }

@@ -602,6 +602,8 @@ impl PgStore {
             reopens: 0,
             pending_timers: self.inner.timers.load(Ordering::Relaxed).max(0) as usize,
             fsyncs: 0,
+            results_moved: 0,
+            results_move_failures: 0,
         }
     }
 
