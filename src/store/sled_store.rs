@@ -236,12 +236,33 @@ impl SledStore {
             }
             let mut out = Vec::new();
             for flow in &flows {
-                for ((.., n), r) in self.shared.flow_results(&held, db, flow)? {
+                for ((.., n), r) in self.flow_results(&held, db, flow)? {
                     out.push((r, n));
                 }
             }
             Ok(out)
         })
+    }
+
+    /// `flow`'s results, files and sled together, the last copy of each
+    /// run kept (see `result_files.rs`).
+    fn flow_results(
+        &self,
+        held: &result_files::Held<'_>,
+        db: &sled::Db,
+        flow: &str,
+    ) -> Result<std::collections::BTreeMap<RunKey, RunResult>, StoreError> {
+        let mut out = self
+            .shared
+            .result_files
+            .read(held, flow)
+            .map_err(|e| StoreError::Backend(format!("reading the results of {flow}: {e}")))?;
+        for (k, r) in self.scan::<RunResult>(db, &results::flow_prefix(flow))? {
+            if let Some((_, n)) = results::parse_key(&k) {
+                out.insert(result_files::run_key(&r, n), r);
+            }
+        }
+        Ok(out)
     }
 
     /// Move the results sled holds into their files now (the results
@@ -431,33 +452,6 @@ impl Shared {
             Some(e) => Err(StoreError::Io(e)),
             None => Ok((rows.len(), moved.len())),
         }
-    }
-
-    /// `flow`'s results, files and sled together, the last copy of each
-    /// run kept (see `result_files.rs`).
-    fn flow_results(
-        &self,
-        held: &result_files::Held<'_>,
-        db: &sled::Db,
-        flow: &str,
-    ) -> Result<std::collections::BTreeMap<RunKey, RunResult>, StoreError> {
-        let mut out = self
-            .result_files
-            .read(held, flow)
-            .map_err(|e| StoreError::Backend(format!("reading the results of {flow}: {e}")))?;
-        for item in db.scan_prefix(results::flow_prefix(flow)) {
-            let (k, v) = item?;
-            let Some((_, n)) = results::parse_key(&k) else {
-                continue;
-            };
-            match decode::<RunResult>(&v) {
-                Ok(r) => {
-                    out.insert(result_files::run_key(&r, n), r);
-                }
-                Err(reason) => self.keep_aside(&k, &v, &reason, "it is left out of listings")?,
-            }
-        }
-        Ok(out)
     }
 
     /// Write the next flush marker into the database, make it durable,
@@ -1530,7 +1524,7 @@ impl Store for SledStore {
         let held = self.shared.result_files.lock();
         let mut out: Vec<RunResult> = self
             .shared
-            .with_db(|db| self.shared.flow_results(&held, db, flow))?
+            .with_db(|db| self.flow_results(&held, db, flow))?
             .into_values()
             .filter(|r| r.ended_at >= since)
             .collect();

@@ -53,14 +53,13 @@ pub(super) fn register_helpers(engine: &mut Engine) -> Arc<RegexCache> {
 
     let cache = Arc::new(RegexCache::default());
     let regexes = cache.clone();
-    let shared = cache.clone();
     engine.register_fn(
         "matches",
         move |s: &str, pattern: &str| -> Result<bool, Box<EvalAltResult>> {
             Ok(regexes.get(pattern)?.is_match(s))
         },
     );
-    let regexes = cache;
+    let regexes = cache.clone();
     engine.register_fn(
         "captures",
         move |s: &str, pattern: &str| -> Result<Dynamic, Box<EvalAltResult>> {
@@ -113,7 +112,7 @@ pub(super) fn register_helpers(engine: &mut Engine) -> Arc<RegexCache> {
             Ok(items[index].clone())
         },
     );
-    shared
+    cache
 }
 
 /// Most contact fields one sender may have.
