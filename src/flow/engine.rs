@@ -34,8 +34,8 @@ use super::model::{
     Transition,
 };
 use super::script::{
-    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ScriptOutput, ENTRY_POINT,
-    MAX_MEDIA,
+    Expr, ExprContext, MessageBudget, Sandbox, ScriptError, ScriptInput, ScriptOutput, StateIn,
+    ENTRY_POINT, MAX_MEDIA,
 };
 use super::template::{Template, Var, Vars};
 // Twilio's message limits are defined once, in `twilio::limits`; long
@@ -803,11 +803,7 @@ impl<'a> Exec<'a> {
         self.answered = true;
         self.flow = Some(flow.name.clone());
         self.step = Some(ENTRY_POINT.to_owned());
-        let state: BTreeMap<String, Value> = run
-            .vars
-            .get(SCRIPT_STATE_VAR)
-            .and_then(|json| serde_json::from_str(json).ok())
-            .unwrap_or_default();
+        let state = StateIn::Stored(run.vars.get(SCRIPT_STATE_VAR).map(String::as_str));
         let input = self.script_input();
         let at = (script.file(), (1, 1));
         let now = self.now;
@@ -817,7 +813,7 @@ impl<'a> Exec<'a> {
             .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
             .collect();
         let Some(mut out) = self.rhai(at, |sandbox| {
-            sandbox.run_timeout(script, &name, &input, &state, pending)
+            sandbox.run_timeout(script, &name, &input, state, pending)
         }) else {
             // A script error: the caller hands the conversation back as
             // it came in, so nothing ended.
@@ -851,12 +847,8 @@ impl<'a> Exec<'a> {
                 return false;
             }
             // Unreadable state (a hand-edited store) starts the script over.
-            let state = run
-                .vars
-                .get(SCRIPT_STATE_VAR)
-                .and_then(|json| serde_json::from_str(json).ok())
-                .unwrap_or_default();
-            self.run_script(flow, &state, run.started_at);
+            let state = StateIn::Stored(run.vars.get(SCRIPT_STATE_VAR).map(String::as_str));
+            self.run_script(flow, state, run.started_at);
             if self.run.is_none() && self.failed.is_none() {
                 // The script left no state: its run is done.
                 self.ended(run, RunEnd::Completed);
@@ -1023,7 +1015,7 @@ impl<'a> Exec<'a> {
             flow: flow.name.clone(),
         });
         if flow.script.is_some() {
-            self.run_script(flow, &BTreeMap::new(), self.now);
+            self.run_script(flow, StateIn::Stored(None), self.now);
             return;
         }
         self.run = Some(Run::entering(&flow.name, &flow.start.name, self.now));
@@ -1285,7 +1277,7 @@ impl<'a> Exec<'a> {
     /// Runs a script flow's `on_message` for this message. The run lasts
     /// while the script leaves something in `state`; its pending wakes are
     /// replaced by those this call asks for.
-    fn run_script(&mut self, flow: &'a Flow, state: &BTreeMap<String, Value>, started_at: i64) {
+    fn run_script(&mut self, flow: &'a Flow, state: StateIn<'_>, started_at: i64) {
         // A set whose script did not compile has an error and is never
         // served; nothing to run.
         let Some(script) = flow.script.as_ref().and_then(|s| s.script.as_ref()) else {

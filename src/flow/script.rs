@@ -101,7 +101,9 @@ use helpers::register_helpers;
 use limits::{CLOCK_CHECK_EVERY, TIME_BUDGET_TOKEN};
 use modules::{computed_import, FlowsDirResolver, COMPUTED_IMPORT};
 use run::{catch_engine_panic, current_file, run_over_budget, RunGuard, RunState};
-use values::{json_object_to_map, message_map, replies_from, state_from, state_over_limits};
+use values::{
+    json_object_to_map, message_map, replies_from, state_from, state_over_limits, stored_state_map,
+};
 
 /// The function every script flow must define.
 pub(crate) const ENTRY_POINT: &str = "on_message";
@@ -166,6 +168,23 @@ pub(crate) struct ScriptInput {
     pub answers: Vec<CallResponse>,
     /// How many more calls the message may make.
     pub call_room: usize,
+}
+
+/// The state a script run starts from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StateIn<'a> {
+    /// As a conversation keeps it: the JSON text the last run left. `None`,
+    /// or text that is not a JSON object (a hand-edited store), is an
+    /// empty state: the script starts over.
+    Stored(Option<&'a str>),
+    /// Values from elsewhere (a start's fields, a transcript's seed).
+    Values(&'a BTreeMap<String, Value>),
+}
+
+impl<'a> From<&'a BTreeMap<String, Value>> for StateIn<'a> {
+    fn from(values: &'a BTreeMap<String, Value>) -> Self {
+        StateIn::Values(values)
+    }
 }
 
 /// What a script run produced.
@@ -395,14 +414,21 @@ impl Sandbox {
 
     /// Runs a script flow's `on_message` for one message. See the module
     /// docs for the contract. Never panics on script or input content.
-    pub fn run_script(
+    pub fn run_script<'s>(
         &self,
         script: &Script,
         input: &ScriptInput,
-        state: &BTreeMap<String, Value>,
+        state: impl Into<StateIn<'s>>,
     ) -> Result<ScriptOutput, ScriptError> {
         let msg = Dynamic::from_map(message_map(input));
-        self.call(script, ENTRY_POINT, msg, input, state, BTreeMap::new())
+        self.call(
+            script,
+            ENTRY_POINT,
+            msg,
+            input,
+            state.into(),
+            BTreeMap::new(),
+        )
     }
 
     /// Runs a script flow's `on_timeout(name, state)` for its wake `name`;
@@ -410,16 +436,23 @@ impl Sandbox {
     /// which the run may replace or add to. Same limits and contract as
     /// [`Sandbox::run_script`]; `input` carries the conversation's numbers
     /// and contact fields, with an empty body.
-    pub fn run_timeout(
+    pub fn run_timeout<'s>(
         &self,
         script: &Script,
         name: &str,
         input: &ScriptInput,
-        state: &BTreeMap<String, Value>,
+        state: impl Into<StateIn<'s>>,
         pending: BTreeMap<String, i64>,
     ) -> Result<ScriptOutput, ScriptError> {
         let name = Dynamic::from(name.to_owned());
-        self.call(script, TIMEOUT_ENTRY_POINT, name, input, state, pending)
+        self.call(
+            script,
+            TIMEOUT_ENTRY_POINT,
+            name,
+            input,
+            state.into(),
+            pending,
+        )
     }
 
     fn call(
@@ -428,13 +461,17 @@ impl Sandbox {
         entry: &str,
         first: Dynamic,
         input: &ScriptInput,
-        state: &BTreeMap<String, Value>,
+        state: StateIn<'_>,
         pending: BTreeMap<String, i64>,
     ) -> Result<ScriptOutput, ScriptError> {
+        let state = match state {
+            StateIn::Stored(json) => json.and_then(stored_state_map).unwrap_or_default(),
+            StateIn::Values(values) => json_object_to_map(values),
+        };
         // A shared cell lets `on_message` mutate `state` in place. It must
         // only ever sit in a variable (the parameter), never inside a map or
         // array: Rhai assumes containers hold no shared values.
-        let state_cell = Dynamic::from_map(json_object_to_map(state)).into_shared();
+        let state_cell = Dynamic::from_map(state).into_shared();
 
         let mut run = RunState::new(
             &self.limits,
@@ -495,7 +532,9 @@ impl Sandbox {
             message,
         };
         let replies = replies_from(returned).map_err(bad)?;
-        let state = state_from(state_cell.flatten_clone()).map_err(bad)?;
+        // The run is over, so the cell is the map's only owner and is taken,
+        // not copied.
+        let state = state_from(state_cell.flatten()).map_err(bad)?;
         // Rhai checks sizes lazily (an indexed write inside a loop is only
         // measured later), so the state that is about to be persisted is
         // measured again here, the same way Rhai measures a map.

@@ -73,7 +73,7 @@ pub fn start_flow_with_calls(
                 .iter()
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect();
-            ex.run_script(flow, &state, now);
+            ex.run_script(flow, (&state).into(), now);
         } else {
             let mut run = Run::entering(&flow.name, &flow.start.name, now);
             run.vars.clone_from(start.vars);

@@ -28,7 +28,7 @@ use crate::flow::template::is_ident;
 use super::helpers::runtime;
 use super::limits::Limits;
 use super::run::with_run;
-use super::values::{dynamic_to_json, json_to_dynamic, state_over_limits};
+use super::values::{dynamic_to_json, json_to_dynamic, state_over_limits, At};
 
 /// The value a run is terminated with when it reached a call that has no
 /// answer yet, so that it can be told apart from anything a script could
@@ -184,7 +184,7 @@ fn request_from(map: Map) -> Result<(CallRequest, bool), Box<EvalAltResult>> {
                 }
             }
             "json" => {
-                let json = dynamic_to_json(value, "json", 1).map_err(bad)?;
+                let json = dynamic_to_json(value, &At::Root("json"), 1).map_err(bad)?;
                 body = Some(("application/json".to_owned(), json.to_string()));
             }
             "form" => {

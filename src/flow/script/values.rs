@@ -4,6 +4,7 @@
 //! Rhai type.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use rhai::{Array, Dynamic, Map};
 use serde_json::Value;
@@ -11,16 +12,37 @@ use serde_json::Value;
 use super::limits::{Limits, MAX_MAP_KEY_BYTES, MAX_STATE_DEPTH};
 use super::{ScriptInput, ScriptReply, ENTRY_POINT, MAX_MEDIA, MAX_REPLIES};
 
+/// The keys of the message map, in the map's own (sorted) order.
+const MESSAGE_KEYS: [&str; 7] = [
+    "body",
+    "contact",
+    "from",
+    "media",
+    "received_at",
+    "sid",
+    "to",
+];
+
 pub(super) fn message_map(input: &ScriptInput) -> Map {
+    // A copy of a map that already holds the keys costs one node; seven
+    // inserts each searched the node, comparing keys (about half a
+    // microsecond a message).
+    static TEMPLATE: LazyLock<Map> =
+        LazyLock::new(|| MESSAGE_KEYS.map(|k| (k.into(), Dynamic::UNIT)).into());
     let media: Array = input.media.iter().map(|url| url.clone().into()).collect();
-    let mut msg = Map::new();
-    msg.insert("body".into(), input.body.clone().into());
-    msg.insert("from".into(), input.from.clone().into());
-    msg.insert("to".into(), input.to.clone().into());
-    msg.insert("media".into(), media.into());
-    msg.insert("sid".into(), input.message_sid.clone().into());
-    msg.insert("received_at".into(), Dynamic::from_int(input.received_at));
-    msg.insert("contact".into(), strings_to_map(&input.contact).into());
+    let values: [Dynamic; 7] = [
+        input.body.clone().into(),
+        strings_to_map(&input.contact).into(),
+        input.from.clone().into(),
+        media.into(),
+        Dynamic::from_int(input.received_at),
+        input.message_sid.clone().into(),
+        input.to.clone().into(),
+    ];
+    let mut msg = TEMPLATE.clone();
+    for (slot, value) in msg.values_mut().zip(values) {
+        *slot = value;
+    }
     msg
 }
 
@@ -36,6 +58,146 @@ pub(super) fn json_object_to_map(object: &BTreeMap<String, Value>) -> Map {
         .iter()
         .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v, 0)))
         .collect()
+}
+
+/// A conversation's stored state (the JSON text of a map) straight into
+/// the map a run starts from: the same values `json_object_to_map` makes
+/// of the parsed JSON, without the JSON values in between. `None` when the
+/// text is not a JSON object.
+pub(super) fn stored_state_map(json: &str) -> Option<Map> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_str(json);
+    let map = de.deserialize_map(Fields { depth: 0 }).ok()?;
+    de.end().ok()?;
+    Some(map)
+}
+
+/// Reads a JSON object's fields, their values at `depth` (the state's own
+/// fields are at 0, as in `json_object_to_map`).
+struct Fields {
+    depth: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for Fields {
+    type Value = Map;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Map, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            let value = map.next_value_seed(ToDynamic { depth: self.depth })?;
+            // A repeated key keeps its last value, as a JSON object does.
+            fields.insert(key, value);
+        }
+        Ok(fields)
+    }
+}
+
+/// A map key, kept inline when short (no allocation).
+struct Key;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = rhai::Identifier;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for Key {
+    type Value = rhai::Identifier;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(s.into())
+    }
+}
+
+/// Builds a JSON value as the Rhai value `json_to_dynamic` makes of it at
+/// `depth`: deeper than [`MAX_STATE_DEPTH`] it is `()`, but it is still
+/// read through, so the parser's own nesting limit applies as it did.
+#[derive(Clone, Copy)]
+struct ToDynamic {
+    depth: usize,
+}
+
+impl ToDynamic {
+    fn keep(self, value: Dynamic) -> Dynamic {
+        if self.depth > MAX_STATE_DEPTH {
+            Dynamic::UNIT
+        } else {
+            value
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ToDynamic {
+    type Value = Dynamic;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Dynamic, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ToDynamic {
+    type Value = Dynamic;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Dynamic, E> {
+        Ok(Dynamic::UNIT)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Dynamic, E> {
+        Ok(self.keep(b.into()))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Dynamic, E> {
+        Ok(self.keep(Dynamic::from_int(i)))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Dynamic, E> {
+        // As `Value::as_i64`, then `as_f64`, read it.
+        Ok(self.keep(match i64::try_from(u) {
+            Ok(i) => Dynamic::from_int(i),
+            Err(_) => Dynamic::from_float(u as f64),
+        }))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Dynamic, E> {
+        Ok(self.keep(Dynamic::from_float(f)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Dynamic, E> {
+        Ok(self.keep(s.into()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Dynamic, A::Error> {
+        let inner = ToDynamic {
+            depth: self.depth + 1,
+        };
+        let mut items = Array::new();
+        while let Some(item) = seq.next_element_seed(inner)? {
+            items.push(item);
+        }
+        Ok(self.keep(items.into()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Dynamic, A::Error> {
+        let fields = Fields {
+            depth: self.depth + 1,
+        }
+        .visit_map(map)?;
+        Ok(self.keep(fields.into()))
+    }
 }
 
 pub(super) fn json_to_dynamic(value: &Value, depth: usize) -> Dynamic {
@@ -65,7 +227,34 @@ pub(super) fn json_to_dynamic(value: &Value, depth: usize) -> Dynamic {
     }
 }
 
-pub(super) fn dynamic_to_json(value: Dynamic, path: &str, depth: usize) -> Result<Value, String> {
+/// Where a value sits, for an error about it: `state.list[2].name`. Spelled
+/// out only when there is an error; building it for every value cost a
+/// string allocation per entry of every state a script returned.
+#[derive(Clone, Copy)]
+pub(super) enum At<'a> {
+    /// The whole value, by its name (`json`).
+    Root(&'a str),
+    /// A map entry.
+    Key(&'a At<'a>, &'a str),
+    /// An array element.
+    Index(&'a At<'a>, usize),
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Root(name) => f.write_str(name),
+            At::Key(parent, key) => write!(f, "{parent}.{key}"),
+            At::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
+pub(super) fn dynamic_to_json(
+    value: Dynamic,
+    path: &At<'_>,
+    depth: usize,
+) -> Result<Value, String> {
     if depth > MAX_STATE_DEPTH {
         return Err(format!("{path} nests deeper than {MAX_STATE_DEPTH} levels"));
     }
@@ -96,7 +285,7 @@ pub(super) fn dynamic_to_json(value: Dynamic, path: &str, depth: usize) -> Resul
         return items
             .into_iter()
             .enumerate()
-            .map(|(i, item)| dynamic_to_json(item, &format!("{path}[{i}]"), depth + 1))
+            .map(|(i, item)| dynamic_to_json(item, &At::Index(path, i), depth + 1))
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array);
     }
@@ -104,7 +293,7 @@ pub(super) fn dynamic_to_json(value: Dynamic, path: &str, depth: usize) -> Resul
         return map
             .into_iter()
             .map(|(k, v)| {
-                let child = dynamic_to_json(v, &format!("{path}.{k}"), depth + 1)?;
+                let child = dynamic_to_json(v, &At::Key(path, &k), depth + 1)?;
                 Ok((k.to_string(), child))
             })
             .collect::<Result<serde_json::Map<_, _>, String>>()
@@ -120,9 +309,10 @@ pub(super) fn state_from(value: Dynamic) -> Result<BTreeMap<String, Value>, Stri
     let Some(map) = value.try_cast::<Map>() else {
         return Err(format!("state must stay a map, but it is a {type_name}"));
     };
+    let state = At::Root("state");
     map.into_iter()
         .map(|(k, v)| {
-            let json = dynamic_to_json(v, &format!("state.{k}"), 1)?;
+            let json = dynamic_to_json(v, &At::Key(&state, &k), 1)?;
             Ok((k.to_string(), json))
         })
         .collect()
@@ -296,7 +486,36 @@ mod tests {
     use super::*;
     use crate::flow::script::testing::*;
     use crate::flow::script::ScriptError;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn the_message_map_holds_each_field_under_its_key() {
+        // The map is a copy of a template filled in key order.
+        assert!(MESSAGE_KEYS.is_sorted());
+        let input = ScriptInput {
+            body: "hi".into(),
+            from: "+15550001111".into(),
+            to: "+15559990000".into(),
+            media: vec!["https://x/1".into()],
+            message_sid: "SM1".into(),
+            received_at: 42,
+            contact: BTreeMap::from([("name".into(), "Ann".into())]),
+            ..ScriptInput::default()
+        };
+        let msg = message_map(&input);
+        let text = |k: &str| msg[k].clone().into_string().unwrap();
+        assert_eq!(msg.len(), MESSAGE_KEYS.len());
+        assert_eq!(text("body"), "hi");
+        assert_eq!(text("from"), "+15550001111");
+        assert_eq!(text("to"), "+15559990000");
+        assert_eq!(text("sid"), "SM1");
+        assert_eq!(msg["received_at"].as_int(), Ok(42));
+        let media = msg["media"].clone().into_array().unwrap();
+        assert_eq!(media[0].clone().into_string().unwrap(), "https://x/1");
+        let contact = msg["contact"].clone().cast::<Map>();
+        assert_eq!(contact["name"].clone().into_string().unwrap(), "Ann");
+    }
 
     #[test]
     fn state_round_trips_json_values_and_can_be_replaced() {
@@ -411,6 +630,27 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_state_value_is_named_by_its_path() {
+        for (body, said) in [
+            (
+                "state.list = [1, #{ f: Fn(\"normalize\") }]; ()",
+                "state.list[1].f is a Fn;",
+            ),
+            ("state.x = [1.0 / 0.0]; ()", "state.x[0] is inf,"),
+        ] {
+            let err = run(&on_message(body)).unwrap_err().to_string();
+            assert!(err.contains(said), "{body}: {err}");
+        }
+        let err = run(&on_message(&format!(
+            "let d = 1; for i in 0..{MAX_STATE_DEPTH} {{ d = [d]; }} state.d = d; ()"
+        )))
+        .unwrap_err()
+        .to_string();
+        let path = format!("state.d{}", "[0]".repeat(MAX_STATE_DEPTH));
+        assert!(err.contains(&format!("{path} nests deeper than")), "{err}");
+    }
+
+    #[test]
     fn saved_state_counts_its_keys() {
         let sandbox = sandbox();
         let script = compile(&sandbox, &on_message("()"));
@@ -426,5 +666,58 @@ mod tests {
         assert_eq!(limit_of(out), "map key size");
         let state = BTreeMap::from([("k".repeat(MAX_MAP_KEY_BYTES), json!("v"))]);
         assert!(sandbox.run_script(&script, &input("hi"), &state).is_ok());
+    }
+
+    /// Any JSON value, nested up to `depth` levels.
+    fn json_value(depth: u32) -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "\\PC{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(depth, 64, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("\\PC{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A stored state's text: JSON as stored, and some that is not an
+    /// object, is cut short, repeats a key or nests past the state's depth.
+    fn stored_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            json_value(6).prop_map(|v| v.to_string()),
+            (json_value(4), 0usize..40).prop_map(|(v, cut)| {
+                let text = v.to_string();
+                let cut = text.floor_char_boundary(cut.min(text.len()));
+                text[..cut].to_owned()
+            }),
+            (json_value(3), json_value(3)).prop_map(|(a, b)| format!(r#"{{"k":{a},"k":{b}}}"#)),
+            (0usize..140, json_value(2))
+                .prop_map(|(n, v)| { format!(r#"{{"d":{}{v}{}}}"#, "[".repeat(n), "]".repeat(n)) }),
+            "\\PC{0,20}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn stored_state_is_read_as_parsing_then_converting_did(text in stored_text()) {
+            // Before, the engine parsed the text into JSON values (an
+            // unreadable text was an empty state) and converted those.
+            let before = serde_json::from_str::<BTreeMap<String, Value>>(&text)
+                .ok()
+                .map(|state| json_object_to_map(&state));
+            let now = stored_state_map(&text);
+            prop_assert_eq!(format!("{now:?}"), format!("{before:?}"));
+        }
     }
 }
