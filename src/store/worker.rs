@@ -20,15 +20,23 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// the worker waits this long after the first request of a group before
 /// it syncs, so more of the webhooks already under way join the group.
 /// Each sync costs this thread a write, a `sync_file_range` and an
-/// `fdatasync` (about 170 µs of CPU under load), far more than this short
-/// sleep; measured at 32 connections it doubled the webhooks per sync
-/// (10 -> 21) and cut the server's CPU per message by about a sixth.
-/// Measured again once sled's flush wrote on this thread (no more
-/// hand-off to sled's IO pool): 0, 100, 200, 600 and 1,000 µs gave no
-/// lower CPU per message than 300 (0 answers more requests a second at
-/// 6-7 webhooks per sync, for more CPU each). A lone caller (one webhook
+/// `fdatasync`, so larger groups cost less CPU per message; every
+/// microsecond waited is also latency, and with a fixed number of
+/// connections, requests a second. Measured on the 2-core VM (durable
+/// multi-step loadgen, 32 connections, 6 alternating runs each, medians):
+///
+/// | wait | webhooks per sync | CPU µs/msg | req/s | p99 ms |
+/// | --- | --- | --- | --- | --- |
+/// | 300 µs | 28 | 42.0 | 24,030 | 2.19 |
+/// | 200 µs | 24 | 42.0 | 26,838 | 2.16 |
+/// | 150 µs | 22 | 40.3 | 28,122 | 1.90 |
+/// | 100 µs | 19 | 40.9 | 30,272 | 1.96 |
+///
+/// and in an earlier set 0 µs: 7 per sync, 42.0 µs, 32,026 req/s. So
+/// below about 100 µs the groups shrink faster than the wait buys, and
+/// above it the wait only holds answers back. A lone caller (one webhook
 /// at a time) never waits.
-const GATHER: Duration = Duration::from_micros(300);
+const GATHER: Duration = Duration::from_micros(100);
 
 type FlushReply = oneshot::Sender<Result<(), StoreError>>;
 
