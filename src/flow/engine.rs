@@ -1321,6 +1321,9 @@ impl<'a> Exec<'a> {
     /// and whether it stopped at one with no answer yet: then the message
     /// stops there too ([`Handled::call`]).
     fn script_calls(&mut self, out: &mut ScriptOutput) -> bool {
+        if out.made.is_empty() && out.after.is_empty() && out.call.is_none() {
+            return false;
+        }
         let flow = self.flow.clone().unwrap_or_default();
         let step = self.step.clone().unwrap_or_default();
         let stamp = |mut r: CallRequest| {
