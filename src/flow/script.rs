@@ -177,7 +177,7 @@ pub(crate) enum StateIn<'a> {
     /// or text that is not a JSON object (a hand-edited store), is an
     /// empty state: the script starts over.
     Stored(Option<&'a str>),
-    /// Values from elsewhere (a start's fields, a transcript's seed).
+    /// Values from elsewhere: the fields a started conversation is given.
     Values(&'a BTreeMap<String, Value>),
 }
 
