@@ -1380,10 +1380,7 @@ impl<'a> Exec<'a> {
             .map(|(name, secs)| (name, now.saturating_add(secs)))
             .collect();
         self.run = (!out.state.is_empty()).then(|| Run {
-            vars: BTreeMap::from([(
-                SCRIPT_STATE_VAR.to_owned(),
-                serde_json::to_string(&out.state).unwrap_or_default(),
-            )]),
+            vars: BTreeMap::from([(SCRIPT_STATE_VAR.to_owned(), out.state)]),
             started_at,
             last_active,
             wakes,

@@ -102,7 +102,8 @@ use limits::{CLOCK_CHECK_EVERY, TIME_BUDGET_TOKEN};
 use modules::{computed_import, FlowsDirResolver, COMPUTED_IMPORT};
 use run::{catch_engine_panic, current_file, run_over_budget, RunGuard, RunState};
 use values::{
-    json_object_to_map, message_map, replies_from, state_from, state_over_limits, stored_state_map,
+    json_object_to_map, message_map, replies_from, state_from, state_over_limits, state_text,
+    stored_state_map, StateOutError,
 };
 
 /// The function every script flow must define.
@@ -192,8 +193,10 @@ impl<'a> From<&'a BTreeMap<String, Value>> for StateIn<'a> {
 pub(crate) struct ScriptOutput {
     /// At most [`MAX_REPLIES`]; empty exactly when `silence` is set.
     pub replies: Vec<ScriptReply>,
-    /// The conversation state to persist.
-    pub state: BTreeMap<String, Value>,
+    /// The conversation state to persist: the JSON text of a map, empty
+    /// when the map is (the run ends). A run reads it back as
+    /// [`StateIn::Stored`].
+    pub state: String,
     /// The wakes pending after the run: name → seconds from the run's
     /// time (those it was given, minus none, plus `wake_after` calls).
     pub wakes: BTreeMap<String, i64>,
@@ -533,19 +536,21 @@ impl Sandbox {
         };
         let replies = replies_from(returned).map_err(bad)?;
         // The run is over, so the cell is the map's only owner and is taken,
-        // not copied.
-        let state = state_from(state_cell.flatten()).map_err(bad)?;
-        // Rhai checks sizes lazily (an indexed write inside a loop is only
-        // measured later), so the state that is about to be persisted is
-        // measured again here, the same way Rhai measures a map.
-        if let Some(which) = state_over_limits(&state, &self.limits) {
-            return Err(ScriptError::Limit {
-                file: script.file.to_path_buf(),
-                line: script.entry.0,
-                column: script.entry.1,
-                which,
-            });
-        }
+        // not copied. Rhai checks sizes lazily (an indexed write inside a
+        // loop is only measured later), so the state that is about to be
+        // persisted is measured again here, the same way Rhai measures a map.
+        let state = match state_text(state_cell.flatten(), &self.limits) {
+            Ok(text) => text,
+            Err(StateOutError::Bad(message)) => return Err(bad(message)),
+            Err(StateOutError::Over(which)) => {
+                return Err(ScriptError::Limit {
+                    file: script.file.to_path_buf(),
+                    line: script.entry.0,
+                    column: script.entry.1,
+                    which,
+                })
+            }
+        };
         let (contact, wakes) = run
             .map(|run| {
                 (
@@ -584,6 +589,22 @@ impl Sandbox {
             Some(which) => Err(format!("the state is over the {which} limit")),
             None => Ok(state),
         }
+    }
+}
+
+#[cfg(test)]
+impl ScriptOutput {
+    /// The state the run left, as the map its text holds.
+    pub(crate) fn state_map(&self) -> BTreeMap<String, Value> {
+        if self.state.is_empty() {
+            return BTreeMap::new();
+        }
+        serde_json::from_str(&self.state).expect("a run leaves the text of a JSON object")
+    }
+
+    /// The state the run left, as the next run reads it.
+    pub(crate) fn state_in(&self) -> StateIn<'_> {
+        StateIn::Stored(Some(&self.state))
     }
 }
 
@@ -640,23 +661,23 @@ fn on_message(msg, state) {
             .run_script(&quiz, &input("quiz"), &BTreeMap::new())
             .unwrap();
         assert_eq!(bodies(&first), ["Q1: capital of France?"]);
-        assert_eq!(first.state["question"], json!(1));
-        assert_eq!(first.state["score"], json!(0));
+        assert_eq!(first.state_map()["question"], json!(1));
+        assert_eq!(first.state_map()["score"], json!(0));
         assert_eq!(first.contact["name"], "Ann");
 
         let second = sandbox
-            .run_script(&quiz, &input("  Paris! "), &first.state)
+            .run_script(&quiz, &input("  Paris! "), first.state_in())
             .unwrap();
         assert_eq!(bodies(&second), ["Noted.", "Q2: 2 + 2?"]);
-        assert_eq!(second.state["score"], json!(1));
-        assert_eq!(second.state["question"], json!(2));
+        assert_eq!(second.state_map()["score"], json!(1));
+        assert_eq!(second.state_map()["question"], json!(2));
         // The contact was not touched this time; it is passed through.
         assert!(second.contact.is_empty());
 
         let mut third_input = input("it is 4");
         third_input.contact = first.contact.clone();
         let third = sandbox
-            .run_script(&quiz, &third_input, &second.state)
+            .run_script(&quiz, &third_input, second.state_in())
             .unwrap();
         assert_eq!(bodies(&third), ["Ann, you scored 2/2"]);
         assert!(third.state.is_empty());
@@ -725,8 +746,8 @@ fn on_message(msg, state) {
                         let mut message = input("paris");
                         message.message_sid = format!("SM{t}-{i}");
                         let first = sandbox.run_script(&quiz, &message, &BTreeMap::new())?;
-                        let second = sandbox.run_script(&quiz, &message, &first.state)?;
-                        assert_eq!(second.state["score"], json!(1));
+                        let second = sandbox.run_script(&quiz, &message, first.state_in())?;
+                        assert_eq!(second.state_map()["score"], json!(1));
                     }
                     Ok::<_, ScriptError>(())
                 })
@@ -767,7 +788,7 @@ fn on_message(msg, state) {
             let out = sandbox.run_script(&script, &input(&body), &BTreeMap::new());
             let out = out.map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&out.replies[0].body, &format!("you said: {body}"));
-            prop_assert_eq!(&out.state["last"], &json!(body));
+            prop_assert_eq!(&out.state_map()["last"], &json!(body));
         }
     }
 }

@@ -632,6 +632,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(bodies(&out), ["1"]);
-        assert!(out.state.contains_key(&ok));
+        assert!(out.state_map().contains_key(&ok));
     }
 }

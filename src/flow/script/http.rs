@@ -335,7 +335,7 @@ fn on_message(msg, state) {
         let out = run_with_answers(LOOKUP, "42", vec![answer.clone()]);
         assert_eq!(out.call, None);
         assert_eq!(bodies(&out), ["200: baking"]);
-        assert_eq!(out.state["asked"], json!(true));
+        assert_eq!(out.state_map()["asked"], json!(true));
         assert_eq!(out.made.len(), 1);
         assert_eq!(out.made[0].1, answer);
 

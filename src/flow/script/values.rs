@@ -29,15 +29,15 @@ pub(super) fn message_map(input: &ScriptInput) -> Map {
     // microsecond a message).
     static TEMPLATE: LazyLock<Map> =
         LazyLock::new(|| MESSAGE_KEYS.map(|k| (k.into(), Dynamic::UNIT)).into());
-    let media: Array = input.media.iter().map(|url| url.clone().into()).collect();
+    let media: Array = input.media.iter().map(|url| url.as_str().into()).collect();
     let values: [Dynamic; 7] = [
-        input.body.clone().into(),
+        input.body.as_str().into(),
         strings_to_map(&input.contact).into(),
-        input.from.clone().into(),
+        input.from.as_str().into(),
         media.into(),
         Dynamic::from_int(input.received_at),
-        input.message_sid.clone().into(),
-        input.to.clone().into(),
+        input.message_sid.as_str().into(),
+        input.to.as_str().into(),
     ];
     let mut msg = TEMPLATE.clone();
     for (slot, value) in msg.values_mut().zip(values) {
@@ -49,7 +49,7 @@ pub(super) fn message_map(input: &ScriptInput) -> Map {
 pub(super) fn strings_to_map(fields: &BTreeMap<String, String>) -> Map {
     fields
         .iter()
-        .map(|(k, v)| (k.as_str().into(), v.clone().into()))
+        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
         .collect()
 }
 
@@ -318,6 +318,180 @@ pub(super) fn state_from(value: Dynamic) -> Result<BTreeMap<String, Value>, Stri
         .collect()
 }
 
+/// Why the state a run left cannot be kept.
+#[derive(Debug, PartialEq)]
+pub(super) enum StateOutError {
+    /// Not a map, a value JSON cannot hold, or nesting too deep: named by
+    /// its path.
+    Bad(String),
+    /// Over this size limit (see [`state_over_limits`]).
+    Over(&'static str),
+}
+
+/// The state a run left, straight to the JSON text a conversation keeps
+/// (empty when the map is: the run ends). The same text, errors and limit
+/// checks as [`state_from`], then [`state_over_limits`], then
+/// `serde_json::to_string` (the property test below compares them), in one
+/// walk and without the JSON values in between (about half a microsecond
+/// of every message to a script flow).
+pub(super) fn state_text(value: Dynamic, limits: &Limits) -> Result<String, StateOutError> {
+    let type_name = value.type_name();
+    let Some(map) = value.try_cast::<Map>() else {
+        return Err(StateOutError::Bad(format!(
+            "state must stay a map, but it is a {type_name}"
+        )));
+    };
+    if map.is_empty() {
+        return Ok(String::new());
+    }
+    let mut text = StateWriter {
+        out: String::with_capacity(64),
+        totals: Totals::default(),
+    };
+    text.map(&map, &At::Root("state"), 0)
+        .map_err(StateOutError::Bad)?;
+    match text.totals.over(limits) {
+        Some(which) => Err(StateOutError::Over(which)),
+        None => Ok(text.out),
+    }
+}
+
+/// Writes state as JSON text, measuring it as [`state_over_limits`] does.
+struct StateWriter {
+    out: String,
+    totals: Totals,
+}
+
+impl StateWriter {
+    /// A map whose values sit `depth` levels down (the state's own: 1).
+    fn map(&mut self, map: &Map, path: &At<'_>, depth: usize) -> Result<(), String> {
+        self.out.push('{');
+        for (i, (key, value)) in map.iter().enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            self.totals.entry(key);
+            write_json_str(&mut self.out, key);
+            self.out.push(':');
+            self.value(value, &At::Key(path, key), depth + 1)?;
+        }
+        self.out.push('}');
+        Ok(())
+    }
+
+    /// `dynamic_to_json`, writing instead of building.
+    fn value(&mut self, value: &Dynamic, path: &At<'_>, depth: usize) -> Result<(), String> {
+        use std::fmt::Write as _;
+        if depth > MAX_STATE_DEPTH {
+            return Err(format!("{path} nests deeper than {MAX_STATE_DEPTH} levels"));
+        }
+        if value.is_shared() {
+            return self.value(&value.flatten_clone(), path, depth);
+        }
+        if value.is_unit() {
+            self.out.push_str("null");
+        } else if let Ok(b) = value.as_bool() {
+            self.out.push_str(if b { "true" } else { "false" });
+        } else if let Ok(i) = value.as_int() {
+            let _ = write!(self.out, "{i}");
+        } else if let Ok(f) = value.as_float() {
+            let n = serde_json::Number::from_f64(f)
+                .ok_or_else(|| format!("{path} is {f}, which JSON cannot hold"))?;
+            let _ = write!(self.out, "{n}");
+        } else if let Ok(c) = value.as_char() {
+            self.totals.bytes += c.len_utf8();
+            write_json_str(&mut self.out, c.encode_utf8(&mut [0; 4]));
+        } else if let Ok(s) = value.as_immutable_string_ref() {
+            self.totals.bytes += s.len();
+            write_json_str(&mut self.out, &s);
+        } else if let Ok(items) = value.as_array_ref() {
+            self.totals.elements += items.len();
+            self.out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.value(item, &At::Index(path, i), depth + 1)?;
+            }
+            self.out.push(']');
+        } else if let Ok(map) = value.as_map_ref() {
+            self.map(&map, path, depth)?;
+        } else {
+            return Err(format!(
+                "{path} is a {}; state holds only strings, numbers, bools, arrays and maps",
+                value.type_name()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `s` as a JSON string, escaped as serde_json escapes it.
+fn write_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// What the sandbox's size limits count in a state.
+#[derive(Default)]
+struct Totals {
+    elements: usize,
+    entries: usize,
+    bytes: usize,
+    key_bytes: usize,
+    longest_key: usize,
+}
+
+impl Totals {
+    fn entry(&mut self, key: &str) {
+        self.entries += 1;
+        self.key_bytes += key.len();
+        self.longest_key = self.longest_key.max(key.len());
+    }
+
+    /// The first limit these totals break, if any.
+    fn over(&self, limits: &Limits) -> Option<&'static str> {
+        // Zero means "no limit", as it does for Rhai.
+        let over = |count: usize, max: usize| max > 0 && count > max;
+        if self.longest_key > MAX_MAP_KEY_BYTES || over(self.key_bytes, limits.max_string_len) {
+            Some("map key size")
+        } else if over(self.bytes, limits.max_string_len) {
+            Some("string size")
+        } else if over(self.elements, limits.max_array_len) {
+            Some("array size")
+        } else if over(self.entries, limits.max_map_len) {
+            Some("map size")
+        } else {
+            None
+        }
+    }
+}
+
 /// Which size limit the state breaks, counting as the sandbox does: all
 /// array elements, all map entries and all string bytes, nested ones
 /// included, and map keys: each at most [`MAX_MAP_KEY_BYTES`], all of them
@@ -326,18 +500,8 @@ pub(super) fn state_over_limits(
     state: &BTreeMap<String, Value>,
     limits: &Limits,
 ) -> Option<&'static str> {
-    #[derive(Default)]
-    struct Totals {
-        elements: usize,
-        entries: usize,
-        bytes: usize,
-        key_bytes: usize,
-        longest_key: usize,
-    }
     fn entry(key: &str, value: &Value, totals: &mut Totals) {
-        totals.entries += 1;
-        totals.key_bytes += key.len();
-        totals.longest_key = totals.longest_key.max(key.len());
+        totals.entry(key);
         add(value, totals);
     }
     fn add(value: &Value, totals: &mut Totals) {
@@ -353,19 +517,7 @@ pub(super) fn state_over_limits(
     }
     let mut totals = Totals::default();
     state.iter().for_each(|(k, v)| entry(k, v, &mut totals));
-    // Zero means "no limit", as it does for Rhai.
-    let over = |count: usize, max: usize| max > 0 && count > max;
-    if totals.longest_key > MAX_MAP_KEY_BYTES || over(totals.key_bytes, limits.max_string_len) {
-        Some("map key size")
-    } else if over(totals.bytes, limits.max_string_len) {
-        Some("string size")
-    } else if over(totals.elements, limits.max_array_len) {
-        Some("array size")
-    } else if over(totals.entries, limits.max_map_len) {
-        Some("map size")
-    } else {
-        None
-    }
+    totals.over(limits)
 }
 
 pub(super) fn replies_from(value: Dynamic) -> Result<Vec<ScriptReply>, String> {
@@ -533,7 +685,7 @@ mod tests {
         .unwrap();
         let out = sandbox.run_script(&script, &input("b"), &state).unwrap();
         assert_eq!(
-            serde_json::to_value(&out.state).unwrap(),
+            serde_json::to_value(out.state_map()).unwrap(),
             json!({ "list": ["a", "b"], "n": 1.5, "flag": true,
                     "nested": { "inner": { "x": 1 } }, "none": null })
         );
@@ -543,7 +695,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            serde_json::to_value(&out.state).unwrap(),
+            serde_json::to_value(out.state_map()).unwrap(),
             json!({ "fresh": true })
         );
 
@@ -556,7 +708,7 @@ mod tests {
             on_message("state.bump(); state.bump(); ()")
         ))
         .unwrap();
-        assert_eq!(out.state["n"], json!(2));
+        assert_eq!(out.state_map()["n"], json!(2));
     }
 
     #[test]
@@ -706,6 +858,67 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn a_character_in_state_counts_its_bytes() {
+        // 'é' is one character and two bytes; a string limit counts bytes.
+        let limits = Limits {
+            max_string_len: 1,
+            ..Limits::default()
+        };
+        let state = Dynamic::from_map(Map::from([("c".into(), Dynamic::from_char('é'))]));
+        assert_eq!(
+            state_text(state, &limits),
+            Err(StateOutError::Over("string size"))
+        );
+        let state = Dynamic::from_map(Map::from([("c".into(), Dynamic::from_char('e'))]));
+        assert_eq!(state_text(state, &limits), Ok(r#"{"c":"e"}"#.to_owned()));
+    }
+
+    /// Any value a script can leave in its state, nested up to `depth`
+    /// levels, including those JSON cannot hold (a function pointer, a
+    /// float that is not finite).
+    fn rhai_value(depth: u32) -> impl Strategy<Value = Dynamic> {
+        // Mostly ASCII, so that quotes, backslashes and every control
+        // character turn up; then any character.
+        let text = || {
+            let char = prop_oneof![4 => (0u8..0x80).prop_map(char::from), 1 => any::<char>()];
+            prop::collection::vec(char, 0..12).prop_map(String::from_iter)
+        };
+        let leaf = prop_oneof![
+            4 => Just(Dynamic::UNIT),
+            4 => any::<bool>().prop_map(Dynamic::from_bool),
+            8 => any::<i64>().prop_map(Dynamic::from_int),
+            8 => prop_oneof![any::<f64>(), Just(-0.0), Just(1.0), Just(1e300)].prop_map(Dynamic::from_float),
+            8 => prop_oneof![(0u8..0x80).prop_map(char::from), any::<char>()].prop_map(Dynamic::from_char),
+            16 => text().prop_map(Dynamic::from),
+            // What JSON cannot hold.
+            1 => prop_oneof![Just(f64::NAN), Just(f64::INFINITY)].prop_map(Dynamic::from_float),
+            1 => Just(Dynamic::from(rhai::FnPtr::new("f").unwrap())),
+        ];
+        leaf.prop_recursive(depth, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Dynamic::from_array),
+                prop::collection::btree_map(prop_oneof![text(), "k{0,300}"], inner, 0..6).prop_map(
+                    |m| { Dynamic::from_map(m.into_iter().map(|(k, v)| (k.into(), v)).collect()) }
+                ),
+            ]
+        })
+    }
+
+    /// A state: mostly a map of any values, sometimes one nested past
+    /// the depth limit, or not a map at all.
+    fn rhai_state() -> impl Strategy<Value = Dynamic> {
+        prop_oneof![
+            8 => prop::collection::btree_map("[a-z]{1,3}", rhai_value(4), 0..6)
+                .prop_map(|m| Dynamic::from_map(m.into_iter().map(|(k, v)| (k.into(), v)).collect())),
+            1 => (25usize..40, rhai_value(1)).prop_map(|(n, v)| {
+                let deep = (0..n).fold(v, |v, _| Dynamic::from_array(vec![v]));
+                Dynamic::from_map(Map::from([("d".into(), deep)]))
+            }),
+            1 => rhai_value(1),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -718,6 +931,30 @@ mod tests {
                 .map(|state| json_object_to_map(&state));
             let now = stored_state_map(&text);
             prop_assert_eq!(format!("{now:?}"), format!("{before:?}"));
+        }
+
+        #[test]
+        fn state_is_written_as_converting_then_serializing_did(
+            state in rhai_state(),
+            limits in (0usize..160, 0usize..16, 0usize..16),
+        ) {
+            // Limits that states often come close to, and break.
+            let limits = Limits {
+                max_string_len: limits.0,
+                max_array_len: limits.1,
+                max_map_len: limits.2,
+                ..Limits::default()
+            };
+            // Before, the state became JSON values, was measured, and was
+            // serialized.
+            let before = state_from(state.clone())
+                .map_err(StateOutError::Bad)
+                .and_then(|map| match state_over_limits(&map, &limits) {
+                    Some(which) => Err(StateOutError::Over(which)),
+                    None if map.is_empty() => Ok(String::new()),
+                    None => Ok(serde_json::to_string(&map).unwrap()),
+                });
+            prop_assert_eq!(state_text(state, &limits), before);
         }
     }
 }
