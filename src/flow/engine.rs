@@ -804,7 +804,6 @@ impl<'a> Exec<'a> {
         self.flow = Some(flow.name.clone());
         self.step = Some(ENTRY_POINT.to_owned());
         let state = StateIn::Stored(run.vars.get(SCRIPT_STATE_VAR).map(String::as_str));
-        let input = self.script_input();
         let at = (script.file(), (1, 1));
         let now = self.now;
         let pending = run
@@ -812,9 +811,10 @@ impl<'a> Exec<'a> {
             .iter()
             .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
             .collect();
-        let Some(mut out) = self.rhai(at, |sandbox| {
-            sandbox.run_timeout(script, &name, &input, state, pending)
-        }) else {
+        let ran = self.sandbox_for(at).map(|sandbox| {
+            sandbox.run_timeout(script, &name, &self.script_input(), state, pending)
+        });
+        let Some(mut out) = ran.and_then(|ran| ran.map_err(|e| self.fail(e)).ok()) else {
             // A script error: the caller hands the conversation back as
             // it came in, so nothing ended.
             self.run = None;
@@ -1286,10 +1286,11 @@ impl<'a> Exec<'a> {
         self.answered = true;
         self.flow = Some(flow.name.clone());
         self.step = Some(ENTRY_POINT.to_owned());
-        let input = self.script_input();
         let at = (script.file(), (1, 1));
-        let Some(mut out) = self.rhai(at, |sandbox| sandbox.run_script(script, &input, state))
-        else {
+        let ran = self
+            .sandbox_for(at)
+            .map(|sandbox| sandbox.run_script(script, &self.script_input(), state));
+        let Some(mut out) = ran.and_then(|ran| ran.map_err(|e| self.fail(e)).ok()) else {
             self.run = None;
             return;
         };
@@ -1299,20 +1300,16 @@ impl<'a> Exec<'a> {
         self.script_done(flow, out, (started_at, self.now));
     }
 
-    fn script_input(&self) -> ScriptInput {
+    fn script_input(&self) -> ScriptInput<'_> {
         ScriptInput {
-            body: self.msg.body.to_owned(),
-            from: self.msg.from.to_owned(),
-            to: self.msg.to.to_owned(),
-            media: self.msg.media.to_vec(),
-            message_sid: self.msg.message_sid.to_owned(),
+            body: self.msg.body,
+            from: self.msg.from,
+            to: self.msg.to,
+            media: self.msg.media,
+            message_sid: self.msg.message_sid,
             received_at: self.now,
-            contact: self.contact.clone(),
-            answers: self
-                .responses
-                .get(self.calls_reached..)
-                .unwrap_or_default()
-                .to_vec(),
+            contact: &self.contact,
+            answers: self.responses.get(self.calls_reached..).unwrap_or_default(),
             call_room: calls::MAX_CALLS_PER_MESSAGE.saturating_sub(self.calls_reached),
         }
     }
@@ -1402,17 +1399,23 @@ impl<'a> Exec<'a> {
         at: (&Path, (usize, usize)),
         f: impl FnOnce(&Sandbox) -> Result<T, ScriptError>,
     ) -> Option<T> {
+        let sandbox = self.sandbox_for(at)?;
+        f(sandbox).map_err(|e| self.fail(e)).ok()
+    }
+
+    /// The sandbox to evaluate in, as [`Exec::rhai`] decides; for a run
+    /// whose input borrows from `self`.
+    fn sandbox_for(&mut self, at: (&Path, (usize, usize))) -> Option<&'a Sandbox> {
         if self.failed.is_some() {
             return None;
         }
         let sandbox = self.sandbox?;
         let budget = *self.budget.get_or_insert_with(|| sandbox.message_budget());
-        let result = if budget.exhausted() {
-            Err(over_budget(at.0, at.1))
-        } else {
-            f(sandbox)
-        };
-        result.map_err(|e| self.fail(e)).ok()
+        if budget.exhausted() {
+            self.fail(over_budget(at.0, at.1));
+            return None;
+        }
+        Some(sandbox)
     }
 
     fn fail(&mut self, err: ScriptError) {

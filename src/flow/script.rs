@@ -154,21 +154,39 @@ impl fmt::Debug for Script {
     }
 }
 
-/// The message a script flow is run for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ScriptInput {
-    pub body: String,
-    pub from: String,
-    pub to: String,
-    pub media: Vec<String>,
-    pub message_sid: String,
+/// The message a script flow is run for, borrowed from the engine's own
+/// (a run copies only what it keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScriptInput<'a> {
+    pub body: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub media: &'a [String],
+    pub message_sid: &'a str,
     /// Unix seconds, from the flow engine's clock; also what `now()` returns.
     pub received_at: i64,
-    pub contact: BTreeMap<String, String>,
+    pub contact: &'a BTreeMap<String, String>,
     /// Answers to the run's first `http()` calls, in order (see `http`).
-    pub answers: Vec<CallResponse>,
+    pub answers: &'a [CallResponse],
     /// How many more calls the message may make.
     pub call_room: usize,
+}
+
+impl Default for ScriptInput<'_> {
+    fn default() -> Self {
+        static NO_FIELDS: BTreeMap<String, String> = BTreeMap::new();
+        ScriptInput {
+            body: "",
+            from: "",
+            to: "",
+            media: &[],
+            message_sid: "",
+            received_at: 0,
+            contact: &NO_FIELDS,
+            answers: &[],
+            call_room: 0,
+        }
+    }
 }
 
 /// The state a script run starts from.
@@ -479,13 +497,13 @@ impl Sandbox {
         let mut run = RunState::new(
             &self.limits,
             input.received_at,
-            &input.message_sid,
+            input.message_sid,
             script.file.clone(),
         );
         run.contact = Some(input.contact.clone());
         run.wakes = Some(pending);
         run.calls = Some(http::RunCalls {
-            answers: input.answers.clone(),
+            answers: input.answers.to_vec(),
             room: input.call_room,
             limits: self.limits.clone(),
             ..http::RunCalls::default()
@@ -675,7 +693,7 @@ fn on_message(msg, state) {
         assert!(second.contact.is_empty());
 
         let mut third_input = input("it is 4");
-        third_input.contact = first.contact.clone();
+        third_input.contact = &first.contact;
         let third = sandbox
             .run_script(&quiz, &third_input, second.state_in())
             .unwrap();
@@ -743,8 +761,9 @@ fn on_message(msg, state) {
                 let (sandbox, quiz) = (sandbox.clone(), quiz.clone());
                 std::thread::spawn(move || {
                     for i in 0..20 {
+                        let sid = format!("SM{t}-{i}");
                         let mut message = input("paris");
-                        message.message_sid = format!("SM{t}-{i}");
+                        message.message_sid = &sid;
                         let first = sandbox.run_script(&quiz, &message, &BTreeMap::new())?;
                         let second = sandbox.run_script(&quiz, &message, first.state_in())?;
                         assert_eq!(second.state_map()["score"], json!(1));

@@ -396,12 +396,13 @@ mod tests {
                    msg.contact.city"#,
             ),
         );
-        let mut message = input("hi");
-        message.contact = BTreeMap::from([
+        let contact = BTreeMap::from([
             ("visits".to_string(), "41".to_string()),
             ("old".to_string(), "x".to_string()),
             ("city".to_string(), "Lyon".to_string()),
         ]);
+        let mut message = input("hi");
+        message.contact = &contact;
         let out = sandbox
             .run_script(&script, &message, &BTreeMap::new())
             .unwrap();
@@ -530,7 +531,7 @@ mod tests {
         );
         let pick = |sid: &str| {
             let mut message = input("hi");
-            message.message_sid = sid.to_string();
+            message.message_sid = sid;
             let out = sandbox
                 .run_script(&script, &message, &BTreeMap::new())
                 .unwrap();

@@ -296,7 +296,7 @@ fn on_message(msg, state) {
         let sandbox = sandbox();
         let script = compile(&sandbox, source);
         let mut message = input(body);
-        message.answers = answers;
+        message.answers = &answers;
         sandbox
             .run_script(&script, &message, &BTreeMap::new())
             .unwrap_or_else(|e| panic!("{e}"))
@@ -446,11 +446,12 @@ fn on_message(msg, state) {
                 r#"let r = http(#{url: "https://x/"}); `${r.ok} ${r.error} ${r.status} ${r.json}`"#,
             ),
         );
-        let mut message = input("x");
-        message.answers = vec![CallResponse::Answered {
+        let answers = [CallResponse::Answered {
             status: 200,
             json: Some(json!(vec![1; 100_000])),
         }];
+        let mut message = input("x");
+        message.answers = &answers;
         let out = sandbox
             .run_script(&script, &message, &BTreeMap::new())
             .unwrap();

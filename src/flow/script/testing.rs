@@ -30,12 +30,12 @@ pub(super) fn compile(sandbox: &Sandbox, source: &str) -> Script {
         .unwrap_or_else(|err| panic!("{err}"))
 }
 
-pub(super) fn input(body: &str) -> ScriptInput {
+pub(super) fn input(body: &str) -> ScriptInput<'_> {
     ScriptInput {
-        body: body.to_string(),
-        from: "+15550001111".to_string(),
-        to: "+15559990000".to_string(),
-        message_sid: "SM0001".to_string(),
+        body,
+        from: "+15550001111",
+        to: "+15559990000",
+        message_sid: "SM0001",
         received_at: 1_700_000_000,
         call_room: crate::flow::calls::MAX_CALLS_PER_MESSAGE,
         ..ScriptInput::default()

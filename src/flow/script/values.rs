@@ -31,13 +31,13 @@ pub(super) fn message_map(input: &ScriptInput) -> Map {
         LazyLock::new(|| MESSAGE_KEYS.map(|k| (k.into(), Dynamic::UNIT)).into());
     let media: Array = input.media.iter().map(|url| url.as_str().into()).collect();
     let values: [Dynamic; 7] = [
-        input.body.as_str().into(),
+        input.body.into(),
         strings_to_map(&input.contact).into(),
-        input.from.as_str().into(),
+        input.from.into(),
         media.into(),
         Dynamic::from_int(input.received_at),
-        input.message_sid.as_str().into(),
-        input.to.as_str().into(),
+        input.message_sid.into(),
+        input.to.into(),
     ];
     let mut msg = TEMPLATE.clone();
     for (slot, value) in msg.values_mut().zip(values) {
@@ -645,14 +645,16 @@ mod tests {
     fn the_message_map_holds_each_field_under_its_key() {
         // The map is a copy of a template filled in key order.
         assert!(MESSAGE_KEYS.is_sorted());
+        let media = ["https://x/1".to_owned()];
+        let contact = BTreeMap::from([("name".into(), "Ann".into())]);
         let input = ScriptInput {
-            body: "hi".into(),
-            from: "+15550001111".into(),
-            to: "+15559990000".into(),
-            media: vec!["https://x/1".into()],
-            message_sid: "SM1".into(),
+            body: "hi",
+            from: "+15550001111",
+            to: "+15559990000",
+            media: &media,
+            message_sid: "SM1",
             received_at: 42,
-            contact: BTreeMap::from([("name".into(), "Ann".into())]),
+            contact: &contact,
             ..ScriptInput::default()
         };
         let msg = message_map(&input);
