@@ -32,7 +32,7 @@ pub(super) fn message_map(input: &ScriptInput) -> Map {
     let media: Array = input.media.iter().map(|url| url.as_str().into()).collect();
     let values: [Dynamic; 7] = [
         input.body.into(),
-        strings_to_map(&input.contact).into(),
+        strings_to_map(input.contact).into(),
         input.from.into(),
         media.into(),
         Dynamic::from_int(input.received_at),
