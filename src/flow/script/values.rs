@@ -332,8 +332,8 @@ pub(super) enum StateOutError {
 /// (empty when the map is: the run ends). The same text, errors and limit
 /// checks as [`state_from`], then [`state_over_limits`], then
 /// `serde_json::to_string` (the property test below compares them), in one
-/// walk and without the JSON values in between (about half a microsecond
-/// of every message to a script flow).
+/// walk and without the JSON values in between (about 0.2 µs of every
+/// message to a script flow, measured with the flow engine alone).
 pub(super) fn state_text(value: Dynamic, limits: &Limits) -> Result<String, StateOutError> {
     let type_name = value.type_name();
     let Some(map) = value.try_cast::<Map>() else {
@@ -363,7 +363,8 @@ struct StateWriter {
 }
 
 impl StateWriter {
-    /// A map whose values sit `depth` levels down (the state's own: 1).
+    /// A map `depth` levels down (the state itself: 0); its values sit
+    /// one level further.
     fn map(&mut self, map: &Map, path: &At<'_>, depth: usize) -> Result<(), String> {
         self.out.push('{');
         for (i, (key, value)) in map.iter().enumerate() {
