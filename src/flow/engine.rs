@@ -811,10 +811,9 @@ impl<'a> Exec<'a> {
             .iter()
             .map(|(n, due)| (n.clone(), due.saturating_sub(now)))
             .collect();
-        let ran = self.sandbox_for(at).map(|sandbox| {
-            sandbox.run_timeout(script, &name, &self.script_input(), state, pending)
-        });
-        let Some(mut out) = ran.and_then(|ran| ran.map_err(|e| self.fail(e)).ok()) else {
+        let Some(mut out) = self.run_in_sandbox(at, |sandbox, input| {
+            sandbox.run_timeout(script, &name, input, state, pending)
+        }) else {
             // A script error: the caller hands the conversation back as
             // it came in, so nothing ended.
             self.run = None;
@@ -1287,10 +1286,9 @@ impl<'a> Exec<'a> {
         self.flow = Some(flow.name.clone());
         self.step = Some(ENTRY_POINT.to_owned());
         let at = (script.file(), (1, 1));
-        let ran = self
-            .sandbox_for(at)
-            .map(|sandbox| sandbox.run_script(script, &self.script_input(), state));
-        let Some(mut out) = ran.and_then(|ran| ran.map_err(|e| self.fail(e)).ok()) else {
+        let Some(mut out) = self.run_in_sandbox(at, |sandbox, input| {
+            sandbox.run_script(script, input, state)
+        }) else {
             self.run = None;
             return;
         };
@@ -1403,8 +1401,20 @@ impl<'a> Exec<'a> {
         f(sandbox).map_err(|e| self.fail(e)).ok()
     }
 
-    /// The sandbox to evaluate in, as [`Exec::rhai`] decides; for a run
-    /// whose input borrows from `self`.
+    /// [`Exec::rhai`] for a script run, which also reads the message
+    /// ([`Exec::script_input`], borrowed from `self`).
+    fn run_in_sandbox<T>(
+        &mut self,
+        at: (&Path, (usize, usize)),
+        f: impl FnOnce(&Sandbox, &ScriptInput<'_>) -> Result<T, ScriptError>,
+    ) -> Option<T> {
+        let sandbox = self.sandbox_for(at)?;
+        let result = f(sandbox, &self.script_input());
+        result.map_err(|e| self.fail(e)).ok()
+    }
+
+    /// The sandbox to evaluate in, unless an earlier evaluation of this
+    /// message failed or its time budget is spent (then recorded).
     fn sandbox_for(&mut self, at: (&Path, (usize, usize))) -> Option<&'a Sandbox> {
         if self.failed.is_some() {
             return None;

@@ -345,20 +345,23 @@ pub(super) fn state_text(value: Dynamic, limits: &Limits) -> Result<String, Stat
         return Ok(String::new());
     }
     let mut text = StateWriter {
-        out: String::with_capacity(64),
+        out: Vec::with_capacity(64),
         totals: Totals::default(),
     };
     text.map(&map, &At::Root("state"), 0)
         .map_err(StateOutError::Bad)?;
-    match text.totals.over(limits) {
-        Some(which) => Err(StateOutError::Over(which)),
-        None => Ok(text.out),
+    if let Some(which) = text.totals.over(limits) {
+        return Err(StateOutError::Over(which));
     }
+    // serde_json writes only UTF-8, from our strings; this cannot fail.
+    String::from_utf8(text.out)
+        .map_err(|e| StateOutError::Bad(format!("the state's text is not UTF-8: {e}")))
 }
 
 /// Writes state as JSON text, measuring it as [`state_over_limits`] does.
+/// Strings and numbers are written by serde_json, as `to_string` would.
 struct StateWriter {
-    out: String,
+    out: Vec<u8>,
     totals: Totals,
 }
 
@@ -366,23 +369,22 @@ impl StateWriter {
     /// A map `depth` levels down (the state itself: 0); its values sit
     /// one level further.
     fn map(&mut self, map: &Map, path: &At<'_>, depth: usize) -> Result<(), String> {
-        self.out.push('{');
+        self.out.push(b'{');
         for (i, (key, value)) in map.iter().enumerate() {
             if i > 0 {
-                self.out.push(',');
+                self.out.push(b',');
             }
             self.totals.entry(key);
-            write_json_str(&mut self.out, key);
-            self.out.push(':');
+            self.json(key.as_str());
+            self.out.push(b':');
             self.value(value, &At::Key(path, key), depth + 1)?;
         }
-        self.out.push('}');
+        self.out.push(b'}');
         Ok(())
     }
 
     /// `dynamic_to_json`, writing instead of building.
     fn value(&mut self, value: &Dynamic, path: &At<'_>, depth: usize) -> Result<(), String> {
-        use std::fmt::Write as _;
         if depth > MAX_STATE_DEPTH {
             return Err(format!("{path} nests deeper than {MAX_STATE_DEPTH} levels"));
         }
@@ -390,31 +392,32 @@ impl StateWriter {
             return self.value(&value.flatten_clone(), path, depth);
         }
         if value.is_unit() {
-            self.out.push_str("null");
+            self.json(());
         } else if let Ok(b) = value.as_bool() {
-            self.out.push_str(if b { "true" } else { "false" });
+            self.json(b);
         } else if let Ok(i) = value.as_int() {
-            let _ = write!(self.out, "{i}");
+            self.json(i);
         } else if let Ok(f) = value.as_float() {
-            let n = serde_json::Number::from_f64(f)
-                .ok_or_else(|| format!("{path} is {f}, which JSON cannot hold"))?;
-            let _ = write!(self.out, "{n}");
+            if !f.is_finite() {
+                return Err(format!("{path} is {f}, which JSON cannot hold"));
+            }
+            self.json(f);
         } else if let Ok(c) = value.as_char() {
             self.totals.bytes += c.len_utf8();
-            write_json_str(&mut self.out, c.encode_utf8(&mut [0; 4]));
+            self.json(c);
         } else if let Ok(s) = value.as_immutable_string_ref() {
             self.totals.bytes += s.len();
-            write_json_str(&mut self.out, &s);
+            self.json(s.as_str());
         } else if let Ok(items) = value.as_array_ref() {
             self.totals.elements += items.len();
-            self.out.push('[');
+            self.out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    self.out.push(',');
+                    self.out.push(b',');
                 }
                 self.value(item, &At::Index(path, i), depth + 1)?;
             }
-            self.out.push(']');
+            self.out.push(b']');
         } else if let Ok(map) = value.as_map_ref() {
             self.map(&map, path, depth)?;
         } else {
@@ -425,37 +428,12 @@ impl StateWriter {
         }
         Ok(())
     }
-}
 
-/// `s` as a JSON string, escaped as serde_json escapes it.
-fn write_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..0x20 => "",
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            out.push_str(escape);
-        }
-        start = i + 1;
+    /// One scalar, as serde_json writes it (into a `Vec`, which cannot
+    /// fail).
+    fn json(&mut self, scalar: impl serde::Serialize) {
+        let _ = serde_json::to_writer(&mut self.out, &scalar);
     }
-    out.push_str(&s[start..]);
-    out.push('"');
 }
 
 /// What the sandbox's size limits count in a state.
