@@ -20,23 +20,29 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// the worker waits this long after the first request of a group before
 /// it syncs, so more of the webhooks already under way join the group.
 /// Each sync costs this thread a write, a `sync_file_range` and an
-/// `fdatasync`, so larger groups cost less CPU per message; every
-/// microsecond waited is also latency, and with a fixed number of
-/// connections, requests a second. Measured on the 2-core VM (durable
-/// multi-step loadgen, 32 connections, 6 alternating runs each, medians):
+/// `fdatasync` (about 45 µs of CPU for a 40 KB group, measured alone), so
+/// larger groups cost less CPU per message; every microsecond waited is
+/// also latency, and with a fixed number of connections, requests a
+/// second. `thread::sleep` asks Linux for at least this long, and with
+/// the default timer slack of 50 µs a thread sleeps up to 50 µs more: the
+/// waits below are what was asked. Measured on the 2-core VM (durable
+/// multi-step loadgen, 32 connections, 50,000 requests, alternating
+/// runs, medians):
 ///
-/// | wait | webhooks per sync | CPU µs/msg | req/s | p99 ms |
+/// | wait | webhooks per sync | CPU µs/msg | req/s | share of the bare handler's |
 /// | --- | --- | --- | --- | --- |
-/// | 300 µs | 28 | 42.0 | 24,030 | 2.19 |
-/// | 200 µs | 24 | 42.0 | 26,838 | 2.16 |
-/// | 150 µs | 22 | 40.3 | 28,122 | 1.90 |
-/// | 100 µs | 19 | 40.9 | 30,272 | 1.96 |
+/// | 100 µs | 24.5 | 25.7 | 38,162 | 30.9% |
+/// | 60 µs | 17.3 | 26.5 | 41,136 | 32.4% |
+/// | 40 µs | 13.6 | 25.3 | 42,216 | 34.1% |
+/// | 0 | 7.4 | 27.3 | 43,582 | 34.6% |
 ///
-/// and in an earlier set 0 µs: 7 per sync, 42.0 µs, 32,026 req/s. So
-/// below about 100 µs the groups shrink faster than the wait buys, and
-/// above it the wait only holds answers back. A lone caller (one webhook
-/// at a time) never waits.
-const GATHER: Duration = Duration::from_micros(100);
+/// (ten rounds, 1 December 2026). An earlier machine, where a sync cost
+/// more, favoured 100 µs over 150, 200 and 300 µs (groups of 19–28,
+/// 40.3–42.0 µs per message). On this one the CPU per message hardly
+/// moves between groups of 13 and 25, and the shorter wait answers
+/// sooner; without a wait the groups fall to 7 and the CPU rises. A lone
+/// caller (one webhook at a time) never waits.
+const GATHER: Duration = Duration::from_micros(40);
 
 type FlushReply = oneshot::Sender<Result<(), StoreError>>;
 
