@@ -68,7 +68,10 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // smsflow: one waiting thread takes one piece of work; waking
+        // all of them (upstream's `notify_all`) sent the other six back
+        // to sleep each time (see SMSFLOW.md).
+        self.cv.notify_one();
 
         len
     }
