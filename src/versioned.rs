@@ -45,8 +45,10 @@ pub fn encode<T: Versioned>(record: &T) -> Vec<u8> {
 /// `record` as JSON under an older `version` whose shape it has (a kind
 /// whose new version only adds a field that is often empty writes the
 /// older version when it is: a release that reads only that one still
-/// reads most records, and a record it cannot read says so).
-pub fn encode_as<T: Versioned>(record: &T, version: u32) -> Vec<u8> {
+/// reads most records, and a record it cannot read says so), or a
+/// borrowed twin of a record kind under that kind's version (the message
+/// log's `LogLineRef`).
+pub fn encode_as<T: Serialize>(record: &T, version: u32) -> Vec<u8> {
     #[derive(Serialize)]
     struct Tagged<'a, T> {
         v: u32,

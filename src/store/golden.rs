@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::message_log::LogLine;
+use super::message_log::{LogLine, LogLineRef};
 use super::records::{
     conv_due, conv_header, conv_value, decode, decode_conv, encode, prefixed, timer_key, two_part,
 };
@@ -270,18 +270,21 @@ fn this_release_writes_version_4_exactly() {
     let stopped = decode_conv(&read(0, "conversation_opted_out.bin")).unwrap();
     let mut log = Vec::new();
     for (s, at, from, step, outcome) in log_lines() {
-        log.extend(encode(&LogLine {
-            sid: s,
-            at,
-            from: from.into(),
-            to: US.into(),
-            outcome: outcome.into(),
-            flow: step.map(|_| "signup".into()),
-            step: step.map(Into::into),
-            body: None,
-            replies: Vec::new(),
-        }));
-        log.push(b'\n');
+        // Written as the store writes each line.
+        log.extend(
+            LogLineRef {
+                sid: &s,
+                at,
+                from,
+                to: US,
+                outcome,
+                flow: step.map(|_| "signup"),
+                step,
+                body: None,
+                replies: &[],
+            }
+            .bytes(),
+        );
     }
     let written: [(&str, Vec<u8>); 7] = [
         (

@@ -12,8 +12,9 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{decode, encode};
+use super::records::decode;
 use super::{files, Processed, StoreError};
+use crate::versioned::encode_as;
 
 /// One line of the inbound message log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +34,38 @@ pub(super) struct LogLine {
     /// Version 2: the texts of our replies, when `store_message_text` is on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) replies: Vec<String>,
+}
+
+/// A [`LogLine`] borrowed from the message it records: what
+/// [`MessageLog::append`] writes, so the fields are not copied once more
+/// for every message. Serialized exactly as a `LogLine` (same names, same
+/// fields left out when empty; the golden test of this release's files
+/// writes through it).
+#[derive(Debug, Serialize)]
+pub(super) struct LogLineRef<'a> {
+    pub(super) sid: &'a str,
+    pub(super) at: i64,
+    pub(super) from: &'a str,
+    pub(super) to: &'a str,
+    pub(super) outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) flow: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) step: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) body: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub(super) replies: &'a [String],
+}
+
+impl LogLineRef<'_> {
+    /// The line as the file holds it: versioned JSON and a newline.
+    pub(super) fn bytes(&self) -> Vec<u8> {
+        use crate::versioned::Versioned;
+        let mut bytes = encode_as(self, LogLine::VERSION);
+        bytes.push(b'\n');
+        bytes
+    }
 }
 
 /// Version 2 added the message texts (`body`, `replies`), kept only when
@@ -89,10 +122,9 @@ impl MessageLog {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn append(&self, line: &LogLine) -> Result<(), StoreError> {
+    pub(super) fn append(&self, line: &LogLineRef<'_>) -> Result<(), StoreError> {
         use std::io::Write;
-        let mut bytes = encode(line);
-        bytes.push(b'\n');
+        let bytes = line.bytes();
         self.writer()
             .write_all(&bytes)
             .map_err(|e| StoreError::Backend(format!("writing the message log: {e}")))
@@ -168,5 +200,65 @@ impl MessageLog {
         let file = files::open_append(&self.path).map_err(io)?;
         *writer = std::io::BufWriter::with_capacity(64 * 1024, file);
         Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::versioned::encode;
+
+    /// The borrowed line the store writes is byte for byte the line a
+    /// `LogLine` encodes to, with every field set and with the optional
+    /// ones empty, and it reads back as the same line.
+    #[test]
+    fn a_borrowed_line_is_written_as_the_owned_line_is() {
+        let replies = vec!["Hi \"Ana\"".to_string(), "2\n3".to_string()];
+        let lines = [
+            LogLineRef {
+                sid: "SM1",
+                at: 1_700_000_000,
+                from: "+15551230001",
+                to: "+15550009999",
+                outcome: "reply",
+                flow: Some("signup"),
+                step: Some("ask_name"),
+                body: Some("ana é"),
+                replies: &replies,
+            },
+            LogLineRef {
+                sid: "SM2",
+                at: -1,
+                from: "",
+                to: "+15550009999",
+                outcome: "silence:opt_out",
+                flow: None,
+                step: None,
+                body: None,
+                replies: &[],
+            },
+        ];
+        for line in lines {
+            let owned = LogLine {
+                sid: line.sid.into(),
+                at: line.at,
+                from: line.from.into(),
+                to: line.to.into(),
+                outcome: line.outcome.into(),
+                flow: line.flow.map(Into::into),
+                step: line.step.map(Into::into),
+                body: line.body.map(Into::into),
+                replies: line.replies.to_vec(),
+            };
+            let mut expected = encode(&owned);
+            expected.push(b'\n');
+            let written = line.bytes();
+            assert_eq!(
+                String::from_utf8_lossy(&written),
+                String::from_utf8_lossy(&expected)
+            );
+            let back: LogLine = decode(&written[..written.len() - 1]).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{owned:?}"));
+        }
     }
 }

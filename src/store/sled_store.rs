@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::call_jobs::{self, CallJob, CallJobState};
-use super::message_log::{LogLine, MessageLog};
+use super::message_log::{LogLine, LogLineRef, MessageLog};
 use super::open::{check_marker, closed, open_db, read_marker, Open, OpenError};
 use super::outbox;
 use super::quarantine::{describe_key, Quarantine};
@@ -871,16 +871,16 @@ impl Store for SledStore {
         })?;
         self.shared.count_change(old.as_deref(), Some(&record));
         let p = c.processed;
-        self.shared.log.append(&LogLine {
-            sid: c.message_sid.to_string(),
+        self.shared.log.append(&LogLineRef {
+            sid: c.message_sid,
             at: p.at,
-            from: p.from.clone(),
-            to: p.to.clone(),
-            outcome: p.outcome.clone(),
-            flow: p.flow.clone(),
-            step: p.step.clone(),
-            body: p.body.clone(),
-            replies: p.replies.clone(),
+            from: &p.from,
+            to: &p.to,
+            outcome: &p.outcome,
+            flow: p.flow.as_deref(),
+            step: p.step.as_deref(),
+            body: p.body.as_deref(),
+            replies: &p.replies,
         })?;
         Ok(())
     }
