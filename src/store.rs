@@ -136,7 +136,7 @@
 //! `fdatasync` of sled's files (`files.rs`). Flushes are grouped by the
 //! store's worker thread (`worker.rs`): while one sync runs, every caller that arrives
 //! waits for the next one, so N concurrent webhooks cost about two syncs,
-//! not N; under concurrent load the worker also waits 100 µs before a
+//! not N; under concurrent load the worker also waits 40 µs before a
 //! sync so that more callers share it (a lone caller never waits).
 //!
 //! Faults, never silent: sled's recovery drops everything after the first
