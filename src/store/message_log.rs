@@ -16,46 +16,37 @@ use super::records::decode;
 use super::{files, Processed, StoreError};
 use crate::versioned::encode_as;
 
-/// One line of the inbound message log.
+/// One line of the inbound message log, owned as it is read back. The
+/// store writes [`LogLineRef`], the same line borrowed from the message it
+/// records: one definition, so both are serialized alike.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct LogLine {
-    pub(super) sid: String,
+#[serde(bound(serialize = "S: Serialize, R: Serialize + AsRef<[String]>"))]
+pub(super) struct LogLine<S = String, R = Vec<String>> {
+    pub(super) sid: S,
     pub(super) at: i64,
-    pub(super) from: String,
-    pub(super) to: String,
-    pub(super) outcome: String,
+    pub(super) from: S,
+    pub(super) to: S,
+    pub(super) outcome: S,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) flow: Option<String>,
+    pub(super) flow: Option<S>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) step: Option<String>,
+    pub(super) step: Option<S>,
     /// Version 2: the inbound text, when `store_message_text` is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) body: Option<String>,
+    pub(super) body: Option<S>,
     /// Version 2: the texts of our replies, when `store_message_text` is on.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(super) replies: Vec<String>,
+    #[serde(default, skip_serializing_if = "no_replies")]
+    pub(super) replies: R,
 }
 
 /// A [`LogLine`] borrowed from the message it records: what
 /// [`MessageLog::append`] writes, so the fields are not copied once more
-/// for every message. Serialized exactly as a `LogLine` (same names, same
-/// fields left out when empty; the golden test of this release's files
-/// writes through it).
-#[derive(Debug, Serialize)]
-pub(super) struct LogLineRef<'a> {
-    pub(super) sid: &'a str,
-    pub(super) at: i64,
-    pub(super) from: &'a str,
-    pub(super) to: &'a str,
-    pub(super) outcome: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) flow: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) step: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) body: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    pub(super) replies: &'a [String],
+/// for every message.
+pub(super) type LogLineRef<'a> = LogLine<&'a str, &'a [String]>;
+
+/// Whether a line has no replies to write (owned or borrowed).
+fn no_replies(replies: &impl AsRef<[String]>) -> bool {
+    replies.as_ref().is_empty()
 }
 
 impl LogLineRef<'_> {
@@ -239,7 +230,7 @@ mod tests {
             },
         ];
         for line in lines {
-            let owned = LogLine {
+            let owned: LogLine = LogLine {
                 sid: line.sid.into(),
                 at: line.at,
                 from: line.from.into(),
