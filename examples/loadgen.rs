@@ -17,6 +17,7 @@
 //! $L --scenario keyword
 //! $L --scenario rhai                                           # multistep as a Rhai script
 //! $L --scenario multistep --durability relaxed
+//! $L --scenario multistep --rounds 5                           # five rounds, medians of their ratios
 //! $L --scenario multistep --senders 100000 --prefill 100000     # peak RSS, 100k conversations
 //! $L --scenario rhai --engine-only --requests 300000            # the flow engine alone, CPU per message
 //! $L --startup-flows 100                                         # spawn -> first /healthz, median of 5
@@ -70,6 +71,13 @@
 //! `/metrics`, `/status` and `/healthz` (and `--startup-flows`) always go
 //! through reqwest, and the `calls` scenarios' upstream is an axum server on
 //! the 2-thread runtime.
+//!
+//! On a shared machine one run says little: `--rounds N` measures N
+//! times, the bare handler then smsflow each round (smsflow on a new store
+//! each time, or with new MessageSids on a shared PostgreSQL one), prints
+//! every round's two rows, and sums up with the median of the rounds'
+//! ratios (each round's smsflow against that round's bare handler) and
+//! their range, so a busy moment moves one round, not the figure.
 //!
 //! The loop guard is off for smsflow (`loop_max_replies = 0`): simulated
 //! senders text far faster than people, and a long run would otherwise
@@ -174,6 +182,11 @@ struct Args {
     /// engine's CPU time per message. Scenarios without calls or timers.
     #[arg(long)]
     engine_only: bool,
+    /// Measure this many times, the bare handler then smsflow each time
+    /// (smsflow on a new store each round), and print every round's rows
+    /// and the medians of the rounds' ratios. Not with `--soak-secs`.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Internal: serve the bare handler and print its address.
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -332,7 +345,9 @@ fn main() {
         .expect("client runtime");
     match args.startup_flows {
         Some(n) => startup(&client_rt, &mode, &args, n),
-        None => load(&client_rt, &mode, &args),
+        None => {
+            load(&client_rt, &mode, &args);
+        }
     }
 }
 
@@ -433,7 +448,8 @@ fn thread_cpu_ns() -> u64 {
 
 // ---------------------------------------------------------------- load
 
-fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
+/// A load run (the default): returns its rounds.
+fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) -> Vec<Round> {
     let Some(sc) = scenario(&args.scenario) else {
         panic!(
             "unknown --scenario {}: keyword | multistep | rhai | timers | calls | calls_mixed",
@@ -479,38 +495,99 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         );
     }
 
-    let measured = Load {
-        phase: 1,
+    assert!(
+        (1..=MAX_ROUNDS).contains(&args.rounds) && (args.rounds == 1 || args.soak_secs == 0),
+        "--rounds takes 1 to {MAX_ROUNDS}, and only 1 with --soak-secs"
+    );
+    let rounds: Vec<Round> = (1..=args.rounds)
+        .map(|r| {
+            // A fresh store for each round's smsflow.
+            let dir = tmp.path().join(format!("round{r}"));
+            one_round(
+                client_rt,
+                mode,
+                args,
+                r,
+                &sc,
+                &flows,
+                &dir,
+                upstream.as_ref(),
+                &client,
+                &hooks,
+            )
+        })
+        .collect();
+    for line in report(&rounds) {
+        println!("{line}");
+    }
+    rounds
+}
+
+/// One round's figures: the bare handler's run, then smsflow's.
+struct Round {
+    bare: Report,
+    bare_rss: Option<u64>,
+    ours: Report,
+    our_rss: Option<u64>,
+    /// smsflow's grouped fsyncs during its measured run.
+    fsyncs: Option<u64>,
+    /// Conversations smsflow stored (from `/status`).
+    stored: String,
+}
+
+/// `--rounds` at most: each round's phases need MessageSids of their own
+/// (a shared PostgreSQL store keeps them across rounds), and a phase is
+/// one byte of the MessageSid.
+const MAX_ROUNDS: usize = 60;
+
+/// Round `round` (from 1): the bare handler (warm-up, measured run), then
+/// smsflow on a new store in `dir` (prefill, warm-up, measured run, soak).
+#[allow(clippy::too_many_arguments)]
+fn one_round(
+    client_rt: &tokio::runtime::Runtime,
+    mode: &Mode,
+    args: &Args,
+    round: usize,
+    sc: &Scenario,
+    flows: &Path,
+    dir: &Path,
+    upstream: Option<&Upstream>,
+    client: &reqwest::Client,
+    hooks: &Webhooks,
+) -> Round {
+    // Phases 1-4 in round 1, 5-8 in round 2, and so on.
+    let phase = |n: u8| n + 4 * u8::try_from(round - 1).expect("round within MAX_ROUNDS");
+    let measured = &Load {
+        phase: phase(1),
         from_prefix: "+1555",
         requests: args.requests,
         senders: args.senders,
         prefilled: args.prefill,
     };
-    let warm_up = Load {
-        phase: 2,
+    let warm_up = &Load {
+        phase: phase(2),
         from_prefix: "+1444",
         requests: WARM_UP.min(args.requests),
         senders: args.senders.min(WARM_UP),
         prefilled: 0,
     };
-
     let bare = Server::bare(mode);
     run(
         client_rt,
-        &client,
-        &hooks,
+        client,
+        hooks,
         &bare,
-        &sc,
-        &warm_up,
+        sc,
+        warm_up,
         args.concurrency,
     );
     let bare_report = run(
         client_rt,
-        &client,
-        &hooks,
+        client,
+        hooks,
         &bare,
-        &sc,
-        &measured,
+        sc,
+        measured,
         args.concurrency,
     );
     let bare_rss = bare.peak_rss();
@@ -518,8 +595,8 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
 
     let mut ours = Server::smsflow(
         mode,
-        &flows,
-        &tmp.path().join("data"),
+        flows,
+        &dir.join("data"),
         args.durability,
         sc.sends,
         sc.calls.then_some(args.call_budget_ms),
@@ -532,8 +609,8 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     for i in 1..args.instances {
         ours.others.push(Server::smsflow(
             mode,
-            &flows,
-            &tmp.path().join(format!("data{i}")),
+            flows,
+            &dir.join(format!("data{i}")),
             args.durability,
             sc.sends,
             sc.calls.then_some(args.call_budget_ms),
@@ -541,7 +618,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     }
     if args.prefill > 0 {
         let prefill = Load {
-            phase: 3,
+            phase: phase(3),
             from_prefix: "+1555",
             requests: args.prefill,
             senders: args.prefill,
@@ -549,10 +626,10 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         };
         let rep = run(
             client_rt,
-            &client,
-            &hooks,
+            client,
+            hooks,
             &ours,
-            &sc,
+            sc,
             &prefill,
             args.concurrency,
         );
@@ -563,35 +640,33 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
             rep.rps(),
             rep.errors,
             mib(ours.rss()),
-            conversations(client_rt, &client, ours.addr),
-            metric(client_rt, &client, ours.addr, "smsflow_timers_pending ")
+            conversations(client_rt, client, ours.addr),
+            metric(client_rt, client, ours.addr, "smsflow_timers_pending ")
                 .map_or("?".into(), |n| n.to_string()),
         );
     }
     run(
         client_rt,
-        &client,
-        &hooks,
+        client,
+        hooks,
         &ours,
-        &sc,
-        &warm_up,
+        sc,
+        warm_up,
         args.concurrency,
     );
-    let fsyncs_before = fsyncs(client_rt, &client, ours.addr);
-    let calls_before = upstream
-        .as_ref()
-        .map(|u| u.received.load(Ordering::Relaxed));
+    let fsyncs_before = fsyncs(client_rt, client, ours.addr);
+    let calls_before = upstream.map(|u| u.received.load(Ordering::Relaxed));
     let our_report = run(
         client_rt,
-        &client,
-        &hooks,
+        client,
+        hooks,
         &ours,
-        &sc,
-        &measured,
+        sc,
+        measured,
         args.concurrency,
     );
-    let fsyncs_after = fsyncs(client_rt, &client, ours.addr);
-    if let (Some(u), Some(before)) = (&upstream, calls_before) {
+    let fsyncs_after = fsyncs(client_rt, client, ours.addr);
+    if let (Some(u), Some(before)) = (upstream, calls_before) {
         println!(
             "upstream  {} calls received during the measured run",
             u.received.load(Ordering::Relaxed) - before
@@ -600,7 +675,7 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
     let our_rss = ours.peak_rss();
     if args.soak_secs > 0 {
         let soak_load = Load {
-            phase: 4,
+            phase: phase(4),
             from_prefix: "+1555",
             requests: usize::MAX,
             senders: args.senders,
@@ -608,10 +683,10 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         };
         soak(
             client_rt,
-            &client,
-            &hooks,
+            client,
+            hooks,
             &ours,
-            &sc,
+            sc,
             soak_load,
             args.requests,
             args.concurrency,
@@ -619,10 +694,27 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
             args.sample_secs,
         );
     }
-    let stored = conversations(client_rt, &client, ours.addr);
+    let stored = conversations(client_rt, client, ours.addr);
     ours.stop();
+    Round {
+        bare: bare_report,
+        bare_rss,
+        ours: our_report,
+        our_rss,
+        fsyncs: fsyncs_after
+            .zip(fsyncs_before)
+            .map(|(after, before)| after.saturating_sub(before)),
+        stored,
+    }
+}
 
-    println!(
+/// Print each round's two rows, then the ratios: one round's, or with
+/// `--rounds` the medians of the rounds' (each round's smsflow against
+/// that round's bare handler) with their range.
+fn report(rounds: &[Round]) -> Vec<String> {
+    const NO_CPU: &str = "cpu        per-server CPU needs child processes (not --in-process)";
+    let mut out = Vec::new();
+    out.push(format!(
         "{:<10} {:>9} {:>9} {:>9} {:>7} {:>7} {:>11} {:>13} {:>13}",
         "",
         "req/s",
@@ -633,35 +725,130 @@ fn load(client_rt: &tokio::runtime::Runtime, mode: &Mode, args: &Args) {
         "peak RSS",
         "server µs/msg",
         "client µs/req"
-    );
-    println!("{}", bare_report.line("bare axum", bare_rss));
-    println!("{}", our_report.line("smsflow", our_rss));
-    println!(
-        "ratio      {:.1}% of the bare handler's requests/s; {} conversations stored at the end",
-        100.0 * our_report.rps() / bare_report.rps(),
-        stored
-    );
-    match (our_report.server_cpu_per_req(), bare_report.server_cpu_per_req()) {
-        (Some(ours), Some(bare)) if bare > 0.0 => println!(
-            "cpu        smsflow spent {:.2}x the bare handler's CPU per message ({:.1} vs {:.1} µs)",
-            ours / bare,
-            ours,
-            bare
-        ),
-        _ => println!("cpu        per-server CPU needs child processes (not --in-process)"),
+    ));
+    let many = rounds.len() > 1;
+    for (i, r) in rounds.iter().enumerate() {
+        let (bare, ours) = if many {
+            (format!("bare r{}", i + 1), format!("smsflow r{}", i + 1))
+        } else {
+            ("bare axum".to_string(), "smsflow".to_string())
+        };
+        out.push(r.bare.line(&bare, r.bare_rss));
+        out.push(r.ours.line(&ours, r.our_rss));
     }
-    if let Some((after, before)) = fsyncs_after.zip(fsyncs_before) {
-        let n = after.saturating_sub(before);
-        println!(
-            "flushes    {n} grouped fsyncs, {:.1} messages per fsync",
-            our_report.ok as f64 / n.max(1) as f64
-        );
-    }
-    for (name, r) in [("bare axum", &bare_report), ("smsflow", &our_report)] {
-        if let Some(e) = &r.first_error {
-            println!("first error from {name}: {e}");
+    let last = rounds.last().expect("at least one round");
+    let rps: Vec<f64> = rounds
+        .iter()
+        .map(|r| 100.0 * r.ours.rps() / r.bare.rps())
+        .collect();
+    let per_fsync: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| Some(r.ours.ok as f64 / r.fsyncs?.max(1) as f64))
+        .collect();
+    let cpu: Vec<(f64, f64)> = rounds
+        .iter()
+        .filter_map(|r| Some((r.ours.server_cpu_per_req()?, r.bare.server_cpu_per_req()?)))
+        .filter(|&(_, bare)| bare > 0.0)
+        .collect();
+    if many {
+        let n = rounds.len();
+        out.push(format!(
+            "ratio      {} of the bare handler's requests/s (median of the {n} rounds' ratios; {}); {} conversations stored at the end of the last round",
+            percent(median(&rps)),
+            spread(&rps, percent),
+            last.stored
+        ));
+        if cpu.len() == n {
+            let ratios: Vec<f64> = cpu.iter().map(|(ours, bare)| ours / bare).collect();
+            let ours: Vec<f64> = cpu.iter().map(|c| c.0).collect();
+            let bare: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+            out.push(format!(
+                "cpu        smsflow spent {:.2}x the bare handler's CPU per message (median of the {n} rounds' ratios; {}); medians {:.1} vs {:.1} µs",
+                median(&ratios),
+                spread(&ratios, |x| format!("{x:.2}x")),
+                median(&ours),
+                median(&bare)
+            ));
+        } else {
+            out.push(NO_CPU.to_string());
+        }
+        let p99 = |report: fn(&Round) -> &Report| {
+            let ms: Vec<f64> = rounds
+                .iter()
+                .map(|r| report(r).pct(0.99).as_secs_f64() * 1e3)
+                .collect();
+            median(&ms)
+        };
+        out.push(format!(
+            "p99        smsflow {:.2} ms, the bare handler {:.2} ms (medians of the {n} rounds)",
+            p99(|r| &r.ours),
+            p99(|r| &r.bare)
+        ));
+        if rounds.iter().all(|r| r.fsyncs == Some(0)) {
+            out.push("flushes    0 grouped fsyncs in each round".into());
+        } else if per_fsync.len() == n {
+            out.push(format!(
+                "flushes    {:.1} messages per fsync (median of the {n} rounds)",
+                median(&per_fsync)
+            ));
+        }
+    } else {
+        out.push(format!(
+            "ratio      {} of the bare handler's requests/s; {} conversations stored at the end",
+            percent(rps[0]),
+            last.stored
+        ));
+        match cpu.first() {
+            Some((ours, bare)) => out.push(format!(
+                "cpu        smsflow spent {:.2}x the bare handler's CPU per message ({:.1} vs {:.1} µs)",
+                ours / bare,
+                ours,
+                bare
+            )),
+            None => out.push(NO_CPU.to_string()),
+        }
+        if let Some(n) = last.fsyncs {
+            out.push(format!(
+                "flushes    {n} grouped fsyncs, {:.1} messages per fsync",
+                last.ours.ok as f64 / n.max(1) as f64
+            ));
         }
     }
+    for (i, r) in rounds.iter().enumerate() {
+        for (name, report) in [("bare axum", &r.bare), ("smsflow", &r.ours)] {
+            if let Some(e) = &report.first_error {
+                let round = if many {
+                    format!(" in round {}", i + 1)
+                } else {
+                    String::new()
+                };
+                out.push(format!("first error from {name}{round}: {e}"));
+            }
+        }
+    }
+    out
+}
+
+fn percent(x: f64) -> String {
+    format!("{x:.1}%")
+}
+
+/// The median of `xs` (the mean of the middle two for an even count).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// "from LOW to HIGH", each written by `show`.
+fn spread(xs: &[f64], show: impl Fn(f64) -> String) -> String {
+    let low = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("from {} to {}", show(low), show(high))
 }
 
 /// Which requests one phase sends.
@@ -1820,9 +2007,13 @@ const CLOSED_API_BASE: &str = "http://127.0.0.1:1";
 
 /// The server's config file: the loop guard off; for a scenario that
 /// sends on its own, the closed API base; for one that calls, the
-/// upstream's address allowed and the call budget.
+/// upstream's address allowed and the call budget. Written beside the
+/// store `data`, creating the directory they are in.
 fn server_config(data: &Path, sends: bool, call_budget_ms: Option<u64>) -> PathBuf {
     let path = data.with_extension("toml");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create the loadgen config's directory");
+    }
     let mut text = String::from("loop_max_replies = 0\n");
     if sends {
         text.push_str(&format!("twilio_api_base = \"{CLOSED_API_BASE}\"\n"));
@@ -1962,6 +2153,174 @@ mod tests {
                 close: false,
             },
         );
+    }
+
+    /// `ok` requests in `secs` seconds at `cpu_us` µs of server CPU each.
+    fn measured(ok: usize, secs: f64, cpu_us: f64) -> Report {
+        Report {
+            ok,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::from_secs_f64(secs),
+            latencies: vec![Duration::from_millis(1); ok.min(10)],
+            server_cpu: Some(Duration::from_secs_f64(ok as f64 * cpu_us / 1e6)),
+            client_cpu: Duration::ZERO,
+        }
+    }
+
+    fn round(bare: Report, ours: Report, fsyncs: u64) -> Round {
+        Round {
+            bare,
+            bare_rss: None,
+            ours,
+            our_rss: None,
+            fsyncs: Some(fsyncs),
+            stored: "1000".into(),
+        }
+    }
+
+    #[test]
+    fn one_round_is_reported_as_before() {
+        let lines = report(&[round(
+            measured(1000, 0.01, 10.0),
+            measured(1000, 0.04, 40.0),
+            100,
+        )]);
+        assert!(lines[1].starts_with("bare axum "), "{lines:?}");
+        assert!(lines[2].starts_with("smsflow "), "{lines:?}");
+        assert_eq!(
+            lines[3],
+            "ratio      25.0% of the bare handler's requests/s; 1000 conversations stored at the end"
+        );
+        assert_eq!(
+            lines[4],
+            "cpu        smsflow spent 4.00x the bare handler's CPU per message (40.0 vs 10.0 µs)"
+        );
+        assert_eq!(
+            lines[5],
+            "flushes    100 grouped fsyncs, 10.0 messages per fsync"
+        );
+        assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn rounds_are_summed_up_by_the_median_of_their_ratios() {
+        // CPU ratios 5.0, 6.0 and 1.5: their median (5.0) is not the
+        // ratio of the medians (40 over 10); requests/s ratios 20, 50, 10%.
+        let mut third = measured(1000, 0.1, 30.0);
+        third.errors = 1;
+        third.first_error = Some("status 503".into());
+        let lines = report(&[
+            round(measured(1000, 0.01, 8.0), measured(1000, 0.05, 40.0), 100),
+            round(measured(1000, 0.01, 10.0), measured(1000, 0.02, 60.0), 50),
+            round(measured(1000, 0.01, 20.0), third, 200),
+        ]);
+        let rows: Vec<&str> = lines[1..7].iter().map(|l| &l[..10]).collect();
+        assert_eq!(
+            rows,
+            [
+                "bare r1   ",
+                "smsflow r1",
+                "bare r2   ",
+                "smsflow r2",
+                "bare r3   ",
+                "smsflow r3"
+            ]
+        );
+        assert_eq!(
+            lines[7],
+            "ratio      20.0% of the bare handler's requests/s (median of the 3 rounds' ratios; from 10.0% to 50.0%); 1000 conversations stored at the end of the last round"
+        );
+        assert!(
+            lines[8].starts_with(
+                "cpu        smsflow spent 5.00x the bare handler's CPU per message (median of the 3 rounds' ratios; from 1.50x to 6.00x); medians"
+            ),
+            "{}",
+            lines[8]
+        );
+        assert_eq!(
+            lines[9],
+            "p99        smsflow 1.00 ms, the bare handler 1.00 ms (medians of the 3 rounds)"
+        );
+        assert_eq!(
+            lines[10],
+            "flushes    10.0 messages per fsync (median of the 3 rounds)"
+        );
+        assert_eq!(lines[11], "first error from smsflow in round 3: status 503");
+        assert_eq!(lines.len(), 12);
+        // Relaxed durability: no syncs, and no figure made up for them.
+        let relaxed = [
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
+        ];
+        let lines = report(&relaxed);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("flushes    0 grouped fsyncs in each round")
+        );
+    }
+
+    #[test]
+    fn the_server_config_goes_beside_a_store_in_a_new_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("round1").join("data");
+        let path = server_config(&data, true, Some(250));
+        assert_eq!(path, tmp.path().join("round1").join("data.toml"));
+        let text = std::fs::read_to_string(&path).expect("config written");
+        assert!(text.starts_with("loop_max_replies = 0\n"), "{text}");
+        assert!(text.contains("call_budget_ms = 250"), "{text}");
+    }
+
+    /// Two rounds, both servers in this process (a test cannot re-execute
+    /// itself as the bare handler): each round's smsflow on its own store.
+    #[test]
+    fn two_rounds_each_measure_both_servers_on_a_store_of_their_own() {
+        let args = Args::parse_from([
+            "loadgen",
+            "--in-process",
+            "--senders",
+            "20",
+            "--requests",
+            "50",
+            "--concurrency",
+            "4",
+            "--rounds",
+            "2",
+        ]);
+        let mode = Mode::from_args(&args);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        let rounds = load(&rt, &mode, &args);
+        assert_eq!(rounds.len(), 2);
+        for r in &rounds {
+            assert_eq!(
+                (r.bare.ok, r.bare.errors),
+                (50, 0),
+                "{:?}",
+                r.bare.first_error
+            );
+            assert_eq!(
+                (r.ours.ok, r.ours.errors),
+                (50, 0),
+                "{:?}",
+                r.ours.first_error
+            );
+            // 50 messages from 20 senders, in the warm-up and again in the
+            // measured run (other numbers): in each, 10 senders have sent
+            // the three messages that end the flow and 10 are mid-way.
+            // Each round's store holds its own 20, not the last round's too.
+            assert_eq!(r.stored, "20");
+        }
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
