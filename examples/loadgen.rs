@@ -787,8 +787,14 @@ fn report(rounds: &[Round]) -> Vec<String> {
         if rounds.iter().all(|r| r.fsyncs == Some(0)) {
             out.push("flushes    0 grouped fsyncs in each round".into());
         } else if per_fsync.len() == n {
+            let counts: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| r.fsyncs)
+                .map(|c| c as f64)
+                .collect();
             out.push(format!(
-                "flushes    {:.1} messages per fsync (median of the {n} rounds)",
+                "flushes    {:.0} grouped fsyncs, {:.1} messages per fsync (medians of the {n} rounds)",
+                median(&counts),
                 median(&per_fsync)
             ));
         }
@@ -2244,7 +2250,7 @@ mod tests {
         );
         assert_eq!(
             lines[10],
-            "flushes    10.0 messages per fsync (median of the 3 rounds)"
+            "flushes    100 grouped fsyncs, 10.0 messages per fsync (medians of the 3 rounds)"
         );
         assert_eq!(lines[11], "first error from smsflow in round 3: status 503");
         assert_eq!(lines.len(), 12);
