@@ -338,17 +338,24 @@ fn main() {
         return;
     }
     let mode = Mode::from_args(&args);
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("client runtime");
+    let client_rt = client_runtime();
     match args.startup_flows {
         Some(n) => startup(&client_rt, &mode, &args, n),
         None => {
             load(&client_rt, &mode, &args);
         }
     }
+}
+
+/// The 2-thread runtime reqwest's requests (`--client reqwest`,
+/// `/metrics`, `/status`) and the `calls` upstream run on; the raw client
+/// has a single-threaded one of its own.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime")
 }
 
 // --------------------------------------------------------- engine only
@@ -2293,13 +2300,7 @@ mod tests {
             "--rounds",
             "2",
         ]);
-        let mode = Mode::from_args(&args);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("client runtime");
-        let rounds = load(&rt, &mode, &args);
+        let rounds = load(&client_runtime(), &Mode::from_args(&args), &args);
         assert_eq!(rounds.len(), 2);
         for r in &rounds {
             assert_eq!(
