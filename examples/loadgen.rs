@@ -715,9 +715,9 @@ fn one_round(
     }
 }
 
-/// Print each round's two rows, then the ratios: one round's, or with
-/// `--rounds` the medians of the rounds' (each round's smsflow against
-/// that round's bare handler) with their range.
+/// The report's lines: each round's two rows, then the ratios, one
+/// round's or, with `--rounds`, the medians of the rounds' (each round's
+/// smsflow against that round's bare handler) with their range.
 fn report(rounds: &[Round]) -> Vec<String> {
     const NO_CPU: &str = "cpu        per-server CPU needs child processes (not --in-process)";
     let mut out = Vec::new();
