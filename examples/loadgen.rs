@@ -748,10 +748,8 @@ fn report(rounds: &[Round]) -> Vec<String> {
         .iter()
         .map(|r| 100.0 * r.ours.rps() / r.bare.rps())
         .collect();
-    let per_fsync: Vec<f64> = rounds
-        .iter()
-        .filter_map(|r| Some(r.ours.ok as f64 / r.fsyncs?.max(1) as f64))
-        .collect();
+    // Every round's fsync count, if `/metrics` gave them all.
+    let fsyncs: Option<Vec<u64>> = rounds.iter().map(|r| r.fsyncs).collect();
     let cpu: Vec<(f64, f64)> = rounds
         .iter()
         .filter_map(|r| Some((r.ours.server_cpu_per_req()?, r.bare.server_cpu_per_req()?)))
@@ -791,19 +789,24 @@ fn report(rounds: &[Round]) -> Vec<String> {
             p99(|r| &r.ours),
             p99(|r| &r.bare)
         ));
-        if rounds.iter().all(|r| r.fsyncs == Some(0)) {
-            out.push("flushes    0 grouped fsyncs in each round".into());
-        } else if per_fsync.len() == n {
-            let counts: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| r.fsyncs)
-                .map(|c| c as f64)
-                .collect();
-            out.push(format!(
-                "flushes    {:.0} grouped fsyncs, {:.1} messages per fsync (medians of the {n} rounds)",
-                median(&counts),
-                median(&per_fsync)
-            ));
+        match fsyncs {
+            Some(counts) if counts.iter().all(|&c| c == 0) => {
+                out.push("flushes    0 grouped fsyncs in each round".into());
+            }
+            Some(counts) => {
+                let per_fsync: Vec<f64> = rounds
+                    .iter()
+                    .zip(&counts)
+                    .map(|(r, &c)| r.ours.ok as f64 / c.max(1) as f64)
+                    .collect();
+                let counts: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+                out.push(format!(
+                    "flushes    {:.0} grouped fsyncs, {:.1} messages per fsync (medians of the {n} rounds)",
+                    median(&counts),
+                    median(&per_fsync)
+                ));
+            }
+            None => {}
         }
     } else {
         out.push(format!(
