@@ -27,9 +27,9 @@ use crate::telemetry::PhoneLog;
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
-    router: axum::Router,
+    router: http::Routes,
     /// The admin listener (`--admin-listen`), its address and routes.
-    admin: Option<(TcpListener, SocketAddr, axum::Router)>,
+    admin: Option<(TcpListener, SocketAddr, http::Routes)>,
     store: Arc<AnyStore>,
     pipeline: Arc<Pipeline<AnyStore>>,
     reloader: Arc<Reloader>,
@@ -197,12 +197,7 @@ impl App {
             max_header_bytes: http::MAX_HEADER_BYTES,
             max_body_bytes: config.max_body_bytes,
         };
-        let routes = |surface| {
-            http::with_hygiene(
-                http::router(state.clone(), config.max_body_bytes, surface),
-                hygiene,
-            )
-        };
+        let routes = |surface| http::Routes::new(state.clone(), hygiene, surface);
         let (router, admin) = match admin_listener {
             Some(l) => {
                 let admin_addr = l.local_addr()?;

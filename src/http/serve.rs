@@ -34,14 +34,14 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::response::Response;
-use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tower::ServiceExt;
+
+use super::Routes;
 
 /// Connection limits and timeouts (from [`crate::config::Config`]).
 #[derive(Debug, Clone, Copy)]
@@ -56,11 +56,11 @@ pub struct ConnectionLimits {
 /// and the hygiene layer already refuses headers over 16 KiB.
 const MAX_BUF_BYTES: usize = 64 * 1024;
 
-/// Serve `router` on `listener` until `shutdown` resolves, then let the
+/// Serve `routes` on `listener` until `shutdown` resolves, then let the
 /// requests in flight finish.
 pub async fn serve<F>(
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     limits: ConnectionLimits,
     shutdown: F,
 ) -> std::io::Result<()>
@@ -115,7 +115,7 @@ where
             limits,
             stop: stop_rx.clone(),
         };
-        tokio::spawn(task.run(stream, router.clone(), http.clone()));
+        tokio::spawn(task.run(stream, routes.clone(), http.clone()));
     }
     drop(listener);
     drop(stop_rx);
@@ -281,7 +281,7 @@ impl ConnectionTask {
     async fn run(
         mut self,
         stream: TcpStream,
-        router: Router,
+        routes: Routes,
         http: Arc<hyper::server::conn::http1::Builder>,
     ) {
         let io = TokioIo::new(TrackedStream {
@@ -289,7 +289,7 @@ impl ConnectionTask {
             conn: self.conn.clone(),
         });
         let service = ConnectionService {
-            router,
+            routes,
             conn: self.conn.clone(),
             registry: self.registry.clone(),
         };
@@ -392,12 +392,12 @@ impl AsyncWrite for TrackedStream {
     }
 }
 
-/// The router as hyper's service for one connection, marking the
+/// The routes as hyper's service for one connection, marking the
 /// connection as serving from the request head until the response body
 /// has been handed over.
 #[derive(Clone)]
 struct ConnectionService {
-    router: Router,
+    routes: Routes,
     conn: Arc<Connection>,
     registry: Arc<Registry>,
 }
@@ -414,12 +414,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
             conn: self.conn.clone(),
             registry: self.registry.clone(),
         };
-        let response = self.router.clone().oneshot(req.map(Body::new));
+        let response = self.routes.respond(req.map(Body::new));
         Box::pin(async move {
-            let response: Response = match response.await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            };
+            let response: Response = response.await;
             Ok(response.map(|body| TrackedBody {
                 inner: body,
                 _serving: serving,

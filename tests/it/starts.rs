@@ -241,6 +241,13 @@ async fn with_an_admin_port_starts_and_contacts_are_served_there_only() {
     let r = app.raw(contacts(&admin)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, "phone,appt,name\r\n'+15557400010,Tue 3pm,Ana\r\n");
+    // The webhook is the public listener's only, its direct route too.
+    let sms = app
+        .client
+        .post(format!("{admin}/twilio/sms"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("MessageSid=SM1&From=%2B15557400011&To=%2B15550001111&Body=hi");
+    assert_eq!(app.raw(sms).await.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
