@@ -1,4 +1,4 @@
-//! Process wiring: open the store, load the flows, build the router, bind.
+//! Process wiring: open the store, load the flows, build the routes, bind.
 //!
 //! `App::build(config)` does everything that can fail before the first
 //! request and reports the bound address (port 0 in tests). `serve`, the
@@ -27,7 +27,7 @@ use crate::telemetry::PhoneLog;
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
-    router: http::Routes,
+    routes: http::Routes,
     /// The admin listener (`--admin-listen`), its address and routes.
     admin: Option<(TcpListener, SocketAddr, http::Routes)>,
     store: Arc<AnyStore>,
@@ -198,7 +198,7 @@ impl App {
             max_body_bytes: config.max_body_bytes,
         };
         let routes = |surface| http::Routes::new(state.clone(), hygiene, surface);
-        let (router, admin) = match admin_listener {
+        let (routes, admin) = match admin_listener {
             Some(l) => {
                 let admin_addr = l.local_addr()?;
                 (
@@ -211,7 +211,7 @@ impl App {
         Ok(App {
             listener,
             addr,
-            router,
+            routes,
             admin,
             store,
             pipeline,
@@ -344,12 +344,12 @@ impl App {
             header_read_timeout: self.config.header_read_timeout,
             idle_timeout: self.config.idle_timeout,
         };
-        let public = http::serve(self.listener, self.router, limits, stopped());
+        let public = http::serve(self.listener, self.routes, limits, stopped());
         let served = match self.admin {
-            Some((listener, addr, router)) => {
+            Some((listener, addr, routes)) => {
                 tracing::info!(admin = %addr, "admin endpoints on their own address");
                 crate::service::ready();
-                let admin = http::serve(listener, router, limits, stopped());
+                let admin = http::serve(listener, routes, limits, stopped());
                 let (public, admin) = tokio::join!(public, admin);
                 public.and(admin)
             }

@@ -114,10 +114,13 @@
 //!   campaigns change, the scheduler walks the conversations once.
 //! - [`compliance`]: consent keywords (STOP/START/HELP) and the loop
 //!   guard, decided before any flow runs.
-//! - `http`: axum router, request checks, error-to-status mapping. Its
-//!   `serve` (src/http/serve.rs) is the accept loop: header-read and idle
-//!   timeouts, and at most `max_connections`, closing the longest-idle
-//!   connection to make room for a new one.
+//! - `http`: axum router, request checks, error-to-status mapping.
+//!   `Routes` is what a listener serves: the router, and the inbound
+//!   webhook's POST called directly (the same checks and handler, without
+//!   the router's per-request work). Its `serve` (src/http/serve.rs) is
+//!   the accept loop: header-read and idle timeouts, and at most
+//!   `max_connections`, closing the longest-idle connection to make room
+//!   for a new one.
 //! - [`messages`]: the message log view behind `GET /messages` and
 //!   `smsflow messages` (with the message texts, when the operator keeps
 //!   them, and their search).

@@ -271,6 +271,33 @@ async fn a_declared_body_over_the_limit_gets_413_at_once() {
     );
 }
 
+/// A `max_body_bytes` above axum's own default body limit (2 MiB) is the
+/// limit on the webhook: its direct route reads the body under the
+/// configured limit, as the router does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_limit_above_two_mib_is_the_limit() {
+    let app = spawn_keywords(|c| c.max_body_bytes = 3 << 20).await;
+    let text = "a".repeat((2 << 20) + 4096);
+    let r = app.send_sms("+15553300002", &text).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Past it, refused (the head alone: the server answers before the body).
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\n\r\n",
+            (3 << 20) + 1
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(3), read_response(&mut conn))
+        .await
+        .expect("no prompt answer");
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+}
+
 /// A body refused before it was read to its end ends its connection, and
 /// the answer says so: a client that kept the connection would write its
 /// next request into a socket the server has closed (a broken pipe, seen
