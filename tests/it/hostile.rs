@@ -252,16 +252,7 @@ async fn shutdown_finishes_requests_in_flight_without_waiting_for_slow_heads() {
 async fn a_declared_body_over_the_limit_gets_413_at_once() {
     // The request time limit (10 s) is what used to end this.
     let app = spawn_keywords(|_| {}).await;
-    let mut conn = TcpStream::connect(app.addr).await.unwrap();
-    conn.write_all(
-        b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
-          Content-Length: 10000000\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let (status, body) = tokio::time::timeout(Duration::from_secs(3), read_response(&mut conn))
-        .await
-        .expect("no prompt answer");
+    let (status, body) = answer_to_declared_length(app.addr, 10_000_000).await;
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
     assert_eq!(body, "request body too large\n");
     // A body within the limit is unaffected.
@@ -281,21 +272,22 @@ async fn a_body_limit_above_two_mib_is_the_limit() {
     let r = app.send_sms("+15553300002", &text).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Past it, refused (the head alone: the server answers before the body).
-    let mut conn = TcpStream::connect(app.addr).await.unwrap();
-    conn.write_all(
-        format!(
-            "POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
-             Content-Length: {}\r\n\r\n",
-            (3 << 20) + 1
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let (status, _) = tokio::time::timeout(Duration::from_secs(3), read_response(&mut conn))
-        .await
-        .expect("no prompt answer");
+    let (status, _) = answer_to_declared_length(app.addr, (3 << 20) + 1).await;
     assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+}
+
+/// Send a webhook's head declaring a body of `length` bytes, and none of
+/// the body; the answer, which must come within 3 s.
+async fn answer_to_declared_length(addr: std::net::SocketAddr, length: usize) -> (String, String) {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {length}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), read_response(&mut conn))
+        .await
+        .expect("no prompt answer")
 }
 
 /// A body refused before it was read to its end ends its connection, and
