@@ -168,12 +168,9 @@ const SMS_PATH: &str = "/twilio/sms";
 #[derive(Clone)]
 pub struct Routes {
     router: Router,
-    sms: Option<Arc<SmsRoute>>,
-}
-
-struct SmsRoute {
-    state: AppState,
-    hygiene: Hygiene,
+    /// The direct webhook route's state and hygiene; `None` on the admin
+    /// listener.
+    sms: Option<(AppState, Hygiene)>,
 }
 
 impl Routes {
@@ -184,28 +181,35 @@ impl Routes {
             router(state.clone(), hygiene.max_body_bytes, surface),
             hygiene,
         );
-        let sms = (surface != Surface::Admin).then(|| Arc::new(SmsRoute { state, hygiene }));
+        let sms = (surface != Surface::Admin).then_some((state, hygiene));
         Routes { router, sms }
     }
 
-    /// The response to `req`.
+    /// The response to `req`. Only what answers it is cloned: the state
+    /// for the webhook, the router for everything else.
     pub(crate) fn respond(
         &self,
         req: axum::extract::Request,
     ) -> impl Future<Output = Response> + Send + 'static {
-        let direct = self
-            .sms
-            .clone()
-            .filter(|_| req.method() == axum::http::Method::POST && req.uri().path() == SMS_PATH);
-        let router = self.router.clone();
+        enum To {
+            Webhook(AppState, Hygiene),
+            Router(Router),
+        }
+        let to = match &self.sms {
+            Some((state, hygiene))
+                if req.method() == axum::http::Method::POST && req.uri().path() == SMS_PATH =>
+            {
+                To::Webhook(state.clone(), *hygiene)
+            }
+            _ => To::Router(self.router.clone()),
+        };
         async move {
-            match direct {
-                Some(sms) => {
-                    let state = sms.state.clone();
-                    let limit = sms.hygiene.max_body_bytes;
-                    hygienic(req, sms.hygiene, move |req| sms_direct(state, limit, req)).await
+            match to {
+                To::Webhook(state, hygiene) => {
+                    let limit = hygiene.max_body_bytes;
+                    hygienic(req, hygiene, move |req| sms_direct(state, limit, req)).await
                 }
-                None => match tower::ServiceExt::oneshot(router, req).await {
+                To::Router(router) => match tower::ServiceExt::oneshot(router, req).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 },
