@@ -204,6 +204,35 @@ async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(idle_from.elapsed() >= Duration::from_millis(1400));
 }
 
+/// After a keep-alive pause, a head that trickles in is cut at the
+/// header-read timeout from its first byte, not at the (much longer) idle
+/// timeout: the connection's timer is not re-armed by every phase change,
+/// so this holds that it is never armed too late either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_trickled_after_a_keep_alive_pause_is_cut_at_the_header_read_timeout() {
+    let app = spawn_keywords(|c| {
+        c.header_read_timeout = Duration::from_millis(400);
+        c.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut conn).await.0.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(PARTIAL_HEAD).await.unwrap();
+    let first_byte = Instant::now();
+    let (mut read, write) = conn.into_split();
+    let stop_trickling = trickle(vec![write]);
+    assert!(
+        closed_within(&mut read, Duration::from_secs(5)).await,
+        "a head trickled after a keep-alive pause is still open"
+    );
+    let took = first_byte.elapsed();
+    drop(stop_trickling);
+    assert!(took >= Duration::from_millis(390), "cut after {took:?}");
+}
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_finishes_requests_in_flight_without_waiting_for_slow_heads() {
     let app = spawn_keywords(|c| c.header_read_timeout = Duration::from_secs(1)).await;
