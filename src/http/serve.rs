@@ -120,6 +120,10 @@ where
     drop(listener);
     drop(stop_rx);
     let _ = stop_tx.send(true);
+    // Each connection's task reads the flag when woken; it does not poll
+    // the channel itself (one lock shared by every connection, taken on
+    // every poll of every connection's task).
+    registry.wake_all();
     stop_tx.closed().await;
     Ok(())
 }
@@ -183,6 +187,14 @@ impl Registry {
         self.room.notify_one();
     }
 
+    /// Wake every connection's task to look at its state and the stop
+    /// flag again.
+    fn wake_all(&self) {
+        for conn in self.lock().open.values() {
+            conn.wake.notify_one();
+        }
+    }
+
     fn evict_oldest_idle(&self) -> bool {
         Self::evict_locked(&mut self.lock())
     }
@@ -213,8 +225,8 @@ impl Registry {
 /// service (which marks requests) and the registry (which evicts).
 struct Connection {
     state: Mutex<State>,
-    /// Tells the connection's task it was evicted. Phase changes do not
-    /// wake it (see `ConnectionTask::run`).
+    /// Tells the connection's task it was evicted or the server is
+    /// stopping. Phase changes do not wake it (see `ConnectionTask::run`).
     wake: Notify,
 }
 
@@ -280,7 +292,7 @@ struct ConnectionTask {
 
 impl ConnectionTask {
     async fn run(
-        mut self,
+        self,
         stream: TcpStream,
         routes: Routes,
         http: Arc<hyper::server::conn::http1::Builder>,
@@ -311,10 +323,11 @@ impl ConnectionTask {
             .max(Duration::from_millis(1));
         let timer = tokio::time::sleep(check_every);
         tokio::pin!(timer);
-        // Evictions wake us (rarely); armed once, and again after each.
+        // An eviction or the server stopping wakes us (rarely); armed
+        // once, and again after each.
         let conn = self.conn.clone();
-        let evicted = conn.wake.notified();
-        tokio::pin!(evicted);
+        let woken = conn.wake.notified();
+        tokio::pin!(woken);
         // Once asked to finish, hyper closes the connection at once if it
         // is idle or has received nothing, and otherwise after the response
         // to the request under way; the deadlines below still apply.
@@ -353,12 +366,11 @@ impl ConnectionTask {
                     }
                     break;
                 }
-                _ = evicted.as_mut() => rearm = true,
+                _ = woken.as_mut() => rearm = true,
                 _ = timer.as_mut() => {}
-                _ = self.stop.changed(), if !stopping => {}
             }
             if rearm {
-                evicted.set(conn.wake.notified());
+                woken.set(conn.wake.notified());
             }
         }
         self.registry.remove(self.id);
