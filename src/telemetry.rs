@@ -149,6 +149,11 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
 /// DEL, C1, ESC among them), the Unicode line and paragraph separators and
 /// the bidirectional overrides as `\u{…}`. Everything else is copied.
 pub(crate) fn escape_into(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    // Nearly every field (a MessageSid, a hashed number, a flow's name) is
+    // printable ASCII: one pass over the bytes, no decoding.
+    if s.bytes().all(|b| matches!(b, b' '..=b'~')) {
+        return out.write_str(s);
+    }
     let mut plain = 0;
     for (i, c) in s.char_indices() {
         if !needs_escape(c) {
@@ -211,6 +216,25 @@ mod tests {
         );
         assert_eq!(escaped("\u{85}\u{9b}"), "\\u{85}\\u{9b}");
         assert_eq!(escaped("x\u{2028}y\u{202e}z"), "x\\u{2028}y\\u{202e}z");
+    }
+
+    proptest::proptest! {
+        /// The printable-ASCII shortcut changes nothing: every string
+        /// comes out as escaping it character by character does.
+        #[test]
+        fn escaping_is_per_character(s in "(?s).{0,40}|[ -~]{0,40}") {
+            let mut expected = String::new();
+            for c in s.chars() {
+                match c {
+                    '\n' => expected.push_str("\\n"),
+                    '\r' => expected.push_str("\\r"),
+                    '\t' => expected.push_str("\\t"),
+                    c if needs_escape(c) => expected.push_str(&format!("\\u{{{:x}}}", c as u32)),
+                    c => expected.push(c),
+                }
+            }
+            proptest::prop_assert_eq!(escaped(&s), expected);
+        }
     }
 
     #[test]
