@@ -815,10 +815,7 @@ impl<S: Store> Pipeline<S> {
         let guards = loop {
             keys.sort();
             keys.dedup();
-            let mut local = Vec::with_capacity(keys.len());
-            for key in &keys {
-                local.push(self.locks.lock(key).await);
-            }
+            let local = self.locks.lock_all(&keys).await;
             let shared = if keys.is_empty() {
                 None
             } else {
