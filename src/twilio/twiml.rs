@@ -300,16 +300,24 @@ fn clean(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// `s` as XML text: `&`, `<`, `>` and `\r` escaped, the characters XML
+/// cannot carry left out, and the runs between copied whole.
 fn push_text(out: &mut String, s: &str) {
-    for c in s.chars().filter(|&c| is_xml_char(c)) {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\r' => out.push_str("&#xD;"),
-            c => out.push(c),
-        }
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        let instead = match c {
+            '&' => "&amp;",
+            '<' => "&lt;",
+            '>' => "&gt;",
+            '\r' => "&#xD;",
+            c if is_xml_char(c) => continue,
+            _ => "",
+        };
+        out.push_str(&s[plain..i]);
+        out.push_str(instead);
+        plain = i + c.len_utf8();
     }
+    out.push_str(&s[plain..]);
 }
 
 fn push_attr(out: &mut String, name: &str, value: &str) {
