@@ -180,21 +180,30 @@ async fn connections_that_never_complete_a_head_are_closed_after_the_header_read
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
+const GET_METRICS: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// A server with these timeouts and a connection to it that has had one
+/// answered request, so it is now kept alive.
+async fn kept_alive(header_read: Duration, idle: Duration) -> (TestApp, TcpStream) {
     let app = spawn_keywords(|c| {
-        c.header_read_timeout = Duration::from_millis(300);
-        c.idle_timeout = Duration::from_millis(1500);
+        c.header_read_timeout = header_read;
+        c.idle_timeout = idle;
     })
     .await;
     let mut conn = TcpStream::connect(app.addr).await.unwrap();
-    let get = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    conn.write_all(get).await.unwrap();
+    conn.write_all(GET_METRICS).await.unwrap();
     assert!(read_response(&mut conn).await.0.starts_with("HTTP/1.1 200"));
+    (app, conn)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    let (_app, mut conn) =
+        kept_alive(Duration::from_millis(300), Duration::from_millis(1500)).await;
     // A pause longer than the header-read timeout but within the idle
     // timeout: the same connection serves the next request.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    conn.write_all(get).await.unwrap();
+    conn.write_all(GET_METRICS).await.unwrap();
     assert!(read_response(&mut conn).await.0.starts_with("HTTP/1.1 200"));
     let idle_from = Instant::now();
     assert!(
@@ -210,16 +219,7 @@ async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
 /// so this holds that it is never armed too late either.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_trickled_after_a_keep_alive_pause_is_cut_at_the_header_read_timeout() {
-    let app = spawn_keywords(|c| {
-        c.header_read_timeout = Duration::from_millis(400);
-        c.idle_timeout = Duration::from_secs(30);
-    })
-    .await;
-    let mut conn = TcpStream::connect(app.addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut conn).await.0.starts_with("HTTP/1.1 200"));
+    let (_app, mut conn) = kept_alive(Duration::from_millis(400), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     conn.write_all(PARTIAL_HEAD).await.unwrap();
     let first_byte = Instant::now();
