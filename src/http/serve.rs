@@ -325,7 +325,7 @@ impl ConnectionTask {
         tokio::pin!(timer);
         // An eviction or the server stopping wakes us (rarely); armed
         // once, and again after each.
-        let conn = self.conn.clone();
+        let conn = &self.conn;
         let woken = conn.wake.notified();
         tokio::pin!(woken);
         // Once asked to finish, hyper closes the connection at once if it

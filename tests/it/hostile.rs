@@ -233,6 +233,7 @@ async fn a_head_trickled_after_a_keep_alive_pause_is_cut_at_the_header_read_time
     drop(stop_trickling);
     assert!(took >= Duration::from_millis(390), "cut after {took:?}");
 }
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_finishes_requests_in_flight_without_waiting_for_slow_heads() {
     let app = spawn_keywords(|c| c.header_read_timeout = Duration::from_secs(1)).await;
