@@ -111,9 +111,10 @@
 //! file (`messages.jsonl` beside the database). A new sled key per message
 //! cost about a third of the server's throughput (tree growth and node
 //! splits); appending a line to a buffered file costs next to nothing. The
-//! log is informational: it is written after the record, flushed to the
-//! file with each grouped flush (not fsynced), and a crash can lose its
-//! last lines, never conversation state. It holds sender, number, outcome,
+//! log is informational: it is written after the record, handed to the
+//! file at each checkpoint (about once a second) and at close, never
+//! fsynced, and a crash can lose its last second of lines, never
+//! conversation state. It holds sender, number, outcome,
 //! flow and step, not the TwiML; the texts of the message and of our
 //! replies only when the operator chose `store_message_text`. Removing
 //! lines (retention, [`Store::forget_contact`]) rewrites the file under
@@ -165,6 +166,7 @@ use serde::{Deserialize, Serialize};
 
 mod any;
 mod call_jobs;
+mod consent_filter;
 mod files;
 mod message_log;
 mod open;

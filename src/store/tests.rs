@@ -463,6 +463,36 @@ fn an_undecodable_record_is_kept_aside_before_it_is_replaced() {
     );
 }
 
+/// The store answers "no consent record" from its filter without reading
+/// sled (`consent_filter.rs`): every way a record is written, and every
+/// record on disk at open, must reach the filter.
+#[test]
+fn consent_records_are_found_whatever_wrote_them_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |store: &SledStore| {
+        assert!(store.opt_out("+1", "+a").unwrap().unwrap().opted_out);
+        assert!(store.opt_out("+1", "+b").unwrap().unwrap().opted_out);
+        assert!(!store.opt_out("+1", "+c").unwrap().unwrap().opted_out);
+        assert_eq!(store.opt_out("+1", "+d").unwrap(), None);
+        // The same number under another scope is another record.
+        assert_eq!(store.opt_out("+2", "+a").unwrap(), None);
+    };
+    {
+        let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+        store.record_consent(&opt_out_change("+a")).unwrap();
+        let (key, rec) = (ConvKey::new("+1", "+b"), processed(1));
+        let mut stop = commit(&key, None, "SMb", &rec);
+        stop.consent = Some(opt_out_change("+b"));
+        store.commit(stop).unwrap();
+        let mut start = opt_out_change("+c");
+        start.state.opted_out = false;
+        store.record_consent(&start).unwrap();
+        check(&store);
+    }
+    let store = SledStore::open(dir.path(), &StoreConfig::default()).unwrap();
+    check(&store);
+}
+
 #[test]
 fn an_unreadable_consent_record_counts_as_an_opt_out() {
     let dir = tempfile::tempdir().unwrap();
