@@ -102,12 +102,13 @@ impl InboundMessage {
     /// all non-empty. `NumMedia` must be a decimal number no greater than 10.
     /// When a name repeats, the first value wins.
     pub fn from_params(params: Params) -> Result<Self, ParamError> {
-        let message_sid = message_sid(&params)?;
-        let from = required(&params, "From")?;
-        let to = required(&params, "To")?;
-        let body = first(&params, "Body").unwrap_or_default().to_owned();
+        let known = Known::of(&params);
+        let message_sid = checked_sid(known.message_sid)?;
+        let from = present(known.from, "From")?;
+        let to = present(known.to, "To")?;
+        let body = known.body.unwrap_or_default().to_owned();
 
-        let num_media = match first(&params, "NumMedia") {
+        let num_media = match known.num_media {
             Some(raw) => {
                 let n = parse_count(raw).ok_or(ParamError::Invalid("NumMedia"))?;
                 if n > MAX_MEDIA {
@@ -131,33 +132,37 @@ impl InboundMessage {
             })
             .collect();
 
-        let num_segments = match first(&params, "NumSegments") {
+        let num_segments = match known.num_segments {
             Some(raw) => Some(parse_count(raw).ok_or(ParamError::Invalid("NumSegments"))?),
             None => None,
         };
 
+        let [from_city, from_state, from_zip, from_country, to_city, to_state, to_zip, to_country] =
+            known
+                .geo
+                .map(|v| v.filter(|v| !v.is_empty()).map(str::to_owned));
         let geo = Geo {
-            from_city: non_empty(&params, "FromCity"),
-            from_state: non_empty(&params, "FromState"),
-            from_zip: non_empty(&params, "FromZip"),
-            from_country: non_empty(&params, "FromCountry"),
-            to_city: non_empty(&params, "ToCity"),
-            to_state: non_empty(&params, "ToState"),
-            to_zip: non_empty(&params, "ToZip"),
-            to_country: non_empty(&params, "ToCountry"),
+            from_city,
+            from_state,
+            from_zip,
+            from_country,
+            to_city,
+            to_state,
+            to_zip,
+            to_country,
         };
 
         Ok(InboundMessage {
             message_sid,
-            account_sid: optional(&params, "AccountSid"),
-            messaging_service_sid: optional(&params, "MessagingServiceSid"),
+            account_sid: known.account_sid.map(str::to_owned),
+            messaging_service_sid: known.messaging_service_sid.map(str::to_owned),
             from,
             to,
             body,
             num_media,
             media,
             num_segments,
-            opt_out_type: optional(&params, "OptOutType"),
+            opt_out_type: known.opt_out_type.map(str::to_owned),
             geo,
             params,
         })
@@ -170,18 +175,70 @@ impl InboundMessage {
 /// rule keeps test fixtures easy while guaranteeing the value is safe to use
 /// as a storage key and a log field.
 pub(crate) fn message_sid(params: &[(String, String)]) -> Result<String, ParamError> {
-    let sid = required(params, "MessageSid")?;
+    checked_sid(first(params, "MessageSid"))
+}
+
+fn checked_sid(sid: Option<&str>) -> Result<String, ParamError> {
+    let sid = present(sid, "MessageSid")?;
     if sid.len() > 64 || !sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(ParamError::Invalid("MessageSid"));
     }
     Ok(sid)
 }
 
-pub(crate) fn required(
-    params: &[(String, String)],
-    name: &'static str,
-) -> Result<String, ParamError> {
-    match first(params, name) {
+/// The first values of the parameters an inbound message reads, found in
+/// one pass over them (a lookup per name went through every parameter
+/// each time: about twenty names, twenty-odd parameters).
+#[derive(Default)]
+struct Known<'a> {
+    message_sid: Option<&'a str>,
+    from: Option<&'a str>,
+    to: Option<&'a str>,
+    body: Option<&'a str>,
+    num_media: Option<&'a str>,
+    num_segments: Option<&'a str>,
+    account_sid: Option<&'a str>,
+    messaging_service_sid: Option<&'a str>,
+    opt_out_type: Option<&'a str>,
+    /// `FromCity`, `FromState`, `FromZip`, `FromCountry`, `ToCity`,
+    /// `ToState`, `ToZip`, `ToCountry`.
+    geo: [Option<&'a str>; 8],
+}
+
+impl<'a> Known<'a> {
+    fn of(params: &'a [(String, String)]) -> Self {
+        let mut known = Known::default();
+        for (name, value) in params {
+            let slot = match name.as_str() {
+                "MessageSid" => &mut known.message_sid,
+                "From" => &mut known.from,
+                "To" => &mut known.to,
+                "Body" => &mut known.body,
+                "NumMedia" => &mut known.num_media,
+                "NumSegments" => &mut known.num_segments,
+                "AccountSid" => &mut known.account_sid,
+                "MessagingServiceSid" => &mut known.messaging_service_sid,
+                "OptOutType" => &mut known.opt_out_type,
+                "FromCity" => &mut known.geo[0],
+                "FromState" => &mut known.geo[1],
+                "FromZip" => &mut known.geo[2],
+                "FromCountry" => &mut known.geo[3],
+                "ToCity" => &mut known.geo[4],
+                "ToState" => &mut known.geo[5],
+                "ToZip" => &mut known.geo[6],
+                "ToCountry" => &mut known.geo[7],
+                _ => continue,
+            };
+            // When a name repeats, the first value wins (as `first`).
+            slot.get_or_insert(value.as_str());
+        }
+        known
+    }
+}
+
+/// `value`, which must be there and not empty.
+fn present(value: Option<&str>, name: &'static str) -> Result<String, ParamError> {
+    match value {
         Some(v) if !v.is_empty() => Ok(v.to_owned()),
         _ => Err(ParamError::Missing(name)),
     }
@@ -189,12 +246,6 @@ pub(crate) fn required(
 
 pub(crate) fn optional(params: &[(String, String)], name: &str) -> Option<String> {
     first(params, name).map(str::to_owned)
-}
-
-fn non_empty(params: &[(String, String)], name: &str) -> Option<String> {
-    first(params, name)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
 }
 
 /// A plain decimal count. Stricter than `u32::from_str`, which would accept
@@ -384,6 +435,57 @@ mod tests {
         #[test]
         fn never_panics(list in proptest::collection::vec(("[A-Za-z]{0,12}[0-9]?", ".*"), 0..12)) {
             let _ = InboundMessage::from_params(list);
+        }
+
+        /// Each field holds the first value of its parameter, as a lookup
+        /// by name finds it, whatever the order and the repeats.
+        #[test]
+        fn fields_are_the_first_values_of_their_parameters(
+            extra in proptest::collection::vec((
+                proptest::sample::select(vec![
+                    "MessageSid", "From", "To", "Body", "AccountSid", "MessagingServiceSid",
+                    "OptOutType", "FromCity", "FromState", "FromZip", "FromCountry", "ToCity",
+                    "ToState", "ToZip", "ToCountry", "NumSegments", "Bodyx", "from",
+                ]),
+                "[a-z0-9]{0,3}",
+            ), 0..30),
+            sid_first in proptest::bool::ANY,
+        ) {
+            let mut list: Params = extra.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+            // Valid required parameters, before or after the others.
+            let required = base();
+            list = if sid_first { [required, list].concat() } else { [list, required].concat() };
+            let Ok(msg) = InboundMessage::from_params(list.clone()) else {
+                // Only an invalid first MessageSid or NumSegments, or an
+                // empty first From or To, is refused.
+                let refused = ["MessageSid", "From", "To"]
+                    .iter()
+                    .any(|n| first(&list, n).is_none_or(|v| v.is_empty()))
+                    || first(&list, "NumSegments").is_some_and(|v| parse_count(v).is_none());
+                proptest::prop_assert!(refused);
+                return Ok(());
+            };
+            let owned = |name: &str| first(&list, name).map(str::to_owned);
+            let non_empty = |name: &str| owned(name).filter(|v| !v.is_empty());
+            proptest::prop_assert_eq!(Some(msg.message_sid), owned("MessageSid"));
+            proptest::prop_assert_eq!(Some(msg.from), owned("From"));
+            proptest::prop_assert_eq!(Some(msg.to), owned("To"));
+            proptest::prop_assert_eq!(msg.body, owned("Body").unwrap_or_default());
+            proptest::prop_assert_eq!(msg.account_sid, owned("AccountSid"));
+            proptest::prop_assert_eq!(msg.messaging_service_sid, owned("MessagingServiceSid"));
+            proptest::prop_assert_eq!(msg.opt_out_type, owned("OptOutType"));
+            proptest::prop_assert_eq!(msg.num_segments, first(&list, "NumSegments").and_then(parse_count));
+            let geo = Geo {
+                from_city: non_empty("FromCity"),
+                from_state: non_empty("FromState"),
+                from_zip: non_empty("FromZip"),
+                from_country: non_empty("FromCountry"),
+                to_city: non_empty("ToCity"),
+                to_state: non_empty("ToState"),
+                to_zip: non_empty("ToZip"),
+                to_country: non_empty("ToCountry"),
+            };
+            proptest::prop_assert_eq!(msg.geo, geo);
         }
     }
 }
