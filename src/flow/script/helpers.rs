@@ -306,7 +306,7 @@ pub(super) fn literal_patterns(ast: &rhai::AST) -> Vec<(rhai::ImmutableString, P
 // Deterministic randomness: a run's stream is seeded from its MessageSid, so
 // a retried webhook (same sid) gets the same answer and tests can pin it.
 
-pub(super) fn seed_from_sid(sid: &str) -> u64 {
+fn seed_from_sid(sid: &str) -> u64 {
     let digest = Sha256::digest(sid.as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
@@ -320,11 +320,12 @@ pub(super) fn seed_from_sid(sid: &str) -> u64 {
 /// xorshift64*: tiny, fast, and plenty for picking a greeting.
 fn next_random() -> Result<u64, Box<EvalAltResult>> {
     with_run(|run| {
-        let mut x = run.rng;
+        let state = run.rng.get_or_insert_with(|| seed_from_sid(&run.sid));
+        let mut x = *state;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        run.rng = x;
+        *state = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     })
     .ok_or_else(|| runtime("randomness is only available while handling a message"))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rhai::EvalAltResult;
 
-use super::helpers::{runtime, seed_from_sid};
+use super::helpers::runtime;
 use super::http::RunCalls;
 use super::limits::Limits;
 
@@ -19,7 +19,11 @@ pub(super) struct RunState {
     started: Instant,
     budget: Duration,
     pub(super) now: i64,
-    pub(super) rng: u64,
+    /// The run's MessageSid, which seeds its random stream.
+    pub(super) sid: String,
+    /// The random stream's state, seeded on the first draw: most scripts
+    /// never draw, and the seed is a SHA-256 of the sid.
+    pub(super) rng: Option<u64>,
     file: Arc<Path>,
     /// Compiling a script while the flows load, the only time a module
     /// file may be read.
@@ -42,7 +46,8 @@ impl RunState {
             started: Instant::now(),
             budget: limits.wall_clock,
             now,
-            rng: seed_from_sid(sid),
+            sid: sid.to_owned(),
+            rng: None,
             file,
             loading: false,
             contact: None,
