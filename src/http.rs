@@ -374,6 +374,10 @@ async fn sms_post(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let params = signed_form(&state, &uri, &headers, &body)?;
+    // Freed here, by the thread that read the request, rather than after
+    // the flush by whichever thread resumes (see
+    // `Pipeline::handle_inbound_owned`).
+    drop((uri, headers, body));
     inbound(state, params).await
 }
 
@@ -414,18 +418,22 @@ async fn inbound(state: AppState, params: Params) -> Result<Response, HttpError>
     );
     let result = async {
         tracing::debug!(from = %msg.from, to = %msg.to, body = %msg.body, "inbound message");
-        state.pipeline.handle_inbound(&msg, unix_now()).await
+        state
+            .pipeline
+            .handle_inbound_owned(msg, unix_now())
+            .await
+            .inspect_err(|e| {
+                Metrics::inc(&state.metrics.store_errors);
+                // The span names the message.
+                tracing::error!(error = %e, "store failure");
+            })
     }
     .instrument(span)
     .await;
     state.metrics.observe(Endpoint::Sms, started.elapsed());
     match result {
         Ok(answer) => Ok(twiml_response(answer.twiml)),
-        Err(e) => {
-            Metrics::inc(&state.metrics.store_errors);
-            tracing::error!(message_sid = %msg.message_sid, error = %e, "store failure");
-            Err(HttpError::unavailable())
-        }
+        Err(_) => Err(HttpError::unavailable()),
     }
 }
 

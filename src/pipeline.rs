@@ -21,8 +21,9 @@ use crate::compliance::{ComplianceConfig, Consent, LoopGuard};
 use crate::flow::{self, Conversation, EndedRun, EngineOptions, FlowSet, Inbound, Outcome, Reply};
 use crate::metrics::Metrics;
 use crate::store::{
-    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Forgotten, OptOut, Processed,
-    RecentAnswer, RunResult, StateCommit, StatusUpdate, Store, StoreError, StoredConversation,
+    AuditRecord, Commit, ConsentChange, ConvKey, DeliveryStatus, Epoch, Forgotten, OptOut,
+    Processed, RecentAnswer, RunResult, StateCommit, StatusUpdate, Store, StoreError,
+    StoredConversation,
 };
 use crate::twilio::{self, InboundMessage, OutMessage, StatusCallback};
 
@@ -64,6 +65,21 @@ pub struct Detailed {
     pub events: Vec<flow::Event>,
     /// Why nothing was sent, if nothing was (never for duplicates).
     pub silence: Option<Silence>,
+}
+
+/// An inbound message handled up to its flush (see
+/// [`Pipeline::handle_inbound_owned`]).
+struct Handled {
+    /// The store's epoch when the message was read: the flush must cover
+    /// it.
+    epoch: Epoch,
+    detailed: Detailed,
+    /// Call jobs recorded with it.
+    jobs: usize,
+    /// Its flow and step for the debug line; `None` for a duplicate.
+    flow_step: Option<(Option<String>, Option<String>)>,
+    /// How many engine events it had.
+    events: usize,
 }
 
 /// Why a message got no reply: an explicit outcome, logged and counted,
@@ -359,6 +375,25 @@ impl<S: Store> Pipeline<S> {
         Ok(self.handle_inbound_detailed(msg, now).await?.answer)
     }
 
+    /// [`Pipeline::handle_inbound`] for the webhook, which needs nothing
+    /// of the message afterwards: the message, and everything handling it
+    /// made but the answer, is freed before the wait for the flush. The
+    /// task usually resumes on another thread after that wait, and memory
+    /// freed by a thread other than the one that allocated it costs the
+    /// allocator more (about 3% of the async workers' CPU under the
+    /// durable multi-step load went to such frees, `perf record`).
+    pub async fn handle_inbound_owned(
+        &self,
+        msg: InboundMessage,
+        now: i64,
+    ) -> Result<Answer, StoreError> {
+        let mut handled = self.handled(&msg, now).await?;
+        drop(msg);
+        handled.detailed.replies = Vec::new();
+        handled.detailed.events = Vec::new();
+        Ok(self.finish(handled).await?.answer)
+    }
+
     /// [`Pipeline::handle_inbound`], also returning the engine's result
     /// (replies, silence, events). Same dedupe, locking, commit and flush:
     /// the HTTP path and the local chat share every phase (see
@@ -368,6 +403,35 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         now: i64,
     ) -> Result<Detailed, StoreError> {
+        let handled = self.handled(msg, now).await?;
+        self.finish(handled).await
+    }
+
+    /// Phase 7, once a message is handled: wait until its state change
+    /// is durable, then wake the call job runner if it recorded jobs.
+    async fn finish(&self, handled: Handled) -> Result<Detailed, StoreError> {
+        self.store.flush(handled.epoch).await?;
+        if handled.jobs > 0 {
+            self.call_jobs.notify_one();
+        }
+        if let Some((flow, step)) = &handled.flow_step {
+            // Per message only at debug: the message log (`smsflow
+            // messages`) is the per-message record, and an info line per
+            // message cost about 9% of the server's CPU under load.
+            tracing::debug!(
+                outcome = %handled.detailed.answer.outcome,
+                flow = flow.as_deref().unwrap_or("-"),
+                step = step.as_deref().unwrap_or("-"),
+                events = handled.events,
+                "message handled"
+            );
+        }
+        Ok(handled.detailed)
+    }
+
+    /// Phases 1 to 6 of an inbound message: everything but the wait for
+    /// the flush.
+    async fn handled(&self, msg: &InboundMessage, now: i64) -> Result<Handled, StoreError> {
         let key = ConvKey::new(&msg.to, &msg.from);
         let guard = self.lock(&key).await?;
         // Read before anything the answer depends on: if the store is
@@ -382,9 +446,15 @@ impl<S: Store> Pipeline<S> {
         if let Some(done) = record.answer_to(&msg.message_sid) {
             drop(guard);
             // The original may still be waiting for its flush; the replay
-            // must not go out before the state it reflects is durable.
-            self.store.flush(epoch).await?;
-            return Ok(self.duplicate(done));
+            // must not go out before the state it reflects is durable
+            // (`finish` waits for it).
+            return Ok(Handled {
+                epoch,
+                detailed: self.duplicate(done),
+                jobs: 0,
+                flow_step: None,
+                events: 0,
+            });
         }
         let mut conversation = self.conversation_of(&key, &record)?;
 
@@ -453,34 +523,26 @@ impl<S: Store> Pipeline<S> {
         // a flush, so releasing before the fsync loses nothing.
         drop(guard);
 
-        // 7. flush.
-        self.store.flush(epoch).await?;
-        if jobs > 0 {
-            self.call_jobs.notify_one();
-        }
-        // Per message only at debug: the message log (`smsflow messages`)
-        // is the per-message record, and an info line per message cost
-        // about 9% of the server's CPU under load.
-        tracing::debug!(
-            outcome = %processed.outcome,
-            flow = processed.flow.as_deref().unwrap_or("-"),
-            step = processed.step.as_deref().unwrap_or("-"),
-            events = decided.events.len(),
-            "message handled"
-        );
+        // 7. flush: `finish`.
         let (replies, silence) = match decided.verdict {
             Verdict::Reply(replies) => (replies, None),
             Verdict::Silence(silence) => (Vec::new(), Some(silence)),
         };
-        Ok(Detailed {
-            answer: Answer {
-                twiml: processed.twiml,
-                outcome: processed.outcome,
-                duplicate: false,
+        Ok(Handled {
+            epoch,
+            jobs,
+            flow_step: Some((processed.flow, processed.step)),
+            events: decided.events.len(),
+            detailed: Detailed {
+                answer: Answer {
+                    twiml: processed.twiml,
+                    outcome: processed.outcome,
+                    duplicate: false,
+                },
+                replies,
+                events: decided.events,
+                silence,
             },
-            replies,
-            events: decided.events,
-            silence,
         })
     }
 
