@@ -90,7 +90,9 @@
 //!   record, written with one insert; the inbound message log is an
 //!   append-only file beside the database, and so are flow results once
 //!   the store's results thread has moved them out of sled (about once a
-//!   second: `results/<flow>.jsonl`, `result_files.rs`). Its own thread groups flushes
+//!   second: `results/<flow>.jsonl`, `result_files.rs`); whether a sender
+//!   may have a consent record is kept in memory (`consent_filter.rs`),
+//!   so most webhooks skip that read. Its own thread groups flushes
 //!   (each ending in a real `fdatasync`; sled is carried in `vendor/sled`
 //!   with its flush writing on that thread instead of waking sled's IO
 //!   pool and its cache in 16 parts, see its `SMSFLOW.md`), writes checkpoints that expose a
