@@ -61,14 +61,12 @@ impl ConsentFilter {
         word.load(Ordering::SeqCst) & bit != 0
     }
 
-    /// Add every key of `db` under `prefix`; returns how many there were.
-    pub(super) fn add_all(&self, db: &sled::Db, prefix: &[u8]) -> sled::Result<usize> {
-        let mut n = 0;
+    /// Add every key of `db` under `prefix`.
+    pub(super) fn add_all(&self, db: &sled::Db, prefix: &[u8]) -> sled::Result<()> {
         for key in db.scan_prefix(prefix).keys() {
             self.add(&key?);
-            n += 1;
         }
-        Ok(n)
+        Ok(())
     }
 }
 
