@@ -13,6 +13,8 @@
 //! shape of version 1 without the field. Knows nothing of what the records
 //! mean or where they are kept.
 
+use std::io::Write as _;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -48,15 +50,29 @@ pub fn encode<T: Versioned>(record: &T) -> Vec<u8> {
 /// reads most records, and a record it cannot read says so), or a
 /// borrowed twin of a record kind under that kind's version (the message
 /// log's `LogLineRef`).
+///
+/// The record is written as it serialises, `{…}`, and `"v":N` is spliced
+/// in after its opening brace: the same bytes a wrapper with a flattened
+/// field gives, without serde's flattening, which goes field by field
+/// through a map serialiser (a conversation is encoded on every message).
 pub fn encode_as<T: Serialize>(record: &T, version: u32) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Tagged<'a, T> {
-        v: u32,
-        #[serde(flatten)]
-        record: &'a T,
+    let mut out = Vec::with_capacity(256);
+    // Writing to a vector cannot fail.
+    let _ = write!(out, "{{\"v\":{version}");
+    let brace = out.len();
+    // Serialising these plain structs to JSON cannot fail; every kind is
+    // a struct, so its JSON is an object: its `{` becomes the `,` after
+    // the version, or, when it has no fields, `{}` the closing brace.
+    if serde_json::to_writer(&mut out, record).is_err() || out.get(brace) != Some(&b'{') {
+        return Vec::new();
     }
-    // Serialising these plain structs to JSON cannot fail.
-    serde_json::to_vec(&Tagged { v: version, record }).unwrap_or_default()
+    if out.len() == brace + 2 {
+        out.truncate(brace);
+        out.push(b'}');
+    } else {
+        out[brace] = b',';
+    }
+    out
 }
 
 /// Decode a record of any version up to [`Versioned::VERSION`], or say why
@@ -147,6 +163,45 @@ mod tests {
         let bytes = encode(&Old { name: "Ana".into() });
         assert_eq!(bytes, br#"{"v":1,"name":"Ana"}"#);
         assert_eq!(decode::<Old>(&bytes).unwrap(), Old { name: "Ana".into() });
+    }
+
+    /// The spliced version gives the bytes the earlier encoder (a wrapper
+    /// with the record flattened into it) wrote, for records with fields,
+    /// with none written, and with none at all.
+    #[test]
+    fn splicing_the_version_writes_what_flattening_wrote() {
+        #[derive(Serialize)]
+        struct Flattened<'a, T> {
+            v: u32,
+            #[serde(flatten)]
+            record: &'a T,
+        }
+        fn flattened<T: Serialize>(record: &T, v: u32) -> Vec<u8> {
+            serde_json::to_vec(&Flattened { v, record }).unwrap()
+        }
+        #[derive(Serialize)]
+        struct Skipping {
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            list: Vec<u8>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            text: Option<String>,
+        }
+        #[derive(Serialize)]
+        struct Empty {}
+        let full = Skipping {
+            list: vec![1, 2],
+            text: Some("a \"quoted\"\n{}".into()),
+        };
+        let bare = Skipping {
+            list: vec![],
+            text: None,
+        };
+        assert_eq!(encode_as(&full, 3), flattened(&full, 3));
+        assert_eq!(encode_as(&bare, 12), flattened(&bare, 12));
+        assert_eq!(encode_as(&bare, 12), br#"{"v":12}"#);
+        assert_eq!(encode_as(&Empty {}, 0), flattened(&Empty {}, 0));
+        let old = Old { name: "Ana".into() };
+        assert_eq!(encode(&old), flattened(&old, 1));
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl Template {
         vars: &Vars<'_>,
         eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
     ) -> Result<String, ScriptError> {
-        self.try_render_escaped(vars, eval, &|s| s.to_owned())
+        self.render_parts(vars, eval, None)
     }
 
     /// [`Template::try_render`], passing what variables and expressions
@@ -266,17 +266,37 @@ impl Template {
         eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
         escape: &dyn Fn(&str) -> String,
     ) -> Result<String, ScriptError> {
-        let mut out = String::new();
+        self.render_parts(vars, eval, Some(escape))
+    }
+
+    /// The rendering, with what variables and expressions give passed
+    /// through `escape` when there is one, into a string sized for the
+    /// literal text and a short value per variable.
+    fn render_parts(
+        &self,
+        vars: &Vars<'_>,
+        eval: &mut dyn FnMut(&Expr) -> Result<String, ScriptError>,
+        escape: Option<&dyn Fn(&str) -> String>,
+    ) -> Result<String, ScriptError> {
+        let size = self.parts.iter().fold(0, |n, part| match part {
+            Part::Lit(s) => n + s.len(),
+            _ => n + 16,
+        });
+        let mut out = String::with_capacity(size);
+        let put = |out: &mut String, s: &str| match escape {
+            Some(escape) => out.push_str(&escape(s)),
+            None => out.push_str(s),
+        };
         for part in &self.parts {
             match part {
                 Part::Lit(s) => out.push_str(s),
                 Part::Var { var, fallback } => match vars.lookup(var) {
-                    Some(v) if !v.is_empty() => out.push_str(&escape(v)),
-                    _ => out.push_str(&escape(fallback.as_deref().unwrap_or(""))),
+                    Some(v) if !v.is_empty() => put(&mut out, v),
+                    _ => put(&mut out, fallback.as_deref().unwrap_or("")),
                 },
                 Part::Expr { expr, .. } => {
                     if let Some(expr) = expr {
-                        out.push_str(&escape(&eval(expr)?));
+                        put(&mut out, &eval(expr)?);
                     }
                 }
             }
