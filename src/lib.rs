@@ -105,7 +105,9 @@
 //!   engine, render, commit, flush; see [`pipeline::Pipeline`]) under a
 //!   per-conversation lock; silence is an outcome with a reason
 //!   ([`pipeline::Silence`]), not an error. Knows the store trait and the
-//!   engine, not axum.
+//!   engine, not axum. The conversation each commit wrote is kept decoded
+//!   (`pipeline/memo.rs`, a few thousand at most), so the next message
+//!   that finds exactly those bytes in the store skips decoding them.
 //! - `timers`: the timer scheduler task: sleeps until the store's index
 //!   by due time says a timer is due (woken early when a commit sets an
 //!   earlier one), then fires it through [`pipeline::Pipeline::fire_timer`]

@@ -32,12 +32,14 @@ mod calls;
 mod campaigns;
 mod contacts;
 mod locks;
+mod memo;
 mod offload;
 mod results;
 mod starts;
 mod timers;
 pub use campaigns::Rescheduled;
 use locks::KeyLocks;
+use memo::DecodeMemo;
 use offload::Offload;
 pub use timers::{TimerFired, TimerWaker};
 
@@ -243,6 +245,8 @@ pub struct Pipeline<S: Store> {
     /// One async lock per conversation in flight: its messages run one at
     /// a time, other conversations never wait.
     locks: KeyLocks,
+    /// The conversations this process committed last, decoded (`memo.rs`).
+    memo: DecodeMemo,
     /// Replies per conversation in the recent window, in memory only.
     loop_guard: LoopGuard,
     /// Whether Rhai runs inline or off the async worker (`offload.rs`).
@@ -317,6 +321,7 @@ impl<S: Store> Pipeline<S> {
                 ..options
             },
             locks: KeyLocks::default(),
+            memo: DecodeMemo::default(),
             offload: Offload::default(),
             metrics,
             timers: Arc::new(TimerWaker::default()),
@@ -509,7 +514,7 @@ impl<S: Store> Pipeline<S> {
         // same keys again, which changes nothing.
         let jobs =
             self.record_call_jobs(&format!("msg:{}", msg.message_sid), &decided.after, now)?;
-        self.commit(
+        let stored = self.commit(
             &key,
             &record,
             &decided.conversation,
@@ -517,6 +522,9 @@ impl<S: Store> Pipeline<S> {
             &processed,
             (consent, due, &results),
         )?;
+        if let Some(bytes) = stored {
+            self.memo.put(&key, bytes, decided.conversation);
+        }
         self.timers.set(due);
         // The next message of this conversation may read the new state now;
         // its own flush covers ours too, and neither is acknowledged before
@@ -555,6 +563,7 @@ impl<S: Store> Pipeline<S> {
         record: &StoredConversation,
     ) -> Result<Conversation, StoreError> {
         match &record.conversation {
+            Some(bytes) if let Some(c) = self.memo.take(key, bytes) => Ok(c),
             Some(bytes) => match Conversation::from_stored(bytes) {
                 Ok(c) => Ok(c),
                 Err(e) => {
@@ -769,7 +778,8 @@ impl<S: Store> Pipeline<S> {
     }
 
     /// Phase 6, commit: the new conversation, the answer (for retries) and
-    /// any consent change, in one atomic write. Not yet durable.
+    /// any consent change, in one atomic write. Not yet durable. Returns
+    /// the conversation's stored bytes (`None`: nothing is stored).
     fn commit(
         &self,
         key: &ConvKey,
@@ -778,7 +788,7 @@ impl<S: Store> Pipeline<S> {
         msg: &InboundMessage,
         processed: &Processed,
         (consent, due, results): (Option<ConsentChange>, Option<i64>, &[RunResult]),
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let stored = if *conversation == Conversation::default() {
             None
         } else {
@@ -799,7 +809,7 @@ impl<S: Store> Pipeline<S> {
         if let Some(action) = action {
             self.metrics.consent_change(&action);
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// The TwiML message for `reply`; with delivery tracking, its callback

@@ -370,3 +370,75 @@ async fn a_queued_start_keeps_its_conversation_from_the_purge() {
     let kept = pipeline.store.conversation(&key).unwrap();
     assert!(kept.is_some(), "the queued start was purged");
 }
+
+/// The decoded conversations the pipeline keeps (`memo.rs`) never stand
+/// in for what the store holds: a conversation rewritten behind its back
+/// (another instance, an import) is read as stored.
+#[tokio::test]
+async fn a_conversation_rewritten_in_the_store_is_read_as_stored() {
+    const SIGNUP: &str = r#"
+name: signup
+trigger:
+  keywords: [JOIN]
+steps:
+  ask_name:
+    say: "Name?"
+    wait:
+      - anything: true
+        save: name
+        goto: ask_age
+  ask_age:
+    say: "Thanks {{name}}! Age?"
+    wait:
+      - anything: true
+        save: age
+        goto: done
+  done:
+    say: "All set, {{name}} ({{age}})."
+"#;
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    std::fs::write(flows.join("signup.yaml"), SIGNUP).unwrap();
+    let set = flow::load_flows(&flows).unwrap().set;
+    let store = SledStore::open(&tmp.path().join("data"), &StoreConfig::default()).unwrap();
+    let pipeline = Pipeline::new(
+        Arc::new(store),
+        Arc::new(ArcSwap::from_pointee(set)),
+        PipelineOptions::default(),
+        Arc::new(Metrics::default()),
+    );
+    let from = "+15551230077";
+    let key = ConvKey::new(US, from);
+    let say = |n: usize, body: &'static str| {
+        let pipeline = &pipeline;
+        async move {
+            let sid = format!("SM{n:032}");
+            let msg = sms(&sid, from, body);
+            let answer = pipeline.handle_inbound(&msg, 1_000 + n as i64).await;
+            answer.unwrap().twiml
+        }
+    };
+    // Twice over: once as this process left it, once rewritten.
+    for (round, rewrite) in [(0, None), (1, Some("Bea"))] {
+        let n = 10 * round;
+        assert!(say(n + 1, "JOIN").await.contains("Name?"));
+        assert!(say(n + 2, "Ana").await.contains("Thanks Ana!"));
+        let want = match rewrite {
+            None => "All set, Ana (30).",
+            Some(name) => {
+                let stored = pipeline.store.conversation(&key).unwrap().unwrap();
+                let mut conversation = flow::Conversation::from_stored(&stored).unwrap();
+                let run = conversation.run.as_mut().unwrap();
+                run.vars.insert("name".to_owned(), name.to_owned());
+                pipeline
+                    .store
+                    .put_conversation(&key, &conversation.to_stored(), false, 1_000)
+                    .unwrap();
+                "All set, Bea (30)."
+            }
+        };
+        let twiml = say(n + 3, "30").await;
+        assert!(twiml.contains(want), "{twiml}");
+    }
+}
