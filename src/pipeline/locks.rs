@@ -4,14 +4,38 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
 use crate::store::ConvKey;
 
-type Slots = Arc<Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>>;
+type Slots = Arc<Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>, BuildHasherDefault<SlotHasher>>>>;
+
+/// The map's hasher: a slot already is a hash, keyed at random per
+/// process, so it is used as it is rather than hashed again (three times
+/// a message: lock, and the look-up and removal when the guard drops).
+#[derive(Default)]
+struct SlotHasher(u64);
+
+impl Hasher for SlotHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a `u64`); anything else
+        // is folded in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// Per-conversation async locks. An entry exists only while some request
 /// holds or waits for it, so the map stays as small as the set of
