@@ -271,7 +271,7 @@ pub struct Pipeline<S: Store> {
 /// released when dropped, the shared one first.
 struct ConvGuard {
     _shared: Option<crate::store::ConvLock>,
-    _local: locks::KeyGuard,
+    local: locks::KeyGuard,
 }
 
 /// The locks of a contact's conversations (erasure), in-process and
@@ -367,7 +367,7 @@ impl<S: Store> Pipeline<S> {
         let shared = self.store.lock_conversation(key).await?;
         Ok(ConvGuard {
             _shared: shared,
-            _local: local,
+            local,
         })
     }
 
@@ -461,7 +461,7 @@ impl<S: Store> Pipeline<S> {
                 events: 0,
             });
         }
-        let mut conversation = self.conversation_of(&key, &record)?;
+        let mut conversation = self.decoded(guard.local.slot(), &key, &record)?;
 
         // 2. consent, 3. loop guard, 4. engine.
         let (gate, consent, stopped) = self.consent(msg, &mut conversation, now)?;
@@ -527,7 +527,8 @@ impl<S: Store> Pipeline<S> {
             (consent, due, &results),
         )?;
         if let Some(bytes) = stored {
-            self.memo.put(&key, bytes, decided.conversation);
+            self.memo
+                .put(guard.local.slot(), bytes, decided.conversation);
         }
         self.timers.set(due);
         // The next message of this conversation may read the new state now;
@@ -566,8 +567,18 @@ impl<S: Store> Pipeline<S> {
         key: &ConvKey,
         record: &StoredConversation,
     ) -> Result<Conversation, StoreError> {
+        self.decoded(self.locks.slot(key), key, record)
+    }
+
+    /// [`Pipeline::conversation_of`] for a key whose lock slot is known.
+    fn decoded(
+        &self,
+        slot: u64,
+        key: &ConvKey,
+        record: &StoredConversation,
+    ) -> Result<Conversation, StoreError> {
         match &record.conversation {
-            Some(bytes) if let Some(c) = self.memo.take(key, bytes) => Ok(c),
+            Some(bytes) if let Some(c) = self.memo.take(slot, bytes) => Ok(c),
             Some(bytes) => match Conversation::from_stored(bytes) {
                 Ok(c) => Ok(c),
                 Err(e) => {

@@ -60,15 +60,21 @@ pub(super) struct KeyGuard {
 }
 
 impl KeyLocks {
+    /// `key`'s slot: its hash, keyed at random per process. The decode
+    /// memo (`memo.rs`) finds conversations by it too.
+    pub(super) fn slot(&self, key: &ConvKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     pub(super) async fn lock(&self, key: &ConvKey) -> KeyGuard {
-        self.lock_slot(self.hasher.hash_one(key)).await
+        self.lock_slot(self.slot(key)).await
     }
 
     /// Lock every one of `keys`, in the order of their slots and each slot
     /// once: two callers locking several keys never wait for each other
     /// in a circle, and keys that share a slot never wait for themselves.
     pub(super) async fn lock_all(&self, keys: &[ConvKey]) -> Vec<KeyGuard> {
-        let mut slots: Vec<u64> = keys.iter().map(|k| self.hasher.hash_one(k)).collect();
+        let mut slots: Vec<u64> = keys.iter().map(|k| self.slot(k)).collect();
         slots.sort_unstable();
         slots.dedup();
         let mut guards = Vec::with_capacity(slots.len());
@@ -89,6 +95,13 @@ impl KeyLocks {
             slot,
             map: self.map.clone(),
         }
+    }
+}
+
+impl KeyGuard {
+    /// The slot it holds ([`KeyLocks::slot`] of its key).
+    pub(super) fn slot(&self) -> u64 {
+        self.slot
     }
 }
 

@@ -13,16 +13,15 @@
 //! the store differ and are decoded, and equal bytes decode to an equal
 //! value whatever conversation they belong to.
 //!
-//! Bounded: [`SETS`] sets of two entries, found by the conversation key's
-//! hash (keyed at random per process); a new entry pushes out the older
-//! of its set. A few MiB at most, whatever the number of conversations.
+//! Bounded: [`SETS`] sets of two entries, found by the conversation's
+//! lock slot (its key's hash, keyed at random per process, `locks.rs`:
+//! the message already computed it to lock the conversation); a new entry
+//! pushes out the older of its set. A few MiB at most, whatever the
+//! number of conversations.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::flow::Conversation;
-use crate::store::ConvKey;
 
 /// How many sets the memo has (two entries each).
 pub(super) const SETS: usize = 2048;
@@ -36,14 +35,12 @@ struct Entry {
 pub(super) struct DecodeMemo {
     /// Each set's entries, the newer first.
     sets: Box<[Mutex<[Option<Entry>; 2]>]>,
-    hasher: RandomState,
 }
 
 impl Default for DecodeMemo {
     fn default() -> Self {
         DecodeMemo {
             sets: (0..SETS).map(|_| Mutex::new([None, None])).collect(),
-            hasher: RandomState::new(),
         }
     }
 }
@@ -55,11 +52,10 @@ impl DecodeMemo {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The conversation `bytes` decode to, if `key`'s last commit by this
-    /// process wrote exactly them; taken out (the commit that follows
-    /// leaves the new one).
-    pub(super) fn take(&self, key: &ConvKey, bytes: &[u8]) -> Option<Conversation> {
-        let hash = self.hasher.hash_one(key);
+    /// The conversation `bytes` decode to, if the last commit by this
+    /// process of the conversation in lock slot `hash` wrote exactly them;
+    /// taken out (the commit that follows leaves the new one).
+    pub(super) fn take(&self, hash: u64, bytes: &[u8]) -> Option<Conversation> {
         let mut set = self.set(hash);
         let way = set.iter().position(|e| {
             e.as_ref()
@@ -68,10 +64,9 @@ impl DecodeMemo {
         set[way].take().map(|e| e.conversation)
     }
 
-    /// Remember that `bytes`, just committed for `key`, decode to
-    /// `conversation`.
-    pub(super) fn put(&self, key: &ConvKey, bytes: Vec<u8>, conversation: Conversation) {
-        let hash = self.hasher.hash_one(key);
+    /// Remember that `bytes`, just committed for the conversation in lock
+    /// slot `hash`, decode to `conversation`.
+    pub(super) fn put(&self, hash: u64, bytes: Vec<u8>, conversation: Conversation) {
         let entry = Entry {
             hash,
             bytes,
@@ -99,8 +94,9 @@ mod tests {
         }
     }
 
-    fn key(n: usize) -> ConvKey {
-        ConvKey::new("+15550000000", format!("+1555{n:07}"))
+    /// A conversation's lock slot (any `u64`: the memo takes it as given).
+    fn key(n: usize) -> u64 {
+        n as u64
     }
 
     /// An entry is found only by its key and its exact bytes, once.
@@ -108,13 +104,13 @@ mod tests {
     fn an_entry_is_taken_once_for_its_exact_bytes() {
         let memo = DecodeMemo::default();
         let ana = conversation("Ana");
-        memo.put(&key(1), ana.to_stored(), ana.clone());
-        assert_eq!(memo.take(&key(2), &ana.to_stored()), None);
+        memo.put(key(1), ana.to_stored(), ana.clone());
+        assert_eq!(memo.take(key(2), &ana.to_stored()), None);
         let mut other = ana.to_stored();
         other.push(b' ');
-        assert_eq!(memo.take(&key(1), &other), None);
-        assert_eq!(memo.take(&key(1), &ana.to_stored()), Some(ana.clone()));
-        assert_eq!(memo.take(&key(1), &ana.to_stored()), None);
+        assert_eq!(memo.take(key(1), &other), None);
+        assert_eq!(memo.take(key(1), &ana.to_stored()), Some(ana.clone()));
+        assert_eq!(memo.take(key(1), &ana.to_stored()), None);
     }
 
     /// A key's new entry replaces its old one; two keys of one set are
@@ -124,29 +120,24 @@ mod tests {
         let memo = DecodeMemo::default();
         let ana = conversation("Ana");
         let bea = conversation("Bea");
-        memo.put(&key(1), ana.to_stored(), ana.clone());
-        memo.put(&key(1), bea.to_stored(), bea.clone());
-        assert_eq!(memo.take(&key(1), &ana.to_stored()), None);
-        assert_eq!(memo.take(&key(1), &bea.to_stored()), Some(bea.clone()));
+        memo.put(key(1), ana.to_stored(), ana.clone());
+        memo.put(key(1), bea.to_stored(), bea.clone());
+        assert_eq!(memo.take(key(1), &ana.to_stored()), None);
+        assert_eq!(memo.take(key(1), &bea.to_stored()), Some(bea.clone()));
 
-        // Three keys whose hashes fall into one set.
-        let set = |k: &ConvKey| memo.hasher.hash_one(k) % SETS as u64;
+        // Three keys that fall into one set.
         let first = key(0);
-        let same: Vec<ConvKey> = (1..)
-            .map(key)
-            .filter(|k| set(k) == set(&first))
-            .take(2)
-            .collect();
-        memo.put(&first, ana.to_stored(), ana.clone());
-        memo.put(&same[0], bea.to_stored(), bea.clone());
-        memo.put(&same[0], bea.to_stored(), bea.clone());
-        assert_eq!(memo.take(&first, &ana.to_stored()), Some(ana.clone()));
-        memo.put(&first, ana.to_stored(), ana.clone());
-        memo.put(&same[0], bea.to_stored(), bea.clone());
-        memo.put(&same[1], bea.to_stored(), bea.clone());
-        assert_eq!(memo.take(&first, &ana.to_stored()), None);
-        assert_eq!(memo.take(&same[0], &bea.to_stored()), Some(bea.clone()));
-        assert_eq!(memo.take(&same[1], &bea.to_stored()), Some(bea));
+        let same = [key(SETS), key(2 * SETS)];
+        memo.put(first, ana.to_stored(), ana.clone());
+        memo.put(same[0], bea.to_stored(), bea.clone());
+        memo.put(same[0], bea.to_stored(), bea.clone());
+        assert_eq!(memo.take(first, &ana.to_stored()), Some(ana.clone()));
+        memo.put(first, ana.to_stored(), ana.clone());
+        memo.put(same[0], bea.to_stored(), bea.clone());
+        memo.put(same[1], bea.to_stored(), bea.clone());
+        assert_eq!(memo.take(first, &ana.to_stored()), None);
+        assert_eq!(memo.take(same[0], &bea.to_stored()), Some(bea.clone()));
+        assert_eq!(memo.take(same[1], &bea.to_stored()), Some(bea));
     }
 }
 
