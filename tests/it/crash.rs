@@ -136,9 +136,14 @@ async fn drive_sender(
                 let n = round.acks.fetch_add(1, Ordering::SeqCst) + 1;
                 match kill {
                     Kill::MidLoad(at) if n == at => {
-                        round.stop.store(true, Ordering::SeqCst);
                         round.killed.store(true, Ordering::SeqCst);
+                        // Killed before the others are told to stop: a
+                        // grouped flush answers every waiting sender at
+                        // once, and stopping them first let all of them
+                        // finish their last request before the kill
+                        // (once in CI, "the kill hit no request").
                         server.signal("KILL");
+                        round.stop.store(true, Ordering::SeqCst);
                     }
                     Kill::Quiet(at) if n == at => round.stop.store(true, Ordering::SeqCst),
                     _ => {}
