@@ -37,6 +37,11 @@
 //! | `f\0` | idempotency key | [`StartRecord`]: the result of a flow start (`starts.rs`) |
 //! | `r\0` | flow `\0` 8-byte start time, to `\0` from `\0` 2-byte position | [`RunResult`]: what one ended flow run collected (`results.rs`), for about a second: then moved to `results/` (below) |
 //!
+//! Every key above is in sled's default tree except the flow results
+//! (`r\0`): they are in the tree `results` of their own (`results.rs`
+//! says why). Rows an older release wrote to the default tree are read
+//! and moved on from there.
+//!
 //! # Format versions
 //!
 //! The stored format is a contract with every data directory already

@@ -143,6 +143,8 @@ fn is_lock_error(e: &io::Error) -> bool {
 /// An open database and the files its flushes sync.
 pub(super) struct Open {
     pub(super) db: sled::Db,
+    /// Flow result rows (`results.rs`, [`super::results::TREE`]).
+    pub(super) results: sled::Tree,
     pub(super) files: Mutex<DurableFiles>,
 }
 
@@ -206,10 +208,14 @@ pub(super) fn open_db(dir: &Path, config: &StoreConfig) -> Result<Open, OpenErro
             }
         }
     };
+    let results = db
+        .open_tree(super::results::TREE)
+        .map_err(|e| OpenError::from_sled(dir, e))?;
     let files =
         DurableFiles::open(dir).map_err(|e| OpenError::io("opening", &dir.join("db"), e))?;
     Ok(Open {
         db,
+        results,
         files: Mutex::new(files),
     })
 }

@@ -236,18 +236,20 @@ impl SledStore {
             .result_files
             .flows(&held)
             .map_err(|e| StoreError::Backend(format!("listing the results files: {e}")))?;
-        self.shared.with_db(|db| {
-            for item in db.scan_prefix(results::PREFIX) {
-                let (k, _) = item?;
-                if let Some((flow, _)) = results::parse_key(&k) {
-                    if !flows.iter().any(|f| f == flow) {
-                        flows.push(flow.to_string());
+        self.shared.with_trees(|db, tree| {
+            for rows in results::trees(db, tree) {
+                for item in rows.scan_prefix(results::PREFIX) {
+                    let (k, _) = item?;
+                    if let Some((flow, _)) = results::parse_key(&k) {
+                        if !flows.iter().any(|f| f == flow) {
+                            flows.push(flow.to_string());
+                        }
                     }
                 }
             }
             let mut out = Vec::new();
             for flow in &flows {
-                for ((.., n), r) in self.flow_results(&held, db, flow)? {
+                for ((.., n), r) in self.flow_results(&held, db, tree, flow)? {
                     out.push((r, n));
                 }
             }
@@ -261,6 +263,7 @@ impl SledStore {
         &self,
         held: &result_files::Held<'_>,
         db: &sled::Db,
+        tree: &sled::Tree,
         flow: &str,
     ) -> Result<std::collections::BTreeMap<RunKey, RunResult>, StoreError> {
         let mut out = self
@@ -268,9 +271,11 @@ impl SledStore {
             .result_files
             .read(held, flow)
             .map_err(|e| StoreError::Backend(format!("reading the results of {flow}: {e}")))?;
-        for (k, r) in self.scan::<RunResult>(db, &results::flow_prefix(flow))? {
-            if let Some((_, n)) = results::parse_key(&k) {
-                out.insert(result_files::run_key(&r, n), r);
+        for rows in results::trees(db, tree) {
+            for (k, r) in self.scan::<RunResult>(rows, &results::flow_prefix(flow))? {
+                if let Some((_, n)) = results::parse_key(&k) {
+                    out.insert(result_files::run_key(&r, n), r);
+                }
             }
         }
         Ok(out)
@@ -329,9 +334,18 @@ impl Shared {
         &self,
         f: impl FnOnce(&sled::Db) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.with_trees(|db, _| f(db))
+    }
+
+    /// [`Shared::with_db`], with the flow results' tree too
+    /// (`results::TREE`).
+    pub(super) fn with_trees<T>(
+        &self,
+        f: impl FnOnce(&sled::Db, &sled::Tree) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let guard = read(&self.db);
         let open = guard.as_ref().ok_or_else(reopening)?;
-        let result = f(&open.db);
+        let result = f(&open.db, &open.results);
         if let Err(StoreError::Io(e)) = &result {
             self.fail(e);
         }
@@ -388,13 +402,19 @@ impl Shared {
     pub(super) fn move_results(&self) -> Result<usize, StoreError> {
         let started = std::time::Instant::now();
         let mut total = 0;
-        loop {
-            let (rows, moved) = self.move_results_batch().inspect_err(|_| {
-                self.results_move_failures.fetch_add(1, Ordering::Relaxed);
-            })?;
-            total += moved;
-            if rows < RESULTS_BATCH {
-                break;
+        // The default tree's rows first (an older release's), then the
+        // results' own tree.
+        for which in 0..2 {
+            loop {
+                let (rows, moved) = self.move_results_batch(which).inspect_err(|_| {
+                    self.results_move_failures.fetch_add(1, Ordering::Relaxed);
+                })?;
+                total += moved;
+                // A batch of rows none of which can move (not written as
+                // this release writes them) would come back every time.
+                if rows < RESULTS_BATCH || moved == 0 {
+                    break;
+                }
             }
         }
         if total > 0 {
@@ -407,16 +427,17 @@ impl Shared {
         Ok(total)
     }
 
-    /// Move at most [`RESULTS_BATCH`] rows; returns how many were read
-    /// and how many moved.
-    fn move_results_batch(&self) -> Result<(usize, usize), StoreError> {
+    /// Move at most [`RESULTS_BATCH`] rows of `results::trees`'s
+    /// `which`th; returns how many were read and how many moved.
+    fn move_results_batch(&self, which: usize) -> Result<(usize, usize), StoreError> {
         let held = self.result_files.lock();
         if self.failed.load(Ordering::SeqCst) {
             return Ok((0, 0));
         }
-        let rows = self.with_db(|db| {
+        let rows = self.with_trees(|db, tree| {
             let mut rows = Vec::new();
-            for item in db.scan_prefix(results::PREFIX).take(RESULTS_BATCH) {
+            let from = results::trees(db, tree)[which];
+            for item in from.scan_prefix(results::PREFIX).take(RESULTS_BATCH) {
                 rows.push(item?);
             }
             Ok(rows)
@@ -441,11 +462,12 @@ impl Shared {
                 Err(e) => failed = Some(format!("appending to the results of {flow}: {e}")),
             }
         }
-        self.with_db(|db| {
+        self.with_trees(|db, tree| {
+            let from = results::trees(db, tree)[which];
             for &i in &moved {
                 let (k, v) = &rows[i];
                 // Not if a step handled again wrote its run anew meanwhile.
-                let _ = db.compare_and_swap(k, Some(v), None as Option<&[u8]>)?;
+                let _ = from.compare_and_swap(k, Some(v), None as Option<&[u8]>)?;
             }
             Ok(())
         })?;
@@ -760,7 +782,7 @@ impl SledStore {
 
     fn scan<T: crate::versioned::Versioned>(
         &self,
-        db: &sled::Db,
+        db: &sled::Tree,
         prefix: &[u8],
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut out = Vec::new();
@@ -802,14 +824,15 @@ impl SledStore {
 type Entry = (Vec<u8>, Vec<u8>);
 
 impl SledStore {
-    /// Write the results of the runs a commit ended, before its
-    /// conversation record: sled's log keeps the order, so a crash leaves
-    /// at most results whose conversation has not moved yet, and handling
-    /// that step again writes the same keys (a transaction with the
-    /// record would cost a synchronous log write, once per run).
-    fn write_results(db: &sled::Db, rows: &[Entry]) -> Result<(), StoreError> {
+    /// Write the results of the runs a commit ended into their tree,
+    /// before its conversation record: sled's one log for all trees keeps
+    /// the order, so a crash leaves at most results whose conversation has
+    /// not moved yet, and handling that step again writes the same keys
+    /// (a transaction with the record would cost a synchronous log write,
+    /// once per run).
+    fn write_results(tree: &sled::Tree, rows: &[Entry]) -> Result<(), StoreError> {
         for (k, v) in rows {
-            db.insert(k.as_slice(), v.as_slice())?;
+            tree.insert(k.as_slice(), v.as_slice())?;
         }
         Ok(())
     }
@@ -883,8 +906,8 @@ impl Store for SledStore {
         let record = conv_value(c.processed.at, c.ended, c.conversation, c.due, &recent);
         let k = c.key.db_key();
         let results = results::rows(c.results);
-        let old = self.shared.with_db(|db| {
-            Self::write_results(db, &results)?;
+        let old = self.shared.with_trees(|db, tree| {
+            Self::write_results(tree, &results)?;
             self.shared.write_conversation(db, c.key, c.due, || {
                 // A consent change is rare, and must be atomic with the
                 // message: a transaction. The common case is one insert
@@ -1083,7 +1106,7 @@ impl Store for SledStore {
                 .map_err(|e| StoreError::Backend(format!("purging flow results: {e}")))?,
             ..Purged::default()
         };
-        self.shared.with_db(|db| {
+        self.shared.with_trees(|db, tree| {
             for (k, v) in self.scan::<DeliveryStatus>(db, b"s\0")? {
                 if v.updated_at < cutoff {
                     db.remove(k)?;
@@ -1104,10 +1127,12 @@ impl Store for SledStore {
                     purged.call_jobs += 1;
                 }
             }
-            for (k, v) in self.scan::<RunResult>(db, results::PREFIX)? {
-                if v.ended_at < cutoff {
-                    db.remove(k)?;
-                    purged.results += 1;
+            for rows in results::trees(db, tree) {
+                for (k, v) in self.scan::<RunResult>(rows, results::PREFIX)? {
+                    if v.ended_at < cutoff {
+                        rows.remove(k)?;
+                        purged.results += 1;
+                    }
                 }
             }
             for item in db.scan_prefix(b"c\0") {
@@ -1184,8 +1209,8 @@ impl Store for SledStore {
         let record = conv_value(c.at, c.ended, c.conversation, c.due, c.recent);
         let k = c.key.db_key();
         let results = results::rows(c.results);
-        let old = self.shared.with_db(|db| {
-            Self::write_results(db, &results)?;
+        let old = self.shared.with_trees(|db, tree| {
+            Self::write_results(tree, &results)?;
             self.shared
                 .write_conversation(db, c.key, c.due, || Ok(db.insert(&k, record.as_slice())?))
         })?;
@@ -1523,7 +1548,7 @@ impl Store for SledStore {
         let Some(c) = commit else {
             let done = self
                 .shared
-                .with_db(|db| starts::commit(db, entries, None, &[], record))?;
+                .with_trees(|db, tree| starts::commit(db, tree, entries, None, &[], record))?;
             self.shared.outbox_changed(done.depth);
             if done.taken.is_none() {
                 self.shared.wrote();
@@ -1535,9 +1560,9 @@ impl Store for SledStore {
         let extra = results::rows(c.results);
         let mut taken = None;
         let mut depth = 0;
-        let old = self.shared.with_db(|db| {
+        let old = self.shared.with_trees(|db, tree| {
             self.shared.write_conversation(db, c.key, c.due, || {
-                let done = starts::commit(db, entries, Some((&k, &value)), &extra, record)?;
+                let done = starts::commit(db, tree, entries, Some((&k, &value)), &extra, record)?;
                 taken = done.taken;
                 depth = done.depth;
                 Ok(done.old)
@@ -1554,7 +1579,7 @@ impl Store for SledStore {
         let held = self.shared.result_files.lock();
         let mut out: Vec<RunResult> = self
             .shared
-            .with_db(|db| self.flow_results(&held, db, flow))?
+            .with_trees(|db, tree| self.flow_results(&held, db, tree, flow))?
             .into_values()
             .filter(|r| r.ended_at >= since)
             .collect();
@@ -1617,7 +1642,7 @@ impl Store for SledStore {
             ..Forgotten::default()
         };
         let mut depth = 0;
-        let result = self.shared.with_db(|db| {
+        let result = self.shared.with_trees(|db, tree| {
             for key in self.contact_conversations(number)? {
                 let k = key.db_key();
                 if let Some(old) = db.remove(&k)? {
@@ -1628,10 +1653,12 @@ impl Store for SledStore {
                     gone.conversations += 1;
                 }
             }
-            for (k, r) in self.scan::<RunResult>(db, results::PREFIX)? {
-                if r.contact == number {
-                    db.remove(k)?;
-                    gone.results += 1;
+            for rows in results::trees(db, tree) {
+                for (k, r) in self.scan::<RunResult>(rows, results::PREFIX)? {
+                    if r.contact == number {
+                        rows.remove(k)?;
+                        gone.results += 1;
+                    }
                 }
             }
             for (k, s) in self.scan::<DeliveryStatus>(db, b"s\0")? {

@@ -11,7 +11,7 @@
 //! the record or runs the start afresh on the unchanged conversation.
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::outbox::{self, OutboxEntry};
 use super::records::{decode, encode};
@@ -86,6 +86,7 @@ pub(super) struct Committed {
 /// `record.key` is taken.
 pub(super) fn commit(
     db: &sled::Db,
+    results: &sled::Tree,
     entries: &[OutboxEntry],
     conv: Option<(&[u8], &[u8])>,
     extra: &[(Vec<u8>, Vec<u8>)],
@@ -105,7 +106,7 @@ pub(super) fn commit(
             )
         })
         .collect();
-    let result = db.transaction(|tx| {
+    let result = (&**db, results).transaction(|(tx, results)| {
         if let Some(existing) = tx.get(&k)? {
             return Ok((Some(existing), None, 0));
         }
@@ -126,7 +127,7 @@ pub(super) fn commit(
         };
         // The results of runs the start ended (it interrupted one).
         for (ek, ev) in extra {
-            tx.insert(ek.as_slice(), ev.as_slice())?;
+            results.insert(ek.as_slice(), ev.as_slice())?;
         }
         tx.insert(k.as_slice(), v.as_slice())?;
         Ok::<_, ConflictableTransactionError<()>>((None, old, depth))

@@ -750,7 +750,12 @@ fn commit_results(store: &SledStore, contact: &str, sid: &str, results: &[RunRes
 fn result_rows_in_sled(store: &SledStore) -> usize {
     store
         .shared
-        .with_db(|db| Ok(db.scan_prefix(results::PREFIX).count()))
+        .with_trees(|db, tree| {
+            Ok(results::trees(db, tree)
+                .iter()
+                .map(|rows| rows.scan_prefix(results::PREFIX).count())
+                .sum())
+        })
         .unwrap()
 }
 
@@ -809,6 +814,93 @@ fn a_run_written_again_is_read_once_and_last() {
     assert_eq!(file.lines().count(), 2, "{file}");
     // `store copy` reads the same.
     assert_eq!(store.all_results().unwrap(), vec![(again, 0)]);
+}
+
+/// Rows in the results' tree and in the default tree.
+fn result_rows_by_tree(store: &SledStore) -> [usize; 2] {
+    store
+        .shared
+        .with_trees(|db, tree| {
+            Ok(results::trees(db, tree).map(|rows| rows.scan_prefix(results::PREFIX).count()))
+        })
+        .unwrap()
+}
+
+/// Results are written to a tree of their own; rows an older release left
+/// in the default tree are still read (a newer copy of a run winning),
+/// purged, erased and moved to the files.
+#[test]
+fn results_left_in_the_default_tree_are_read_purged_erased_and_moved() {
+    let (dir, store) = open();
+    // As a release before the results' own tree wrote them.
+    let old = run_result("signup", "+1666", 1, 5);
+    let kept = run_result("signup", "+1777", 2, 50);
+    let replaced = run_result("signup", "+1888", 3, 60);
+    let forgotten = run_result("quiz", "+1999", 4, 70);
+    let rows = results::rows(&[old.clone(), kept.clone(), replaced.clone()])
+        .into_iter()
+        .chain(results::rows(std::slice::from_ref(&forgotten)));
+    store
+        .shared
+        .with_db(|db| {
+            for (k, v) in rows {
+                db.insert(k, v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    // `replaced` written again by this release (a step handled again):
+    // the same key, third of its commit, in the results' tree.
+    let anew = RunResult {
+        ended_at: 65,
+        ..replaced.clone()
+    };
+    store
+        .shared
+        .with_trees(|_, tree| {
+            let again = [old.clone(), kept.clone(), anew.clone()];
+            for (k, v) in results::rows(&again).into_iter().skip(2) {
+                tree.insert(k, v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(result_rows_by_tree(&store), [4, 1]);
+    assert_eq!(
+        store.results("signup", 0).unwrap(),
+        vec![old.clone(), kept.clone(), anew.clone()]
+    );
+    assert_eq!(store.results("quiz", 0).unwrap(), vec![forgotten.clone()]);
+    assert_eq!(store.all_results().unwrap().len(), 4);
+
+    assert_eq!(store.purge(10).unwrap().results, 1);
+    let audit = AuditRecord {
+        at: 80,
+        scope: "*".into(),
+        number: "+1999".into(),
+        action: "forget".into(),
+        cause: "test".into(),
+        message_sid: String::new(),
+    };
+    assert_eq!(store.forget_contact("+1999", &audit).unwrap().results, 1);
+    assert_eq!(result_rows_by_tree(&store), [2, 1]);
+
+    assert_eq!(store.move_results().unwrap(), 3);
+    assert_eq!(result_rows_by_tree(&store), [0, 0]);
+    assert_eq!(
+        store.results("signup", 0).unwrap(),
+        vec![kept.clone(), anew.clone()]
+    );
+    let file = std::fs::read_to_string(dir.path().join("results/signup.jsonl")).unwrap();
+    assert_eq!(file.lines().count(), 3, "{file}");
+    // New results go to the results' tree only.
+    commit_results(
+        &store,
+        "+1777",
+        "SM2",
+        &[run_result("signup", "+1777", 90, 95)],
+    );
+    assert_eq!(result_rows_by_tree(&store), [0, 1]);
 }
 
 /// Retention and erasing a contact reach the files; a line that does not
