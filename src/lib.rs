@@ -89,8 +89,9 @@
 //!   one the server holds. In sled, a conversation and its recent answers (for retries) are one
 //!   record, written with one insert; the inbound message log is an
 //!   append-only file beside the database, and so are flow results once
-//!   the store's results thread has moved them out of sled (about once a
-//!   second: `results/<flow>.jsonl`, `result_files.rs`); whether a sender
+//!   the store's results thread has moved them out of sled, where they
+//!   wait in a tree of their own (about once a second:
+//!   `results/<flow>.jsonl`, `result_files.rs`); whether a sender
 //!   may have a consent record is kept in memory (`consent_filter.rs`),
 //!   so most webhooks skip that read. Its own thread groups flushes
 //!   (each ending in a real `fdatasync`; sled is carried in `vendor/sled`
