@@ -748,15 +748,7 @@ fn commit_results(store: &SledStore, contact: &str, sid: &str, results: &[RunRes
 }
 
 fn result_rows_in_sled(store: &SledStore) -> usize {
-    store
-        .shared
-        .with_trees(|db, tree| {
-            Ok(results::trees(db, tree)
-                .iter()
-                .map(|rows| rows.scan_prefix(results::PREFIX).count())
-                .sum())
-        })
-        .unwrap()
+    result_rows_by_tree(store).iter().sum()
 }
 
 /// Results leave sled for their flows' files and read the same from
