@@ -57,7 +57,7 @@ pub(super) const PREFIX: &[u8] = b"r\0";
 /// in the default tree their leaves split and merged among the
 /// conversation records' index nodes, so every conversation lookup went
 /// down a deeper, busier tree. Apart, a durable multi-step message ran
-/// 97.5k → 95.3k instructions (the result insert 14.5k → 11.0k, the
+/// 97.5k → 95.2k instructions (the result insert 14.5k → 11.0k, the
 /// conversation's load 3.7k → 3.1k; callgrind, `docs/performance-history.md`).
 /// One sled log holds every tree, so a result still reaches the log
 /// before its conversation record.

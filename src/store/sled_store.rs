@@ -782,11 +782,11 @@ impl SledStore {
 
     fn scan<T: crate::versioned::Versioned>(
         &self,
-        db: &sled::Tree,
+        tree: &sled::Tree,
         prefix: &[u8],
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut out = Vec::new();
-        for item in db.scan_prefix(prefix) {
+        for item in tree.scan_prefix(prefix) {
             let (k, v) = item?;
             match decode(&v) {
                 Ok(value) => out.push((k.to_vec(), value)),
