@@ -512,11 +512,10 @@ impl<S: Store> Pipeline<S> {
         // Before the state change: a crash in between leaves the jobs and
         // the message unprocessed, and the retried webhook records the
         // same keys again, which changes nothing.
-        let jobs = match decided.after.is_empty() {
-            true => 0,
-            false => {
-                self.record_call_jobs(&format!("msg:{}", msg.message_sid), &decided.after, now)?
-            }
+        let jobs = if decided.after.is_empty() {
+            0
+        } else {
+            self.record_call_jobs(&format!("msg:{}", msg.message_sid), &decided.after, now)?
         };
         let stored = self.commit(
             &key,

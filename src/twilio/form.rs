@@ -115,10 +115,7 @@ fn decode_part(
     let part = &raw[start..end];
     if let Some(text) = text.filter(|_| !part.contains(&b'%')) {
         let part = &text[start..end];
-        return Ok(Ok(match part.contains('+') {
-            true => part.replace('+', " "),
-            false => part.to_owned(),
-        }));
+        return Ok(Ok(part.replace('+', " ")));
     }
     Ok(String::from_utf8(decode_component(part, start)?).map_err(|e| e.into_bytes()))
 }
