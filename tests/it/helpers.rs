@@ -108,6 +108,29 @@ pub async fn spawn_with(mut config: Config) -> TestApp {
     }
 }
 
+impl Drop for TestApp {
+    /// Removes the temp dir, trying again for a moment. Dropping the app
+    /// ends its server, whose store may be closing right then: a
+    /// checkpoint written while the directory is being removed makes that
+    /// removal fail, which `TempDir` ignores, and left `data/checkpoint`
+    /// behind in the system's temp directory.
+    fn drop(&mut self) {
+        let Some(tmp) = self._tmp.take() else {
+            return;
+        };
+        let path = tmp.keep();
+        for _ in 0..50 {
+            // Its error may be about an entry the store just renamed: what
+            // counts is whether the directory is gone.
+            let _ = std::fs::remove_dir_all(&path);
+            if !path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// The parameters of a plain inbound SMS, in Twilio's real order.
 pub fn sms_params(from: &str, body: &str, sid: &str) -> Vec<(String, String)> {
     [
