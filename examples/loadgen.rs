@@ -7,7 +7,13 @@
 //! client's own CPU time per request, and each server's peak RSS (`VmHWM`
 //! from `/proc/<pid>/status`). CPU time is far steadier than requests/s on
 //! a shared machine: other work slows the server down but does not add to
-//! its CPU time.
+//! its CPU time. The `switches` line counts context switches per message
+//! (`/proc/<pid>/task/*/status`, summed over the threads alive at the
+//! end): each server's threads going to sleep and being preempted, and
+//! how often this client went to sleep waiting for answers. On a machine
+//! whose cores the client shares, a server that answers more slowly than
+//! the client sends lets it sleep, and each answer then wakes it and
+//! often preempts the server: switches a faster server never pays.
 //!
 //! ```sh
 //! cargo build --release --examples --bins
@@ -777,6 +783,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
         } else {
             out.push(NO_CPU.to_string());
         }
+        out.extend(switches_line(rounds));
         let p99 = |report: fn(&Round) -> &Report| {
             let ms: Vec<f64> = rounds
                 .iter()
@@ -823,6 +830,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
             )),
             None => out.push(NO_CPU.to_string()),
         }
+        out.extend(switches_line(rounds));
         if let Some(n) = last.fsyncs {
             out.push(format!(
                 "flushes    {n} grouped fsyncs, {:.1} messages per fsync",
@@ -843,6 +851,38 @@ fn report(rounds: &[Round]) -> Vec<String> {
         }
     }
     out
+}
+
+/// The `switches` line: each server's switches to sleep and preemptions
+/// per message, and the client's sleeps per request against each, one
+/// round's or the medians of the rounds'; none without child processes.
+fn switches_line(rounds: &[Round]) -> Option<String> {
+    let per: Vec<[f64; 6]> = rounds
+        .iter()
+        .map(|r| {
+            let (ours_sleep, ours_pre, ours_client) = r.ours.switches_per_req()?;
+            let (bare_sleep, bare_pre, bare_client) = r.bare.switches_per_req()?;
+            Some([
+                ours_sleep,
+                ours_pre,
+                bare_sleep,
+                bare_pre,
+                ours_client,
+                bare_client,
+            ])
+        })
+        .collect::<Option<_>>()?;
+    let m: Vec<f64> = (0..6)
+        .map(|i| median(&per.iter().map(|p| p[i]).collect::<Vec<_>>()))
+        .collect();
+    let of = match rounds.len() {
+        1 => String::new(),
+        n => format!(" (medians of the {n} rounds)"),
+    };
+    Some(format!(
+        "switches   per message: smsflow {:.3} to sleep and {:.3} preempted, the bare handler {:.3} and {:.3}; the client slept {:.3} and {:.3} times per request{of}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    ))
 }
 
 fn percent(x: f64) -> String {
@@ -946,6 +986,38 @@ struct Report {
     /// This process's own CPU time over the run (the client, plus any
     /// in-process server).
     client_cpu: Duration,
+    /// The server process's context switches over the run; `None` for a
+    /// server running inside this process.
+    server_switches: Option<Switches>,
+    /// This process's context switches over the run.
+    client_switches: Option<Switches>,
+}
+
+/// Context switches of a process's threads (those alive when counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Switches {
+    /// Switched out to sleep (`voluntary_ctxt_switches`).
+    sleeping: u64,
+    /// Switched out while it could have run on (`nonvoluntary_ctxt_switches`).
+    preempted: u64,
+}
+
+impl Switches {
+    /// The switches from `before` to `self`. A thread that ended in
+    /// between takes its count with it, so a difference is at least 0.
+    fn since(self, before: Switches) -> Switches {
+        Switches {
+            sleeping: self.sleeping.saturating_sub(before.sleeping),
+            preempted: self.preempted.saturating_sub(before.preempted),
+        }
+    }
+
+    fn add(self, other: Switches) -> Switches {
+        Switches {
+            sleeping: self.sleeping + other.sleeping,
+            preempted: self.preempted + other.preempted,
+        }
+    }
 }
 
 impl Report {
@@ -987,6 +1059,19 @@ impl Report {
     fn client_cpu_per_req(&self) -> f64 {
         let requests = (self.ok + self.errors).max(1) as f64;
         self.client_cpu.as_secs_f64() * 1e6 / requests
+    }
+
+    /// The server's switches to sleep and preemptions per request sent,
+    /// and this client's switches to sleep per request.
+    fn switches_per_req(&self) -> Option<(f64, f64, f64)> {
+        let requests = (self.ok + self.errors).max(1) as f64;
+        let server = self.server_switches?;
+        let client = self.client_switches?;
+        Some((
+            server.sleeping as f64 / requests,
+            server.preempted as f64 / requests,
+            client.sleeping as f64 / requests,
+        ))
     }
 
     fn line(&self, name: &str, rss: Option<u64>) -> String {
@@ -1047,6 +1132,7 @@ fn run(
     });
     let server_before = server.cpu_time();
     let client_before = cpu_time(std::process::id());
+    let switches_before = (server.switches(), switches(std::process::id()));
     let mut total = match raw {
         Some(raw) => hooks
             .raw_rt
@@ -1072,6 +1158,13 @@ fn run(
         .zip(client_before)
         .map(|(after, before)| after.saturating_sub(before))
         .unwrap_or_default();
+    total.server_switches = server
+        .switches()
+        .zip(switches_before.0)
+        .map(|(after, before)| after.since(before));
+    total.client_switches = switches(std::process::id())
+        .zip(switches_before.1)
+        .map(|(after, before)| after.since(before));
     total
 }
 
@@ -1548,6 +1641,30 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
+/// The context switches of process `pid`'s threads alive now, from
+/// `/proc/<pid>/task/*/status`.
+fn switches(pid: u32) -> Option<Switches> {
+    let mut total = Switches::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        total = total.add(Switches {
+            sleeping: field("voluntary_ctxt_switches:"),
+            preempted: field("nonvoluntary_ctxt_switches:"),
+        });
+    }
+    Some(total)
+}
+
 /// The kernel's clock tick (`getconf CLK_TCK`; 100 on every Linux we run).
 fn clock_ticks_per_sec() -> u64 {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -1929,6 +2046,18 @@ impl Server {
             .try_fold(own?, |sum, o| Some(sum + o.cpu_time()?))
     }
 
+    /// The server process's context switches so far, its other
+    /// instances' included (child processes only).
+    fn switches(&self) -> Option<Switches> {
+        let own = match &self.kind {
+            Kind::Child(child) => switches(child.id()),
+            Kind::InProcess { .. } => None,
+        };
+        self.others
+            .iter()
+            .try_fold(own?, |sum, o| Some(sum.add(o.switches()?)))
+    }
+
     /// Resident set high-water mark in bytes (child processes only).
     fn peak_rss(&self) -> Option<u64> {
         self.proc_status("VmHWM:")
@@ -2181,6 +2310,8 @@ mod tests {
             latencies: vec![Duration::from_millis(1); ok.min(10)],
             server_cpu: Some(Duration::from_secs_f64(ok as f64 * cpu_us / 1e6)),
             client_cpu: Duration::ZERO,
+            server_switches: None,
+            client_switches: None,
         }
     }
 
@@ -2274,6 +2405,63 @@ mod tests {
             lines.last().map(String::as_str),
             Some("flushes    0 grouped fsyncs in each round")
         );
+    }
+
+    #[test]
+    fn switches_are_counted_per_message_for_both_servers_and_the_client() {
+        let counted = |mut r: Report, server: (u64, u64), client: u64| {
+            r.server_switches = Some(Switches {
+                sleeping: server.0,
+                preempted: server.1,
+            });
+            r.client_switches = Some(Switches {
+                sleeping: client,
+                preempted: 0,
+            });
+            r
+        };
+        let one = |ours: (u64, u64), client: u64| {
+            round(
+                counted(measured(1000, 0.01, 10.0), (16, 22), 43),
+                counted(measured(1000, 0.04, 40.0), ours, client),
+                100,
+            )
+        };
+        let lines = report(&[one((90, 270), 330)]);
+        assert_eq!(
+            lines[5],
+            "switches   per message: smsflow 0.090 to sleep and 0.270 preempted, the bare handler 0.016 and 0.022; the client slept 0.330 and 0.043 times per request"
+        );
+        assert_eq!(lines.len(), 7);
+        let lines = report(&[
+            one((90, 270), 330),
+            one((50, 210), 230),
+            one((80, 250), 300),
+        ]);
+        assert_eq!(
+            lines[9],
+            "switches   per message: smsflow 0.080 to sleep and 0.250 preempted, the bare handler 0.016 and 0.022; the client slept 0.300 and 0.043 times per request (medians of the 3 rounds)"
+        );
+        // A round without the counts (a server in this process): no line.
+        let mut partial = vec![one((90, 270), 330)];
+        partial.push(round(
+            measured(1000, 0.01, 10.0),
+            measured(1000, 0.04, 40.0),
+            100,
+        ));
+        assert!(!report(&partial).iter().any(|l| l.starts_with("switches")));
+    }
+
+    #[test]
+    fn a_process_s_switches_are_read_from_its_threads() {
+        let before = switches(std::process::id()).expect("this process's threads");
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let after = switches(std::process::id()).expect("this process's threads");
+        let slept = after.since(before).sleeping;
+        assert!(slept >= 5, "five sleeps, {slept} switches to sleep counted");
+        assert_eq!(switches(u32::MAX), None, "no such process");
     }
 
     #[test]
