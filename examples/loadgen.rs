@@ -2037,25 +2037,25 @@ impl Server {
     /// The server process's CPU time so far, its other instances'
     /// included (child processes only).
     fn cpu_time(&self) -> Option<Duration> {
-        let own = match &self.kind {
-            Kind::Child(child) => cpu_time(child.id()),
-            Kind::InProcess { .. } => None,
-        };
-        self.others
-            .iter()
-            .try_fold(own?, |sum, o| Some(sum + o.cpu_time()?))
+        self.summed(cpu_time, |a, b| a + b)
     }
 
     /// The server process's context switches so far, its other
     /// instances' included (child processes only).
     fn switches(&self) -> Option<Switches> {
+        self.summed(switches, Switches::add)
+    }
+
+    /// `of` the server process, added up over its other instances'
+    /// (child processes only).
+    fn summed<T>(&self, of: fn(u32) -> Option<T>, add: fn(T, T) -> T) -> Option<T> {
         let own = match &self.kind {
-            Kind::Child(child) => switches(child.id()),
+            Kind::Child(child) => of(child.id()),
             Kind::InProcess { .. } => None,
         };
         self.others
             .iter()
-            .try_fold(own?, |sum, o| Some(sum.add(o.switches()?)))
+            .try_fold(own?, |sum, o| Some(add(sum, o.summed(of, add)?)))
     }
 
     /// Resident set high-water mark in bytes (child processes only).
