@@ -831,11 +831,14 @@ fn report(rounds: &[Round]) -> Vec<String> {
             None => out.push(NO_CPU.to_string()),
         }
         out.extend(switches_line(rounds));
-        if let Some(n) = last.fsyncs {
-            out.push(format!(
+        match last.fsyncs {
+            // Relaxed durability, or PostgreSQL: no figure made up.
+            Some(0) => out.push("flushes    0 grouped fsyncs".into()),
+            Some(n) => out.push(format!(
                 "flushes    {n} grouped fsyncs, {:.1} messages per fsync",
-                last.ours.ok as f64 / n.max(1) as f64
-            ));
+                last.ours.ok as f64 / n as f64
+            )),
+            None => {}
         }
     }
     for (i, r) in rounds.iter().enumerate() {
@@ -2348,6 +2351,13 @@ mod tests {
             "flushes    100 grouped fsyncs, 10.0 messages per fsync"
         );
         assert_eq!(lines.len(), 6);
+        // Relaxed durability: no syncs, and no figure made up for them.
+        let lines = report(&[round(
+            measured(1000, 0.01, 10.0),
+            measured(1000, 0.02, 20.0),
+            0,
+        )]);
+        assert_eq!(lines[5], "flushes    0 grouped fsyncs");
     }
 
     #[test]
