@@ -184,7 +184,14 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
         (&"appointment".into(), &"confirm".into())
     );
     assert_eq!(row["outbox"], "r1");
-    // Every callback was accepted: signed as Twilio signs them.
+    // Every callback was accepted: signed as Twilio signs them. The fake
+    // records a callback when our answer reaches it, which can be after
+    // the row already shows it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.posted().len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", fake.posted());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let posted = fake.posted();
     assert_eq!(posted.len(), 2);
     assert!(posted.iter().all(|c| c.answered == 200), "{posted:?}");
