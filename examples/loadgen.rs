@@ -1653,19 +1653,26 @@ fn switches(pid: u32) -> Option<Switches> {
         let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
             continue;
         };
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |name| status_field(&status, name).unwrap_or(0);
         total = total.add(Switches {
             sleeping: field("voluntary_ctxt_switches:"),
             preempted: field("nonvoluntary_ctxt_switches:"),
         });
     }
     Some(total)
+}
+
+/// The number on the line of `/proc/.../status` text `status` that starts
+/// with `name` (a size without its `kB`).
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The kernel's clock tick (`getconf CLK_TCK`; 100 on every Linux we run).
@@ -2075,15 +2082,7 @@ impl Server {
             return None;
         };
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
+        Some(status_field(&status, field)? * 1024)
     }
 
     /// Graceful stop (SIGTERM for a child: the store is flushed), bounded.

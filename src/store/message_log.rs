@@ -57,16 +57,7 @@ impl LogLineRef<'_> {
     /// MessageSid, numbers, names) almost never need escaping.
     pub(super) fn bytes(&self) -> Vec<u8> {
         use crate::versioned::Versioned;
-        let mut out = Vec::with_capacity(
-            128 + self.sid.len()
-                + self.from.len()
-                + self.to.len()
-                + self.outcome.len()
-                + self.flow.map_or(0, str::len)
-                + self.step.map_or(0, str::len)
-                + self.body.map_or(0, str::len)
-                + self.replies.iter().map(|r| r.len() + 3).sum::<usize>(),
-        );
+        let mut out = Vec::with_capacity(256);
         out.extend_from_slice(b"{\"v\":");
         push_int(&mut out, i64::from(LogLine::VERSION));
         out.extend_from_slice(b",\"sid\":");
@@ -120,23 +111,11 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `n` in decimal, as serde_json writes an integer.
+/// `n` as serde_json writes an integer (by serde_json: no escaping to
+/// skip there).
 fn push_int(out: &mut Vec<u8>, n: i64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n.unsigned_abs();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    if n < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&digits[at..]);
+    // Writing to a vector cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &n);
 }
 
 /// Version 2 added the message texts (`body`, `replies`), kept only when

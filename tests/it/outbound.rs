@@ -162,6 +162,15 @@ async fn wait_for_row(app: &TestApp, sid: &str, status: &str) -> serde_json::Val
     }
 }
 
+/// Wait (up to 20 s) until the fake has recorded `n` status callbacks.
+async fn posted_at_least(fake: &FakeTwilio, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.posted().len() < n {
+        assert!(Instant::now() < deadline, "{:?}", fake.posted());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
     let fake = FakeTwilio::start(TOKEN).await;
@@ -187,11 +196,7 @@ async fn a_due_message_is_sent_once_and_its_delivery_is_tracked() {
     // Every callback was accepted: signed as Twilio signs them. The fake
     // records a callback when our answer reaches it, which can be after
     // the row already shows it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.posted().len() < 2 {
-        assert!(Instant::now() < deadline, "{:?}", fake.posted());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    posted_at_least(&fake, 2).await;
     let posted = fake.posted();
     assert_eq!(posted.len(), 2);
     assert!(posted.iter().all(|c| c.answered == 200), "{posted:?}");
@@ -239,11 +244,7 @@ async fn callbacks_out_of_order_end_at_the_highest_status() {
     let app = start_with(&fake, &dirs, |_| {}).await;
     enqueue(&app, &[reminder("r1", "+15551230001")]);
     let sid = sid_of(&wait_for(&app.store, "r1", "sent", sent).await);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fake.posted().len() < 3 {
-        assert!(Instant::now() < deadline, "{:?}", fake.posted());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    posted_at_least(&fake, 3).await;
     wait_for_row(&app, &sid, "delivered").await;
     let posted: Vec<(String, String, u16)> = fake
         .posted()
