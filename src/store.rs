@@ -142,8 +142,8 @@
 //! `fdatasync` of sled's files (`files.rs`). Flushes are grouped by the
 //! store's worker thread (`worker.rs`): while one sync runs, every caller that arrives
 //! waits for the next one, so N concurrent webhooks cost about two syncs,
-//! not N; under concurrent load the worker also waits 40 µs before a
-//! sync so that more callers share it (a lone caller never waits).
+//! not N. The worker syncs as soon as a caller comes, without waiting
+//! for more to join (the measurements are in `worker.rs`).
 //!
 //! Faults, never silent: sled's recovery drops everything after the first
 //! damaged entry of its log without a word, so once a second (and at

@@ -16,41 +16,38 @@ use super::{Epoch, StoreError};
 const TICK: Duration = Duration::from_millis(250);
 const HEAL_EVERY: Duration = Duration::from_secs(1);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// Under concurrent load (the last flush answered more than one caller),
-/// the worker waits this long after the first request of a group before
-/// it syncs, so more of the webhooks already under way join the group.
-/// Each sync costs this thread a write, a `sync_file_range` and an
-/// `fdatasync` (about 45 µs of CPU for a 40 KB group, measured alone), so
-/// larger groups cost less CPU per message; every microsecond waited is
-/// also latency, and with a fixed number of connections, requests a
-/// second. `thread::sleep` asks Linux for at least this long, and with
-/// the default timer slack of 50 µs a thread sleeps up to 50 µs more: the
-/// waits below are what was asked. Measured on the 2-core VM (durable
-/// multi-step loadgen, 32 connections, 50,000 requests, alternating
-/// runs, medians):
-///
-/// | wait | webhooks per sync | CPU µs/msg | req/s | share of the bare handler's |
-/// | --- | --- | --- | --- | --- |
-/// | 100 µs | 24.5 | 25.7 | 38,162 | 30.9% |
-/// | 60 µs | 17.3 | 26.5 | 41,136 | 32.4% |
-/// | 40 µs | 13.6 | 25.3 | 42,216 | 34.1% |
-/// | 0 | 7.4 | 27.3 | 43,582 | 34.6% |
-///
-/// (ten rounds, 1 December 2026). An earlier machine, where a sync cost
-/// more, favoured 100 µs over 150, 200 and 300 µs (groups of 19–28,
-/// 40.3–42.0 µs per message). On this one the CPU per message hardly
-/// moves between groups of 13 and 25, and the shorter wait answers
-/// sooner; without a wait the groups fall to 7 and the CPU rises. A lone
-/// caller (one webhook at a time) never waits.
-const GATHER: Duration = Duration::from_micros(40);
 
 type FlushReply = oneshot::Sender<Result<(), StoreError>>;
 
 /// The store's thread. Group commit: every flush request that arrives
-/// while a flush runs (or, under load, during [`GATHER`] before it) is
-/// answered by the next one, so concurrent webhooks share disk syncs
-/// instead of queueing one each. Between requests (and at
-/// least every [`TICK`]) it retries a failed store and writes checkpoints.
+/// while a flush runs is answered by the next one, so concurrent webhooks
+/// share disk syncs instead of queueing one each. Between requests (and
+/// at least every [`TICK`]) it retries a failed store and writes
+/// checkpoints.
+///
+/// It syncs as soon as a request comes, without waiting for more to
+/// join the group. Until 2 December 2026 it waited 40 µs under load
+/// (`thread::sleep` after a flush that answered more than one caller),
+/// which made groups about twice as large. On the 2-core VM the wait
+/// cost as much as the syncs it saved, and it cost latency: asked for
+/// 40 µs, the sleep took 165 µs on average under load (`perf trace -s`;
+/// the timer slack, then a busy vCPU to wake on), and each wake-up from
+/// a timer is dear there. Durable multi-step load, 200,000 requests at 32
+/// connections, each server thread's on-CPU time from
+/// `/proc/<pid>/task/*/schedstat` over 3 s and the webhooks and syncs
+/// from `/metrics`; ten alternating runs of an experimental build that
+/// read the wait from the environment, medians (ranges):
+///
+/// | wait | webhooks per sync | store thread's CPU per sync | CPU per message | webhooks a second |
+/// | --- | --- | --- | --- | --- |
+/// | 40 µs | 11.8 (10.7–14.1) | 125 µs (110–159) | 44.4 µs (40.6–59.2) | 24,600 |
+/// | none | 6.2 (5.7–6.7) | 66 µs (59–79) | 41.8 µs (40.4–46.3) | 28,100 |
+///
+/// Per message the store's thread spent about the same either way (9–13
+/// µs); without the wait the webhooks were answered sooner, so the 32
+/// connections sent more of them. Earlier sets, which compared the
+/// process's CPU time alone, went both ways (`docs/performance-history.md`,
+/// releases 722231d, be4dbc7 and 4e5e03b).
 pub(super) struct Worker {
     /// `None` once dropped, which ends the thread's loop.
     tx: Option<mpsc::Sender<(Epoch, FlushReply)>>,
@@ -85,16 +82,11 @@ fn run_worker(shared: &Shared, rx: &mpsc::Receiver<(Epoch, FlushReply)>) {
     let mut last_heal: Option<Instant> = None;
     let mut heal_failures = 0u64;
     let mut last_checkpoint = Instant::now();
-    let mut last_group = 0;
     loop {
         match rx.recv_timeout(TICK) {
             Ok(first) => {
-                if last_group > 1 {
-                    thread::sleep(GATHER);
-                }
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter());
-                last_group = waiters.len();
                 let synced = shared.sync();
                 for (epoch, reply) in waiters {
                     let result = match &synced {

@@ -204,6 +204,41 @@ fn sled_pool_switches(pid: u32) -> u64 {
     total
 }
 
+/// Group commit: webhooks that wait for the disk at the same time share
+/// one fsync (the store's thread answers every flush request that came
+/// while it synced with the next sync). Each answer still waits for an
+/// fsync of its own write (`each_answer_waits_for_an_fsync_of_the_database`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_webhooks_share_fsyncs() {
+    let app = std::sync::Arc::new(spawn_app(&[("signup.yaml", &signup())]).await);
+    let fsyncs = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("smsflow_store_fsyncs_total "))
+            .expect("the fsync counter")
+            .parse()
+            .unwrap()
+    };
+    let before = fsyncs(&app.raw(app.client.get(app.url("/metrics"))).await.body);
+    const SENDERS: usize = 64;
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move { app.send_sms(&format!("+1555300{i:04}"), "JOIN").await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(bodies(&r.body), vec!["Hi! What's your name?"]);
+    }
+    let synced = fsyncs(&app.raw(app.client.get(app.url("/metrics"))).await.body) - before;
+    assert!(synced >= 1, "no fsync for {SENDERS} answers");
+    assert!(
+        synced < SENDERS as u64,
+        "{synced} fsyncs for {SENDERS} simultaneous webhooks: none shared"
+    );
+}
+
 /// A grouped flush writes sled's log buffer on the store's own thread (the
 /// one change in vendor/sled, see its SMSFLOW.md): sled's IO pool, which
 /// upstream sled wakes (all seven threads of it) for every flush, sleeps
