@@ -801,17 +801,36 @@ fn report(rounds: &[Round]) -> Vec<String> {
                 out.push("flushes    0 grouped fsyncs in each round".into());
             }
             Some(counts) => {
+                // A round without fsyncs (relaxed durability, where only
+                // a checkpoint now and then syncs) has no messages per
+                // fsync: the figure is the median of the rounds that had
+                // some, and said so when some had none.
                 let per_fsync: Vec<f64> = rounds
                     .iter()
                     .zip(&counts)
-                    .map(|(r, &c)| r.ours.ok as f64 / c.max(1) as f64)
+                    .filter(|(_, &c)| c > 0)
+                    .map(|(r, &c)| r.ours.ok as f64 / c as f64)
                     .collect();
+                let most = counts.iter().max().copied().unwrap_or(0);
                 let counts: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
-                out.push(format!(
-                    "flushes    {:.0} grouped fsyncs, {:.1} messages per fsync (medians of the {n} rounds)",
-                    median(&counts),
-                    median(&per_fsync)
-                ));
+                let synced = per_fsync.len();
+                out.push(if median(&counts) == 0.0 {
+                    format!(
+                        "flushes    0 grouped fsyncs (median of the {n} rounds; at most {most} in one)"
+                    )
+                } else if synced < n {
+                    format!(
+                        "flushes    {:.0} grouped fsyncs (median of the {n} rounds), {:.1} messages per fsync (median of the {synced} rounds with fsyncs)",
+                        median(&counts),
+                        median(&per_fsync)
+                    )
+                } else {
+                    format!(
+                        "flushes    {:.0} grouped fsyncs, {:.1} messages per fsync (medians of the {n} rounds)",
+                        median(&counts),
+                        median(&per_fsync)
+                    )
+                });
             }
             None => {}
         }
@@ -2413,6 +2432,29 @@ mod tests {
         assert_eq!(
             lines.last().map(String::as_str),
             Some("flushes    0 grouped fsyncs in each round")
+        );
+        // A checkpoint's sync in one round of three: no made-up
+        // "messages per fsync" from the rounds without.
+        let relaxed = [
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 1),
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
+        ];
+        let lines = report(&relaxed);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("flushes    0 grouped fsyncs (median of the 3 rounds; at most 1 in one)")
+        );
+        // Most rounds synced: messages per fsync over those that did.
+        let mixed = [
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 4),
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
+            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 5),
+        ];
+        let lines = report(&mixed);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("flushes    4 grouped fsyncs (median of the 3 rounds), 2.2 messages per fsync (median of the 2 rounds with fsyncs)")
         );
     }
 
