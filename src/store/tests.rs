@@ -590,6 +590,20 @@ fn open_failures_name_their_cause() {
         .err()
         .expect("times out");
     assert!(matches!(err, OpenError::TimedOut { .. }), "{err}");
+    // The open goes on in its own thread past the limit and creates the
+    // database: wait until that thread has let go of it (its lock is
+    // free), or removing the directory races its files and leaves it.
+    let released = (0..500).any(|_| match sled::Config::new().path(other.path()).open() {
+        Ok(db) => {
+            drop(db);
+            true
+        }
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(20));
+            false
+        }
+    });
+    assert!(released, "the timed-out open never let go of the database");
 }
 
 fn outbox_entry(key: &str, body: &str) -> OutboxEntry {
