@@ -40,8 +40,8 @@ type FlushReply = oneshot::Sender<Result<(), StoreError>>;
 ///
 /// | wait | webhooks per sync | store thread's CPU per sync | CPU per message | webhooks a second |
 /// | --- | --- | --- | --- | --- |
-/// | 40 µs | 11.8 (10.7–14.1) | 125 µs (110–159) | 44.4 µs (40.6–59.2) | 24,600 |
-/// | none | 6.2 (5.7–6.7) | 66 µs (59–79) | 41.8 µs (40.4–46.3) | 28,100 |
+/// | 40 µs | 11.6 (10.7–14.1) | 126 µs (110–159) | 44.4 µs (40.6–59.2) | 24,600 |
+/// | none | 6.1 (5.7–6.7) | 66 µs (59–79) | 41.8 µs (40.4–46.3) | 28,100 |
 ///
 /// Per message the store's thread spent about the same either way (9–13
 /// µs); without the wait the webhooks were answered sooner, so the 32
