@@ -2423,38 +2423,29 @@ mod tests {
         );
         assert_eq!(lines[11], "first error from smsflow in round 3: status 503");
         assert_eq!(lines.len(), 12);
+        // The flushes line for rounds alike but for their fsyncs.
+        let flushes = |fsyncs: &[u64]| {
+            let rounds: Vec<Round> = fsyncs
+                .iter()
+                .map(|&n| round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), n))
+                .collect();
+            report(&rounds).pop().unwrap()
+        };
         // Relaxed durability: no syncs, and no figure made up for them.
-        let relaxed = [
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
-        ];
-        let lines = report(&relaxed);
         assert_eq!(
-            lines.last().map(String::as_str),
-            Some("flushes    0 grouped fsyncs in each round")
+            flushes(&[0, 0]),
+            "flushes    0 grouped fsyncs in each round"
         );
         // A checkpoint's sync in one round of three: no made-up
         // "messages per fsync" from the rounds without.
-        let relaxed = [
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 1),
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
-        ];
-        let lines = report(&relaxed);
         assert_eq!(
-            lines.last().map(String::as_str),
-            Some("flushes    0 grouped fsyncs (median of the 3 rounds; at most 1 in one)")
+            flushes(&[0, 1, 0]),
+            "flushes    0 grouped fsyncs (median of the 3 rounds; at most 1 in one)"
         );
         // Most rounds synced: messages per fsync over those that did.
-        let mixed = [
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 4),
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 0),
-            round(measured(10, 0.01, 8.0), measured(10, 0.02, 20.0), 5),
-        ];
-        let lines = report(&mixed);
         assert_eq!(
-            lines.last().map(String::as_str),
-            Some("flushes    4 grouped fsyncs (median of the 3 rounds), 2.2 messages per fsync (median of the 2 rounds with fsyncs)")
+            flushes(&[4, 0, 5]),
+            "flushes    4 grouped fsyncs (median of the 3 rounds), 2.2 messages per fsync (median of the 2 rounds with fsyncs)"
         );
     }
 
