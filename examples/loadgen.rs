@@ -13,7 +13,11 @@
 //! how often this client went to sleep waiting for answers. On a machine
 //! whose cores the client shares, a server that answers more slowly than
 //! the client sends lets it sleep, and each answer then wakes it and
-//! often preempts the server: switches a faster server never pays.
+//! often preempts the server: switches a faster server never pays. The
+//! `threads` line splits smsflow's CPU per message by thread, from each
+//! thread's on-CPU time (`/proc/<pid>/task/*/schedstat`, in ns): tokio's
+//! async workers, the store's thread (grouped flushes: its CPU is mostly
+//! the kernel's syncs) and the others.
 //!
 //! ```sh
 //! cargo build --release --examples --bins
@@ -784,6 +788,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
             out.push(NO_CPU.to_string());
         }
         out.extend(switches_line(rounds));
+        out.extend(threads_line(rounds));
         let p99 = |report: fn(&Round) -> &Report| {
             let ms: Vec<f64> = rounds
                 .iter()
@@ -850,6 +855,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
             None => out.push(NO_CPU.to_string()),
         }
         out.extend(switches_line(rounds));
+        out.extend(threads_line(rounds));
         match last.fsyncs {
             // Relaxed durability, or PostgreSQL: no figure made up.
             Some(0) => out.push("flushes    0 grouped fsyncs".into()),
@@ -904,6 +910,33 @@ fn switches_line(rounds: &[Round]) -> Option<String> {
     Some(format!(
         "switches   per message: smsflow {:.3} to sleep and {:.3} preempted, the bare handler {:.3} and {:.3}; the client slept {:.3} and {:.3} times per request{of}",
         m[0], m[1], m[2], m[3], m[4], m[5]
+    ))
+}
+
+/// The `threads` line: smsflow's on-CPU time per message by thread,
+/// the async workers', the store's thread's and the others', one round's
+/// or the medians of the rounds'; none without child processes or
+/// without `/proc/<pid>/task/*/schedstat`.
+fn threads_line(rounds: &[Round]) -> Option<String> {
+    let per: Vec<[f64; 3]> = rounds
+        .iter()
+        .map(|r| {
+            let t = r.ours.server_threads?;
+            let requests = (r.ours.ok + r.ours.errors).max(1) as f64;
+            let us = |ns: u64| ns as f64 / 1e3 / requests;
+            Some([us(t.workers), us(t.store), us(t.other)])
+        })
+        .collect::<Option<_>>()?;
+    let m: Vec<f64> = (0..3)
+        .map(|i| median(&per.iter().map(|p| p[i]).collect::<Vec<_>>()))
+        .collect();
+    let of = match rounds.len() {
+        1 => String::new(),
+        n => format!("; medians of the {n} rounds"),
+    };
+    Some(format!(
+        "threads    smsflow's CPU per message: async workers {:.1} µs, the store's thread {:.1} µs, other threads {:.1} µs (on-CPU time{of})",
+        m[0], m[1], m[2]
     ))
 }
 
@@ -1013,6 +1046,39 @@ struct Report {
     server_switches: Option<Switches>,
     /// This process's context switches over the run.
     client_switches: Option<Switches>,
+    /// The server process's on-CPU time by thread over the run; `None`
+    /// for a server running inside this process.
+    server_threads: Option<ThreadCpu>,
+}
+
+/// On-CPU time of a process's threads (those alive when counted), in ns,
+/// from `/proc/<pid>/task/*/schedstat`, by what the thread is named:
+/// tokio's async workers, smsflow's store thread, and every other.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct ThreadCpu {
+    workers: u64,
+    store: u64,
+    other: u64,
+}
+
+impl ThreadCpu {
+    /// The time from `before` to `self`; a thread that ended in between
+    /// takes its time with it, so a difference is at least 0.
+    fn since(self, before: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            workers: self.workers.saturating_sub(before.workers),
+            store: self.store.saturating_sub(before.store),
+            other: self.other.saturating_sub(before.other),
+        }
+    }
+
+    fn add(self, other: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            workers: self.workers + other.workers,
+            store: self.store + other.store,
+            other: self.other + other.other,
+        }
+    }
 }
 
 /// Context switches of a process's threads (those alive when counted).
@@ -1155,6 +1221,7 @@ fn run(
     let server_before = server.cpu_time();
     let client_before = cpu_time(std::process::id());
     let switches_before = (server.switches(), switches(std::process::id()));
+    let threads_before = server.threads();
     let mut total = match raw {
         Some(raw) => hooks
             .raw_rt
@@ -1186,6 +1253,10 @@ fn run(
         .map(|(after, before)| after.since(before));
     total.client_switches = switches(std::process::id())
         .zip(switches_before.1)
+        .map(|(after, before)| after.since(before));
+    total.server_threads = server
+        .threads()
+        .zip(threads_before)
         .map(|(after, before)| after.since(before));
     total
 }
@@ -1681,6 +1752,29 @@ fn switches(pid: u32) -> Option<Switches> {
     Some(total)
 }
 
+/// The on-CPU time of process `pid`'s threads alive now, by thread
+/// (`/proc/<pid>/task/*/comm` and the first field of `schedstat`, in ns).
+fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
+    let mut total = ThreadCpu::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+        match comm.trim() {
+            "tokio-rt-worker" => total.workers += ns,
+            "smsflow-store" => total.store += ns,
+            _ => total.other += ns,
+        }
+    }
+    Some(total)
+}
+
 /// The number on the line of `/proc/.../status` text `status` that starts
 /// with `name` (a size without its `kB`).
 fn status_field(status: &str, name: &str) -> Option<u64> {
@@ -2075,6 +2169,12 @@ impl Server {
         self.summed(switches, Switches::add)
     }
 
+    /// The server process's on-CPU time by thread so far, its other
+    /// instances' included (child processes only).
+    fn threads(&self) -> Option<ThreadCpu> {
+        self.summed(thread_cpu, ThreadCpu::add)
+    }
+
     /// `of` the server process, added up over its other instances'
     /// (child processes only).
     fn summed<T>(&self, of: fn(u32) -> Option<T>, add: fn(T, T) -> T) -> Option<T> {
@@ -2333,6 +2433,7 @@ mod tests {
             client_cpu: Duration::ZERO,
             server_switches: None,
             client_switches: None,
+            server_threads: None,
         }
     }
 
@@ -2504,6 +2605,73 @@ mod tests {
         let slept = after.since(before).sleeping;
         assert!(slept >= 5, "five sleeps, {slept} switches to sleep counted");
         assert_eq!(switches(u32::MAX), None, "no such process");
+    }
+
+    #[test]
+    fn smsflow_s_cpu_is_split_per_message_by_thread() {
+        let timed = |workers: u64, store: u64, other: u64| {
+            let mut r = measured(1000, 0.04, 40.0);
+            r.server_threads = Some(ThreadCpu {
+                workers,
+                store,
+                other,
+            });
+            round(measured(1000, 0.01, 10.0), r, 100)
+        };
+        // 1,000 requests: 27.3 ms of the workers' is 27.3 µs a message.
+        let lines = report(&[timed(27_300_000, 10_000_000, 900_000)]);
+        assert!(
+            lines.contains(&"threads    smsflow's CPU per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs (on-CPU time)".to_string()),
+            "{lines:#?}"
+        );
+        let lines = report(&[
+            timed(27_300_000, 10_000_000, 900_000),
+            timed(30_000_000, 9_000_000, 1_000_000),
+            timed(25_000_000, 12_000_000, 800_000),
+        ]);
+        assert!(
+            lines.contains(&"threads    smsflow's CPU per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs (on-CPU time; medians of the 3 rounds)".to_string()),
+            "{lines:#?}"
+        );
+        // A round without the times (a server in this process): no line.
+        let partial = [
+            timed(27_300_000, 10_000_000, 900_000),
+            round(measured(1000, 0.01, 10.0), measured(1000, 0.04, 40.0), 100),
+        ];
+        assert!(!report(&partial).iter().any(|l| l.starts_with("threads")));
+    }
+
+    #[test]
+    fn a_process_s_cpu_is_read_by_thread_name() {
+        // A thread named as smsflow's store thread runs until it has had
+        // 30 ms of CPU by its own count (however busy the machine), then
+        // waits to be read (a thread that has ended is not counted).
+        let (spun, spun_rx) = std::sync::mpsc::channel();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let store = std::thread::Builder::new()
+            .name("smsflow-store".into())
+            .spawn(move || {
+                let own = || -> u64 {
+                    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+                    stat.split_whitespace().next().unwrap().parse().unwrap()
+                };
+                while own() < 30_000_000 {
+                    std::hint::spin_loop();
+                }
+                spun.send(()).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        spun_rx.recv().unwrap();
+        let read = thread_cpu(std::process::id()).expect("this process's threads");
+        done.send(()).unwrap();
+        store.join().unwrap();
+        assert!(
+            read.store >= 30_000_000,
+            "30 ms of CPU, {} ns counted for the store's thread",
+            read.store
+        );
+        assert_eq!(thread_cpu(u32::MAX), None, "no such process");
     }
 
     #[test]
