@@ -885,31 +885,21 @@ fn report(rounds: &[Round]) -> Vec<String> {
 /// per message, and the client's sleeps per request against each, one
 /// round's or the medians of the rounds'; none without child processes.
 fn switches_line(rounds: &[Round]) -> Option<String> {
-    let per: Vec<[f64; 6]> = rounds
-        .iter()
-        .map(|r| {
-            let (ours_sleep, ours_pre, ours_client) = r.ours.switches_per_req()?;
-            let (bare_sleep, bare_pre, bare_client) = r.bare.switches_per_req()?;
-            Some([
-                ours_sleep,
-                ours_pre,
-                bare_sleep,
-                bare_pre,
-                ours_client,
-                bare_client,
-            ])
-        })
-        .collect::<Option<_>>()?;
-    let m: Vec<f64> = (0..6)
-        .map(|i| median(&per.iter().map(|p| p[i]).collect::<Vec<_>>()))
-        .collect();
-    let of = match rounds.len() {
-        1 => String::new(),
-        n => format!(" (medians of the {n} rounds)"),
-    };
+    let m = round_medians(rounds, |r| {
+        let (ours_sleep, ours_pre, ours_client) = r.ours.switches_per_req()?;
+        let (bare_sleep, bare_pre, bare_client) = r.bare.switches_per_req()?;
+        Some([
+            ours_sleep,
+            ours_pre,
+            bare_sleep,
+            bare_pre,
+            ours_client,
+            bare_client,
+        ])
+    })?;
     Some(format!(
-        "switches   per message: smsflow {:.3} to sleep and {:.3} preempted, the bare handler {:.3} and {:.3}; the client slept {:.3} and {:.3} times per request{of}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
+        "switches   per message: smsflow {:.3} to sleep and {:.3} preempted, the bare handler {:.3} and {:.3}; the client slept {:.3} and {:.3} times per request{}",
+        m[0], m[1], m[2], m[3], m[4], m[5], medians_of(rounds)
     ))
 }
 
@@ -918,26 +908,36 @@ fn switches_line(rounds: &[Round]) -> Option<String> {
 /// or the medians of the rounds'; none without child processes or
 /// without `/proc/<pid>/task/*/schedstat`.
 fn threads_line(rounds: &[Round]) -> Option<String> {
-    let per: Vec<[f64; 3]> = rounds
-        .iter()
-        .map(|r| {
-            let t = r.ours.server_threads?;
-            let requests = (r.ours.ok + r.ours.errors).max(1) as f64;
-            let us = |ns: u64| ns as f64 / 1e3 / requests;
-            Some([us(t.workers), us(t.store), us(t.other)])
-        })
-        .collect::<Option<_>>()?;
-    let m: Vec<f64> = (0..3)
-        .map(|i| median(&per.iter().map(|p| p[i]).collect::<Vec<_>>()))
-        .collect();
-    let of = match rounds.len() {
-        1 => String::new(),
-        n => format!("; medians of the {n} rounds"),
-    };
+    let m = round_medians(rounds, |r| {
+        let t = r.ours.server_threads?;
+        let requests = (r.ours.ok + r.ours.errors).max(1) as f64;
+        let us = |ns: u64| ns as f64 / 1e3 / requests;
+        Some([us(t.workers()), us(t.store()), us(t.other())])
+    })?;
     Some(format!(
-        "threads    smsflow's CPU per message: async workers {:.1} µs, the store's thread {:.1} µs, other threads {:.1} µs (on-CPU time{of})",
-        m[0], m[1], m[2]
+        "threads    smsflow's on-CPU time per message: async workers {:.1} µs, the store's thread {:.1} µs, other threads {:.1} µs{}",
+        m[0], m[1], m[2], medians_of(rounds)
     ))
+}
+
+/// What a line of medians says after its figures: nothing for one round.
+fn medians_of(rounds: &[Round]) -> String {
+    match rounds.len() {
+        1 => String::new(),
+        n => format!(" (medians of the {n} rounds)"),
+    }
+}
+
+/// Each round's figures by `each`, then each figure's median over the
+/// rounds (one round's own figures); `None` when a round lacks them.
+fn round_medians<const N: usize>(
+    rounds: &[Round],
+    each: impl Fn(&Round) -> Option<[f64; N]>,
+) -> Option<[f64; N]> {
+    let per: Vec<[f64; N]> = rounds.iter().map(each).collect::<Option<_>>()?;
+    Some(std::array::from_fn(|i| {
+        median(&per.iter().map(|p| p[i]).collect::<Vec<_>>())
+    }))
 }
 
 fn percent(x: f64) -> String {
@@ -1051,60 +1051,70 @@ struct Report {
     server_threads: Option<ThreadCpu>,
 }
 
-/// On-CPU time of a process's threads (those alive when counted), in ns,
-/// from `/proc/<pid>/task/*/schedstat`, by what the thread is named:
-/// tokio's async workers, smsflow's store thread, and every other.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct ThreadCpu {
-    workers: u64,
-    store: u64,
-    other: u64,
+/// Counts read from `/proc` at one moment, added up over a process's
+/// threads and a server's instances, and subtracted across a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tally<const N: usize>([u64; N]);
+
+impl<const N: usize> Default for Tally<N> {
+    fn default() -> Self {
+        Tally([0; N])
+    }
 }
 
-impl ThreadCpu {
-    /// The time from `before` to `self`; a thread that ended in between
-    /// takes its time with it, so a difference is at least 0.
-    fn since(self, before: ThreadCpu) -> ThreadCpu {
-        ThreadCpu {
-            workers: self.workers.saturating_sub(before.workers),
-            store: self.store.saturating_sub(before.store),
-            other: self.other.saturating_sub(before.other),
-        }
+impl<const N: usize> Tally<N> {
+    /// The counts from `before` to `self`. A thread that ended in
+    /// between takes its count with it, so a difference is at least 0.
+    fn since(self, before: Self) -> Self {
+        Tally(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(before.0[i])
+        }))
     }
 
-    fn add(self, other: ThreadCpu) -> ThreadCpu {
-        ThreadCpu {
-            workers: self.workers + other.workers,
-            store: self.store + other.store,
-            other: self.other + other.other,
-        }
+    fn add(self, other: Self) -> Self {
+        Tally(std::array::from_fn(|i| self.0[i] + other.0[i]))
     }
 }
 
 /// Context switches of a process's threads (those alive when counted).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Switches {
-    /// Switched out to sleep (`voluntary_ctxt_switches`).
-    sleeping: u64,
-    /// Switched out while it could have run on (`nonvoluntary_ctxt_switches`).
-    preempted: u64,
-}
+type Switches = Tally<2>;
 
 impl Switches {
-    /// The switches from `before` to `self`. A thread that ended in
-    /// between takes its count with it, so a difference is at least 0.
-    fn since(self, before: Switches) -> Switches {
-        Switches {
-            sleeping: self.sleeping.saturating_sub(before.sleeping),
-            preempted: self.preempted.saturating_sub(before.preempted),
-        }
+    /// Switched out to sleep (`voluntary_ctxt_switches`), and while it
+    /// could have run on (`nonvoluntary_ctxt_switches`).
+    fn new(sleeping: u64, preempted: u64) -> Switches {
+        Tally([sleeping, preempted])
     }
 
-    fn add(self, other: Switches) -> Switches {
-        Switches {
-            sleeping: self.sleeping + other.sleeping,
-            preempted: self.preempted + other.preempted,
-        }
+    fn sleeping(self) -> u64 {
+        self.0[0]
+    }
+
+    fn preempted(self) -> u64 {
+        self.0[1]
+    }
+}
+
+/// On-CPU time of a process's threads (those alive when counted), in ns,
+/// from `/proc/<pid>/task/*/schedstat`, by what the thread is named:
+/// tokio's async workers, smsflow's store thread, and every other.
+type ThreadCpu = Tally<3>;
+
+impl ThreadCpu {
+    fn new(workers: u64, store: u64, other: u64) -> ThreadCpu {
+        Tally([workers, store, other])
+    }
+
+    fn workers(self) -> u64 {
+        self.0[0]
+    }
+
+    fn store(self) -> u64 {
+        self.0[1]
+    }
+
+    fn other(self) -> u64 {
+        self.0[2]
     }
 }
 
@@ -1156,9 +1166,9 @@ impl Report {
         let server = self.server_switches?;
         let client = self.client_switches?;
         Some((
-            server.sleeping as f64 / requests,
-            server.preempted as f64 / requests,
-            client.sleeping as f64 / requests,
+            server.sleeping() as f64 / requests,
+            server.preempted() as f64 / requests,
+            client.sleeping() as f64 / requests,
         ))
     }
 
@@ -1744,10 +1754,10 @@ fn switches(pid: u32) -> Option<Switches> {
             continue;
         };
         let field = |name| status_field(&status, name).unwrap_or(0);
-        total = total.add(Switches {
-            sleeping: field("voluntary_ctxt_switches:"),
-            preempted: field("nonvoluntary_ctxt_switches:"),
-        });
+        total = total.add(Switches::new(
+            field("voluntary_ctxt_switches:"),
+            field("nonvoluntary_ctxt_switches:"),
+        ));
     }
     Some(total)
 }
@@ -1755,7 +1765,7 @@ fn switches(pid: u32) -> Option<Switches> {
 /// The on-CPU time of process `pid`'s threads alive now, by thread
 /// (`/proc/<pid>/task/*/comm` and the first field of `schedstat`, in ns).
 fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
-    let mut total = ThreadCpu::default();
+    let (mut workers, mut store, mut other) = (0, 0, 0);
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let dir = task.ok()?.path();
         // A thread may end between the listing and the reads.
@@ -1767,12 +1777,12 @@ fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
         };
         let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
         match comm.trim() {
-            "tokio-rt-worker" => total.workers += ns,
-            "smsflow-store" => total.store += ns,
-            _ => total.other += ns,
+            "tokio-rt-worker" => workers += ns,
+            "smsflow-store" => store += ns,
+            _ => other += ns,
         }
     }
-    Some(total)
+    Some(ThreadCpu::new(workers, store, other))
 }
 
 /// The number on the line of `/proc/.../status` text `status` that starts
@@ -2553,14 +2563,8 @@ mod tests {
     #[test]
     fn switches_are_counted_per_message_for_both_servers_and_the_client() {
         let counted = |mut r: Report, server: (u64, u64), client: u64| {
-            r.server_switches = Some(Switches {
-                sleeping: server.0,
-                preempted: server.1,
-            });
-            r.client_switches = Some(Switches {
-                sleeping: client,
-                preempted: 0,
-            });
+            r.server_switches = Some(Switches::new(server.0, server.1));
+            r.client_switches = Some(Switches::new(client, 0));
             r
         };
         let one = |ours: (u64, u64), client: u64| {
@@ -2602,7 +2606,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         let after = switches(std::process::id()).expect("this process's threads");
-        let slept = after.since(before).sleeping;
+        let slept = after.since(before).sleeping();
         assert!(slept >= 5, "five sleeps, {slept} switches to sleep counted");
         assert_eq!(switches(u32::MAX), None, "no such process");
     }
@@ -2611,17 +2615,13 @@ mod tests {
     fn smsflow_s_cpu_is_split_per_message_by_thread() {
         let timed = |workers: u64, store: u64, other: u64| {
             let mut r = measured(1000, 0.04, 40.0);
-            r.server_threads = Some(ThreadCpu {
-                workers,
-                store,
-                other,
-            });
+            r.server_threads = Some(ThreadCpu::new(workers, store, other));
             round(measured(1000, 0.01, 10.0), r, 100)
         };
         // 1,000 requests: 27.3 ms of the workers' is 27.3 µs a message.
         let lines = report(&[timed(27_300_000, 10_000_000, 900_000)]);
         assert!(
-            lines.contains(&"threads    smsflow's CPU per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs (on-CPU time)".to_string()),
+            lines.contains(&"threads    smsflow's on-CPU time per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs".to_string()),
             "{lines:#?}"
         );
         let lines = report(&[
@@ -2630,7 +2630,7 @@ mod tests {
             timed(25_000_000, 12_000_000, 800_000),
         ]);
         assert!(
-            lines.contains(&"threads    smsflow's CPU per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs (on-CPU time; medians of the 3 rounds)".to_string()),
+            lines.contains(&"threads    smsflow's on-CPU time per message: async workers 27.3 µs, the store's thread 10.0 µs, other threads 0.9 µs (medians of the 3 rounds)".to_string()),
             "{lines:#?}"
         );
         // A round without the times (a server in this process): no line.
@@ -2667,9 +2667,9 @@ mod tests {
         done.send(()).unwrap();
         store.join().unwrap();
         assert!(
-            read.store >= 30_000_000,
+            read.store() >= 30_000_000,
             "30 ms of CPU, {} ns counted for the store's thread",
-            read.store
+            read.store()
         );
         assert_eq!(thread_cpu(u32::MAX), None, "no such process");
     }
