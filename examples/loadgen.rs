@@ -908,12 +908,7 @@ fn switches_line(rounds: &[Round]) -> Option<String> {
 /// or the medians of the rounds'; none without child processes or
 /// without `/proc/<pid>/task/*/schedstat`.
 fn threads_line(rounds: &[Round]) -> Option<String> {
-    let m = round_medians(rounds, |r| {
-        let t = r.ours.server_threads?;
-        let requests = (r.ours.ok + r.ours.errors).max(1) as f64;
-        let us = |ns: u64| ns as f64 / 1e3 / requests;
-        Some([us(t.workers()), us(t.store()), us(t.other())])
-    })?;
+    let m = round_medians(rounds, |r| r.ours.threads_per_req())?;
     Some(format!(
         "threads    smsflow's on-CPU time per message: async workers {:.1} µs, the store's thread {:.1} µs, other threads {:.1} µs{}",
         m[0], m[1], m[2], medians_of(rounds)
@@ -1147,22 +1142,33 @@ impl Report {
         self.latencies[idx]
     }
 
+    /// The requests sent (at least 1, to divide by).
+    fn requests(&self) -> f64 {
+        (self.ok + self.errors).max(1) as f64
+    }
+
     /// Server CPU time per request sent, in µs.
     fn server_cpu_per_req(&self) -> Option<f64> {
-        let requests = (self.ok + self.errors).max(1) as f64;
-        Some(self.server_cpu?.as_secs_f64() * 1e6 / requests)
+        Some(self.server_cpu?.as_secs_f64() * 1e6 / self.requests())
     }
 
     /// This process's CPU time per request sent, in µs.
     fn client_cpu_per_req(&self) -> f64 {
-        let requests = (self.ok + self.errors).max(1) as f64;
-        self.client_cpu.as_secs_f64() * 1e6 / requests
+        self.client_cpu.as_secs_f64() * 1e6 / self.requests()
+    }
+
+    /// The server's on-CPU time per request sent, in µs: its async
+    /// workers', its store thread's and its other threads'.
+    fn threads_per_req(&self) -> Option<[f64; 3]> {
+        let t = self.server_threads?;
+        let us = |ns: u64| ns as f64 / 1e3 / self.requests();
+        Some([us(t.workers()), us(t.store()), us(t.other())])
     }
 
     /// The server's switches to sleep and preemptions per request sent,
     /// and this client's switches to sleep per request.
     fn switches_per_req(&self) -> Option<(f64, f64, f64)> {
-        let requests = (self.ok + self.errors).max(1) as f64;
+        let requests = self.requests();
         let server = self.server_switches?;
         let client = self.client_switches?;
         Some((
@@ -1744,13 +1750,22 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
+/// The directories of process `pid`'s threads alive now
+/// (`/proc/<pid>/task/*`); `None` for no such process.
+fn tasks(pid: u32) -> Option<Vec<std::path::PathBuf>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .map(|task| task.ok().map(|t| t.path()))
+        .collect()
+}
+
 /// The context switches of process `pid`'s threads alive now, from
 /// `/proc/<pid>/task/*/status`.
 fn switches(pid: u32) -> Option<Switches> {
     let mut total = Switches::default();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+    for task in tasks(pid)? {
         // A thread may end between the listing and the read.
-        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
             continue;
         };
         let field = |name| status_field(&status, name).unwrap_or(0);
@@ -1766,12 +1781,11 @@ fn switches(pid: u32) -> Option<Switches> {
 /// (`/proc/<pid>/task/*/comm` and the first field of `schedstat`, in ns).
 fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
     let (mut workers, mut store, mut other) = (0, 0, 0);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let dir = task.ok()?.path();
+    for task in tasks(pid)? {
         // A thread may end between the listing and the reads.
         let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(dir.join("comm")),
-            std::fs::read_to_string(dir.join("schedstat")),
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("schedstat")),
         ) else {
             continue;
         };

@@ -222,6 +222,15 @@ impl TestApp {
             .await
     }
 
+    /// The value of the `/metrics` sample `name` (a counter or gauge
+    /// without labels), if the server exports it.
+    pub async fn metric_value(&self, name: &str) -> Option<u64> {
+        let text = self.raw(self.client.get(self.url("/metrics"))).await.body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|n| n.trim().parse().ok())
+    }
+
     /// GET `path` with the admin token, as JSON.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         let r = self

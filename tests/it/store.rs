@@ -211,15 +211,8 @@ fn sled_pool_switches(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simultaneous_webhooks_share_fsyncs() {
     let app = std::sync::Arc::new(spawn_app(&[("signup.yaml", &signup())]).await);
-    let fsyncs = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("smsflow_store_fsyncs_total "))
-            .expect("the fsync counter")
-            .parse()
-            .unwrap()
-    };
-    let before = fsyncs(&app.raw(app.client.get(app.url("/metrics"))).await.body);
+    const FSYNCS: &str = "smsflow_store_fsyncs_total";
+    let before = app.metric_value(FSYNCS).await.expect("the fsync counter");
     const SENDERS: usize = 64;
     let tasks: Vec<_> = (0..SENDERS)
         .map(|i| {
@@ -231,7 +224,7 @@ async fn simultaneous_webhooks_share_fsyncs() {
         let r = t.await.unwrap();
         assert_eq!(bodies(&r.body), vec!["Hi! What's your name?"]);
     }
-    let synced = fsyncs(&app.raw(app.client.get(app.url("/metrics"))).await.body) - before;
+    let synced = app.metric_value(FSYNCS).await.expect("the fsync counter") - before;
     assert!(synced >= 1, "no fsync for {SENDERS} answers");
     assert!(
         synced < SENDERS as u64,
@@ -502,10 +495,9 @@ async fn after_a_full_disk_the_store_recovers_by_itself() {
         metrics.contains("\nsmsflow_store_writable 1\n"),
         "{metrics}"
     );
-    let reopens: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("smsflow_store_reopens_total "))
-        .and_then(|n| n.parse().ok())
+    let reopens = app
+        .metric_value("smsflow_store_reopens_total")
+        .await
         .expect("reopens counted");
     assert!(reopens >= 1, "{metrics}");
     let r = app.send_sms(ada, "36").await;
