@@ -17,7 +17,12 @@
 //! `threads` line splits smsflow's CPU per message by thread, from each
 //! thread's on-CPU time (`/proc/<pid>/task/*/schedstat`, in ns): tokio's
 //! async workers, the store's thread (grouped flushes: its CPU is mostly
-//! the kernel's syncs) and the others.
+//! the kernel's syncs) and the others. The `machine` line says how all
+//! of the machine's CPUs spent each server's run (`/proc/stat`): busy,
+//! idle, idle while a task waited for the disk, and stolen by the host
+//! of a virtual machine. Idle time means requests/s was not bound by CPU
+//! alone; steal means the host's other work took CPUs and moved the run's
+//! figures.
 //!
 //! ```sh
 //! cargo build --release --examples --bins
@@ -789,6 +794,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
         }
         out.extend(switches_line(rounds));
         out.extend(threads_line(rounds));
+        out.extend(machine_line(rounds));
         let p99 = |report: fn(&Round) -> &Report| {
             let ms: Vec<f64> = rounds
                 .iter()
@@ -856,6 +862,7 @@ fn report(rounds: &[Round]) -> Vec<String> {
         }
         out.extend(switches_line(rounds));
         out.extend(threads_line(rounds));
+        out.extend(machine_line(rounds));
         match last.fsyncs {
             // Relaxed durability, or PostgreSQL: no figure made up.
             Some(0) => out.push("flushes    0 grouped fsyncs".into()),
@@ -912,6 +919,27 @@ fn threads_line(rounds: &[Round]) -> Option<String> {
     Some(format!(
         "threads    smsflow's on-CPU time per message: async workers {:.1} µs, the store's thread {:.1} µs, other threads {:.1} µs{}",
         m[0], m[1], m[2], medians_of(rounds)
+    ))
+}
+
+/// The `machine` line: how the machine's CPUs spent the bare handler's
+/// measured run and smsflow's, one round's or the medians of the
+/// rounds': busy, idle, idle while waiting for the disk, and taken by the
+/// host (on a virtual machine). Idle time during a run means the load
+/// was not bound by CPU alone (the connections' requests were waiting, on
+/// their answers' wake-ups or on the disk); steal means other work on the
+/// host took this machine's CPUs, and the run's figures moved with it.
+fn machine_line(rounds: &[Round]) -> Option<String> {
+    let m = round_medians(rounds, |r| {
+        let bare = r.bare.machine?.shares()?;
+        let ours = r.ours.machine?.shares()?;
+        Some([
+            bare[0], bare[1], bare[2], bare[3], ours[0], ours[1], ours[2], ours[3],
+        ])
+    })?;
+    Some(format!(
+        "machine    all CPUs during the bare handler's run: {:.0}% busy, {:.0}% idle, {:.0}% waiting for the disk, {:.0}% stolen by the host; during smsflow's: {:.0}%, {:.0}%, {:.0}%, {:.0}%{}",
+        m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], medians_of(rounds)
     ))
 }
 
@@ -1044,6 +1072,9 @@ struct Report {
     /// The server process's on-CPU time by thread over the run; `None`
     /// for a server running inside this process.
     server_threads: Option<ThreadCpu>,
+    /// The whole machine's CPU time over the run (`/proc/stat`): every
+    /// process's, the client's and the server's included.
+    machine: Option<Machine>,
 }
 
 /// Counts read from `/proc` at one moment, added up over a process's
@@ -1110,6 +1141,43 @@ impl ThreadCpu {
 
     fn other(self) -> u64 {
         self.0[2]
+    }
+}
+
+/// The machine's CPU time over all its CPUs, in clock ticks, from the
+/// `cpu` line of `/proc/stat`: busy (user, nice, system, irq, softirq),
+/// idle, idle while a task waited for the disk (iowait), and stolen by
+/// the host of a virtual machine (steal).
+type Machine = Tally<4>;
+
+impl Machine {
+    /// The `cpu` line of `/proc/stat`'s text: `cpu  user nice system idle
+    /// iowait irq softirq steal ...` (guest time is already in user).
+    fn parse(stat: &str) -> Option<Machine> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        Some(Tally([
+            at(0) + at(1) + at(2) + at(5) + at(6),
+            at(3),
+            at(4),
+            at(7),
+        ]))
+    }
+
+    fn now() -> Option<Machine> {
+        Machine::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// Busy, idle, waiting for the disk and stolen, in % of the total;
+    /// `None` when no tick passed.
+    fn shares(self) -> Option<[f64; 4]> {
+        let total: u64 = self.0.iter().sum();
+        (total > 0).then(|| self.0.map(|t| 100.0 * t as f64 / total as f64))
     }
 }
 
@@ -1238,6 +1306,7 @@ fn run(
     let client_before = cpu_time(std::process::id());
     let switches_before = (server.switches(), switches(std::process::id()));
     let threads_before = server.threads();
+    let machine_before = Machine::now();
     let mut total = match raw {
         Some(raw) => hooks
             .raw_rt
@@ -1273,6 +1342,9 @@ fn run(
     total.server_threads = server
         .threads()
         .zip(threads_before)
+        .map(|(after, before)| after.since(before));
+    total.machine = Machine::now()
+        .zip(machine_before)
         .map(|(after, before)| after.since(before));
     total
 }
@@ -2458,6 +2530,7 @@ mod tests {
             server_switches: None,
             client_switches: None,
             server_threads: None,
+            machine: None,
         }
     }
 
@@ -2653,6 +2726,63 @@ mod tests {
             round(measured(1000, 0.01, 10.0), measured(1000, 0.04, 40.0), 100),
         ];
         assert!(!report(&partial).iter().any(|l| l.starts_with("threads")));
+    }
+
+    #[test]
+    fn the_machine_s_cpu_is_split_into_busy_idle_disk_and_steal() {
+        // A `cpu` line as Linux writes it: user nice system idle iowait
+        // irq softirq steal guest guest_nice.
+        let stat = "cpu  600 10 200 900 80 5 45 60 0 0\ncpu0 300 5 100 450 40 2 22 30 0 0\n";
+        let before = Machine::parse(stat).unwrap();
+        assert_eq!(before, Tally([860, 900, 80, 60]));
+        let after = Machine::parse("cpu  1200 10 400 1100 180 5 45 160 0 0\n").unwrap();
+        // 800 busy, 200 idle, 100 waiting for the disk, 100 stolen.
+        assert_eq!(
+            after.since(before).shares(),
+            Some([
+                66.66666666666667,
+                16.666666666666668,
+                8.333333333333334,
+                8.333333333333334
+            ])
+        );
+        // No tick passed: no shares. No `cpu` line, or one not numbers: nothing.
+        assert_eq!(before.since(before).shares(), None);
+        assert_eq!(Machine::parse("intr 1 2 3\n"), None);
+        assert_eq!(Machine::parse("cpu  1 x 3\n"), None);
+        // This machine's own, read twice: the counts only grow.
+        let (a, b) = (Machine::now().unwrap(), Machine::now().unwrap());
+        assert!(
+            b.0.iter().zip(a.0).all(|(b, a)| *b >= a),
+            "{a:?} then {b:?}"
+        );
+
+        let spent = |bare: [u64; 4], ours: [u64; 4]| {
+            let (mut b, mut o) = (measured(1000, 0.01, 10.0), measured(1000, 0.04, 40.0));
+            b.machine = Some(Tally(bare));
+            o.machine = Some(Tally(ours));
+            round(b, o, 100)
+        };
+        let lines = report(&[spent([90, 8, 0, 2], [70, 10, 15, 5])]);
+        assert!(
+            lines.contains(&"machine    all CPUs during the bare handler's run: 90% busy, 8% idle, 0% waiting for the disk, 2% stolen by the host; during smsflow's: 70%, 10%, 15%, 5%".to_string()),
+            "{lines:#?}"
+        );
+        let lines = report(&[
+            spent([90, 8, 0, 2], [70, 10, 15, 5]),
+            spent([180, 20, 0, 0], [120, 40, 20, 20]),
+            spent([85, 10, 1, 4], [75, 5, 10, 10]),
+        ]);
+        assert!(
+            lines.contains(&"machine    all CPUs during the bare handler's run: 90% busy, 10% idle, 0% waiting for the disk, 2% stolen by the host; during smsflow's: 70%, 10%, 10%, 10% (medians of the 3 rounds)".to_string()),
+            "{lines:#?}"
+        );
+        // A round without the machine's counts: no line.
+        let partial = [
+            spent([90, 8, 0, 2], [70, 10, 15, 5]),
+            round(measured(1000, 0.01, 10.0), measured(1000, 0.04, 40.0), 100),
+        ];
+        assert!(!report(&partial).iter().any(|l| l.starts_with("machine")));
     }
 
     #[test]
