@@ -36,7 +36,10 @@ steps:
         say: "Thanks!"
 "#;
 
-async fn start_app(fake: &FakeTwilio, interval: Duration) -> (TestApp, tempfile::TempDir) {
+/// The app owns its directory and removes it when dropped, trying again
+/// while its server still writes. A directory returned beside the app was
+/// dropped first, and a checkpoint written meanwhile could leave it behind.
+async fn start_app(fake: &FakeTwilio, interval: Duration) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
     std::fs::create_dir(&flows).unwrap();
@@ -47,7 +50,8 @@ async fn start_app(fake: &FakeTwilio, interval: Duration) -> (TestApp, tempfile:
     config.outbound.send_interval = interval;
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
-    (app, tmp)
+    app._tmp = Some(tmp);
+    app
 }
 
 async fn admin_post(
@@ -83,7 +87,7 @@ async fn progress(app: &TestApp, id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broadcast_reaches_each_matching_contact_once_skipping_opted_out() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let app = start_app(&fake, Duration::from_millis(20)).await;
     let mut csv = String::from("phone,list\n");
     for i in 0..10 {
         let list = if i < 8 { "pizza" } else { "other" };
@@ -143,7 +147,7 @@ async fn a_broadcast_reaches_each_matching_contact_once_skipping_opted_out() {
 async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
     let fake = FakeTwilio::start(TOKEN).await;
     // Paced at one a minute: after the first, everything waits.
-    let (app, _tmp) = start_app(&fake, Duration::from_secs(60)).await;
+    let app = start_app(&fake, Duration::from_secs(60)).await;
     let list: Vec<String> = (0..5).map(|i| format!("+1555780{i:04}")).collect();
     let body = serde_json::json!({ "id": "b2", "from": OUR_NUMBER, "message": "hi", "to": list });
     let (code, sent) = admin_post(&app, "/broadcasts", "application/json", body.to_string()).await;
@@ -227,7 +231,7 @@ async fn a_canceled_broadcast_sends_no_more_and_bad_requests_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flow_broadcast_starts_each_matching_contact_once_and_replies_continue_it() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let app = start_app(&fake, Duration::from_millis(20)).await;
     let mut csv = String::from("phone,list,name\n");
     let names = ["Ana", "Ben", "Cy", "Dee"];
     for (i, name) in names.iter().enumerate() {
@@ -289,7 +293,7 @@ async fn a_flow_broadcast_starts_each_matching_contact_once_and_replies_continue
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flow_broadcast_skips_busy_contacts_by_default_and_refuses_bad_requests() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let app = start_app(&fake, Duration::from_millis(20)).await;
     let (ben, cy, dee) = ("+15557720001", "+15557720002", "+15557720003");
     for who in [ben, dee] {
         assert_eq!(
@@ -376,7 +380,7 @@ async fn broadcast_rate_against_the_pace() {
     for (n, interval_ms) in [(300, 10), (2000, 2), (3000, 1), (3000, 0)] {
         let fake = FakeTwilio::start(TOKEN).await;
         let interval = Duration::from_millis(interval_ms);
-        let (app, _tmp) = start_app(&fake, interval).await;
+        let app = start_app(&fake, interval).await;
         let list: Vec<String> = (0..n).map(|i| format!("+1555790{i:04}")).collect();
         let body =
             serde_json::json!({ "id": "rate", "from": OUR_NUMBER, "message": "hi", "to": list });
@@ -409,7 +413,7 @@ async fn broadcast_rate_against_the_pace() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_broadcast_speaks_to_each_contact_by_name_and_bad_templates_are_refused() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let app = start_app(&fake, Duration::from_millis(20)).await;
     let csv =
         "phone,name,list\n+15557730001,Ana,pizza\n+15557730002,,pizza\n+15557730003,Cy,other\n";
     let (code, r) = admin_post(
@@ -468,7 +472,7 @@ async fn a_message_broadcast_speaks_to_each_contact_by_name_and_bad_templates_ar
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flow_broadcast_gives_fields_and_vars_and_queues_behind_busy_contacts() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake, Duration::from_millis(20)).await;
+    let app = start_app(&fake, Duration::from_millis(20)).await;
     let (ana, ben) = ("+15557740001", "+15557740002");
     assert_eq!(
         bodies(&app.send_sms(ben, "survey").await.body),

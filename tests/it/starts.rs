@@ -35,7 +35,10 @@ steps:
         say: "Thanks!"
 "#;
 
-async fn start_app(fake: &FakeTwilio) -> (TestApp, tempfile::TempDir) {
+/// The app owns its directory and removes it when dropped, trying again
+/// while its server still writes. A directory returned beside the app was
+/// dropped first, and a checkpoint written meanwhile could leave it behind.
+async fn start_app(fake: &FakeTwilio) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
     std::fs::create_dir(&flows).unwrap();
@@ -44,7 +47,8 @@ async fn start_app(fake: &FakeTwilio) -> (TestApp, tempfile::TempDir) {
     let config = sending_config(fake, &flows, &tmp.path().join("data"));
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
-    (app, tmp)
+    app._tmp = Some(tmp);
+    app
 }
 
 fn request(to: &str, key: &str) -> serde_json::Value {
@@ -78,7 +82,7 @@ async fn post_start(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_sends_the_first_step_once_and_replies_continue_the_flow() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake).await;
+    let app = start_app(&fake).await;
     let ana = "+15557400001";
     // Spaces and dashes are fine; the number is normalised.
     let (code, first) =
@@ -126,7 +130,7 @@ async fn a_start_sends_the_first_step_once_and_replies_continue_the_flow() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_contact_is_interrupted_or_skipped_as_asked() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake).await;
+    let app = start_app(&fake).await;
     let (ben, cy) = ("+15557400002", "+15557400003");
     for who in [ben, cy] {
         assert_eq!(
@@ -160,7 +164,7 @@ async fn a_busy_contact_is_interrupted_or_skipped_as_asked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn starts_are_refused_without_token_for_unknown_flows_bad_input_and_opted_out_contacts() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake).await;
+    let app = start_app(&fake).await;
     let dee = "+15557400004";
     let r = app
         .raw(
@@ -253,7 +257,7 @@ async fn with_an_admin_port_starts_and_contacts_are_served_there_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_with_one_key_start_once() {
     let fake = FakeTwilio::start(TOKEN).await;
-    let (app, _tmp) = start_app(&fake).await;
+    let app = start_app(&fake).await;
     let eve = "+15557400005";
     let app = std::sync::Arc::new(app);
     let mut tasks = Vec::new();

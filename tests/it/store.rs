@@ -589,7 +589,7 @@ async fn an_undecodable_conversation_is_kept_aside_and_reported() {
     assert_eq!(bodies(&r.body), vec!["Thanks Ada! How old are you?"]);
     let flows = app.flows_dir.clone();
     let data = app.data_dir.clone();
-    let _tmp = app.stop().await;
+    let tmp = app.stop().await;
 
     // Damage the conversation bytes inside an otherwise valid record,
     // through sled itself.
@@ -630,7 +630,9 @@ async fn an_undecodable_conversation_is_kept_aside_and_reported() {
 
     let mut config = Config::for_test(&flows, &data, TOKEN);
     config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
-    let app = spawn_with(config).await;
+    let mut app = spawn_with(config).await;
+    // The new server's app removes the directory once dropped.
+    app._tmp = tmp;
     // The run is gone from the live record, so "36" is not an age here…
     let r = app.send_sms(ada, "36").await;
     assert_eq!(r.status, 200);
