@@ -1097,6 +1097,12 @@ impl<const N: usize> Tally<N> {
         }))
     }
 
+    /// The counts over a run, from the reads before and after it; `None`
+    /// when either read failed.
+    fn between(before: Option<Self>, after: Option<Self>) -> Option<Self> {
+        Some(after?.since(before?))
+    }
+
     fn add(self, other: Self) -> Self {
         Tally(std::array::from_fn(|i| self.0[i] + other.0[i]))
     }
@@ -1332,20 +1338,10 @@ fn run(
         .zip(client_before)
         .map(|(after, before)| after.saturating_sub(before))
         .unwrap_or_default();
-    total.server_switches = server
-        .switches()
-        .zip(switches_before.0)
-        .map(|(after, before)| after.since(before));
-    total.client_switches = switches(std::process::id())
-        .zip(switches_before.1)
-        .map(|(after, before)| after.since(before));
-    total.server_threads = server
-        .threads()
-        .zip(threads_before)
-        .map(|(after, before)| after.since(before));
-    total.machine = Machine::now()
-        .zip(machine_before)
-        .map(|(after, before)| after.since(before));
+    total.server_switches = Tally::between(switches_before.0, server.switches());
+    total.client_switches = Tally::between(switches_before.1, switches(std::process::id()));
+    total.server_threads = Tally::between(threads_before, server.threads());
+    total.machine = Tally::between(machine_before, Machine::now());
     total
 }
 

@@ -36,9 +36,7 @@ steps:
         say: "Thanks!"
 "#;
 
-/// The app owns its directory and removes it when dropped, trying again
-/// while its server still writes. A directory returned beside the app was
-/// dropped first, and a checkpoint written meanwhile could leave it behind.
+/// The app owns its directory (`TestApp::owning`).
 async fn start_app(fake: &FakeTwilio, interval: Duration) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
@@ -50,8 +48,7 @@ async fn start_app(fake: &FakeTwilio, interval: Duration) -> TestApp {
     config.outbound.send_interval = interval;
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
-    app._tmp = Some(tmp);
-    app
+    app.owning(tmp)
 }
 
 async fn admin_post(

@@ -115,9 +115,9 @@ async fn conversation_survives_a_restart() {
     );
     let (flows, data) = (app.flows_dir.clone(), app.data_dir.clone());
     let tmp = app.stop().await;
-    let mut app = spawn_with(smsflow::config::Config::for_test(&flows, &data, TOKEN)).await;
-    // The new server's app removes the directory once dropped.
-    app._tmp = tmp;
+    let app = spawn_with(smsflow::config::Config::for_test(&flows, &data, TOKEN))
+        .await
+        .owning(tmp);
     assert_eq!(
         bodies(&app.send_sms(me, "51").await.body),
         vec!["You're signed up, Dee."]

@@ -64,9 +64,7 @@ pub async fn spawn_configured(files: &[(&str, &str)], edit: impl FnOnce(&mut Con
     let mut config = Config::for_test(&flows, &tmp.path().join("data"), TOKEN);
     config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
     edit(&mut config);
-    let mut app = spawn_with(config).await;
-    app._tmp = Some(tmp);
-    app
+    spawn_with(config).await.owning(tmp)
 }
 
 /// Serve `config`. Without outbound credentials of its own, the server
@@ -241,6 +239,15 @@ impl TestApp {
 
     pub async fn raw(&self, req: reqwest::RequestBuilder) -> Reply {
         into_reply(req.send().await.expect("request")).await
+    }
+
+    /// Hand the directory `tmp` to the app, whose drop removes it, trying
+    /// again while the server still writes (see `Drop`). A directory
+    /// dropped beside a running app is removed while its server writes,
+    /// and a checkpoint written meanwhile can leave it behind.
+    pub fn owning(mut self, tmp: impl Into<Option<tempfile::TempDir>>) -> Self {
+        self._tmp = tmp.into();
+        self
     }
 
     /// Signal shutdown without waiting for the server to finish.

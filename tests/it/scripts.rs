@@ -74,9 +74,9 @@ async fn script_state_persists_across_restarts_and_errors_change_nothing() {
     assert_eq!(bodies(&app.send_sms(me, "x").await.body), vec!["seen 2"]);
     let (flows, data) = (app.flows_dir.clone(), app.data_dir.clone());
     let tmp = app.stop().await;
-    let mut app = spawn_with(smsflow::config::Config::for_test(&flows, &data, TOKEN)).await;
-    // The new server's app removes the directory once dropped.
-    app._tmp = tmp;
+    let app = spawn_with(smsflow::config::Config::for_test(&flows, &data, TOKEN))
+        .await
+        .owning(tmp);
     assert_eq!(bodies(&app.send_sms(me, "y").await.body), vec!["seen 3"]);
     // A throwing script: silent fallback, state unchanged, counted.
     let r = app.send_sms(me, "boom").await;

@@ -35,9 +35,7 @@ steps:
         say: "Thanks!"
 "#;
 
-/// The app owns its directory and removes it when dropped, trying again
-/// while its server still writes. A directory returned beside the app was
-/// dropped first, and a checkpoint written meanwhile could leave it behind.
+/// The app owns its directory (`TestApp::owning`).
 async fn start_app(fake: &FakeTwilio) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let flows = tmp.path().join("flows");
@@ -47,8 +45,7 @@ async fn start_app(fake: &FakeTwilio) -> TestApp {
     let config = sending_config(fake, &flows, &tmp.path().join("data"));
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
-    app._tmp = Some(tmp);
-    app
+    app.owning(tmp)
 }
 
 fn request(to: &str, key: &str) -> serde_json::Value {

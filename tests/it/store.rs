@@ -630,9 +630,7 @@ async fn an_undecodable_conversation_is_kept_aside_and_reported() {
 
     let mut config = Config::for_test(&flows, &data, TOKEN);
     config.admin_token = Some(smsflow::config::AuthToken::new(ADMIN_TOKEN));
-    let mut app = spawn_with(config).await;
-    // The new server's app removes the directory once dropped.
-    app._tmp = tmp;
+    let app = spawn_with(config).await.owning(tmp);
     // The run is gone from the live record, so "36" is not an age here…
     let r = app.send_sms(ada, "36").await;
     assert_eq!(r.status, 200);

@@ -34,8 +34,7 @@ async fn spawn_sending(
     edit(&mut config);
     let mut app = spawn_with(config).await;
     app.public_url = format!("http://{}", app.addr);
-    app._tmp = Some(tmp);
-    app
+    app.owning(tmp)
 }
 
 const NUDGE: &str = r#"

@@ -346,9 +346,7 @@ async fn graceful_shutdown_keeps_the_dedupe_record() {
     let data = app.data_dir.clone();
     let tmp = app.stop().await;
     let config = smsflow::config::Config::for_test(&flows, &data, TOKEN);
-    let mut app = spawn_with(config).await;
-    // The new server's app removes the directory once dropped.
-    app._tmp = tmp;
+    let app = spawn_with(config).await.owning(tmp);
     let again = app.send_sms_sid("+15557654321", "HOURS", &sid).await;
     assert_eq!(first.body, again.body);
     let metrics = app.raw(app.client.get(app.url("/metrics"))).await.body;
