@@ -224,9 +224,7 @@ impl TestApp {
     /// without labels), if the server exports it.
     pub async fn metric_value(&self, name: &str) -> Option<u64> {
         let text = self.raw(self.client.get(self.url("/metrics"))).await.body;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|n| n.trim().parse().ok())
+        metric_in(&text, name)?.parse().ok()
     }
 
     /// GET `path` with the admin token, as JSON.
@@ -290,6 +288,15 @@ async fn into_reply(resp: reqwest::Response) -> Reply {
 }
 
 /// The message bodies in a TwiML document, in order (test-side parser).
+/// The value of the sample `name` (a counter or gauge without labels) in
+/// the text of a `/metrics` answer, as written.
+pub fn metric_in<'a>(metrics: &'a str, name: &str) -> Option<&'a str> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::trim)
+}
+
 pub fn bodies(twiml: &str) -> Vec<String> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(twiml);

@@ -593,9 +593,7 @@ async fn two_instances_fire_and_send_each_reminder_once() {
         let client = server.client.clone();
         async move {
             let m = client.get(url).send().await.unwrap().text().await.unwrap();
-            m.lines()
-                .find_map(|l| l.strip_prefix("smsflow_timers_fired_total "))
-                .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+            metric_in(&m, "smsflow_timers_fired_total").map_or(0, |n| n.parse::<u64>().unwrap())
         }
     };
     assert_eq!(fired(&a).await + fired(&b).await, senders.len() as u64);

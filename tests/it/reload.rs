@@ -408,9 +408,7 @@ async fn an_alias_bomb_is_refused_and_the_server_keeps_serving() {
             .text()
             .await
             .unwrap();
-        m.lines()
-            .find_map(|l| l.strip_prefix("smsflow_reload_failures_total "))
-            .map(|n| n.trim().to_string())
+        metric_in(&m, "smsflow_reload_failures_total").map(str::to_string)
     };
     let started = Instant::now();
     while failures().await.as_deref() != Some("1") {

@@ -262,9 +262,8 @@ async fn flow_results_survive_sigkill_while_they_move_to_their_files() {
         .await
         .unwrap();
     let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        metric_in(&metrics, name)
+            .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{name} not in /metrics"))
     };
     assert!(value("smsflow_results_moved_total") > 0, "{metrics}");

@@ -474,8 +474,7 @@ async fn metrics_cover_what_an_operator_dashboards() {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
     let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        metric_in(&text, name)
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
             .parse()
             .unwrap()
