@@ -314,6 +314,7 @@ impl App {
             flows = %self.config.flows_dir.display(),
             data = %self.config.data_dir.display(),
             conversations = self.store.conversation_count(),
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
             "smsflow listening"
         );
         // Kept alive for the life of the server; dropping it stops watching.

@@ -294,6 +294,9 @@ pub struct ServeArgs {
     /// sled's page cache, in MiB.
     #[arg(long, env = "SMSFLOW_CACHE_MB", help = config::flag_help("--cache-mb"))]
     pub cache_mb: Option<u64>,
+    /// The async worker threads.
+    #[arg(long, env = "SMSFLOW_WORKERS", help = config::flag_help("--workers"))]
+    pub workers: Option<usize>,
     #[arg(
         long,
         env = "SMSFLOW_DURABILITY",
@@ -347,6 +350,7 @@ impl ServeArgs {
             data: self.data.clone(),
             store: self.store.clone(),
             cache_mb: self.cache_mb,
+            workers: self.workers,
             durability: self.durability.map(|d| match d {
                 DurabilityArg::Flush => Durability::Flush,
                 DurabilityArg::Relaxed => Durability::Relaxed,

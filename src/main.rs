@@ -64,7 +64,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut config = config::resolve(args.overrides(), file, token, admin)?;
             // Sending on our own: credentials from the environment only.
             config.outbound.credentials = outbound::Credentials::from_env_optional()?;
-            let runtime = tokio::runtime::Runtime::new()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.workers)
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 let app = app::App::build(config).await?;
                 app.run().await

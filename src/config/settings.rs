@@ -140,6 +140,15 @@ pub const SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        key: "workers",
+        flag: Some("--workers"),
+        env: Some("SMSFLOW_WORKERS"),
+        help: "Async worker threads serving requests (1 to 256)",
+        default_note: Some("one fewer than the CPUs, at least 1"),
+        unset: "",
+        value: |c| int(c.workers as u64),
+    },
+    Setting {
         key: "watch",
         flag: Some("--no-watch"),
         env: Some("SMSFLOW_NO_WATCH"),

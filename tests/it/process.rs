@@ -229,6 +229,53 @@ async fn sighup_reloads_and_sigterm_stops_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
+/// `--workers` and `SMSFLOW_WORKERS` size the runtime that serves
+/// webhooks: the startup line reads the count back from the runtime.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_size_the_runtime_and_zero_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flows = tmp.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("k.yaml"), "keywords:\n  HOURS: nine to five\n").unwrap();
+    for (flags, envs, want) in [
+        (&["--workers", "1"][..], &[][..], "workers=1"),
+        (&[][..], &[("SMSFLOW_WORKERS", "3")][..], "workers=3"),
+    ] {
+        let data = tmp.path().join(want);
+        let mut server = spawn_server_env(&flows, &data, flags, envs);
+        let r = server
+            .send("+15550000001", "hours", &new_sid())
+            .await
+            .unwrap();
+        assert_eq!(bodies(&r), vec!["nine to five"]);
+        let log = server.stop_and_read_log().await;
+        let started = log
+            .iter()
+            .find(|l| l.contains("smsflow listening"))
+            .expect("startup line");
+        assert!(started.contains(want), "{started}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "0",
+            "--flows",
+        ])
+        .arg(&flows)
+        .arg("--data")
+        .arg(tmp.path().join("refused"))
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("workers must be between 1 and 256"), "{err}");
+}
+
 #[test]
 fn serve_refuses_to_start_without_a_token() {
     let tmp = tempfile::tempdir().unwrap();
