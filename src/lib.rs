@@ -197,6 +197,8 @@
 //! - [`app`]: the composition root. `App::build` wires config, store,
 //!   flows, pipeline, reloader and router together; it uses every module
 //!   and no module uses it (only `main`, the tests and the examples).
+//!   `main` runs it on a tokio runtime of `Config::workers` async workers
+//!   (by default one fewer than the CPUs; README "Performance" says why).
 //! - `versioned`: the encoding of every JSON record stored (`"v"` first,
 //!   decode by version, migrate on read).
 //! - `clock`: the wall clock, read in one place (the engine is given
