@@ -59,7 +59,15 @@ pub fn normalize(text: &str) -> String {
         if !out.is_empty() {
             out.push(' ');
         }
-        out.push_str(&word.to_lowercase());
+        if word.is_ascii() {
+            // The common case, without a String per word: ASCII has no
+            // lowercase that differs from `to_lowercase`'s.
+            let start = out.len();
+            out.push_str(word);
+            out[start..].make_ascii_lowercase();
+        } else {
+            out.push_str(&word.to_lowercase());
+        }
     }
     out
 }
@@ -298,6 +306,24 @@ pub(crate) fn route_match(matcher: &Matcher, body: &str, has_media: bool) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The ASCII path lowercases exactly as `to_lowercase` does, and
+        /// mixed text (final sigma included) is unchanged by it.
+        #[test]
+        fn normalize_lowercases_every_word_as_to_lowercase_does(
+            text in "([A-Za-z0-9 ,.!?'\\-]|[ÀÉÎÕÜßΣσςİ👍\u{00a0}\u{200b}])*"
+        ) {
+            let want = text
+                .split(is_space)
+                .map(|w| w.trim_matches(is_punct))
+                .filter(|w| !w.is_empty())
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+                .join(" ");
+            proptest::prop_assert_eq!(normalize(&text), want);
+        }
+    }
 
     #[test]
     fn normalize_trims_and_collapses() {
