@@ -193,7 +193,7 @@ pub(crate) const MAX_WORKERS: usize = 256;
 /// on the other worker's thread, no waking the other worker) and
 /// answered more requests a second; relaxed, where one worker's CPU is
 /// the bound, 7–25% fewer.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .saturating_sub(1)
